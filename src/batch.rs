@@ -1,0 +1,86 @@
+//! Adaptive batching, as pure bookkeeping (no I/O, no clock).
+//!
+//! While nothing is in flight, an item goes out at once: lowest latency
+//! when idle. While a batch is in flight, items queue and go out together
+//! when it completes (up to `cap`): under load, one round trip serves many.
+//! The queue is bounded; a full one refuses the item.
+
+use std::collections::VecDeque;
+
+#[derive(Debug)]
+pub struct Batcher<T> {
+    queue: VecDeque<T>,
+    in_flight: bool,
+    cap: usize,
+    max_queued: usize,
+}
+
+impl<T> Batcher<T> {
+    pub fn new(cap: usize, max_queued: usize) -> Self {
+        Batcher {
+            queue: VecDeque::new(),
+            in_flight: false,
+            cap: cap.max(1),
+            max_queued,
+        }
+    }
+
+    /// Adds an item. `Ok(Some(batch))`: send it now. `Ok(None)`: queued
+    /// behind the batch in flight. `Err(item)`: the queue is full.
+    pub fn push(&mut self, item: T) -> Result<Option<Vec<T>>, T> {
+        if self.queue.len() >= self.max_queued {
+            return Err(item);
+        }
+        self.queue.push_back(item);
+        Ok(self.next())
+    }
+
+    /// The batch in flight is done; returns the next one to send, if any.
+    pub fn complete(&mut self) -> Option<Vec<T>> {
+        self.in_flight = false;
+        self.next()
+    }
+
+    /// Removes everything queued (at shutdown).
+    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
+        self.queue.drain(..)
+    }
+
+    fn next(&mut self) -> Option<Vec<T>> {
+        if self.in_flight || self.queue.is_empty() {
+            return None;
+        }
+        self.in_flight = true;
+        let n = self.queue.len().min(self.cap);
+        Some(self.queue.drain(..n).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_sends_at_once_busy_accumulates_up_to_the_cap() {
+        let mut b = Batcher::new(3, 10);
+        assert_eq!(b.push(1), Ok(Some(vec![1])));
+        for i in 2..=6 {
+            assert_eq!(b.push(i), Ok(None));
+        }
+        assert_eq!(b.complete(), Some(vec![2, 3, 4]));
+        assert_eq!(b.push(7), Ok(None));
+        assert_eq!(b.complete(), Some(vec![5, 6, 7]));
+        assert_eq!(b.complete(), None);
+        assert_eq!(b.push(8), Ok(Some(vec![8])));
+    }
+
+    #[test]
+    fn a_full_queue_refuses_instead_of_growing() {
+        let mut b = Batcher::new(2, 2);
+        assert_eq!(b.push(1), Ok(Some(vec![1])));
+        assert_eq!(b.push(2), Ok(None));
+        assert_eq!(b.push(3), Ok(None));
+        assert_eq!(b.push(4), Err(4));
+        assert_eq!(b.drain().count(), 2);
+    }
+}

@@ -1,0 +1,527 @@
+//! Configuration: one TOML file, every field documented in `docs/config.md`.
+//!
+//! [`Config::from_toml`] is the single place where defaults apply and values
+//! are validated; unknown keys and invalid values are errors that name the
+//! field. Policies are compiled into [`Policies`] here, so nothing past
+//! start-up (or a SIGHUP reload) ever sees an invalid rule.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::error::Error;
+use crate::limiter::{DAY_US, FailureMode, Policy, Rule, RuleKind};
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// `None`: decide with the embedded in-memory backend.
+    pub redis: Option<RedisConfig>,
+    pub policies: Arc<Policies>,
+}
+
+/// `[server]`: the socket and the bounds of everything the daemon holds.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Socket path. Default `$XDG_RUNTIME_DIR/quotad.sock`, else `./quotad.sock`.
+    pub socket: PathBuf,
+    /// Socket file mode. Default `0o660`.
+    pub socket_mode: u32,
+    /// Open connections at most; one more is told `overloaded`. Default 1024.
+    pub max_connections: usize,
+    /// Largest frame accepted, in bytes. Default 1 MiB.
+    pub max_frame_bytes: usize,
+    /// Requests one connection may have in flight before quotad stops
+    /// reading from it (back-pressure, not an error). Default 1024.
+    pub max_inflight_per_connection: usize,
+    /// Shard actors; 0 = four per CPU core. Default 0.
+    pub shards: usize,
+    /// Messages a shard's mailbox holds; past it, `overloaded`. Default 4096.
+    pub mailbox_capacity: usize,
+    /// Checks a shard queues for its next Redis round trip; past it,
+    /// `overloaded`. Default 16384.
+    pub max_queued_per_shard: usize,
+    /// Checks in one Redis round trip at most. Default 256.
+    pub batch_max: usize,
+    /// Longest tenant string, in bytes. Default 256.
+    pub max_tenant_bytes: usize,
+    /// Longest key string, in bytes. Default 1024.
+    pub max_key_bytes: usize,
+    /// In-memory limiter states per process (memory backend and `local`
+    /// failure mode). Default 1,000,000.
+    pub local_max_entries: usize,
+    /// On SIGTERM, how long open connections may take to finish. Default 5000.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let dir = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|d| d.is_dir())
+            .unwrap_or_else(|| PathBuf::from("."));
+        ServerConfig {
+            socket: dir.join("quotad.sock"),
+            socket_mode: 0o660,
+            max_connections: 1024,
+            max_frame_bytes: 1 << 20,
+            max_inflight_per_connection: 1024,
+            shards: 0,
+            mailbox_capacity: 4096,
+            max_queued_per_shard: 16384,
+            batch_max: 256,
+            max_tenant_bytes: 256,
+            max_key_bytes: 1024,
+            local_max_entries: 1_000_000,
+            shutdown_timeout_ms: 5000,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The shard count after resolving `0` (auto).
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            return self.shards;
+        }
+        4 * std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+/// `[redis]`: where shared state lives. Omit the table for the memory backend.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// A single Redis: `redis://host:port[/db]`, `redis+unix:///path` or
+    /// `unix:///path`. Give either `url` or `cluster`.
+    pub url: Option<String>,
+    /// Redis Cluster seed nodes, e.g. `["redis://10.0.0.1:7000", ...]`.
+    #[serde(default)]
+    pub cluster: Vec<String>,
+    /// Deadline of every Redis round trip, in ms. Default 100.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// First component of every key. Default `qd`.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Consecutive failed round trips that open the circuit breaker. Default 3.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// While the breaker is open, how often Redis is probed, in ms. Default 500.
+    #[serde(default = "default_probe_ms")]
+    pub probe_interval_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    100
+}
+fn default_prefix() -> String {
+    "qd".into()
+}
+fn default_breaker_failures() -> u32 {
+    3
+}
+fn default_probe_ms() -> u64 {
+    500
+}
+
+/// `[policies.<name>]`: a list of rules decided as one.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// `open` (default), `closed` or `local`: the answer when Redis is lost.
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+    /// `retry_after_ms` of a `closed` failure answer. Default 1000.
+    #[serde(default = "default_closed_retry_ms")]
+    pub closed_retry_after_ms: u64,
+    /// Required, 1 to 16 rules.
+    pub rules: Vec<RuleConfig>,
+}
+
+fn default_closed_retry_ms() -> u64 {
+    1000
+}
+
+/// One rule. `kind` decides which of the other fields it takes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: String,
+    /// `token_bucket`, `sliding_window`, `fixed_window` or `daily_quota`.
+    pub kind: String,
+    /// token_bucket: units the bucket holds.
+    pub capacity: Option<u64>,
+    /// token_bucket: units added per second (may be fractional).
+    pub refill_per_sec: Option<f64>,
+    /// sliding_window, fixed_window, daily_quota: units per window.
+    pub limit: Option<u64>,
+    /// sliding_window, fixed_window: window length in ms.
+    pub window_ms: Option<u64>,
+}
+
+/// The file as written, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    server: ServerConfig,
+    redis: Option<RedisConfig>,
+    #[serde(default)]
+    policies: BTreeMap<String, PolicyConfig>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid config: `{field}`: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Largest `limit` or `capacity`, and largest rule span in µs: they keep the
+/// script's arithmetic exact in Lua's doubles.
+const MAX_LIMIT: u64 = 1_000_000_000_000;
+const MAX_SPAN_US: u64 = 1_000_000_000_000_000;
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// The configuration used when no file is given: the embedded memory
+    /// backend and one `default` policy, so `quotad serve` works out of the box.
+    pub fn builtin() -> Config {
+        Config::from_toml(
+            r#"
+            [policies.default]
+            rules = [
+              { name = "burst", kind = "token_bucket", capacity = 20, refill_per_sec = 10 },
+              { name = "daily", kind = "daily_quota", limit = 100000 },
+            ]
+            "#,
+        )
+        .expect("the built-in config is valid")
+    }
+
+    /// Parses and validates; every default and every check lives here.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let file: ConfigFile =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let s = &file.server;
+        if s.socket.as_os_str().is_empty() {
+            return Err(invalid("server.socket", "must not be empty"));
+        }
+        if s.socket_mode > 0o777 {
+            return Err(invalid(
+                "server.socket_mode",
+                format!(
+                    "{} is not a file mode; write it in octal, e.g. 0o660",
+                    s.socket_mode
+                ),
+            ));
+        }
+        for (field, value, min, max) in [
+            ("server.max_connections", s.max_connections, 1, 1 << 20),
+            ("server.max_frame_bytes", s.max_frame_bytes, 64, 64 << 20),
+            (
+                "server.max_inflight_per_connection",
+                s.max_inflight_per_connection,
+                1,
+                1 << 20,
+            ),
+            ("server.shards", s.shards, 0, 1024),
+            ("server.mailbox_capacity", s.mailbox_capacity, 1, 1 << 20),
+            (
+                "server.max_queued_per_shard",
+                s.max_queued_per_shard,
+                1,
+                1 << 24,
+            ),
+            ("server.batch_max", s.batch_max, 1, 4096),
+            ("server.max_tenant_bytes", s.max_tenant_bytes, 1, 4096),
+            ("server.max_key_bytes", s.max_key_bytes, 1, 65536),
+            ("server.local_max_entries", s.local_max_entries, 1, 1 << 30),
+        ] {
+            if !(min..=max).contains(&value) {
+                return Err(invalid(field, format!("{value} is outside {min}..={max}")));
+            }
+        }
+        if let Some(r) = &file.redis {
+            match (&r.url, r.cluster.is_empty()) {
+                (Some(_), false) | (None, true) => {
+                    return Err(invalid("redis", "give exactly one of `url` and `cluster`"));
+                }
+                _ => {}
+            }
+            for (field, url) in r
+                .url
+                .iter()
+                .map(|u| ("redis.url", u))
+                .chain(r.cluster.iter().map(|u| ("redis.cluster", u)))
+            {
+                redis::Client::open(url.as_str())
+                    .map_err(|e| invalid(field, format!("`{url}`: {e}")))?;
+            }
+            if !(1..=60_000).contains(&r.timeout_ms) {
+                return Err(invalid("redis.timeout_ms", "must be within 1..=60000"));
+            }
+            if !is_ident(&r.prefix) {
+                return Err(invalid("redis.prefix", IDENT_RULE));
+            }
+            if r.breaker_failures == 0 {
+                return Err(invalid("redis.breaker_failures", "must be at least 1"));
+            }
+            if !(10..=60_000).contains(&r.probe_interval_ms) {
+                return Err(invalid(
+                    "redis.probe_interval_ms",
+                    "must be within 10..=60000",
+                ));
+            }
+        }
+        let mut policies = HashMap::new();
+        for (name, p) in &file.policies {
+            let policy = compile_policy(name, p)?;
+            policies.insert(name.clone(), Arc::new(policy));
+        }
+        Ok(Config {
+            server: file.server,
+            redis: file.redis,
+            policies: Arc::new(Policies(policies)),
+        })
+    }
+}
+
+const IDENT_RULE: &str = "must be 1 to 64 characters from A-Z a-z 0-9 _ -";
+
+fn is_ident(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn compile_policy(name: &str, p: &PolicyConfig) -> Result<Policy, ConfigError> {
+    let at = format!("policies.{name}");
+    if !is_ident(name) {
+        return Err(invalid(&at, format!("policy name {IDENT_RULE}")));
+    }
+    if p.rules.is_empty() || p.rules.len() > 16 {
+        return Err(invalid(format!("{at}.rules"), "needs 1 to 16 rules"));
+    }
+    let mut rules: Vec<Rule> = Vec::with_capacity(p.rules.len());
+    for (i, r) in p.rules.iter().enumerate() {
+        let at = format!("{at}.rules[{i}]");
+        if !is_ident(&r.name) {
+            return Err(invalid(format!("{at}.name"), IDENT_RULE));
+        }
+        if rules.iter().any(|x| *x.name == *r.name) {
+            return Err(invalid(
+                format!("{at}.name"),
+                format!("`{}` is used twice", r.name),
+            ));
+        }
+        rules.push(Rule {
+            name: r.name.as_str().into(),
+            kind: compile_rule(&at, r)?,
+        });
+    }
+    Ok(Policy {
+        name: name.into(),
+        rules,
+        failure_mode: p.failure_mode,
+        closed_retry_after_ms: p.closed_retry_after_ms,
+    })
+}
+
+fn compile_rule(at: &str, r: &RuleConfig) -> Result<RuleKind, ConfigError> {
+    let (needs, kind): (&[&str], _) = match r.kind.as_str() {
+        "token_bucket" => (&["capacity", "refill_per_sec"], 0),
+        "fixed_window" => (&["limit", "window_ms"], 1),
+        "sliding_window" => (&["limit", "window_ms"], 2),
+        "daily_quota" => (&["limit"], 3),
+        other => {
+            return Err(invalid(
+                format!("{at}.kind"),
+                format!(
+                    "unknown kind `{other}` (token_bucket, sliding_window, fixed_window, daily_quota)"
+                ),
+            ));
+        }
+    };
+    for (field, present) in [
+        ("capacity", r.capacity.is_some()),
+        ("refill_per_sec", r.refill_per_sec.is_some()),
+        ("limit", r.limit.is_some()),
+        ("window_ms", r.window_ms.is_some()),
+    ] {
+        match (needs.contains(&field), present) {
+            (true, false) => {
+                return Err(invalid(
+                    format!("{at}.{field}"),
+                    format!("{} needs it", r.kind),
+                ));
+            }
+            (false, true) => {
+                return Err(invalid(
+                    format!("{at}.{field}"),
+                    format!("does not apply to {}", r.kind),
+                ));
+            }
+            _ => {}
+        }
+    }
+    let limit_of = |field: &str, v: u64| {
+        if (1..=MAX_LIMIT).contains(&v) {
+            Ok(v)
+        } else {
+            Err(invalid(
+                format!("{at}.{field}"),
+                format!("must be within 1..={MAX_LIMIT}"),
+            ))
+        }
+    };
+    let window_of = |v: u64| {
+        if (1..=MAX_SPAN_US / 1000).contains(&v) {
+            Ok(v * 1000)
+        } else {
+            Err(invalid(
+                format!("{at}.window_ms"),
+                "must be at least 1 and at most ~31 years",
+            ))
+        }
+    };
+    Ok(match kind {
+        0 => {
+            let capacity = limit_of("capacity", r.capacity.unwrap_or(0))?;
+            let rate = r.refill_per_sec.unwrap_or(0.0);
+            if !(rate.is_finite() && rate > 0.0 && rate <= 1e6) {
+                return Err(invalid(
+                    format!("{at}.refill_per_sec"),
+                    "must be > 0 and <= 1000000",
+                ));
+            }
+            let interval_us = ((1e6 / rate).round() as u64).max(1);
+            if capacity.saturating_mul(interval_us) > MAX_SPAN_US {
+                return Err(invalid(
+                    format!("{at}.capacity"),
+                    "capacity / refill_per_sec must be under ~31 years",
+                ));
+            }
+            RuleKind::TokenBucket {
+                capacity,
+                interval_us,
+            }
+        }
+        1 => RuleKind::FixedWindow {
+            limit: limit_of("limit", r.limit.unwrap_or(0))?,
+            window_us: window_of(r.window_ms.unwrap_or(0))?,
+        },
+        2 => RuleKind::SlidingWindow {
+            limit: limit_of("limit", r.limit.unwrap_or(0))?,
+            window_us: window_of(r.window_ms.unwrap_or(0))?,
+        },
+        _ => RuleKind::FixedWindow {
+            limit: limit_of("limit", r.limit.unwrap_or(0))?,
+            window_us: DAY_US,
+        },
+    })
+}
+
+/// The compiled policies, by name. Swapped as a whole on reload.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Policies(HashMap<String, Arc<Policy>>);
+
+impl Policies {
+    /// The named policy, or `default` when the request names none.
+    pub fn get(&self, name: Option<&str>) -> Result<&Arc<Policy>, Error> {
+        let name = name.unwrap_or("default");
+        self.0
+            .get(name)
+            .ok_or_else(|| Error::UnknownPolicy(name.to_owned()))
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.0.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = Config::from_toml(
+            r#"
+            [server]
+            socket = "/tmp/q/quotad.sock"
+            [redis]
+            url = "redis://127.0.0.1:6379"
+            timeout_ms = 100
+            [policies.api]
+            failure_mode = "open"
+            rules = [
+              { name = "burst", kind = "token_bucket", capacity = 10, refill_per_sec = 5 },
+              { name = "daily", kind = "daily_quota", limit = 1000 },
+            ]
+            "#,
+        )
+        .unwrap();
+        let api = c.policies.get(Some("api")).unwrap();
+        assert_eq!(
+            api.rules[0].kind,
+            RuleKind::TokenBucket {
+                capacity: 10,
+                interval_us: 200_000
+            }
+        );
+        assert_eq!(c.redis.unwrap().prefix, "qd");
+        assert!(matches!(c.policies.get(None), Err(Error::UnknownPolicy(_))));
+    }
+
+    #[test]
+    fn mistakes_name_their_field() {
+        assert!(err("[server]\nsockt = 'x'").contains("unknown field `sockt`"));
+        assert!(err("[server]\nsocket_mode = 660").contains("server.socket_mode"));
+        assert!(err("[redis]\nurl = 'nope://x'").contains("redis.url"));
+        let rule = |r: &str| err(&format!("[policies.p]\nrules = [{r}]"));
+        assert!(
+            rule("{name='a', kind='token_bucket', capacity=5}").contains("rules[0].refill_per_sec")
+        );
+        assert!(
+            rule("{name='a', kind='daily_quota', limit=5, window_ms=9}").contains("does not apply")
+        );
+        assert!(rule("{name='a', kind='leaky'}").contains("unknown kind `leaky`"));
+        assert!(rule("{name='a:b', kind='daily_quota', limit=5}").contains("rules[0].name"));
+        assert!(rule("{name='a', kind='fixed_window', limit=0, window_ms=5}").contains("limit"));
+        assert!(err("[policies.p]\nrules = []").contains("policies.p.rules"));
+        assert!(err("[policies.p]\nfailure_mode='maybe'\nrules=[]").contains("maybe"));
+    }
+}

@@ -1,0 +1,118 @@
+//! The daemon assembled: backend, shards, socket; run until shutdown,
+//! reloading policies on request.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::connection::ConnLimits;
+use crate::protocol::Limits;
+use crate::redis::RedisBackend;
+use crate::router::Router;
+use crate::server::{self, BindError, Listener, ServerLimits};
+use crate::stats::Stats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("invalid Redis settings: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+pub struct Daemon {
+    config: Config,
+    listener: Listener,
+    router: Arc<Router>,
+    /// Stops background tasks (the breaker's prober) once the daemon ends.
+    background: CancellationToken,
+}
+
+impl Daemon {
+    /// Binds the socket and starts the shards. Redis need not be up: until
+    /// it answers, checks are decided by each policy's failure mode.
+    pub fn start(config: Config, clock: Clock) -> Result<Daemon, StartError> {
+        let stats = Arc::new(Stats::default());
+        let background = CancellationToken::new();
+        let redis = match &config.redis {
+            Some(r) => Some(RedisBackend::new(
+                r,
+                clock.clone(),
+                stats.clone(),
+                background.clone(),
+            )?),
+            None => None,
+        };
+        let listener = Listener::bind(&config.server.socket, config.server.socket_mode)?;
+        let router = Arc::new(Router::start(&config, redis, clock, stats));
+        Ok(Daemon {
+            config,
+            listener,
+            router,
+            background,
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        self.listener.path()
+    }
+
+    /// Serves until `shutdown`; each message on `reload` re-reads
+    /// `config_path` and swaps in its policies (a bad file is logged and
+    /// the running policies kept).
+    pub async fn run(
+        mut self,
+        shutdown: CancellationToken,
+        mut reload: mpsc::Receiver<()>,
+        config_path: Option<PathBuf>,
+    ) {
+        let s = &self.config.server;
+        let limits = ServerLimits {
+            max_connections: s.max_connections,
+            shutdown_timeout: Duration::from_millis(s.shutdown_timeout_ms),
+            conn: ConnLimits {
+                max_frame_bytes: s.max_frame_bytes,
+                max_inflight: s.max_inflight_per_connection,
+                request: Limits {
+                    max_tenant_bytes: s.max_tenant_bytes,
+                    max_key_bytes: s.max_key_bytes,
+                },
+            },
+        };
+        let server = server::run(self.listener, self.router.clone(), limits, shutdown);
+        tokio::pin!(server);
+        loop {
+            tokio::select! {
+                _ = &mut server => break,
+                Some(()) = reload.recv() => match &config_path {
+                    Some(path) => reload_from(&mut self.config, &self.router, path).await,
+                    None => tracing::warn!("SIGHUP: no config file was given, nothing to reload"),
+                },
+            }
+        }
+        self.router.stop().await;
+        self.background.cancel();
+        tracing::info!("stopped");
+    }
+}
+
+async fn reload_from(current: &mut Config, router: &Router, path: &Path) {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed: keeping the running configuration");
+            return;
+        }
+    };
+    if new.server != current.server || new.redis != current.redis {
+        tracing::warn!("reload: changes to [server] and [redis] take effect only after a restart");
+    }
+    tracing::info!(policies = ?new.policies.names(), "reloaded policies");
+    router.reload(new.policies.clone()).await;
+    current.policies = new.policies;
+}

@@ -1,0 +1,49 @@
+//! The one place where failures become wire error codes.
+//!
+//! Every error a client can see is an [`Error`]; its [`Error::code`] is the
+//! `code` string of protocol version 1 and its `Display` is the `message`.
+
+/// An error answered to a client, one variant per wire error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A missing or mistyped field, an empty or oversized tenant or key, a
+    /// cost no rule can ever allow, or a frame that is not a MessagePack map.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("unknown op `{0}`")]
+    UnknownOp(String),
+    #[error("unknown policy `{0}`")]
+    UnknownPolicy(String),
+    /// A frame or a value over its configured maximum.
+    #[error("{0}")]
+    TooLarge(String),
+    /// A bounded queue is full; the client should back off and retry.
+    #[error("overloaded: {0}")]
+    Overloaded(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("quotad is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The wire `code` of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::BadRequest(_) => "bad_request",
+            Error::UnknownOp(_) => "unknown_op",
+            Error::UnknownPolicy(_) => "unknown_policy",
+            Error::TooLarge(_) => "too_large",
+            Error::Overloaded(_) => "overloaded",
+            Error::Forbidden(_) => "forbidden",
+            Error::ShuttingDown => "shutting_down",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        Error::BadRequest(msg.into())
+    }
+}

@@ -1,0 +1,365 @@
+//! Request frames to [`Request`]s, with an error that names the field.
+//!
+//! The map is first read into loosely typed [`Field`]s (any well-formed
+//! MessagePack value is accepted there), and only then checked field by
+//! field. So a mistyped field never hides the `id`: the error reply still
+//! carries it, and the connection stays open. Only a frame that is not one
+//! well-formed MessagePack map is fatal (reply with `id` 0, then close).
+//! Nesting depth is bounded and nothing is preallocated from a length the
+//! peer claims.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+
+use super::{CheckArgs, Op, Request};
+use crate::error::Error;
+
+/// Nesting allowed in a request. Requests need 2 (a map holding a list of
+/// strings); the bound keeps a hostile frame from exhausting the stack.
+const MAX_DEPTH: usize = 16;
+
+/// The bounds a request's strings are held to.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_tenant_bytes: usize,
+    pub max_key_bytes: usize,
+}
+
+/// Why a frame did not become a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DecodeError {
+    /// Not one well-formed MessagePack map: reply with `id` 0, then close.
+    Fatal(Error),
+    /// A readable map with a bad field: reply with its `id`, keep going.
+    Request { id: u64, error: Error },
+}
+
+/// Decodes one request frame (without its length prefix).
+pub fn decode(frame: &[u8], limits: &Limits) -> Result<Request, DecodeError> {
+    let mut de = rmp_serde::Deserializer::new(frame);
+    de.set_max_depth(MAX_DEPTH);
+    let raw = RawRequest::deserialize(&mut de).map_err(|e| {
+        DecodeError::Fatal(Error::bad_request(format!(
+            "a frame must hold one MessagePack map with string keys: {e}"
+        )))
+    })?;
+    if !de.get_ref().is_empty() {
+        return Err(DecodeError::Fatal(Error::bad_request(
+            "trailing bytes after the request map",
+        )));
+    }
+    let id = match raw.id {
+        Some(Field::Uint(id)) => id,
+        ref other => {
+            let error = Error::bad_request(type_error("id", "an unsigned integer", other.as_ref()));
+            return Err(DecodeError::Request { id: 0, error });
+        }
+    };
+    raw.into_request(id, limits)
+        .map_err(|error| DecodeError::Request { id, error })
+}
+
+fn type_error(field: &str, wanted: &str, got: Option<&Field>) -> String {
+    match got {
+        None => format!("missing field `{field}`"),
+        Some(f) => format!("field `{field}` must be {wanted}, not {}", f.kind()),
+    }
+}
+
+/// Any MessagePack value, as far as a request needs to tell them apart.
+#[derive(Debug, Clone, PartialEq)]
+enum Field {
+    Nil,
+    Bool,
+    Uint(u64),
+    Int,
+    Float,
+    Str(String),
+    Bin,
+    Array(Vec<Field>),
+    Map,
+}
+
+impl Field {
+    fn kind(&self) -> &'static str {
+        match self {
+            Field::Nil => "nil",
+            Field::Bool => "a boolean",
+            Field::Uint(_) | Field::Int => "an integer",
+            Field::Float => "a float",
+            Field::Str(_) => "a string",
+            Field::Bin => "binary",
+            Field::Array(_) => "an array",
+            Field::Map => "a map",
+        }
+    }
+}
+
+/// The fields of a request map, before their types are checked.
+#[derive(Debug, Default)]
+struct RawRequest {
+    id: Option<Field>,
+    op: Option<Field>,
+    tenant: Option<Field>,
+    key: Option<Field>,
+    policy: Option<Field>,
+    cost: Option<Field>,
+    /// The first structural problem (a non-string or duplicate key).
+    problem: Option<String>,
+}
+
+impl RawRequest {
+    fn into_request(self, id: u64, limits: &Limits) -> Result<Request, Error> {
+        if let Some(p) = self.problem {
+            return Err(Error::BadRequest(p));
+        }
+        let op = match self.op {
+            Some(Field::Str(op)) => op,
+            ref other => {
+                return Err(Error::bad_request(type_error(
+                    "op",
+                    "a string",
+                    other.as_ref(),
+                )));
+            }
+        };
+        let op = match op.as_str() {
+            "hello" => Op::Hello,
+            "stats" => Op::Stats,
+            "check" => Op::Check(CheckArgs {
+                tenant: bounded_str("tenant", self.tenant, limits.max_tenant_bytes)?,
+                key: bounded_str("key", self.key, limits.max_key_bytes)?,
+                policy: match self.policy {
+                    None | Some(Field::Nil) => None,
+                    Some(Field::Str(p)) => Some(p),
+                    Some(other) => {
+                        return Err(Error::bad_request(type_error(
+                            "policy",
+                            "a string",
+                            Some(&other),
+                        )));
+                    }
+                },
+                cost: match self.cost {
+                    None | Some(Field::Nil) => 1,
+                    Some(Field::Uint(c)) => c,
+                    Some(other) => {
+                        return Err(Error::bad_request(type_error(
+                            "cost",
+                            "an unsigned integer",
+                            Some(&other),
+                        )));
+                    }
+                },
+            }),
+            _ => return Err(Error::UnknownOp(truncate(&op, 64))),
+        };
+        Ok(Request { id, op })
+    }
+}
+
+fn bounded_str(field: &str, value: Option<Field>, max: usize) -> Result<String, Error> {
+    match value {
+        Some(Field::Str(s)) if !s.is_empty() && s.len() <= max => Ok(s),
+        Some(Field::Str(s)) => Err(Error::bad_request(format!(
+            "field `{field}` must be 1 to {max} bytes, not {}",
+            s.len()
+        ))),
+        other => Err(Error::bad_request(type_error(
+            field,
+            "a string",
+            other.as_ref(),
+        ))),
+    }
+}
+
+/// Shortens a peer-supplied string before it goes into an error message.
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+impl<'de> Deserialize<'de> for RawRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(RawVisitor)
+    }
+}
+
+struct RawVisitor;
+
+impl<'de> Visitor<'de> for RawVisitor {
+    type Value = RawRequest;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a map")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawRequest, A::Error> {
+        let mut raw = RawRequest::default();
+        while let Some(key) = map.next_key::<Field>()? {
+            let value = map.next_value::<Field>()?;
+            let Field::Str(name) = key else {
+                raw.problem
+                    .get_or_insert_with(|| "map keys must be strings".into());
+                continue;
+            };
+            let slot = match name.as_str() {
+                "id" => &mut raw.id,
+                "op" => &mut raw.op,
+                "tenant" => &mut raw.tenant,
+                "key" => &mut raw.key,
+                "policy" => &mut raw.policy,
+                "cost" => &mut raw.cost,
+                _ => continue, // newer clients may send fields this build does not know
+            };
+            if slot.replace(value).is_some() {
+                raw.problem
+                    .get_or_insert_with(|| format!("field `{name}` appears twice"));
+            }
+        }
+        Ok(raw)
+    }
+}
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(FieldVisitor)
+    }
+}
+
+struct FieldVisitor;
+
+impl<'de> Visitor<'de> for FieldVisitor {
+    type Value = Field;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any MessagePack value")
+    }
+    fn visit_unit<E>(self) -> Result<Field, E> {
+        Ok(Field::Nil)
+    }
+    fn visit_none<E>(self) -> Result<Field, E> {
+        Ok(Field::Nil)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Field, E> {
+        Ok(Field::Bool)
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Field, E> {
+        Ok(Field::Uint(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Field, E> {
+        Ok(u64::try_from(v).map_or(Field::Int, Field::Uint))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Field, E> {
+        Ok(Field::Float)
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Field, E> {
+        Ok(Field::Str(v.to_owned()))
+    }
+    fn visit_bytes<E>(self, _: &[u8]) -> Result<Field, E> {
+        Ok(Field::Bin)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Field>()? {
+            items.push(item);
+        }
+        Ok(Field::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field, A::Error> {
+        while map
+            .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(Field::Map)
+    }
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Field, D::Error> {
+        // MessagePack ext types arrive here; no request field is one.
+        de::IgnoredAny::deserialize(d)?;
+        Ok(Field::Map)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_tenant_bytes: 8,
+        max_key_bytes: 8,
+    };
+
+    fn frame(v: &serde_json::Value) -> Vec<u8> {
+        rmp_serde::to_vec(v).unwrap()
+    }
+
+    fn error(v: serde_json::Value) -> (u64, String) {
+        match decode(&frame(&v), &LIMITS) {
+            Err(DecodeError::Request { id, error }) => (id, format!("{}: {error}", error.code())),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_field_keeps_the_id_whatever_the_order() {
+        let (id, e) = error(
+            serde_json::json!({"cost": -1, "op": "check", "id": 7, "tenant": "t", "key": "k"}),
+        );
+        assert_eq!(id, 7);
+        assert_eq!(
+            e,
+            "bad_request: field `cost` must be an unsigned integer, not an integer"
+        );
+        let (_, e) = error(
+            serde_json::json!({"id": 1, "op": "check", "tenant": "much too long", "key": "k"}),
+        );
+        assert_eq!(
+            e,
+            "bad_request: field `tenant` must be 1 to 8 bytes, not 13"
+        );
+        let (_, e) = error(serde_json::json!({"id": 1, "op": "check", "tenant": "", "key": "k"}));
+        assert!(e.contains("1 to 8 bytes, not 0"));
+        let (_, e) = error(serde_json::json!({"id": 1, "op": "fly"}));
+        assert_eq!(e, "unknown_op: unknown op `fly`");
+        let (id, e) = error(serde_json::json!({"op": "hello"}));
+        assert_eq!((id, e.as_str()), (0, "bad_request: missing field `id`"));
+    }
+
+    #[test]
+    fn only_a_non_map_or_malformed_frame_is_fatal() {
+        for f in [
+            frame(&serde_json::json!([1, 2])),
+            vec![0x81, 0xa2, b'i'],
+            vec![0xc1],
+            vec![],
+        ] {
+            assert!(
+                matches!(decode(&f, &LIMITS), Err(DecodeError::Fatal(_))),
+                "{f:?}"
+            );
+        }
+        let mut ok = frame(&serde_json::json!({"id": 1, "op": "hello"}));
+        assert!(decode(&ok, &LIMITS).is_ok());
+        ok.push(0);
+        assert!(matches!(decode(&ok, &LIMITS), Err(DecodeError::Fatal(_))));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_overflowing_the_stack() {
+        let mut f = vec![0x82, 0xa2, b'i', b'd', 0x01, 0xa1, b'x'];
+        f.extend(std::iter::repeat_n(0x91, 100_000));
+        f.push(0xc0);
+        assert!(matches!(decode(&f, &LIMITS), Err(DecodeError::Fatal(_))));
+    }
+
+    #[test]
+    fn a_huge_claimed_length_allocates_nothing() {
+        // array32 claiming 4 billion elements, then nothing.
+        let f = [0x81, 0xa1, b'x', 0xdd, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(decode(&f, &LIMITS), Err(DecodeError::Fatal(_))));
+    }
+}

@@ -1,0 +1,291 @@
+//! The Redis backend: one pipelined round trip decides a whole batch.
+//!
+//! A batch becomes one `lua/check.lua` call per Redis Cluster slot group
+//! (on a single Redis, where slots do not matter, the whole batch is one
+//! call), all sent together. Every round trip has a deadline. A call that
+//! Redis refused with NOSCRIPT (it restarted, failed over, or was flushed)
+//! did not run, so it is sent once more as EVAL, which also reloads the
+//! script; any other failure leaves the outcome unknown and is never
+//! retried: those checks are answered by their policy's failure mode.
+
+mod breaker;
+pub mod script;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use breaker::Breaker;
+
+use crate::clock::Clock;
+use crate::config::RedisConfig;
+use crate::keys::{self, Keys};
+use crate::limiter::{Check, Verdict};
+use crate::stats::Stats;
+
+/// A handle on the Redis backend; clones share one connection and breaker.
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Conn,
+    keys: Keys,
+    breaker: Arc<Breaker>,
+    timeout: Duration,
+    probe_interval: Duration,
+    clock: Clock,
+    stats: Arc<Stats>,
+    /// Stops the breaker's prober at shutdown.
+    stop: CancellationToken,
+}
+
+/// How quotad reaches Redis.
+enum Conn {
+    /// One Redis (multiplexed, reconnecting by itself).
+    Single(ConnectionManager),
+    /// Redis Cluster; connected on first use, so quotad starts (and fails
+    /// open) while the cluster is still down.
+    Cluster(Box<(ClusterClient, OnceCell<ClusterConnection>)>),
+}
+
+impl RedisBackend {
+    /// Prepares the connection without waiting for Redis to be up.
+    pub fn new(
+        cfg: &RedisConfig,
+        clock: Clock,
+        stats: Arc<Stats>,
+        stop: CancellationToken,
+    ) -> RedisResult<Self> {
+        let timeout = Duration::from_millis(cfg.timeout_ms);
+        let conn = if let Some(url) = &cfg.url {
+            let client = redis::Client::open(url.as_str())?;
+            let config = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(timeout))
+                .set_connection_timeout(Some(timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(cfg.probe_interval_ms));
+            Conn::Single(ConnectionManager::new_lazy_with_config(client, config)?)
+        } else {
+            let client = ClusterClient::builder(cfg.cluster.iter().map(String::as_str))
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(1)
+                .build()?;
+            Conn::Cluster(Box::new((client, OnceCell::new())))
+        };
+        Ok(RedisBackend {
+            inner: Arc::new(Inner {
+                conn,
+                keys: Keys::new(&cfg.prefix),
+                breaker: Arc::new(Breaker::new(cfg.breaker_failures, stats.clone())),
+                timeout,
+                probe_interval: Duration::from_millis(cfg.probe_interval_ms),
+                clock,
+                stats,
+                stop,
+            }),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    /// The deadline of a round trip that starts now.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// True while the breaker is open: answer by failure mode, do not call.
+    pub fn is_down(&self) -> bool {
+        self.inner.breaker.is_open()
+    }
+
+    /// Decides `checks` in one round trip that ends by `deadline`. `None`
+    /// for a check Redis could not decide (answer it by failure mode).
+    pub async fn check(&self, checks: &[Check], deadline: Instant) -> Vec<Option<Verdict>> {
+        let inner = &*self.inner;
+        let mut out = vec![None; checks.len()];
+        if inner.breaker.is_open() {
+            return out;
+        }
+        Stats::add(&inner.stats.counters.batches, 1);
+        Stats::add(&inner.stats.counters.batched_checks, checks.len() as u64);
+        let groups = self.groups(checks);
+        let now = inner.clock.fixed_us();
+        let results =
+            match tokio::time::timeout_at(deadline, self.round_trip(checks, &groups, now)).await {
+                Ok(results) => results,
+                Err(_) => {
+                    Stats::add(&inner.stats.counters.redis_timeouts, 1);
+                    self.failed();
+                    return out;
+                }
+            };
+        let mut failed = false;
+        for (group, result) in groups.iter().zip(results) {
+            let parsed = result.ok().and_then(|v| script::verdicts(&v, group.len()));
+            match parsed {
+                Some(verdicts) => {
+                    for (&i, v) in group.iter().zip(verdicts) {
+                        if v.rule < checks[i].policy.rules.len() {
+                            out[i] = Some(v);
+                        }
+                    }
+                }
+                None => failed = true,
+            }
+        }
+        if failed {
+            self.failed();
+        } else {
+            inner.breaker.record_success();
+        }
+        out
+    }
+
+    /// Indices of `checks` per script call: one per slot on a Cluster.
+    fn groups(&self, checks: &[Check]) -> Vec<Vec<usize>> {
+        match self.inner.conn {
+            Conn::Single(_) => vec![(0..checks.len()).collect()],
+            Conn::Cluster(..) => {
+                let mut by_slot: Vec<(u16, Vec<usize>)> = Vec::new();
+                for (i, c) in checks.iter().enumerate() {
+                    let slot = keys::slot(&c.tenant);
+                    match by_slot.iter_mut().find(|(s, _)| *s == slot) {
+                        Some((_, g)) => g.push(i),
+                        None => by_slot.push((slot, vec![i])),
+                    }
+                }
+                by_slot.into_iter().map(|(_, g)| g).collect()
+            }
+        }
+    }
+
+    /// Sends one script call per group; calls refused with NOSCRIPT go
+    /// once more as EVAL. One result per group.
+    async fn round_trip(
+        &self,
+        checks: &[Check],
+        groups: &[Vec<usize>],
+        now: Option<u64>,
+    ) -> Vec<RedisResult<Value>> {
+        let inner = &*self.inner;
+        let call = |group: &Vec<usize>, by_source| {
+            script::command(
+                group.iter().map(|&i| &checks[i]),
+                &inner.keys,
+                now,
+                by_source,
+            )
+        };
+        Stats::add(&inner.stats.counters.script_calls, groups.len() as u64);
+        let mut results = inner
+            .conn
+            .run(groups.iter().map(|g| call(g, false)).collect())
+            .await;
+        let noscript: Vec<usize> = (0..results.len())
+            .filter(|&i| matches!(&results[i], Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)))
+            .collect();
+        if !noscript.is_empty() {
+            Stats::add(&inner.stats.counters.script_reloads, 1);
+            tracing::info!(
+                calls = noscript.len(),
+                "script missing in Redis (restart, failover or flush): reloading"
+            );
+            let again = inner
+                .conn
+                .run(noscript.iter().map(|&i| call(&groups[i], true)).collect())
+                .await;
+            for (i, r) in noscript.into_iter().zip(again) {
+                results[i] = r;
+            }
+        }
+        for r in &results {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "Redis call failed");
+            }
+        }
+        results
+    }
+
+    /// Counts a failed round trip; the one that opens the breaker starts
+    /// the prober that will close it.
+    fn failed(&self) {
+        let inner = &*self.inner;
+        Stats::add(&inner.stats.counters.redis_errors, 1);
+        if inner.breaker.record_failure() {
+            let this = self.clone();
+            let breaker = inner.breaker.clone();
+            tokio::spawn(breaker.probe_until_closed(
+                inner.probe_interval,
+                inner.stop.clone(),
+                move || {
+                    let this = this.clone();
+                    async move { this.ping().await }
+                },
+            ));
+        }
+    }
+
+    /// True if Redis answers a PING within the deadline.
+    pub async fn ping(&self) -> bool {
+        let ping = self.inner.conn.run(vec![redis::cmd("PING")]);
+        matches!(
+            tokio::time::timeout(self.inner.timeout, ping)
+                .await
+                .as_deref(),
+            Ok([Ok(_)])
+        )
+    }
+}
+
+impl Conn {
+    /// Runs `cmds`, one result each (a transport failure fails them all).
+    async fn run(&self, cmds: Vec<Cmd>) -> Vec<RedisResult<Value>> {
+        let n = cmds.len();
+        match self {
+            Conn::Single(cm) => {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for c in cmds {
+                    pipe.add_command(c);
+                }
+                match pipe
+                    .query_async::<Vec<RedisResult<Value>>>(&mut cm.clone())
+                    .await
+                {
+                    Ok(results) if results.len() == n => results,
+                    Ok(_) => vec![Err(protocol_error()); n],
+                    Err(e) => vec![Err(e); n],
+                }
+            }
+            Conn::Cluster(cluster) => {
+                let (client, cell) = &**cluster;
+                let conn = match cell.get_or_try_init(|| client.get_async_connection()).await {
+                    Ok(c) => c,
+                    Err(e) => return vec![Err(e); n],
+                };
+                join_all(cmds.into_iter().map(|c| {
+                    let mut conn = conn.clone();
+                    async move { c.query_async::<Value>(&mut conn).await }
+                }))
+                .await
+            }
+        }
+    }
+}
+
+fn protocol_error() -> RedisError {
+    RedisError::from((ErrorKind::Client, "pipeline reply of the wrong length"))
+}

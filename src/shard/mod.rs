@@ -1,0 +1,244 @@
+//! The shard actor: one per tenant shard, owning its tenants' local state.
+//!
+//! A shard answers from local state when it can (a key Redis denied until
+//! T; Redis known to be down; the memory backend), and otherwise queues the
+//! check for its next Redis round trip (see [`crate::batch`]). Replies are
+//! deferred: the handler stores the reply sender and returns at once, so a
+//! slow Redis never blocks the mailbox. The round trip runs in its own task
+//! and comes back as a [`BatchDone`] message; a failed one is answered by
+//! each policy's failure mode and never stops the actor.
+
+mod overlimit;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use kameo::Reply;
+use kameo::actor::{Actor, ActorRef, WeakActorRef};
+use kameo::error::ActorStopReason;
+use kameo::message::{Context, Message};
+use kameo::reply::{DelegatedReply, ReplySender};
+use tokio::time::Instant;
+
+use crate::batch::Batcher;
+use crate::clock::Clock;
+use crate::error::Error;
+use crate::keys::Keys;
+use crate::limiter::memory::MemoryLimiter;
+use crate::limiter::{Check, Decision, FailureMode, Verdict};
+use crate::redis::RedisBackend;
+use crate::stats::Stats;
+use overlimit::OverLimit;
+
+/// Largest over-limit memory per shard.
+const OVERLIMIT_ENTRIES: usize = 65_536;
+
+/// A shard's answer to a [`CheckMsg`].
+#[derive(Debug, Reply)]
+pub struct CheckReply(pub Result<Decision, Error>);
+
+/// Decide one check (already validated by the connection).
+#[derive(Debug)]
+pub struct CheckMsg(pub Check);
+
+/// A Redis round trip came back: one verdict (or `None`) per check sent.
+pub struct BatchDone {
+    checks: Vec<Check>,
+    verdicts: Vec<Option<Verdict>>,
+}
+
+/// Policies were reloaded: forget cached denials, they may no longer hold.
+pub struct Reload;
+
+/// A check waiting for Redis.
+struct Waiter {
+    check: Check,
+    reply: ReplySender<CheckReply>,
+    /// No answer may come later than this.
+    deadline: Instant,
+}
+
+pub struct Shard {
+    redis: Option<RedisBackend>,
+    /// The memory backend, or the `local` failure mode beside Redis.
+    local: MemoryLimiter,
+    keys: Keys,
+    clock: Clock,
+    batcher: Batcher<Waiter>,
+    /// Reply senders of the batch in flight, in the order sent.
+    in_flight: Vec<(ReplySender<CheckReply>, Instant)>,
+    overlimit: OverLimit,
+    stats: Arc<Stats>,
+}
+
+/// What a shard is built from.
+pub struct ShardArgs {
+    pub redis: Option<RedisBackend>,
+    pub keys: Keys,
+    pub clock: Clock,
+    pub batch_max: usize,
+    pub max_queued: usize,
+    pub local_max_entries: usize,
+    pub stats: Arc<Stats>,
+}
+
+impl Actor for Shard {
+    type Args = ShardArgs;
+    type Error = Infallible;
+
+    async fn on_start(a: ShardArgs, _: ActorRef<Self>) -> Result<Self, Infallible> {
+        Ok(Shard {
+            redis: a.redis,
+            local: MemoryLimiter::new(a.local_max_entries),
+            keys: a.keys,
+            clock: a.clock,
+            batcher: Batcher::new(a.batch_max, a.max_queued),
+            in_flight: Vec::new(),
+            overlimit: OverLimit::new(OVERLIMIT_ENTRIES),
+            stats: a.stats,
+        })
+    }
+
+    async fn on_stop(
+        &mut self,
+        _: WeakActorRef<Self>,
+        _: ActorStopReason,
+    ) -> Result<(), Infallible> {
+        for w in self.batcher.drain() {
+            w.reply.send(CheckReply(Err(Error::ShuttingDown)));
+        }
+        for (reply, _) in self.in_flight.drain(..) {
+            reply.send(CheckReply(Err(Error::ShuttingDown)));
+        }
+        Ok(())
+    }
+}
+
+impl Message<CheckMsg> for Shard {
+    type Reply = DelegatedReply<CheckReply>;
+
+    async fn handle(
+        &mut self,
+        CheckMsg(check): CheckMsg,
+        ctx: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
+        let (delegated, reply) = ctx.reply_sender();
+        let Some(reply) = reply else {
+            return delegated; // a `tell`: nobody to answer
+        };
+        let Some(redis) = &self.redis else {
+            let decision = self.decide_locally(&check, false);
+            self.answer(reply, decision);
+            return delegated;
+        };
+        let now = Instant::now();
+        if let Some(d) = self.overlimit.get(&check, now) {
+            Stats::add(&self.stats.counters.denied_locally, 1);
+            self.answer(reply, d);
+        } else if redis.is_down() {
+            let d = self.failure_answer(&check);
+            self.answer(reply, d);
+        } else {
+            let deadline = now + redis.timeout();
+            match self.batcher.push(Waiter {
+                check,
+                reply,
+                deadline,
+            }) {
+                Ok(Some(batch)) => self.send(batch, ctx),
+                Ok(None) => {}
+                Err(w) => w
+                    .reply
+                    .send(CheckReply(Err(Error::Overloaded("shard queue full")))),
+            }
+        }
+        delegated
+    }
+}
+
+impl Message<BatchDone> for Shard {
+    type Reply = ();
+
+    async fn handle(&mut self, done: BatchDone, ctx: &mut Context<Self, ()>) {
+        let now = Instant::now();
+        let in_flight = std::mem::take(&mut self.in_flight);
+        for ((check, verdict), (reply, _)) in done.checks.iter().zip(done.verdicts).zip(in_flight) {
+            let decision = match verdict {
+                Some(v) => {
+                    let d = Decision::from_verdict(&check.policy, v, false);
+                    self.overlimit.insert(check, &d, now);
+                    d
+                }
+                None => self.failure_answer(check),
+            };
+            self.answer(reply, decision);
+        }
+        if let Some(batch) = self.batcher.complete() {
+            self.send(batch, ctx);
+        }
+    }
+}
+
+impl Message<Reload> for Shard {
+    type Reply = ();
+
+    async fn handle(&mut self, _: Reload, _: &mut Context<Self, ()>) {
+        self.overlimit.clear();
+    }
+}
+
+impl Shard {
+    /// Sends a batch to Redis in its own task. Checks already past their
+    /// deadline are answered by failure mode instead of being sent.
+    fn send<R: kameo::Reply>(&mut self, batch: Vec<Waiter>, ctx: &Context<Self, R>) {
+        let now = Instant::now();
+        let mut checks = Vec::with_capacity(batch.len());
+        for w in batch {
+            if w.deadline <= now {
+                let d = self.failure_answer(&w.check);
+                self.answer(w.reply, d);
+            } else {
+                self.in_flight.push((w.reply, w.deadline));
+                checks.push(w.check);
+            }
+        }
+        // The oldest check's deadline bounds the whole round trip.
+        let Some(&(_, deadline)) = self.in_flight.first() else {
+            if let Some(next) = self.batcher.complete() {
+                self.send(next, ctx);
+            }
+            return;
+        };
+        let redis = self.redis.clone().expect("only the Redis backend batches");
+        ctx.pipe(async move {
+            let verdicts = redis.check(&checks, deadline).await;
+            BatchDone { checks, verdicts }
+        });
+    }
+
+    /// The answer when Redis cannot decide: the policy's failure mode.
+    fn failure_answer(&mut self, check: &Check) -> Decision {
+        Stats::add(&self.stats.counters.degraded, 1);
+        match check.policy.failure_mode {
+            FailureMode::Open | FailureMode::Closed => Decision::failed(&check.policy),
+            FailureMode::Local => self.decide_locally(check, true),
+        }
+    }
+
+    fn decide_locally(&mut self, check: &Check, degraded: bool) -> Decision {
+        let keys = check.state_keys(&self.keys);
+        let now = self.clock.now_us();
+        let v = self.local.check(&check.policy, &keys, now, check.cost);
+        Decision::from_verdict(&check.policy, v, degraded)
+    }
+
+    fn answer(&self, reply: ReplySender<CheckReply>, decision: Decision) {
+        let counter = if decision.allowed {
+            &self.stats.counters.allowed
+        } else {
+            &self.stats.counters.denied
+        };
+        Stats::add(counter, 1);
+        reply.send(CheckReply(Ok(decision)));
+    }
+}

@@ -1,0 +1,103 @@
+//! Counters for `stats`: plain atomics, bumped where things happen.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+use crate::error::Error;
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
+        /// Every counter `stats` reports, under the same names.
+        #[derive(Debug, Default)]
+        pub struct Counters {
+            $($(#[doc = $doc])* pub $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.load(Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Connections open now.
+    connections_open,
+    /// Connections accepted since start.
+    connections_total,
+    /// Connections refused at `max_connections`.
+    connections_refused,
+    requests_hello,
+    requests_check,
+    requests_stats,
+    /// `check` answers that allowed / denied.
+    allowed,
+    denied,
+    /// Answers given by failure mode because Redis could not decide.
+    degraded,
+    /// Denials answered from a shard's over-limit cache, without Redis.
+    denied_locally,
+    /// Redis round trips, and the checks they carried.
+    batches,
+    batched_checks,
+    /// Script calls (one per Redis Cluster slot group of a batch).
+    script_calls,
+    /// Round trips that failed or passed their deadline.
+    redis_errors,
+    redis_timeouts,
+    /// Script reloads after NOSCRIPT (Redis restarted or flushed).
+    script_reloads,
+    breaker_trips,
+    /// 1 while the circuit breaker is open.
+    breaker_open,
+    errors_bad_request,
+    errors_unknown_op,
+    errors_unknown_policy,
+    errors_too_large,
+    errors_overloaded,
+    errors_forbidden,
+    errors_shutting_down,
+    errors_internal,
+}
+
+#[derive(Debug)]
+pub struct Stats {
+    started: Instant,
+    pub counters: Counters,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            started: Instant::now(),
+            counters: Counters::default(),
+        }
+    }
+}
+
+impl Stats {
+    pub fn uptime_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Counts an error reply under its wire code.
+    pub fn error(&self, e: &Error) {
+        let c = &self.counters;
+        let counter = match e {
+            Error::BadRequest(_) => &c.errors_bad_request,
+            Error::UnknownOp(_) => &c.errors_unknown_op,
+            Error::UnknownPolicy(_) => &c.errors_unknown_policy,
+            Error::TooLarge(_) => &c.errors_too_large,
+            Error::Overloaded(_) => &c.errors_overloaded,
+            Error::Forbidden(_) => &c.errors_forbidden,
+            Error::ShuttingDown => &c.errors_shutting_down,
+            Error::Internal(_) => &c.errors_internal,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+}

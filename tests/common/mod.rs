@@ -1,0 +1,258 @@
+//! Real processes for the integration tests: a `redis-server` of our own
+//! on a temp Unix socket (or a spare port), and the `quotad` binary on a
+//! temp socket. Each is stopped when dropped.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use quotad::client::Client;
+use tempfile::TempDir;
+
+pub const QUOTAD: &str = env!("CARGO_BIN_EXE_quotad");
+
+fn require(program: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/bin".into()])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("`{program}` is not installed: run ./scripts/test.sh, which installs it")
+        })
+}
+
+/// Polls `ready` until it holds or 10 s pass.
+pub fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A `redis-server` of our own.
+pub struct Redis {
+    child: Option<Child>,
+    dir: TempDir,
+    pub port: u16,
+}
+
+impl Redis {
+    /// A Redis listening on a Unix socket only.
+    pub fn start() -> Redis {
+        Redis::start_with(0, &[])
+    }
+
+    /// A Redis on `port` (0: none) and a Unix socket, with extra arguments.
+    pub fn start_with(port: u16, extra: &[&str]) -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Redis {
+            child: None,
+            dir,
+            port,
+        };
+        r.spawn(extra);
+        r
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis+unix://{}", self.socket().display())
+    }
+
+    fn spawn(&mut self, extra: &[&str]) {
+        let mut cmd = Command::new(require("redis-server"));
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--unixsocket")
+            .arg(self.socket())
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.child = Some(cmd.spawn().expect("starting redis-server"));
+        let sock = self.socket();
+        wait_until("redis-server", || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok() && self.cli(&["PING"]) == "PONG"
+        });
+    }
+
+    /// Kills Redis at once (SIGKILL): no goodbye to its clients.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(self.socket());
+    }
+
+    /// Starts Redis again on the same socket and port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn(&[]);
+    }
+
+    /// Runs a command through `redis-cli`; returns its trimmed output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(require("redis-cli"))
+            .arg("-s")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .expect("running redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Calls of a command since start (from `INFO commandstats`).
+    pub fn calls(&self, command: &str) -> u64 {
+        let info = self.cli(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The real `quotad` binary on a temp socket.
+pub struct Daemon {
+    child: Child,
+    dir: TempDir,
+    pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// Starts quotad with `body` appended to a `[server]` table that sets
+    /// the socket: keys before `body`'s first table header are `[server]`
+    /// keys.
+    pub fn start(body: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("quotad.sock");
+        let config = format!(
+            "[server]\nsocket = {:?}\n{body}",
+            socket.display().to_string()
+        );
+        std::fs::write(dir.path().join("quotad.toml"), config).unwrap();
+        Daemon::spawn(dir)
+    }
+
+    fn spawn(dir: TempDir) -> Daemon {
+        let mut child = Command::new(QUOTAD)
+            .arg("serve")
+            .arg("--config")
+            .arg(dir.path().join("quotad.toml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting quotad");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = stderr.clone();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let d = Daemon { child, dir, stderr };
+        let sock = d.socket();
+        wait_until("quotad's socket", || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        d
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("quotad.sock")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("quotad.toml")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.socket())
+            .await
+            .expect("connecting to quotad")
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Sends SIGTERM and waits (at most 10 s) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "quotad did not exit on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `[redis]` table for `redis`, with a short deadline.
+pub fn redis_table(redis: &Redis) -> String {
+    format!(
+        "[redis]\nurl = {:?}\ntimeout_ms = 100\nprobe_interval_ms = 50\n",
+        redis.url()
+    )
+}
+
+/// A free TCP port (for Redis Cluster, which needs ports).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn exists(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok()
+}
