@@ -173,7 +173,7 @@ pub struct WireError {
 
 /// Appends one reply, as a MessagePack map, to `out`.
 pub fn encode_reply(reply: &Reply, out: &mut Vec<u8>) {
-    let mut ser = rmp_serde::Serializer::new(out);
+    let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
     reply
         .serialize(&mut ser)
         .expect("serializing into memory cannot fail");
@@ -204,7 +204,7 @@ impl Serialize for Request {
 
 /// Appends one request, as a MessagePack map, to `out`.
 pub fn encode_request(req: &Request, out: &mut Vec<u8>) {
-    let mut ser = rmp_serde::Serializer::new(out);
+    let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
     req.serialize(&mut ser)
         .expect("serializing into memory cannot fail");
 }

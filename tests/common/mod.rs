@@ -97,6 +97,23 @@ impl Redis {
         let _ = std::fs::remove_file(self.socket());
     }
 
+    /// Freezes Redis (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
     /// Starts Redis again on the same socket and port, empty.
     pub fn restart(&mut self) {
         self.kill();
@@ -207,6 +224,11 @@ impl Daemon {
     /// Sends SIGTERM and waits (at most 10 s) for the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         self.signal(libc::SIGTERM);
+        self.wait_exit()
+    }
+
+    /// Waits (at most 10 s) for quotad to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -255,4 +277,65 @@ pub fn free_port() -> u16 {
 
 pub fn exists(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok()
+}
+
+/// A raw connection for speaking (and abusing) the wire protocol by hand.
+pub struct Raw {
+    stream: std::os::unix::net::UnixStream,
+}
+
+impl Raw {
+    pub fn connect(path: &Path) -> Raw {
+        let stream = std::os::unix::net::UnixStream::connect(path).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        Raw { stream }
+    }
+
+    /// Connects if something listens at `path`.
+    pub fn try_connect(path: &Path) -> Option<Raw> {
+        std::os::unix::net::UnixStream::connect(path)
+            .ok()
+            .map(|stream| Raw { stream })
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let _ = self.stream.write_all(bytes);
+    }
+
+    /// Sends one frame: a 4-byte big-endian length, then `body`.
+    pub fn send_frame(&mut self, body: &[u8]) {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        self.send_bytes(&f);
+    }
+
+    /// Sends a JSON value encoded as MessagePack.
+    pub fn send(&mut self, v: serde_json::Value) {
+        self.send_frame(&rmp_serde::to_vec_named(&v).unwrap());
+    }
+
+    /// The next reply decoded to JSON, or `None` at end of stream.
+    pub fn recv(&mut self) -> Option<serde_json::Value> {
+        use std::io::Read;
+        let mut len = [0u8; 4];
+        if self.stream.read_exact(&mut len).is_err() {
+            return None;
+        }
+        let mut body = vec![0; u32::from_be_bytes(len) as usize];
+        self.stream.read_exact(&mut body).ok()?;
+        Some(rmp_serde::from_slice(&body).expect("replies are MessagePack"))
+    }
+
+    /// True once the daemon has closed the connection.
+    pub fn closed(&mut self) -> bool {
+        self.recv().is_none()
+    }
+}
+
+/// The `error.code` of a reply, if it is an error.
+pub fn code(reply: &serde_json::Value) -> Option<&str> {
+    reply["error"]["code"].as_str()
 }

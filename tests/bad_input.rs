@@ -1,0 +1,267 @@
+//! Bad input gets the documented error and harms nothing: malformed and
+//! oversized frames close only their own connection, bad fields only fail
+//! their own request, and every other connection keeps being served.
+
+mod common;
+
+use common::{Daemon, Raw, Redis, code, redis_table};
+use serde_json::json;
+
+const CONFIG: &str = r#"max_frame_bytes = 4096
+[policies.default]
+rules = [{ name = "burst", kind = "token_bucket", capacity = 10, refill_per_sec = 1 }]
+"#;
+
+fn check(id: u64, tenant: &str, key: &str) -> serde_json::Value {
+    json!({"id": id, "op": "check", "tenant": tenant, "key": key})
+}
+
+/// Sends a frame that must be fatal: an error with `id` 0, then EOF.
+fn assert_fatal(d: &Daemon, frame_or_bytes: impl FnOnce(&mut Raw), want: &str) {
+    let mut raw = Raw::connect(&d.socket());
+    frame_or_bytes(&mut raw);
+    let reply = raw.recv().expect("an error reply before closing");
+    assert_eq!(reply["id"], 0);
+    assert_eq!(reply["ok"], false);
+    assert_eq!(code(&reply), Some(want), "{reply}");
+    assert!(raw.closed(), "the connection must be closed");
+}
+
+#[test]
+fn malformed_or_oversized_frames_close_only_their_connection() {
+    let d = Daemon::start(CONFIG);
+    // A healthy connection open through all of it.
+    let mut good = Raw::connect(&d.socket());
+    good.send(check(1, "acme", "k"));
+    assert_eq!(good.recv().unwrap()["allowed"], true);
+
+    assert_fatal(
+        &d,
+        |r| r.send_bytes(&1_000_000u32.to_be_bytes()),
+        "too_large",
+    );
+    assert_fatal(
+        &d,
+        |r| r.send_frame(&[0x82, 0xa2, b'i', b'd']),
+        "bad_request",
+    ); // truncated
+    assert_fatal(&d, |r| r.send(json!([1, "check"])), "bad_request"); // not a map
+    assert_fatal(&d, |r| r.send(json!("hello")), "bad_request");
+    assert_fatal(&d, |r| r.send_frame(&[0xc1, 0xff, 0x00]), "bad_request"); // reserved byte
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    for _ in 0..50 {
+        let body: Vec<u8> = (0..64)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                // Random bytes, never a map marker first.
+                (seed as u8) | 0x01
+            })
+            .map(|b| {
+                if (0x80..=0x8f).contains(&b) || b == 0xde || b == 0xdf {
+                    0xc1
+                } else {
+                    b
+                }
+            })
+            .collect();
+        assert_fatal(&d, |r| r.send_frame(&body), "bad_request");
+    }
+    // Random garbage where a length should be: at worst a huge length.
+    let mut junk = Raw::connect(&d.socket());
+    junk.send_bytes(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3]);
+    assert_eq!(code(&junk.recv().unwrap()), Some("too_large"));
+    // A peer that vanishes mid-frame.
+    let mut gone = Raw::connect(&d.socket());
+    gone.send_bytes(&[0, 0, 0, 100, 0x82]);
+    drop(gone);
+
+    good.send(check(2, "acme", "k"));
+    let reply = good.recv().unwrap();
+    assert_eq!(
+        (reply["id"].as_u64(), reply["allowed"].as_bool()),
+        (Some(2), Some(true))
+    );
+}
+
+#[test]
+fn bad_fields_fail_only_their_request() {
+    let d = Daemon::start(CONFIG);
+    let mut c = Raw::connect(&d.socket());
+    let long = "x".repeat(257);
+    let huge_key = "k".repeat(1025);
+    let cases = [
+        (
+            json!({"id": 1, "op": "check", "tenant": 7, "key": "k"}),
+            "bad_request",
+            "`tenant` must be a string",
+        ),
+        (
+            json!({"id": 2, "op": "check", "tenant": "t"}),
+            "bad_request",
+            "missing field `key`",
+        ),
+        (
+            json!({"id": 3, "op": "check", "tenant": "", "key": "k"}),
+            "bad_request",
+            "1 to 256 bytes, not 0",
+        ),
+        (
+            json!({"id": 4, "op": "check", "tenant": long, "key": "k"}),
+            "bad_request",
+            "not 257",
+        ),
+        (
+            json!({"id": 5, "op": "check", "tenant": "t", "key": huge_key}),
+            "bad_request",
+            "1 to 1024 bytes",
+        ),
+        (
+            json!({"id": 6, "op": "check", "tenant": "t", "key": "k", "cost": -1}),
+            "bad_request",
+            "`cost`",
+        ),
+        (
+            json!({"id": 7, "op": "check", "tenant": "t", "key": "k", "cost": 1.5}),
+            "bad_request",
+            "not a float",
+        ),
+        (
+            json!({"id": 8, "op": "check", "tenant": "t", "key": "k", "cost": u64::MAX}),
+            "bad_request",
+            "exceeds rule `burst`",
+        ),
+        (
+            json!({"id": 9, "op": "check", "tenant": "t", "key": "k", "cost": 11}),
+            "bad_request",
+            "at most 10",
+        ),
+        (
+            json!({"id": 10, "op": "check", "tenant": "t", "key": "k", "policy": "nope"}),
+            "unknown_policy",
+            "`nope`",
+        ),
+        (
+            json!({"id": 11, "op": "check", "tenant": "t", "key": "k", "policy": 3}),
+            "bad_request",
+            "`policy`",
+        ),
+        (json!({"id": 12, "op": "launch"}), "unknown_op", "`launch`"),
+        (json!({"id": 13}), "bad_request", "missing field `op`"),
+        (
+            json!({"id": "14", "op": "hello"}),
+            "bad_request",
+            "`id` must be an unsigned integer",
+        ),
+        (json!({"id": -15, "op": "hello"}), "bad_request", "`id`"),
+    ];
+    for (req, want, message) in &cases {
+        c.send(req.clone());
+        let reply = c.recv().expect("the connection stays open");
+        let id = req["id"].as_u64().unwrap_or(0);
+        assert_eq!(reply["id"], id, "{reply}");
+        assert_eq!(code(&reply), Some(*want), "{req} -> {reply}");
+        let got = reply["error"]["message"].as_str().unwrap();
+        assert!(
+            got.contains(message),
+            "{req}: message {got:?} lacks {message:?}"
+        );
+    }
+    // Duplicate keys and non-string keys are refused too.
+    c.send_frame(&[
+        0x83, 0xa2, b'i', b'd', 0x10, 0xa2, b'o', b'p', 0xa5, b'h', b'e', b'l', b'l', b'o', 0xa2,
+        b'i', b'd', 0x11,
+    ]);
+    assert!(
+        c.recv().unwrap()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("twice")
+    );
+    c.send_frame(&[
+        0x83, 0xa2, b'i', b'd', 0x12, 0xa2, b'o', b'p', 0xa5, b'h', b'e', b'l', b'l', b'o', 0x01,
+        0x02,
+    ]);
+    assert!(
+        c.recv().unwrap()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("keys must be strings")
+    );
+    // Unknown fields are ignored (newer clients may send them).
+    c.send(json!({"id": 20, "op": "hello", "future_field": [1, {"a": 2}]}));
+    assert_eq!(c.recv().unwrap()["ok"], true);
+    let stats = {
+        c.send(json!({"id": 21, "op": "stats"}));
+        c.recv().unwrap()
+    };
+    assert!(stats["counters"]["errors_bad_request"].as_u64().unwrap() >= 12);
+}
+
+#[test]
+fn hostile_tenants_and_keys_stay_in_their_own_namespace() {
+    let redis = Redis::start();
+    let d = Daemon::start(&format!(
+        "{}\n[policies.default]\nrules = [{{ name = \"one\", kind = \"fixed_window\", limit = 1, window_ms = 60000 }}]\n",
+        redis_table(&redis)
+    ));
+    let mut c = Raw::connect(&d.socket());
+    // Each of these would collide with "a"/"k" if strings were pasted raw.
+    let tenants = [
+        "a",
+        "a}",
+        "{a}",
+        "a}:l:default:one:k",
+        "}{",
+        "a%7D",
+        "é",
+        "a\u{0}b",
+        "a b",
+        "a\nb",
+    ];
+    for (i, t) in tenants.iter().enumerate() {
+        c.send(check(i as u64, t, "k"));
+        let r = c.recv().unwrap();
+        assert_eq!(
+            r["allowed"], true,
+            "tenant {t:?} shares state with another: {r}"
+        );
+    }
+    for (i, k) in ["k:x", "k}", "{k}", "*", "k\r\nFLUSHALL"]
+        .iter()
+        .enumerate()
+    {
+        c.send(check(100 + i as u64, "a", k));
+        assert_eq!(c.recv().unwrap()["allowed"], true, "key {k:?}");
+    }
+    // Every key Redis holds has exactly one well-formed hash tag.
+    let keys = redis.cli(&["KEYS", "*"]);
+    assert_eq!(keys.lines().count(), tenants.len() + 5);
+    for key in keys.lines() {
+        assert!(key.starts_with("qd:{"), "{key}");
+        let tag_end = key.find('}').unwrap();
+        assert!(!key[4..tag_end].contains(['{', ':']), "{key}");
+        assert!(key[tag_end..].starts_with("}:l:default:one:"), "{key}");
+    }
+}
+
+#[test]
+fn connections_over_the_limit_are_told_overloaded() {
+    let d = Daemon::start(&format!("max_connections = 2\n{CONFIG}"));
+    let mut a = Raw::connect(&d.socket());
+    let mut b = Raw::connect(&d.socket());
+    a.send(json!({"id": 1, "op": "hello"}));
+    b.send(json!({"id": 1, "op": "hello"}));
+    assert_eq!(a.recv().unwrap()["ok"], true);
+    assert_eq!(b.recv().unwrap()["ok"], true);
+    let mut c = Raw::connect(&d.socket());
+    assert_eq!(code(&c.recv().unwrap()), Some("overloaded"));
+    assert!(c.closed());
+    drop(a);
+    common::wait_until("a connection slot", || {
+        let mut n = Raw::connect(&d.socket());
+        n.send(json!({"id": 1, "op": "hello"}));
+        n.recv().is_some_and(|r| r["ok"] == true)
+    });
+}

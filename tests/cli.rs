@@ -1,0 +1,91 @@
+//! The command line: `quotad check` against a running daemon (exit status
+//! 0 allowed, 1 denied, 2 error) and `quotad --version`.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Daemon, QUOTAD};
+
+fn check(d: &Daemon, extra: &[&str]) -> (i32, String, String) {
+    let out = Command::new(QUOTAD)
+        .args(["check", "--tenant", "acme", "--key", "user:1"])
+        .arg("--socket")
+        .arg(d.socket())
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_prints_the_decision_and_exits_by_it() {
+    let d = Daemon::start(
+        "[policies.default]\nrules = [{ name = \"burst\", kind = \"token_bucket\", capacity = 2, refill_per_sec = 0.01 }]\n",
+    );
+    let (code, out, _) = check(&d, &[]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("allowed=true limit=2 remaining=1 "),
+        "{out}"
+    );
+    assert_eq!(check(&d, &[]).0, 0);
+    let (code, out, _) = check(&d, &[]);
+    assert_eq!(code, 1, "denied");
+    assert!(
+        out.contains("allowed=false") && out.contains("rule=burst"),
+        "{out}"
+    );
+    let (code, _, err) = check(&d, &["--policy", "nope"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown_policy"), "{err}");
+    // The config file names the socket too.
+    let out = Command::new(QUOTAD)
+        .args([
+            "check", "--tenant", "t", "--key", "k", "--cost", "0", "--config",
+        ])
+        .arg(d.config_path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn check_without_a_daemon_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(QUOTAD)
+        .args(["check", "--tenant", "t", "--key", "k", "--socket"])
+        .arg(dir.path().join("none.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("connecting to"));
+}
+
+#[test]
+fn version_names_the_package_version() {
+    let out = Command::new(QUOTAD).arg("--version").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("quotad {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn an_invalid_config_names_the_field_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("q.toml");
+    std::fs::write(&config, "[redis]\nurl = 'redis://x'\ntimeout_ms = 0\n").unwrap();
+    let out = Command::new(QUOTAD)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("redis.timeout_ms"));
+}

@@ -1,0 +1,237 @@
+//! Golden frames: the bytes of every op's requests and replies, pinned in
+//! `tests/fixtures/frames.json`. The server's encoder and decoder and the
+//! Rust client's must produce and accept exactly these bytes; the Python
+//! and Node clients' tests read the same file. `QUOTAD_BLESS=1` rewrites it
+//! (review the diff: a change there is a wire change).
+
+use quotad::error::Error;
+use quotad::limiter::Decision;
+use quotad::protocol::{
+    self, Body, CheckArgs, Hello, Limits, Op, Reply, ReplyFields, Request, Stats,
+};
+use serde_json::{Value, json};
+
+const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/frames.json");
+const LIMITS: Limits = Limits {
+    max_tenant_bytes: 256,
+    max_key_bytes: 1024,
+};
+
+fn requests() -> Vec<(&'static str, Request)> {
+    let check = |policy: Option<&str>, cost| {
+        Op::Check(CheckArgs {
+            tenant: "acme".into(),
+            key: "user:42".into(),
+            policy: policy.map(Into::into),
+            cost,
+        })
+    };
+    vec![
+        (
+            "hello_request",
+            Request {
+                id: 1,
+                op: Op::Hello,
+            },
+        ),
+        (
+            "check_request",
+            Request {
+                id: 2,
+                op: check(Some("api"), 1),
+            },
+        ),
+        (
+            "check_request_default_policy_peek",
+            Request {
+                id: 3,
+                op: check(None, 0),
+            },
+        ),
+        (
+            "check_request_large_id",
+            Request {
+                id: u64::MAX,
+                op: check(Some("api"), 300),
+            },
+        ),
+        (
+            "stats_request",
+            Request {
+                id: 4,
+                op: Op::Stats,
+            },
+        ),
+    ]
+}
+
+fn decision(allowed: bool, degraded: bool) -> Decision {
+    Decision {
+        allowed,
+        limit: 10,
+        remaining: if allowed { 9 } else { 0 },
+        reset_ms: 200,
+        retry_after_ms: if allowed { 0 } else { 200 },
+        degraded,
+        rule: "burst".into(),
+    }
+}
+
+fn replies() -> Vec<(&'static str, Reply)> {
+    vec![
+        (
+            "hello_reply",
+            Reply::ok(1, Body::Hello(Hello { backend: "redis" })),
+        ),
+        (
+            "check_reply_allowed",
+            Reply::ok(2, Body::Decision(decision(true, false))),
+        ),
+        (
+            "check_reply_denied",
+            Reply::ok(3, Body::Decision(decision(false, false))),
+        ),
+        (
+            "check_reply_degraded",
+            Reply::ok(u64::MAX, Body::Decision(decision(true, true))),
+        ),
+        (
+            "stats_reply",
+            Reply::ok(
+                4,
+                Body::Stats(Stats {
+                    uptime_ms: 123_456,
+                    backend: "memory",
+                    shards: 8,
+                    counters: vec![
+                        ("requests_check", 70_000),
+                        ("allowed", 69_999),
+                        ("denied", 1),
+                    ],
+                }),
+            ),
+        ),
+        (
+            "error_reply_bad_request",
+            Reply::err(5, Error::bad_request("missing field `key`")),
+        ),
+        (
+            "error_reply_unknown_op",
+            Reply::err(6, Error::UnknownOp("launch".into())),
+        ),
+        (
+            "error_reply_fatal_frame",
+            Reply::err(
+                0,
+                Error::TooLarge("frame over the maximum of 1048576 bytes".into()),
+            ),
+        ),
+        (
+            "error_reply_overloaded",
+            Reply::err(7, Error::Overloaded("shard mailbox full")),
+        ),
+    ]
+}
+
+/// A frame as clients see it: length prefix plus body, in hex.
+fn framed(body: &[u8]) -> String {
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(body);
+    f.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn entry(name: &str, direction: &str, body: &[u8]) -> Value {
+    let value: Value = rmp_serde::from_slice(body).unwrap();
+    json!({"name": name, "direction": direction, "hex": framed(body), "value": value})
+}
+
+fn generate() -> Value {
+    let mut frames = Vec::new();
+    for (name, req) in requests() {
+        let mut body = Vec::new();
+        protocol::encode_request(&req, &mut body);
+        frames.push(entry(name, "request", &body));
+    }
+    for (name, reply) in replies() {
+        let mut body = Vec::new();
+        protocol::encode_reply(&reply, &mut body);
+        frames.push(entry(name, "reply", &body));
+    }
+    json!({
+        "about": "Protocol v1 golden frames. hex = 4-byte big-endian length + MessagePack body; value = the body as JSON. Generated by tests/golden_frames.rs (QUOTAD_BLESS=1).",
+        "frames": frames,
+    })
+}
+
+#[test]
+fn encoders_produce_exactly_the_pinned_bytes() {
+    let generated = generate();
+    if std::env::var_os("QUOTAD_BLESS").is_some() {
+        std::fs::create_dir_all(std::path::Path::new(PATH).parent().unwrap()).unwrap();
+        std::fs::write(
+            PATH,
+            serde_json::to_string_pretty(&generated).unwrap() + "\n",
+        )
+        .unwrap();
+    }
+    let pinned: Value = serde_json::from_str(&std::fs::read_to_string(PATH).unwrap()).unwrap();
+    assert_eq!(
+        generated, pinned,
+        "the wire encoding changed; if intended, rerun with QUOTAD_BLESS=1"
+    );
+}
+
+#[test]
+fn decoders_read_the_pinned_bytes_back() {
+    let pinned: Value = serde_json::from_str(&std::fs::read_to_string(PATH).unwrap()).unwrap();
+    let frames = pinned["frames"].as_array().unwrap();
+    let body = |name: &str| {
+        let f = frames.iter().find(|f| f["name"] == name).unwrap();
+        let bytes = unhex(f["hex"].as_str().unwrap());
+        let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, bytes.len() - 4, "{name}: length prefix");
+        bytes[4..].to_vec()
+    };
+    for (name, req) in requests() {
+        assert_eq!(
+            protocol::decode(&body(name), &LIMITS).unwrap(),
+            req,
+            "{name}"
+        );
+    }
+    for (name, reply) in replies() {
+        let fields = ReplyFields::from_slice(&body(name)).unwrap();
+        assert_eq!(
+            (fields.id, fields.ok),
+            (reply.id, reply.body.is_ok()),
+            "{name}"
+        );
+        match reply.body {
+            Ok(Body::Decision(d)) => assert_eq!(fields.decision(), Some(d), "{name}"),
+            Ok(Body::Hello(h)) => {
+                assert_eq!(fields.protocol, Some(1));
+                assert_eq!(fields.backend.as_deref(), Some(h.backend));
+                assert_eq!(fields.ops.unwrap(), protocol::OPS);
+            }
+            Ok(Body::Stats(s)) => {
+                assert_eq!(fields.uptime_ms, Some(s.uptime_ms));
+                assert_eq!(fields.counters.unwrap().len(), s.counters.len());
+            }
+            Err(e) => {
+                let w = fields.error.unwrap();
+                assert_eq!(
+                    (w.code.as_str(), w.message),
+                    (e.code(), e.to_string()),
+                    "{name}"
+                );
+            }
+        }
+    }
+}

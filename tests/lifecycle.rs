@@ -1,0 +1,201 @@
+//! The daemon's life: the socket file from bind to removal, SIGTERM with
+//! requests in flight, SIGHUP reloads, and one quotad per socket.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Daemon, QUOTAD, Raw, Redis, code, exists, redis_table};
+use serde_json::json;
+
+const POLICY: &str = r#"
+[policies.default]
+rules = [{ name = "burst", kind = "token_bucket", capacity = 2, refill_per_sec = 0.001 }]
+"#;
+
+#[test]
+fn sigterm_answers_in_flight_requests_refuses_new_ones_and_removes_the_socket() {
+    let redis = Redis::start_with(0, &["--enable-debug-command", "yes"]);
+    let d = Daemon::start(&format!(
+        "[redis]\nurl = {:?}\ntimeout_ms = 3000\n{POLICY}",
+        redis.url()
+    ));
+    let mut c = Raw::connect(&d.socket());
+    c.send(json!({"id": 1, "op": "check", "tenant": "t", "key": "warm"}));
+    assert_eq!(c.recv().unwrap()["degraded"], false);
+
+    // Freeze Redis so that the next requests are in flight for a while.
+    let sleeper = std::thread::spawn({
+        let r = redis.socket();
+        move || {
+            Command::new("redis-cli")
+                .arg("-s")
+                .arg(r)
+                .args(["DEBUG", "SLEEP", "0.6"])
+                .output()
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    for id in 10..60 {
+        c.send(json!({"id": id, "op": "check", "tenant": format!("t{id}"), "key": "k"}));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    d.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    // New requests on an open connection are refused while it drains...
+    c.send(json!({"id": 99, "op": "hello"}));
+    // ...and new connections cannot even find the socket.
+    assert!(!exists(&d.socket()), "the socket file must go at once");
+
+    let mut replies = Vec::new();
+    while let Some(r) = c.recv() {
+        replies.push(r);
+    }
+    let refused: Vec<_> = replies.iter().filter(|r| r["id"] == 99).collect();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(code(refused[0]), Some("shutting_down"));
+    let answered: Vec<_> = replies.iter().filter(|r| r["id"] != 99).collect();
+    assert_eq!(answered.len(), 50, "every in-flight request is answered");
+    for r in answered {
+        assert_eq!(
+            (r["allowed"].as_bool(), r["degraded"].as_bool()),
+            (Some(true), Some(false)),
+            "{r}"
+        );
+    }
+    let mut d = d;
+    let status = d.wait_exit();
+    assert!(status.success(), "exit status {status:?}");
+    sleeper.join().unwrap().unwrap();
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
+    let d = Daemon::start(POLICY);
+    // A second quotad on the same socket refuses to start.
+    let out = Command::new(QUOTAD)
+        .arg("serve")
+        .arg("--config")
+        .arg(d.config_path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already listening"), "{err}");
+    let mut c = Raw::connect(&d.socket());
+    c.send(json!({"id": 1, "op": "hello"}));
+    assert_eq!(
+        c.recv().unwrap()["ok"],
+        true,
+        "the first quotad still serves"
+    );
+
+    // Kill it hard: the socket file stays behind, stale.
+    let config = d.config_path();
+    let dir = config.parent().unwrap().to_owned();
+    let keep = tempfile::tempdir().unwrap();
+    let config_copy = keep.path().join("quotad.toml");
+    std::fs::copy(&config, &config_copy).unwrap();
+    let socket = d.socket();
+    d.signal(libc::SIGKILL);
+    common::wait_until("quotad to die", || Raw::try_connect(&socket).is_none());
+    assert!(exists(&socket), "SIGKILL leaves the socket file");
+    drop(d);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::net::UnixListener::bind(&socket)
+        .map(drop)
+        .unwrap();
+    let mut again = Command::new(QUOTAD)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_copy)
+        .spawn()
+        .unwrap();
+    common::wait_until("the new quotad", || Raw::try_connect(&socket).is_some());
+    unsafe { libc::kill(again.id() as i32, libc::SIGTERM) };
+    assert!(again.wait().unwrap().success());
+}
+
+#[test]
+fn a_regular_file_at_the_socket_path_is_never_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("quotad.sock");
+    std::fs::write(&socket, "precious").unwrap();
+    let config = dir.path().join("q.toml");
+    std::fs::write(
+        &config,
+        format!("[server]\nsocket = {:?}\n", socket.display().to_string()),
+    )
+    .unwrap();
+    let out = Command::new(QUOTAD)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    assert_eq!(std::fs::read_to_string(&socket).unwrap(), "precious");
+}
+
+#[test]
+fn the_socket_file_gets_the_configured_mode() {
+    let d = Daemon::start(&format!("socket_mode = 0o600\n{POLICY}"));
+    let mode = std::fs::metadata(d.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn sighup_reloads_policies_on_open_connections_and_keeps_them_on_a_bad_file() {
+    let d = Daemon::start(POLICY);
+    let mut c = Raw::connect(&d.socket());
+    let mut id = 0;
+    let mut check = |c: &mut Raw, key: &str| {
+        id += 1;
+        c.send(json!({"id": id, "op": "check", "tenant": "t", "key": key}));
+        c.recv().unwrap()
+    };
+    assert_eq!(check(&mut c, "a")["limit"], 2);
+
+    let config = std::fs::read_to_string(d.config_path()).unwrap();
+    std::fs::write(
+        d.config_path(),
+        config.replace("capacity = 2", "capacity = 7"),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    common::wait_until("the reload", || d.log_contains("reloaded policies"));
+    assert_eq!(
+        check(&mut c, "b")["limit"],
+        7,
+        "same connection, new policy"
+    );
+
+    std::fs::write(
+        d.config_path(),
+        "[policies.default]\nrules = 'not a list'\n",
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    common::wait_until("the failed reload", || d.log_contains("reload failed"));
+    assert_eq!(
+        check(&mut c, "c")["limit"],
+        7,
+        "a bad file keeps the running policies"
+    );
+}
+
+#[test]
+fn redis_down_at_start_does_not_stop_quotad_from_starting() {
+    let mut redis = Redis::start();
+    let table = redis_table(&redis);
+    redis.kill();
+    let d = Daemon::start(&format!("{table}{POLICY}"));
+    let mut c = Raw::connect(&d.socket());
+    c.send(json!({"id": 1, "op": "hello"}));
+    let r = c.recv().unwrap();
+    assert_eq!(r["backend"], "redis");
+    assert_eq!(r["protocol"], 1);
+}

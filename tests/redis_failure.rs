@@ -1,0 +1,207 @@
+//! Redis lost, restarted or flushed: every request is still answered, in
+//! bounded time, without an error; decisions return to Redis by themselves.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Redis, redis_table};
+use quotad::client::Client;
+
+const POLICY: &str = r#"
+[policies.default]
+rules = [{ name = "burst", kind = "token_bucket", capacity = 1000000, refill_per_sec = 1000 }]
+"#;
+
+#[derive(Default, Debug)]
+struct Tally {
+    answered: u64,
+    degraded: u64,
+    errors: Vec<String>,
+    slowest: Duration,
+}
+
+/// Keeps 32 checks in flight on each of 4 connections until `stop`.
+async fn load(d: &Daemon, stop: Arc<AtomicBool>) -> Tally {
+    let mut tasks = Vec::new();
+    for c in 0..4 {
+        let client = Arc::new(d.client().await);
+        for w in 0..32 {
+            let (client, stop) = (client.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut t = Tally::default();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let started = Instant::now();
+                    let r = client
+                        .check(&format!("tenant-{c}"), &format!("k{w}-{}", i % 50), None, 1)
+                        .await;
+                    t.slowest = t.slowest.max(started.elapsed());
+                    match r {
+                        Ok(d) => {
+                            t.answered += 1;
+                            t.degraded += u64::from(d.degraded);
+                        }
+                        Err(e) => t.errors.push(e.to_string()),
+                    }
+                }
+                t
+            }));
+        }
+    }
+    let mut total = Tally::default();
+    for t in tasks {
+        let t = t.await.unwrap();
+        total.answered += t.answered;
+        total.degraded += t.degraded;
+        total.errors.extend(t.errors);
+        total.slowest = total.slowest.max(t.slowest);
+    }
+    total
+}
+
+async fn until_redis_decides(client: &Client) -> Duration {
+    let start = Instant::now();
+    loop {
+        let d = client.check("probe", "k", None, 1).await.unwrap();
+        if !d.degraded {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "Redis decisions did not resume"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_fails_open_within_the_deadline_then_recovers() {
+    let mut redis = Redis::start();
+    let d = Daemon::start(&format!("{}{POLICY}", redis_table(&redis)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, ()) = tokio::join!(load(&d, stop.clone()), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        redis.kill();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        stop.store(true, Ordering::Relaxed);
+    });
+    println!("{tally:?}");
+    assert!(
+        tally.errors.is_empty(),
+        "errors reached clients: {:?}",
+        tally.errors.first()
+    );
+    assert!(tally.answered > 1000, "too little load to prove anything");
+    assert!(tally.degraded > 0, "no answer was marked degraded");
+    // The deadline is 100 ms; the margin covers a loaded 2-core machine.
+    assert!(
+        tally.slowest < Duration::from_millis(350),
+        "slowest answer {:?}",
+        tally.slowest
+    );
+
+    redis.restart();
+    let client = d.client().await;
+    let took = until_redis_decides(&client).await;
+    println!("Redis decisions resumed {took:?} after the restart");
+    let stats = client.stats().await.unwrap().counters.unwrap();
+    assert!(stats["breaker_trips"] >= 1);
+    assert_eq!(stats["breaker_open"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_costs_each_request_at_most_the_deadline() {
+    let redis = Redis::start();
+    let d = Daemon::start(&format!("{}{POLICY}", redis_table(&redis)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, ()) = tokio::join!(load(&d, stop.clone()), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        redis.pause();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        redis.resume();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::Relaxed);
+    });
+    println!("{tally:?}");
+    assert!(
+        tally.errors.is_empty(),
+        "errors reached clients: {:?}",
+        tally.errors.first()
+    );
+    assert!(tally.degraded > 0, "no answer was marked degraded");
+    assert!(
+        tally.slowest < Duration::from_millis(350),
+        "slowest answer {:?}",
+        tally.slowest
+    );
+    let took = until_redis_decides(&d.client().await).await;
+    println!("Redis decisions resumed {took:?} after the pause ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_flush_mid_run_reaches_no_client() {
+    let redis = Redis::start();
+    let d = Daemon::start(&format!("{}{POLICY}", redis_table(&redis)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, ()) = tokio::join!(load(&d, stop.clone()), async {
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.store(true, Ordering::Relaxed);
+    });
+    println!("{tally:?}");
+    assert!(
+        tally.errors.is_empty(),
+        "errors reached clients: {:?}",
+        tally.errors.first()
+    );
+    assert_eq!(tally.degraded, 0, "a flush must not degrade any answer");
+    let stats = d.client().await.stats().await.unwrap().counters.unwrap();
+    assert!(stats["script_reloads"] >= 5, "{stats:?}");
+}
+
+#[tokio::test]
+async fn redis_down_from_the_start_is_answered_by_failure_mode() {
+    let mut redis = Redis::start();
+    let table = redis_table(&redis);
+    redis.kill();
+    let d = Daemon::start(&format!(
+        r#"{table}
+[policies.open]
+rules = [{{ name = "r", kind = "fixed_window", limit = 2, window_ms = 60000 }}]
+[policies.closed]
+failure_mode = "closed"
+closed_retry_after_ms = 2500
+rules = [{{ name = "r", kind = "fixed_window", limit = 2, window_ms = 60000 }}]
+[policies.local]
+failure_mode = "local"
+rules = [{{ name = "r", kind = "token_bucket", capacity = 2, refill_per_sec = 0.001 }}]
+"#
+    ));
+    let c = d.client().await;
+    for _ in 0..3 {
+        let open = c.check("t", "k", Some("open"), 1).await.unwrap();
+        assert!(open.allowed && open.degraded);
+        let closed = c.check("t", "k", Some("closed"), 1).await.unwrap();
+        assert!(!closed.allowed && closed.degraded);
+        assert_eq!(closed.retry_after_ms, 2500);
+    }
+    // `local` enforces the policy in process: 2 allowed, then denied.
+    let local: Vec<bool> =
+        futures::future::join_all((0..4).map(|_| c.check("t", "k", Some("local"), 1)))
+            .await
+            .into_iter()
+            .map(|d| {
+                let d = d.unwrap();
+                assert!(d.degraded);
+                d.allowed
+            })
+            .collect();
+    assert_eq!(local.iter().filter(|a| **a).count(), 2, "{local:?}");
+}
