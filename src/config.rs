@@ -102,6 +102,12 @@ pub struct RedisConfig {
     /// Redis Cluster seed nodes, e.g. `["redis://10.0.0.1:7000", ...]`.
     #[serde(default)]
     pub cluster: Vec<String>,
+    /// Sentinel addresses, e.g. `["redis://10.0.0.1:26379", ...]`; the
+    /// master is looked up by `master_name`, and again after a failover.
+    #[serde(default)]
+    pub sentinels: Vec<String>,
+    /// The Sentinel service name of the master. Required with `sentinels`.
+    pub master_name: Option<String>,
     /// Deadline of every Redis round trip, in ms. Default 100.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
@@ -269,18 +275,27 @@ impl Config {
             }
         }
         if let Some(r) = &file.redis {
-            match (&r.url, r.cluster.is_empty()) {
-                (Some(_), false) | (None, true) => {
-                    return Err(invalid("redis", "give exactly one of `url` and `cluster`"));
-                }
-                _ => {}
+            let given = [
+                r.url.is_some(),
+                !r.cluster.is_empty(),
+                !r.sentinels.is_empty(),
+            ];
+            if given.iter().filter(|g| **g).count() != 1 {
+                return Err(invalid(
+                    "redis",
+                    "give exactly one of `url`, `cluster` and `sentinels`",
+                ));
             }
-            for (field, url) in r
-                .url
-                .iter()
-                .map(|u| ("redis.url", u))
+            if r.sentinels.is_empty() != r.master_name.is_none() {
+                return Err(invalid(
+                    "redis.master_name",
+                    "goes with `sentinels`, and only with it",
+                ));
+            }
+            let urls = (r.url.iter().map(|u| ("redis.url", u)))
                 .chain(r.cluster.iter().map(|u| ("redis.cluster", u)))
-            {
+                .chain(r.sentinels.iter().map(|u| ("redis.sentinels", u)));
+            for (field, url) in urls {
                 redis::Client::open(url.as_str())
                     .map_err(|e| invalid(field, format!("`{url}`: {e}")))?;
             }

@@ -9,21 +9,18 @@
 //! retried: those checks are answered by their policy's failure mode.
 
 mod breaker;
+mod conn;
 pub mod script;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClient;
-use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
-use tokio::sync::OnceCell;
+use redis::{ErrorKind, RedisResult, ServerErrorKind, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use breaker::Breaker;
+use conn::Conn;
 
 use crate::clock::Clock;
 use crate::config::RedisConfig;
@@ -49,15 +46,6 @@ struct Inner {
     stop: CancellationToken,
 }
 
-/// How quotad reaches Redis.
-enum Conn {
-    /// One Redis (multiplexed, reconnecting by itself).
-    Single(ConnectionManager),
-    /// Redis Cluster; connected on first use, so quotad starts (and fails
-    /// open) while the cluster is still down.
-    Cluster(Box<(ClusterClient, OnceCell<ClusterConnection>)>),
-}
-
 impl RedisBackend {
     /// Prepares the connection without waiting for Redis to be up.
     pub fn new(
@@ -66,29 +54,12 @@ impl RedisBackend {
         stats: Arc<Stats>,
         stop: CancellationToken,
     ) -> RedisResult<Self> {
-        let timeout = Duration::from_millis(cfg.timeout_ms);
-        let conn = if let Some(url) = &cfg.url {
-            let client = redis::Client::open(url.as_str())?;
-            let config = ConnectionManagerConfig::new()
-                .set_response_timeout(Some(timeout))
-                .set_connection_timeout(Some(timeout))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_millis(cfg.probe_interval_ms));
-            Conn::Single(ConnectionManager::new_lazy_with_config(client, config)?)
-        } else {
-            let client = ClusterClient::builder(cfg.cluster.iter().map(String::as_str))
-                .connection_timeout(timeout)
-                .response_timeout(timeout)
-                .retries(1)
-                .build()?;
-            Conn::Cluster(Box::new((client, OnceCell::new())))
-        };
         Ok(RedisBackend {
             inner: Arc::new(Inner {
-                conn,
+                conn: Conn::new(cfg)?,
                 keys: Keys::new(&cfg.prefix),
                 breaker: Arc::new(Breaker::new(cfg.breaker_failures, stats.clone())),
-                timeout,
+                timeout: Duration::from_millis(cfg.timeout_ms),
                 probe_interval: Duration::from_millis(cfg.probe_interval_ms),
                 clock,
                 stats,
@@ -156,20 +127,20 @@ impl RedisBackend {
 
     /// Indices of `checks` per script call: one per slot on a Cluster.
     fn groups(&self, checks: &[Check]) -> Vec<Vec<usize>> {
-        match self.inner.conn {
-            Conn::Single(_) => vec![(0..checks.len()).collect()],
-            Conn::Cluster(..) => {
-                let mut by_slot: Vec<(u16, Vec<usize>)> = Vec::new();
-                for (i, c) in checks.iter().enumerate() {
-                    let slot = keys::slot(&c.tenant);
-                    match by_slot.iter_mut().find(|(s, _)| *s == slot) {
-                        Some((_, g)) => g.push(i),
-                        None => by_slot.push((slot, vec![i])),
-                    }
-                }
-                by_slot.into_iter().map(|(_, g)| g).collect()
-            }
+        if !self.inner.conn.is_cluster() {
+            return vec![(0..checks.len()).collect()];
         }
+        // Sorted by (slot, index): grouped by slot, in arrival order within one.
+        let mut order: Vec<(u16, usize)> = checks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (keys::slot(&c.tenant), i))
+            .collect();
+        order.sort_unstable();
+        order
+            .chunk_by(|a, b| a.0 == b.0)
+            .map(|g| g.iter().map(|&(_, i)| i).collect())
+            .collect()
     }
 
     /// Sends one script call per group; calls refused with NOSCRIPT go
@@ -248,44 +219,4 @@ impl RedisBackend {
             Ok([Ok(_)])
         )
     }
-}
-
-impl Conn {
-    /// Runs `cmds`, one result each (a transport failure fails them all).
-    async fn run(&self, cmds: Vec<Cmd>) -> Vec<RedisResult<Value>> {
-        let n = cmds.len();
-        match self {
-            Conn::Single(cm) => {
-                let mut pipe = redis::pipe();
-                pipe.ignore_errors();
-                for c in cmds {
-                    pipe.add_command(c);
-                }
-                match pipe
-                    .query_async::<Vec<RedisResult<Value>>>(&mut cm.clone())
-                    .await
-                {
-                    Ok(results) if results.len() == n => results,
-                    Ok(_) => vec![Err(protocol_error()); n],
-                    Err(e) => vec![Err(e); n],
-                }
-            }
-            Conn::Cluster(cluster) => {
-                let (client, cell) = &**cluster;
-                let conn = match cell.get_or_try_init(|| client.get_async_connection()).await {
-                    Ok(c) => c,
-                    Err(e) => return vec![Err(e); n],
-                };
-                join_all(cmds.into_iter().map(|c| {
-                    let mut conn = conn.clone();
-                    async move { c.query_async::<Value>(&mut conn).await }
-                }))
-                .await
-            }
-        }
-    }
-}
-
-fn protocol_error() -> RedisError {
-    RedisError::from((ErrorKind::Client, "pipeline reply of the wrong length"))
 }

@@ -339,3 +339,165 @@ impl Raw {
 pub fn code(reply: &serde_json::Value) -> Option<&str> {
     reply["error"]["code"].as_str()
 }
+
+/// A 3-master Redis Cluster on loopback (ports ≤ 55535: the bus port is
+/// port + 10000).
+pub struct Cluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let ports = cluster_ports(3);
+        let nodes: Vec<Redis> = ports
+            .iter()
+            .map(|&p| {
+                Redis::start_with(
+                    p,
+                    &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new(require("redis-cli"))
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for n in &nodes {
+            wait_until("the cluster to be ok", || {
+                n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+            });
+        }
+        Cluster { nodes }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect()
+    }
+}
+
+/// `n` ports in 20000..45000 that are free, with their bus ports free too.
+fn cluster_ports(n: usize) -> Vec<u16> {
+    let mut seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let p = 20000 + (seed >> 33) as u16 % 25000;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if !ports.contains(&p) && free(p) && free(p + 10000) {
+            ports.push(p);
+        }
+    }
+    ports
+}
+
+/// A Redis master, one replica and three Sentinels watching them.
+pub struct SentinelSet {
+    pub master: Redis,
+    pub replica: Redis,
+    sentinels: Vec<(Child, TempDir, u16)>,
+}
+
+pub const MASTER_NAME: &str = "quotad-test";
+
+impl SentinelSet {
+    pub fn start() -> SentinelSet {
+        let master = Redis::start_with(free_port(), &[]);
+        let replica = Redis::start_with(
+            free_port(),
+            &["--replicaof", "127.0.0.1", &master.port.to_string()],
+        );
+        wait_until("the replica to sync", || {
+            replica
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:up")
+        });
+        let sentinels = (0..3)
+            .map(|_| {
+                let dir = tempfile::tempdir().unwrap();
+                let port = free_port();
+                // Sentinel rewrites its config file: give it its own copy.
+                let conf = dir.path().join("sentinel.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                         sentinel monitor {MASTER_NAME} 127.0.0.1 {m} 2\n\
+                         sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                         sentinel failover-timeout {MASTER_NAME} 5000\n",
+                        dir = dir.path().display(),
+                        m = master.port
+                    ),
+                )
+                .unwrap();
+                let child = Command::new(require("redis-server"))
+                    .arg(&conf)
+                    .arg("--sentinel")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("starting redis-server --sentinel");
+                (child, dir, port)
+            })
+            .collect();
+        let set = SentinelSet {
+            master,
+            replica,
+            sentinels,
+        };
+        for &(_, _, port) in &set.sentinels {
+            wait_until("the sentinels to see the replica", || {
+                tcp_cli(port, &["SENTINEL", "REPLICAS", MASTER_NAME])
+                    .contains(&set.replica.port.to_string())
+            });
+        }
+        set
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|(_, _, p)| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The master's port, as the first Sentinel sees it.
+    pub fn master_port(&self) -> String {
+        let out = tcp_cli(
+            self.sentinels[0].2,
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME],
+        );
+        out.lines().nth(1).unwrap_or_default().to_owned()
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        for (child, _, _) in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `redis-cli` against a TCP port.
+pub fn tcp_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new(require("redis-cli"))
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("running redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

@@ -1,0 +1,54 @@
+//! Redis Sentinel: quotad finds the master through Sentinel, and after a
+//! failover finds the new one by itself, with the limiter state intact.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Daemon, MASTER_NAME, SentinelSet};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotad_follows_a_failover_to_the_promoted_replica() {
+    let mut set = SentinelSet::start();
+    let d = Daemon::start(&format!(
+        "[redis]\nsentinels = {:?}\nmaster_name = {MASTER_NAME:?}\ntimeout_ms = 200\nprobe_interval_ms = 100\n\
+         [policies.default]\nrules = [{{ name = \"n\", kind = \"token_bucket\", capacity = 5, refill_per_sec = 0.0001 }}]\n",
+        set.urls()
+    ));
+    let c = d.client().await;
+    for left in [4, 3, 2] {
+        let d = c.check("acme", "k", None, 1).await.unwrap();
+        assert!(!d.degraded, "Redis decides through Sentinel");
+        assert_eq!(d.remaining, left);
+    }
+    // Let the writes reach the replica, then lose the master.
+    common::wait_until("replication", || set.replica.cli(&["DBSIZE"]) == "1");
+    let old = set.master.port.to_string();
+    set.master.kill();
+
+    let start = Instant::now();
+    loop {
+        let d = c.check("other", "k", None, 1).await.unwrap();
+        if !d.degraded {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no Redis decision after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "Redis decisions resumed {:?} after the master died",
+        start.elapsed()
+    );
+    assert_ne!(set.master_port(), old);
+    assert_eq!(set.master_port(), set.replica.port.to_string());
+    // The state written before the failover is still enforced.
+    let after: Vec<bool> = futures::future::join_all((0..4).map(|_| c.check("acme", "k", None, 1)))
+        .await
+        .into_iter()
+        .map(|d| d.unwrap().allowed)
+        .collect();
+    assert_eq!(after.iter().filter(|a| **a).count(), 2, "{after:?}");
+}
