@@ -86,13 +86,14 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 
 async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = load(path.as_ref())?;
-    let backend = config.redis.as_ref().map_or("memory".to_owned(), |r| {
-        if r.cluster.is_empty() {
-            r.url.clone().unwrap_or_default()
-        } else {
-            r.cluster.join(",")
-        }
-    });
+    let backend = match &config.redis {
+        None => "memory".to_owned(),
+        Some(r) => match &r.url {
+            Some(url) => redact(url),
+            None if r.cluster.is_empty() => format!("sentinel {}", r.sentinels.join(",")),
+            None => format!("cluster {}", r.cluster.join(",")),
+        },
+    };
     let daemon = Daemon::start(config, Clock::System)?;
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
@@ -102,6 +103,14 @@ async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     daemon.run(shutdown, reload_rx, path).await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     Ok(())
+}
+
+/// A Redis URL without its password, for the log.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
+        _ => url.to_owned(),
+    }
 }
 
 async fn check(
