@@ -1,30 +1,42 @@
--- check.lua: decide a batch of rate-limit checks, one policy each.
+-- check.lua: decide a batch of rate-limit checks, each under one policy.
 --
--- KEYS: one state key per rule of each check, in order
+-- KEYS: one state key per rule of each check, in check order
 --       (<prefix>:{<tenant>}:l:<policy>:<rule>:<key>).
 -- ARGV[1]: the time in microseconds since the Unix epoch, or "" to take it
 --          from Redis TIME (the one clock every sidecar shares; tests pin it).
--- ARGV[2..]: for each check: rule count, cost, then for each rule
---          kind, a, b:  1 token bucket  (a = capacity, b = µs per unit)
---                       2 fixed window  (a = limit,    b = window µs)
---                       3 sliding window (a = limit,   b = window µs)
--- Returns: a flat array of 5 integers per check: allowed (1/0), index of
---          the deciding rule (0-based), remaining, reset_ms, retry_after_ms.
+-- ARGV[2]: P, the number of policies in this batch.
+-- ARGV[3 .. 2+P]: one policy each, packed little-endian doubles: the rule
+--          count, then per rule: kind, a, b, where kind is
+--          1 token bucket   (a = capacity, b = µs per unit)
+--          2 fixed window   (a = limit,    b = window µs)
+--          3 sliding window (a = limit,    b = window µs)
+-- ARGV[3+P ..]: one check each, packed doubles: policy index (0-based), cost.
+-- Returns: one string of packed little-endian doubles, 5 per check:
+--          allowed (1/0), index of the deciding rule (0-based), remaining,
+--          reset_ms, retry_after_ms.
 --
 -- Atomic because Redis runs a script with nothing interleaved: each check
 -- reads and writes its rules' states without a race, a later check in the
 -- batch sees the writes of an earlier one, and if any rule of a check
--- denies, none of its rules is written. States are plain strings
--- ("tat", "window:count", "window:current:previous") with an expiry, so
--- idle keys vanish by themselves. The arithmetic mirrors
+-- denies, none of its rules is written. A state is 4 packed doubles
+-- (token bucket: tat; fixed window: window, count; sliding window:
+-- window, current, previous; then the key's expiry, "horizon") and the key
+-- expires at the horizon, so idle state vanishes by itself; the expiry is
+-- only moved (with some slack) when the state needs it to be later, which
+-- spares most writes the cost of setting an expiry. The arithmetic mirrors
 -- src/limiter/algorithm.rs operation for operation; integers stay under
--- 2^52, where Lua's doubles are exact.
+-- 2^52, where doubles are exact.
 
-local MARGIN_US = 1000000
+local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
+local pack, unpack = struct.pack, struct.unpack
+local call = redis.call
+
+local MARGIN_US = 1000000 -- a state outlives the moment it stops mattering by this
+local SLACK_US = 30000000 -- when the expiry must move, it moves this much further
 
 local function sliding_avail(limit, w, cur, prev, e)
   local estimate = prev * (w - e) / w + cur
-  local avail = math.floor(limit - estimate)
+  local avail = floor(limit - estimate)
   if avail > 0 then return avail end
   return 0
 end
@@ -32,38 +44,38 @@ end
 local function sliding_retry(limit, w, cur, prev, e, c1)
   if cur + c1 <= limit then
     local need = w - (limit - cur - c1) * w / prev
-    local at = math.max(math.ceil(need), e + 1)
+    local at = max(ceil(need), e + 1)
     for _ = 1, 4 do
       if at >= w or sliding_avail(limit, w, cur, prev, at) >= c1 then break end
       at = at + 1
     end
-    return math.min(at, w) - e
+    return min(at, w) - e
   end
   local need = w - (limit - c1) * w / cur
   local at = 0
-  if need > 0 then at = math.ceil(need) end
+  if need > 0 then at = ceil(need) end
   for _ = 1, 4 do
     if at >= w or sliding_avail(limit, w, 0, cur, at) >= c1 then break end
     at = at + 1
   end
-  return w - e + math.min(at, w)
+  return w - e + min(at, w)
 end
 
--- Returns {allowed, remaining, reset_us, retry_us, s1, s2, s3, expires_us}.
+-- Returns allowed, remaining, reset_us, retry_us, s1, s2, s3, expires_us.
 local function eval(kind, a, b, s1, s2, s3, now, cost)
-  local c1 = math.max(cost, 1)
+  local c1 = max(cost, 1)
   if kind == 1 then
     local ct = a * b
-    local tat = math.max(s1 or 0, now)
-    local used = math.min(tat - now, ct)
-    local avail = math.floor((ct - used) / b)
+    local tat = max(s1 or 0, now)
+    local used = min(tat - now, ct)
+    local avail = floor((ct - used) / b)
     if avail >= c1 then
       local next_tat = tat + cost * b
-      return {true, avail - cost, next_tat - now, 0, next_tat, 0, 0, next_tat}
+      return true, avail - cost, next_tat - now, 0, next_tat, 0, 0, next_tat
     end
-    return {false, avail, tat - now, used + c1 * b - ct, tat, 0, 0, tat}
+    return false, avail, tat - now, used + c1 * b - ct, tat, 0, 0, tat
   elseif kind == 2 then
-    local win = math.floor(now / b)
+    local win = floor(now / b)
     local fin = (win + 1) * b
     local count = 0
     if s1 == win then count = s2 end
@@ -71,13 +83,13 @@ local function eval(kind, a, b, s1, s2, s3, now, cost)
       local used = count + cost
       local reset = 0
       if used > 0 then reset = fin - now end
-      return {true, a - used, reset, 0, win, used, 0, fin}
+      return true, a - used, reset, 0, win, used, 0, fin
     end
     local reset = 0
     if count > 0 then reset = fin - now end
-    return {false, math.max(a - count, 0), reset, fin - now, win, count, 0, fin}
+    return false, max(a - count, 0), reset, fin - now, win, count, 0, fin
   end
-  local win = math.floor(now / b)
+  local win = floor(now / b)
   local start = win * b
   local e = now - start
   local cur, prev = 0, 0
@@ -100,70 +112,78 @@ local function eval(kind, a, b, s1, s2, s3, now, cost)
   elseif prev > 0 then
     reset = start + b - now
   end
-  return {allowed, remaining, reset, retry, win, used, prev, start + 2 * b}
-end
-
-local function load(key)
-  local v = redis.call('GET', key)
-  if not v then return nil end
-  local a, b, c = string.match(v, '^(%d+):?(%d*):?(%d*)$')
-  if not a then return nil end
-  return tonumber(a), tonumber(b) or 0, tonumber(c) or 0
+  return allowed, remaining, reset, retry, win, used, prev, start + 2 * b
 end
 
 local now = tonumber(ARGV[1])
 if not now then
-  local t = redis.call('TIME')
+  local t = call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
+-- policies[p] = {nrules, kind, a, b, kind, a, b, ...}
+local npolicies = tonumber(ARGV[2])
+local policies = {}
+for p = 1, npolicies do
+  local spec = ARGV[2 + p]
+  local n = #spec / 8
+  local fields = {}
+  for i = 1, n do fields[i] = unpack('<d', spec, (i - 1) * 8 + 1) end
+  policies[p] = fields
+end
+
+-- Per rule of the current check: 1 allowed, 2 remaining, 3 reset, 4 retry,
+-- 5-7 next state, 8 expires, 9 stored horizon. Reused across checks.
+local R = {}
 local out = {}
-local ai, ki = 2, 1
-while ai <= #ARGV do
-  local n, cost = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1])
-  ai = ai + 2
-  local res, kinds, all = {}, {}, true
+local ki = 1
+for ci = 3 + npolicies, #ARGV do
+  local pi, cost = unpack('<dd', ARGV[ci])
+  local spec = policies[pi + 1]
+  local n = spec[1]
+  local all = true
   for r = 1, n do
-    local kind, a, b = tonumber(ARGV[ai]), tonumber(ARGV[ai + 1]), tonumber(ARGV[ai + 2])
-    ai = ai + 3
-    local s1, s2, s3 = load(KEYS[ki + r - 1])
-    res[r] = eval(kind, a, b, s1, s2, s3, now, cost)
-    kinds[r] = kind
-    if not res[r][1] then all = false end
+    local o = (r - 1) * 9
+    local v = call('GET', KEYS[ki + r - 1])
+    local s1, s2, s3, horizon
+    if v and #v == 32 then s1, s2, s3, horizon = unpack('<dddd', v) end
+    local f = 2 + (r - 1) * 3
+    local ok, rem, reset, retry, n1, n2, n3, exp =
+      eval(spec[f], spec[f + 1], spec[f + 2], s1, s2, s3, now, cost)
+    R[o + 1], R[o + 2], R[o + 3], R[o + 4] = ok, rem, reset, retry
+    R[o + 5], R[o + 6], R[o + 7], R[o + 8], R[o + 9] = n1, n2, n3, exp, horizon or 0
+    if not ok then all = false end
   end
   -- Allowed: the rule with the fewest units left decides. Denied: the rule
   -- needing the longest wait decides. Ties go to the earlier rule.
-  local best = 1
-  for r = 2, n do
-    local x, y = res[r], res[best]
+  local best = 0
+  for r = 1, n - 1 do
+    local x, y = r * 9, best * 9
     if all then
-      if x[2] < y[2] then best = r end
-    elseif (not x[1]) and (y[1] or x[4] > y[4]) then
+      if R[x + 2] < R[y + 2] then best = r end
+    elseif (not R[x + 1]) and (R[y + 1] or R[x + 4] > R[y + 4]) then
       best = r
     end
   end
   if all and cost > 0 then
-    for r = 1, n do
-      local x = res[r]
-      local v
-      if kinds[r] == 1 then
-        v = string.format('%d', x[5])
-      elseif kinds[r] == 2 then
-        v = string.format('%d:%d', x[5], x[6])
+    for r = 0, n - 1 do
+      local o = r * 9
+      local key = KEYS[ki + r]
+      local needed = R[o + 8] + MARGIN_US
+      local horizon = R[o + 9]
+      if horizon >= needed then
+        call('SET', key, pack('<dddd', R[o + 5], R[o + 6], R[o + 7], horizon), 'KEEPTTL')
       else
-        v = string.format('%d:%d:%d', x[5], x[6], x[7])
+        horizon = needed + SLACK_US
+        call('SET', key, pack('<dddd', R[o + 5], R[o + 6], R[o + 7], horizon),
+          'PX', ceil((horizon - now) / 1000))
       end
-      redis.call('SET', KEYS[ki + r - 1], v, 'PX', math.ceil((x[8] + MARGIN_US - now) / 1000))
     end
   end
   ki = ki + n
-  local d = res[best]
+  local b = best * 9
   local allowed = 0
   if all then allowed = 1 end
-  out[#out + 1] = allowed
-  out[#out + 1] = best - 1
-  out[#out + 1] = d[2]
-  out[#out + 1] = math.ceil(d[3] / 1000)
-  out[#out + 1] = math.ceil(d[4] / 1000)
+  out[#out + 1] = pack('<ddddd', allowed, best, R[b + 2], ceil(R[b + 3] / 1000), ceil(R[b + 4] / 1000))
 end
-return out
+return table.concat(out)

@@ -1,25 +1,29 @@
 //! Adaptive batching, as pure bookkeeping (no I/O, no clock).
 //!
-//! While nothing is in flight, an item goes out at once: lowest latency
-//! when idle. While a batch is in flight, items queue and go out together
-//! when it completes (up to `cap`): under load, one round trip serves many.
-//! The queue is bounded; a full one refuses the item.
+//! While fewer than `max_in_flight` batches are out, an item goes out at
+//! once: lowest latency when idle. Otherwise items queue and go out
+//! together when a batch completes (up to `cap`): under load, one round
+//! trip serves many. Two batches in flight (the default) keep Redis busy
+//! while the shard turns the other one around. The queue is bounded; a
+//! full one refuses the item.
 
 use std::collections::VecDeque;
 
 #[derive(Debug)]
 pub struct Batcher<T> {
     queue: VecDeque<T>,
-    in_flight: bool,
+    in_flight: usize,
+    max_in_flight: usize,
     cap: usize,
     max_queued: usize,
 }
 
 impl<T> Batcher<T> {
-    pub fn new(cap: usize, max_queued: usize) -> Self {
+    pub fn new(cap: usize, max_in_flight: usize, max_queued: usize) -> Self {
         Batcher {
             queue: VecDeque::new(),
-            in_flight: false,
+            in_flight: 0,
+            max_in_flight: max_in_flight.max(1),
             cap: cap.max(1),
             max_queued,
         }
@@ -35,9 +39,9 @@ impl<T> Batcher<T> {
         Ok(self.next())
     }
 
-    /// The batch in flight is done; returns the next one to send, if any.
+    /// A batch in flight is done; returns the next one to send, if any.
     pub fn complete(&mut self) -> Option<Vec<T>> {
-        self.in_flight = false;
+        self.in_flight -= 1;
         self.next()
     }
 
@@ -47,10 +51,10 @@ impl<T> Batcher<T> {
     }
 
     fn next(&mut self) -> Option<Vec<T>> {
-        if self.in_flight || self.queue.is_empty() {
+        if self.in_flight >= self.max_in_flight || self.queue.is_empty() {
             return None;
         }
-        self.in_flight = true;
+        self.in_flight += 1;
         let n = self.queue.len().min(self.cap);
         Some(self.queue.drain(..n).collect())
     }
@@ -62,7 +66,7 @@ mod tests {
 
     #[test]
     fn idle_sends_at_once_busy_accumulates_up_to_the_cap() {
-        let mut b = Batcher::new(3, 10);
+        let mut b = Batcher::new(3, 1, 10);
         assert_eq!(b.push(1), Ok(Some(vec![1])));
         for i in 2..=6 {
             assert_eq!(b.push(i), Ok(None));
@@ -75,8 +79,21 @@ mod tests {
     }
 
     #[test]
+    fn a_second_batch_goes_out_while_the_first_is_in_flight() {
+        let mut b = Batcher::new(10, 2, 100);
+        assert_eq!(b.push(1), Ok(Some(vec![1])));
+        assert_eq!(b.push(2), Ok(Some(vec![2])));
+        assert_eq!(b.push(3), Ok(None));
+        assert_eq!(b.push(4), Ok(None));
+        assert_eq!(b.complete(), Some(vec![3, 4]));
+        assert_eq!(b.complete(), None);
+        assert_eq!(b.complete(), None);
+        assert_eq!(b.push(5), Ok(Some(vec![5])));
+    }
+
+    #[test]
     fn a_full_queue_refuses_instead_of_growing() {
-        let mut b = Batcher::new(2, 2);
+        let mut b = Batcher::new(2, 1, 2);
         assert_eq!(b.push(1), Ok(Some(vec![1])));
         assert_eq!(b.push(2), Ok(None));
         assert_eq!(b.push(3), Ok(None));

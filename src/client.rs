@@ -1,24 +1,30 @@
 //! A small async Rust client: one connection, requests pipelined and
 //! matched to replies by `id`. Used by `quotad check` and the benchmark.
+//!
+//! Callers encode their frame straight into a shared output buffer and
+//! wake the writer task only when the buffer was empty, so a burst of
+//! calls costs one wake-up and one write; a reader task hands each reply
+//! to its caller.
 
 use std::collections::HashMap;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use futures::{SinkExt, StreamExt};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Notify, oneshot};
 
-use crate::connection::codec;
 use crate::limiter::Decision;
 use crate::protocol::{self, CheckArgs, Op, ReplyFields, Request};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach quotad: {0}")]
-    Io(#[from] io::Error),
+    Io(String),
     #[error("the connection to quotad closed")]
     Closed,
     #[error("quotad answered {code}: {message}")]
@@ -29,20 +35,42 @@ pub enum ClientError {
 
 type Waiter = oneshot::Sender<Result<ReplyFields, ClientError>>;
 
+/// Largest reply frame the client accepts.
+const MAX_REPLY: usize = 64 << 20;
+
 /// A connection to quotad. Cheap to share: calls from many tasks are
 /// pipelined on the one connection.
 pub struct Client {
-    calls: mpsc::Sender<(Request, Waiter)>,
+    shared: Arc<Shared>,
     next_id: AtomicU64,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the writer when `out` goes from empty to non-empty.
+    wake_writer: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    /// Frames waiting to be written.
+    out: Vec<u8>,
+    waiting: HashMap<u64, Waiter>,
+    /// Set once the connection is gone; later calls fail with it.
+    closed: Option<ClientError>,
 }
 
 impl Client {
     pub async fn connect(path: impl AsRef<Path>) -> io::Result<Client> {
-        let stream = UnixStream::connect(path).await?;
-        let (calls, rx) = mpsc::channel(4096);
-        tokio::spawn(drive(stream, rx));
+        let (rd, wr) = UnixStream::connect(path).await?.into_split();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake_writer: Notify::new(),
+        });
+        tokio::spawn(write_loop(wr, shared.clone()));
+        tokio::spawn(read_loop(rd, shared.clone()));
         Ok(Client {
-            calls,
+            shared,
             next_id: AtomicU64::new(1),
         })
     }
@@ -79,12 +107,46 @@ impl Client {
     pub async fn call(&self, op: Op) -> Result<ReplyFields, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.calls
-            .send((Request { id, op }, tx))
-            .await
-            .map_err(|_| ClientError::Closed)?;
+        let was_empty = {
+            let mut st = self.shared.state.lock().unwrap();
+            if let Some(e) = &st.closed {
+                return Err(e.clone());
+            }
+            let was_empty = st.out.is_empty();
+            let at = st.out.len();
+            st.out.extend_from_slice(&[0; 4]);
+            protocol::encode_request(&Request { id, op }, &mut st.out);
+            let len = (st.out.len() - at - 4) as u32;
+            st.out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+            st.waiting.insert(id, tx);
+            was_empty
+        };
+        if was_empty {
+            self.shared.wake_writer.notify_one();
+        }
         let reply = rx.await.map_err(|_| ClientError::Closed)??;
         server_error(reply)
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.shared.close(ClientError::Closed);
+    }
+}
+
+impl Shared {
+    /// Fails every waiting call and every later one with `err`.
+    fn close(&self, err: ClientError) {
+        let waiting = {
+            let mut st = self.state.lock().unwrap();
+            st.closed.get_or_insert(err.clone());
+            std::mem::take(&mut st.waiting)
+        };
+        for (_, w) in waiting {
+            let _ = w.send(Err(err.clone()));
+        }
+        self.wake_writer.notify_one();
     }
 }
 
@@ -101,60 +163,70 @@ fn server_error(reply: ReplyFields) -> Result<ReplyFields, ClientError> {
     }
 }
 
-/// Owns the socket: writes queued requests, routes replies to their callers.
-async fn drive(stream: UnixStream, mut calls: mpsc::Receiver<(Request, Waiter)>) {
-    let (rd, wr) = stream.into_split();
-    let mut frames = FramedRead::new(rd, codec(64 << 20));
-    let mut sink = FramedWrite::new(wr, codec(64 << 20));
-    let mut waiting: HashMap<u64, Waiter> = HashMap::new();
+/// Writes whatever callers have buffered, one write per wake-up.
+async fn write_loop(mut wr: OwnedWriteHalf, shared: Arc<Shared>) {
+    let mut buf = Vec::new();
     loop {
-        tokio::select! {
-            call = calls.recv() => {
-                let Some(mut call) = call else { break };
-                // Send everything already queued with one flush.
-                loop {
-                    let (req, waiter) = call;
-                    let mut buf = Vec::with_capacity(64);
-                    protocol::encode_request(&req, &mut buf);
-                    waiting.insert(req.id, waiter);
-                    if sink.feed(bytes::Bytes::from(buf)).await.is_err() {
-                        break;
-                    }
-                    match calls.try_recv() {
-                        Ok(next) => call = next,
-                        Err(_) => break,
-                    }
-                }
-                if SinkExt::<bytes::Bytes>::flush(&mut sink).await.is_err() {
-                    break;
-                }
+        shared.wake_writer.notified().await;
+        {
+            let mut st = shared.state.lock().unwrap();
+            if st.closed.is_some() {
+                return;
             }
-            frame = frames.next() => {
-                let Some(Ok(buf)) = frame else { break };
-                let reply = match ReplyFields::from_slice(&buf) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        fail_all(&mut waiting, || ClientError::Protocol(e.to_string()));
-                        return;
-                    }
-                };
-                if reply.id == 0 && !reply.ok {
-                    // A connection-level error (too large, over the connection limit).
-                    let e = reply.error.unwrap_or(protocol::WireError { code: "internal".into(), message: String::new() });
-                    fail_all(&mut waiting, || ClientError::Server { code: e.code.clone(), message: e.message.clone() });
-                    return;
-                }
-                if let Some(w) = waiting.remove(&reply.id) {
-                    let _ = w.send(Ok(reply));
-                }
-            }
+            std::mem::swap(&mut buf, &mut st.out);
         }
+        if let Err(e) = wr.write_all(&buf).await {
+            shared.close(ClientError::Io(e.to_string()));
+            return;
+        }
+        buf.clear();
     }
-    fail_all(&mut waiting, || ClientError::Closed);
 }
 
-fn fail_all(waiting: &mut HashMap<u64, Waiter>, err: impl Fn() -> ClientError) {
-    for (_, w) in waiting.drain() {
-        let _ = w.send(Err(err()));
-    }
+/// Reads reply frames and hands each to its caller.
+async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>) {
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    let err = loop {
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => break ClientError::Closed,
+            Ok(_) => {}
+            Err(e) => break ClientError::Io(e.to_string()),
+        }
+        while buf.len() >= 4 {
+            let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+            if len > MAX_REPLY {
+                shared.close(ClientError::Protocol(format!("a {len}-byte reply")));
+                return;
+            }
+            if buf.len() < 4 + len {
+                buf.reserve(4 + len - buf.len());
+                break;
+            }
+            buf.advance(4);
+            let frame = buf.split_to(len);
+            let reply = match ReplyFields::from_slice(&frame) {
+                Ok(r) => r,
+                Err(e) => {
+                    shared.close(ClientError::Protocol(e.to_string()));
+                    return;
+                }
+            };
+            if reply.id == 0 && !reply.ok {
+                // A connection-level error (a frame too large, too many connections).
+                let e = reply
+                    .error
+                    .map_or(ClientError::Closed, |e| ClientError::Server {
+                        code: e.code,
+                        message: e.message,
+                    });
+                shared.close(e);
+                return;
+            }
+            let waiter = shared.state.lock().unwrap().waiting.remove(&reply.id);
+            if let Some(w) = waiter {
+                let _ = w.send(Ok(reply));
+            }
+        }
+    };
+    shared.close(err);
 }

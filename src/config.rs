@@ -38,7 +38,11 @@ pub struct ServerConfig {
     /// Requests one connection may have in flight before quotad stops
     /// reading from it (back-pressure, not an error). Default 1024.
     pub max_inflight_per_connection: usize,
-    /// Shard actors; 0 = four per CPU core. Default 0.
+    /// Runtime worker threads. One thread outruns one Redis (a check costs
+    /// quotad a few µs); raise it for Redis Cluster or a busy memory
+    /// backend. Default 1.
+    pub threads: usize,
+    /// Shard actors; 0 = two per worker thread. Default 0.
     pub shards: usize,
     /// Messages a shard's mailbox holds; past it, `overloaded`. Default 4096.
     pub mailbox_capacity: usize,
@@ -47,6 +51,8 @@ pub struct ServerConfig {
     pub max_queued_per_shard: usize,
     /// Checks in one Redis round trip at most. Default 256.
     pub batch_max: usize,
+    /// Round trips a shard may have in flight at once. Default 2.
+    pub max_batches_in_flight: usize,
     /// Longest tenant string, in bytes. Default 256.
     pub max_tenant_bytes: usize,
     /// Longest key string, in bytes. Default 1024.
@@ -70,10 +76,12 @@ impl Default for ServerConfig {
             max_connections: 1024,
             max_frame_bytes: 1 << 20,
             max_inflight_per_connection: 1024,
+            threads: 1,
             shards: 0,
             mailbox_capacity: 4096,
             max_queued_per_shard: 16384,
             batch_max: 256,
+            max_batches_in_flight: 2,
             max_tenant_bytes: 256,
             max_key_bytes: 1024,
             local_max_entries: 1_000_000,
@@ -85,10 +93,10 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// The shard count after resolving `0` (auto).
     pub fn shard_count(&self) -> usize {
-        if self.shards > 0 {
-            return self.shards;
+        match self.shards {
+            0 => 2 * self.threads,
+            n => n,
         }
-        4 * std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 }
 
@@ -257,6 +265,7 @@ impl Config {
                 1,
                 1 << 20,
             ),
+            ("server.threads", s.threads, 1, 256),
             ("server.shards", s.shards, 0, 1024),
             ("server.mailbox_capacity", s.mailbox_capacity, 1, 1 << 20),
             (
@@ -266,6 +275,12 @@ impl Config {
                 1 << 24,
             ),
             ("server.batch_max", s.batch_max, 1, 4096),
+            (
+                "server.max_batches_in_flight",
+                s.max_batches_in_flight,
+                1,
+                64,
+            ),
             ("server.max_tenant_bytes", s.max_tenant_bytes, 1, 4096),
             ("server.max_key_bytes", s.max_key_bytes, 1, 65536),
             ("server.local_max_entries", s.local_max_entries, 1, 1 << 30),

@@ -12,11 +12,13 @@
 use std::io;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{BufMut, BytesMut};
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use tokio::net::UnixStream;
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec, LengthDelimitedCodecError};
+use tokio_util::codec::{
+    Decoder, Encoder, FramedRead, FramedWrite, LengthDelimitedCodec, LengthDelimitedCodecError,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
@@ -32,22 +34,45 @@ pub struct ConnLimits {
     pub request: Limits,
 }
 
-/// The frame codec: a 4-byte big-endian length, then the body.
-pub fn codec(max_frame_bytes: usize) -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .length_field_length(4)
-        .max_frame_length(max_frame_bytes)
-        .new_codec()
+/// The frame codec: a 4-byte big-endian length, then the body. Request
+/// bodies come out as bytes; replies are encoded straight into the write
+/// buffer.
+pub struct FrameCodec(LengthDelimitedCodec);
+
+impl FrameCodec {
+    pub fn new(max_frame_bytes: usize) -> Self {
+        FrameCodec(
+            LengthDelimitedCodec::builder()
+                .length_field_length(4)
+                .max_frame_length(max_frame_bytes)
+                .new_codec(),
+        )
+    }
 }
 
-/// Encodes a reply as one frame body.
-pub fn reply_frame(reply: &Reply) -> Bytes {
-    let mut buf = Vec::with_capacity(96);
-    protocol::encode_reply(reply, &mut buf);
-    Bytes::from(buf)
+impl Decoder for FrameCodec {
+    type Item = BytesMut;
+    type Error = io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> io::Result<Option<BytesMut>> {
+        self.0.decode(src)
+    }
 }
 
-type Sink = FramedWrite<tokio::net::unix::OwnedWriteHalf, LengthDelimitedCodec>;
+impl Encoder<&Reply> for FrameCodec {
+    type Error = io::Error;
+
+    fn encode(&mut self, reply: &Reply, dst: &mut BytesMut) -> io::Result<()> {
+        let at = dst.len();
+        dst.put_u32(0);
+        protocol::encode_reply(reply, &mut dst.writer());
+        let len = (dst.len() - at - 4) as u32;
+        dst[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        Ok(())
+    }
+}
+
+type Sink = FramedWrite<tokio::net::unix::OwnedWriteHalf, FrameCodec>;
 
 /// Serves one connection until the peer leaves, a fatal frame arrives, or
 /// shutdown is signalled and every in-flight request is answered.
@@ -58,8 +83,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let (rd, wr) = stream.into_split();
-    let mut frames = FramedRead::new(rd, codec(limits.max_frame_bytes));
-    let mut sink = FramedWrite::new(wr, codec(limits.max_frame_bytes));
+    let mut frames = FramedRead::new(rd, FrameCodec::new(limits.max_frame_bytes));
+    let mut sink = FramedWrite::new(wr, FrameCodec::new(limits.max_frame_bytes));
     let mut pending = FuturesUnordered::new();
     let mut reading = true;
     let mut draining = false;
@@ -74,7 +99,7 @@ pub async fn serve(
                 dirty = true;
                 write(&mut sink, stats, reply).await
             }
-            r = SinkExt::<Bytes>::flush(&mut sink), if dirty => {
+            r = SinkExt::<&Reply>::flush(&mut sink), if dirty => {
                 dirty = false;
                 r
             }
@@ -133,7 +158,7 @@ pub async fn serve(
             break;
         }
     }
-    let _ = SinkExt::<Bytes>::close(&mut sink).await;
+    let _ = SinkExt::<&Reply>::close(&mut sink).await;
 }
 
 /// Buffers one reply (`feed` flushes only past a high-water mark).
@@ -141,7 +166,7 @@ async fn write(sink: &mut Sink, stats: &Stats, reply: Reply) -> io::Result<()> {
     if let Err(e) = &reply.body {
         stats.error(e);
     }
-    sink.feed(reply_frame(&reply)).await
+    sink.feed(&reply).await
 }
 
 fn is_too_large(e: &io::Error) -> bool {

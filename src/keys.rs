@@ -9,8 +9,6 @@
 //! different (tenant, policy, rule, key) tuples never share a key, and a
 //! brace in a tenant string can never move the hash tag.
 
-use std::fmt::Write;
-
 /// Builds the Redis key names for one configured prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -42,11 +40,25 @@ impl Keys {
     }
 }
 
-/// The Redis Cluster slot of every key of `tenant` (CRC16 of its hash tag).
+/// The Redis Cluster slot of every key of `tenant` (CRC16 of its hash tag,
+/// the encoded tenant, computed without building it).
 pub fn slot(tenant: &str) -> u16 {
-    let mut tag = String::with_capacity(tenant.len());
-    encode_into(&mut tag, tenant);
-    crc16(tag.as_bytes()) % 16384
+    let mut crc = 0;
+    for &b in tenant.as_bytes() {
+        if is_safe(b) {
+            crc = crc16_byte(crc, b);
+        } else {
+            let [hi, lo] = hex(b);
+            crc = crc16_byte(crc16_byte(crc16_byte(crc, b'%'), hi), lo);
+        }
+    }
+    crc % 16384
+}
+
+/// Upper-case hex digits of a byte.
+fn hex(b: u8) -> [u8; 2] {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    [DIGITS[(b >> 4) as usize], DIGITS[(b & 15) as usize]]
 }
 
 fn is_safe(b: u8) -> bool {
@@ -58,23 +70,21 @@ fn encode_into(out: &mut String, s: &str) {
         if is_safe(b) {
             out.push(b as char);
         } else {
-            let _ = write!(out, "%{b:02X}");
+            let [hi, lo] = hex(b);
+            out.extend(['%', hi as char, lo as char]);
         }
     }
 }
 
-/// CRC16-CCITT (XMODEM), the checksum Redis Cluster uses for slots.
-fn crc16(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in data {
-        crc ^= (b as u16) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
+/// One byte of CRC16-CCITT (XMODEM), the checksum Redis Cluster uses.
+fn crc16_byte(mut crc: u16, b: u8) -> u16 {
+    crc ^= (b as u16) << 8;
+    for _ in 0..8 {
+        crc = if crc & 0x8000 != 0 {
+            (crc << 1) ^ 0x1021
+        } else {
+            crc << 1
+        };
     }
     crc
 }
@@ -86,7 +96,10 @@ mod tests {
     #[test]
     fn crc16_matches_redis_cluster_spec() {
         // The reference value from the Redis Cluster specification.
-        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(
+            b"123456789".iter().fold(0, |c, &b| crc16_byte(c, b)),
+            0x31C3
+        );
         assert_eq!(slot("foo"), 12182);
     }
 

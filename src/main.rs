@@ -59,9 +59,8 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let result = match cli.command {
-        Command::Serve { config } => runtime.block_on(serve(config)).map(|()| ExitCode::SUCCESS),
+        Command::Serve { config } => serve(config).map(|()| ExitCode::SUCCESS),
         Command::Check {
             tenant,
             key,
@@ -69,7 +68,11 @@ fn main() -> ExitCode {
             cost,
             socket,
             config,
-        } => runtime.block_on(check(tenant, key, policy, cost, socket, config)),
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(check(tenant, key, policy, cost, socket, config))),
     };
     result.unwrap_or_else(|e| {
         eprintln!("quotad: {e:#}");
@@ -84,8 +87,16 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     })
 }
 
-async fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
+fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = load(path.as_ref())?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.server.threads)
+        .enable_all()
+        .build()?
+        .block_on(run(config, path))
+}
+
+async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let backend = match &config.redis {
         None => "memory".to_owned(),
         Some(r) => match &r.url {

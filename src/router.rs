@@ -57,6 +57,7 @@ impl Router {
                     keys: Keys::new(prefix),
                     clock: clock.clone(),
                     batch_max: s.batch_max,
+                    max_in_flight: s.max_batches_in_flight,
                     max_queued: s.max_queued_per_shard,
                     local_max_entries: s.local_max_entries.div_ceil(n),
                     stats: stats.clone(),

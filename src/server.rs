@@ -161,7 +161,7 @@ pub async fn run(
 
 /// Tells a client over the connection limit why it is being turned away.
 async fn refuse(stream: UnixStream) {
-    let mut sink = FramedWrite::new(stream, connection::codec(usize::MAX));
-    let frame = connection::reply_frame(&Reply::err(0, Error::Overloaded("too many connections")));
-    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(frame)).await;
+    let mut sink = FramedWrite::new(stream, connection::FrameCodec::new(0));
+    let reply = Reply::err(0, Error::Overloaded("too many connections"));
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(&reply)).await;
 }

@@ -41,6 +41,8 @@ counters! {
     /// Redis round trips, and the checks they carried.
     batches,
     batched_checks,
+    /// Microseconds spent in Redis round trips, summed (÷ batches = mean).
+    round_trip_us,
     /// Script calls (one per Redis Cluster slot group of a batch).
     script_calls,
     /// Round trips that failed or passed their deadline.

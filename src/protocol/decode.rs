@@ -8,6 +8,7 @@
 //! Nesting depth is bounded and nothing is preallocated from a length the
 //! peer claims.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::Deserialize;
@@ -68,6 +69,11 @@ fn type_error(field: &str, wanted: &str, got: Option<&Field>) -> String {
     }
 }
 
+/// Strings that requests carry over and over: field names and op names.
+const KNOWN: &[&str] = &[
+    "id", "op", "tenant", "key", "policy", "cost", "check", "hello", "stats",
+];
+
 /// Any MessagePack value, as far as a request needs to tell them apart.
 #[derive(Debug, Clone, PartialEq)]
 enum Field {
@@ -76,7 +82,8 @@ enum Field {
     Uint(u64),
     Int,
     Float,
-    Str(String),
+    /// Borrowed when it is one of [`KNOWN`]: map keys cost no allocation.
+    Str(Cow<'static, str>),
     Bin,
     Array(Vec<Field>),
     Map,
@@ -125,7 +132,7 @@ impl RawRequest {
                 )));
             }
         };
-        let op = match op.as_str() {
+        let op = match &*op {
             "hello" => Op::Hello,
             "stats" => Op::Stats,
             "check" => Op::Check(CheckArgs {
@@ -133,7 +140,7 @@ impl RawRequest {
                 key: bounded_str("key", self.key, limits.max_key_bytes)?,
                 policy: match self.policy {
                     None | Some(Field::Nil) => None,
-                    Some(Field::Str(p)) => Some(p),
+                    Some(Field::Str(p)) => Some(p.into_owned()),
                     Some(other) => {
                         return Err(Error::bad_request(type_error(
                             "policy",
@@ -162,7 +169,7 @@ impl RawRequest {
 
 fn bounded_str(field: &str, value: Option<Field>, max: usize) -> Result<String, Error> {
     match value {
-        Some(Field::Str(s)) if !s.is_empty() && s.len() <= max => Ok(s),
+        Some(Field::Str(s)) if !s.is_empty() && s.len() <= max => Ok(s.into_owned()),
         Some(Field::Str(s)) => Err(Error::bad_request(format!(
             "field `{field}` must be 1 to {max} bytes, not {}",
             s.len()
@@ -207,7 +214,7 @@ impl<'de> Visitor<'de> for RawVisitor {
                     .get_or_insert_with(|| "map keys must be strings".into());
                 continue;
             };
-            let slot = match name.as_str() {
+            let slot = match &*name {
                 "id" => &mut raw.id,
                 "op" => &mut raw.op,
                 "tenant" => &mut raw.tenant,
@@ -258,7 +265,10 @@ impl<'de> Visitor<'de> for FieldVisitor {
         Ok(Field::Float)
     }
     fn visit_str<E>(self, v: &str) -> Result<Field, E> {
-        Ok(Field::Str(v.to_owned()))
+        Ok(Field::Str(match KNOWN.iter().find(|k| **k == v) {
+            Some(k) => Cow::Borrowed(k),
+            None => Cow::Owned(v.to_owned()),
+        }))
     }
     fn visit_bytes<E>(self, _: &[u8]) -> Result<Field, E> {
         Ok(Field::Bin)

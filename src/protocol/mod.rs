@@ -171,8 +171,8 @@ pub struct WireError {
     pub message: String,
 }
 
-/// Appends one reply, as a MessagePack map, to `out`.
-pub fn encode_reply(reply: &Reply, out: &mut Vec<u8>) {
+/// Writes one reply, as a MessagePack map, to `out`.
+pub fn encode_reply(reply: &Reply, out: &mut impl std::io::Write) {
     let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
     reply
         .serialize(&mut ser)

@@ -94,6 +94,7 @@ impl RedisBackend {
         Stats::add(&inner.stats.counters.batched_checks, checks.len() as u64);
         let groups = self.groups(checks);
         let now = inner.clock.fixed_us();
+        let started = std::time::Instant::now();
         let results =
             match tokio::time::timeout_at(deadline, self.round_trip(checks, &groups, now)).await {
                 Ok(results) => results,
@@ -103,6 +104,10 @@ impl RedisBackend {
                     return out;
                 }
             };
+        Stats::add(
+            &inner.stats.counters.round_trip_us,
+            started.elapsed().as_micros() as u64,
+        );
         let mut failed = false;
         for (group, result) in groups.iter().zip(results) {
             let parsed = result.ok().and_then(|v| script::verdicts(&v, group.len()));

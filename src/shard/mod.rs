@@ -42,8 +42,11 @@ pub struct CheckReply(pub Result<Decision, Error>);
 pub struct CheckMsg(pub Check);
 
 /// A Redis round trip came back: one verdict (or `None`) per check sent.
+/// The reply senders travel with the batch: if the shard is gone when it
+/// returns, dropping them tells each caller so.
 pub struct BatchDone {
     checks: Vec<Check>,
+    replies: Vec<ReplySender<CheckReply>>,
     verdicts: Vec<Option<Verdict>>,
 }
 
@@ -65,8 +68,6 @@ pub struct Shard {
     keys: Keys,
     clock: Clock,
     batcher: Batcher<Waiter>,
-    /// Reply senders of the batch in flight, in the order sent.
-    in_flight: Vec<(ReplySender<CheckReply>, Instant)>,
     overlimit: OverLimit,
     stats: Arc<Stats>,
 }
@@ -77,6 +78,7 @@ pub struct ShardArgs {
     pub keys: Keys,
     pub clock: Clock,
     pub batch_max: usize,
+    pub max_in_flight: usize,
     pub max_queued: usize,
     pub local_max_entries: usize,
     pub stats: Arc<Stats>,
@@ -92,8 +94,7 @@ impl Actor for Shard {
             local: MemoryLimiter::new(a.local_max_entries),
             keys: a.keys,
             clock: a.clock,
-            batcher: Batcher::new(a.batch_max, a.max_queued),
-            in_flight: Vec::new(),
+            batcher: Batcher::new(a.batch_max, a.max_in_flight, a.max_queued),
             overlimit: OverLimit::new(OVERLIMIT_ENTRIES),
             stats: a.stats,
         })
@@ -106,9 +107,6 @@ impl Actor for Shard {
     ) -> Result<(), Infallible> {
         for w in self.batcher.drain() {
             w.reply.send(CheckReply(Err(Error::ShuttingDown)));
-        }
-        for (reply, _) in self.in_flight.drain(..) {
-            reply.send(CheckReply(Err(Error::ShuttingDown)));
         }
         Ok(())
     }
@@ -161,8 +159,7 @@ impl Message<BatchDone> for Shard {
 
     async fn handle(&mut self, done: BatchDone, ctx: &mut Context<Self, ()>) {
         let now = Instant::now();
-        let in_flight = std::mem::take(&mut self.in_flight);
-        for ((check, verdict), (reply, _)) in done.checks.iter().zip(done.verdicts).zip(in_flight) {
+        for ((check, verdict), reply) in done.checks.iter().zip(done.verdicts).zip(done.replies) {
             let decision = match verdict {
                 Some(v) => {
                     let d = Decision::from_verdict(&check.policy, v, false);
@@ -192,18 +189,21 @@ impl Shard {
     /// deadline are answered by failure mode instead of being sent.
     fn send<R: kameo::Reply>(&mut self, batch: Vec<Waiter>, ctx: &Context<Self, R>) {
         let now = Instant::now();
+        let mut deadline = None;
         let mut checks = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
         for w in batch {
             if w.deadline <= now {
                 let d = self.failure_answer(&w.check);
                 self.answer(w.reply, d);
             } else {
-                self.in_flight.push((w.reply, w.deadline));
+                // The oldest check's deadline bounds the whole round trip.
+                deadline.get_or_insert(w.deadline);
+                replies.push(w.reply);
                 checks.push(w.check);
             }
         }
-        // The oldest check's deadline bounds the whole round trip.
-        let Some(&(_, deadline)) = self.in_flight.first() else {
+        let Some(deadline) = deadline else {
             if let Some(next) = self.batcher.complete() {
                 self.send(next, ctx);
             }
@@ -212,7 +212,11 @@ impl Shard {
         let redis = self.redis.clone().expect("only the Redis backend batches");
         ctx.pipe(async move {
             let verdicts = redis.check(&checks, deadline).await;
-            BatchDone { checks, verdicts }
+            BatchDone {
+                checks,
+                replies,
+                verdicts,
+            }
         });
     }
 

@@ -192,7 +192,9 @@ impl Daemon {
         let d = Daemon { child, dir, stderr };
         let sock = d.socket();
         wait_until("quotad's socket", || {
-            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+            // Once the file exists, connections queue in the backlog; probing
+            // by connecting would take one of the daemon's connection slots.
+            exists(&sock)
         });
         d
     }
