@@ -89,11 +89,16 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 
 fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = load(path.as_ref())?;
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.server.threads)
-        .enable_all()
-        .build()?
-        .block_on(run(config, path))
+    let runtime = match config.server.threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(run(config, path))
 }
 
 async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {

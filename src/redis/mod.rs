@@ -177,7 +177,7 @@ impl RedisBackend {
             Stats::add(&inner.stats.counters.script_reloads, 1);
             tracing::info!(
                 calls = noscript.len(),
-                "script missing in Redis (restart, failover or flush): reloading"
+                "script not in Redis yet (first use, restart, failover or flush): loading"
             );
             let again = inner
                 .conn
