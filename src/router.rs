@@ -13,16 +13,16 @@ use arc_swap::ArcSwap;
 use kameo::actor::{ActorRef, Spawn};
 use kameo::error::SendError;
 use kameo::mailbox;
-use kameo::request::PendingReply;
+use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::config::{Config, Policies};
 use crate::error::Error;
 use crate::keys::{self, Keys};
-use crate::limiter::Check;
+use crate::limiter::{Check, Decision};
 use crate::protocol::{Body, CheckArgs, Hello, Op, Reply, Request, Stats as StatsBody};
 use crate::redis::RedisBackend;
-use crate::shard::{CheckMsg, CheckReply, Reload, Shard, ShardArgs};
+use crate::shard::{CheckMsg, Reload, Shard, ShardArgs};
 use crate::stats::Stats;
 
 pub struct Router {
@@ -113,7 +113,7 @@ impl Router {
         }
     }
 
-    fn check(&self, args: CheckArgs) -> Result<PendingReply<CheckMsg, CheckReplyOf>, Error> {
+    fn check(&self, args: CheckArgs) -> Result<oneshot::Receiver<Result<Decision, Error>>, Error> {
         let policy = self.policies.load().get(args.policy.as_deref())?.clone();
         policy.check_cost(args.cost)?;
         let shard = &self.shards[keys::slot(&args.tenant) as usize % self.shards.len()];
@@ -123,13 +123,15 @@ impl Router {
             key: args.key,
             cost: args.cost,
         };
+        let (tx, rx) = oneshot::channel();
         shard
-            .ask(CheckMsg(check))
-            .try_enqueue()
+            .tell(CheckMsg(check, tx))
+            .try_send()
             .map_err(|e| match e {
                 SendError::MailboxFull(_) => Error::Overloaded("shard mailbox full"),
                 _ => Error::ShuttingDown,
-            })
+            })?;
+        Ok(rx)
     }
 
     /// Swaps in new policies; shards forget cached denials.
@@ -151,12 +153,10 @@ impl Router {
     }
 }
 
-type CheckReplyOf = kameo::reply::DelegatedReply<CheckReply>;
-
 /// A check's answer on its way from a shard, tagged with the request id.
 pub struct PendingCheck {
     id: u64,
-    pending: PendingReply<CheckMsg, CheckReplyOf>,
+    pending: oneshot::Receiver<Result<Decision, Error>>,
 }
 
 impl Future for PendingCheck {
@@ -165,8 +165,9 @@ impl Future for PendingCheck {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply> {
         let id = self.id;
         Pin::new(&mut self.pending).poll(cx).map(|r| match r {
-            Ok(CheckReply(Ok(d))) => Reply::ok(id, Body::Decision(d)),
-            Ok(CheckReply(Err(e))) => Reply::err(id, e),
+            Ok(Ok(d)) => Reply::ok(id, Body::Decision(d)),
+            Ok(Err(e)) => Reply::err(id, e),
+            // The shard stopped before answering: only at shutdown.
             Err(_) => Reply::err(id, Error::ShuttingDown),
         })
     }

@@ -205,3 +205,43 @@ rules = [{{ name = "r", kind = "token_bucket", capacity = 2, refill_per_sec = 0.
             .collect();
     assert_eq!(local.iter().filter(|a| **a).count(), 2, "{local:?}");
 }
+
+#[test]
+fn a_full_shard_queue_answers_overloaded_instead_of_growing() {
+    let redis = Redis::start();
+    let d = Daemon::start(&format!(
+        "shards = 1\nmax_batches_in_flight = 1\nmax_queued_per_shard = 8\nmailbox_capacity = 16\n\
+         [redis]\nurl = {:?}\ntimeout_ms = 2000\n{POLICY}",
+        redis.url()
+    ));
+    let mut c = common::Raw::connect(&d.socket());
+    redis.pause();
+    for id in 1..=200u64 {
+        c.send(
+            serde_json::json!({"id": id, "op": "check", "tenant": "t", "key": format!("k{id}")}),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    redis.resume();
+    let mut overloaded = 0;
+    let mut decided = 0;
+    for _ in 0..200 {
+        let r = c
+            .recv()
+            .unwrap_or_else(|| panic!("unanswered: {:?}", d.stderr.lock().unwrap()));
+        match common::code(&r) {
+            Some("overloaded") => overloaded += 1,
+            None => decided += 1,
+            Some(other) => panic!("unexpected {other}: {r}"),
+        }
+    }
+    println!("{decided} decided, {overloaded} overloaded");
+    assert!(overloaded > 0, "the bounded queues must refuse some");
+    assert!(
+        decided >= 9,
+        "the batch in flight and the queue are answered"
+    );
+    // The shard is fine afterwards.
+    c.send(serde_json::json!({"id": 999, "op": "check", "tenant": "t", "key": "after"}));
+    assert_eq!(c.recv().unwrap()["allowed"], true);
+}

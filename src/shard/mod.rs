@@ -3,21 +3,21 @@
 //! A shard answers from local state when it can (a key Redis denied until
 //! T; Redis known to be down; the memory backend), and otherwise queues the
 //! check for its next Redis round trip (see [`crate::batch`]). Replies are
-//! deferred: the handler stores the reply sender and returns at once, so a
-//! slow Redis never blocks the mailbox. The round trip runs in its own task
-//! and comes back as a [`BatchDone`] message; a failed one is answered by
-//! each policy's failure mode and never stops the actor.
+//! deferred: each check carries a reply sender that the handler stores, and
+//! the handler returns at once, so a slow Redis never blocks the mailbox.
+//! The round trip runs in its own task and comes back as a [`BatchDone`]
+//! message; a failed one is answered by each policy's failure mode and
+//! never stops the actor.
 
 mod overlimit;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use kameo::Reply;
 use kameo::actor::{Actor, ActorRef, WeakActorRef};
 use kameo::error::ActorStopReason;
 use kameo::message::{Context, Message};
-use kameo::reply::{DelegatedReply, ReplySender};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::batch::Batcher;
@@ -33,20 +33,19 @@ use overlimit::OverLimit;
 /// Largest over-limit memory per shard.
 const OVERLIMIT_ENTRIES: usize = 65_536;
 
-/// A shard's answer to a [`CheckMsg`].
-#[derive(Debug, Reply)]
-pub struct CheckReply(pub Result<Decision, Error>);
+/// Where a shard sends its answer to one check.
+pub type ReplyTo = oneshot::Sender<Result<Decision, Error>>;
 
-/// Decide one check (already validated by the connection).
+/// Decide one check (already validated by the connection) and answer it.
 #[derive(Debug)]
-pub struct CheckMsg(pub Check);
+pub struct CheckMsg(pub Check, pub ReplyTo);
 
 /// A Redis round trip came back: one verdict (or `None`) per check sent.
 /// The reply senders travel with the batch: if the shard is gone when it
 /// returns, dropping them tells each caller so.
 pub struct BatchDone {
     checks: Vec<Check>,
-    replies: Vec<ReplySender<CheckReply>>,
+    replies: Vec<ReplyTo>,
     verdicts: Vec<Option<Verdict>>,
 }
 
@@ -56,7 +55,7 @@ pub struct Reload;
 /// A check waiting for Redis.
 struct Waiter {
     check: Check,
-    reply: ReplySender<CheckReply>,
+    reply: ReplyTo,
     /// No answer may come later than this.
     deadline: Instant,
 }
@@ -106,28 +105,20 @@ impl Actor for Shard {
         _: ActorStopReason,
     ) -> Result<(), Infallible> {
         for w in self.batcher.drain() {
-            w.reply.send(CheckReply(Err(Error::ShuttingDown)));
+            let _ = w.reply.send(Err(Error::ShuttingDown));
         }
         Ok(())
     }
 }
 
 impl Message<CheckMsg> for Shard {
-    type Reply = DelegatedReply<CheckReply>;
+    type Reply = ();
 
-    async fn handle(
-        &mut self,
-        CheckMsg(check): CheckMsg,
-        ctx: &mut Context<Self, Self::Reply>,
-    ) -> Self::Reply {
-        let (delegated, reply) = ctx.reply_sender();
-        let Some(reply) = reply else {
-            return delegated; // a `tell`: nobody to answer
-        };
+    async fn handle(&mut self, CheckMsg(check, reply): CheckMsg, ctx: &mut Context<Self, ()>) {
         let Some(redis) = &self.redis else {
             let decision = self.decide_locally(&check, false);
             self.answer(reply, decision);
-            return delegated;
+            return;
         };
         let now = Instant::now();
         if let Some(d) = self.overlimit.get(&check, now) {
@@ -145,12 +136,11 @@ impl Message<CheckMsg> for Shard {
             }) {
                 Ok(Some(batch)) => self.send(batch, ctx),
                 Ok(None) => {}
-                Err(w) => w
-                    .reply
-                    .send(CheckReply(Err(Error::Overloaded("shard queue full")))),
+                Err(w) => {
+                    let _ = w.reply.send(Err(Error::Overloaded("shard queue full")));
+                }
             }
         }
-        delegated
     }
 }
 
@@ -187,7 +177,7 @@ impl Message<Reload> for Shard {
 impl Shard {
     /// Sends a batch to Redis in its own task. Checks already past their
     /// deadline are answered by failure mode instead of being sent.
-    fn send<R: kameo::Reply>(&mut self, batch: Vec<Waiter>, ctx: &Context<Self, R>) {
+    fn send(&mut self, batch: Vec<Waiter>, ctx: &Context<Self, ()>) {
         let now = Instant::now();
         let mut deadline = None;
         let mut checks = Vec::with_capacity(batch.len());
@@ -236,13 +226,13 @@ impl Shard {
         Decision::from_verdict(&check.policy, v, degraded)
     }
 
-    fn answer(&self, reply: ReplySender<CheckReply>, decision: Decision) {
+    fn answer(&self, reply: ReplyTo, decision: Decision) {
         let counter = if decision.allowed {
             &self.stats.counters.allowed
         } else {
             &self.stats.counters.denied
         };
         Stats::add(counter, 1);
-        reply.send(CheckReply(Ok(decision)));
+        let _ = reply.send(Ok(decision));
     }
 }
