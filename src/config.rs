@@ -134,7 +134,7 @@ fn default_timeout_ms() -> u64 {
     100
 }
 fn default_prefix() -> String {
-    "qd".into()
+    crate::keys::DEFAULT_PREFIX.into()
 }
 fn default_breaker_failures() -> u32 {
     3

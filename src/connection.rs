@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::protocol::{self, DecodeError, Limits, Reply};
-use crate::router::{Routed, Router};
+use crate::router::{PendingCheck, Routed, Router};
 use crate::stats::Stats;
 
 /// The per-connection bounds.
@@ -85,17 +85,21 @@ pub async fn serve(
     let (rd, wr) = stream.into_split();
     let mut frames = FramedRead::new(rd, FrameCodec::new(limits.max_frame_bytes));
     let mut sink = FramedWrite::new(wr, FrameCodec::new(limits.max_frame_bytes));
-    let mut pending = FuturesUnordered::new();
-    let mut reading = true;
-    let mut draining = false;
+    let mut conn = Conn {
+        router: &router,
+        limits,
+        pending: FuturesUnordered::new(),
+        reading: true,
+        draining: false,
+    };
+    let stats = &**router.stats();
+    // Replies are buffered as they complete and flushed once nothing else
+    // is ready, so replies that complete together share one write.
     let mut dirty = false;
-    let stats = router.stats().clone();
-    let stats = &*stats;
-
     loop {
         let result: io::Result<()> = tokio::select! {
             biased;
-            Some(reply) = pending.next(), if !pending.is_empty() => {
+            Some(reply) = conn.pending.next(), if !conn.pending.is_empty() => {
                 dirty = true;
                 write(&mut sink, stats, reply).await
             }
@@ -103,50 +107,17 @@ pub async fn serve(
                 dirty = false;
                 r
             }
-            frame = frames.next(), if reading && pending.len() < limits.max_inflight => {
-                match frame {
-                    Some(Ok(buf)) => {
-                        let reply = match protocol::decode(&buf, &limits.request) {
-                            Ok(req) if draining => Some(Reply::err(req.id, Error::ShuttingDown)),
-                            Ok(req) => match router.route(req) {
-                                Routed::Ready(reply) => Some(reply),
-                                Routed::Pending(p) => {
-                                    pending.push(p);
-                                    None
-                                }
-                            },
-                            Err(DecodeError::Request { id, error }) => Some(Reply::err(id, error)),
-                            Err(DecodeError::Fatal(error)) => {
-                                reading = false;
-                                Some(Reply::err(0, error))
-                            }
-                        };
-                        match reply {
-                            Some(reply) => {
-                                dirty = true;
-                                write(&mut sink, stats, reply).await
-                            }
-                            None => Ok(()),
-                        }
+            frame = frames.next(), if conn.reading && conn.pending.len() < limits.max_inflight => {
+                match conn.on_frame(frame) {
+                    Ok(Some(reply)) => {
+                        dirty = true;
+                        write(&mut sink, stats, reply).await
                     }
-                    Some(Err(e)) => {
-                        reading = false;
-                        if is_too_large(&e) {
-                            let msg = format!("frame over the maximum of {} bytes", limits.max_frame_bytes);
-                            dirty = true;
-                            write(&mut sink, stats, Reply::err(0, Error::TooLarge(msg))).await
-                        } else {
-                            Err(e)
-                        }
-                    }
-                    None => {
-                        reading = false;
-                        Ok(())
-                    }
+                    other => other.map(drop),
                 }
             }
-            _ = shutdown.cancelled(), if !draining => {
-                draining = true;
+            _ = shutdown.cancelled(), if !conn.draining => {
+                conn.draining = true;
                 Ok(())
             }
         };
@@ -154,11 +125,60 @@ pub async fn serve(
             tracing::debug!(error = %e, "connection closed");
             return;
         }
-        if (!reading || draining) && pending.is_empty() && !dirty {
+        if (!conn.reading || conn.draining) && conn.pending.is_empty() && !dirty {
             break;
         }
     }
     let _ = SinkExt::<&Reply>::close(&mut sink).await;
+}
+
+/// A connection's request side.
+struct Conn<'a> {
+    router: &'a Router,
+    limits: ConnLimits,
+    /// Answers on their way from the shards.
+    pending: FuturesUnordered<PendingCheck>,
+    /// False once the peer closed its side or sent a fatal frame.
+    reading: bool,
+    /// True once shutdown began: new requests are refused.
+    draining: bool,
+}
+
+impl Conn<'_> {
+    /// Handles what one read brought: the reply to write now, if any.
+    fn on_frame(&mut self, frame: Option<io::Result<BytesMut>>) -> io::Result<Option<Reply>> {
+        let buf = match frame {
+            Some(Ok(buf)) => buf,
+            Some(Err(e)) if is_too_large(&e) => {
+                self.reading = false;
+                let msg = format!(
+                    "frame over the maximum of {} bytes",
+                    self.limits.max_frame_bytes
+                );
+                return Ok(Some(Reply::err(0, Error::TooLarge(msg))));
+            }
+            Some(Err(e)) => return Err(e),
+            None => {
+                self.reading = false;
+                return Ok(None);
+            }
+        };
+        Ok(match protocol::decode(&buf, &self.limits.request) {
+            Ok(req) if self.draining => Some(Reply::err(req.id, Error::ShuttingDown)),
+            Ok(req) => match self.router.route(req) {
+                Routed::Ready(reply) => Some(reply),
+                Routed::Pending(p) => {
+                    self.pending.push(p);
+                    None
+                }
+            },
+            Err(DecodeError::Request { id, error }) => Some(Reply::err(id, error)),
+            Err(DecodeError::Fatal(error)) => {
+                self.reading = false;
+                Some(Reply::err(0, error))
+            }
+        })
+    }
 }
 
 /// Buffers one reply (`feed` flushes only past a high-water mark).

@@ -9,6 +9,9 @@
 //! different (tenant, policy, rule, key) tuples never share a key, and a
 //! brace in a tenant string can never move the hash tag.
 
+/// The key prefix when none is configured.
+pub const DEFAULT_PREFIX: &str = "qd";
+
 /// Builds the Redis key names for one configured prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
