@@ -48,7 +48,10 @@ impl Router {
     ) -> Self {
         let s = &cfg.server;
         let n = s.shard_count();
-        let prefix = cfg.redis.as_ref().map_or(keys::DEFAULT_PREFIX, |r| r.prefix.as_str());
+        let prefix = cfg
+            .redis
+            .as_ref()
+            .map_or(keys::DEFAULT_PREFIX, |r| r.prefix.as_str());
         let backend = if redis.is_some() { "redis" } else { "memory" };
         let shards = (0..n)
             .map(|_| {
