@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use quotad::client::Client;
 use quotad::config::Config;
+use quotad::job::{Job, Outcome};
 use quotad::keys::Keys;
 use quotad::limiter::Check;
 use quotad::redis::script;
@@ -206,17 +207,17 @@ async fn run_baseline(
         let (cm, policy, keys) = (cms[task % conns].clone(), policy.clone(), keys.clone());
         move |tenant: String, key: String| {
             let mut cm = cm.clone();
-            let check = Check {
+            let job = Job::Check(Check {
                 policy: policy.clone(),
                 tenant,
                 key,
                 cost: 1,
-            };
-            let cmd = script::command(std::iter::once(&check), &keys, None, false);
+            });
+            let cmd = script::command(std::iter::once(&job), &keys, None, false);
             async move {
                 let reply: redis::Value = cmd.query_async(&mut cm).await.unwrap();
-                let v = script::verdicts(&reply, 1).unwrap();
-                assert!(v[0].allowed);
+                let outcome = script::outcomes(reply, std::iter::once(&job)).unwrap();
+                assert!(matches!(outcome[0], Outcome::Decided(v) if v.allowed));
             }
         }
     })

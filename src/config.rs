@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::error::Error;
 use crate::limiter::{DAY_US, FailureMode, Policy, Rule, RuleKind};
+use crate::protocol::Limits;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -20,6 +21,7 @@ pub struct Config {
     pub server: ServerConfig,
     /// `None`: decide with the embedded in-memory backend.
     pub redis: Option<RedisConfig>,
+    pub cache: CacheConfig,
     pub policies: Arc<Policies>,
 }
 
@@ -49,8 +51,11 @@ pub struct ServerConfig {
     /// Checks a shard queues for its next Redis round trip; past it,
     /// `overloaded`. Default 16384.
     pub max_queued_per_shard: usize,
-    /// Checks in one Redis round trip at most. Default 256.
+    /// Operations in one Redis round trip at most. Default 256.
     pub batch_max: usize,
+    /// Bytes (mostly cache values) in one Redis round trip, roughly, at
+    /// most; a single larger operation still goes alone. Default 4 MiB.
+    pub batch_max_bytes: usize,
     /// Round trips a shard may have in flight at once. Default 2.
     pub max_batches_in_flight: usize,
     /// Longest tenant string, in bytes. Default 256.
@@ -81,6 +86,7 @@ impl Default for ServerConfig {
             mailbox_capacity: 4096,
             max_queued_per_shard: 16384,
             batch_max: 256,
+            batch_max_bytes: 4 << 20,
             max_batches_in_flight: 2,
             max_tenant_bytes: 256,
             max_key_bytes: 1024,
@@ -143,6 +149,42 @@ fn default_probe_ms() -> u64 {
     500
 }
 
+/// `[cache]`: bounds of the response cache.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Largest value, in bytes; more is `too_large`. Default 512 KiB.
+    pub max_value_bytes: usize,
+    /// Tags on one entry at most. Default 16.
+    pub max_tags: usize,
+    /// Keys plus tags in one `cache_del` at most. Default 256.
+    pub max_delete: usize,
+    /// Longest `ttl_ms` and `stale_ms`. Default 30 days.
+    pub max_ttl_ms: u64,
+    /// Longest `fill_ms`. Default 30000.
+    pub max_fill_ms: u64,
+    /// How often a shard looks in Redis for a value that callers wait on
+    /// while another quotad fills it, in ms. Default 10.
+    pub fill_poll_ms: u64,
+    /// The memory backend's cache size (keys and values) per process, in
+    /// bytes. Default 64 MiB.
+    pub memory_max_bytes: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_value_bytes: 512 << 10,
+            max_tags: 16,
+            max_delete: 256,
+            max_ttl_ms: 30 * 86_400_000,
+            max_fill_ms: 30_000,
+            fill_poll_ms: 10,
+            memory_max_bytes: 64 << 20,
+        }
+    }
+}
+
 /// `[policies.<name>]`: a list of rules decided as one.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -185,6 +227,8 @@ struct ConfigFile {
     #[serde(default)]
     server: ServerConfig,
     redis: Option<RedisConfig>,
+    #[serde(default)]
+    cache: CacheConfig,
     #[serde(default)]
     policies: BTreeMap<String, PolicyConfig>,
 }
@@ -275,6 +319,7 @@ impl Config {
                 1 << 24,
             ),
             ("server.batch_max", s.batch_max, 1, 4096),
+            ("server.batch_max_bytes", s.batch_max_bytes, 1024, 1 << 30),
             (
                 "server.max_batches_in_flight",
                 s.max_batches_in_flight,
@@ -330,6 +375,30 @@ impl Config {
                 ));
             }
         }
+        let c = &file.cache;
+        if c.max_value_bytes >= s.max_frame_bytes {
+            return Err(invalid(
+                "cache.max_value_bytes",
+                "must be below `server.max_frame_bytes`, which bounds the whole request",
+            ));
+        }
+        for (field, value, min, max) in [
+            ("cache.max_tags", c.max_tags as u64, 0, 256),
+            ("cache.max_delete", c.max_delete as u64, 1, 100_000),
+            ("cache.max_ttl_ms", c.max_ttl_ms, 1, 10 * 365 * 86_400_000),
+            ("cache.max_fill_ms", c.max_fill_ms, 1, 3_600_000),
+            ("cache.fill_poll_ms", c.fill_poll_ms, 1, 10_000),
+            (
+                "cache.memory_max_bytes",
+                c.memory_max_bytes as u64,
+                1 << 10,
+                1 << 40,
+            ),
+        ] {
+            if !(min..=max).contains(&value) {
+                return Err(invalid(field, format!("{value} is outside {min}..={max}")));
+            }
+        }
         let mut policies = HashMap::new();
         for (name, p) in &file.policies {
             let policy = compile_policy(name, p)?;
@@ -338,8 +407,22 @@ impl Config {
         Ok(Config {
             server: file.server,
             redis: file.redis,
+            cache: file.cache,
             policies: Arc::new(Policies(policies)),
         })
+    }
+
+    /// The bounds every request is checked against.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_tenant_bytes: self.server.max_tenant_bytes,
+            max_key_bytes: self.server.max_key_bytes,
+            max_value_bytes: self.cache.max_value_bytes,
+            max_tags: self.cache.max_tags,
+            max_delete: self.cache.max_delete,
+            max_ttl_ms: self.cache.max_ttl_ms,
+            max_fill_ms: self.cache.max_fill_ms,
+        }
     }
 }
 

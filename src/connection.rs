@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::protocol::{self, DecodeError, Limits, Reply};
-use crate::router::{PendingCheck, Routed, Router};
+use crate::router::{Pending, Routed, Router};
 use crate::stats::Stats;
 
 /// The per-connection bounds.
@@ -137,7 +137,7 @@ struct Conn<'a> {
     router: &'a Router,
     limits: ConnLimits,
     /// Answers on their way from the shards.
-    pending: FuturesUnordered<PendingCheck>,
+    pending: FuturesUnordered<Pending>,
     /// False once the peer closed its side or sent a fatal frame.
     reading: bool,
     /// True once shutdown began: new requests are refused.

@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::connection::ConnLimits;
-use crate::protocol::Limits;
 use crate::redis::RedisBackend;
 use crate::router::Router;
 use crate::server::{self, BindError, Listener, ServerLimits};
@@ -78,10 +77,7 @@ impl Daemon {
             conn: ConnLimits {
                 max_frame_bytes: s.max_frame_bytes,
                 max_inflight: s.max_inflight_per_connection,
-                request: Limits {
-                    max_tenant_bytes: s.max_tenant_bytes,
-                    max_key_bytes: s.max_key_bytes,
-                },
+                request: self.config.limits(),
             },
         };
         let server = server::run(self.listener, self.router.clone(), limits, shutdown);

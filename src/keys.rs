@@ -27,13 +27,7 @@ impl Keys {
 
     /// `<prefix>:{<tenant>}:l:<policy>:<rule>:<key>`: one rule's state.
     pub fn rule(&self, tenant: &str, policy: &str, rule: &str, key: &str) -> String {
-        let mut out = String::with_capacity(
-            self.prefix.len() + tenant.len() + policy.len() + rule.len() + key.len() + 12,
-        );
-        out.push_str(&self.prefix);
-        out.push_str(":{");
-        encode_into(&mut out, tenant);
-        out.push_str("}:l:");
+        let mut out = self.start(tenant, "l", policy.len() + rule.len() + key.len() + 2);
         out.push_str(policy);
         out.push(':');
         out.push_str(rule);
@@ -41,6 +35,52 @@ impl Keys {
         encode_into(&mut out, key);
         out
     }
+
+    /// `<prefix>:{<tenant>}:c:<key>`: a cache entry.
+    pub fn entry(&self, tenant: &str, key: &str) -> String {
+        self.named(tenant, "c", key)
+    }
+
+    /// `<prefix>:{<tenant>}:f:<key>`: the fill lock of a cache entry.
+    pub fn fill_lock(&self, tenant: &str, key: &str) -> String {
+        self.named(tenant, "f", key)
+    }
+
+    /// `<prefix>:{<tenant>}:r:<key>`: the refresh lock of a cache entry.
+    pub fn refresh_lock(&self, tenant: &str, key: &str) -> String {
+        self.named(tenant, "r", key)
+    }
+
+    /// `<prefix>:{<tenant>}:t:<tag>`: the entries carrying a tag.
+    pub fn tag(&self, tenant: &str, tag: &str) -> String {
+        self.named(tenant, "t", tag)
+    }
+
+    fn named(&self, tenant: &str, kind: &str, name: &str) -> String {
+        let mut out = self.start(tenant, kind, name.len());
+        encode_into(&mut out, name);
+        out
+    }
+
+    /// `<prefix>:{<tenant>}:<kind>:`, with room for `more` bytes.
+    fn start(&self, tenant: &str, kind: &str, more: usize) -> String {
+        let mut out =
+            String::with_capacity(self.prefix.len() + tenant.len() + kind.len() + more + 8);
+        out.push_str(&self.prefix);
+        out.push_str(":{");
+        encode_into(&mut out, tenant);
+        out.push_str("}:");
+        out.push_str(kind);
+        out.push(':');
+        out
+    }
+}
+
+/// A tenant, key or tag string as it appears inside key names.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    encode_into(&mut out, s);
+    out
 }
 
 /// The Redis Cluster slot of every key of `tenant` (CRC16 of its hash tag,

@@ -1,18 +1,21 @@
-//! quotad: a rate-limiting sidecar. Applications ask "may this request go
-//! ahead?" over a Unix socket; quotad decides atomically in Redis (or in
-//! process, without Redis), batching many requests into one round trip.
+//! quotad: a rate-limiting and caching sidecar. Applications ask "may this
+//! request go ahead?" and "is this response cached?" over a Unix socket;
+//! quotad answers atomically from Redis (or in process, without Redis),
+//! batching many requests into one round trip.
 //!
 //! The data path, in order:
 //!
 //! - [`server`]: the socket file's life cycle and the accept loop.
 //! - [`connection`]: one client; frames in, replies out by `id`.
 //! - [`protocol`]: protocol version 1, requests and replies in MessagePack.
-//! - [`router`]: answers `hello`/`stats`, routes a `check` by tenant to its shard.
+//! - [`router`]: answers `hello`/`stats`, routes every other op by tenant
+//!   to its shard, as a [`job`].
 //! - [`shard`]: the actor that owns a tenant shard's local state.
 //! - [`batch`]: adaptive batching of a shard's Redis round trips.
-//! - [`redis`]: the Redis backend: `lua/check.lua`, pipelining, deadlines,
-//!   NOSCRIPT reloads and the circuit breaker.
-//! - [`limiter`]: rules, policies and their math; the in-memory backend.
+//! - [`redis`]: the Redis backend: the `lua/` scripts, pipelining,
+//!   deadlines, NOSCRIPT reloads and the circuit breaker.
+//! - [`limiter`]: rules, policies and their math; the in-memory limiter.
+//! - [`cache`]: the response cache's in-memory backend.
 //!
 //! Around it: [`config`] (the TOML file), [`keys`] (Redis key names),
 //! [`clock`], [`error`] (wire error codes), [`stats`], [`shutdown`]
@@ -20,12 +23,14 @@
 //! client).
 
 pub mod batch;
+pub mod cache;
 pub mod client;
 pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod daemon;
 pub mod error;
+pub mod job;
 pub mod keys;
 pub mod limiter;
 pub mod protocol;

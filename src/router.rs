@@ -18,11 +18,12 @@ use tokio::sync::oneshot;
 use crate::clock::Clock;
 use crate::config::{Config, Policies};
 use crate::error::Error;
+use crate::job::Job;
 use crate::keys::{self, Keys};
-use crate::limiter::{Check, Decision};
+use crate::limiter::Check;
 use crate::protocol::{Body, CheckArgs, Hello, Op, Reply, Request, Stats as StatsBody};
 use crate::redis::RedisBackend;
-use crate::shard::{CheckMsg, Reload, Shard, ShardArgs};
+use crate::shard::{JobMsg, Reload, Shard, ShardArgs};
 use crate::stats::Stats;
 
 pub struct Router {
@@ -35,7 +36,7 @@ pub struct Router {
 /// What a request becomes: an answer now, or one a shard will give.
 pub enum Routed {
     Ready(Reply),
-    Pending(PendingCheck),
+    Pending(Pending),
 }
 
 impl Router {
@@ -60,9 +61,12 @@ impl Router {
                     keys: Keys::new(prefix),
                     clock: clock.clone(),
                     batch_max: s.batch_max,
+                    batch_max_bytes: s.batch_max_bytes,
                     max_in_flight: s.max_batches_in_flight,
                     max_queued: s.max_queued_per_shard,
                     local_max_entries: s.local_max_entries.div_ceil(n),
+                    cache_max_bytes: cfg.cache.memory_max_bytes.div_ceil(n),
+                    fill_poll: std::time::Duration::from_millis(cfg.cache.fill_poll_ms),
                     stats: stats.clone(),
                 };
                 Shard::spawn_with_mailbox(args, mailbox::bounded(s.mailbox_capacity))
@@ -80,55 +84,74 @@ impl Router {
         &self.stats
     }
 
-    /// Answers `hello` and `stats` here; sends a `check` to its shard.
+    /// Answers `hello` and `stats` here; sends every other op to the
+    /// shard that owns its tenant.
     pub fn route(&self, req: Request) -> Routed {
         let c = &self.stats.counters;
         let id = req.id;
-        match req.op {
+        let job = match req.op {
             Op::Hello => {
                 Stats::add(&c.requests_hello, 1);
-                Routed::Ready(Reply::ok(
-                    id,
-                    Body::Hello(Hello {
-                        backend: self.backend,
-                    }),
-                ))
+                let hello = Hello {
+                    backend: self.backend,
+                };
+                return Routed::Ready(Reply::ok(id, Body::Hello(hello)));
             }
             Op::Stats => {
                 Stats::add(&c.requests_stats, 1);
-                Routed::Ready(Reply::ok(
-                    id,
-                    Body::Stats(StatsBody {
-                        uptime_ms: self.stats.uptime_ms(),
-                        backend: self.backend,
-                        shards: self.shards.len() as u64,
-                        counters: c.snapshot(),
-                    }),
-                ))
+                let stats = StatsBody {
+                    uptime_ms: self.stats.uptime_ms(),
+                    backend: self.backend,
+                    shards: self.shards.len() as u64,
+                    counters: c.snapshot(),
+                };
+                return Routed::Ready(Reply::ok(id, Body::Stats(stats)));
             }
             Op::Check(args) => {
                 Stats::add(&c.requests_check, 1);
-                match self.check(args) {
-                    Ok(pending) => Routed::Pending(PendingCheck { id, pending }),
-                    Err(e) => Routed::Ready(Reply::err(id, e)),
-                }
+                self.check(args).map(Job::Check)
             }
+            Op::CheckGet(args, get) => {
+                Stats::add(&c.requests_check_get, 1);
+                self.check(args).map(|check| Job::CheckGet(check, get))
+            }
+            Op::CacheGet(args) => {
+                Stats::add(&c.requests_cache_get, 1);
+                Ok(Job::Get { args, poll: false })
+            }
+            Op::CacheSet(args) => {
+                Stats::add(&c.requests_cache_set, 1);
+                Ok(Job::Set(args))
+            }
+            Op::CacheDel(args) => {
+                Stats::add(&c.requests_cache_del, 1);
+                Ok(Job::Del(args))
+            }
+        };
+        match job.and_then(|job| self.send(job)) {
+            Ok(rx) => Routed::Pending(Pending { id, rx }),
+            Err(e) => Routed::Ready(Reply::err(id, e)),
         }
     }
 
-    fn check(&self, args: CheckArgs) -> Result<oneshot::Receiver<Result<Decision, Error>>, Error> {
+    /// Resolves the policy of a check and refuses a cost it can never allow.
+    fn check(&self, args: CheckArgs) -> Result<Check, Error> {
         let policy = self.policies.load().get(args.policy.as_deref())?.clone();
         policy.check_cost(args.cost)?;
-        let shard = &self.shards[keys::slot(&args.tenant) as usize % self.shards.len()];
-        let check = Check {
+        Ok(Check {
             policy,
             tenant: args.tenant,
             key: args.key,
             cost: args.cost,
-        };
+        })
+    }
+
+    /// Hands a job to its tenant's shard; a full mailbox is `overloaded`.
+    fn send(&self, job: Job) -> Result<oneshot::Receiver<Result<Body, Error>>, Error> {
+        let shard = &self.shards[keys::slot(job.tenant()) as usize % self.shards.len()];
         let (tx, rx) = oneshot::channel();
         shard
-            .tell(CheckMsg(check, tx))
+            .tell(JobMsg(job, tx))
             .try_send()
             .map_err(|e| match e {
                 SendError::MailboxFull(_) => Error::Overloaded("shard mailbox full"),
@@ -156,20 +179,19 @@ impl Router {
     }
 }
 
-/// A check's answer on its way from a shard, tagged with the request id.
-pub struct PendingCheck {
+/// An answer on its way from a shard, tagged with the request id.
+pub struct Pending {
     id: u64,
-    pending: oneshot::Receiver<Result<Decision, Error>>,
+    rx: oneshot::Receiver<Result<Body, Error>>,
 }
 
-impl Future for PendingCheck {
+impl Future for Pending {
     type Output = Reply;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply> {
         let id = self.id;
-        Pin::new(&mut self.pending).poll(cx).map(|r| match r {
-            Ok(Ok(d)) => Reply::ok(id, Body::Decision(d)),
-            Ok(Err(e)) => Reply::err(id, e),
+        Pin::new(&mut self.rx).poll(cx).map(|r| match r {
+            Ok(body) => Reply { id, body },
             // The shard stopped before answering: only at shutdown.
             Err(_) => Reply::err(id, Error::ShuttingDown),
         })

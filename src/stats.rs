@@ -30,6 +30,10 @@ counters! {
     connections_refused,
     requests_hello,
     requests_check,
+    requests_check_get,
+    requests_cache_get,
+    requests_cache_set,
+    requests_cache_del,
     requests_stats,
     /// `check` answers that allowed / denied.
     allowed,
@@ -38,6 +42,18 @@ counters! {
     degraded,
     /// Denials answered from a shard's over-limit cache, without Redis.
     denied_locally,
+    /// Cache reads: fresh hits, stale hits, misses.
+    cache_hits,
+    cache_stale_hits,
+    cache_misses,
+    /// Misses told to fill (`fill: true`), and callers that waited for a
+    /// fill / gave up waiting at their deadline.
+    cache_fills,
+    cache_fill_waits,
+    cache_fill_timeouts,
+    /// Entries stored, and entries deleted by `cache_del`.
+    cache_sets,
+    cache_deleted,
     /// Redis round trips, and the checks they carried.
     batches,
     batched_checks,

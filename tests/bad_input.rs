@@ -8,6 +8,8 @@ use common::{Daemon, Raw, Redis, code, redis_table};
 use serde_json::json;
 
 const CONFIG: &str = r#"max_frame_bytes = 4096
+[cache]
+max_value_bytes = 1024
 [policies.default]
 rules = [{ name = "burst", kind = "token_bucket", capacity = 10, refill_per_sec = 1 }]
 "#;

@@ -3,64 +3,89 @@
 //! Rust client's must produce and accept exactly these bytes; the Python
 //! and Node clients' tests read the same file. `QUOTAD_BLESS=1` rewrites it
 //! (review the diff: a change there is a wire change).
+//!
+//! In the file, `value` is the frame's body as JSON, with MessagePack
+//! binary written as `{"$bin": "<hex>"}`.
 
+use bytes::Bytes;
+use quotad::config::Config;
 use quotad::error::Error;
 use quotad::limiter::Decision;
 use quotad::protocol::{
-    self, Body, CheckArgs, Hello, Limits, Op, Reply, ReplyFields, Request, Stats,
+    self, Body, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Hello, Lookup, Op, Reply,
+    ReplyFields, Request, Stats,
 };
 use serde_json::{Value, json};
 
 const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/frames.json");
-const LIMITS: Limits = Limits {
-    max_tenant_bytes: 256,
-    max_key_bytes: 1024,
-};
+
+fn check_args(policy: Option<&str>, cost: u64) -> CheckArgs {
+    CheckArgs {
+        tenant: "acme".into(),
+        key: "user:42".into(),
+        policy: policy.map(Into::into),
+        cost,
+    }
+}
+
+fn get_args(fill_ms: u64) -> CacheGetArgs {
+    CacheGetArgs {
+        tenant: "acme".into(),
+        key: "GET /items?page=2".into(),
+        fill_ms,
+    }
+}
 
 fn requests() -> Vec<(&'static str, Request)> {
-    let check = |policy: Option<&str>, cost| {
-        Op::Check(CheckArgs {
-            tenant: "acme".into(),
-            key: "user:42".into(),
-            policy: policy.map(Into::into),
-            cost,
-        })
-    };
+    let req = |id, op| Request { id, op };
     vec![
-        (
-            "hello_request",
-            Request {
-                id: 1,
-                op: Op::Hello,
-            },
-        ),
+        ("hello_request", req(1, Op::Hello)),
         (
             "check_request",
-            Request {
-                id: 2,
-                op: check(Some("api"), 1),
-            },
+            req(2, Op::Check(check_args(Some("api"), 1))),
         ),
         (
             "check_request_default_policy_peek",
-            Request {
-                id: 3,
-                op: check(None, 0),
-            },
+            req(3, Op::Check(check_args(None, 0))),
         ),
         (
             "check_request_large_id",
-            Request {
-                id: u64::MAX,
-                op: check(Some("api"), 300),
-            },
+            req(u64::MAX, Op::Check(check_args(Some("api"), 300))),
+        ),
+        ("stats_request", req(4, Op::Stats)),
+        ("cache_get_request", req(5, Op::CacheGet(get_args(0)))),
+        (
+            "cache_get_request_fill",
+            req(6, Op::CacheGet(get_args(2000))),
         ),
         (
-            "stats_request",
-            Request {
-                id: 4,
-                op: Op::Stats,
-            },
+            "cache_set_request",
+            req(
+                7,
+                Op::CacheSet(CacheSetArgs {
+                    tenant: "acme".into(),
+                    key: "GET /items?page=2".into(),
+                    value: Bytes::from_static(b"{\"items\":[]}\x00\xff"),
+                    ttl_ms: 30_000,
+                    stale_ms: 5_000,
+                    tags: vec!["items".into(), "user:42".into()],
+                }),
+            ),
+        ),
+        (
+            "cache_del_request",
+            req(
+                8,
+                Op::CacheDel(CacheDelArgs {
+                    tenant: "acme".into(),
+                    keys: vec!["GET /items?page=2".into()],
+                    tags: vec!["user:42".into()],
+                }),
+            ),
+        ),
+        (
+            "check_get_request",
+            req(9, Op::CheckGet(check_args(Some("api"), 1), get_args(2000))),
         ),
     ]
 }
@@ -77,27 +102,36 @@ fn decision(allowed: bool, degraded: bool) -> Decision {
     }
 }
 
+fn hit() -> Lookup {
+    Lookup {
+        value: Some(Bytes::from_static(b"{\"items\":[]}")),
+        ttl_ms: 29_500,
+        ..Lookup::default()
+    }
+}
+
 fn replies() -> Vec<(&'static str, Reply)> {
+    let ok = Reply::ok;
     vec![
         (
             "hello_reply",
-            Reply::ok(1, Body::Hello(Hello { backend: "redis" })),
+            ok(1, Body::Hello(Hello { backend: "redis" })),
         ),
         (
             "check_reply_allowed",
-            Reply::ok(2, Body::Decision(decision(true, false))),
+            ok(2, Body::Decision(decision(true, false))),
         ),
         (
             "check_reply_denied",
-            Reply::ok(3, Body::Decision(decision(false, false))),
+            ok(3, Body::Decision(decision(false, false))),
         ),
         (
             "check_reply_degraded",
-            Reply::ok(u64::MAX, Body::Decision(decision(true, true))),
+            ok(u64::MAX, Body::Decision(decision(true, true))),
         ),
         (
             "stats_reply",
-            Reply::ok(
+            ok(
                 4,
                 Body::Stats(Stats {
                     uptime_ms: 123_456,
@@ -110,6 +144,52 @@ fn replies() -> Vec<(&'static str, Reply)> {
                     ],
                 }),
             ),
+        ),
+        ("cache_get_reply_hit", ok(5, Body::Lookup(hit()))),
+        (
+            "cache_get_reply_stale_refresh",
+            ok(
+                5,
+                Body::Lookup(Lookup {
+                    ttl_ms: 0,
+                    stale: true,
+                    refresh: true,
+                    ..hit()
+                }),
+            ),
+        ),
+        (
+            "cache_get_reply_miss_fill",
+            ok(
+                6,
+                Body::Lookup(Lookup {
+                    fill: true,
+                    ..Lookup::default()
+                }),
+            ),
+        ),
+        (
+            "cache_get_reply_degraded",
+            ok(6, Body::Lookup(Lookup::degraded_miss())),
+        ),
+        ("cache_set_reply", ok(7, Body::Stored { degraded: false })),
+        (
+            "cache_del_reply",
+            ok(
+                8,
+                Body::Deleted {
+                    deleted: 3,
+                    degraded: false,
+                },
+            ),
+        ),
+        (
+            "check_get_reply_allowed_hit",
+            ok(9, Body::CheckLookup(decision(true, false), Some(hit()))),
+        ),
+        (
+            "check_get_reply_denied",
+            ok(9, Body::CheckLookup(decision(false, false), None)),
         ),
         (
             "error_reply_bad_request",
@@ -133,11 +213,8 @@ fn replies() -> Vec<(&'static str, Reply)> {
     ]
 }
 
-/// A frame as clients see it: length prefix plus body, in hex.
-fn framed(body: &[u8]) -> String {
-    let mut f = (body.len() as u32).to_be_bytes().to_vec();
-    f.extend_from_slice(body);
-    f.iter().map(|b| format!("{b:02x}")).collect()
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex(s: &str) -> Vec<u8> {
@@ -147,9 +224,30 @@ fn unhex(s: &str) -> Vec<u8> {
         .collect()
 }
 
+/// A MessagePack value as JSON, binary as `{"$bin": hex}`.
+fn to_json(v: &rmpv::Value) -> Value {
+    use rmpv::Value as M;
+    match v {
+        M::Nil => Value::Null,
+        M::Boolean(b) => json!(b),
+        M::Integer(i) => i.as_u64().map_or_else(|| json!(i.as_i64()), |u| json!(u)),
+        M::String(s) => json!(s.as_str().expect("UTF-8 strings")),
+        M::Binary(b) => json!({"$bin": hex(b)}),
+        M::Array(a) => Value::Array(a.iter().map(to_json).collect()),
+        M::Map(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.as_str().expect("string keys").to_owned(), to_json(v)))
+                .collect(),
+        ),
+        other => panic!("not in protocol v1: {other:?}"),
+    }
+}
+
 fn entry(name: &str, direction: &str, body: &[u8]) -> Value {
-    let value: Value = rmp_serde::from_slice(body).unwrap();
-    json!({"name": name, "direction": direction, "hex": framed(body), "value": value})
+    let value = rmpv::decode::read_value(&mut &body[..]).unwrap();
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body);
+    json!({"name": name, "direction": direction, "hex": hex(&frame), "value": to_json(&value)})
 }
 
 fn generate() -> Value {
@@ -165,32 +263,39 @@ fn generate() -> Value {
         frames.push(entry(name, "reply", &body));
     }
     json!({
-        "about": "Protocol v1 golden frames. hex = 4-byte big-endian length + MessagePack body; value = the body as JSON. Generated by tests/golden_frames.rs (QUOTAD_BLESS=1).",
+        "about": "Protocol v1 golden frames. hex = 4-byte big-endian length + MessagePack body; value = the body as JSON, with MessagePack binary as {\"$bin\": hex}. Generated by tests/golden_frames.rs (QUOTAD_BLESS=1).",
         "frames": frames,
     })
+}
+
+fn pinned() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(PATH).unwrap()).unwrap()
 }
 
 #[test]
 fn encoders_produce_exactly_the_pinned_bytes() {
     let generated = generate();
     if std::env::var_os("QUOTAD_BLESS").is_some() {
-        std::fs::create_dir_all(std::path::Path::new(PATH).parent().unwrap()).unwrap();
+        // Write then rename: the other test may be reading the file.
+        let tmp = format!("{PATH}.tmp");
         std::fs::write(
-            PATH,
+            &tmp,
             serde_json::to_string_pretty(&generated).unwrap() + "\n",
         )
         .unwrap();
+        std::fs::rename(tmp, PATH).unwrap();
+        return;
     }
-    let pinned: Value = serde_json::from_str(&std::fs::read_to_string(PATH).unwrap()).unwrap();
     assert_eq!(
-        generated, pinned,
+        generated,
+        pinned(),
         "the wire encoding changed; if intended, rerun with QUOTAD_BLESS=1"
     );
 }
 
 #[test]
 fn decoders_read_the_pinned_bytes_back() {
-    let pinned: Value = serde_json::from_str(&std::fs::read_to_string(PATH).unwrap()).unwrap();
+    let pinned = pinned();
     let frames = pinned["frames"].as_array().unwrap();
     let body = |name: &str| {
         let f = frames.iter().find(|f| f["name"] == name).unwrap();
@@ -199,9 +304,10 @@ fn decoders_read_the_pinned_bytes_back() {
         assert_eq!(len, bytes.len() - 4, "{name}: length prefix");
         bytes[4..].to_vec()
     };
+    let limits = Config::builtin().limits();
     for (name, req) in requests() {
         assert_eq!(
-            protocol::decode(&body(name), &LIMITS).unwrap(),
+            protocol::decode(&body(name), &limits).unwrap(),
             req,
             "{name}"
         );
@@ -215,6 +321,18 @@ fn decoders_read_the_pinned_bytes_back() {
         );
         match reply.body {
             Ok(Body::Decision(d)) => assert_eq!(fields.decision(), Some(d), "{name}"),
+            Ok(Body::Lookup(l)) => assert_eq!(fields.lookup(), Some(l), "{name}"),
+            Ok(Body::CheckLookup(d, l)) => {
+                assert_eq!(fields.decision(), Some(d), "{name}");
+                assert_eq!(fields.lookup(), l, "{name}");
+            }
+            Ok(Body::Stored { degraded }) => assert_eq!(fields.degraded, Some(degraded)),
+            Ok(Body::Deleted { deleted, degraded }) => {
+                assert_eq!(
+                    (fields.deleted, fields.degraded),
+                    (Some(deleted), Some(degraded))
+                )
+            }
             Ok(Body::Hello(h)) => {
                 assert_eq!(fields.protocol, Some(1));
                 assert_eq!(fields.backend.as_deref(), Some(h.backend));

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use quotad::clock::Clock;
 use quotad::config::Config;
+use quotad::job::{Job, Outcome};
 use quotad::keys::Keys;
 use quotad::limiter::memory::MemoryLimiter;
 use quotad::limiter::{Check, Decision, Policy};
@@ -138,9 +139,12 @@ async fn redis_backend_matches_every_table_in_batches() {
             clock.set_us((table.start_ms + at) * 1000);
             let checks: Vec<Check> = steps.iter().map(|s| check(&policy, s)).collect();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            let verdicts = backend.check(&checks, deadline).await;
-            for (j, (s, v)) in steps.iter().zip(verdicts).enumerate() {
-                let v = v.unwrap_or_else(|| panic!("{name} step {}: Redis did not decide", i + j));
+            let jobs: Vec<Job> = checks.into_iter().map(Job::Check).collect();
+            let outcomes = backend.run(&jobs, deadline).await;
+            for (j, (s, o)) in steps.iter().zip(outcomes).enumerate() {
+                let Some(Outcome::Decided(v)) = o else {
+                    panic!("{name} step {}: Redis did not decide: {o:?}", i + j);
+                };
                 let got = Expect::from(&Decision::from_verdict(&policy, v, false));
                 assert_eq!(
                     got,

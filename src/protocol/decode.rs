@@ -14,18 +14,28 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use super::{CheckArgs, Op, Request};
+use bytes::Bytes;
+
+use super::{CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Op, Request};
 use crate::error::Error;
 
 /// Nesting allowed in a request. Requests need 2 (a map holding a list of
 /// strings); the bound keeps a hostile frame from exhausting the stack.
 const MAX_DEPTH: usize = 16;
 
-/// The bounds a request's strings are held to.
+/// The bounds a request is held to.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_tenant_bytes: usize,
+    /// Also the bound of a cache key and of a tag.
     pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    /// Tags of one cache entry.
+    pub max_tags: usize,
+    /// Keys plus tags of one `cache_del`.
+    pub max_delete: usize,
+    pub max_ttl_ms: u64,
+    pub max_fill_ms: u64,
 }
 
 /// Why a frame did not become a request.
@@ -41,7 +51,7 @@ pub enum DecodeError {
 pub fn decode(frame: &[u8], limits: &Limits) -> Result<Request, DecodeError> {
     let mut de = rmp_serde::Deserializer::new(frame);
     de.set_max_depth(MAX_DEPTH);
-    let raw = RawRequest::deserialize(&mut de).map_err(|e| {
+    let mut raw = RawRequest::deserialize(&mut de).map_err(|e| {
         DecodeError::Fatal(Error::bad_request(format!(
             "a frame must hold one MessagePack map with string keys: {e}"
         )))
@@ -51,9 +61,9 @@ pub fn decode(frame: &[u8], limits: &Limits) -> Result<Request, DecodeError> {
             "trailing bytes after the request map",
         )));
     }
-    let id = match raw.id {
+    let id = match raw.fields[0].take() {
         Some(Field::Uint(id)) => id,
-        ref other => {
+        other => {
             let error = Error::bad_request(type_error("id", "an unsigned integer", other.as_ref()));
             return Err(DecodeError::Request { id: 0, error });
         }
@@ -69,9 +79,45 @@ fn type_error(field: &str, wanted: &str, got: Option<&Field>) -> String {
     }
 }
 
+/// The request fields this build reads, in a fixed order.
+const NAMES: [&str; 13] = [
+    "id",
+    "op",
+    "tenant",
+    "key",
+    "policy",
+    "cost",
+    "cache_key",
+    "fill_ms",
+    "value",
+    "ttl_ms",
+    "stale_ms",
+    "tags",
+    "keys",
+];
+
 /// Strings that requests carry over and over: field names and op names.
 const KNOWN: &[&str] = &[
-    "id", "op", "tenant", "key", "policy", "cost", "check", "hello", "stats",
+    "id",
+    "op",
+    "tenant",
+    "key",
+    "policy",
+    "cost",
+    "cache_key",
+    "fill_ms",
+    "value",
+    "ttl_ms",
+    "stale_ms",
+    "tags",
+    "keys",
+    "check",
+    "check_get",
+    "cache_get",
+    "cache_set",
+    "cache_del",
+    "hello",
+    "stats",
 ];
 
 /// Any MessagePack value, as far as a request needs to tell them apart.
@@ -84,7 +130,7 @@ enum Field {
     Float,
     /// Borrowed when it is one of [`KNOWN`]: map keys cost no allocation.
     Str(Cow<'static, str>),
-    Bin,
+    Bin(Bytes),
     Array(Vec<Field>),
     Map,
 }
@@ -97,7 +143,7 @@ impl Field {
             Field::Uint(_) | Field::Int => "an integer",
             Field::Float => "a float",
             Field::Str(_) => "a string",
-            Field::Bin => "binary",
+            Field::Bin(_) => "binary",
             Field::Array(_) => "an array",
             Field::Map => "a map",
         }
@@ -107,24 +153,27 @@ impl Field {
 /// The fields of a request map, before their types are checked.
 #[derive(Debug, Default)]
 struct RawRequest {
-    id: Option<Field>,
-    op: Option<Field>,
-    tenant: Option<Field>,
-    key: Option<Field>,
-    policy: Option<Field>,
-    cost: Option<Field>,
+    /// By position in [`NAMES`].
+    fields: [Option<Field>; NAMES.len()],
     /// The first structural problem (a non-string or duplicate key).
     problem: Option<String>,
 }
 
+fn index(name: &str) -> usize {
+    NAMES
+        .iter()
+        .position(|n| *n == name)
+        .expect("a known field")
+}
+
 impl RawRequest {
-    fn into_request(self, id: u64, limits: &Limits) -> Result<Request, Error> {
-        if let Some(p) = self.problem {
+    fn into_request(mut self, id: u64, limits: &Limits) -> Result<Request, Error> {
+        if let Some(p) = self.problem.take() {
             return Err(Error::BadRequest(p));
         }
-        let op = match self.op {
+        let op = match self.take("op") {
             Some(Field::Str(op)) => op,
-            ref other => {
+            other => {
                 return Err(Error::bad_request(type_error(
                     "op",
                     "a string",
@@ -132,54 +181,194 @@ impl RawRequest {
                 )));
             }
         };
+        let l = limits;
         let op = match &*op {
             "hello" => Op::Hello,
             "stats" => Op::Stats,
-            "check" => Op::Check(CheckArgs {
-                tenant: bounded_str("tenant", self.tenant, limits.max_tenant_bytes)?,
-                key: bounded_str("key", self.key, limits.max_key_bytes)?,
-                policy: match self.policy {
-                    None | Some(Field::Nil) => None,
-                    Some(Field::Str(p)) => Some(p.into_owned()),
-                    Some(other) => {
-                        return Err(Error::bad_request(type_error(
-                            "policy",
-                            "a string",
-                            Some(&other),
-                        )));
-                    }
-                },
-                cost: match self.cost {
-                    None | Some(Field::Nil) => 1,
-                    Some(Field::Uint(c)) => c,
-                    Some(other) => {
-                        return Err(Error::bad_request(type_error(
-                            "cost",
-                            "an unsigned integer",
-                            Some(&other),
-                        )));
-                    }
-                },
+            "check" => Op::Check(self.check(l)?),
+            "check_get" => {
+                let check = self.check(l)?;
+                let get = CacheGetArgs {
+                    tenant: check.tenant.clone(),
+                    key: self.string("cache_key", l.max_key_bytes)?,
+                    fill_ms: self.fill_ms(l)?,
+                };
+                Op::CheckGet(check, get)
+            }
+            "cache_get" => Op::CacheGet(CacheGetArgs {
+                tenant: self.string("tenant", l.max_tenant_bytes)?,
+                key: self.string("key", l.max_key_bytes)?,
+                fill_ms: self.fill_ms(l)?,
             }),
+            "cache_set" => {
+                let set = CacheSetArgs {
+                    tenant: self.string("tenant", l.max_tenant_bytes)?,
+                    key: self.string("key", l.max_key_bytes)?,
+                    value: self.bin("value", l.max_value_bytes)?,
+                    ttl_ms: self.uint("ttl_ms", None)?,
+                    stale_ms: self.uint("stale_ms", Some(0))?,
+                    tags: self.strings("tags", l.max_tags, l.max_key_bytes)?,
+                };
+                for (field, v) in [("ttl_ms", set.ttl_ms), ("stale_ms", set.stale_ms)] {
+                    if v > l.max_ttl_ms {
+                        return Err(Error::bad_request(format!(
+                            "field `{field}` must be at most {}",
+                            l.max_ttl_ms
+                        )));
+                    }
+                }
+                if set.ttl_ms == 0 {
+                    return Err(Error::bad_request("field `ttl_ms` must be greater than 0"));
+                }
+                Op::CacheSet(set)
+            }
+            "cache_del" => {
+                let tenant = self.string("tenant", l.max_tenant_bytes)?;
+                let keys = self.strings("keys", l.max_delete, l.max_key_bytes)?;
+                let tags = self.strings("tags", l.max_delete, l.max_key_bytes)?;
+                if keys.is_empty() && tags.is_empty() {
+                    return Err(Error::bad_request("`cache_del` needs `keys` or `tags`"));
+                }
+                if keys.len() + tags.len() > l.max_delete {
+                    return Err(Error::bad_request(format!(
+                        "at most {} keys and tags in one `cache_del`",
+                        l.max_delete
+                    )));
+                }
+                Op::CacheDel(CacheDelArgs { tenant, keys, tags })
+            }
             _ => return Err(Error::UnknownOp(truncate(&op, 64))),
         };
         Ok(Request { id, op })
     }
+
+    /// Takes a field; `nil` counts as absent.
+    fn take(&mut self, name: &str) -> Option<Field> {
+        self.fields[index(name)].take().filter(|f| *f != Field::Nil)
+    }
+
+    fn check(&mut self, l: &Limits) -> Result<CheckArgs, Error> {
+        Ok(CheckArgs {
+            tenant: self.string("tenant", l.max_tenant_bytes)?,
+            key: self.string("key", l.max_key_bytes)?,
+            policy: match self.take("policy") {
+                None => None,
+                Some(Field::Str(p)) => Some(p.into_owned()),
+                Some(other) => {
+                    return Err(Error::bad_request(type_error(
+                        "policy",
+                        "a string",
+                        Some(&other),
+                    )));
+                }
+            },
+            cost: self.uint("cost", Some(1))?,
+        })
+    }
+
+    fn fill_ms(&mut self, l: &Limits) -> Result<u64, Error> {
+        let fill = self.uint("fill_ms", Some(0))?;
+        if fill > l.max_fill_ms {
+            return Err(Error::bad_request(format!(
+                "field `fill_ms` must be at most {}",
+                l.max_fill_ms
+            )));
+        }
+        Ok(fill)
+    }
+
+    /// A required string of 1 to `max` bytes.
+    fn string(&mut self, name: &str, max: usize) -> Result<String, Error> {
+        match self.take(name) {
+            Some(Field::Str(s)) => bounded(name, s.into_owned(), max),
+            other => Err(Error::bad_request(type_error(
+                name,
+                "a string",
+                other.as_ref(),
+            ))),
+        }
+    }
+
+    /// An unsigned integer; `default: None` makes it required.
+    fn uint(&mut self, name: &str, default: Option<u64>) -> Result<u64, Error> {
+        match (self.take(name), default) {
+            (Some(Field::Uint(n)), _) => Ok(n),
+            (None, Some(d)) => Ok(d),
+            (other, _) => Err(Error::bad_request(type_error(
+                name,
+                "an unsigned integer",
+                other.as_ref(),
+            ))),
+        }
+    }
+
+    /// Required binary of at most `max` bytes (more is `too_large`).
+    fn bin(&mut self, name: &str, max: usize) -> Result<Bytes, Error> {
+        match self.take(name) {
+            Some(Field::Bin(b)) if b.len() <= max => Ok(b),
+            Some(Field::Bin(b)) => Err(Error::TooLarge(format!(
+                "field `{name}` is {} bytes, over the maximum of {max}",
+                b.len()
+            ))),
+            other => Err(Error::bad_request(type_error(
+                name,
+                "binary",
+                other.as_ref(),
+            ))),
+        }
+    }
+
+    /// An optional list of at most `max_items` strings of 1 to
+    /// `max_bytes` bytes each, without duplicates.
+    fn strings(
+        &mut self,
+        name: &str,
+        max_items: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<String>, Error> {
+        let items = match self.take(name) {
+            None => return Ok(Vec::new()),
+            Some(Field::Array(items)) => items,
+            Some(other) => {
+                return Err(Error::bad_request(type_error(
+                    name,
+                    "a list of strings",
+                    Some(&other),
+                )));
+            }
+        };
+        if items.len() > max_items {
+            return Err(Error::bad_request(format!(
+                "field `{name}` holds {} items, over the maximum of {max_items}",
+                items.len()
+            )));
+        }
+        let mut out: Vec<String> = Vec::with_capacity(items.len());
+        for item in items {
+            let Field::Str(s) = item else {
+                return Err(Error::bad_request(type_error(
+                    name,
+                    "a list of strings",
+                    Some(&item),
+                )));
+            };
+            let s = bounded(name, s.into_owned(), max_bytes)?;
+            if !out.contains(&s) {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
 }
 
-fn bounded_str(field: &str, value: Option<Field>, max: usize) -> Result<String, Error> {
-    match value {
-        Some(Field::Str(s)) if !s.is_empty() && s.len() <= max => Ok(s.into_owned()),
-        Some(Field::Str(s)) => Err(Error::bad_request(format!(
-            "field `{field}` must be 1 to {max} bytes, not {}",
+fn bounded(name: &str, s: String, max: usize) -> Result<String, Error> {
+    if s.is_empty() || s.len() > max {
+        return Err(Error::bad_request(format!(
+            "field `{name}` must be 1 to {max} bytes, not {}",
             s.len()
-        ))),
-        other => Err(Error::bad_request(type_error(
-            field,
-            "a string",
-            other.as_ref(),
-        ))),
+        )));
     }
+    Ok(s)
 }
 
 /// Shortens a peer-supplied string before it goes into an error message.
@@ -214,15 +403,10 @@ impl<'de> Visitor<'de> for RawVisitor {
                     .get_or_insert_with(|| "map keys must be strings".into());
                 continue;
             };
-            let slot = match &*name {
-                "id" => &mut raw.id,
-                "op" => &mut raw.op,
-                "tenant" => &mut raw.tenant,
-                "key" => &mut raw.key,
-                "policy" => &mut raw.policy,
-                "cost" => &mut raw.cost,
-                _ => continue, // newer clients may send fields this build does not know
+            let Some(i) = NAMES.iter().position(|n| *n == name) else {
+                continue; // newer clients may send fields this build does not know
             };
+            let slot = &mut raw.fields[i];
             if slot.replace(value).is_some() {
                 raw.problem
                     .get_or_insert_with(|| format!("field `{name}` appears twice"));
@@ -270,8 +454,8 @@ impl<'de> Visitor<'de> for FieldVisitor {
             None => Cow::Owned(v.to_owned()),
         }))
     }
-    fn visit_bytes<E>(self, _: &[u8]) -> Result<Field, E> {
-        Ok(Field::Bin)
+    fn visit_bytes<E>(self, v: &[u8]) -> Result<Field, E> {
+        Ok(Field::Bin(Bytes::copy_from_slice(v)))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field, A::Error> {
         let mut items = Vec::new();
@@ -301,6 +485,11 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_tenant_bytes: 8,
         max_key_bytes: 8,
+        max_value_bytes: 16,
+        max_tags: 2,
+        max_delete: 3,
+        max_ttl_ms: 1000,
+        max_fill_ms: 500,
     };
 
     fn frame(v: &serde_json::Value) -> Vec<u8> {

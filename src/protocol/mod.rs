@@ -3,28 +3,37 @@
 //!
 //! A frame is a 4-byte big-endian length and one MessagePack map with string
 //! keys. [`decode`] turns a request frame into a [`Request`] or an error
-//! that says whether the connection must close; [`Reply`] serializes itself.
-//! The client half (request encoding, [`ReplyFields`]) lives here too, so the
-//! two sides cannot drift apart: the golden frames in `tests/fixtures/` check
-//! both.
+//! that says whether the connection must close; [`encode_reply`] writes a
+//! [`Reply`]. The client half ([`encode_request`], [`ReplyFields`]) lives
+//! here too, so the two sides cannot drift apart: the golden frames in
+//! `tests/fixtures/` check both.
 
 mod decode;
+mod encode;
+mod fields;
 
-use std::collections::BTreeMap;
-
-use serde::ser::SerializeMap;
-use serde::{Deserialize, Serialize, Serializer};
+use bytes::Bytes;
 
 use crate::error::Error;
 use crate::limiter::Decision;
 
 pub use decode::{DecodeError, Limits, decode};
+pub use encode::{encode_reply, encode_request};
+pub use fields::{ReplyFields, WireError};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Every op this build answers, as listed by `hello`.
-pub const OPS: &[&str] = &["hello", "check", "stats"];
+pub const OPS: &[&str] = &[
+    "hello",
+    "check",
+    "cache_get",
+    "cache_set",
+    "cache_del",
+    "check_get",
+    "stats",
+];
 
 /// A decoded request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +46,11 @@ pub struct Request {
 pub enum Op {
     Hello,
     Check(CheckArgs),
+    CacheGet(CacheGetArgs),
+    CacheSet(CacheSetArgs),
+    CacheDel(CacheDelArgs),
+    /// A check, then (only if allowed) a cache read, in one round trip.
+    CheckGet(CheckArgs, CacheGetArgs),
     Stats,
 }
 
@@ -45,6 +59,10 @@ impl Op {
         match self {
             Op::Hello => "hello",
             Op::Check(_) => "check",
+            Op::CacheGet(_) => "cache_get",
+            Op::CacheSet(_) => "cache_set",
+            Op::CacheDel(_) => "cache_del",
+            Op::CheckGet(..) => "check_get",
             Op::Stats => "stats",
         }
     }
@@ -60,6 +78,34 @@ pub struct CheckArgs {
     pub cost: u64,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheGetArgs {
+    pub tenant: String,
+    pub key: String,
+    /// On a miss, hold concurrent missers this long while the first one
+    /// (told `fill: true`) computes the value. 0: no single-flight.
+    pub fill_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSetArgs {
+    pub tenant: String,
+    pub key: String,
+    pub value: Bytes,
+    /// How long the entry is fresh (> 0).
+    pub ttl_ms: u64,
+    /// After `ttl_ms`, how long it is still served, marked stale.
+    pub stale_ms: u64,
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheDelArgs {
+    pub tenant: String,
+    pub keys: Vec<String>,
+    pub tags: Vec<String>,
+}
+
 /// A reply: `id`, `ok`, then the op's fields or an `error` map.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
@@ -71,7 +117,46 @@ pub struct Reply {
 pub enum Body {
     Hello(Hello),
     Decision(Decision),
+    Lookup(Lookup),
+    /// `cache_set`: stored (or, when degraded, not).
+    Stored {
+        degraded: bool,
+    },
+    /// `cache_del`: how many entries went.
+    Deleted {
+        deleted: u64,
+        degraded: bool,
+    },
+    /// `check_get`: the decision, and the lookup when it allowed.
+    CheckLookup(Decision, Option<Lookup>),
     Stats(Stats),
+}
+
+/// The answer to a cache read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Lookup {
+    /// `None`: a miss.
+    pub value: Option<Bytes>,
+    /// Hit: ms the entry stays fresh (0 when stale).
+    pub ttl_ms: u64,
+    /// Hit: past its `ttl_ms`, served within its `stale_ms`.
+    pub stale: bool,
+    /// Stale hit: this caller, and no other, should refresh the entry.
+    pub refresh: bool,
+    /// Miss with `fill_ms`: this caller, and no other, should compute the
+    /// value and `cache_set` it; the others wait for it.
+    pub fill: bool,
+    pub degraded: bool,
+}
+
+impl Lookup {
+    /// A miss because the backend could not answer.
+    pub fn degraded_miss() -> Self {
+        Lookup {
+            degraded: true,
+            ..Lookup::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,152 +190,4 @@ impl Reply {
 /// The server's name and version, as `hello` reports it.
 pub fn server_name() -> String {
     format!("quotad/{}", env!("CARGO_PKG_VERSION"))
-}
-
-impl Serialize for Reply {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let fields = match &self.body {
-            Err(_) => 1,
-            Ok(Body::Hello(_)) => 4,
-            Ok(Body::Decision(_)) => 7,
-            Ok(Body::Stats(_)) => 4,
-        };
-        let mut m = s.serialize_map(Some(2 + fields))?;
-        m.serialize_entry("id", &self.id)?;
-        m.serialize_entry("ok", &self.body.is_ok())?;
-        match &self.body {
-            Err(e) => m.serialize_entry(
-                "error",
-                &WireError {
-                    code: e.code().to_owned(),
-                    message: e.to_string(),
-                },
-            )?,
-            Ok(Body::Hello(h)) => {
-                m.serialize_entry("protocol", &PROTOCOL_VERSION)?;
-                m.serialize_entry("server", &server_name())?;
-                m.serialize_entry("backend", h.backend)?;
-                m.serialize_entry("ops", OPS)?;
-            }
-            Ok(Body::Decision(d)) => {
-                m.serialize_entry("allowed", &d.allowed)?;
-                m.serialize_entry("limit", &d.limit)?;
-                m.serialize_entry("remaining", &d.remaining)?;
-                m.serialize_entry("reset_ms", &d.reset_ms)?;
-                m.serialize_entry("retry_after_ms", &d.retry_after_ms)?;
-                m.serialize_entry("degraded", &d.degraded)?;
-                m.serialize_entry("rule", &*d.rule)?;
-            }
-            Ok(Body::Stats(st)) => {
-                m.serialize_entry("uptime_ms", &st.uptime_ms)?;
-                m.serialize_entry("backend", st.backend)?;
-                m.serialize_entry("shards", &st.shards)?;
-                m.serialize_entry("counters", &CounterMap(&st.counters))?;
-            }
-        }
-        m.end()
-    }
-}
-
-struct CounterMap<'a>(&'a [(&'static str, u64)]);
-
-impl Serialize for CounterMap<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in self.0 {
-            m.serialize_entry(k, v)?;
-        }
-        m.end()
-    }
-}
-
-/// The `error` map of a failed reply.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WireError {
-    pub code: String,
-    pub message: String,
-}
-
-/// Writes one reply, as a MessagePack map, to `out`.
-pub fn encode_reply(reply: &Reply, out: &mut impl std::io::Write) {
-    let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
-    reply
-        .serialize(&mut ser)
-        .expect("serializing into memory cannot fail");
-}
-
-// ---- The client half ------------------------------------------------------
-
-impl Serialize for Request {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let fields = match &self.op {
-            Op::Hello | Op::Stats => 0,
-            Op::Check(c) => 3 + usize::from(c.policy.is_some()),
-        };
-        let mut m = s.serialize_map(Some(2 + fields))?;
-        m.serialize_entry("id", &self.id)?;
-        m.serialize_entry("op", self.op.name())?;
-        if let Op::Check(c) = &self.op {
-            m.serialize_entry("tenant", &c.tenant)?;
-            m.serialize_entry("key", &c.key)?;
-            if let Some(p) = &c.policy {
-                m.serialize_entry("policy", p)?;
-            }
-            m.serialize_entry("cost", &c.cost)?;
-        }
-        m.end()
-    }
-}
-
-/// Appends one request, as a MessagePack map, to `out`.
-pub fn encode_request(req: &Request, out: &mut Vec<u8>) {
-    let mut ser = rmp_serde::Serializer::new(out).with_struct_map();
-    req.serialize(&mut ser)
-        .expect("serializing into memory cannot fail");
-}
-
-/// Every field any reply may carry, as a client reads it: unknown fields
-/// are ignored, so a newer server's additions never break an older client.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct ReplyFields {
-    pub id: u64,
-    pub ok: bool,
-    pub error: Option<WireError>,
-    // hello
-    pub protocol: Option<u32>,
-    pub server: Option<String>,
-    pub backend: Option<String>,
-    pub ops: Option<Vec<String>>,
-    // check
-    pub allowed: Option<bool>,
-    pub limit: Option<u64>,
-    pub remaining: Option<u64>,
-    pub reset_ms: Option<u64>,
-    pub retry_after_ms: Option<u64>,
-    pub degraded: Option<bool>,
-    pub rule: Option<String>,
-    // stats
-    pub uptime_ms: Option<u64>,
-    pub shards: Option<u64>,
-    pub counters: Option<BTreeMap<String, u64>>,
-}
-
-impl ReplyFields {
-    pub fn from_slice(frame: &[u8]) -> Result<Self, rmp_serde::decode::Error> {
-        rmp_serde::from_slice(frame)
-    }
-
-    /// The decision of a `check` reply, if it is one.
-    pub fn decision(&self) -> Option<Decision> {
-        Some(Decision {
-            allowed: self.allowed?,
-            limit: self.limit?,
-            remaining: self.remaining?,
-            reset_ms: self.reset_ms?,
-            retry_after_ms: self.retry_after_ms?,
-            degraded: self.degraded?,
-            rule: self.rule.as_deref()?.into(),
-        })
-    }
 }

@@ -24,8 +24,8 @@ use conn::Conn;
 
 use crate::clock::Clock;
 use crate::config::RedisConfig;
+use crate::job::{Job, Outcome};
 use crate::keys::{self, Keys};
-use crate::limiter::{Check, Verdict};
 use crate::stats::Stats;
 
 /// A handle on the Redis backend; clones share one connection and breaker.
@@ -82,21 +82,21 @@ impl RedisBackend {
         self.inner.breaker.is_open()
     }
 
-    /// Decides `checks` in one round trip that ends by `deadline`. `None`
-    /// for a check Redis could not decide (answer it by failure mode).
-    pub async fn check(&self, checks: &[Check], deadline: Instant) -> Vec<Option<Verdict>> {
+    /// Runs `jobs` in one round trip that ends by `deadline`. `None` for a
+    /// job Redis could not run (answer it by failure mode).
+    pub async fn run(&self, jobs: &[Job], deadline: Instant) -> Vec<Option<Outcome>> {
         let inner = &*self.inner;
-        let mut out = vec![None; checks.len()];
+        let mut out = vec![None; jobs.len()];
         if inner.breaker.is_open() {
             return out;
         }
         Stats::add(&inner.stats.counters.batches, 1);
-        Stats::add(&inner.stats.counters.batched_checks, checks.len() as u64);
-        let groups = self.groups(checks);
+        Stats::add(&inner.stats.counters.batched_checks, jobs.len() as u64);
+        let groups = self.groups(jobs);
         let now = inner.clock.fixed_us();
         let started = std::time::Instant::now();
         let results =
-            match tokio::time::timeout_at(deadline, self.round_trip(checks, &groups, now)).await {
+            match tokio::time::timeout_at(deadline, self.round_trip(jobs, &groups, now)).await {
                 Ok(results) => results,
                 Err(_) => {
                     Stats::add(&inner.stats.counters.redis_timeouts, 1);
@@ -110,13 +110,13 @@ impl RedisBackend {
         );
         let mut failed = false;
         for (group, result) in groups.iter().zip(results) {
-            let parsed = result.ok().and_then(|v| script::verdicts(&v, group.len()));
+            let parsed = result
+                .ok()
+                .and_then(|v| script::outcomes(v, group.iter().map(|&i| &jobs[i])));
             match parsed {
-                Some(verdicts) => {
-                    for (&i, v) in group.iter().zip(verdicts) {
-                        if v.rule < checks[i].policy.rules.len() {
-                            out[i] = Some(v);
-                        }
+                Some(outcomes) => {
+                    for (&i, o) in group.iter().zip(outcomes) {
+                        out[i] = Some(o);
                     }
                 }
                 None => failed = true,
@@ -130,16 +130,16 @@ impl RedisBackend {
         out
     }
 
-    /// Indices of `checks` per script call: one per slot on a Cluster.
-    fn groups(&self, checks: &[Check]) -> Vec<Vec<usize>> {
+    /// Indices of `jobs` per script call: one per slot on a Cluster.
+    fn groups(&self, jobs: &[Job]) -> Vec<Vec<usize>> {
         if !self.inner.conn.is_cluster() {
-            return vec![(0..checks.len()).collect()];
+            return vec![(0..jobs.len()).collect()];
         }
         // Sorted by (slot, index): grouped by slot, in arrival order within one.
-        let mut order: Vec<(u16, usize)> = checks
+        let mut order: Vec<(u16, usize)> = jobs
             .iter()
             .enumerate()
-            .map(|(i, c)| (keys::slot(&c.tenant), i))
+            .map(|(i, j)| (keys::slot(j.tenant()), i))
             .collect();
         order.sort_unstable();
         order
@@ -152,18 +152,13 @@ impl RedisBackend {
     /// once more as EVAL. One result per group.
     async fn round_trip(
         &self,
-        checks: &[Check],
+        jobs: &[Job],
         groups: &[Vec<usize>],
         now: Option<u64>,
     ) -> Vec<RedisResult<Value>> {
         let inner = &*self.inner;
         let call = |group: &Vec<usize>, by_source| {
-            script::command(
-                group.iter().map(|&i| &checks[i]),
-                &inner.keys,
-                now,
-                by_source,
-            )
+            script::command(group.iter().map(|&i| &jobs[i]), &inner.keys, now, by_source)
         };
         Stats::add(&inner.stats.counters.script_calls, groups.len() as u64);
         let mut results = inner
@@ -171,7 +166,9 @@ impl RedisBackend {
             .run(groups.iter().map(|g| call(g, false)).collect())
             .await;
         let noscript: Vec<usize> = (0..results.len())
-            .filter(|&i| matches!(&results[i], Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)))
+            .filter(|&i| {
+                matches!(&results[i], Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript))
+            })
             .collect();
         if !noscript.is_empty() {
             Stats::add(&inner.stats.counters.script_reloads, 1);

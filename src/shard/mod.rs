@@ -2,17 +2,20 @@
 //!
 //! A shard answers from local state when it can (a key Redis denied until
 //! T; Redis known to be down; the memory backend), and otherwise queues the
-//! check for its next Redis round trip (see [`crate::batch`]). Replies are
-//! deferred: each check carries a reply sender that the handler stores, and
+//! job for its next Redis round trip (see [`crate::batch`]). Replies are
+//! deferred: each job carries a reply sender that the handler stores, and
 //! the handler returns at once, so a slow Redis never blocks the mailbox.
 //! The round trip runs in its own task and comes back as a [`BatchDone`]
-//! message; a failed one is answered by each policy's failure mode and
-//! never stops the actor.
+//! message; a failed one is answered by failure mode and never stops the
+//! actor. Cache reads that must wait for another caller's fill wait here
+//! too ([`fills`]).
 
+mod fills;
 mod overlimit;
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kameo::actor::{Actor, ActorRef, WeakActorRef};
 use kameo::error::ActorStopReason;
@@ -20,54 +23,73 @@ use kameo::message::{Context, Message};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::batch::Batcher;
+use crate::batch::{Batcher, Weighted};
+use crate::cache::memory::MemoryCache;
 use crate::clock::Clock;
 use crate::error::Error;
+use crate::job::{Job, Outcome};
 use crate::keys::Keys;
 use crate::limiter::memory::MemoryLimiter;
-use crate::limiter::{Check, Decision, FailureMode, Verdict};
+use crate::limiter::{Check, Decision, FailureMode};
+use crate::protocol::{Body, CacheGetArgs, Lookup};
 use crate::redis::RedisBackend;
 use crate::stats::Stats;
+use fills::{FillWaiter, Fills};
 use overlimit::OverLimit;
 
 /// Largest over-limit memory per shard.
 const OVERLIMIT_ENTRIES: usize = 65_536;
 
-/// Where a shard sends its answer to one check.
-pub type ReplyTo = oneshot::Sender<Result<Decision, Error>>;
+/// Where a shard sends its answer to one job.
+pub type ReplyTo = oneshot::Sender<Result<Body, Error>>;
 
-/// Decide one check (already validated by the connection) and answer it.
+/// Run one job (already validated by the connection) and answer it.
 #[derive(Debug)]
-pub struct CheckMsg(pub Check, pub ReplyTo);
+pub struct JobMsg(pub Job, pub ReplyTo);
 
-/// A Redis round trip came back: one verdict (or `None`) per check sent.
+/// A Redis round trip came back: one outcome (or `None`) per job sent.
 /// The reply senders travel with the batch: if the shard is gone when it
 /// returns, dropping them tells each caller so.
 pub struct BatchDone {
-    checks: Vec<Check>,
-    replies: Vec<ReplyTo>,
-    verdicts: Vec<Option<Verdict>>,
+    jobs: Vec<Job>,
+    replies: Vec<Option<ReplyTo>>,
+    outcomes: Vec<Option<Outcome>>,
 }
+
+/// Time to look again for the values that callers wait on.
+pub struct PollFills;
 
 /// Policies were reloaded: forget cached denials, they may no longer hold.
 pub struct Reload;
 
-/// A check waiting for Redis.
+/// A job waiting for Redis. `reply` is `None` for the shard's own polls.
 struct Waiter {
-    check: Check,
-    reply: ReplyTo,
+    job: Job,
+    reply: Option<ReplyTo>,
     /// No answer may come later than this.
     deadline: Instant,
 }
 
+impl Weighted for Waiter {
+    fn weight(&self) -> usize {
+        self.job.weight()
+    }
+}
+
 pub struct Shard {
     redis: Option<RedisBackend>,
-    /// The memory backend, or the `local` failure mode beside Redis.
-    local: MemoryLimiter,
+    /// The memory backend's limiter, or the `local` failure mode.
+    limiter: MemoryLimiter,
+    /// The memory backend's cache (unused beside Redis).
+    cache: MemoryCache,
     keys: Keys,
     clock: Clock,
     batcher: Batcher<Waiter>,
     overlimit: OverLimit,
+    fills: Fills,
+    fill_poll: Duration,
+    /// A [`PollFills`] is scheduled.
+    polling: bool,
     stats: Arc<Stats>,
 }
 
@@ -77,9 +99,12 @@ pub struct ShardArgs {
     pub keys: Keys,
     pub clock: Clock,
     pub batch_max: usize,
+    pub batch_max_bytes: usize,
     pub max_in_flight: usize,
     pub max_queued: usize,
     pub local_max_entries: usize,
+    pub cache_max_bytes: usize,
+    pub fill_poll: Duration,
     pub stats: Arc<Stats>,
 }
 
@@ -90,11 +115,20 @@ impl Actor for Shard {
     async fn on_start(a: ShardArgs, _: ActorRef<Self>) -> Result<Self, Infallible> {
         Ok(Shard {
             redis: a.redis,
-            local: MemoryLimiter::new(a.local_max_entries),
+            limiter: MemoryLimiter::new(a.local_max_entries),
+            cache: MemoryCache::new(a.cache_max_bytes),
             keys: a.keys,
             clock: a.clock,
-            batcher: Batcher::new(a.batch_max, a.max_in_flight, a.max_queued),
+            batcher: Batcher::new(
+                a.batch_max,
+                a.batch_max_bytes,
+                a.max_in_flight,
+                a.max_queued,
+            ),
             overlimit: OverLimit::new(OVERLIMIT_ENTRIES),
+            fills: Fills::default(),
+            fill_poll: a.fill_poll,
+            polling: false,
             stats: a.stats,
         })
     }
@@ -104,42 +138,47 @@ impl Actor for Shard {
         _: WeakActorRef<Self>,
         _: ActorStopReason,
     ) -> Result<(), Infallible> {
-        for w in self.batcher.drain() {
+        for reply in self.batcher.drain().filter_map(|w| w.reply) {
+            let _ = reply.send(Err(Error::ShuttingDown));
+        }
+        for w in self.fills.drain() {
             let _ = w.reply.send(Err(Error::ShuttingDown));
         }
         Ok(())
     }
 }
 
-impl Message<CheckMsg> for Shard {
+impl Message<JobMsg> for Shard {
     type Reply = ();
 
-    async fn handle(&mut self, CheckMsg(check, reply): CheckMsg, ctx: &mut Context<Self, ()>) {
+    async fn handle(&mut self, JobMsg(job, reply): JobMsg, ctx: &mut Context<Self, ()>) {
         let Some(redis) = &self.redis else {
-            let decision = self.decide_locally(&check, false);
-            self.answer(reply, decision);
+            let outcome = self.run_locally(&job);
+            self.finish(job, Some(outcome), Some(reply), ctx);
             return;
         };
         let now = Instant::now();
-        if let Some(d) = self.overlimit.get(&check, now) {
+        if let Job::Check(c) | Job::CheckGet(c, _) = &job
+            && let Some(d) = self.overlimit.get(c, now)
+        {
             Stats::add(&self.stats.counters.denied_locally, 1);
-            self.answer(reply, d);
+            let body = match job {
+                Job::CheckGet(..) => Body::CheckLookup(d, None),
+                _ => Body::Decision(d),
+            };
+            self.reply(reply, body);
         } else if redis.is_down() {
-            let d = self.failure_answer(&check);
-            self.answer(reply, d);
+            self.finish(job, None, Some(reply), ctx);
         } else {
             let deadline = now + redis.timeout();
-            match self.batcher.push(Waiter {
-                check,
-                reply,
-                deadline,
-            }) {
-                Ok(Some(batch)) => self.send(batch, ctx),
-                Ok(None) => {}
-                Err(w) => {
-                    let _ = w.reply.send(Err(Error::Overloaded("shard queue full")));
-                }
-            }
+            self.enqueue(
+                Waiter {
+                    job,
+                    reply: Some(reply),
+                    deadline,
+                },
+                ctx,
+            );
         }
     }
 }
@@ -148,21 +187,60 @@ impl Message<BatchDone> for Shard {
     type Reply = ();
 
     async fn handle(&mut self, done: BatchDone, ctx: &mut Context<Self, ()>) {
-        let now = Instant::now();
-        for ((check, verdict), reply) in done.checks.iter().zip(done.verdicts).zip(done.replies) {
-            let decision = match verdict {
-                Some(v) => {
-                    let d = Decision::from_verdict(&check.policy, v, false);
-                    self.overlimit.insert(check, &d, now);
-                    d
-                }
-                None => self.failure_answer(check),
-            };
-            self.answer(reply, decision);
+        for ((job, reply), outcome) in done.jobs.into_iter().zip(done.replies).zip(done.outcomes) {
+            self.finish(job, outcome, reply, ctx);
         }
         if let Some(batch) = self.batcher.complete() {
             self.send(batch, ctx);
         }
+    }
+}
+
+impl Message<PollFills> for Shard {
+    type Reply = ();
+
+    async fn handle(&mut self, _: PollFills, ctx: &mut Context<Self, ()>) {
+        self.polling = false;
+        for w in self.fills.expire(Instant::now()) {
+            Stats::add(&self.stats.counters.cache_fill_timeouts, 1);
+            let lookup = Lookup::default(); // a plain miss: compute it yourself
+            let body = match w.decision {
+                Some(d) => Body::CheckLookup(d, Some(lookup)),
+                None => Body::Lookup(lookup),
+            };
+            self.reply(w.reply, body);
+        }
+        let polls: Vec<CacheGetArgs> = self
+            .fills
+            .keys()
+            .map(|(tenant, key)| CacheGetArgs {
+                tenant: tenant.clone(),
+                key: key.clone(),
+                fill_ms: 0,
+            })
+            .collect();
+        for args in polls {
+            let job = Job::Get { args, poll: true };
+            match &self.redis {
+                Some(redis) if !redis.is_down() => {
+                    let deadline = Instant::now() + redis.timeout();
+                    self.enqueue(
+                        Waiter {
+                            job,
+                            reply: None,
+                            deadline,
+                        },
+                        ctx,
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    let outcome = self.run_locally(&job);
+                    self.finish(job, Some(outcome), None, ctx);
+                }
+            }
+        }
+        self.schedule_poll(ctx);
     }
 }
 
@@ -175,22 +253,33 @@ impl Message<Reload> for Shard {
 }
 
 impl Shard {
-    /// Sends a batch to Redis in its own task. Checks already past their
+    fn enqueue(&mut self, w: Waiter, ctx: &Context<Self, ()>) {
+        match self.batcher.push(w) {
+            Ok(Some(batch)) => self.send(batch, ctx),
+            Ok(None) => {}
+            Err(w) => {
+                if let Some(reply) = w.reply {
+                    let _ = reply.send(Err(Error::Overloaded("shard queue full")));
+                }
+            }
+        }
+    }
+
+    /// Sends a batch to Redis in its own task. Jobs already past their
     /// deadline are answered by failure mode instead of being sent.
     fn send(&mut self, batch: Vec<Waiter>, ctx: &Context<Self, ()>) {
         let now = Instant::now();
         let mut deadline = None;
-        let mut checks = Vec::with_capacity(batch.len());
+        let mut jobs = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
         for w in batch {
             if w.deadline <= now {
-                let d = self.failure_answer(&w.check);
-                self.answer(w.reply, d);
+                self.finish(w.job, None, w.reply, ctx);
             } else {
-                // The oldest check's deadline bounds the whole round trip.
+                // The oldest job's deadline bounds the whole round trip.
                 deadline.get_or_insert(w.deadline);
+                jobs.push(w.job);
                 replies.push(w.reply);
-                checks.push(w.check);
             }
         }
         let Some(deadline) = deadline else {
@@ -201,38 +290,213 @@ impl Shard {
         };
         let redis = self.redis.clone().expect("only the Redis backend batches");
         ctx.pipe(async move {
-            let verdicts = redis.check(&checks, deadline).await;
+            let outcomes = redis.run(&jobs, deadline).await;
             BatchDone {
-                checks,
+                jobs,
                 replies,
-                verdicts,
+                outcomes,
             }
         });
     }
 
-    /// The answer when Redis cannot decide: the policy's failure mode.
-    fn failure_answer(&mut self, check: &Check) -> Decision {
-        Stats::add(&self.stats.counters.degraded, 1);
-        match check.policy.failure_mode {
-            FailureMode::Open | FailureMode::Closed => Decision::failed(&check.policy),
-            FailureMode::Local => self.decide_locally(check, true),
+    /// Runs a job on the memory backend.
+    fn run_locally(&mut self, job: &Job) -> Outcome {
+        let now_ms = self.clock.now_us() / 1000;
+        match job {
+            Job::Check(c) => Outcome::Decided(self.limit_locally(c)),
+            Job::Get { args, poll } => Outcome::Looked(self.cache.get(args, *poll, now_ms)),
+            Job::Set(s) => {
+                self.cache.set(s, now_ms);
+                Outcome::Stored
+            }
+            Job::Del(d) => Outcome::Deleted(self.cache.del(d, now_ms)),
+            Job::CheckGet(c, g) => {
+                let v = self.limit_locally(c);
+                let l = v.allowed.then(|| self.cache.get(g, false, now_ms));
+                Outcome::CheckLooked(v, l)
+            }
         }
     }
 
-    fn decide_locally(&mut self, check: &Check, degraded: bool) -> Decision {
-        let keys = check.state_keys(&self.keys);
-        let now = self.clock.now_us();
-        let v = self.local.check(&check.policy, &keys, now, check.cost);
-        Decision::from_verdict(&check.policy, v, degraded)
+    fn limit_locally(&mut self, c: &Check) -> crate::limiter::Verdict {
+        let keys = c.state_keys(&self.keys);
+        self.limiter
+            .check(&c.policy, &keys, self.clock.now_us(), c.cost)
     }
 
-    fn answer(&self, reply: ReplyTo, decision: Decision) {
-        let counter = if decision.allowed {
-            &self.stats.counters.allowed
-        } else {
-            &self.stats.counters.denied
+    /// Answers a job from its outcome, or by failure mode when it has none.
+    fn finish(
+        &mut self,
+        job: Job,
+        outcome: Option<Outcome>,
+        reply: Option<ReplyTo>,
+        ctx: &Context<Self, ()>,
+    ) {
+        let degraded = outcome.is_none();
+        if degraded && !matches!(job, Job::Get { poll: true, .. }) {
+            Stats::add(&self.stats.counters.degraded, 1);
+        }
+        let now = Instant::now();
+        let body = match (job, outcome) {
+            (Job::Check(c), Some(Outcome::Decided(v))) => {
+                let d = Decision::from_verdict(&c.policy, v, false);
+                self.overlimit.insert(&c, &d, now);
+                Body::Decision(d)
+            }
+            (Job::Check(c), _) => Body::Decision(self.failure_decision(&c)),
+            (Job::Get { args, poll: true }, outcome) => {
+                if let Some(Outcome::Looked(l)) = outcome
+                    && l.value.is_some()
+                {
+                    self.deliver(&args.tenant, &args.key, &l);
+                }
+                return;
+            }
+            (Job::Get { args, .. }, Some(Outcome::Looked(l))) => {
+                match self.looked(&args, l, None, reply, ctx) {
+                    Some((reply, body)) => return self.reply(reply, body),
+                    None => return,
+                }
+            }
+            (Job::Get { .. }, _) => Body::Lookup(self.count_lookup(Lookup::degraded_miss())),
+            (Job::Set(s), Some(Outcome::Stored)) => {
+                Stats::add(&self.stats.counters.cache_sets, 1);
+                let fresh = Lookup {
+                    value: Some(s.value.clone()),
+                    ttl_ms: s.ttl_ms,
+                    ..Lookup::default()
+                };
+                self.deliver(&s.tenant, &s.key, &fresh);
+                Body::Stored { degraded: false }
+            }
+            (Job::Set(_), _) => Body::Stored { degraded: true },
+            (Job::Del(_), Some(Outcome::Deleted(n))) => {
+                Stats::add(&self.stats.counters.cache_deleted, n);
+                Body::Deleted {
+                    deleted: n,
+                    degraded: false,
+                }
+            }
+            (Job::Del(_), _) => Body::Deleted {
+                deleted: 0,
+                degraded: true,
+            },
+            (Job::CheckGet(c, g), Some(Outcome::CheckLooked(v, l))) => {
+                let d = Decision::from_verdict(&c.policy, v, false);
+                self.overlimit.insert(&c, &d, now);
+                match l {
+                    Some(l) => match self.looked(&g, l, Some(d), reply, ctx) {
+                        Some((reply, body)) => return self.reply(reply, body),
+                        None => return,
+                    },
+                    None => Body::CheckLookup(d, None),
+                }
+            }
+            (Job::CheckGet(c, _), _) => {
+                let d = self.failure_decision(&c);
+                let l = d
+                    .allowed
+                    .then(|| self.count_lookup(Lookup::degraded_miss()));
+                Body::CheckLookup(d, l)
+            }
+        };
+        if let Some(reply) = reply {
+            self.reply(reply, body);
+        }
+    }
+
+    /// A cache read came back. A miss that another caller is filling makes
+    /// this caller wait for the value (returns `None`); anything else is
+    /// the answer to send.
+    fn looked(
+        &mut self,
+        args: &CacheGetArgs,
+        l: Lookup,
+        decision: Option<Decision>,
+        reply: Option<ReplyTo>,
+        ctx: &Context<Self, ()>,
+    ) -> Option<(ReplyTo, Body)> {
+        let reply = reply?;
+        if l.value.is_none() && !l.fill && !l.degraded && args.fill_ms > 0 {
+            Stats::add(&self.stats.counters.cache_fill_waits, 1);
+            let deadline = Instant::now() + Duration::from_millis(args.fill_ms);
+            self.fills.park(
+                &args.tenant,
+                &args.key,
+                FillWaiter {
+                    reply,
+                    deadline,
+                    decision,
+                },
+            );
+            self.schedule_poll(ctx);
+            return None;
+        }
+        let l = self.count_lookup(l);
+        let body = match decision {
+            Some(d) => Body::CheckLookup(d, Some(l)),
+            None => Body::Lookup(l),
+        };
+        Some((reply, body))
+    }
+
+    /// Answers everyone waiting for this entry with its value.
+    fn deliver(&mut self, tenant: &str, key: &str, l: &Lookup) {
+        for w in self.fills.take(tenant, key) {
+            let l = self.count_lookup(l.clone());
+            let body = match w.decision {
+                Some(d) => Body::CheckLookup(d, Some(l)),
+                None => Body::Lookup(l),
+            };
+            self.reply(w.reply, body);
+        }
+    }
+
+    fn schedule_poll(&mut self, ctx: &Context<Self, ()>) {
+        if self.polling || self.fills.is_empty() {
+            return;
+        }
+        self.polling = true;
+        let every = self.fill_poll;
+        ctx.pipe(async move {
+            tokio::time::sleep(every).await;
+            PollFills
+        });
+    }
+
+    /// The decision when Redis cannot decide: the policy's failure mode.
+    fn failure_decision(&mut self, check: &Check) -> Decision {
+        match check.policy.failure_mode {
+            FailureMode::Open | FailureMode::Closed => Decision::failed(&check.policy),
+            FailureMode::Local => {
+                Decision::from_verdict(&check.policy, self.limit_locally(check), true)
+            }
+        }
+    }
+
+    fn count_lookup(&self, l: Lookup) -> Lookup {
+        let c = &self.stats.counters;
+        let counter = match (&l.value, l.stale) {
+            (Some(_), false) => &c.cache_hits,
+            (Some(_), true) => &c.cache_stale_hits,
+            (None, _) => &c.cache_misses,
         };
         Stats::add(counter, 1);
-        let _ = reply.send(Ok(decision));
+        if l.fill {
+            Stats::add(&c.cache_fills, 1);
+        }
+        l
+    }
+
+    fn reply(&self, reply: ReplyTo, body: Body) {
+        let d = match &body {
+            Body::Decision(d) | Body::CheckLookup(d, _) => Some(d),
+            _ => None,
+        };
+        if let Some(d) = d {
+            let c = &self.stats.counters;
+            Stats::add(if d.allowed { &c.allowed } else { &c.denied }, 1);
+        }
+        let _ = reply.send(Ok(body));
     }
 }

@@ -189,9 +189,16 @@ impl Daemon {
                 lines.lock().unwrap().push(line);
             }
         });
-        let d = Daemon { child, dir, stderr };
+        let mut d = Daemon { child, dir, stderr };
         let sock = d.socket();
         wait_until("quotad's socket", || {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(50));
+                panic!(
+                    "quotad exited with {status}: {:?}",
+                    d.stderr.lock().unwrap()
+                );
+            }
             // Once the file exists, connections queue in the backlog; probing
             // by connecting would take one of the daemon's connection slots.
             exists(&sock)

@@ -1,31 +1,19 @@
--- check.lua: decide a batch of rate-limit checks, each under one policy.
+-- limiter.lua: the rate-limit rules, as functions for batch.lua (the three
+-- files in lua/ are sent to Redis as one script; batch.lua has the
+-- KEYS/ARGV contract).
 --
--- KEYS: one state key per rule of each check, in check order
---       (<prefix>:{<tenant>}:l:<policy>:<rule>:<key>).
--- ARGV[1]: the time in microseconds since the Unix epoch, or "" to take it
---          from Redis TIME (the one clock every sidecar shares; tests pin it).
--- ARGV[2]: P, the number of policies in this batch.
--- ARGV[3 .. 2+P]: one policy each, packed little-endian doubles: the rule
---          count, then per rule: kind, a, b, where kind is
---          1 token bucket   (a = capacity, b = µs per unit)
---          2 fixed window   (a = limit,    b = window µs)
---          3 sliding window (a = limit,    b = window µs)
--- ARGV[3+P ..]: one check each, packed doubles: policy index (0-based), cost.
--- Returns: one string of packed little-endian doubles, 5 per check:
---          allowed (1/0), index of the deciding rule (0-based), remaining,
---          reset_ms, retry_after_ms.
---
--- Atomic because Redis runs a script with nothing interleaved: each check
--- reads and writes its rules' states without a race, a later check in the
--- batch sees the writes of an earlier one, and if any rule of a check
--- denies, none of its rules is written. A state is 4 packed doubles
--- (token bucket: tat; fixed window: window, count; sliding window:
--- window, current, previous; then the key's expiry, "horizon") and the key
--- expires at the horizon, so idle state vanishes by itself; the expiry is
--- only moved (with some slack) when the state needs it to be later, which
--- spares most writes the cost of setting an expiry. The arithmetic mirrors
+-- A rule's state is 4 packed little-endian doubles in a string key:
+-- token bucket: tat; fixed window: window, count; sliding window: window,
+-- current, previous; then the key's expiry ("horizon"). The key expires at
+-- the horizon, so idle state vanishes by itself; the expiry is only moved
+-- (with some slack) when the state needs it to be later, which spares most
+-- writes the cost of setting an expiry. The arithmetic mirrors
 -- src/limiter/algorithm.rs operation for operation; integers stay under
--- 2^52, where doubles are exact.
+-- 2^52, where doubles are exact. Times are microseconds.
+--
+-- Atomic: a check reads all its rules' states, decides, and writes them
+-- only if every rule allows, with nothing interleaved (Redis runs a script
+-- alone); a later check in the same script sees the earlier one's writes.
 
 local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
 local pack, unpack = struct.pack, struct.unpack
@@ -115,31 +103,12 @@ local function eval(kind, a, b, s1, s2, s3, now, cost)
   return allowed, remaining, reset, retry, win, used, prev, start + 2 * b
 end
 
-local now = tonumber(ARGV[1])
-if not now then
-  local t = call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-
--- policies[p] = {nrules, kind, a, b, kind, a, b, ...}
-local npolicies = tonumber(ARGV[2])
-local policies = {}
-for p = 1, npolicies do
-  local spec = ARGV[2 + p]
-  local n = #spec / 8
-  local fields = {}
-  for i = 1, n do fields[i] = unpack('<d', spec, (i - 1) * 8 + 1) end
-  policies[p] = fields
-end
-
--- Per rule of the current check: 1 allowed, 2 remaining, 3 reset, 4 retry,
--- 5-7 next state, 8 expires, 9 stored horizon. Reused across checks.
-local R = {}
-local out = {}
-local ki = 1
-for ci = 3 + npolicies, #ARGV do
-  local pi, cost = unpack('<dd', ARGV[ci])
-  local spec = policies[pi + 1]
+-- Decides one check over the rules of `spec` ({nrules, kind, a, b, ...}),
+-- whose state keys are KEYS[ki .. ki + nrules - 1], and charges it if
+-- every rule allows. Returns allowed (1/0), the deciding rule (0-based),
+-- remaining, reset_ms, retry_after_ms.
+local R = {} -- per rule: 1 allowed, 2 remaining, 3 reset, 4 retry, 5-7 next state, 8 expires, 9 horizon
+local function check(spec, ki, cost, now)
   local n = spec[1]
   local all = true
   for r = 1, n do
@@ -180,10 +149,8 @@ for ci = 3 + npolicies, #ARGV do
       end
     end
   end
-  ki = ki + n
   local b = best * 9
   local allowed = 0
   if all then allowed = 1 end
-  out[#out + 1] = pack('<ddddd', allowed, best, R[b + 2], ceil(R[b + 3] / 1000), ceil(R[b + 4] / 1000))
+  return allowed, best, R[b + 2], ceil(R[b + 3] / 1000), ceil(R[b + 4] / 1000)
 end
-return table.concat(out)

@@ -1,0 +1,117 @@
+-- batch.lua: one Redis round trip's worth of quotad operations. Redis runs
+-- limiter.lua, cache.lua and this file as one script (in that order), by
+-- EVALSHA, so a whole batch is decided atomically and a later operation
+-- sees the writes of an earlier one.
+--
+-- ARGV[1]: the time in µs since the Unix epoch for the rate-limit rules, or
+--          "" to take it from Redis TIME, the one clock every sidecar shares
+--          (tests pin it; cache expiry always follows Redis's own clock).
+-- ARGV[2]: P, the number of policies; ARGV[3 .. 2+P]: one policy each, as
+--          packed little-endian doubles: the rule count, then per rule
+--          kind, a, b: 1 token bucket (capacity, µs per unit), 2 fixed
+--          window (limit, window µs), 3 sliding window (limit, window µs).
+-- Then the operations, in order. Each starts with one ARGV of packed
+-- doubles, its header, and takes its keys from KEYS in order:
+--   1 check      header 1, policy index, cost         keys: one state key per rule
+--   2 cache_get  header 2, fill_ms, poll               keys: entry, fill lock, refresh lock
+--   3 cache_set  header 3, ttl_ms, stale_ms, tags      keys: entry, fill lock, refresh lock,
+--                then ARGV: the value, the tag names        then one per tag
+--   4 cache_del  header 4, entries, tags               keys: entry, fill lock, refresh lock
+--                then ARGV: the tag names                  per entry, then one per tag
+--   5 check_get  header 5, policy index, cost, fill_ms keys: one per rule, then entry,
+--                                                          fill lock, refresh lock
+-- Returns an array: first one string of packed doubles holding every
+-- operation's result in order (check: allowed, rule, remaining, reset_ms,
+-- retry_after_ms; cache_get: hit, ttl_ms, stale, refresh, fill; cache_set:
+-- 1; cache_del: deleted; check_get: the check's 5, then the cache_get's 5,
+-- zeros when denied: a denied check_get reads nothing), then the value of
+-- every hit, in order.
+
+local now = tonumber(ARGV[1])
+if not now then
+  local t = call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local redis_now_ms
+local function clock_ms()
+  if not redis_now_ms then
+    local t = call('TIME')
+    redis_now_ms = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+  end
+  return redis_now_ms
+end
+
+local npolicies = tonumber(ARGV[2])
+local policies = {}
+for p = 1, npolicies do
+  local spec = ARGV[2 + p]
+  local fields = {}
+  for i = 1, #spec / 8 do fields[i] = unpack('<d', spec, (i - 1) * 8 + 1) end
+  policies[p] = fields
+end
+
+local out, values = {}, {}
+local ai, ki = 3 + npolicies, 1
+while ai <= #ARGV do
+  local h = ARGV[ai]
+  ai = ai + 1
+  local op = unpack('<d', h)
+  if op == 1 then
+    local _, pi, cost = unpack('<ddd', h)
+    local spec = policies[pi + 1]
+    out[#out + 1] = pack('<ddddd', check(spec, ki, cost, now))
+    ki = ki + spec[1]
+  elseif op == 2 then
+    local _, fill_ms, poll = unpack('<ddd', h)
+    local hit, ttl, stale, refresh, fill, v = cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms, poll)
+    out[#out + 1] = pack('<ddddd', hit, ttl, stale, refresh, fill)
+    if v then values[#values + 1] = v end
+    ki = ki + 3
+  elseif op == 3 then
+    local _, ttl, stale, ntags = unpack('<dddd', h)
+    local value = ARGV[ai]
+    local tagkeys, tagnames = {}, {}
+    for i = 1, ntags do
+      tagkeys[i] = KEYS[ki + 2 + i]
+      tagnames[i] = ARGV[ai + i]
+    end
+    ai = ai + 1 + ntags
+    cache_set(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], value, ttl, stale, tagkeys, tagnames, clock_ms())
+    out[#out + 1] = pack('<d', 1)
+    ki = ki + 3 + ntags
+  elseif op == 4 then
+    local _, nentries, ntags = unpack('<ddd', h)
+    local entries, tagkeys, tagnames = {}, {}, {}
+    for i = 1, nentries do
+      local k = ki + (i - 1) * 3
+      entries[i] = {KEYS[k], KEYS[k + 1], KEYS[k + 2]}
+    end
+    ki = ki + nentries * 3
+    for i = 1, ntags do
+      tagkeys[i] = KEYS[ki + i - 1]
+      tagnames[i] = ARGV[ai + i - 1]
+    end
+    ai = ai + ntags
+    ki = ki + ntags
+    out[#out + 1] = pack('<d', cache_del(entries, tagkeys, tagnames, clock_ms()))
+  else
+    local _, pi, cost, fill_ms = unpack('<dddd', h)
+    local spec = policies[pi + 1]
+    local allowed, rule, remaining, reset, retry = check(spec, ki, cost, now)
+    out[#out + 1] = pack('<ddddd', allowed, rule, remaining, reset, retry)
+    ki = ki + spec[1]
+    if allowed == 1 then
+      local hit, ttl, stale, refresh, fill, v = cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms, 0)
+      out[#out + 1] = pack('<ddddd', hit, ttl, stale, refresh, fill)
+      if v then values[#values + 1] = v end
+    else
+      out[#out + 1] = pack('<ddddd', 0, 0, 0, 0, 0)
+    end
+    ki = ki + 3
+  end
+end
+
+local reply = {table.concat(out)}
+for i = 1, #values do reply[i + 1] = values[i] end
+return reply

@@ -1,0 +1,274 @@
+//! The embedded cache: [`crate::cache`]'s semantics in process, bounded.
+//!
+//! Each shard owns one (its tenants' entries), so it needs no lock. It is
+//! bounded by bytes (keys and values): past the bound, expired entries are
+//! swept, then arbitrary entries are evicted. The tag index is exact: an
+//! entry leaves its tags' sets when it is replaced, deleted or evicted.
+
+use std::collections::{HashMap, HashSet};
+
+use bytes::Bytes;
+
+use crate::protocol::{CacheDelArgs, CacheGetArgs, CacheSetArgs, Lookup};
+
+const SWEEP_EVERY_MS: u64 = 1000;
+
+#[derive(Debug)]
+pub struct MemoryCache {
+    /// `tenant \0 key` -> entry.
+    entries: HashMap<String, Entry>,
+    /// `tenant \0 tag` -> ids of the entries carrying it.
+    tags: HashMap<String, HashSet<String>>,
+    /// Fill and refresh locks: id -> held until (ms).
+    fills: HashMap<String, u64>,
+    refreshes: HashMap<String, u64>,
+    bytes: usize,
+    max_bytes: usize,
+    next_sweep_ms: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    value: Bytes,
+    fresh_until: u64,
+    expires: u64,
+    tags: Vec<String>,
+}
+
+fn id(tenant: &str, name: &str) -> String {
+    let mut s = String::with_capacity(tenant.len() + name.len() + 1);
+    s.push_str(tenant);
+    s.push('\0');
+    s.push_str(name);
+    s
+}
+
+/// Takes a lock unless it is held; true if taken.
+fn lock(locks: &mut HashMap<String, u64>, id: String, until: u64, now: u64) -> bool {
+    match locks.get(&id) {
+        Some(&held) if held > now => false,
+        _ => {
+            locks.insert(id, until);
+            true
+        }
+    }
+}
+
+impl MemoryCache {
+    pub fn new(max_bytes: usize) -> Self {
+        MemoryCache {
+            entries: HashMap::new(),
+            tags: HashMap::new(),
+            fills: HashMap::new(),
+            refreshes: HashMap::new(),
+            bytes: 0,
+            max_bytes,
+            next_sweep_ms: 0,
+        }
+    }
+
+    /// Reads an entry. A `poll` takes no lock.
+    pub fn get(&mut self, g: &CacheGetArgs, poll: bool, now: u64) -> Lookup {
+        self.maybe_sweep(now);
+        let id = id(&g.tenant, &g.key);
+        match self.entries.get(&id) {
+            Some(e) if e.expires > now => {
+                let value = Some(e.value.clone());
+                if now < e.fresh_until {
+                    return Lookup {
+                        value,
+                        ttl_ms: e.fresh_until - now,
+                        ..Lookup::default()
+                    };
+                }
+                let expires = e.expires;
+                Lookup {
+                    value,
+                    stale: true,
+                    refresh: !poll && lock(&mut self.refreshes, id, expires, now),
+                    ..Lookup::default()
+                }
+            }
+            found => {
+                if found.is_some() {
+                    self.remove(&id);
+                }
+                let fill =
+                    g.fill_ms > 0 && !poll && lock(&mut self.fills, id, now + g.fill_ms, now);
+                Lookup {
+                    fill,
+                    ..Lookup::default()
+                }
+            }
+        }
+    }
+
+    pub fn set(&mut self, s: &CacheSetArgs, now: u64) {
+        let id = id(&s.tenant, &s.key);
+        self.remove(&id);
+        self.fills.remove(&id);
+        self.refreshes.remove(&id);
+        for tag in &s.tags {
+            self.tags
+                .entry(self::id(&s.tenant, tag))
+                .or_default()
+                .insert(id.clone());
+        }
+        self.bytes += id.len() + s.value.len();
+        self.entries.insert(
+            id,
+            Entry {
+                value: s.value.clone(),
+                fresh_until: now + s.ttl_ms,
+                expires: now + s.ttl_ms + s.stale_ms,
+                tags: s.tags.clone(),
+            },
+        );
+        if self.bytes > self.max_bytes {
+            self.sweep(now);
+            while self.bytes > self.max_bytes {
+                let Some(victim) = self.entries.keys().next().cloned() else {
+                    break;
+                };
+                self.remove(&victim);
+            }
+        }
+    }
+
+    /// Deletes entries by key and by tag; returns how many live ones went.
+    pub fn del(&mut self, d: &CacheDelArgs, now: u64) -> u64 {
+        let mut deleted = 0;
+        let mut ids: Vec<String> = d.keys.iter().map(|k| id(&d.tenant, k)).collect();
+        for tag in &d.tags {
+            ids.extend(self.tags.remove(&id(&d.tenant, tag)).into_iter().flatten());
+        }
+        for id in ids {
+            self.fills.remove(&id);
+            self.refreshes.remove(&id);
+            if let Some(e) = self.remove(&id) {
+                deleted += u64::from(e.expires > now);
+            }
+        }
+        deleted
+    }
+
+    /// Bytes held (keys and values).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Entry> {
+        let e = self.entries.remove(id)?;
+        self.bytes -= id.len() + e.value.len();
+        let tenant = &id[..id.find('\0').unwrap_or(0)];
+        for tag in &e.tags {
+            let tid = self::id(tenant, tag);
+            if let Some(set) = self.tags.get_mut(&tid) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.tags.remove(&tid);
+                }
+            }
+        }
+        Some(e)
+    }
+
+    fn maybe_sweep(&mut self, now: u64) {
+        if now >= self.next_sweep_ms {
+            self.sweep(now);
+        }
+    }
+
+    /// Drops expired entries and locks.
+    fn sweep(&mut self, now: u64) {
+        let expired: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.expires <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            self.remove(&id);
+        }
+        self.fills.retain(|_, until| *until > now);
+        self.refreshes.retain(|_, until| *until > now);
+        self.next_sweep_ms = now + SWEEP_EVERY_MS;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(key: &str, fill_ms: u64) -> CacheGetArgs {
+        CacheGetArgs {
+            tenant: "t".into(),
+            key: key.into(),
+            fill_ms,
+        }
+    }
+
+    fn set(key: &str, ttl_ms: u64, stale_ms: u64, tags: &[&str]) -> CacheSetArgs {
+        CacheSetArgs {
+            tenant: "t".into(),
+            key: key.into(),
+            value: Bytes::from_static(b"v"),
+            ttl_ms,
+            stale_ms,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn fresh_then_stale_with_one_refresher_then_gone() {
+        let mut c = MemoryCache::new(1 << 20);
+        c.set(&set("k", 100, 50, &[]), 1000);
+        let l = c.get(&get("k", 0), false, 1040);
+        assert_eq!((l.ttl_ms, l.stale), (60, false));
+        let first = c.get(&get("k", 0), false, 1120);
+        let second = c.get(&get("k", 0), false, 1121);
+        assert!(first.stale && first.refresh && second.stale && !second.refresh);
+        assert!(c.get(&get("k", 0), false, 1150).value.is_none());
+    }
+
+    #[test]
+    fn one_filler_per_fill_window() {
+        let mut c = MemoryCache::new(1 << 20);
+        assert!(c.get(&get("k", 100), false, 0).fill);
+        assert!(!c.get(&get("k", 100), false, 50).fill);
+        assert!(
+            c.get(&get("k", 100), false, 100).fill,
+            "the lock lapses with the window"
+        );
+    }
+
+    #[test]
+    fn tags_index_exactly_the_entries_that_carry_them() {
+        let mut c = MemoryCache::new(1 << 20);
+        c.set(&set("a", 1000, 0, &["x"]), 0);
+        c.set(&set("b", 1000, 0, &["x", "y"]), 0);
+        c.set(&set("a", 1000, 0, &["y"]), 0); // `a` no longer carries x
+        let del = CacheDelArgs {
+            tenant: "t".into(),
+            keys: vec![],
+            tags: vec!["x".into()],
+        };
+        assert_eq!(c.del(&del, 1), 1);
+        assert!(c.get(&get("a", 0), false, 1).value.is_some());
+        assert!(c.get(&get("b", 0), false, 1).value.is_none());
+        assert_eq!(c.tags.len(), 1, "tag x is gone, y remains for a");
+    }
+
+    #[test]
+    fn stays_within_its_byte_bound() {
+        let mut c = MemoryCache::new(10_000);
+        for i in 0..1000 {
+            c.set(&set(&format!("k{i}"), 1000, 0, &["tag"]), 0);
+        }
+        assert!(c.bytes() <= 10_000);
+        assert_eq!(
+            c.tags.values().map(HashSet::len).sum::<usize>(),
+            c.entries.len()
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! Requests and replies to MessagePack maps.
+//!
+//! Each message is first listed as `(name, value)` pairs, so the map's
+//! length is exact and the field order fixed (the golden frames pin it).
+
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
+
+use super::{Body, CheckArgs, Lookup, OPS, Op, PROTOCOL_VERSION, Reply, Request, server_name};
+use crate::error::Error;
+use crate::limiter::Decision;
+
+/// One field's value.
+enum Val<'a> {
+    Bool(bool),
+    U64(u64),
+    Str(&'a str),
+    String(String),
+    Bin(&'a [u8]),
+    Strs(&'a [String]),
+    Ops,
+    Counters(&'a [(&'static str, u64)]),
+    Error(&'a Error),
+}
+
+impl Serialize for Val<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Val::Bool(b) => s.serialize_bool(*b),
+            Val::U64(n) => s.serialize_u64(*n),
+            Val::Str(v) => s.serialize_str(v),
+            Val::String(v) => s.serialize_str(v),
+            Val::Bin(v) => s.serialize_bytes(v),
+            Val::Strs(v) => v.serialize(s),
+            Val::Ops => OPS.serialize(s),
+            Val::Counters(c) => {
+                let mut m = s.serialize_map(Some(c.len()))?;
+                for (k, v) in c.iter() {
+                    m.serialize_entry(k, v)?;
+                }
+                m.end()
+            }
+            Val::Error(e) => {
+                let mut m = s.serialize_map(Some(2))?;
+                m.serialize_entry("code", e.code())?;
+                m.serialize_entry("message", &e.to_string())?;
+                m.end()
+            }
+        }
+    }
+}
+
+type Fields<'a> = Vec<(&'static str, Val<'a>)>;
+
+fn write_map<S: Serializer>(s: S, fields: Fields) -> Result<S::Ok, S::Error> {
+    let mut m = s.serialize_map(Some(fields.len()))?;
+    for (k, v) in &fields {
+        m.serialize_entry(k, v)?;
+    }
+    m.end()
+}
+
+fn decision<'a>(f: &mut Fields<'a>, d: &'a Decision) {
+    f.extend([
+        ("allowed", Val::Bool(d.allowed)),
+        ("limit", Val::U64(d.limit)),
+        ("remaining", Val::U64(d.remaining)),
+        ("reset_ms", Val::U64(d.reset_ms)),
+        ("retry_after_ms", Val::U64(d.retry_after_ms)),
+        ("degraded", Val::Bool(d.degraded)),
+        ("rule", Val::Str(&d.rule)),
+    ]);
+}
+
+/// A lookup's fields (`degraded` is the caller's to write).
+fn lookup<'a>(f: &mut Fields<'a>, l: &'a Lookup) {
+    f.push(("hit", Val::Bool(l.value.is_some())));
+    match &l.value {
+        Some(v) => f.extend([
+            ("value", Val::Bin(v)),
+            ("ttl_ms", Val::U64(l.ttl_ms)),
+            ("stale", Val::Bool(l.stale)),
+            ("refresh", Val::Bool(l.refresh)),
+        ]),
+        None => f.push(("fill", Val::Bool(l.fill))),
+    }
+}
+
+impl Serialize for Reply {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut f: Fields = Vec::with_capacity(16);
+        f.push(("id", Val::U64(self.id)));
+        f.push(("ok", Val::Bool(self.body.is_ok())));
+        match &self.body {
+            Err(e) => f.push(("error", Val::Error(e))),
+            Ok(Body::Hello(h)) => f.extend([
+                ("protocol", Val::U64(PROTOCOL_VERSION.into())),
+                ("server", Val::String(server_name())),
+                ("backend", Val::Str(h.backend)),
+                ("ops", Val::Ops),
+            ]),
+            Ok(Body::Decision(d)) => decision(&mut f, d),
+            Ok(Body::Lookup(l)) => {
+                lookup(&mut f, l);
+                f.push(("degraded", Val::Bool(l.degraded)));
+            }
+            Ok(Body::Stored { degraded }) => f.push(("degraded", Val::Bool(*degraded))),
+            Ok(Body::Deleted { deleted, degraded }) => f.extend([
+                ("deleted", Val::U64(*deleted)),
+                ("degraded", Val::Bool(*degraded)),
+            ]),
+            Ok(Body::CheckLookup(d, l)) => {
+                decision(&mut f, d);
+                if let Some(l) = l {
+                    lookup(&mut f, l);
+                }
+            }
+            Ok(Body::Stats(st)) => f.extend([
+                ("uptime_ms", Val::U64(st.uptime_ms)),
+                ("backend", Val::Str(st.backend)),
+                ("shards", Val::U64(st.shards)),
+                ("counters", Val::Counters(&st.counters)),
+            ]),
+        }
+        write_map(s, f)
+    }
+}
+
+impl Serialize for Request {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut f: Fields = Vec::with_capacity(10);
+        f.push(("id", Val::U64(self.id)));
+        f.push(("op", Val::Str(self.op.name())));
+        match &self.op {
+            Op::Hello | Op::Stats => {}
+            Op::Check(c) => check_fields(&mut f, c),
+            Op::CheckGet(c, g) => {
+                check_fields(&mut f, c);
+                f.push(("cache_key", Val::Str(&g.key)));
+                if g.fill_ms > 0 {
+                    f.push(("fill_ms", Val::U64(g.fill_ms)));
+                }
+            }
+            Op::CacheGet(g) => {
+                f.extend([("tenant", Val::Str(&g.tenant)), ("key", Val::Str(&g.key))]);
+                if g.fill_ms > 0 {
+                    f.push(("fill_ms", Val::U64(g.fill_ms)));
+                }
+            }
+            Op::CacheSet(c) => {
+                f.extend([
+                    ("tenant", Val::Str(&c.tenant)),
+                    ("key", Val::Str(&c.key)),
+                    ("value", Val::Bin(&c.value)),
+                    ("ttl_ms", Val::U64(c.ttl_ms)),
+                ]);
+                if c.stale_ms > 0 {
+                    f.push(("stale_ms", Val::U64(c.stale_ms)));
+                }
+                if !c.tags.is_empty() {
+                    f.push(("tags", Val::Strs(&c.tags)));
+                }
+            }
+            Op::CacheDel(d) => {
+                f.push(("tenant", Val::Str(&d.tenant)));
+                if !d.keys.is_empty() {
+                    f.push(("keys", Val::Strs(&d.keys)));
+                }
+                if !d.tags.is_empty() {
+                    f.push(("tags", Val::Strs(&d.tags)));
+                }
+            }
+        }
+        write_map(s, f)
+    }
+}
+
+fn check_fields<'a>(f: &mut Fields<'a>, c: &'a CheckArgs) {
+    f.extend([("tenant", Val::Str(&c.tenant)), ("key", Val::Str(&c.key))]);
+    if let Some(p) = &c.policy {
+        f.push(("policy", Val::Str(p)));
+    }
+    f.push(("cost", Val::U64(c.cost)));
+}
+
+/// Writes one reply, as a MessagePack map, to `out`.
+pub fn encode_reply(reply: &Reply, out: &mut impl std::io::Write) {
+    let mut ser = rmp_serde::Serializer::new(out);
+    reply
+        .serialize(&mut ser)
+        .expect("serializing into memory cannot fail");
+}
+
+/// Appends one request, as a MessagePack map, to `out`.
+pub fn encode_request(req: &Request, out: &mut Vec<u8>) {
+    let mut ser = rmp_serde::Serializer::new(out);
+    req.serialize(&mut ser)
+        .expect("serializing into memory cannot fail");
+}

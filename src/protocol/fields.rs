@@ -1,0 +1,112 @@
+//! Replies as a client reads them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize};
+
+use super::Lookup;
+use crate::limiter::Decision;
+
+/// The `error` map of a failed reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    pub code: String,
+    pub message: String,
+}
+
+/// Every field any reply may carry: unknown fields are ignored, so a newer
+/// server's additions never break an older client.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ReplyFields {
+    pub id: u64,
+    pub ok: bool,
+    pub error: Option<WireError>,
+    // hello
+    pub protocol: Option<u32>,
+    pub server: Option<String>,
+    pub backend: Option<String>,
+    pub ops: Option<Vec<String>>,
+    // check
+    pub allowed: Option<bool>,
+    pub limit: Option<u64>,
+    pub remaining: Option<u64>,
+    pub reset_ms: Option<u64>,
+    pub retry_after_ms: Option<u64>,
+    pub degraded: Option<bool>,
+    pub rule: Option<String>,
+    // cache
+    pub hit: Option<bool>,
+    pub value: Option<Bin>,
+    pub ttl_ms: Option<u64>,
+    pub stale: Option<bool>,
+    pub refresh: Option<bool>,
+    pub fill: Option<bool>,
+    pub deleted: Option<u64>,
+    // stats
+    pub uptime_ms: Option<u64>,
+    pub shards: Option<u64>,
+    pub counters: Option<BTreeMap<String, u64>>,
+}
+
+impl ReplyFields {
+    pub fn from_slice(frame: &[u8]) -> Result<Self, rmp_serde::decode::Error> {
+        rmp_serde::from_slice(frame)
+    }
+
+    /// The decision of a `check` or `check_get` reply, if it is one.
+    pub fn decision(&self) -> Option<Decision> {
+        Some(Decision {
+            allowed: self.allowed?,
+            limit: self.limit?,
+            remaining: self.remaining?,
+            reset_ms: self.reset_ms?,
+            retry_after_ms: self.retry_after_ms?,
+            degraded: self.degraded?,
+            rule: self.rule.as_deref()?.into(),
+        })
+    }
+
+    /// The lookup of a `cache_get` or `check_get` reply, if it has one.
+    pub fn lookup(&self) -> Option<Lookup> {
+        let hit = self.hit?;
+        Some(Lookup {
+            value: if hit {
+                Some(self.value.clone()?.0)
+            } else {
+                None
+            },
+            ttl_ms: self.ttl_ms.unwrap_or(0),
+            stale: self.stale.unwrap_or(false),
+            refresh: self.refresh.unwrap_or(false),
+            fill: self.fill.unwrap_or(false),
+            degraded: self.degraded.unwrap_or(false),
+        })
+    }
+}
+
+/// A MessagePack `bin` value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bin(pub Bytes);
+
+impl<'de> Deserialize<'de> for Bin {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct BinVisitor;
+        impl Visitor<'_> for BinVisitor {
+            type Value = Bin;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("binary")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Bin, E> {
+                Ok(Bin(Bytes::copy_from_slice(v)))
+            }
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Bin, E> {
+                Ok(Bin(Bytes::from(v)))
+            }
+        }
+        d.deserialize_bytes(BinVisitor)
+    }
+}
