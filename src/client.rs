@@ -19,7 +19,9 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, oneshot};
 
 use crate::limiter::Decision;
-use crate::protocol::{self, CheckArgs, Op, ReplyFields, Request};
+use crate::protocol::{
+    self, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Lookup, Op, ReplyFields, Request,
+};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -97,9 +99,62 @@ impl Client {
             cost,
         });
         let reply = self.call(op).await?;
-        reply
-            .decision()
-            .ok_or_else(|| ClientError::Protocol("a check reply without its decision".into()))
+        reply.decision().ok_or_else(|| missing("decision"))
+    }
+
+    /// Reads a cache entry; `fill_ms` > 0 asks for single-flight on a miss.
+    pub async fn cache_get(
+        &self,
+        tenant: &str,
+        key: &str,
+        fill_ms: u64,
+    ) -> Result<Lookup, ClientError> {
+        let op = Op::CacheGet(CacheGetArgs {
+            tenant: tenant.to_owned(),
+            key: key.to_owned(),
+            fill_ms,
+        });
+        let reply = self.call(op).await?;
+        reply.lookup().ok_or_else(|| missing("lookup"))
+    }
+
+    /// Stores a cache entry; returns whether the store was degraded (not done).
+    pub async fn cache_set(&self, set: CacheSetArgs) -> Result<bool, ClientError> {
+        let reply = self.call(Op::CacheSet(set)).await?;
+        reply.degraded.ok_or_else(|| missing("degraded"))
+    }
+
+    /// Deletes entries by key and by tag; returns how many went.
+    pub async fn cache_del(
+        &self,
+        tenant: &str,
+        keys: &[&str],
+        tags: &[&str],
+    ) -> Result<u64, ClientError> {
+        let op = Op::CacheDel(CacheDelArgs {
+            tenant: tenant.to_owned(),
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        });
+        let reply = self.call(op).await?;
+        reply.deleted.ok_or_else(|| missing("deleted"))
+    }
+
+    /// A check, then (only if allowed) a cache read, in one round trip.
+    pub async fn check_get(
+        &self,
+        check: CheckArgs,
+        cache_key: &str,
+        fill_ms: u64,
+    ) -> Result<(Decision, Option<Lookup>), ClientError> {
+        let get = CacheGetArgs {
+            tenant: check.tenant.clone(),
+            key: cache_key.to_owned(),
+            fill_ms,
+        };
+        let reply = self.call(Op::CheckGet(check, get)).await?;
+        let decision = reply.decision().ok_or_else(|| missing("decision"))?;
+        Ok((decision, reply.lookup()))
     }
 
     /// Sends one request and waits for its reply; an error reply becomes
@@ -148,6 +203,10 @@ impl Shared {
         }
         self.wake_writer.notify_one();
     }
+}
+
+fn missing(what: &str) -> ClientError {
+    ClientError::Protocol(format!("a reply without its {what}"))
 }
 
 fn server_error(reply: ReplyFields) -> Result<ReplyFields, ClientError> {

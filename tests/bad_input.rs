@@ -157,6 +157,46 @@ fn bad_fields_fail_only_their_request() {
             "`id` must be an unsigned integer",
         ),
         (json!({"id": -15, "op": "hello"}), "bad_request", "`id`"),
+        (
+            json!({"id": 16, "op": "cache_set", "tenant": "t", "key": "k", "value": "text", "ttl_ms": 5}),
+            "bad_request",
+            "`value` must be binary, not a string",
+        ),
+        (
+            json!({"id": 17, "op": "cache_get", "tenant": "t"}),
+            "bad_request",
+            "missing field `key`",
+        ),
+        (
+            json!({"id": 18, "op": "cache_get", "tenant": "t", "key": "k", "fill_ms": 99_999_999}),
+            "bad_request",
+            "`fill_ms` must be at most",
+        ),
+        (
+            json!({"id": 19, "op": "cache_del", "tenant": "t"}),
+            "bad_request",
+            "needs `keys` or `tags`",
+        ),
+        (
+            json!({"id": 20, "op": "cache_del", "tenant": "t", "keys": "k"}),
+            "bad_request",
+            "`keys` must be a list of strings",
+        ),
+        (
+            json!({"id": 21, "op": "cache_del", "tenant": "t", "keys": ["k", 5]}),
+            "bad_request",
+            "`keys` must be a list of strings, not an integer",
+        ),
+        (
+            json!({"id": 22, "op": "cache_del", "tenant": "t", "tags": [""]}),
+            "bad_request",
+            "1 to 1024 bytes, not 0",
+        ),
+        (
+            json!({"id": 23, "op": "check_get", "tenant": "t", "key": "k"}),
+            "bad_request",
+            "missing field `cache_key`",
+        ),
     ];
     for (req, want, message) in &cases {
         c.send(req.clone());
@@ -170,6 +210,67 @@ fn bad_fields_fail_only_their_request() {
             "{req}: message {got:?} lacks {message:?}"
         );
     }
+    // Binary fields need a real `bin`: build those frames by hand.
+    let set = |id: u64, value: rmpv::Value, ttl: i64, tags: usize| {
+        let mut fields = vec![
+            ("id", rmpv::Value::from(id)),
+            ("op", "cache_set".into()),
+            ("tenant", "t".into()),
+            ("key", "k".into()),
+            ("value", value),
+            ("ttl_ms", rmpv::Value::from(ttl)),
+        ];
+        if tags > 0 {
+            let tags = (0..tags)
+                .map(|i| rmpv::Value::from(format!("tag{i}")))
+                .collect();
+            fields.push(("tags", rmpv::Value::Array(tags)));
+        }
+        let map = fields
+            .into_iter()
+            .map(|(k, v)| (rmpv::Value::from(k), v))
+            .collect();
+        let mut buf = Vec::new();
+        rmpv::encode::write_value(&mut buf, &rmpv::Value::Map(map)).unwrap();
+        buf
+    };
+    let bin = |n: usize| rmpv::Value::Binary(vec![7; n]);
+    for (frame, want, message) in [
+        (
+            set(30, bin(1025), 1000, 0),
+            "too_large",
+            "over the maximum of 1024",
+        ),
+        (
+            set(31, bin(10), 0, 0),
+            "bad_request",
+            "`ttl_ms` must be greater than 0",
+        ),
+        (
+            set(32, bin(10), -5, 0),
+            "bad_request",
+            "`ttl_ms` must be an unsigned integer",
+        ),
+        (
+            set(33, bin(10), 1000, 17),
+            "bad_request",
+            "over the maximum of 16",
+        ),
+    ] {
+        c.send_frame(&frame);
+        let reply = c.recv().unwrap();
+        assert_eq!(code(&reply), Some(want), "{reply}");
+        assert!(
+            reply["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(message),
+            "{reply}"
+        );
+    }
+    c.send_frame(&set(34, bin(1024), 1000, 16));
+    assert_eq!(c.recv().unwrap()["ok"], true, "at the limits is fine");
+
     // Duplicate keys and non-string keys are refused too.
     c.send_frame(&[
         0x83, 0xa2, b'i', b'd', 0x10, 0xa2, b'o', b'p', 0xa5, b'h', b'e', b'l', b'l', b'o', 0xa2,
