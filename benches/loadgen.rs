@@ -1,30 +1,44 @@
 //! Load generator: quotad side by side with the baseline a user would
 //! otherwise write, in one run, against one Redis on loopback.
 //!
-//!     cargo bench --bench loadgen -- [--seconds 5] [--concurrency 1,16,64,256]
-//!         [--connections 4] [--shards 0] [--threads 1]
+//!     cargo bench --bench loadgen -- [--workload check,check_get,cache_get]
+//!         [--seconds 5] [--concurrency 1,16,64,256] [--connections 4]
+//!         [--value-bytes 1024] [--shards 0] [--threads 1]
 //!
-//! For each concurrency (requests in flight), two closed-loop phases:
-//!   quotad:   `check`s through the real daemon (release build) over its Unix
-//!             socket, with the Rust client.
-//!   baseline: every request runs its own EVALSHA of the same token-bucket
-//!             Lua (`lua/check.lua`, one check per call) through redis-rs
-//!             multiplexed ConnectionManagers (which pipeline).
-//! Both spread their requests over the same number of connections.
-//! Reported: checks/s, latency p50/p99, and Redis CPU per check (from
-//! `INFO cpu`) plus quotad's own CPU per check (from /proc).
+//! For each workload and concurrency (requests in flight), two closed-loop
+//! phases, quotad then baseline:
+//!
+//! - `check`: quotad `check`s through the real daemon (release build) over
+//!   its Unix socket, with the Rust client; the baseline runs, per request,
+//!   its own EVALSHA of the same token-bucket Lua (one check per call).
+//! - `check_get`: quotad `check_get`s (limit, then cache, one hop); the
+//!   baseline, per request, one EVALSHA for the limit and then one GET for
+//!   the cache, as the article's middleware does.
+//! - `cache_get`: quotad `cache_get` hits; the baseline, one GET per request.
+//!
+//! The baseline uses redis-rs multiplexed ConnectionManagers (which already
+//! pipeline concurrent commands). Both spread their requests over the same
+//! number of connections and run on one single-threaded tokio runtime (like
+//! one asyncio or Node worker). Every cache read hits a value of
+//! `--value-bytes`. Reported: requests/s, latency p50/p99, Redis CPU per
+//! request (from `INFO cpu`), quotad's own CPU per request (from /proc),
+//! the load generator's CPU per request, and quotad's operations per Redis
+//! round trip.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use quotad::client::Client;
 use quotad::config::Config;
 use quotad::job::{Job, Outcome};
 use quotad::keys::Keys;
-use quotad::limiter::Check;
+use quotad::limiter::{Check, Policy};
+use quotad::protocol::{CacheSetArgs, CheckArgs};
 use quotad::redis::script;
+use redis::aio::ConnectionManager;
 
 const TENANTS: usize = 100;
 const KEYS_PER_TENANT: usize = 100;
@@ -33,8 +47,42 @@ const POLICY: &str = r#"
 rules = [{ name = "burst", kind = "token_bucket", capacity = 1000000000, refill_per_sec = 1000000 }]
 "#;
 
+#[derive(Clone, Copy, PartialEq)]
+enum Workload {
+    Check,
+    CheckGet,
+    CacheGet,
+}
+
+impl Workload {
+    fn parse(s: &str) -> Workload {
+        match s {
+            "check" => Workload::Check,
+            "check_get" => Workload::CheckGet,
+            "cache_get" => Workload::CacheGet,
+            other => panic!("unknown workload {other}"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Check => "check",
+            Workload::CheckGet => "check_get",
+            Workload::CacheGet => "cache_get",
+        }
+    }
+
+    fn baseline(self) -> &'static str {
+        match self {
+            Workload::Check => "EVALSHA per request",
+            Workload::CheckGet => "EVALSHA then GET per request",
+            Workload::CacheGet => "GET per request",
+        }
+    }
+}
+
 struct Phase {
-    checks: u64,
+    requests: u64,
     secs: f64,
     p50_us: f64,
     p99_us: f64,
@@ -45,31 +93,38 @@ struct Phase {
 
 impl Phase {
     fn rate(&self) -> f64 {
-        self.checks as f64 / self.secs
+        self.requests as f64 / self.secs
     }
+}
+
+struct Bench {
+    socket: std::path::PathBuf,
+    url: String,
+    port: u16,
+    quotad_pid: u32,
+    policy: Arc<Policy>,
+    seconds: f64,
 }
 
 fn main() {
     let mut seconds = 5.0;
     let mut levels = vec![1usize, 16, 64, 256];
+    let mut workloads = vec![Workload::Check, Workload::CheckGet, Workload::CacheGet];
     let mut shards = 0usize;
     let mut connections = 4usize;
     let mut threads = 1usize;
+    let mut value_bytes = 1024usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        let mut value = || args.next().expect("a value");
         match a.as_str() {
-            "--seconds" => seconds = args.next().unwrap().parse().unwrap(),
-            "--concurrency" => {
-                levels = args
-                    .next()
-                    .unwrap()
-                    .split(',')
-                    .map(|s| s.parse().unwrap())
-                    .collect()
-            }
-            "--shards" => shards = args.next().unwrap().parse().unwrap(),
-            "--connections" => connections = args.next().unwrap().parse().unwrap(),
-            "--threads" => threads = args.next().unwrap().parse().unwrap(),
+            "--seconds" => seconds = value().parse().unwrap(),
+            "--concurrency" => levels = value().split(',').map(|s| s.parse().unwrap()).collect(),
+            "--workload" => workloads = value().split(',').map(Workload::parse).collect(),
+            "--shards" => shards = value().parse().unwrap(),
+            "--connections" => connections = value().parse().unwrap(),
+            "--threads" => threads = value().parse().unwrap(),
+            "--value-bytes" => value_bytes = value().parse().unwrap(),
             _ => {} // cargo passes --bench
         }
     }
@@ -110,129 +165,218 @@ fn main() {
         .unwrap();
     wait(|| std::os::unix::net::UnixStream::connect(&socket).is_ok());
 
-    // One event loop, like one asyncio or Node worker process.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let config = Config::from_toml(&config).unwrap();
+    let bench = Bench {
+        socket,
+        url,
+        port,
+        quotad_pid: quotad.id(),
+        policy: Config::from_toml(&config)
+            .unwrap()
+            .policies
+            .get(None)
+            .unwrap()
+            .clone(),
+        seconds,
+    };
+    if workloads.iter().any(|w| *w != Workload::Check) {
+        rt.block_on(bench.fill_caches(value_bytes));
+    }
     println!(
-        "Redis {} on loopback, {} CPUs, {seconds} s per phase, {TENANTS} tenants x {KEYS_PER_TENANT} keys",
+        "Redis {} on loopback, {} CPUs, {seconds} s per phase, {TENANTS} tenants x {KEYS_PER_TENANT} keys, {value_bytes}-byte cached values",
         redis_version(port),
         num_cpus()
     );
-    println!();
-    println!(
-        "| in flight | quotad checks/s | baseline checks/s | ratio | quotad p50 / p99 (µs) | baseline p50 / p99 (µs) | Redis CPU/check quotad / baseline (µs) | quotad CPU/check (µs) | client CPU/check quotad / baseline (µs) | checks per batch |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for &c in &levels {
-        let before = rt.block_on(batch_counters(&socket));
-        let conns = connections.min(c);
-        let q = rt.block_on(run_quotad(&socket, c, conns, seconds, port, quotad.id()));
-        let after = rt.block_on(batch_counters(&socket));
-        let per_batch = (after.1 - before.1) as f64 / (after.0 - before.0).max(1) as f64;
-        let b = rt.block_on(run_baseline(&url, &config, c, conns, seconds, port));
+    for w in workloads {
+        println!();
+        println!("`{}` (baseline: {}):", w.name(), w.baseline());
+        println!();
         println!(
-            "| {c} | {:.0} | {:.0} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} ({:.2}x) | {:.1} | {:.1} / {:.1} | {per_batch:.1} |",
-            q.rate(),
-            b.rate(),
-            q.rate() / b.rate(),
-            q.p50_us,
-            q.p99_us,
-            b.p50_us,
-            b.p99_us,
-            q.redis_cpu_us,
-            b.redis_cpu_us,
-            q.redis_cpu_us / b.redis_cpu_us,
-            q.quotad_cpu_us.unwrap_or(f64::NAN),
-            q.client_cpu_us,
-            b.client_cpu_us,
+            "| in flight | quotad req/s | baseline req/s | ratio | quotad p50 / p99 (µs) | baseline p50 / p99 (µs) | Redis CPU/req quotad / baseline (µs) | quotad CPU/req (µs) | client CPU/req quotad / baseline (µs) | ops per batch | batch time (µs) |"
         );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        for &c in &levels {
+            let conns = connections.min(c);
+            let before = rt.block_on(bench.batch_counters());
+            let q = rt.block_on(bench.run_quotad(w, c, conns));
+            let after = rt.block_on(bench.batch_counters());
+            let batches = (after.0 - before.0).max(1) as f64;
+            let per_batch = (after.1 - before.1) as f64 / batches;
+            let batch_us = (after.2 - before.2) as f64 / batches;
+            let b = rt.block_on(bench.run_baseline(w, c, conns));
+            println!(
+                "| {c} | {:.0} | {:.0} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} ({:.2}x) | {:.1} | {:.1} / {:.1} | {per_batch:.1} | {batch_us:.0} |",
+                q.rate(),
+                b.rate(),
+                q.rate() / b.rate(),
+                q.p50_us,
+                q.p99_us,
+                b.p50_us,
+                b.p99_us,
+                q.redis_cpu_us,
+                b.redis_cpu_us,
+                q.redis_cpu_us / b.redis_cpu_us,
+                q.quotad_cpu_us.unwrap_or(f64::NAN),
+                q.client_cpu_us,
+                b.client_cpu_us,
+            );
+        }
     }
     kill(&mut quotad);
     kill(&mut redis);
 }
 
-async fn run_quotad(
-    socket: &std::path::Path,
-    inflight: usize,
-    conns: usize,
-    seconds: f64,
-    port: u16,
-    pid: u32,
-) -> Phase {
-    let mut clients = Vec::new();
-    for _ in 0..conns {
-        clients.push(Arc::new(Client::connect(socket).await.unwrap()));
-    }
-    measure(inflight, seconds, port, Some(pid), move |task| {
-        let client = clients[task % conns].clone();
-        move |tenant: String, key: String| {
-            let client = client.clone();
-            async move {
-                let d = client.check(&tenant, &key, None, 1).await.unwrap();
-                assert!(d.allowed && !d.degraded);
-            }
-        }
-    })
-    .await
+/// The cache key a request reads, and the baseline's Redis key for it.
+fn cache_key(key: &str) -> String {
+    format!("GET /{key}")
 }
 
-async fn run_baseline(
-    url: &str,
-    config: &Config,
-    inflight: usize,
-    conns: usize,
-    seconds: f64,
-    port: u16,
-) -> Phase {
-    let mut cms = Vec::new();
-    for _ in 0..conns {
-        cms.push(
-            redis::aio::ConnectionManager::new(redis::Client::open(url).unwrap())
-                .await
-                .unwrap(),
-        );
-    }
-    let _: String = redis::cmd("SCRIPT")
-        .arg("LOAD")
-        .arg(script::SOURCE)
-        .query_async(&mut cms[0].clone())
-        .await
-        .unwrap();
-    let policy = config.policies.get(None).unwrap().clone();
-    let keys = Arc::new(Keys::new("bench"));
-    measure(inflight, seconds, port, None, move |task| {
-        let (cm, policy, keys) = (cms[task % conns].clone(), policy.clone(), keys.clone());
-        move |tenant: String, key: String| {
-            let mut cm = cm.clone();
-            let job = Job::Check(Check {
-                policy: policy.clone(),
-                tenant,
-                key,
-                cost: 1,
+fn baseline_cache_key(tenant: &str, key: &str) -> String {
+    format!("bench:cache:{tenant}:{key}")
+}
+
+impl Bench {
+    /// Stores one value per (tenant, key), in quotad's cache and as a plain
+    /// string for the baseline, so every read hits.
+    async fn fill_caches(&self, value_bytes: usize) {
+        let value = Bytes::from(vec![b'x'; value_bytes]);
+        let client = Client::connect(&self.socket).await.unwrap();
+        let mut cm = self.connect().await;
+        for t in 0..TENANTS {
+            let tenant = format!("tenant-{t}");
+            let sets = (0..KEYS_PER_TENANT).map(|k| {
+                client.cache_set(CacheSetArgs {
+                    tenant: tenant.clone(),
+                    key: cache_key(&format!("key-{k}")),
+                    value: value.clone(),
+                    ttl_ms: 3_600_000,
+                    stale_ms: 0,
+                    tags: vec![],
+                })
             });
-            let cmd = script::command(std::iter::once(&job), &keys, None, false);
-            async move {
-                let reply: redis::Value = cmd.query_async(&mut cm).await.unwrap();
-                let outcome = script::outcomes(reply, std::iter::once(&job)).unwrap();
-                assert!(matches!(outcome[0], Outcome::Decided(v) if v.allowed));
+            for degraded in futures::future::join_all(sets).await {
+                assert!(!degraded.unwrap());
             }
+            let mut pipe = redis::pipe();
+            for k in 0..KEYS_PER_TENANT {
+                pipe.set(baseline_cache_key(&tenant, &format!("key-{k}")), &value[..])
+                    .ignore();
+            }
+            let () = pipe.query_async(&mut cm).await.unwrap();
         }
-    })
-    .await
+    }
+
+    async fn connect(&self) -> ConnectionManager {
+        ConnectionManager::new(redis::Client::open(self.url.as_str()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    async fn run_quotad(&self, w: Workload, inflight: usize, conns: usize) -> Phase {
+        let mut clients = Vec::new();
+        for _ in 0..conns {
+            clients.push(Arc::new(Client::connect(&self.socket).await.unwrap()));
+        }
+        measure(self, inflight, Some(self.quotad_pid), move |task| {
+            let client = clients[task % conns].clone();
+            move |tenant: String, key: String| {
+                let client = client.clone();
+                async move {
+                    match w {
+                        Workload::Check => {
+                            let d = client.check(&tenant, &key, None, 1).await.unwrap();
+                            assert!(d.allowed && !d.degraded);
+                        }
+                        Workload::CheckGet => {
+                            let check = CheckArgs {
+                                tenant,
+                                key: key.clone(),
+                                policy: None,
+                                cost: 1,
+                            };
+                            let (d, l) =
+                                client.check_get(check, &cache_key(&key), 0).await.unwrap();
+                            assert!(d.allowed && !d.degraded && l.unwrap().value.is_some());
+                        }
+                        Workload::CacheGet => {
+                            let l = client
+                                .cache_get(&tenant, &cache_key(&key), 0)
+                                .await
+                                .unwrap();
+                            assert!(l.value.is_some());
+                        }
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    async fn run_baseline(&self, w: Workload, inflight: usize, conns: usize) -> Phase {
+        let mut cms = Vec::new();
+        for _ in 0..conns {
+            cms.push(self.connect().await);
+        }
+        let _: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(script::SOURCE)
+            .query_async(&mut cms[0].clone())
+            .await
+            .unwrap();
+        let policy = self.policy.clone();
+        let keys = Arc::new(Keys::new("bench"));
+        measure(self, inflight, None, move |task| {
+            let (cm, policy, keys) = (cms[task % conns].clone(), policy.clone(), keys.clone());
+            move |tenant: String, key: String| {
+                let mut cm = cm.clone();
+                let cache = baseline_cache_key(&tenant, &key);
+                let job = Job::Check(Check {
+                    policy: policy.clone(),
+                    tenant,
+                    key,
+                    cost: 1,
+                });
+                let cmd = (w != Workload::CacheGet)
+                    .then(|| script::command(std::iter::once(&job), &keys, None, false));
+                async move {
+                    if let Some(cmd) = cmd {
+                        let reply: redis::Value = cmd.query_async(&mut cm).await.unwrap();
+                        let outcome = script::outcomes(reply, std::iter::once(&job)).unwrap();
+                        assert!(matches!(outcome[0], Outcome::Decided(v) if v.allowed));
+                    }
+                    if w != Workload::Check {
+                        let v: Option<Vec<u8>> = redis::cmd("GET")
+                            .arg(&cache)
+                            .query_async(&mut cm)
+                            .await
+                            .unwrap();
+                        assert!(v.is_some());
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// quotad's (batches, operations in them, µs in them) counters.
+    async fn batch_counters(&self) -> (u64, u64, u64) {
+        let stats = Client::connect(&self.socket)
+            .await
+            .unwrap()
+            .stats()
+            .await
+            .unwrap();
+        let c = stats.counters.unwrap();
+        (c["batches"], c["batched_checks"], c["round_trip_us"])
+    }
 }
 
-/// Runs `inflight` closed-loop workers for a warm-up second, then
-/// `seconds`, and measures.
-async fn measure<F, W, Fut>(
-    inflight: usize,
-    seconds: f64,
-    port: u16,
-    pid: Option<u32>,
-    mut make: F,
-) -> Phase
+/// Runs `inflight` closed-loop workers for a warm-up second, then the
+/// phase's seconds, and measures.
+async fn measure<F, W, Fut>(bench: &Bench, inflight: usize, pid: Option<u32>, mut make: F) -> Phase
 where
     F: FnMut(usize) -> W,
     W: Fn(String, String) -> Fut + Send + 'static,
@@ -261,52 +405,38 @@ where
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (redis0, quotad0, client0) = (
-        redis_cpu(port),
-        pid.map(proc_cpu),
-        proc_cpu(std::process::id()),
-    );
+    let cpu = || {
+        (
+            redis_cpu(bench.port),
+            pid.map(proc_cpu),
+            proc_cpu(std::process::id()),
+        )
+    };
+    let (redis0, quotad0, client0) = cpu();
     let start = Instant::now();
     measuring.store(true, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    tokio::time::sleep(Duration::from_secs_f64(bench.seconds)).await;
     measuring.store(false, Ordering::Relaxed);
     let secs = start.elapsed().as_secs_f64();
-    let (redis1, quotad1, client1) = (
-        redis_cpu(port),
-        pid.map(proc_cpu),
-        proc_cpu(std::process::id()),
-    );
+    let (redis1, quotad1, client1) = cpu();
     stop.store(true, Ordering::Relaxed);
     let mut lat: Vec<u32> = Vec::new();
     for t in tasks {
         lat.extend(t.await.unwrap());
     }
     lat.sort_unstable();
-    let checks = lat.len() as u64;
+    let requests = lat.len() as u64;
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64;
+    let per = |a: f64, b: f64| (b - a) * 1e6 / requests as f64;
     Phase {
-        checks,
+        requests,
         secs,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
-        redis_cpu_us: (redis1 - redis0) * 1e6 / checks as f64,
-        quotad_cpu_us: quotad0
-            .zip(quotad1)
-            .map(|(a, b)| (b - a) * 1e6 / checks as f64),
-        client_cpu_us: (client1 - client0) * 1e6 / checks as f64,
+        redis_cpu_us: per(redis0, redis1),
+        quotad_cpu_us: quotad0.zip(quotad1).map(|(a, b)| per(a, b)),
+        client_cpu_us: per(client0, client1),
     }
-}
-
-/// quotad's (batches, batched checks) counters.
-async fn batch_counters(socket: &std::path::Path) -> (u64, u64) {
-    let stats = Client::connect(socket)
-        .await
-        .unwrap()
-        .stats()
-        .await
-        .unwrap();
-    let c = stats.counters.unwrap();
-    (c["batches"], c["batched_checks"])
 }
 
 /// Redis's CPU seconds (user + system) so far.

@@ -26,6 +26,10 @@
 -- 1; cache_del: deleted; check_get: the check's 5, then the cache_get's 5,
 -- zeros when denied: a denied check_get reads nothing), then the value of
 -- every hit, in order.
+--
+-- A plain cache_get reads a fresh entry with HMGET and PTTL instead (much
+-- cheaper for Redis than through Lua); it comes here only when a lock is at
+-- stake: a stale hit names a refresher, a miss with fill_ms a filler.
 
 local now = tonumber(ARGV[1])
 if not now then

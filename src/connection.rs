@@ -13,9 +13,9 @@ use std::io;
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
-use futures::stream::FuturesUnordered;
 use futures::{SinkExt, StreamExt};
 use tokio::net::UnixStream;
+use tokio::sync::mpsc;
 use tokio_util::codec::{
     Decoder, Encoder, FramedRead, FramedWrite, LengthDelimitedCodec, LengthDelimitedCodecError,
 };
@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::protocol::{self, DecodeError, Limits, Reply};
-use crate::router::{Pending, Routed, Router};
+use crate::reply::Replies;
+use crate::router::{Routed, Router};
 use crate::stats::Stats;
 
 /// The per-connection bounds.
@@ -85,13 +86,16 @@ pub async fn serve(
     let (rd, wr) = stream.into_split();
     let mut frames = FramedRead::new(rd, FrameCodec::new(limits.max_frame_bytes));
     let mut sink = FramedWrite::new(wr, FrameCodec::new(limits.max_frame_bytes));
+    let (replies, mut answers) = mpsc::unbounded_channel();
     let mut conn = Conn {
         router: &router,
         limits,
-        pending: FuturesUnordered::new(),
+        replies,
+        in_flight: 0,
         reading: true,
         draining: false,
     };
+    let mut ready = Vec::with_capacity(64);
     let stats = &**router.stats();
     // Replies are buffered as they complete and flushed once nothing else
     // is ready, so replies that complete together share one write.
@@ -99,15 +103,22 @@ pub async fn serve(
     loop {
         let result: io::Result<()> = tokio::select! {
             biased;
-            Some(reply) = conn.pending.next(), if !conn.pending.is_empty() => {
+            _ = answers.recv_many(&mut ready, 256), if conn.in_flight > 0 => {
                 dirty = true;
-                write(&mut sink, stats, reply).await
+                conn.in_flight -= ready.len();
+                let mut result = Ok(());
+                for reply in ready.drain(..) {
+                    if result.is_ok() {
+                        result = write(&mut sink, stats, reply).await;
+                    }
+                }
+                result
             }
             r = SinkExt::<&Reply>::flush(&mut sink), if dirty => {
                 dirty = false;
                 r
             }
-            frame = frames.next(), if conn.reading && conn.pending.len() < limits.max_inflight => {
+            frame = frames.next(), if conn.reading && conn.in_flight < limits.max_inflight => {
                 match conn.on_frame(frame) {
                     Ok(Some(reply)) => {
                         dirty = true;
@@ -125,7 +136,7 @@ pub async fn serve(
             tracing::debug!(error = %e, "connection closed");
             return;
         }
-        if (!conn.reading || conn.draining) && conn.pending.is_empty() && !dirty {
+        if (!conn.reading || conn.draining) && conn.in_flight == 0 && !dirty {
             break;
         }
     }
@@ -136,8 +147,10 @@ pub async fn serve(
 struct Conn<'a> {
     router: &'a Router,
     limits: ConnLimits,
-    /// Answers on their way from the shards.
-    pending: FuturesUnordered<Pending>,
+    /// Where shards send this connection's answers.
+    replies: Replies,
+    /// Requests handed to shards and not answered yet.
+    in_flight: usize,
     /// False once the peer closed its side or sent a fatal frame.
     reading: bool,
     /// True once shutdown began: new requests are refused.
@@ -165,10 +178,10 @@ impl Conn<'_> {
         };
         Ok(match protocol::decode(&buf, &self.limits.request) {
             Ok(req) if self.draining => Some(Reply::err(req.id, Error::ShuttingDown)),
-            Ok(req) => match self.router.route(req) {
+            Ok(req) => match self.router.route(req, &self.replies) {
                 Routed::Ready(reply) => Some(reply),
-                Routed::Pending(p) => {
-                    self.pending.push(p);
+                Routed::Pending => {
+                    self.in_flight += 1;
                     None
                 }
             },

@@ -35,6 +35,7 @@ pub mod keys;
 pub mod limiter;
 pub mod protocol;
 pub mod redis;
+pub mod reply;
 pub mod router;
 pub mod server;
 pub mod shard;

@@ -5,15 +5,12 @@
 //! stable hash, so a tenant always lands on the same shard. Policies are
 //! read from a lock-free snapshot that a reload swaps as a whole.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use kameo::actor::{ActorRef, Spawn};
 use kameo::error::SendError;
 use kameo::mailbox;
-use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::config::{Config, Policies};
@@ -23,6 +20,7 @@ use crate::keys::{self, Keys};
 use crate::limiter::Check;
 use crate::protocol::{Body, CheckArgs, Hello, Op, Reply, Request, Stats as StatsBody};
 use crate::redis::RedisBackend;
+use crate::reply::{Replies, ReplyTo};
 use crate::shard::{JobMsg, Reload, Shard, ShardArgs};
 use crate::stats::Stats;
 
@@ -33,10 +31,11 @@ pub struct Router {
     backend: &'static str,
 }
 
-/// What a request becomes: an answer now, or one a shard will give.
+/// What a request becomes: an answer now, or one a shard will send to
+/// the connection's reply channel.
 pub enum Routed {
     Ready(Reply),
-    Pending(Pending),
+    Pending,
 }
 
 impl Router {
@@ -86,7 +85,7 @@ impl Router {
 
     /// Answers `hello` and `stats` here; sends every other op to the
     /// shard that owns its tenant.
-    pub fn route(&self, req: Request) -> Routed {
+    pub fn route(&self, req: Request, replies: &Replies) -> Routed {
         let c = &self.stats.counters;
         let id = req.id;
         let job = match req.op {
@@ -128,8 +127,8 @@ impl Router {
                 Ok(Job::Del(args))
             }
         };
-        match job.and_then(|job| self.send(job)) {
-            Ok(rx) => Routed::Pending(Pending { id, rx }),
+        match job.and_then(|job| self.send(job, ReplyTo::new(id, replies.clone()))) {
+            Ok(()) => Routed::Pending,
             Err(e) => Routed::Ready(Reply::err(id, e)),
         }
     }
@@ -147,17 +146,24 @@ impl Router {
     }
 
     /// Hands a job to its tenant's shard; a full mailbox is `overloaded`.
-    fn send(&self, job: Job) -> Result<oneshot::Receiver<Result<Body, Error>>, Error> {
+    fn send(&self, job: Job, reply: ReplyTo) -> Result<(), Error> {
         let shard = &self.shards[keys::slot(job.tenant()) as usize % self.shards.len()];
-        let (tx, rx) = oneshot::channel();
         shard
-            .tell(JobMsg(job, tx))
+            .tell(JobMsg(job, reply))
             .try_send()
             .map_err(|e| match e {
-                SendError::MailboxFull(_) => Error::Overloaded("shard mailbox full"),
+                // The message comes back with its reply sender: the caller
+                // answers, so the sender must not answer by itself.
+                SendError::MailboxFull(JobMsg(_, reply)) => {
+                    reply.cancel();
+                    Error::Overloaded("shard mailbox full")
+                }
+                SendError::ActorNotRunning(JobMsg(_, reply)) => {
+                    reply.cancel();
+                    Error::ShuttingDown
+                }
                 _ => Error::ShuttingDown,
-            })?;
-        Ok(rx)
+            })
     }
 
     /// Swaps in new policies; shards forget cached denials.
@@ -176,24 +182,5 @@ impl Router {
         for shard in &self.shards {
             shard.wait_for_shutdown().await;
         }
-    }
-}
-
-/// An answer on its way from a shard, tagged with the request id.
-pub struct Pending {
-    id: u64,
-    rx: oneshot::Receiver<Result<Body, Error>>,
-}
-
-impl Future for Pending {
-    type Output = Reply;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reply> {
-        let id = self.id;
-        Pin::new(&mut self.rx).poll(cx).map(|r| match r {
-            Ok(body) => Reply { id, body },
-            // The shard stopped before answering: only at shutdown.
-            Err(_) => Reply::err(id, Error::ShuttingDown),
-        })
     }
 }

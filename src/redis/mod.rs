@@ -10,23 +10,45 @@
 
 mod breaker;
 mod conn;
+mod read;
 pub mod script;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::{ErrorKind, RedisResult, ServerErrorKind, Value};
+use redis::{ErrorKind, RedisResult, ServerErrorKind};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use breaker::Breaker;
 use conn::Conn;
+use read::Read;
 
 use crate::clock::Clock;
 use crate::config::RedisConfig;
 use crate::job::{Job, Outcome};
 use crate::keys::{self, Keys};
+use crate::protocol::CacheGetArgs;
 use crate::stats::Stats;
+
+/// The jobs of one round trip, by their index in the batch.
+#[derive(Default)]
+struct Round<'a> {
+    scripts: Vec<(usize, &'a Job)>,
+    reads: Vec<(usize, &'a CacheGetArgs)>,
+}
+
+impl Round<'_> {
+    fn is_empty(&self) -> bool {
+        self.scripts.is_empty() && self.reads.is_empty()
+    }
+}
+
+/// What one entry of a round came back with.
+enum Done {
+    Script(Outcome),
+    Read(Read),
+}
 
 /// A handle on the Redis backend; clones share one connection and breaker.
 #[derive(Clone)]
@@ -82,8 +104,12 @@ impl RedisBackend {
         self.inner.breaker.is_open()
     }
 
-    /// Runs `jobs` in one round trip that ends by `deadline`. `None` for a
-    /// job Redis could not run (answer it by failure mode).
+    /// Runs `jobs`, ending by `deadline`. `None` for a job Redis could not
+    /// run (answer it by failure mode).
+    ///
+    /// One round trip: the script for checks, `check_get`s and writes,
+    /// plain reads beside it for cache reads; then, only if some read must
+    /// take a lock (see [`read`]), a second one to the script for those.
     pub async fn run(&self, jobs: &[Job], deadline: Instant) -> Vec<Option<Outcome>> {
         let inner = &*self.inner;
         let mut out = vec![None; jobs.len()];
@@ -92,83 +118,82 @@ impl RedisBackend {
         }
         Stats::add(&inner.stats.counters.batches, 1);
         Stats::add(&inner.stats.counters.batched_checks, jobs.len() as u64);
-        let groups = self.groups(jobs);
-        let now = inner.clock.fixed_us();
         let started = std::time::Instant::now();
-        let results =
-            match tokio::time::timeout_at(deadline, self.round_trip(jobs, &groups, now)).await {
-                Ok(results) => results,
-                Err(_) => {
-                    Stats::add(&inner.stats.counters.redis_timeouts, 1);
-                    self.failed();
-                    return out;
-                }
-            };
+        match tokio::time::timeout_at(deadline, self.rounds(jobs, &mut out)).await {
+            Ok(true) => inner.breaker.record_success(),
+            Ok(false) => self.failed(),
+            Err(_) => {
+                // Outcomes of a finished first round stand; the rest is unknown.
+                Stats::add(&inner.stats.counters.redis_timeouts, 1);
+                self.failed();
+            }
+        }
         Stats::add(
             &inner.stats.counters.round_trip_us,
             started.elapsed().as_micros() as u64,
         );
-        let mut failed = false;
-        for (group, result) in groups.iter().zip(results) {
-            let parsed = result
-                .ok()
-                .and_then(|v| script::outcomes(v, group.iter().map(|&i| &jobs[i])));
-            match parsed {
-                Some(outcomes) => {
-                    for (&i, o) in group.iter().zip(outcomes) {
-                        out[i] = Some(o);
-                    }
-                }
-                None => failed = true,
-            }
-        }
-        if failed {
-            self.failed();
-        } else {
-            inner.breaker.record_success();
-        }
         out
     }
 
-    /// Indices of `jobs` per script call: one per slot on a Cluster.
-    fn groups(&self, jobs: &[Job]) -> Vec<Vec<usize>> {
-        if !self.inner.conn.is_cluster() {
-            return vec![(0..jobs.len()).collect()];
+    /// Fills `out` round by round; false if any part failed.
+    async fn rounds(&self, jobs: &[Job], out: &mut [Option<Outcome>]) -> bool {
+        let now = self.inner.clock.fixed_us();
+        let mut ok = true;
+        let mut first = Round::default();
+        for (i, job) in jobs.iter().enumerate() {
+            match job {
+                Job::Get { args, .. } => first.reads.push((i, args)),
+                _ => first.scripts.push((i, job)),
+            }
         }
-        // Sorted by (slot, index): grouped by slot, in arrival order within one.
-        let mut order: Vec<(u16, usize)> = jobs
-            .iter()
-            .enumerate()
-            .map(|(i, j)| (keys::slot(j.tenant()), i))
-            .collect();
-        order.sort_unstable();
-        order
-            .chunk_by(|a, b| a.0 == b.0)
-            .map(|g| g.iter().map(|&(_, i)| i).collect())
-            .collect()
+        let mut locking = Round::default();
+        for (i, done) in self.round(first, now).await {
+            match (&jobs[i], done) {
+                (Job::Get { args, poll }, Some(Done::Read(r))) if r.needs_lock(args, *poll) => {
+                    locking.scripts.push((i, &jobs[i]));
+                }
+                (Job::Get { .. }, Some(Done::Read(r))) => {
+                    out[i] = Some(Outcome::Looked(r.lookup()))
+                }
+                (_, Some(Done::Script(o))) => out[i] = Some(o),
+                _ => ok = false,
+            }
+        }
+        if locking.is_empty() {
+            return ok;
+        }
+        for (i, done) in self.round(locking, now).await {
+            match done {
+                Some(Done::Script(o)) => out[i] = Some(o),
+                _ => ok = false,
+            }
+        }
+        ok
     }
 
-    /// Sends one script call per group; calls refused with NOSCRIPT go
-    /// once more as EVAL. One result per group.
-    async fn round_trip(
-        &self,
-        jobs: &[Job],
-        groups: &[Vec<usize>],
-        now: Option<u64>,
-    ) -> Vec<RedisResult<Value>> {
+    /// One pipelined round trip: one script call per slot group (one in
+    /// all on a single Redis) and two commands per plain read. Script calls
+    /// refused with NOSCRIPT go once more, as EVAL. Returns each entry's
+    /// result by job index (`None`: it failed).
+    async fn round(&self, round: Round<'_>, now: Option<u64>) -> Vec<(usize, Option<Done>)> {
         let inner = &*self.inner;
+        let groups = self.groups(&round.scripts);
         let call = |group: &Vec<usize>, by_source| {
-            script::command(group.iter().map(|&i| &jobs[i]), &inner.keys, now, by_source)
+            script::command(
+                group.iter().map(|&g| round.scripts[g].1),
+                &inner.keys,
+                now,
+                by_source,
+            )
         };
+        let mut cmds: Vec<redis::Cmd> = groups.iter().map(|g| call(g, false)).collect();
+        for (_, args) in &round.reads {
+            cmds.extend(read::commands(&inner.keys, args));
+        }
         Stats::add(&inner.stats.counters.script_calls, groups.len() as u64);
-        let mut results = inner
-            .conn
-            .run(groups.iter().map(|g| call(g, false)).collect())
-            .await;
-        let noscript: Vec<usize> = (0..results.len())
-            .filter(|&i| {
-                matches!(&results[i], Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript))
-            })
+        let mut results = inner.conn.run(cmds).await;
+        let noscript: Vec<usize> = (0..groups.len())
+            .filter(|&i| matches!(&results[i], Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)))
             .collect();
         if !noscript.is_empty() {
             Stats::add(&inner.stats.counters.script_reloads, 1);
@@ -184,12 +209,55 @@ impl RedisBackend {
                 results[i] = r;
             }
         }
-        for r in &results {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "Redis call failed");
+        let mut results = results.into_iter();
+        let mut done = Vec::with_capacity(round.scripts.len() + round.reads.len());
+        for group in &groups {
+            let parsed = match results.next() {
+                Some(Ok(v)) => script::outcomes(v, group.iter().map(|&g| round.scripts[g].1)),
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "Redis call failed");
+                    None
+                }
+                None => None,
+            };
+            match parsed {
+                Some(outcomes) => {
+                    for (&g, o) in group.iter().zip(outcomes) {
+                        done.push((round.scripts[g].0, Some(Done::Script(o))));
+                    }
+                }
+                None => done.extend(group.iter().map(|&g| (round.scripts[g].0, None))),
             }
         }
-        results
+        for (i, _) in &round.reads {
+            let read = match (results.next(), results.next()) {
+                (Some(Ok(hmget)), Some(Ok(pttl))) => read::parse(hmget, pttl),
+                _ => None,
+            };
+            done.push((*i, read.map(Done::Read)));
+        }
+        done
+    }
+
+    /// Indices into `scripts` per script call: one per slot on a Cluster.
+    fn groups(&self, scripts: &[(usize, &Job)]) -> Vec<Vec<usize>> {
+        if scripts.is_empty() {
+            return Vec::new();
+        }
+        if !self.inner.conn.is_cluster() {
+            return vec![(0..scripts.len()).collect()];
+        }
+        // Sorted by (slot, index): grouped by slot, in arrival order within one.
+        let mut order: Vec<(u16, usize)> = scripts
+            .iter()
+            .enumerate()
+            .map(|(g, (_, job))| (keys::slot(job.tenant()), g))
+            .collect();
+        order.sort_unstable();
+        order
+            .chunk_by(|a, b| a.0 == b.0)
+            .map(|g| g.iter().map(|&(_, i)| i).collect())
+            .collect()
     }
 
     /// Counts a failed round trip; the one that opens the breaker starts

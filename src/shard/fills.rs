@@ -9,8 +9,8 @@ use std::collections::HashMap;
 
 use tokio::time::Instant;
 
-use super::ReplyTo;
 use crate::limiter::Decision;
+use crate::reply::ReplyTo;
 
 pub struct FillWaiter {
     pub reply: ReplyTo,

@@ -20,7 +20,6 @@ use std::time::Duration;
 use kameo::actor::{Actor, ActorRef, WeakActorRef};
 use kameo::error::ActorStopReason;
 use kameo::message::{Context, Message};
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::batch::{Batcher, Weighted};
@@ -33,15 +32,13 @@ use crate::limiter::memory::MemoryLimiter;
 use crate::limiter::{Check, Decision, FailureMode};
 use crate::protocol::{Body, CacheGetArgs, Lookup};
 use crate::redis::RedisBackend;
+use crate::reply::ReplyTo;
 use crate::stats::Stats;
 use fills::{FillWaiter, Fills};
 use overlimit::OverLimit;
 
 /// Largest over-limit memory per shard.
 const OVERLIMIT_ENTRIES: usize = 65_536;
-
-/// Where a shard sends its answer to one job.
-pub type ReplyTo = oneshot::Sender<Result<Body, Error>>;
 
 /// Run one job (already validated by the connection) and answer it.
 #[derive(Debug)]
@@ -138,12 +135,9 @@ impl Actor for Shard {
         _: WeakActorRef<Self>,
         _: ActorStopReason,
     ) -> Result<(), Infallible> {
-        for reply in self.batcher.drain().filter_map(|w| w.reply) {
-            let _ = reply.send(Err(Error::ShuttingDown));
-        }
-        for w in self.fills.drain() {
-            let _ = w.reply.send(Err(Error::ShuttingDown));
-        }
+        // Dropped replies answer `shutting_down` by themselves.
+        self.batcher.drain().for_each(drop);
+        self.fills.drain().for_each(drop);
         Ok(())
     }
 }
@@ -259,7 +253,7 @@ impl Shard {
             Ok(None) => {}
             Err(w) => {
                 if let Some(reply) = w.reply {
-                    let _ = reply.send(Err(Error::Overloaded("shard queue full")));
+                    reply.send(Err(Error::Overloaded("shard queue full")));
                 }
             }
         }
@@ -497,6 +491,6 @@ impl Shard {
             let c = &self.stats.counters;
             Stats::add(if d.allowed { &c.allowed } else { &c.denied }, 1);
         }
-        let _ = reply.send(Ok(body));
+        reply.send(Ok(body));
     }
 }
