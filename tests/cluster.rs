@@ -57,3 +57,67 @@ async fn checks_are_exact_and_spread_over_all_three_masters() {
     );
     assert_eq!(stats["degraded"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_works_across_the_masters() {
+    let cluster = Cluster::start();
+    let d = Daemon::start(&format!(
+        "[redis]\ncluster = {:?}\ntimeout_ms = 500\n[policies.default]\nrules = [{{ name = \"n\", kind = \"token_bucket\", capacity = 1000, refill_per_sec = 1 }}]\n",
+        cluster.urls()
+    ));
+    let c = d.client().await;
+    let set = |tenant: String, key: &str, stale_ms| quotad::protocol::CacheSetArgs {
+        tenant,
+        key: key.into(),
+        value: bytes::Bytes::from(format!("{key} value")),
+        ttl_ms: 60_000,
+        stale_ms,
+        tags: vec!["shared".into()],
+    };
+    let tenants: Vec<String> = (0..30).map(|t| format!("tenant-{t}")).collect();
+    for t in &tenants {
+        for k in ["a", "b"] {
+            assert!(!c.cache_set(set(t.clone(), k, 0)).await.unwrap());
+        }
+    }
+    for t in &tenants {
+        let l = c.cache_get(t, "a", 0).await.unwrap();
+        assert_eq!(l.value.as_deref(), Some(&b"a value"[..]), "{t}");
+        let check = quotad::protocol::CheckArgs {
+            tenant: t.clone(),
+            key: "user".into(),
+            policy: None,
+            cost: 1,
+        };
+        let (decision, lookup) = c.check_get(check, "b", 0).await.unwrap();
+        assert!(decision.allowed && !decision.degraded);
+        assert_eq!(lookup.unwrap().value.as_deref(), Some(&b"b value"[..]));
+    }
+    // Deleting by tag stays within the tenant, wherever its slot lives.
+    assert_eq!(c.cache_del("tenant-0", &[], &["shared"]).await.unwrap(), 2);
+    assert!(
+        c.cache_get("tenant-0", "a", 0)
+            .await
+            .unwrap()
+            .value
+            .is_none()
+    );
+    assert!(
+        c.cache_get("tenant-1", "a", 0)
+            .await
+            .unwrap()
+            .value
+            .is_some()
+    );
+    // A stale read that must take the refresh lock goes through the script.
+    let mut stale = set("tenant-2".into(), "s", 5_000);
+    stale.ttl_ms = 50;
+    c.cache_set(stale).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let l = c.cache_get("tenant-2", "s", 0).await.unwrap();
+    assert!(l.stale && l.refresh, "{l:?}");
+    for node in &cluster.nodes {
+        let keys: u64 = node.cli(&["DBSIZE"]).parse().unwrap();
+        assert!(keys > 0, "every master holds some of the entries");
+    }
+}
