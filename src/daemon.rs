@@ -80,6 +80,12 @@ impl Daemon {
                 request: self.config.limits(),
             },
         };
+        let router = self.router.clone();
+        let draining = shutdown.clone();
+        tokio::spawn(async move {
+            draining.cancelled().await;
+            router.release_waiters().await;
+        });
         let server = server::run(self.listener, self.router.clone(), limits, shutdown);
         tokio::pin!(server);
         loop {

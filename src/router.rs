@@ -21,7 +21,7 @@ use crate::limiter::Check;
 use crate::protocol::{Body, CheckArgs, Hello, Op, Reply, Request, Stats as StatsBody};
 use crate::redis::RedisBackend;
 use crate::reply::{Replies, ReplyTo};
-use crate::shard::{JobMsg, Reload, Shard, ShardArgs};
+use crate::shard::{JobMsg, ReleaseWaiters, Reload, Shard, ShardArgs};
 use crate::stats::Stats;
 
 pub struct Router {
@@ -171,6 +171,14 @@ impl Router {
         self.policies.store(policies);
         for shard in &self.shards {
             let _ = shard.tell(Reload).send().await;
+        }
+    }
+
+    /// At shutdown: callers waiting on a cache fill get a plain miss now
+    /// rather than at their deadline, so connections can drain.
+    pub async fn release_waiters(&self) {
+        for shard in &self.shards {
+            let _ = shard.tell(ReleaseWaiters).send().await;
         }
     }
 

@@ -416,3 +416,32 @@ async fn redis_lost_means_degraded_misses_and_no_op_writes_then_recovery() {
         Some(&b"back"[..])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_callers_waiting_on_a_fill() {
+    let mut d = Daemon::start(POLICY);
+    let c = Arc::new(d.client().await);
+    assert!(c.cache_get("acme", "slow", 20_000).await.unwrap().fill);
+    let waiters: Vec<_> = (0..5)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { c.cache_get("acme", "slow", 20_000).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    d.signal(libc::SIGTERM);
+    for w in waiters {
+        let l = w.await.unwrap().expect("answered, not dropped");
+        assert!(l.value.is_none() && !l.fill, "{l:?}");
+    }
+    let status = tokio::task::spawn_blocking(move || d.wait_exit())
+        .await
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -59,6 +59,9 @@ pub struct PollFills;
 /// Policies were reloaded: forget cached denials, they may no longer hold.
 pub struct Reload;
 
+/// Shutdown began: answer every caller waiting on a fill with a miss.
+pub struct ReleaseWaiters;
+
 /// A job waiting for Redis. `reply` is `None` for the shard's own polls.
 struct Waiter {
     job: Job,
@@ -197,12 +200,7 @@ impl Message<PollFills> for Shard {
         self.polling = false;
         for w in self.fills.expire(Instant::now()) {
             Stats::add(&self.stats.counters.cache_fill_timeouts, 1);
-            let lookup = Lookup::default(); // a plain miss: compute it yourself
-            let body = match w.decision {
-                Some(d) => Body::CheckLookup(d, Some(lookup)),
-                None => Body::Lookup(lookup),
-            };
-            self.reply(w.reply, body);
+            self.release(w);
         }
         let polls: Vec<CacheGetArgs> = self
             .fills
@@ -235,6 +233,17 @@ impl Message<PollFills> for Shard {
             }
         }
         self.schedule_poll(ctx);
+    }
+}
+
+impl Message<ReleaseWaiters> for Shard {
+    type Reply = ();
+
+    async fn handle(&mut self, _: ReleaseWaiters, _: &mut Context<Self, ()>) {
+        let waiters: Vec<FillWaiter> = self.fills.drain().collect();
+        for w in waiters {
+            self.release(w);
+        }
     }
 }
 
@@ -432,6 +441,16 @@ impl Shard {
             None => Body::Lookup(l),
         };
         Some((reply, body))
+    }
+
+    /// Lets a caller stop waiting on a fill: a plain miss, compute it yourself.
+    fn release(&self, w: FillWaiter) {
+        let lookup = self.count_lookup(Lookup::default());
+        let body = match w.decision {
+            Some(d) => Body::CheckLookup(d, Some(lookup)),
+            None => Body::Lookup(lookup),
+        };
+        self.reply(w.reply, body);
     }
 
     /// Answers everyone waiting for this entry with its value.
