@@ -16,7 +16,7 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use bytes::Bytes;
 
-use super::{CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Op, Request};
+use super::{CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, OPS, Op, Request};
 use crate::error::Error;
 
 /// Nesting allowed in a request. Requests need 2 (a map holding a list of
@@ -96,30 +96,6 @@ const NAMES: [&str; 13] = [
     "keys",
 ];
 
-/// Strings that requests carry over and over: field names and op names.
-const KNOWN: &[&str] = &[
-    "id",
-    "op",
-    "tenant",
-    "key",
-    "policy",
-    "cost",
-    "cache_key",
-    "fill_ms",
-    "value",
-    "ttl_ms",
-    "stale_ms",
-    "tags",
-    "keys",
-    "check",
-    "check_get",
-    "cache_get",
-    "cache_set",
-    "cache_del",
-    "hello",
-    "stats",
-];
-
 /// Any MessagePack value, as far as a request needs to tell them apart.
 #[derive(Debug, Clone, PartialEq)]
 enum Field {
@@ -128,7 +104,7 @@ enum Field {
     Uint(u64),
     Int,
     Float,
-    /// Borrowed when it is one of [`KNOWN`]: map keys cost no allocation.
+    /// Borrowed when it is a field or op name: map keys cost no allocation.
     Str(Cow<'static, str>),
     Bin(Bytes),
     Array(Vec<Field>),
@@ -449,10 +425,13 @@ impl<'de> Visitor<'de> for FieldVisitor {
         Ok(Field::Float)
     }
     fn visit_str<E>(self, v: &str) -> Result<Field, E> {
-        Ok(Field::Str(match KNOWN.iter().find(|k| **k == v) {
-            Some(k) => Cow::Borrowed(k),
-            None => Cow::Owned(v.to_owned()),
-        }))
+        // Field names and op names come over and over: no allocation.
+        Ok(Field::Str(
+            match NAMES.iter().chain(OPS).find(|k| **k == v) {
+                Some(k) => Cow::Borrowed(k),
+                None => Cow::Owned(v.to_owned()),
+            },
+        ))
     }
     fn visit_bytes<E>(self, v: &[u8]) -> Result<Field, E> {
         Ok(Field::Bin(Bytes::copy_from_slice(v)))
