@@ -1,0 +1,345 @@
+"""The asyncio client.
+
+One connection per client (per event loop), requests pipelined on it: a
+call registers a future under its id and writes its frame; the protocol's
+``data_received`` resolves futures by id as replies arrive, in any order.
+No task per call, no lock on the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from . import _requests
+from ._codec import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_REPLY_BYTES, FrameReader, decode_body, encode_frame
+from ._common import ClientOptions, FailureMode
+from .errors import (
+    TRANSIENT,
+    ConnectFailed,
+    ConnectionLost,
+    InvalidArgument,
+    QuotadError,
+    RequestTimedOut,
+    server_error,
+)
+from .models import UNAVAILABLE_MISS, CheckGet, Decision, Hello, Lookup, Stats
+
+log = logging.getLogger("quotad")
+
+Reply = dict[str, Any]
+
+
+class _Protocol(asyncio.Protocol):
+    """One connection: frames in, futures resolved by id."""
+
+    def __init__(self, max_reply_bytes: int) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.pending: dict[int, asyncio.Future[Reply]] = {}
+        self.error: QuotadError | None = None
+        self._frames = FrameReader(max_reply_bytes)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for body in self._frames.feed(data):
+                reply = decode_body(body)
+                req_id = reply.get("id")
+                if req_id == 0 and reply.get("ok") is False:
+                    # Connection-level error (frame too large, too many
+                    # connections): the daemon closes; fail everything in flight.
+                    raise server_error(reply.get("error"))
+                fut = self.pending.pop(req_id, None) if isinstance(req_id, int) else None
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+        except QuotadError as e:
+            self.fail(e)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f": {exc}" if exc else ""
+        self.fail(ConnectionLost(f"quotad closed the connection{reason}"))
+
+    def fail(self, err: QuotadError, *, quiet: bool = False) -> None:
+        """Fails every call in flight (and later ones) with ``err`` and drops the connection."""
+        if self.error is None:
+            self.error = err
+            if not quiet:
+                log.warning("quotad connection lost: %s", err)
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _expire(fut: asyncio.Future[Reply], timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(RequestTimedOut(f"no reply from quotad within {timeout:.3f}s"))
+
+
+class AsyncClient:
+    """An asyncio quotad client. Share one per process (per event loop).
+
+    Same behaviour as :class:`quotad.Client`: lazy connection, reconnects
+    with backoff, and ``failure_mode`` deciding what a check answers while
+    the daemon cannot. At most ``max_pending`` calls are in flight; more wait
+    for a slot (within their timeout).
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = 0.5,
+        connect_timeout: float = 0.25,
+        failure_mode: FailureMode = "open",
+        closed_retry_after_ms: int = 1000,
+        max_pending: int = 1024,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 2.0,
+    ) -> None:
+        self._opts = ClientOptions(
+            socket_path,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            failure_mode=failure_mode,
+            closed_retry_after_ms=closed_retry_after_ms,
+            max_pending=max_pending,
+            max_frame_bytes=max_frame_bytes,
+            max_reply_bytes=max_reply_bytes,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+        )
+        self._ids = itertools.count(1)
+        self._proto: _Protocol | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._closed = False
+        self._down = False
+
+    @property
+    def socket_path(self) -> str:
+        return self._opts.socket_path
+
+    # -- ops ---------------------------------------------------------------
+
+    async def hello(self) -> Hello:
+        return Hello.from_reply(await self.call(_requests.hello()))
+
+    async def stats(self) -> Stats:
+        return Stats.from_reply(await self.call(_requests.stats()))
+
+    async def check(self, tenant: str, key: str, policy: str | None = None, cost: int = 1) -> Decision:
+        """May this request go ahead? ``cost=0`` peeks without charging."""
+        req = _requests.check(tenant, key, policy, cost)
+        try:
+            return Decision.from_reply(await self.call(req))
+        except TRANSIENT as e:
+            return self._opts.unavailable_decision(e)
+
+    async def cache_lookup(self, tenant: str, key: str, fill_ms: int | None = None) -> Lookup:
+        """A cache read with everything the daemon said (stale, refresh, fill, ...)."""
+        req = _requests.cache_get(tenant, key, fill_ms)
+        try:
+            return Lookup.from_reply(await self.call(req, _requests.timeout(self._opts.timeout, fill_ms)))
+        except TRANSIENT as e:
+            self._opts.soft_fail(e)
+            return UNAVAILABLE_MISS
+
+    async def cache_get(self, tenant: str, key: str, fill_ms: int | None = None) -> bytes | None:
+        """The cached bytes, or None on a miss (or when the daemon is unavailable)."""
+        return (await self.cache_lookup(tenant, key, fill_ms)).value
+
+    async def cache_set(
+        self,
+        tenant: str,
+        key: str,
+        value: bytes,
+        ttl_ms: int,
+        tags: Iterable[str] | None = None,
+        stale_ms: int | None = None,
+    ) -> bool:
+        """Stores an entry; returns False when it could not be stored (degraded)."""
+        req = _requests.cache_set(tenant, key, value, ttl_ms, tags, stale_ms)
+        try:
+            reply = await self.call(req)
+        except TRANSIENT as e:
+            self._opts.soft_fail(e)
+            return False
+        return reply.get("degraded") is False
+
+    async def cache_delete(
+        self, tenant: str, keys: Iterable[str] | None = None, tags: Iterable[str] | None = None
+    ) -> int:
+        """Deletes entries by key and by tag; returns how many existed."""
+        req = _requests.cache_del(tenant, keys, tags)
+        try:
+            reply = await self.call(req)
+        except TRANSIENT as e:
+            self._opts.soft_fail(e)
+            return 0
+        deleted = reply.get("deleted")
+        return deleted if isinstance(deleted, int) else 0
+
+    async def check_get(
+        self,
+        tenant: str,
+        key: str,
+        cache_key: str,
+        policy: str | None = None,
+        cost: int = 1,
+        fill_ms: int | None = None,
+    ) -> CheckGet:
+        """A check and, only if it allows, a read of ``cache_key``, in one request."""
+        req = _requests.check_get(tenant, key, cache_key, policy, cost, fill_ms)
+        try:
+            reply = await self.call(req, _requests.timeout(self._opts.timeout, fill_ms))
+            return CheckGet.from_reply(reply)
+        except TRANSIENT as e:
+            decision = self._opts.unavailable_decision(e)
+            return CheckGet(decision, UNAVAILABLE_MISS if decision.allowed else None)
+
+    # -- plumbing ----------------------------------------------------------
+
+    async def call(self, request: dict[str, Any], timeout: float | None = None) -> Reply:
+        """Sends one request map (its ``id`` is assigned here) and returns the reply map.
+
+        Raises :class:`~quotad.errors.ServerError` for an error reply and
+        :class:`~quotad.errors.QuotadUnavailable` when no reply came.
+        """
+        if timeout is None:
+            timeout = self._opts.timeout
+        req_id = next(self._ids)
+        request["id"] = req_id
+        frame = encode_frame(request)
+        if len(frame) - 4 > self._opts.max_frame_bytes:
+            raise InvalidArgument(
+                f"a {len(frame) - 4}-byte request is over max_frame_bytes ({self._opts.max_frame_bytes})"
+            )
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._bind(loop)
+        assert self._slots is not None
+        deadline = loop.time() + timeout
+        if self._slots.locked():
+            # max_pending calls in flight already: wait for one to finish.
+            try:
+                await asyncio.wait_for(self._slots.acquire(), timeout)
+            except asyncio.TimeoutError:
+                raise RequestTimedOut(f"{self._opts.max_pending} calls already in flight") from None
+        else:
+            await self._slots.acquire()  # does not suspend when a slot is free
+        try:
+            proto = self._proto
+            if proto is None or proto.error is not None:
+                proto = await self._connect(deadline)
+            fut: asyncio.Future[Reply] = loop.create_future()
+            proto.pending[req_id] = fut
+            assert proto.transport is not None
+            proto.transport.write(frame)
+            remaining = deadline - loop.time()
+            timer = loop.call_later(remaining, _expire, fut, timeout)
+            try:
+                reply = await fut
+            finally:
+                timer.cancel()
+                proto.pending.pop(req_id, None)
+        finally:
+            self._slots.release()
+        if reply.get("ok") is not True:
+            raise server_error(reply.get("error"))
+        return reply
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """First use, or use from another event loop: a connection belongs to one loop."""
+        if self._proto is not None and self._proto.transport is not None:
+            try:
+                self._proto.transport.abort()
+            except RuntimeError:  # its loop is closed
+                pass
+        self._loop = loop
+        self._proto = None
+        self._connecting = None
+        self._slots = asyncio.Semaphore(self._opts.max_pending)
+
+    async def _connect(self, deadline: float) -> _Protocol:
+        """Connects, or joins a connect already under way; raises ConnectFailed."""
+        if self._closed:
+            raise ConnectFailed("the client is closed")
+        loop = asyncio.get_running_loop()
+        if self._connecting is None:
+            now = time.monotonic()
+            if not self._opts.backoff.ready(now):
+                raise ConnectFailed(f"cannot reach quotad at {self.socket_path} (retrying soon)")
+            self._connecting = loop.create_future()
+            task = loop.create_task(self._open())
+            task.add_done_callback(self._connected)
+        waiter = self._connecting
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise ConnectFailed(f"connecting to quotad at {self.socket_path} timed out") from None
+
+    async def _open(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        max_reply = self._opts.max_reply_bytes
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_unix_connection(lambda: _Protocol(max_reply), self.socket_path),
+                self._opts.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as e:
+            raise ConnectFailed(f"cannot reach quotad at {self.socket_path}: {e or 'timed out'}") from e
+        return proto
+
+    def _connected(self, task: asyncio.Task[_Protocol]) -> None:
+        waiter, self._connecting = self._connecting, None
+        backoff = self._opts.backoff
+        if task.cancelled():
+            err: BaseException = ConnectFailed("connect cancelled")
+        elif task.exception() is not None:
+            err = task.exception()  # type: ignore[assignment]
+        else:
+            proto = task.result()
+            backoff.succeeded()
+            if self._closed:
+                proto.fail(ConnectionLost("the client was closed"), quiet=True)
+            if self._down:
+                self._down = False
+                log.warning("reconnected to quotad at %s", self.socket_path)
+            self._proto = proto
+            if waiter is not None and not waiter.done():
+                waiter.set_result(proto)
+            return
+        backoff.failed(time.monotonic())
+        if not self._down:
+            self._down = True
+            log.warning("%s", err)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(err)
+            waiter.exception()  # retrieved: no "never retrieved" warning when nobody waits
+
+    async def close(self) -> None:
+        """Closes the connection; later calls fail as unavailable."""
+        self._closed = True
+        proto, self._proto = self._proto, None
+        if proto is not None:
+            proto.fail(ConnectionLost("the client was closed"), quiet=True)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,347 @@
+"""The thread-safe synchronous client.
+
+One Unix socket is shared by every thread: a caller registers a waiter
+under the request's id, writes its frame, and blocks on the waiter; a
+reader thread hands each reply to the waiter with its id, in whatever
+order replies arrive. Many threads therefore pipeline on one connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from . import _requests
+from ._codec import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_REPLY_BYTES, FrameReader, decode_body, encode_frame
+from ._common import ClientOptions, FailureMode
+from .errors import (
+    TRANSIENT,
+    ConnectFailed,
+    ConnectionLost,
+    InvalidArgument,
+    QuotadError,
+    RequestTimedOut,
+    server_error,
+)
+from .models import UNAVAILABLE_MISS, CheckGet, Decision, Hello, Lookup, Stats
+
+log = logging.getLogger("quotad")
+
+_RECV_BYTES = 256 << 10
+
+
+class _Waiter:
+    __slots__ = ("event", "reply", "error")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reply: dict[str, Any] | None = None
+        self.error: QuotadError | None = None
+
+
+class _Connection:
+    """One connected socket, its reader thread and its in-flight calls."""
+
+    def __init__(self, sock: socket.socket, opts: ClientOptions) -> None:
+        self._sock = sock
+        self._opts = opts
+        self._lock = threading.Lock()  # guards _pending and _error
+        self._write_lock = threading.Lock()  # one frame at a time on the socket
+        self._slots = threading.BoundedSemaphore(opts.max_pending)
+        self._pending: dict[int, _Waiter] = {}
+        self._error: QuotadError | None = None
+        self._reader = threading.Thread(target=self._read_loop, name="quotad-reader", daemon=True)
+        self._reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._error is None
+
+    def request(self, req_id: int, frame: bytes, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        if not self._slots.acquire(timeout=timeout):
+            raise RequestTimedOut(f"{self._opts.max_pending} calls already in flight")
+        try:
+            waiter = _Waiter()
+            with self._lock:
+                if self._error is not None:
+                    raise self._error
+                self._pending[req_id] = waiter
+            try:
+                with self._write_lock:
+                    self._sock.sendall(frame)
+            except OSError as e:
+                # A partial write leaves the stream unusable: drop the connection.
+                err = ConnectionLost(f"writing to quotad failed: {e}")
+                self.close(err)
+                raise err from e
+            if not waiter.event.wait(max(0.0, deadline - time.monotonic())):
+                with self._lock:
+                    self._pending.pop(req_id, None)
+                if not waiter.event.is_set():
+                    raise RequestTimedOut(f"no reply from quotad within {timeout:.3f}s")
+            if waiter.error is not None:
+                raise waiter.error
+            assert waiter.reply is not None
+            return waiter.reply
+        finally:
+            self._slots.release()
+
+    def close(self, err: QuotadError) -> None:
+        """Fails every call in flight (and later ones) with ``err``; idempotent."""
+        with self._lock:
+            if self._error is not None:
+                return
+            self._error = err
+            pending, self._pending = self._pending, {}
+        for waiter in pending.values():
+            waiter.error = err
+            waiter.event.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader
+        except OSError:
+            pass
+
+    def _read_loop(self) -> None:
+        frames = FrameReader(self._opts.max_reply_bytes)
+        err: QuotadError
+        try:
+            while True:
+                try:
+                    data = self._sock.recv(_RECV_BYTES)
+                except socket.timeout:
+                    if self._error is not None:
+                        return
+                    continue
+                except OSError as e:
+                    err = ConnectionLost(f"reading from quotad failed: {e}")
+                    break
+                if not data:
+                    err = ConnectionLost("quotad closed the connection")
+                    break
+                for body in frames.feed(data):
+                    self._deliver(decode_body(body))
+        except QuotadError as e:
+            err = e
+        finally:
+            if self._error is None:
+                log.warning("quotad connection lost: %s", err)
+            self.close(err)
+            self._sock.close()
+
+    def _deliver(self, reply: dict[str, Any]) -> None:
+        req_id = reply.get("id")
+        if req_id == 0 and reply.get("ok") is False:
+            # A connection-level error (frame too large, too many connections):
+            # the daemon closes the connection; every call in flight fails with it.
+            raise server_error(reply.get("error"))
+        with self._lock:
+            waiter = self._pending.pop(req_id, None) if isinstance(req_id, int) else None
+        if waiter is not None:  # else the caller gave up (timed out) already
+            waiter.reply = reply
+            waiter.event.set()
+
+
+class Client:
+    """A synchronous quotad client, safe to share between threads.
+
+    The connection is made on first use and remade after a failure, with
+    exponential backoff between failed attempts. While the daemon cannot
+    answer within ``timeout`` seconds, checks are answered by
+    ``failure_mode`` (``"open"``: allowed, ``"closed"``: denied, both marked
+    ``degraded``; ``"raise"``: the error), cache reads miss and cache writes
+    do nothing.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = 0.5,
+        connect_timeout: float = 0.25,
+        failure_mode: FailureMode = "open",
+        closed_retry_after_ms: int = 1000,
+        max_pending: int = 1024,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 2.0,
+    ) -> None:
+        self._opts = ClientOptions(
+            socket_path,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            failure_mode=failure_mode,
+            closed_retry_after_ms=closed_retry_after_ms,
+            max_pending=max_pending,
+            max_frame_bytes=max_frame_bytes,
+            max_reply_bytes=max_reply_bytes,
+            backoff_initial=backoff_initial,
+            backoff_max=backoff_max,
+        )
+        self._ids = itertools.count(1)  # next() is atomic under the GIL
+        self._connect_lock = threading.Lock()
+        self._conn: _Connection | None = None
+        self._pid = os.getpid()
+        self._closed = False
+        self._down = False  # logged as unreachable; log the recovery once
+
+    @property
+    def socket_path(self) -> str:
+        return self._opts.socket_path
+
+    # -- ops ---------------------------------------------------------------
+
+    def hello(self) -> Hello:
+        return Hello.from_reply(self.call(_requests.hello()))
+
+    def stats(self) -> Stats:
+        return Stats.from_reply(self.call(_requests.stats()))
+
+    def check(self, tenant: str, key: str, policy: str | None = None, cost: int = 1) -> Decision:
+        """May this request go ahead? ``cost=0`` peeks without charging."""
+        req = _requests.check(tenant, key, policy, cost)
+        try:
+            return Decision.from_reply(self.call(req))
+        except TRANSIENT as e:
+            return self._opts.unavailable_decision(e)
+
+    def cache_lookup(self, tenant: str, key: str, fill_ms: int | None = None) -> Lookup:
+        """A cache read with everything the daemon said (stale, refresh, fill, ...)."""
+        req = _requests.cache_get(tenant, key, fill_ms)
+        try:
+            return Lookup.from_reply(self.call(req, _requests.timeout(self._opts.timeout, fill_ms)))
+        except TRANSIENT as e:
+            self._opts.soft_fail(e)
+            return UNAVAILABLE_MISS
+
+    def cache_get(self, tenant: str, key: str, fill_ms: int | None = None) -> bytes | None:
+        """The cached bytes, or None on a miss (or when the daemon is unavailable)."""
+        return self.cache_lookup(tenant, key, fill_ms).value
+
+    def cache_set(
+        self,
+        tenant: str,
+        key: str,
+        value: bytes,
+        ttl_ms: int,
+        tags: Iterable[str] | None = None,
+        stale_ms: int | None = None,
+    ) -> bool:
+        """Stores an entry; returns False when it could not be stored (degraded)."""
+        req = _requests.cache_set(tenant, key, value, ttl_ms, tags, stale_ms)
+        try:
+            reply = self.call(req)
+        except TRANSIENT as e:
+            self._opts.soft_fail(e)
+            return False
+        return reply.get("degraded") is False
+
+    def cache_delete(
+        self, tenant: str, keys: Iterable[str] | None = None, tags: Iterable[str] | None = None
+    ) -> int:
+        """Deletes entries by key and by tag; returns how many existed."""
+        req = _requests.cache_del(tenant, keys, tags)
+        try:
+            reply = self.call(req)
+        except TRANSIENT as e:
+            self._opts.soft_fail(e)
+            return 0
+        deleted = reply.get("deleted")
+        return deleted if isinstance(deleted, int) else 0
+
+    def check_get(
+        self,
+        tenant: str,
+        key: str,
+        cache_key: str,
+        policy: str | None = None,
+        cost: int = 1,
+        fill_ms: int | None = None,
+    ) -> CheckGet:
+        """A check and, only if it allows, a read of ``cache_key``, in one request."""
+        req = _requests.check_get(tenant, key, cache_key, policy, cost, fill_ms)
+        try:
+            return CheckGet.from_reply(self.call(req, _requests.timeout(self._opts.timeout, fill_ms)))
+        except TRANSIENT as e:
+            decision = self._opts.unavailable_decision(e)
+            return CheckGet(decision, UNAVAILABLE_MISS if decision.allowed else None)
+
+    # -- plumbing ----------------------------------------------------------
+
+    def call(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Sends one request map (its ``id`` is assigned here) and returns the reply map.
+
+        Raises :class:`~quotad.errors.ServerError` for an error reply and
+        :class:`~quotad.errors.QuotadUnavailable` when no reply came.
+        """
+        req_id = next(self._ids)
+        request["id"] = req_id
+        frame = encode_frame(request)
+        if len(frame) - 4 > self._opts.max_frame_bytes:
+            raise InvalidArgument(
+                f"a {len(frame) - 4}-byte request is over max_frame_bytes ({self._opts.max_frame_bytes})"
+            )
+        conn = self._connection()
+        reply = conn.request(req_id, frame, self._opts.timeout if timeout is None else timeout)
+        if reply.get("ok") is not True:
+            raise server_error(reply.get("error"))
+        return reply
+
+    def _connection(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and conn.alive and self._pid == os.getpid():
+            return conn
+        with self._connect_lock:
+            if self._closed:
+                raise ConnectFailed("the client is closed")
+            if self._pid != os.getpid():
+                # Forked: the socket belongs to the parent, and the reader thread did not survive.
+                self._pid, self._conn = os.getpid(), None
+            conn = self._conn
+            if conn is not None and conn.alive:
+                return conn
+            now = time.monotonic()
+            backoff = self._opts.backoff
+            if not backoff.ready(now):
+                raise ConnectFailed(f"cannot reach quotad at {self.socket_path} (retrying soon)")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self._opts.connect_timeout)
+                sock.connect(self.socket_path)
+            except OSError as e:
+                sock.close()
+                backoff.failed(now)
+                if not self._down:
+                    self._down = True
+                    log.warning("cannot reach quotad at %s: %s", self.socket_path, e)
+                self._conn = None
+                raise ConnectFailed(f"cannot reach quotad at {self.socket_path}: {e}") from e
+            # Reads wake up this often to notice a close; a write that blocks
+            # this long (quotad stuck) drops the connection.
+            sock.settimeout(self._opts.timeout)
+            backoff.succeeded()
+            if self._down:
+                self._down = False
+                log.warning("reconnected to quotad at %s", self.socket_path)
+            self._conn = _Connection(sock, self._opts)
+            return self._conn
+
+    def close(self) -> None:
+        with self._connect_lock:
+            self._closed = True
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close(ConnectionLost("the client was closed"))
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,196 @@
+"""Results of the ops, parsed from reply maps (unknown reply fields are ignored)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ProtocolViolation
+
+
+def _ceil_seconds(ms: int) -> int:
+    return -(-ms // 1000)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to ``check``: may this request go ahead?"""
+
+    allowed: bool
+    #: The deciding rule's limit (a token bucket's capacity, a window's limit).
+    limit: int
+    #: Units the deciding rule has left (if denied: units available now).
+    remaining: int
+    #: ms until the deciding rule is back to its full limit.
+    reset_ms: int
+    #: 0 when allowed; when denied, ms after which the same request will pass.
+    retry_after_ms: int
+    #: Decided by a failure mode (the daemon's when Redis is away, or this
+    #: client's when the daemon is), not by the shared state.
+    degraded: bool
+    #: The deciding rule's name ("" when the client answered by itself).
+    rule: str
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds to wait before retrying (0.0 when allowed)."""
+        return self.retry_after_ms / 1000.0
+
+    @property
+    def reset(self) -> float:
+        """Seconds until the deciding rule is full again."""
+        return self.reset_ms / 1000.0
+
+    def headers(self) -> dict[str, str]:
+        """The standard rate-limit response headers for this decision.
+
+        ``RateLimit-Reset`` and ``Retry-After`` are whole seconds rounded up,
+        so a client that waits that long is never early. ``Retry-After`` is
+        only present on a denial.
+        """
+        headers = {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(_ceil_seconds(self.reset_ms)),
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(_ceil_seconds(self.retry_after_ms))
+        return headers
+
+    @classmethod
+    def from_reply(cls, r: dict[str, Any]) -> Decision:
+        try:
+            return cls(
+                allowed=_bool(r["allowed"]),
+                limit=_uint(r["limit"]),
+                remaining=_uint(r["remaining"]),
+                reset_ms=_uint(r["reset_ms"]),
+                retry_after_ms=_uint(r["retry_after_ms"]),
+                degraded=_bool(r["degraded"]),
+                rule=_str(r["rule"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise ProtocolViolation(f"a check reply without a valid {e}") from e
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """The answer to a cache read."""
+
+    hit: bool
+    #: The entry's bytes (hits only).
+    value: bytes | None = None
+    #: ms the entry stays fresh; 0 when stale (hits only).
+    ttl_ms: int = 0
+    #: Past its ttl, served within its stale period (hits only).
+    stale: bool = False
+    #: Stale hits only: this caller should recompute and ``cache_set`` the value.
+    refresh: bool = False
+    #: Misses only: this caller should compute the value and ``cache_set`` it.
+    fill: bool = False
+    #: The backend (or the daemon, from this client's view) could not answer.
+    degraded: bool = False
+
+    @property
+    def should_store(self) -> bool:
+        """True when this caller is the one to (re)compute and store the value."""
+        return self.fill or self.refresh or (not self.hit and not self.degraded)
+
+    @classmethod
+    def from_reply(cls, r: dict[str, Any]) -> Lookup:
+        try:
+            degraded = _bool(r.get("degraded", False))
+            if _bool(r["hit"]):
+                value = r["value"]
+                if not isinstance(value, bytes):
+                    raise TypeError("value")
+                return cls(
+                    hit=True,
+                    value=value,
+                    ttl_ms=_uint(r.get("ttl_ms", 0)),
+                    stale=_bool(r.get("stale", False)),
+                    refresh=_bool(r.get("refresh", False)),
+                    degraded=degraded,
+                )
+            return cls(hit=False, fill=_bool(r.get("fill", False)), degraded=degraded)
+        except (KeyError, TypeError) as e:
+            raise ProtocolViolation(f"a cache reply without a valid {e}") from e
+
+
+#: A miss reported when the daemon could not be asked.
+UNAVAILABLE_MISS = Lookup(hit=False, degraded=True)
+
+
+@dataclass(frozen=True)
+class CheckGet:
+    """The answer to ``check_get``: the decision and, only when allowed, the cache read."""
+
+    decision: Decision
+    lookup: Lookup | None
+
+    @classmethod
+    def from_reply(cls, r: dict[str, Any]) -> CheckGet:
+        decision = Decision.from_reply(r)
+        lookup = Lookup.from_reply(r) if decision.allowed and "hit" in r else None
+        return cls(decision, lookup)
+
+
+@dataclass(frozen=True)
+class Hello:
+    protocol: int
+    server: str
+    backend: str
+    ops: tuple[str, ...]
+
+    @classmethod
+    def from_reply(cls, r: dict[str, Any]) -> Hello:
+        try:
+            return cls(
+                protocol=_uint(r["protocol"]),
+                server=_str(r["server"]),
+                backend=_str(r["backend"]),
+                ops=tuple(_str(o) for o in r["ops"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise ProtocolViolation(f"a hello reply without a valid {e}") from e
+
+
+@dataclass(frozen=True)
+class Stats:
+    uptime_ms: int
+    backend: str
+    shards: int
+    counters: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_reply(cls, r: dict[str, Any]) -> Stats:
+        try:
+            counters = r["counters"]
+            if not isinstance(counters, dict):
+                raise TypeError("counters")
+            return cls(
+                uptime_ms=_uint(r["uptime_ms"]),
+                backend=_str(r["backend"]),
+                shards=_uint(r["shards"]),
+                counters={_str(k): _uint(v) for k, v in counters.items()},
+            )
+        except (KeyError, TypeError) as e:
+            raise ProtocolViolation(f"a stats reply without a valid {e}") from e
+
+
+def _bool(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError("bool field")
+    return v
+
+
+def _uint(v: object) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise TypeError("unsigned integer field")
+    return v
+
+
+def _str(v: object) -> str:
+    if not isinstance(v, str):
+        raise TypeError("string field")
+    return v
