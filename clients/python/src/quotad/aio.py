@@ -26,6 +26,7 @@ from .errors import (
     InvalidArgument,
     QuotadError,
     RequestTimedOut,
+    connection_error,
     server_error,
 )
 from .models import UNAVAILABLE_MISS, CheckGet, Decision, Hello, Lookup, Stats
@@ -56,7 +57,7 @@ class _Protocol(asyncio.Protocol):
                 if req_id == 0 and reply.get("ok") is False:
                     # Connection-level error (frame too large, too many
                     # connections): the daemon closes; fail everything in flight.
-                    raise server_error(reply.get("error"))
+                    raise connection_error(reply.get("error"))
                 fut = self.pending.pop(req_id, None) if isinstance(req_id, int) else None
                 if fut is not None and not fut.done():
                     fut.set_result(reply)
@@ -67,7 +68,7 @@ class _Protocol(asyncio.Protocol):
         reason = f": {exc}" if exc else ""
         self.fail(ConnectionLost(f"quotad closed the connection{reason}"))
 
-    def fail(self, err: QuotadError, *, quiet: bool = False) -> None:
+    def fail(self, err: QuotadError, quiet: bool = False) -> None:
         """Fails every call in flight (and later ones) with ``err`` and drops the connection."""
         if self.error is None:
             self.error = err
@@ -264,11 +265,10 @@ class AsyncClient:
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """First use, or use from another event loop: a connection belongs to one loop."""
-        if self._proto is not None and self._proto.transport is not None:
-            try:
-                self._proto.transport.abort()
-            except RuntimeError:  # its loop is closed
-                pass
+        old, old_loop = self._proto, self._loop
+        if old is not None and old_loop is not None and not old_loop.is_closed():
+            # That connection belongs to the other loop: drop it there.
+            old_loop.call_soon_threadsafe(old.fail, ConnectionLost("the client moved to another event loop"), True)
         self._loop = loop
         self._proto = None
         self._connecting = None
@@ -332,7 +332,7 @@ class AsyncClient:
             waiter.exception()  # retrieved: no "never retrieved" warning when nobody waits
 
     async def close(self) -> None:
-        """Closes the connection; later calls fail as unavailable."""
+        """Closes the connection; later calls fail as unavailable (or raise, per ``failure_mode``)."""
         self._closed = True
         proto, self._proto = self._proto, None
         if proto is not None:

@@ -27,6 +27,7 @@ from .errors import (
     InvalidArgument,
     QuotadError,
     RequestTimedOut,
+    connection_error,
     server_error,
 )
 from .models import UNAVAILABLE_MISS, CheckGet, Decision, Hello, Lookup, Stats
@@ -140,7 +141,7 @@ class _Connection:
         if req_id == 0 and reply.get("ok") is False:
             # A connection-level error (frame too large, too many connections):
             # the daemon closes the connection; every call in flight fails with it.
-            raise server_error(reply.get("error"))
+            raise connection_error(reply.get("error"))
         with self._lock:
             waiter = self._pending.pop(req_id, None) if isinstance(req_id, int) else None
         if waiter is not None:  # else the caller gave up (timed out) already

@@ -29,7 +29,15 @@ class ConnectFailed(QuotadUnavailable):
 
 
 class ConnectionLost(QuotadUnavailable):
-    """The connection closed or broke while the request was in flight."""
+    """The connection closed or broke while the request was in flight.
+
+    ``server_error`` is set when the daemon said why before closing (an
+    error reply with id 0: a frame too large, too many connections).
+    """
+
+    def __init__(self, message: str, server_error: ServerError | None = None) -> None:
+        super().__init__(message)
+        self.server_error = server_error
 
 
 class RequestTimedOut(QuotadUnavailable):
@@ -108,6 +116,12 @@ _BY_CODE: dict[str, type[ServerError]] = {
 #: Errors after which a check is answered by the client's failure mode
 #: instead of raising: the daemon is away, stuck, overloaded or stopping.
 TRANSIENT: tuple[type[QuotadError], ...] = (QuotadUnavailable, Overloaded, ShuttingDown)
+
+
+def connection_error(error: object) -> ConnectionLost:
+    """The error for every call in flight when the daemon sends an id-0 error and closes."""
+    cause = server_error(error)
+    return ConnectionLost(f"quotad closed the connection: {cause}", cause)
 
 
 def server_error(error: object) -> ServerError:

@@ -1,0 +1,352 @@
+"""ASGI middleware for Starlette and FastAPI: rate limiting and a response cache.
+
+.. code-block:: python
+
+    from quotad import AsyncClient
+    from quotad.starlette import QuotadMiddleware, ResponseCache, invalidate
+    from quotad import identity
+
+    q = AsyncClient()
+    app.add_middleware(
+        QuotadMiddleware,
+        client=q,
+        tenant=identity.header("x-tenant"),
+        key=identity.first(identity.api_key(), identity.client_ip()),
+        policy="api",
+        cache=ResponseCache(ttl_ms=30_000, tags=lambda req: ["items"]),
+    )
+
+Every HTTP request is checked (a cached GET through ``check_get``, which
+also reads the cache in the same request). A denial is answered here with
+429, a JSON body and ``RateLimit-*`` / ``Retry-After`` headers; allowed
+responses get the ``RateLimit-*`` headers too. Handlers of writes call
+:func:`invalidate` to drop cached entries by tag.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Union
+from urllib.parse import parse_qsl, urlencode
+
+import msgpack
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import identity
+from .aio import AsyncClient
+from .identity import Extractor
+from .models import Decision, Lookup
+
+#: The tenant of requests for which the tenant extractor finds nothing.
+DEFAULT_TENANT = "default"
+#: The key shared by requests for which the key extractor finds nothing:
+#: leaving out an API key must not escape the limit.
+ANONYMOUS_KEY = "anonymous"
+
+# Response headers never stored with a cached response: per-connection,
+# per-request, or re-derived for each request.
+_UNCACHED_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"date",
+        b"server",
+        b"set-cookie",
+        b"ratelimit-limit",
+        b"ratelimit-remaining",
+        b"ratelimit-reset",
+        b"retry-after",
+        b"x-cache",
+    }
+)
+
+Predicate = Callable[[HTTPConnection], bool]
+TagsFor = Union[Iterable[str], Callable[[HTTPConnection], Iterable[str]]]
+
+
+def path_tags(conn: HTTPConnection) -> list[str]:
+    """The default tags of a cached response: ``path:`` plus each prefix of its path.
+
+    ``GET /items/7`` is tagged ``path:/items`` and ``path:/items/7``, so
+    ``invalidate(request, paths=["/items"])`` drops every cached item page.
+    """
+    parts = [p for p in conn.url.path.split("/") if p][:8]  # daemon default: 16 tags at most
+    return [f"path:/{'/'.join(parts[: i + 1])}" for i in range(len(parts))] or ["path:/"]
+
+
+@dataclass
+class ResponseCache:
+    """Which GET responses to cache, and for how long.
+
+    Only ``200`` responses without ``Set-Cookie`` and without
+    ``Cache-Control: no-store``/``private`` are stored, and only up to
+    ``max_body_bytes``.
+    """
+
+    ttl_ms: int = 30_000
+    #: Serve stale for this long after ``ttl_ms`` while one caller refreshes.
+    stale_ms: int | None = None
+    #: Single-flight: concurrent misses wait this long for the first caller's value.
+    fill_ms: int | None = 2_000
+    #: Tags stored with each entry, for :func:`invalidate`.
+    tags: TagsFor = path_tags
+    #: Scope entries to the rate-limit key (the user / API key); off for public pages.
+    per_user: bool = True
+    #: Which GET requests to cache (default: all).
+    when: Predicate = field(default=lambda conn: True)
+    max_body_bytes: int = 256 << 10
+
+    def tags_for(self, conn: HTTPConnection) -> list[str]:
+        tags = self.tags(conn) if callable(self.tags) else self.tags
+        return list(tags)
+
+
+@dataclass
+class QuotadContext:
+    """What the middleware decided for a request; ``request.state.quotad``."""
+
+    client: AsyncClient
+    tenant: str
+    key: str
+    decision: Decision | None = None
+    lookup: Lookup | None = None
+
+
+def cache_key_for(conn: HTTPConnection, user: str | None) -> str:
+    """``GET /path?sorted&query``, prefixed with the user when entries are per user."""
+    query = urlencode(sorted(parse_qsl(conn.url.query, keep_blank_values=True)))
+    key = f"{conn.scope.get('method', 'GET')} {conn.url.path}"
+    if query:
+        key += "?" + query
+    return f"user={user} {key}" if user is not None else key
+
+
+async def invalidate(
+    request: HTTPConnection,
+    *,
+    tags: Iterable[str] | None = None,
+    paths: Iterable[str] | None = None,
+    keys: Iterable[str] | None = None,
+) -> int:
+    """Drops cached responses of this request's tenant, by tag, path prefix or cache key.
+
+    For write endpoints: ``await invalidate(request, paths=["/items"])``.
+    Returns how many entries were deleted (0 when quotad is unavailable).
+    """
+    ctx = context(request)
+    all_tags = list(tags or ()) + [f"path:/{p.strip('/')}" if p.strip("/") else "path:/" for p in paths or ()]
+    return await ctx.client.cache_delete(ctx.tenant, keys=list(keys or ()), tags=all_tags)
+
+
+def context(request: HTTPConnection) -> QuotadContext:
+    """The middleware's :class:`QuotadContext` for this request."""
+    ctx = request.scope.get("state", {}).get("quotad")
+    if not isinstance(ctx, QuotadContext):
+        raise RuntimeError("QuotadMiddleware is not installed on this app")
+    return ctx
+
+
+class QuotadMiddleware:
+    """Pure ASGI middleware (works with streaming responses and does not buffer uncached ones)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        client: AsyncClient,
+        tenant: Extractor = identity.constant(DEFAULT_TENANT),
+        key: Extractor = identity.client_ip(),
+        policy: str | None | Callable[[HTTPConnection], str | None] = None,
+        cost: int | Callable[[HTTPConnection], int] = 1,
+        cache: ResponseCache | None = None,
+        exempt: Predicate | Iterable[str] = (),
+        deny: Callable[[HTTPConnection, Decision], Awaitable[tuple[int, dict[str, str], bytes]]] | None = None,
+    ) -> None:
+        self.app = app
+        self.client = client
+        self.tenant = tenant
+        self.key = key
+        self.policy = policy
+        self.cost = cost
+        self.cache = cache
+        if callable(exempt):
+            self.exempt: Predicate = exempt
+        else:
+            paths = frozenset(exempt)
+            self.exempt = lambda conn: conn.url.path in paths
+        self.deny = deny
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        conn = HTTPConnection(scope)
+        if self.exempt(conn):
+            await self.app(scope, receive, send)
+            return
+        tenant = await identity.resolve(self.tenant, conn) or DEFAULT_TENANT
+        key = await identity.resolve(self.key, conn) or ANONYMOUS_KEY
+        policy = self.policy(conn) if callable(self.policy) else self.policy
+        cost = self.cost(conn) if callable(self.cost) else self.cost
+        ctx = QuotadContext(self.client, tenant, key)
+        scope.setdefault("state", {})["quotad"] = ctx
+
+        cache = self.cache
+        cache_key = None
+        if cache is not None and scope["method"] == "GET" and cache.when(conn):
+            cache_key = cache_key_for(conn, key if cache.per_user else None)
+            result = await self.client.check_get(tenant, key, cache_key, policy, cost, cache.fill_ms)
+            ctx.decision, ctx.lookup = result.decision, result.lookup
+        else:
+            ctx.decision = await self.client.check(tenant, key, policy, cost)
+        decision = ctx.decision
+
+        if not decision.allowed:
+            await self._send_denial(conn, decision, send)
+            return
+        lookup = ctx.lookup
+        if lookup is not None and lookup.hit and not lookup.refresh and lookup.value is not None:
+            if await _send_cached(lookup, decision, send):
+                return
+        store = cache is not None and cache_key is not None and lookup is not None and not lookup.degraded
+        if store:
+            assert cache is not None and cache_key is not None
+            recorder = _Recorder(send, decision, cache.max_body_bytes)
+            await self.app(scope, receive, recorder.send)
+            if recorder.cacheable:
+                await self.client.cache_set(
+                    tenant, cache_key, recorder.entry(), cache.ttl_ms, cache.tags_for(conn), cache.stale_ms
+                )
+        else:
+            await self.app(scope, receive, _with_headers(send, decision))
+
+    async def _send_denial(self, conn: HTTPConnection, decision: Decision, send: Send) -> None:
+        if self.deny is not None:
+            status, headers, body = await self.deny(conn, decision)
+        else:
+            status, headers, body = 429, {}, _denial_body(decision)
+            headers["content-type"] = "application/json"
+        all_headers = {**decision.headers(), **headers}
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in all_headers.items()]
+        raw.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _denial_body(decision: Decision) -> bytes:
+    return json.dumps(
+        {
+            "error": "rate_limited",
+            "message": "Too many requests; retry later.",
+            "retry_after": decision.retry_after,
+            "limit": decision.limit,
+            "rule": decision.rule,
+        }
+    ).encode()
+
+
+def _ratelimit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
+
+
+def _merge_headers(headers: Iterable[tuple[bytes, bytes]], decision: Decision) -> list[tuple[bytes, bytes]]:
+    """Adds the decision's headers unless the app set its own (e.g. a stricter per-route limit)."""
+    out = list(headers)
+    present = {k.lower() for k, _ in out}
+    out.extend(h for h in _ratelimit_headers(decision) if h[0] not in present)
+    return out
+
+
+def _with_headers(send: Send, decision: Decision) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": _merge_headers(message.get("headers", ()), decision)}
+        await send(message)
+
+    return wrapped
+
+
+async def _send_cached(lookup: Lookup, decision: Decision, send: Send) -> bool:
+    """Answers from a cached entry; False if the entry is not one of ours."""
+    assert lookup.value is not None
+    try:
+        entry = msgpack.unpackb(lookup.value, raw=False)
+        status, stored, body = int(entry["s"]), entry["h"], entry["b"]
+        headers = [(bytes(k), bytes(v)) for k, v in stored]
+        if not isinstance(body, bytes):
+            return False
+    except Exception:  # written by something else: treat as a miss
+        return False
+    headers.append((b"x-cache", b"stale" if lookup.stale else b"hit"))
+    await send({"type": "http.response.start", "status": status, "headers": _merge_headers(headers, decision)})
+    await send({"type": "http.response.body", "body": body})
+    return True
+
+
+class _Recorder:
+    """Passes a response through while keeping a copy of it, if it may be cached."""
+
+    def __init__(self, send: Send, decision: Decision, max_body: int) -> None:
+        self._send = send
+        self._decision = decision
+        self._max = max_body
+        self._status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body = bytearray()
+        self._complete = False
+        self._ok = True
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self._status = message["status"]
+            headers = list(message.get("headers", ()))
+            self._ok = self._status == 200 and _storable(headers)
+            self._headers = [(k, v) for k, v in headers if k.lower() not in _UNCACHED_HEADERS]
+            message = {**message, "headers": _merge_headers(headers, self._decision) + [(b"x-cache", b"miss")]}
+        elif message["type"] == "http.response.body" and self._ok:
+            self._body += message.get("body", b"")
+            if len(self._body) > self._max:
+                self._ok = False
+                self._body = bytearray()
+            if not message.get("more_body", False):
+                self._complete = True
+        await self._send(message)
+
+    @property
+    def cacheable(self) -> bool:
+        return self._ok and self._complete
+
+    def entry(self) -> bytes:
+        packed: bytes = msgpack.packb(
+            {"s": self._status, "h": [[k, v] for k, v in self._headers], "b": bytes(self._body)},
+            use_bin_type=True,
+        )
+        return packed
+
+
+def _storable(headers: list[tuple[bytes, bytes]]) -> bool:
+    for k, v in headers:
+        name = k.lower()
+        if name == b"set-cookie":
+            return False
+        if name == b"cache-control" and (b"no-store" in v.lower() or b"private" in v.lower()):
+            return False
+    return True
+
+
+__all__ = [
+    "ANONYMOUS_KEY",
+    "DEFAULT_TENANT",
+    "QuotadContext",
+    "QuotadMiddleware",
+    "ResponseCache",
+    "cache_key_for",
+    "context",
+    "invalidate",
+    "path_tags",
+]
+

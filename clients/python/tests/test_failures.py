@@ -1,0 +1,238 @@
+"""Bad values, a killed / hung / restarted sidecar, connection-level errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemons import Quotad, Redis
+from fake_server import Recorder
+from quotad import AsyncClient, Client, ConnectionLost, InvalidArgument, QuotadUnavailable, RequestTimedOut
+
+TIMEOUT = 0.3
+SLACK = 0.25  # scheduling on a busy 2-CPU machine
+
+
+@pytest.fixture
+def recorder(tmp_path: Path) -> Iterator[Recorder]:
+    r = Recorder(tmp_path / "fake.sock")
+    yield r
+    r.close()
+
+
+BAD_CALLS: list[tuple[str, Callable[[Any], Any]]] = [
+    ("empty tenant", lambda c: c.check("", "k")),
+    ("tenant not str", lambda c: c.check(b"acme", "k")),
+    ("key not str", lambda c: c.check("t", 42)),
+    ("empty key", lambda c: c.check("t", "")),
+    ("empty policy", lambda c: c.check("t", "k", policy="")),
+    ("negative cost", lambda c: c.check("t", "k", cost=-1)),
+    ("bool cost", lambda c: c.check("t", "k", cost=True)),
+    ("float cost", lambda c: c.check("t", "k", cost=1.5)),
+    ("cost over u64", lambda c: c.check("t", "k", cost=1 << 64)),
+    ("lone surrogate", lambda c: c.check("t", "\udc80")),
+    ("str value", lambda c: c.cache_set("t", "k", "text", ttl_ms=1000)),
+    ("None value", lambda c: c.cache_set("t", "k", None, ttl_ms=1000)),
+    ("zero ttl", lambda c: c.cache_set("t", "k", b"v", ttl_ms=0)),
+    ("negative stale", lambda c: c.cache_set("t", "k", b"v", ttl_ms=1, stale_ms=-1)),
+    ("tags as one str", lambda c: c.cache_set("t", "k", b"v", ttl_ms=1, tags="items")),
+    ("empty tag", lambda c: c.cache_set("t", "k", b"v", ttl_ms=1, tags=["ok", ""])),
+    ("value over the frame limit", lambda c: c.cache_set("t", "k", b"x" * (2 << 20), ttl_ms=1)),
+    ("delete nothing", lambda c: c.cache_delete("t")),
+    ("delete keys as str", lambda c: c.cache_delete("t", keys="GET /")),
+    ("negative fill_ms", lambda c: c.cache_get("t", "k", fill_ms=-5)),
+    ("empty cache_key", lambda c: c.check_get("t", "k", "")),
+]
+
+
+@pytest.mark.parametrize("name,call", BAD_CALLS, ids=[n for n, _ in BAD_CALLS])
+def test_bad_values_raise_before_sending_sync(recorder: Recorder, name: str, call: Callable[[Any], Any]) -> None:
+    with Client(str(recorder.path)) as c:
+        with pytest.raises(InvalidArgument):
+            call(c)
+    time.sleep(0.02)
+    assert recorder.connections == 0 and recorder.received == b""
+
+
+@pytest.mark.parametrize("name,call", BAD_CALLS, ids=[n for n, _ in BAD_CALLS])
+async def test_bad_values_raise_before_sending_async(
+    recorder: Recorder, name: str, call: Callable[[Any], Any]
+) -> None:
+    async with AsyncClient(str(recorder.path)) as c:
+        with pytest.raises(InvalidArgument):
+            await call(c)
+    await asyncio.sleep(0.02)
+    assert recorder.connections == 0 and recorder.received == b""
+
+
+def test_invalid_argument_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        Client("/nonexistent").check("", "k")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 6.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_killed_sidecar_fails_open_then_reconnects_sync(own_daemon: Quotad, tenant: str) -> None:
+    path = str(own_daemon.socket)
+    with Client(path, timeout=TIMEOUT) as open_, Client(path, timeout=TIMEOUT, failure_mode="closed") as closed, \
+            Client(path, timeout=TIMEOUT, failure_mode="raise") as raising:
+        for c in (open_, closed, raising):
+            assert not c.check(tenant, "k", policy="api").degraded
+        own_daemon.kill()
+
+        t0 = time.monotonic()
+        d = open_.check(tenant, "k", policy="api")
+        assert time.monotonic() - t0 < TIMEOUT + SLACK
+        assert d.allowed and d.degraded and "Retry-After" not in d.headers()
+
+        d = closed.check(tenant, "k", policy="api")
+        assert not d.allowed and d.degraded and d.retry_after_ms == 1000
+        assert d.headers()["Retry-After"] == "1"
+        with pytest.raises(QuotadUnavailable):
+            raising.check(tenant, "k", policy="api")
+
+        # Cache calls degrade softly when failing open/closed.
+        assert open_.cache_get(tenant, "x") is None
+        assert open_.cache_lookup(tenant, "x").degraded
+        assert open_.cache_set(tenant, "x", b"v", ttl_ms=1000) is False
+        assert open_.cache_delete(tenant, tags=["t"]) == 0
+        r = open_.check_get(tenant, "k", "x", policy="api")
+        assert r.decision.degraded and r.lookup is not None and r.lookup.degraded
+
+        own_daemon.start()  # same socket path
+        for c in (open_, closed, raising):
+            wait_until(lambda c=c: not c.check(tenant, "k", policy="api").degraded)  # type: ignore[misc]
+
+
+async def test_killed_sidecar_fails_open_then_reconnects_async(own_daemon: Quotad, tenant: str) -> None:
+    c = AsyncClient(str(own_daemon.socket), timeout=TIMEOUT)
+    assert not (await c.check(tenant, "k", policy="api")).degraded
+    own_daemon.kill()
+    t0 = time.monotonic()
+    decisions = await asyncio.gather(*(c.check(tenant, "k", policy="api") for _ in range(50)))
+    assert time.monotonic() - t0 < TIMEOUT + SLACK
+    assert all(d.allowed and d.degraded for d in decisions)
+    assert await c.cache_get(tenant, "x") is None
+
+    own_daemon.start()
+    deadline = time.monotonic() + 6
+    while (await c.check(tenant, "k", policy="api")).degraded:
+        assert time.monotonic() < deadline, "did not reconnect"
+        await asyncio.sleep(0.05)
+    await c.close()
+
+
+async def test_in_flight_calls_when_the_sidecar_dies(own_daemon: Quotad, tenant: str) -> None:
+    c = AsyncClient(str(own_daemon.socket), timeout=2.0)
+    assert not (await c.check(tenant, "k")).degraded
+    own_daemon.pause()  # requests pile up unanswered ...
+    calls = asyncio.gather(*(c.check(tenant, f"k{i}", policy="api") for i in range(100)))
+    await asyncio.sleep(0.1)
+    t0 = time.monotonic()
+    own_daemon.kill()  # ... then the connection breaks: all fail over at once, not at their timeout
+    decisions = await calls
+    assert time.monotonic() - t0 < 1.0
+    assert all(d.allowed and d.degraded for d in decisions)
+    own_daemon.start()
+    deadline = time.monotonic() + 6
+    while (await c.check(tenant, "k", policy="api")).degraded:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await c.close()
+
+
+def test_hung_sidecar_times_out_then_recovers_sync(own_daemon: Quotad, tenant: str) -> None:
+    with Client(str(own_daemon.socket), timeout=TIMEOUT) as c, \
+            Client(str(own_daemon.socket), timeout=TIMEOUT, failure_mode="raise") as raising:
+        assert not c.check(tenant, "k", policy="api").degraded
+        assert not raising.check(tenant, "k", policy="api").degraded
+        own_daemon.pause()
+        try:
+            t0 = time.monotonic()
+            d = c.check(tenant, "k", policy="api")
+            elapsed = time.monotonic() - t0
+            assert d.allowed and d.degraded
+            assert TIMEOUT - 0.05 < elapsed < TIMEOUT + SLACK
+            with pytest.raises(RequestTimedOut):
+                raising.check(tenant, "k", policy="api")
+        finally:
+            own_daemon.resume()
+        # Same connection: the late replies are dropped, new calls are answered.
+        assert not c.check(tenant, "k", policy="api").degraded
+
+
+async def test_hung_sidecar_times_out_async(own_daemon: Quotad, tenant: str) -> None:
+    c = AsyncClient(str(own_daemon.socket), timeout=TIMEOUT, failure_mode="raise")
+    assert not (await c.check(tenant, "k")).degraded
+    own_daemon.pause()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RequestTimedOut):
+            await c.check(tenant, "k", policy="api")
+        assert time.monotonic() - t0 < TIMEOUT + SLACK
+    finally:
+        own_daemon.resume()
+    assert not (await c.check(tenant, "k", policy="api")).degraded
+    await c.close()
+
+
+@pytest.fixture
+def strict_daemon(tmp_path: Path, redis: Redis) -> Iterator[Quotad]:
+    q = Quotad(tmp_path, redis, server_extra="max_connections = 1\nmax_frame_bytes = 4096",
+               tables="[cache]\nmax_value_bytes = 2048\n")
+    yield q
+    q.close()
+
+
+def test_connection_level_errors_fail_the_connection(strict_daemon: Quotad, tenant: str) -> None:
+    path = str(strict_daemon.socket)
+    with Client(path, failure_mode="raise") as first:
+        # A frame over the daemon's max_frame_bytes: id-0 too_large, connection closed.
+        with pytest.raises(ConnectionLost) as e:
+            first.cache_set(tenant, "big", b"x" * 8000, ttl_ms=1000)
+        assert e.value.server_error is not None and e.value.server_error.code == "too_large"
+        assert not first.check(tenant, "k").degraded  # reconnected
+
+        # A second connection is over max_connections: id-0 overloaded.
+        with Client(path, failure_mode="raise") as second:
+            with pytest.raises(ConnectionLost) as e:
+                second.check(tenant, "k")
+            assert e.value.server_error is not None and e.value.server_error.code == "overloaded"
+        with Client(path) as third:
+            d = third.check(tenant, "k")
+            assert d.allowed and d.degraded
+
+
+async def test_connection_level_error_async(strict_daemon: Quotad, tenant: str) -> None:
+    c = AsyncClient(str(strict_daemon.socket), failure_mode="raise")
+    assert (await c.check(tenant, "k", policy="api")).allowed
+    with pytest.raises(ConnectionLost) as e:
+        await c.cache_set(tenant, "big", b"x" * 8000, ttl_ms=1000)
+    assert e.value.server_error is not None and e.value.server_error.code == "too_large"
+    assert not (await c.check(tenant, "k", policy="api")).degraded
+    await c.close()
+
+
+async def test_max_pending_bounds_calls_in_flight(socket_path: str, tenant: str) -> None:
+    c = AsyncClient(socket_path, max_pending=4)
+    decisions = await asyncio.gather(*(c.check(tenant, f"k{i}", policy="api") for i in range(100)))
+    assert all(d.allowed and not d.degraded for d in decisions)
+    await c.close()
+
+
+def test_closed_client_is_unavailable(socket_path: str, tenant: str) -> None:
+    c = Client(socket_path, failure_mode="raise")
+    c.check(tenant, "k", policy="api")
+    c.close()
+    with pytest.raises(QuotadUnavailable):
+        c.check(tenant, "k", policy="api")

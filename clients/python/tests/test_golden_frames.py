@@ -1,0 +1,64 @@
+"""The codec agrees byte for byte with the daemon's (tests/fixtures/frames.json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from quotad._codec import FrameReader, decode_body, encode_frame
+
+
+def from_json(value: Any) -> Any:
+    """The fixture's JSON form to Python: {"$bin": hex} is bytes."""
+    if isinstance(value, dict):
+        if set(value) == {"$bin"}:
+            return bytes.fromhex(value["$bin"])
+        return {k: from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json(v) for v in value]
+    return value
+
+
+def test_fixture_is_not_empty(golden_frames: list[dict[str, Any]]) -> None:
+    names = {f["name"] for f in golden_frames}
+    assert {"hello_request", "check_get_reply_allowed_hit", "error_reply_fatal_frame"} <= names
+    assert len(golden_frames) >= 20
+
+
+def test_every_frame_decodes_and_reencodes(golden_frames: list[dict[str, Any]]) -> None:
+    for frame in golden_frames:
+        raw = bytes.fromhex(frame["hex"])
+        bodies = FrameReader().feed(raw)
+        assert len(bodies) == 1, frame["name"]
+        decoded = decode_body(bodies[0])
+        expected = from_json(frame["value"])
+        assert decoded == expected, frame["name"]
+        assert list(decoded) == list(expected), f"{frame['name']}: key order"
+        assert encode_frame(decoded) == raw, frame["name"]
+
+
+def test_reader_handles_frames_split_anywhere(golden_frames: list[dict[str, Any]]) -> None:
+    stream = b"".join(bytes.fromhex(f["hex"]) for f in golden_frames)
+    for chunk in (1, 3, 7, 64):
+        reader = FrameReader()
+        bodies = []
+        for i in range(0, len(stream), chunk):
+            bodies += reader.feed(stream[i : i + chunk])
+        assert [decode_body(b) for b in bodies] == [from_json(f["value"]) for f in golden_frames]
+
+
+def test_reader_refuses_oversized_frame() -> None:
+    from quotad import ProtocolViolation
+
+    with pytest.raises(ProtocolViolation):
+        FrameReader(max_frame_bytes=16).feed(b"\x00\x00\x00\x11")
+
+
+def test_non_map_body_is_a_violation() -> None:
+    from quotad import ProtocolViolation
+
+    with pytest.raises(ProtocolViolation):
+        decode_body(b"\x93\x01\x02\x03")  # an array
+    with pytest.raises(ProtocolViolation):
+        decode_body(b"\xc1")
