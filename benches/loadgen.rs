@@ -176,7 +176,8 @@ fn main() {
         quotad_pid: quotad.id(),
         policy: Config::from_toml(&config)
             .unwrap()
-            .policies
+            .plans
+            .default_plan()
             .get(None)
             .unwrap()
             .clone(),

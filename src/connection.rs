@@ -83,12 +83,15 @@ pub async fn serve(
     limits: ConnLimits,
     shutdown: CancellationToken,
 ) {
+    // Admin ops are for allowed users only: who is on the other end?
+    let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
     let (rd, wr) = stream.into_split();
     let mut frames = FramedRead::new(rd, FrameCodec::new(limits.max_frame_bytes));
     let mut sink = FramedWrite::new(wr, FrameCodec::new(limits.max_frame_bytes));
     let (replies, mut answers) = mpsc::unbounded_channel();
     let mut conn = Conn {
         router: &router,
+        peer_uid,
         limits,
         replies,
         in_flight: 0,
@@ -145,7 +148,8 @@ pub async fn serve(
 
 /// A connection's request side.
 struct Conn<'a> {
-    router: &'a Router,
+    router: &'a Arc<Router>,
+    peer_uid: Option<u32>,
     limits: ConnLimits,
     /// Where shards send this connection's answers.
     replies: Replies,
@@ -178,7 +182,7 @@ impl Conn<'_> {
         };
         Ok(match protocol::decode(&buf, &self.limits.request) {
             Ok(req) if self.draining => Some(Reply::err(req.id, Error::ShuttingDown)),
-            Ok(req) => match self.router.route(req, &self.replies) {
+            Ok(req) => match self.router.route(req, &self.replies, self.peer_uid) {
                 Routed::Ready(reply) => Some(reply),
                 Routed::Pending => {
                     self.in_flight += 1;

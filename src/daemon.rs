@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::connection::ConnLimits;
+use crate::quota::Directory;
 use crate::redis::RedisBackend;
 use crate::router::Router;
 use crate::server::{self, BindError, Listener, ServerLimits};
@@ -48,7 +49,24 @@ impl Daemon {
             None => None,
         };
         let listener = Listener::bind(&config.server.socket, config.server.socket_mode)?;
-        let router = Arc::new(Router::start(&config, redis, clock, stats));
+        let directory = Directory::new(&config, redis.clone(), stats.clone());
+        let router = Arc::new(Router::start(
+            &config,
+            redis,
+            directory.clone(),
+            clock,
+            stats,
+        ));
+        if let (Some(dir), Some(redis)) = (&directory, &config.redis) {
+            // Tenant changes made through any quotad reach this one at once.
+            let weak = Arc::downgrade(&router);
+            let on_change = move |tenant: String| {
+                if let Some(router) = weak.upgrade() {
+                    router.forget(&tenant);
+                }
+            };
+            dir.watch(redis.clone(), on_change, background.clone());
+        }
         Ok(Daemon {
             config,
             listener,
@@ -111,10 +129,23 @@ async fn reload_from(current: &mut Config, router: &Router, path: &Path) {
             return;
         }
     };
-    if new.server != current.server || new.redis != current.redis {
-        tracing::warn!("reload: changes to [server] and [redis] take effect only after a restart");
+    if new.server != current.server
+        || new.redis != current.redis
+        || new.cache != current.cache
+        || new.quota != current.quota
+    {
+        tracing::warn!(
+            "reload: changes to [server], [redis], [cache] and [quota] take effect only after a restart"
+        );
     }
-    tracing::info!(policies = ?new.policies.names(), "reloaded policies");
-    router.reload(new.policies.clone()).await;
-    current.policies = new.policies;
+    tracing::info!(
+        policies = ?new.plans.default_plan().names(),
+        plans = ?new.plans.names(),
+        tenants = new.tenants.len(),
+        "reloaded policies"
+    );
+    router.reload(&new).await;
+    current.plans = new.plans;
+    current.tenants = new.tenants;
+    current.admin = new.admin;
 }

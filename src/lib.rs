@@ -34,6 +34,7 @@ pub mod job;
 pub mod keys;
 pub mod limiter;
 pub mod protocol;
+pub mod quota;
 pub mod redis;
 pub mod reply;
 pub mod router;

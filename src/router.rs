@@ -1,9 +1,10 @@
-//! From a decoded request to its answer: ops answered on the spot, checks
-//! routed to the shard that owns their tenant.
+//! From a decoded request to its answer: `hello` and `stats` answered on
+//! the spot, admin ops run against the tenant directory, and every other
+//! op sent to the shard that owns its tenant.
 //!
 //! A tenant's shard is its Redis Cluster slot modulo the shard count: a
-//! stable hash, so a tenant always lands on the same shard. Policies are
-//! read from a lock-free snapshot that a reload swaps as a whole.
+//! stable hash, so a tenant always lands on the same shard, which owns its
+//! local state (quota entry, over-limit memory, fill waiters).
 
 use std::sync::Arc;
 
@@ -13,26 +14,29 @@ use kameo::error::SendError;
 use kameo::mailbox;
 
 use crate::clock::Clock;
-use crate::config::{Config, Policies};
+use crate::config::Config;
 use crate::error::Error;
-use crate::job::Job;
 use crate::keys::{self, Keys};
-use crate::limiter::Check;
-use crate::protocol::{Body, CheckArgs, Hello, Op, Reply, Request, Stats as StatsBody};
+use crate::protocol::{Body, Hello, Op, Reply, Request, Stats as StatsBody};
+use crate::quota::{Directory, Plans, TenantRecord};
 use crate::redis::RedisBackend;
 use crate::reply::{Replies, ReplyTo};
-use crate::shard::{JobMsg, ReleaseWaiters, Reload, Shard, ShardArgs};
+use crate::shard::{Forget, JobMsg, ReleaseWaiters, Reload, Shard, ShardArgs};
 use crate::stats::Stats;
 
 pub struct Router {
     shards: Vec<ActorRef<Shard>>,
-    policies: ArcSwap<Policies>,
+    /// Shared with the shards; a reload swaps it.
+    plans: Arc<ArcSwap<Plans>>,
+    directory: Option<Arc<Directory>>,
+    /// Unix users allowed to use admin ops.
+    admins: ArcSwap<Vec<u32>>,
     stats: Arc<Stats>,
     backend: &'static str,
 }
 
-/// What a request becomes: an answer now, or one a shard will send to
-/// the connection's reply channel.
+/// What a request becomes: an answer now, or one sent later to the
+/// connection's reply channel.
 pub enum Routed {
     Ready(Reply),
     Pending,
@@ -43,6 +47,7 @@ impl Router {
     pub fn start(
         cfg: &Config,
         redis: Option<RedisBackend>,
+        directory: Option<Arc<Directory>>,
         clock: Clock,
         stats: Arc<Stats>,
     ) -> Self {
@@ -53,6 +58,8 @@ impl Router {
             .as_ref()
             .map_or(keys::DEFAULT_PREFIX, |r| r.prefix.as_str());
         let backend = if redis.is_some() { "redis" } else { "memory" };
+        let plans = Arc::new(ArcSwap::new(cfg.plans.clone()));
+        let max_tenants = cfg.quota.as_ref().map_or(1, |q| q.local_max_tenants);
         let shards = (0..n)
             .map(|_| {
                 let args = ShardArgs {
@@ -66,6 +73,9 @@ impl Router {
                     local_max_entries: s.local_max_entries.div_ceil(n),
                     cache_max_bytes: cfg.cache.memory_max_bytes.div_ceil(n),
                     fill_poll: std::time::Duration::from_millis(cfg.cache.fill_poll_ms),
+                    plans: plans.clone(),
+                    directory: directory.clone(),
+                    max_tenants: max_tenants.div_ceil(n),
                     stats: stats.clone(),
                 };
                 Shard::spawn_with_mailbox(args, mailbox::bounded(s.mailbox_capacity))
@@ -73,7 +83,9 @@ impl Router {
             .collect();
         Router {
             shards,
-            policies: ArcSwap::new(cfg.policies.clone()),
+            plans,
+            directory,
+            admins: ArcSwap::from_pointee(cfg.admin.allowed_uids.clone()),
             stats,
             backend,
         }
@@ -83,12 +95,31 @@ impl Router {
         &self.stats
     }
 
-    /// Answers `hello` and `stats` here; sends every other op to the
-    /// shard that owns its tenant.
-    pub fn route(&self, req: Request, replies: &Replies) -> Routed {
+    /// Answers `hello` and `stats` here, admin ops through the directory;
+    /// sends every other op to the shard that owns its tenant. `peer_uid`
+    /// is the connected process's user (for admin ops).
+    pub fn route(
+        self: &Arc<Self>,
+        req: Request,
+        replies: &Replies,
+        peer_uid: Option<u32>,
+    ) -> Routed {
         let c = &self.stats.counters;
         let id = req.id;
-        let job = match req.op {
+        let op = req.op;
+        if op.is_admin() {
+            Stats::add(&c.requests_admin, 1);
+            if !peer_uid.is_some_and(|uid| self.admins.load().contains(&uid)) {
+                let message = format!(
+                    "`{}` is for the users in `admin.allowed_uids` only",
+                    op.name()
+                );
+                return Routed::Ready(Reply::err(id, Error::Forbidden(message)));
+            }
+            self.admin(op, ReplyTo::new(id, replies.clone()));
+            return Routed::Pending;
+        }
+        let counter = match &op {
             Op::Hello => {
                 Stats::add(&c.requests_hello, 1);
                 let hello = Hello {
@@ -106,50 +137,35 @@ impl Router {
                 };
                 return Routed::Ready(Reply::ok(id, Body::Stats(stats)));
             }
-            Op::Check(args) => {
-                Stats::add(&c.requests_check, 1);
-                self.check(args).map(Job::Check)
-            }
-            Op::CheckGet(args, get) => {
-                Stats::add(&c.requests_check_get, 1);
-                self.check(args).map(|check| Job::CheckGet(check, get))
-            }
-            Op::CacheGet(args) => {
-                Stats::add(&c.requests_cache_get, 1);
-                Ok(Job::Get { args, poll: false })
-            }
-            Op::CacheSet(args) => {
-                Stats::add(&c.requests_cache_set, 1);
-                Ok(Job::Set(args))
-            }
-            Op::CacheDel(args) => {
-                Stats::add(&c.requests_cache_del, 1);
-                Ok(Job::Del(args))
-            }
+            Op::Check(_) => &c.requests_check,
+            Op::CheckGet(..) => &c.requests_check_get,
+            Op::CacheGet(_) => &c.requests_cache_get,
+            Op::CacheSet(_) => &c.requests_cache_set,
+            _ => &c.requests_cache_del,
         };
-        match job.and_then(|job| self.send(job, ReplyTo::new(id, replies.clone()))) {
+        Stats::add(counter, 1);
+        match self.send(op, ReplyTo::new(id, replies.clone())) {
             Ok(()) => Routed::Pending,
             Err(e) => Routed::Ready(Reply::err(id, e)),
         }
     }
 
-    /// Resolves the policy of a check and refuses a cost it can never allow.
-    fn check(&self, args: CheckArgs) -> Result<Check, Error> {
-        let policy = self.policies.load().get(args.policy.as_deref())?.clone();
-        policy.check_cost(args.cost)?;
-        Ok(Check {
-            policy,
-            tenant: args.tenant,
-            key: args.key,
-            cost: args.cost,
-        })
+    fn shard_of(&self, tenant: &str) -> &ActorRef<Shard> {
+        &self.shards[keys::slot(tenant) as usize % self.shards.len()]
     }
 
-    /// Hands a job to its tenant's shard; a full mailbox is `overloaded`.
-    fn send(&self, job: Job, reply: ReplyTo) -> Result<(), Error> {
-        let shard = &self.shards[keys::slot(job.tenant()) as usize % self.shards.len()];
+    /// Hands an op to its tenant's shard; a full mailbox is `overloaded`.
+    fn send(&self, op: Op, reply: ReplyTo) -> Result<(), Error> {
+        let tenant = match &op {
+            Op::Check(a) | Op::CheckGet(a, _) => a.tenant.as_str(),
+            Op::CacheGet(a) => &a.tenant,
+            Op::CacheSet(a) => &a.tenant,
+            Op::CacheDel(a) => &a.tenant,
+            _ => return Err(Error::Internal("not a shard op".into())),
+        };
+        let shard = self.shard_of(tenant);
         shard
-            .tell(JobMsg(job, reply))
+            .tell(JobMsg(op, reply))
             .try_send()
             .map_err(|e| match e {
                 // The message comes back with its reply sender: the caller
@@ -166,9 +182,72 @@ impl Router {
             })
     }
 
-    /// Swaps in new policies; shards forget cached denials.
-    pub async fn reload(&self, policies: Arc<Policies>) {
-        self.policies.store(policies);
+    /// Runs an admin op in its own task (it waits on the source of truth).
+    fn admin(self: &Arc<Self>, op: Op, reply: ReplyTo) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Some(dir) = this.directory.clone() else {
+                let body = match op {
+                    Op::TenantGet(_) => Ok(Body::Tenant {
+                        source: "none",
+                        record: None,
+                    }),
+                    _ => Err(Error::bad_request(
+                        "no `[quota]` source: every tenant is on the default plan",
+                    )),
+                };
+                return reply.send(body);
+            };
+            let body = match op {
+                Op::TenantGet(tenant) => dir.get(&tenant).await.map(|record| Body::Tenant {
+                    source: dir.source_name(),
+                    record,
+                }),
+                Op::TenantSet(tenant, record) => match this.validate(&record) {
+                    Ok(()) => dir.set(&tenant, &record).await.map(|()| {
+                        this.forget(&tenant);
+                        Body::Done
+                    }),
+                    Err(e) => Err(e),
+                },
+                Op::TenantDelete(tenant) => dir.delete(&tenant).await.map(|existed| {
+                    this.forget(&tenant);
+                    Body::Removed(existed)
+                }),
+                Op::TenantList => dir.list().await.map(Body::Tenants),
+                _ => Err(Error::Internal("not an admin op".into())),
+            };
+            reply.send(body);
+        });
+    }
+
+    /// Refuses a record that would not compile (an unknown plan, a bad
+    /// override) before it reaches the source.
+    fn validate(&self, record: &TenantRecord) -> Result<(), Error> {
+        self.plans
+            .load()
+            .for_record(record)
+            .map(drop)
+            .map_err(|e| Error::bad_request(e.to_string()))
+    }
+
+    /// Makes the tenant's shard look its record up again.
+    pub fn forget(&self, tenant: &str) {
+        let _ = self
+            .shard_of(tenant)
+            .tell(Forget(tenant.to_owned()))
+            .try_send();
+    }
+
+    /// Swaps in a reloaded config's plans and admins; shards recompile
+    /// their tenants and forget cached denials.
+    pub async fn reload(&self, config: &Config) {
+        self.plans.store(config.plans.clone());
+        self.admins
+            .store(Arc::new(config.admin.allowed_uids.clone()));
+        if let Some(dir) = &self.directory {
+            dir.reload(config);
+        }
         for shard in &self.shards {
             let _ = shard.tell(Reload).send().await;
         }

@@ -35,6 +35,8 @@ counters! {
     requests_cache_set,
     requests_cache_del,
     requests_stats,
+    /// Admin ops (`tenant_*`), allowed or not.
+    requests_admin,
     /// `check` answers that allowed / denied.
     allowed,
     denied,
@@ -54,6 +56,20 @@ counters! {
     /// Entries stored, and entries deleted by `cache_del`.
     cache_sets,
     cache_deleted,
+    /// Tenant quotas: found in a shard's local level (fresh / past its TTL
+    /// because the source is down), in the Redis level, or not there.
+    quota_local_hits,
+    quota_local_stale,
+    quota_local_misses,
+    quota_redis_hits,
+    quota_redis_misses,
+    /// Lookups at the source of truth, and those that failed.
+    quota_source_lookups,
+    quota_source_errors,
+    /// Tenants put on the `default` plan: unknown to the source, or with a
+    /// record that does not compile (an unknown plan, a bad override).
+    quota_default_plan,
+    quota_bad_records,
     /// Redis round trips, and the checks they carried.
     batches,
     batched_checks,

@@ -15,6 +15,7 @@ use quotad::protocol::{
     self, Body, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Hello, Lookup, Op, Reply,
     ReplyFields, Request, Stats,
 };
+use quotad::quota::TenantRecord;
 use serde_json::{Value, json};
 
 const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/frames.json");
@@ -87,7 +88,28 @@ fn requests() -> Vec<(&'static str, Request)> {
             "check_get_request",
             req(9, Op::CheckGet(check_args(Some("api"), 1), get_args(2000))),
         ),
+        ("tenant_get_request", req(10, Op::TenantGet("acme".into()))),
+        (
+            "tenant_set_request",
+            req(11, Op::TenantSet("acme".into(), pro_record())),
+        ),
+        (
+            "tenant_delete_request",
+            req(12, Op::TenantDelete("acme".into())),
+        ),
+        ("tenant_list_request", req(13, Op::TenantList)),
     ]
+}
+
+fn pro_record() -> TenantRecord {
+    TenantRecord {
+        plan: "pro".into(),
+        limits: [
+            ("api.burst.capacity".to_owned(), 1000.0),
+            ("api.burst.refill_per_sec".to_owned(), 2.5),
+        ]
+        .into(),
+    }
 }
 
 fn decision(allowed: bool, degraded: bool) -> Decision {
@@ -192,6 +214,53 @@ fn replies() -> Vec<(&'static str, Reply)> {
             ok(9, Body::CheckLookup(decision(false, false), None)),
         ),
         (
+            "tenant_get_reply",
+            ok(
+                10,
+                Body::Tenant {
+                    source: "redis",
+                    record: Some(pro_record()),
+                },
+            ),
+        ),
+        (
+            "tenant_get_reply_unknown",
+            ok(
+                10,
+                Body::Tenant {
+                    source: "postgres",
+                    record: None,
+                },
+            ),
+        ),
+        ("tenant_set_reply", ok(11, Body::Done)),
+        ("tenant_delete_reply", ok(12, Body::Removed(true))),
+        (
+            "tenant_list_reply",
+            ok(
+                13,
+                Body::Tenants(vec![
+                    ("acme".into(), pro_record()),
+                    (
+                        "free-42".into(),
+                        TenantRecord {
+                            plan: "free".into(),
+                            limits: Default::default(),
+                        },
+                    ),
+                ]),
+            ),
+        ),
+        (
+            "error_reply_forbidden",
+            Reply::err(
+                14,
+                Error::Forbidden(
+                    "`tenant_set` is for the users in `admin.allowed_uids` only".into(),
+                ),
+            ),
+        ),
+        (
             "error_reply_bad_request",
             Reply::err(5, Error::bad_request("missing field `key`")),
         ),
@@ -233,6 +302,7 @@ fn to_json(v: &rmpv::Value) -> Value {
         M::Integer(i) => i.as_u64().map_or_else(|| json!(i.as_i64()), |u| json!(u)),
         M::String(s) => json!(s.as_str().expect("UTF-8 strings")),
         M::Binary(b) => json!({"$bin": hex(b)}),
+        M::F64(f) => json!(f),
         M::Array(a) => Value::Array(a.iter().map(to_json).collect()),
         M::Map(m) => Value::Object(
             m.iter()
@@ -337,6 +407,25 @@ fn decoders_read_the_pinned_bytes_back() {
                 assert_eq!(fields.protocol, Some(1));
                 assert_eq!(fields.backend.as_deref(), Some(h.backend));
                 assert_eq!(fields.ops.unwrap(), protocol::OPS);
+            }
+            Ok(Body::Tenant { source, record }) => {
+                assert_eq!(fields.source.as_deref(), Some(source));
+                assert_eq!(fields.known, Some(record.is_some()));
+                assert_eq!(fields.plan, record.as_ref().map(|r| r.plan.clone()));
+                assert_eq!(fields.limits, record.map(|r| r.limits));
+            }
+            Ok(Body::Done) => assert!(fields.error.is_none()),
+            Ok(Body::Removed(existed)) => assert_eq!(fields.deleted, Some(u64::from(existed))),
+            Ok(Body::Tenants(all)) => {
+                let got: Vec<(String, String)> = fields
+                    .tenants
+                    .unwrap()
+                    .into_iter()
+                    .map(|t| (t.tenant, t.plan))
+                    .collect();
+                let want: Vec<(String, String)> =
+                    all.into_iter().map(|(t, r)| (t, r.plan)).collect();
+                assert_eq!(got, want);
             }
             Ok(Body::Stats(s)) => {
                 assert_eq!(fields.uptime_ms, Some(s.uptime_ms));

@@ -79,7 +79,7 @@ fn tables() -> Vec<(String, Table, Arc<Policy>)> {
         .map(|p| {
             let table: Table = toml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
             let config = Config::from_toml(&table.config).unwrap();
-            let policy = config.policies.get(Some("v")).unwrap().clone();
+            let policy = config.plans.default_plan().get(Some("v")).unwrap().clone();
             (
                 p.file_name().unwrap().to_string_lossy().into_owned(),
                 table,

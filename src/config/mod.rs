@@ -11,9 +11,13 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::error::Error;
-use crate::limiter::{DAY_US, FailureMode, Policy, Rule, RuleKind};
 use crate::protocol::Limits;
+use crate::quota::{PlanConfig, Plans, QuotaConfig, SourceKind, TenantConfig, TenantRecord};
+
+mod policy;
+
+pub use policy::{Overrides, Policies, PolicyConfig, RuleConfig};
+pub(crate) use policy::{compile_policy, compile_with};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -22,7 +26,32 @@ pub struct Config {
     /// `None`: decide with the embedded in-memory backend.
     pub redis: Option<RedisConfig>,
     pub cache: CacheConfig,
-    pub policies: Arc<Policies>,
+    /// `None`: every tenant is on the `default` plan.
+    pub quota: Option<QuotaConfig>,
+    pub admin: AdminConfig,
+    /// The policies of every plan.
+    pub plans: Arc<Plans>,
+    /// The `file` source's tenants.
+    pub tenants: Arc<HashMap<String, TenantRecord>>,
+}
+
+/// `[admin]`: who may use the admin ops (`tenant_*`) on the socket.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Unix user ids allowed, checked against the peer's credentials
+    /// (SO_PEERCRED). Default: the user quotad runs as, and root.
+    pub allowed_uids: Vec<u32>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        // SAFETY: geteuid cannot fail and touches no memory.
+        let me = unsafe { libc::geteuid() };
+        AdminConfig {
+            allowed_uids: if me == 0 { vec![0] } else { vec![me, 0] },
+        }
+    }
 }
 
 /// `[server]`: the socket and the bounds of everything the daemon holds.
@@ -185,41 +214,6 @@ impl Default for CacheConfig {
     }
 }
 
-/// `[policies.<name>]`: a list of rules decided as one.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyConfig {
-    /// `open` (default), `closed` or `local`: the answer when Redis is lost.
-    #[serde(default)]
-    pub failure_mode: FailureMode,
-    /// `retry_after_ms` of a `closed` failure answer. Default 1000.
-    #[serde(default = "default_closed_retry_ms")]
-    pub closed_retry_after_ms: u64,
-    /// Required, 1 to 16 rules.
-    pub rules: Vec<RuleConfig>,
-}
-
-fn default_closed_retry_ms() -> u64 {
-    1000
-}
-
-/// One rule. `kind` decides which of the other fields it takes.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleConfig {
-    pub name: String,
-    /// `token_bucket`, `sliding_window`, `fixed_window` or `daily_quota`.
-    pub kind: String,
-    /// token_bucket: units the bucket holds.
-    pub capacity: Option<u64>,
-    /// token_bucket: units added per second (may be fractional).
-    pub refill_per_sec: Option<f64>,
-    /// sliding_window, fixed_window, daily_quota: units per window.
-    pub limit: Option<u64>,
-    /// sliding_window, fixed_window: window length in ms.
-    pub window_ms: Option<u64>,
-}
-
 /// The file as written, before validation.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -229,8 +223,23 @@ struct ConfigFile {
     redis: Option<RedisConfig>,
     #[serde(default)]
     cache: CacheConfig,
+    quota: Option<QuotaConfig>,
+    #[serde(default)]
+    admin: AdminConfig,
     #[serde(default)]
     policies: BTreeMap<String, PolicyConfig>,
+    #[serde(default)]
+    plans: BTreeMap<String, PlanConfig>,
+    #[serde(default)]
+    tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// A separate file of tenants (`quota.tenants_file`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantsFile {
+    #[serde(default)]
+    tenants: BTreeMap<String, TenantConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,26 +255,30 @@ pub enum ConfigError {
     Invalid { field: String, message: String },
 }
 
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
         message: message.into(),
     }
 }
 
-/// Largest `limit` or `capacity`, and largest rule span in µs: they keep the
-/// script's arithmetic exact in Lua's doubles.
-const MAX_LIMIT: u64 = 1_000_000_000_000;
-const MAX_SPAN_US: u64 = 1_000_000_000_000_000;
-
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file (and its tenants file, if any).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Config::from_toml(&text)
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let mut config = Config::from_toml(&read(path)?)?;
+        if let Some(file) = config.quota.as_ref().and_then(|q| q.tenants_file.clone()) {
+            let file = path.parent().unwrap_or(Path::new(".")).join(file);
+            let tenants: TenantsFile = toml::from_str(&read(&file)?)
+                .map_err(|e| ConfigError::Parse(format!("{}: {e}", file.display())))?;
+            config.tenants = Arc::new(tenant_records(&tenants.tenants, &config.plans)?);
+        }
+        Ok(config)
     }
 
     /// The configuration used when no file is given: the embedded memory
@@ -399,16 +412,56 @@ impl Config {
                 return Err(invalid(field, format!("{value} is outside {min}..={max}")));
             }
         }
-        let mut policies = HashMap::new();
-        for (name, p) in &file.policies {
-            let policy = compile_policy(name, p)?;
-            policies.insert(name.clone(), Arc::new(policy));
+        let plans = Plans::compile(&file.policies, &file.plans)?;
+        match (&file.quota, file.tenants.is_empty()) {
+            (Some(q), _) if q.source == SourceKind::Redis && file.redis.is_none() => {
+                return Err(invalid("quota.source", "`redis` needs a [redis] table"));
+            }
+            (Some(q), _) if q.source == SourceKind::Postgres && q.postgres.is_none() => {
+                return Err(invalid(
+                    "quota.source",
+                    "`postgres` needs a [quota.postgres] table",
+                ));
+            }
+            (Some(q), false) if q.source != SourceKind::File || q.tenants_file.is_some() => {
+                return Err(invalid(
+                    "tenants",
+                    "[tenants] is the `file` source's, without `quota.tenants_file`",
+                ));
+            }
+            (None, false) => {
+                return Err(invalid(
+                    "tenants",
+                    "[tenants] needs `quota.source = \"file\"`",
+                ));
+            }
+            _ => {}
         }
+        if let Some(q) = &file.quota {
+            for (field, value, min, max) in [
+                ("quota.cache_ttl_ms", q.cache_ttl_ms, 100, 86_400_000),
+                ("quota.source_timeout_ms", q.source_timeout_ms, 1, 60_000),
+                (
+                    "quota.local_max_tenants",
+                    q.local_max_tenants as u64,
+                    1,
+                    1 << 30,
+                ),
+            ] {
+                if !(min..=max).contains(&value) {
+                    return Err(invalid(field, format!("{value} is outside {min}..={max}")));
+                }
+            }
+        }
+        let tenants = tenant_records(&file.tenants, &plans)?;
         Ok(Config {
             server: file.server,
             redis: file.redis,
             cache: file.cache,
-            policies: Arc::new(Policies(policies)),
+            quota: file.quota,
+            admin: file.admin,
+            plans: Arc::new(plans),
+            tenants: Arc::new(tenants),
         })
     }
 
@@ -426,164 +479,38 @@ impl Config {
     }
 }
 
-const IDENT_RULE: &str = "must be 1 to 64 characters from A-Z a-z 0-9 _ -";
+/// Validates the `file` source's tenants: each on a known plan, with
+/// overrides that compile.
+fn tenant_records(
+    tenants: &BTreeMap<String, TenantConfig>,
+    plans: &Plans,
+) -> Result<HashMap<String, TenantRecord>, ConfigError> {
+    let mut out = HashMap::new();
+    for (name, t) in tenants {
+        let at = format!("tenants.{name}");
+        let record = t.record(&at)?;
+        plans.for_record(&record).map_err(|e| match e {
+            ConfigError::Invalid { field, message } => invalid(format!("{at}.{field}"), message),
+            other => other,
+        })?;
+        out.insert(name.clone(), record);
+    }
+    Ok(out)
+}
 
-fn is_ident(s: &str) -> bool {
+pub(crate) const IDENT_RULE: &str = "must be 1 to 64 characters from A-Z a-z 0-9 _ -";
+
+pub(crate) fn is_ident(s: &str) -> bool {
     (1..=64).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn compile_policy(name: &str, p: &PolicyConfig) -> Result<Policy, ConfigError> {
-    let at = format!("policies.{name}");
-    if !is_ident(name) {
-        return Err(invalid(&at, format!("policy name {IDENT_RULE}")));
-    }
-    if p.rules.is_empty() || p.rules.len() > 16 {
-        return Err(invalid(format!("{at}.rules"), "needs 1 to 16 rules"));
-    }
-    let mut rules: Vec<Rule> = Vec::with_capacity(p.rules.len());
-    for (i, r) in p.rules.iter().enumerate() {
-        let at = format!("{at}.rules[{i}]");
-        if !is_ident(&r.name) {
-            return Err(invalid(format!("{at}.name"), IDENT_RULE));
-        }
-        if rules.iter().any(|x| *x.name == *r.name) {
-            return Err(invalid(
-                format!("{at}.name"),
-                format!("`{}` is used twice", r.name),
-            ));
-        }
-        rules.push(Rule {
-            name: r.name.as_str().into(),
-            kind: compile_rule(&at, r)?,
-        });
-    }
-    Ok(Policy {
-        name: name.into(),
-        rules,
-        failure_mode: p.failure_mode,
-        closed_retry_after_ms: p.closed_retry_after_ms,
-    })
-}
-
-fn compile_rule(at: &str, r: &RuleConfig) -> Result<RuleKind, ConfigError> {
-    let (needs, kind): (&[&str], _) = match r.kind.as_str() {
-        "token_bucket" => (&["capacity", "refill_per_sec"], 0),
-        "fixed_window" => (&["limit", "window_ms"], 1),
-        "sliding_window" => (&["limit", "window_ms"], 2),
-        "daily_quota" => (&["limit"], 3),
-        other => {
-            return Err(invalid(
-                format!("{at}.kind"),
-                format!(
-                    "unknown kind `{other}` (token_bucket, sliding_window, fixed_window, daily_quota)"
-                ),
-            ));
-        }
-    };
-    for (field, present) in [
-        ("capacity", r.capacity.is_some()),
-        ("refill_per_sec", r.refill_per_sec.is_some()),
-        ("limit", r.limit.is_some()),
-        ("window_ms", r.window_ms.is_some()),
-    ] {
-        match (needs.contains(&field), present) {
-            (true, false) => {
-                return Err(invalid(
-                    format!("{at}.{field}"),
-                    format!("{} needs it", r.kind),
-                ));
-            }
-            (false, true) => {
-                return Err(invalid(
-                    format!("{at}.{field}"),
-                    format!("does not apply to {}", r.kind),
-                ));
-            }
-            _ => {}
-        }
-    }
-    let limit_of = |field: &str, v: u64| {
-        if (1..=MAX_LIMIT).contains(&v) {
-            Ok(v)
-        } else {
-            Err(invalid(
-                format!("{at}.{field}"),
-                format!("must be within 1..={MAX_LIMIT}"),
-            ))
-        }
-    };
-    let window_of = |v: u64| {
-        if (1..=MAX_SPAN_US / 1000).contains(&v) {
-            Ok(v * 1000)
-        } else {
-            Err(invalid(
-                format!("{at}.window_ms"),
-                "must be at least 1 and at most ~31 years",
-            ))
-        }
-    };
-    Ok(match kind {
-        0 => {
-            let capacity = limit_of("capacity", r.capacity.unwrap_or(0))?;
-            let rate = r.refill_per_sec.unwrap_or(0.0);
-            if !(rate.is_finite() && rate > 0.0 && rate <= 1e6) {
-                return Err(invalid(
-                    format!("{at}.refill_per_sec"),
-                    "must be > 0 and <= 1000000",
-                ));
-            }
-            let interval_us = ((1e6 / rate).round() as u64).max(1);
-            if capacity.saturating_mul(interval_us) > MAX_SPAN_US {
-                return Err(invalid(
-                    format!("{at}.capacity"),
-                    "capacity / refill_per_sec must be under ~31 years",
-                ));
-            }
-            RuleKind::TokenBucket {
-                capacity,
-                interval_us,
-            }
-        }
-        1 => RuleKind::FixedWindow {
-            limit: limit_of("limit", r.limit.unwrap_or(0))?,
-            window_us: window_of(r.window_ms.unwrap_or(0))?,
-        },
-        2 => RuleKind::SlidingWindow {
-            limit: limit_of("limit", r.limit.unwrap_or(0))?,
-            window_us: window_of(r.window_ms.unwrap_or(0))?,
-        },
-        _ => RuleKind::FixedWindow {
-            limit: limit_of("limit", r.limit.unwrap_or(0))?,
-            window_us: DAY_US,
-        },
-    })
-}
-
-/// The compiled policies, by name. Swapped as a whole on reload.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Policies(HashMap<String, Arc<Policy>>);
-
-impl Policies {
-    /// The named policy, or `default` when the request names none.
-    pub fn get(&self, name: Option<&str>) -> Result<&Arc<Policy>, Error> {
-        let name = name.unwrap_or("default");
-        self.0
-            .get(name)
-            .ok_or_else(|| Error::UnknownPolicy(name.to_owned()))
-    }
-
-    pub fn names(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.0.keys().map(String::as_str).collect();
-        v.sort_unstable();
-        v
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
+    use crate::limiter::RuleKind;
 
     fn err(text: &str) -> String {
         Config::from_toml(text).unwrap_err().to_string()
@@ -607,7 +534,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let api = c.policies.get(Some("api")).unwrap();
+        let api = c.plans.default_plan().get(Some("api")).unwrap();
         assert_eq!(
             api.rules[0].kind,
             RuleKind::TokenBucket {
@@ -616,7 +543,10 @@ mod tests {
             }
         );
         assert_eq!(c.redis.unwrap().prefix, "qd");
-        assert!(matches!(c.policies.get(None), Err(Error::UnknownPolicy(_))));
+        assert!(matches!(
+            c.plans.default_plan().get(None),
+            Err(Error::UnknownPolicy(_))
+        ));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! peer claims.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Deserialize;
@@ -18,6 +19,7 @@ use bytes::Bytes;
 
 use super::{CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, OPS, Op, Request};
 use crate::error::Error;
+use crate::quota::TenantRecord;
 
 /// Nesting allowed in a request. Requests need 2 (a map holding a list of
 /// strings); the bound keeps a hostile frame from exhausting the stack.
@@ -80,7 +82,7 @@ fn type_error(field: &str, wanted: &str, got: Option<&Field>) -> String {
 }
 
 /// The request fields this build reads, in a fixed order.
-const NAMES: [&str; 13] = [
+const NAMES: [&str; 15] = [
     "id",
     "op",
     "tenant",
@@ -94,6 +96,8 @@ const NAMES: [&str; 13] = [
     "stale_ms",
     "tags",
     "keys",
+    "plan",
+    "limits",
 ];
 
 /// Any MessagePack value, as far as a request needs to tell them apart.
@@ -102,13 +106,14 @@ enum Field {
     Nil,
     Bool,
     Uint(u64),
-    Int,
-    Float,
+    Int(i64),
+    Float(f64),
     /// Borrowed when it is a field or op name: map keys cost no allocation.
     Str(Cow<'static, str>),
     Bin(Bytes),
     Array(Vec<Field>),
-    Map,
+    Map(Vec<(Field, Field)>),
+    Ext,
 }
 
 impl Field {
@@ -116,12 +121,13 @@ impl Field {
         match self {
             Field::Nil => "nil",
             Field::Bool => "a boolean",
-            Field::Uint(_) | Field::Int => "an integer",
-            Field::Float => "a float",
+            Field::Uint(_) | Field::Int(_) => "an integer",
+            Field::Float(_) => "a float",
             Field::Str(_) => "a string",
             Field::Bin(_) => "binary",
             Field::Array(_) => "an array",
-            Field::Map => "a map",
+            Field::Map(_) => "a map",
+            Field::Ext => "an extension type",
         }
     }
 }
@@ -213,6 +219,15 @@ impl RawRequest {
                 }
                 Op::CacheDel(CacheDelArgs { tenant, keys, tags })
             }
+            "tenant_get" => Op::TenantGet(self.string("tenant", l.max_tenant_bytes)?),
+            "tenant_delete" => Op::TenantDelete(self.string("tenant", l.max_tenant_bytes)?),
+            "tenant_list" => Op::TenantList,
+            "tenant_set" => {
+                let tenant = self.string("tenant", l.max_tenant_bytes)?;
+                let plan = self.string("plan", 64)?;
+                let limits = self.numbers("limits")?;
+                Op::TenantSet(tenant, TenantRecord { plan, limits })
+            }
             _ => return Err(Error::UnknownOp(truncate(&op, 64))),
         };
         Ok(Request { id, op })
@@ -294,6 +309,31 @@ impl RawRequest {
         }
     }
 
+    /// An optional map of strings to numbers (at most 256 of them).
+    fn numbers(&mut self, name: &str) -> Result<BTreeMap<String, f64>, Error> {
+        let entries = match self.take(name) {
+            None => return Ok(BTreeMap::new()),
+            Some(Field::Map(entries)) if entries.len() <= 256 => entries,
+            Some(other) => {
+                return Err(Error::bad_request(type_error(
+                    name,
+                    "a map of up to 256 names to numbers",
+                    Some(&other),
+                )));
+            }
+        };
+        let mut out = BTreeMap::new();
+        for (k, v) in entries {
+            let (Field::Str(k), Some(n)) = (&k, number(&v)) else {
+                return Err(Error::bad_request(format!(
+                    "field `{name}` must map names to numbers"
+                )));
+            };
+            out.insert(bounded(name, k.to_string(), 256)?, n);
+        }
+        Ok(out)
+    }
+
     /// An optional list of at most `max_items` strings of 1 to
     /// `max_bytes` bytes each, without duplicates.
     fn strings(
@@ -334,6 +374,15 @@ impl RawRequest {
             }
         }
         Ok(out)
+    }
+}
+
+fn number(f: &Field) -> Option<f64> {
+    match *f {
+        Field::Uint(n) => Some(n as f64),
+        Field::Int(n) => Some(n as f64),
+        Field::Float(n) => Some(n),
+        _ => None,
     }
 }
 
@@ -419,10 +468,10 @@ impl<'de> Visitor<'de> for FieldVisitor {
         Ok(Field::Uint(v))
     }
     fn visit_i64<E>(self, v: i64) -> Result<Field, E> {
-        Ok(u64::try_from(v).map_or(Field::Int, Field::Uint))
+        Ok(u64::try_from(v).map_or(Field::Int(v), Field::Uint))
     }
-    fn visit_f64<E>(self, _: f64) -> Result<Field, E> {
-        Ok(Field::Float)
+    fn visit_f64<E>(self, v: f64) -> Result<Field, E> {
+        Ok(Field::Float(v))
     }
     fn visit_str<E>(self, v: &str) -> Result<Field, E> {
         // Field names and op names come over and over: no allocation.
@@ -444,16 +493,16 @@ impl<'de> Visitor<'de> for FieldVisitor {
         Ok(Field::Array(items))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field, A::Error> {
-        while map
-            .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
-            .is_some()
-        {}
-        Ok(Field::Map)
+        let mut entries = Vec::new();
+        while let Some(entry) = map.next_entry::<Field, Field>()? {
+            entries.push(entry);
+        }
+        Ok(Field::Map(entries))
     }
     fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Field, D::Error> {
         // MessagePack ext types arrive here; no request field is one.
         de::IgnoredAny::deserialize(d)?;
-        Ok(Field::Map)
+        Ok(Field::Ext)
     }
 }
 

@@ -3,12 +3,15 @@
 //! Each message is first listed as `(name, value)` pairs, so the map's
 //! length is exact and the field order fixed (the golden frames pin it).
 
-use serde::ser::SerializeMap;
+use std::collections::BTreeMap;
+
+use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
 
 use super::{Body, CheckArgs, Lookup, OPS, Op, PROTOCOL_VERSION, Reply, Request, server_name};
 use crate::error::Error;
 use crate::limiter::Decision;
+use crate::quota::TenantRecord;
 
 /// One field's value.
 enum Val<'a> {
@@ -20,6 +23,9 @@ enum Val<'a> {
     Strs(&'a [String]),
     Ops,
     Counters(&'a [(&'static str, u64)]),
+    /// Names to numbers (whole numbers as integers).
+    Numbers(&'a BTreeMap<String, f64>),
+    Tenants(&'a [(String, TenantRecord)]),
     Error(&'a Error),
 }
 
@@ -40,6 +46,25 @@ impl Serialize for Val<'_> {
                 }
                 m.end()
             }
+            Val::Numbers(n) => {
+                let mut m = s.serialize_map(Some(n.len()))?;
+                for (k, v) in n.iter() {
+                    m.serialize_entry(k, &Number(*v))?;
+                }
+                m.end()
+            }
+            Val::Tenants(all) => {
+                let mut seq = s.serialize_seq(Some(all.len()))?;
+                for (tenant, r) in all.iter() {
+                    let fields = vec![
+                        ("tenant", Val::Str(tenant)),
+                        ("plan", Val::Str(&r.plan)),
+                        ("limits", Val::Numbers(&r.limits)),
+                    ];
+                    seq.serialize_element(&Map(fields))?;
+                }
+                seq.end()
+            }
             Val::Error(e) => {
                 let mut m = s.serialize_map(Some(2))?;
                 m.serialize_entry("code", e.code())?;
@@ -52,12 +77,37 @@ impl Serialize for Val<'_> {
 
 type Fields<'a> = Vec<(&'static str, Val<'a>)>;
 
-fn write_map<S: Serializer>(s: S, fields: Fields) -> Result<S::Ok, S::Error> {
-    let mut m = s.serialize_map(Some(fields.len()))?;
-    for (k, v) in &fields {
-        m.serialize_entry(k, v)?;
+/// A number on the wire: an integer when it is whole.
+struct Number(f64);
+
+impl Serialize for Number {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let n = self.0;
+        if n.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(&n) {
+            s.serialize_u64(n as u64)
+        } else if n.fract() == 0.0 && n >= i64::MIN as f64 && n < 0.0 {
+            s.serialize_i64(n as i64)
+        } else {
+            s.serialize_f64(n)
+        }
     }
-    m.end()
+}
+
+/// Fields written as a nested map.
+struct Map<'a>(Fields<'a>);
+
+impl Serialize for Map<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+fn write_map<S: Serializer>(s: S, fields: Fields) -> Result<S::Ok, S::Error> {
+    Map(fields).serialize(s)
 }
 
 fn decision<'a>(f: &mut Fields<'a>, d: &'a Decision) {
@@ -121,6 +171,19 @@ impl Serialize for Reply {
                 ("shards", Val::U64(st.shards)),
                 ("counters", Val::Counters(&st.counters)),
             ]),
+            Ok(Body::Tenant { source, record }) => {
+                f.push(("source", Val::Str(source)));
+                f.push(("known", Val::Bool(record.is_some())));
+                if let Some(r) = record {
+                    f.extend([
+                        ("plan", Val::Str(&r.plan)),
+                        ("limits", Val::Numbers(&r.limits)),
+                    ]);
+                }
+            }
+            Ok(Body::Done) => {}
+            Ok(Body::Removed(existed)) => f.push(("deleted", Val::U64(u64::from(*existed)))),
+            Ok(Body::Tenants(all)) => f.push(("tenants", Val::Tenants(all))),
         }
         write_map(s, f)
     }
@@ -170,6 +233,14 @@ impl Serialize for Request {
                     f.push(("tags", Val::Strs(&d.tags)));
                 }
             }
+            Op::TenantGet(t) | Op::TenantDelete(t) => f.push(("tenant", Val::Str(t))),
+            Op::TenantSet(t, r) => {
+                f.extend([("tenant", Val::Str(t)), ("plan", Val::Str(&r.plan))]);
+                if !r.limits.is_empty() {
+                    f.push(("limits", Val::Numbers(&r.limits)));
+                }
+            }
+            Op::TenantList => {}
         }
         write_map(s, f)
     }

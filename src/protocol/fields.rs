@@ -46,6 +46,12 @@ pub struct ReplyFields {
     pub refresh: Option<bool>,
     pub fill: Option<bool>,
     pub deleted: Option<u64>,
+    // tenants
+    pub source: Option<String>,
+    pub known: Option<bool>,
+    pub plan: Option<String>,
+    pub limits: Option<BTreeMap<String, f64>>,
+    pub tenants: Option<Vec<TenantFields>>,
     // stats
     pub uptime_ms: Option<u64>,
     pub shards: Option<u64>,
@@ -86,6 +92,15 @@ impl ReplyFields {
             degraded: self.degraded.unwrap_or(false),
         })
     }
+}
+
+/// One entry of a `tenant_list` reply.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct TenantFields {
+    pub tenant: String,
+    pub plan: String,
+    pub limits: BTreeMap<String, f64>,
 }
 
 /// A MessagePack `bin` value.

@@ -16,10 +16,11 @@ use bytes::Bytes;
 
 use crate::error::Error;
 use crate::limiter::Decision;
+use crate::quota::TenantRecord;
 
 pub use decode::{DecodeError, Limits, decode};
 pub use encode::{encode_reply, encode_request};
-pub use fields::{ReplyFields, WireError};
+pub use fields::{ReplyFields, TenantFields, WireError};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -33,16 +34,20 @@ pub const OPS: &[&str] = &[
     "cache_del",
     "check_get",
     "stats",
+    "tenant_get",
+    "tenant_set",
+    "tenant_delete",
+    "tenant_list",
 ];
 
 /// A decoded request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     pub id: u64,
     pub op: Op,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     Hello,
     Check(CheckArgs),
@@ -52,6 +57,14 @@ pub enum Op {
     /// A check, then (only if allowed) a cache read, in one round trip.
     CheckGet(CheckArgs, CacheGetArgs),
     Stats,
+    /// Admin: a tenant's record at the source of truth.
+    TenantGet(String),
+    /// Admin: sets a tenant's record (the `redis` source).
+    TenantSet(String, TenantRecord),
+    /// Admin: deletes a tenant's record (the `redis` source).
+    TenantDelete(String),
+    /// Admin: every tenant the source lists.
+    TenantList,
 }
 
 impl Op {
@@ -64,7 +77,19 @@ impl Op {
             Op::CacheDel(_) => "cache_del",
             Op::CheckGet(..) => "check_get",
             Op::Stats => "stats",
+            Op::TenantGet(_) => "tenant_get",
+            Op::TenantSet(..) => "tenant_set",
+            Op::TenantDelete(_) => "tenant_delete",
+            Op::TenantList => "tenant_list",
         }
+    }
+
+    /// True for the ops only the allowed Unix users may use.
+    pub fn is_admin(&self) -> bool {
+        matches!(
+            self,
+            Op::TenantGet(_) | Op::TenantSet(..) | Op::TenantDelete(_) | Op::TenantList
+        )
     }
 }
 
@@ -130,6 +155,17 @@ pub enum Body {
     /// `check_get`: the decision, and the lookup when it allowed.
     CheckLookup(Decision, Option<Lookup>),
     Stats(Stats),
+    /// `tenant_get`: the record (`None`: unknown to the source).
+    Tenant {
+        source: &'static str,
+        record: Option<TenantRecord>,
+    },
+    /// `tenant_set`: done.
+    Done,
+    /// `tenant_delete`: whether a record was there.
+    Removed(bool),
+    /// `tenant_list`.
+    Tenants(Vec<(String, TenantRecord)>),
 }
 
 /// The answer to a cache read.

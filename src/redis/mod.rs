@@ -16,7 +16,7 @@ pub mod script;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::{ErrorKind, RedisResult, ServerErrorKind};
+use redis::{ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -258,6 +258,39 @@ impl RedisBackend {
             .chunk_by(|a, b| a.0 == b.0)
             .map(|g| g.iter().map(|&(_, i)| i).collect())
             .collect()
+    }
+
+    /// Runs plain commands in one round trip, within the Redis deadline:
+    /// every reply, or the first error (also when the breaker is open).
+    pub async fn query(&self, cmds: Vec<redis::Cmd>) -> RedisResult<Vec<Value>> {
+        if self.is_down() {
+            return Err(RedisError::from((
+                ErrorKind::Io,
+                "Redis unreachable (circuit breaker open)",
+            )));
+        }
+        let run = self.inner.conn.run(cmds);
+        match tokio::time::timeout(self.inner.timeout, run).await {
+            Ok(results) => {
+                let out: RedisResult<Vec<Value>> = results.into_iter().collect();
+                match &out {
+                    Ok(_) => self.inner.breaker.record_success(),
+                    Err(e)
+                        if e.kind() == ErrorKind::Io
+                            || e.is_timeout()
+                            || e.is_connection_dropped() =>
+                    {
+                        self.failed()
+                    }
+                    Err(_) => {}
+                }
+                out
+            }
+            Err(_) => {
+                self.failed();
+                Err(RedisError::from((ErrorKind::Io, "Redis timed out")))
+            }
+        }
     }
 
     /// Counts a failed round trip; the one that opens the breaker starts

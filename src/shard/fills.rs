@@ -6,11 +6,23 @@
 //! it, when the filler uses another quotad) or its own deadline passes.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
+use kameo::message::{Context, Message};
 use tokio::time::Instant;
 
+use super::{Shard, Waiter};
+use crate::job::Job;
 use crate::limiter::Decision;
+use crate::protocol::{Body, CacheGetArgs, Lookup};
 use crate::reply::ReplyTo;
+use crate::stats::Stats;
+
+/// Time to look again for the values that callers wait on.
+pub struct PollFills;
+
+/// Shutdown began: answer every caller waiting on a fill with a miss.
+pub struct ReleaseWaiters;
 
 pub struct FillWaiter {
     pub reply: ReplyTo,
@@ -66,5 +78,130 @@ impl Fills {
     /// Every waiter (at shutdown).
     pub fn drain(&mut self) -> impl Iterator<Item = FillWaiter> + '_ {
         self.waiting.drain().flat_map(|(_, ws)| ws)
+    }
+}
+
+impl Message<PollFills> for Shard {
+    type Reply = ();
+
+    async fn handle(&mut self, _: PollFills, ctx: &mut Context<Self, ()>) {
+        self.polling = false;
+        for w in self.fills.expire(Instant::now()) {
+            Stats::add(&self.stats.counters.cache_fill_timeouts, 1);
+            self.release(w);
+        }
+        let polls: Vec<CacheGetArgs> = self
+            .fills
+            .keys()
+            .map(|(tenant, key)| CacheGetArgs {
+                tenant: tenant.clone(),
+                key: key.clone(),
+                fill_ms: 0,
+            })
+            .collect();
+        for args in polls {
+            let job = Job::Get { args, poll: true };
+            match &self.redis {
+                Some(redis) if !redis.is_down() => {
+                    let deadline = Instant::now() + redis.timeout();
+                    self.enqueue(
+                        Waiter {
+                            job,
+                            reply: None,
+                            deadline,
+                        },
+                        ctx,
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    let outcome = self.run_locally(&job);
+                    self.finish(job, Some(outcome), None, ctx);
+                }
+            }
+        }
+        self.schedule_poll(ctx);
+    }
+}
+
+impl Message<ReleaseWaiters> for Shard {
+    type Reply = ();
+
+    async fn handle(&mut self, _: ReleaseWaiters, _: &mut Context<Self, ()>) {
+        let waiters: Vec<FillWaiter> = self.fills.drain().collect();
+        for w in waiters {
+            self.release(w);
+        }
+    }
+}
+
+impl Shard {
+    /// A cache read came back. A miss that another caller is filling makes
+    /// this caller wait for the value (returns `None`); anything else is
+    /// the answer to send.
+    pub(super) fn looked(
+        &mut self,
+        args: &CacheGetArgs,
+        l: Lookup,
+        decision: Option<Decision>,
+        reply: Option<ReplyTo>,
+        ctx: &Context<Self, ()>,
+    ) -> Option<(ReplyTo, Body)> {
+        let reply = reply?;
+        if l.value.is_none() && !l.fill && !l.degraded && args.fill_ms > 0 {
+            Stats::add(&self.stats.counters.cache_fill_waits, 1);
+            let deadline = Instant::now() + Duration::from_millis(args.fill_ms);
+            self.fills.park(
+                &args.tenant,
+                &args.key,
+                FillWaiter {
+                    reply,
+                    deadline,
+                    decision,
+                },
+            );
+            self.schedule_poll(ctx);
+            return None;
+        }
+        let l = self.count_lookup(l);
+        let body = match decision {
+            Some(d) => Body::CheckLookup(d, Some(l)),
+            None => Body::Lookup(l),
+        };
+        Some((reply, body))
+    }
+
+    /// Lets a caller stop waiting on a fill: a plain miss, compute it yourself.
+    pub(super) fn release(&self, w: FillWaiter) {
+        let lookup = self.count_lookup(Lookup::default());
+        let body = match w.decision {
+            Some(d) => Body::CheckLookup(d, Some(lookup)),
+            None => Body::Lookup(lookup),
+        };
+        self.reply(w.reply, body);
+    }
+
+    /// Answers everyone waiting for this entry with its value.
+    pub(super) fn deliver(&mut self, tenant: &str, key: &str, l: &Lookup) {
+        for w in self.fills.take(tenant, key) {
+            let l = self.count_lookup(l.clone());
+            let body = match w.decision {
+                Some(d) => Body::CheckLookup(d, Some(l)),
+                None => Body::Lookup(l),
+            };
+            self.reply(w.reply, body);
+        }
+    }
+
+    fn schedule_poll(&mut self, ctx: &Context<Self, ()>) {
+        if self.polling || self.fills.is_empty() {
+            return;
+        }
+        self.polling = true;
+        let every = self.fill_poll;
+        ctx.pipe(async move {
+            tokio::time::sleep(every).await;
+            PollFills
+        });
     }
 }

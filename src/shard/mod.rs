@@ -12,11 +12,14 @@
 
 mod fills;
 mod overlimit;
+mod quota;
+mod tenants;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use kameo::actor::{Actor, ActorRef, WeakActorRef};
 use kameo::error::ActorStopReason;
 use kameo::message::{Context, Message};
@@ -30,19 +33,24 @@ use crate::job::{Job, Outcome};
 use crate::keys::Keys;
 use crate::limiter::memory::MemoryLimiter;
 use crate::limiter::{Check, Decision, FailureMode};
-use crate::protocol::{Body, CacheGetArgs, Lookup};
+use crate::protocol::{Body, Lookup, Op};
+use crate::quota::{Directory, Plans};
 use crate::redis::RedisBackend;
 use crate::reply::ReplyTo;
 use crate::stats::Stats;
-use fills::{FillWaiter, Fills};
+use fills::Fills;
+pub use fills::ReleaseWaiters;
 use overlimit::OverLimit;
+pub use quota::Forget;
+use tenants::Tenants;
 
 /// Largest over-limit memory per shard.
 const OVERLIMIT_ENTRIES: usize = 65_536;
 
-/// Run one job (already validated by the connection) and answer it.
+/// Run one request's op (already validated by the connection: `check`,
+/// `check_get` or a cache op) and answer it.
 #[derive(Debug)]
-pub struct JobMsg(pub Job, pub ReplyTo);
+pub struct JobMsg(pub Op, pub ReplyTo);
 
 /// A Redis round trip came back: one outcome (or `None`) per job sent.
 /// The reply senders travel with the batch: if the shard is gone when it
@@ -53,14 +61,8 @@ pub struct BatchDone {
     outcomes: Vec<Option<Outcome>>,
 }
 
-/// Time to look again for the values that callers wait on.
-pub struct PollFills;
-
 /// Policies were reloaded: forget cached denials, they may no longer hold.
 pub struct Reload;
-
-/// Shutdown began: answer every caller waiting on a fill with a miss.
-pub struct ReleaseWaiters;
 
 /// A job waiting for Redis. `reply` is `None` for the shard's own polls.
 struct Waiter {
@@ -85,6 +87,12 @@ pub struct Shard {
     keys: Keys,
     clock: Clock,
     batcher: Batcher<Waiter>,
+    /// Every plan's policies (swapped on reload).
+    plans: Arc<ArcSwap<Plans>>,
+    /// Where tenants' plans come from; `None`: all on the `default` plan.
+    directory: Option<Arc<Directory>>,
+    /// The local level of the quota cache.
+    tenants: Tenants,
     overlimit: OverLimit,
     fills: Fills,
     fill_poll: Duration,
@@ -105,6 +113,9 @@ pub struct ShardArgs {
     pub local_max_entries: usize,
     pub cache_max_bytes: usize,
     pub fill_poll: Duration,
+    pub plans: Arc<ArcSwap<Plans>>,
+    pub directory: Option<Arc<Directory>>,
+    pub max_tenants: usize,
     pub stats: Arc<Stats>,
 }
 
@@ -125,6 +136,9 @@ impl Actor for Shard {
                 a.max_in_flight,
                 a.max_queued,
             ),
+            plans: a.plans,
+            directory: a.directory,
+            tenants: Tenants::new(a.max_tenants),
             overlimit: OverLimit::new(OVERLIMIT_ENTRIES),
             fills: Fills::default(),
             fill_poll: a.fill_poll,
@@ -141,6 +155,7 @@ impl Actor for Shard {
         // Dropped replies answer `shutting_down` by themselves.
         self.batcher.drain().for_each(drop);
         self.fills.drain().for_each(drop);
+        self.tenants.drain_waiting().for_each(drop);
         Ok(())
     }
 }
@@ -148,7 +163,20 @@ impl Actor for Shard {
 impl Message<JobMsg> for Shard {
     type Reply = ();
 
-    async fn handle(&mut self, JobMsg(job, reply): JobMsg, ctx: &mut Context<Self, ()>) {
+    async fn handle(&mut self, JobMsg(op, reply): JobMsg, ctx: &mut Context<Self, ()>) {
+        match op {
+            Op::Check(_) | Op::CheckGet(..) => self.resolve(op, reply, ctx),
+            Op::CacheGet(args) => self.start(Job::Get { args, poll: false }, reply, ctx),
+            Op::CacheSet(args) => self.start(Job::Set(args), reply, ctx),
+            Op::CacheDel(args) => self.start(Job::Del(args), reply, ctx),
+            _ => reply.send(Err(Error::Internal("not a shard op".into()))),
+        }
+    }
+}
+
+impl Shard {
+    /// Runs a job: from local state when possible, else through Redis.
+    fn start(&mut self, job: Job, reply: ReplyTo, ctx: &Context<Self, ()>) {
         let Some(redis) = &self.redis else {
             let outcome = self.run_locally(&job);
             self.finish(job, Some(outcome), Some(reply), ctx);
@@ -193,65 +221,12 @@ impl Message<BatchDone> for Shard {
     }
 }
 
-impl Message<PollFills> for Shard {
-    type Reply = ();
-
-    async fn handle(&mut self, _: PollFills, ctx: &mut Context<Self, ()>) {
-        self.polling = false;
-        for w in self.fills.expire(Instant::now()) {
-            Stats::add(&self.stats.counters.cache_fill_timeouts, 1);
-            self.release(w);
-        }
-        let polls: Vec<CacheGetArgs> = self
-            .fills
-            .keys()
-            .map(|(tenant, key)| CacheGetArgs {
-                tenant: tenant.clone(),
-                key: key.clone(),
-                fill_ms: 0,
-            })
-            .collect();
-        for args in polls {
-            let job = Job::Get { args, poll: true };
-            match &self.redis {
-                Some(redis) if !redis.is_down() => {
-                    let deadline = Instant::now() + redis.timeout();
-                    self.enqueue(
-                        Waiter {
-                            job,
-                            reply: None,
-                            deadline,
-                        },
-                        ctx,
-                    );
-                }
-                Some(_) => {}
-                None => {
-                    let outcome = self.run_locally(&job);
-                    self.finish(job, Some(outcome), None, ctx);
-                }
-            }
-        }
-        self.schedule_poll(ctx);
-    }
-}
-
-impl Message<ReleaseWaiters> for Shard {
-    type Reply = ();
-
-    async fn handle(&mut self, _: ReleaseWaiters, _: &mut Context<Self, ()>) {
-        let waiters: Vec<FillWaiter> = self.fills.drain().collect();
-        for w in waiters {
-            self.release(w);
-        }
-    }
-}
-
 impl Message<Reload> for Shard {
     type Reply = ();
 
     async fn handle(&mut self, _: Reload, _: &mut Context<Self, ()>) {
         self.overlimit.clear();
+        self.recompile_tenants();
     }
 }
 
@@ -406,75 +381,6 @@ impl Shard {
         if let Some(reply) = reply {
             self.reply(reply, body);
         }
-    }
-
-    /// A cache read came back. A miss that another caller is filling makes
-    /// this caller wait for the value (returns `None`); anything else is
-    /// the answer to send.
-    fn looked(
-        &mut self,
-        args: &CacheGetArgs,
-        l: Lookup,
-        decision: Option<Decision>,
-        reply: Option<ReplyTo>,
-        ctx: &Context<Self, ()>,
-    ) -> Option<(ReplyTo, Body)> {
-        let reply = reply?;
-        if l.value.is_none() && !l.fill && !l.degraded && args.fill_ms > 0 {
-            Stats::add(&self.stats.counters.cache_fill_waits, 1);
-            let deadline = Instant::now() + Duration::from_millis(args.fill_ms);
-            self.fills.park(
-                &args.tenant,
-                &args.key,
-                FillWaiter {
-                    reply,
-                    deadline,
-                    decision,
-                },
-            );
-            self.schedule_poll(ctx);
-            return None;
-        }
-        let l = self.count_lookup(l);
-        let body = match decision {
-            Some(d) => Body::CheckLookup(d, Some(l)),
-            None => Body::Lookup(l),
-        };
-        Some((reply, body))
-    }
-
-    /// Lets a caller stop waiting on a fill: a plain miss, compute it yourself.
-    fn release(&self, w: FillWaiter) {
-        let lookup = self.count_lookup(Lookup::default());
-        let body = match w.decision {
-            Some(d) => Body::CheckLookup(d, Some(lookup)),
-            None => Body::Lookup(lookup),
-        };
-        self.reply(w.reply, body);
-    }
-
-    /// Answers everyone waiting for this entry with its value.
-    fn deliver(&mut self, tenant: &str, key: &str, l: &Lookup) {
-        for w in self.fills.take(tenant, key) {
-            let l = self.count_lookup(l.clone());
-            let body = match w.decision {
-                Some(d) => Body::CheckLookup(d, Some(l)),
-                None => Body::Lookup(l),
-            };
-            self.reply(w.reply, body);
-        }
-    }
-
-    fn schedule_poll(&mut self, ctx: &Context<Self, ()>) {
-        if self.polling || self.fills.is_empty() {
-            return;
-        }
-        self.polling = true;
-        let every = self.fill_poll;
-        ctx.pipe(async move {
-            tokio::time::sleep(every).await;
-            PollFills
-        });
     }
 
     /// The decision when Redis cannot decide: the policy's failure mode.

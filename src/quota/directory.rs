@@ -1,0 +1,314 @@
+//! The tenant directory: a tenant's record from the Redis level of the
+//! quota cache, or from the source of truth (filling the Redis level on
+//! the way back), plus the admin operations on the source.
+//!
+//! The Redis level is `<prefix>:tenant_quota_cache:{<tenant>}`: the record
+//! as JSON (`null` for a tenant the source does not know), expiring after
+//! `quota.cache_ttl_ms`. It sits in front of the `redis` and `postgres`
+//! sources (the `file` source is in memory already). A change made with
+//! `tenant set`/`delete` deletes it and is announced on the channel
+//! `<prefix>:tenant-changes`, so every quotad drops its local copy at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::source::{self, Postgres, Source, SourceError};
+use super::{QuotaConfig, SourceKind, TenantRecord};
+use crate::config::{Config, RedisConfig};
+use crate::error::Error;
+use crate::keys;
+use crate::redis::RedisBackend;
+use crate::stats::Stats;
+
+pub struct Directory {
+    source: Source,
+    /// The Redis level (absent for the `file` source, or without Redis).
+    cache: Option<RedisBackend>,
+    /// For announcing changes; kept even when there is no Redis level.
+    redis: Option<RedisBackend>,
+    prefix: String,
+    ttl: Duration,
+    stats: Arc<Stats>,
+}
+
+/// A tenant's record, and how long it may be used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    /// `None`: the source does not know the tenant (`default` plan).
+    pub record: Option<TenantRecord>,
+    pub ttl: Duration,
+}
+
+impl Directory {
+    /// The directory of `config`'s `[quota]`; `None` without one.
+    pub fn new(
+        config: &Config,
+        redis: Option<RedisBackend>,
+        stats: Arc<Stats>,
+    ) -> Option<Arc<Directory>> {
+        let q: &QuotaConfig = config.quota.as_ref()?;
+        let prefix = config
+            .redis
+            .as_ref()
+            .map_or(keys::DEFAULT_PREFIX, |r| r.prefix.as_str())
+            .to_owned();
+        let timeout = Duration::from_millis(q.source_timeout_ms);
+        let source = match q.source {
+            SourceKind::File => Source::File(arc_swap::ArcSwap::new(config.tenants.clone())),
+            SourceKind::Redis => Source::Redis {
+                redis: redis
+                    .clone()
+                    .expect("validated: the redis source has [redis]"),
+                prefix: prefix.clone(),
+            },
+            SourceKind::Postgres => Source::Postgres(Postgres::new(
+                q.postgres
+                    .clone()
+                    .expect("validated: the postgres source has [quota.postgres]"),
+                timeout,
+            )),
+        };
+        let cache = redis.clone().filter(|_| q.source != SourceKind::File);
+        Some(Arc::new(Directory {
+            source,
+            cache,
+            redis,
+            prefix,
+            ttl: Duration::from_millis(q.cache_ttl_ms),
+            stats,
+        }))
+    }
+
+    pub fn source_name(&self) -> &'static str {
+        self.source.name()
+    }
+
+    /// After a reload: the `file` source's new tenants.
+    pub fn reload(&self, config: &Config) {
+        if let Source::File(tenants) = &self.source {
+            tenants.store(config.tenants.clone());
+        }
+    }
+
+    fn cache_key(&self, tenant: &str) -> String {
+        format!(
+            "{}:tenant_quota_cache:{{{}}}",
+            self.prefix,
+            keys::encode(tenant)
+        )
+    }
+
+    fn channel(&self) -> String {
+        format!("{}:tenant-changes", self.prefix)
+    }
+
+    /// The Redis level, then the source. An unreachable Redis level is
+    /// skipped; an unreachable source is an error (the caller keeps
+    /// serving what it knew).
+    pub async fn lookup(&self, tenant: &str) -> Result<Found, SourceError> {
+        let c = &self.stats.counters;
+        if let Some(redis) = &self.cache {
+            let key = self.cache_key(tenant);
+            let mut get = redis::cmd("GET");
+            get.arg(&key);
+            let mut pttl = redis::cmd("PTTL");
+            pttl.arg(&key);
+            match redis.query(vec![get, pttl]).await.as_deref() {
+                Ok([Value::BulkString(json), Value::Int(ms)]) if *ms > 0 => {
+                    if let Ok(record) = serde_json::from_slice::<Option<TenantRecord>>(json) {
+                        Stats::add(&c.quota_redis_hits, 1);
+                        return Ok(Found {
+                            record,
+                            ttl: Duration::from_millis(*ms as u64),
+                        });
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "quota cache in Redis unavailable"),
+            }
+            Stats::add(&c.quota_redis_misses, 1);
+        }
+        Stats::add(&c.quota_source_lookups, 1);
+        let record = self.source.lookup(tenant).await.inspect_err(|e| {
+            Stats::add(&c.quota_source_errors, 1);
+            tracing::warn!(tenant, error = %e, "tenant source unavailable: serving the last known plan");
+        })?;
+        if let Some(redis) = &self.cache {
+            let mut set = redis::cmd("SET");
+            set.arg(self.cache_key(tenant))
+                .arg(serde_json::to_vec(&record).expect("records serialize"))
+                .arg("PX")
+                .arg(self.ttl.as_millis() as u64);
+            let _ = redis.query(vec![set]).await;
+        }
+        Ok(Found {
+            record,
+            ttl: self.ttl,
+        })
+    }
+
+    /// The record at the source, uncached.
+    pub async fn get(&self, tenant: &str) -> Result<Option<TenantRecord>, Error> {
+        self.source
+            .lookup(tenant)
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))
+    }
+
+    fn writable(&self) -> Result<(&RedisBackend, &str), Error> {
+        match &self.source {
+            Source::Redis { redis, prefix } => Ok((redis, prefix)),
+            other => Err(Error::bad_request(format!(
+                "tenants live in the `{}` source: change them there (a file: edit it and reload)",
+                other.name()
+            ))),
+        }
+    }
+
+    /// Sets a tenant's record (the `redis` source only).
+    pub async fn set(&self, tenant: &str, record: &TenantRecord) -> Result<(), Error> {
+        let (redis, prefix) = self.writable()?;
+        let key = source::record_key(prefix, tenant);
+        let mut del = redis::cmd("DEL");
+        del.arg(&key);
+        let mut hset = redis::cmd("HSET");
+        hset.arg(&key);
+        for (f, v) in source::hash_fields(record) {
+            hset.arg(f).arg(v);
+        }
+        let mut sadd = redis::cmd("SADD");
+        sadd.arg(source::index_key(prefix)).arg(tenant);
+        // The record's key and the index may live in different Cluster
+        // slots, so this is two steps; the record (what lookups read) first.
+        redis.query(vec![del, hset]).await.map_err(internal)?;
+        redis.query(vec![sadd]).await.map_err(internal)?;
+        self.changed(tenant).await;
+        Ok(())
+    }
+
+    /// Deletes a tenant's record (the `redis` source only).
+    pub async fn delete(&self, tenant: &str) -> Result<bool, Error> {
+        let (redis, prefix) = self.writable()?;
+        let mut del = redis::cmd("DEL");
+        del.arg(source::record_key(prefix, tenant));
+        let mut srem = redis::cmd("SREM");
+        srem.arg(source::index_key(prefix)).arg(tenant);
+        let existed = matches!(
+            redis.query(vec![del]).await.map_err(internal)?.first(),
+            Some(Value::Int(1))
+        );
+        redis.query(vec![srem]).await.map_err(internal)?;
+        self.changed(tenant).await;
+        Ok(existed)
+    }
+
+    /// Every tenant the source knows, with its record (`file` and `redis`).
+    pub async fn list(&self) -> Result<Vec<(String, TenantRecord)>, Error> {
+        match &self.source {
+            Source::File(tenants) => {
+                let mut all: Vec<_> = tenants
+                    .load()
+                    .iter()
+                    .map(|(t, r)| (t.clone(), r.clone()))
+                    .collect();
+                all.sort_by(|a, b| a.0.cmp(&b.0));
+                Ok(all)
+            }
+            Source::Redis { redis, prefix } => {
+                let mut members = redis::cmd("SMEMBERS");
+                members.arg(source::index_key(prefix));
+                let names: Vec<String> =
+                    match redis.query(vec![members]).await.map_err(internal)?.pop() {
+                        Some(v) => redis::from_redis_value(v).map_err(internal)?,
+                        None => Vec::new(),
+                    };
+                let mut all = Vec::with_capacity(names.len());
+                for name in names {
+                    if let Some(record) = self.get(&name).await? {
+                        all.push((name, record));
+                    }
+                }
+                all.sort_by(|a, b| a.0.cmp(&b.0));
+                Ok(all)
+            }
+            Source::Postgres(_) => Err(Error::bad_request(
+                "the `postgres` source is listed with your database's tools",
+            )),
+        }
+    }
+
+    /// Drops the Redis level's copy and tells every quotad.
+    async fn changed(&self, tenant: &str) {
+        if let Some(redis) = &self.redis {
+            let mut del = redis::cmd("DEL");
+            del.arg(self.cache_key(tenant));
+            let mut publish = redis::cmd("PUBLISH");
+            publish.arg(self.channel()).arg(tenant);
+            let _ = redis.query(vec![del]).await;
+            let _ = redis.query(vec![publish]).await;
+        }
+    }
+
+    /// Listens for changes announced by any quotad, calling `on_change`
+    /// with the tenant; reconnects until `stop`.
+    pub fn watch(
+        self: &Arc<Self>,
+        config: RedisConfig,
+        on_change: impl Fn(String) + Send + Sync + 'static,
+        stop: CancellationToken,
+    ) {
+        let channel = self.channel();
+        tokio::spawn(async move {
+            loop {
+                let listen = async {
+                    let mut pubsub = subscriber(&config).await?;
+                    pubsub.subscribe(&channel).await?;
+                    let mut messages = pubsub.on_message();
+                    while let Some(msg) = messages.next().await {
+                        if let Ok(tenant) = msg.get_payload::<String>() {
+                            on_change(tenant);
+                        }
+                    }
+                    Ok::<(), redis::RedisError>(())
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = listen => if let Err(e) = r {
+                        tracing::debug!(error = %e, "tenant change channel lost; retrying");
+                    },
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Error {
+    Error::Internal(format!("Redis: {e}"))
+}
+
+/// A pub/sub connection to the Redis that holds the channel (in a Cluster,
+/// any node: PUBLISH reaches them all).
+async fn subscriber(cfg: &RedisConfig) -> redis::RedisResult<redis::aio::PubSub> {
+    let client = match (&cfg.url, cfg.cluster.first()) {
+        (Some(url), _) => redis::Client::open(url.as_str())?,
+        (None, Some(node)) => redis::Client::open(node.as_str())?,
+        (None, None) => {
+            let mut s = redis::sentinel::SentinelClient::build(
+                cfg.sentinels.iter().map(String::as_str).collect(),
+                cfg.master_name.clone().unwrap_or_default(),
+                None,
+                redis::sentinel::SentinelServerType::Master,
+            )?;
+            s.async_get_client().await?
+        }
+    };
+    client.get_async_pubsub().await
+}

@@ -1,0 +1,209 @@
+//! Sources of truth for tenants' plans: the config file, a Redis hash per
+//! tenant, or a PostgreSQL query.
+//!
+//! Redis layout (prefix `qd` by default): `qd:tenant:{<tenant>}` is a hash
+//! with field `plan` and one field `limit:<policy>.<rule>.<parameter>` per
+//! override; the set `qd:tenants` lists the tenants, for `tenant list`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use redis::Value;
+use tokio::sync::Mutex;
+
+use super::{PostgresConfig, TenantRecord};
+use crate::config::Overrides;
+use crate::keys;
+use crate::redis::RedisBackend;
+
+/// Why a source could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct SourceError(pub String);
+
+pub enum Source {
+    /// `[tenants]` of the config (or its tenants file), swapped on reload.
+    File(ArcSwap<HashMap<String, TenantRecord>>),
+    Redis {
+        redis: RedisBackend,
+        prefix: String,
+    },
+    Postgres(Postgres),
+}
+
+impl Source {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Source::File(_) => "file",
+            Source::Redis { .. } => "redis",
+            Source::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The tenant's record; `None` if the source does not know it.
+    pub async fn lookup(&self, tenant: &str) -> Result<Option<TenantRecord>, SourceError> {
+        match self {
+            Source::File(tenants) => Ok(tenants.load().get(tenant).cloned()),
+            Source::Redis { redis, prefix } => {
+                let mut cmd = redis::cmd("HGETALL");
+                cmd.arg(record_key(prefix, tenant));
+                let reply = redis.query(vec![cmd]).await.map_err(redis_error)?;
+                parse_hash(reply.into_iter().next())
+            }
+            Source::Postgres(pg) => pg.lookup(tenant).await,
+        }
+    }
+}
+
+fn redis_error(e: redis::RedisError) -> SourceError {
+    SourceError(format!("Redis: {e}"))
+}
+
+/// `<prefix>:tenant:{<tenant>}`.
+pub fn record_key(prefix: &str, tenant: &str) -> String {
+    format!("{prefix}:tenant:{{{}}}", keys::encode(tenant))
+}
+
+/// `<prefix>:tenants`.
+pub fn index_key(prefix: &str) -> String {
+    format!("{prefix}:tenants")
+}
+
+/// The Redis hash fields of a record.
+pub fn hash_fields(record: &TenantRecord) -> Vec<(String, String)> {
+    let mut fields = vec![("plan".to_owned(), record.plan.clone())];
+    fields.extend(
+        record
+            .limits
+            .iter()
+            .map(|(k, v)| (format!("limit:{k}"), v.to_string())),
+    );
+    fields
+}
+
+fn parse_hash(reply: Option<Value>) -> Result<Option<TenantRecord>, SourceError> {
+    let bad = |why: &str| SourceError(format!("malformed tenant hash: {why}"));
+    let pairs: Vec<(String, String)> = match reply {
+        Some(Value::Array(items)) => items
+            .chunks(2)
+            .map(|kv| match kv {
+                [Value::BulkString(k), Value::BulkString(v)] => Ok((
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )),
+                _ => Err(bad("not string pairs")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(Value::Map(items)) => items
+            .into_iter()
+            .map(|kv| match kv {
+                (Value::BulkString(k), Value::BulkString(v)) => Ok((
+                    String::from_utf8_lossy(&k).into_owned(),
+                    String::from_utf8_lossy(&v).into_owned(),
+                )),
+                _ => Err(bad("not string pairs")),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(bad("not a hash")),
+    };
+    if pairs.is_empty() {
+        return Ok(None);
+    }
+    let mut plan = None;
+    let mut limits = Overrides::new();
+    for (k, v) in pairs {
+        if k == "plan" {
+            plan = Some(v);
+        } else if let Some(path) = k.strip_prefix("limit:") {
+            let n: f64 = v
+                .parse()
+                .map_err(|_| bad(&format!("`{k}` is not a number")))?;
+            limits.insert(path.to_owned(), n);
+        }
+    }
+    let plan = plan.ok_or_else(|| bad("no `plan` field"))?;
+    Ok(Some(TenantRecord { plan, limits }))
+}
+
+/// A PostgreSQL source: one connection, made (again) on demand.
+pub struct Postgres {
+    config: PostgresConfig,
+    timeout: Duration,
+    conn: Mutex<Option<Arc<(tokio_postgres::Client, tokio_postgres::Statement)>>>,
+}
+
+impl Postgres {
+    pub fn new(config: PostgresConfig, timeout: Duration) -> Self {
+        Postgres {
+            config,
+            timeout,
+            conn: Mutex::new(None),
+        }
+    }
+
+    async fn connection(
+        &self,
+    ) -> Result<Arc<(tokio_postgres::Client, tokio_postgres::Statement)>, SourceError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.0.is_closed()) {
+            return Ok(c.clone());
+        }
+        let pg = |e: tokio_postgres::Error| SourceError(format!("PostgreSQL: {e}"));
+        let (client, connection) = tokio_postgres::connect(&self.config.url, tokio_postgres::NoTls)
+            .await
+            .map_err(pg)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "PostgreSQL connection lost");
+            }
+        });
+        let statement = client.prepare(&self.config.query).await.map_err(pg)?;
+        let c = Arc::new((client, statement));
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn lookup(&self, tenant: &str) -> Result<Option<TenantRecord>, SourceError> {
+        let query = async {
+            let c = self.connection().await?;
+            let rows =
+                c.0.query(&c.1, &[&tenant])
+                    .await
+                    .map_err(|e| SourceError(format!("PostgreSQL: {e}")))?;
+            let Some(row) = rows.first() else {
+                return Ok(None);
+            };
+            let bad = |why: String| SourceError(format!("PostgreSQL row for `{tenant}`: {why}"));
+            let plan: String = row.try_get(0).map_err(|e| bad(e.to_string()))?;
+            let limits = if row.len() > 1 {
+                match row
+                    .try_get::<_, Option<String>>(1)
+                    .map_err(|e| bad(e.to_string()))?
+                {
+                    Some(json) => {
+                        let v: serde_json::Value =
+                            serde_json::from_str(&json).map_err(|e| bad(e.to_string()))?;
+                        super::plans::flatten(&v, "limits").map_err(|e| bad(e.to_string()))?
+                    }
+                    None => Overrides::new(),
+                }
+            } else {
+                Overrides::new()
+            };
+            Ok(Some(TenantRecord { plan, limits }))
+        };
+        match tokio::time::timeout(self.timeout, query).await {
+            Ok(r) => r,
+            Err(_) => {
+                // A hung connection is dropped; the next lookup reconnects.
+                *self.conn.lock().await = None;
+                Err(SourceError(format!(
+                    "PostgreSQL did not answer within {:?}",
+                    self.timeout
+                )))
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! A shard's side of tenant quotas: which policies a request's tenant is
+//! under, looked up through the local level ([`Tenants`]) and, on a miss,
+//! the directory (the Redis level, then the source of truth).
+
+use std::sync::Arc;
+
+use kameo::message::{Context, Message};
+use tokio::time::Instant;
+
+use super::Shard;
+use super::tenants::{Found, RETRY_AFTER};
+use crate::config::Policies;
+use crate::error::Error;
+use crate::job::Job;
+use crate::limiter::Check;
+use crate::protocol::{CheckArgs, Op};
+use crate::quota::{Found as Looked, Plans, SourceError, TenantRecord};
+use crate::reply::ReplyTo;
+use crate::stats::Stats;
+
+/// A directory lookup came back.
+pub struct TenantLoaded {
+    tenant: String,
+    result: Result<Looked, SourceError>,
+}
+
+/// A tenant's record changed: look it up again on its next request.
+pub struct Forget(pub String);
+
+impl Message<TenantLoaded> for Shard {
+    type Reply = ();
+
+    async fn handle(&mut self, done: TenantLoaded, ctx: &mut Context<Self, ()>) {
+        let now = Instant::now();
+        let (policies, waiting) = match done.result {
+            Ok(found) => {
+                let policies = compile(
+                    &self.plans.load(),
+                    &self.stats,
+                    &done.tenant,
+                    found.record.as_ref(),
+                );
+                let waiting =
+                    self.tenants
+                        .fill(&done.tenant, found.record, policies.clone(), found.ttl, now);
+                (policies, waiting)
+            }
+            Err(_) => match self.tenants.keep_stale(&done.tenant, now) {
+                (Some(stale), waiting) => {
+                    Stats::add(&self.stats.counters.quota_local_stale, waiting.len() as u64);
+                    (stale, waiting)
+                }
+                (None, _) => {
+                    // Never seen and the source is down: the default plan, briefly.
+                    let policies = compile(&self.plans.load(), &self.stats, &done.tenant, None);
+                    let waiting =
+                        self.tenants
+                            .fill(&done.tenant, None, policies.clone(), RETRY_AFTER, now);
+                    (policies, waiting)
+                }
+            },
+        };
+        for (op, reply) in waiting {
+            self.admit(op, reply, &policies, ctx);
+        }
+    }
+}
+
+impl Message<Forget> for Shard {
+    type Reply = ();
+
+    async fn handle(&mut self, Forget(tenant): Forget, _: &mut Context<Self, ()>) {
+        self.tenants.forget(&tenant);
+        self.overlimit.clear();
+    }
+}
+
+impl Shard {
+    /// A `check` or `check_get`: resolves its tenant's policies, waiting
+    /// for a lookup if the local level does not have them.
+    pub(super) fn resolve(&mut self, op: Op, reply: ReplyTo, ctx: &Context<Self, ()>) {
+        let tenant = match &op {
+            Op::Check(a) | Op::CheckGet(a, _) => a.tenant.clone(),
+            _ => return reply.send(Err(Error::Internal("not a check".into()))),
+        };
+        if self.directory.is_none() {
+            let policies = self.plans.load().default_plan().clone();
+            return self.admit(op, reply, &policies, ctx);
+        }
+        let c = &self.stats.counters;
+        match self.tenants.find(&tenant, Instant::now()) {
+            Found::Ready { policies, refresh } => {
+                Stats::add(&c.quota_local_hits, 1);
+                if refresh {
+                    self.look_up(tenant, ctx);
+                }
+                self.admit(op, reply, &policies, ctx);
+            }
+            Found::Wait { lookup } => {
+                Stats::add(&c.quota_local_misses, 1);
+                if lookup {
+                    self.look_up(tenant.clone(), ctx);
+                }
+                self.tenants.park(&tenant, op, reply);
+            }
+        }
+    }
+
+    fn look_up(&self, tenant: String, ctx: &Context<Self, ()>) {
+        let directory = self.directory.clone().expect("only with a quota source");
+        ctx.pipe(async move {
+            let result = directory.lookup(&tenant).await;
+            TenantLoaded { tenant, result }
+        });
+    }
+
+    /// Turns a check into a job under `policies`, or answers its error.
+    fn admit(&mut self, op: Op, reply: ReplyTo, policies: &Policies, ctx: &Context<Self, ()>) {
+        let job = match op {
+            Op::Check(args) => check(args, policies).map(Job::Check),
+            Op::CheckGet(args, get) => check(args, policies).map(|c| Job::CheckGet(c, get)),
+            _ => Err(Error::Internal("not a check".into())),
+        };
+        match job {
+            Ok(job) => self.start(job, reply, ctx),
+            Err(e) => reply.send(Err(e)),
+        }
+    }
+
+    /// After a reload: every known tenant under the new plans.
+    pub(super) fn recompile_tenants(&mut self) {
+        let plans = self.plans.load();
+        let stats = self.stats.clone();
+        self.tenants
+            .recompile(|tenant, record| compile(&plans, &stats, tenant, record));
+    }
+}
+
+/// Resolves the policy of a check and refuses a cost it can never allow.
+fn check(args: CheckArgs, policies: &Policies) -> Result<Check, Error> {
+    let policy = policies.get(args.policy.as_deref())?.clone();
+    policy.check_cost(args.cost)?;
+    Ok(Check {
+        policy,
+        tenant: args.tenant,
+        key: args.key,
+        cost: args.cost,
+    })
+}
+
+/// A tenant's policies: its plan with its own overrides, or the `default`
+/// plan when the source does not know it or its record does not compile.
+fn compile(
+    plans: &Plans,
+    stats: &Stats,
+    tenant: &str,
+    record: Option<&TenantRecord>,
+) -> Arc<Policies> {
+    let c = &stats.counters;
+    let Some(record) = record else {
+        Stats::add(&c.quota_default_plan, 1);
+        tracing::debug!(tenant, "tenant unknown to the source: default plan");
+        return plans.default_plan().clone();
+    };
+    plans.for_record(record).unwrap_or_else(|e| {
+        Stats::add(&c.quota_bad_records, 1);
+        Stats::add(&c.quota_default_plan, 1);
+        tracing::warn!(tenant, plan = %record.plan, error = %e, "bad tenant record: default plan");
+        plans.default_plan().clone()
+    })
+}

@@ -1,0 +1,148 @@
+//! The local level of the quota cache: a shard's tenants and their
+//! policies.
+//!
+//! A tenant seen for the first time (or whose entry expired) is looked up
+//! once, however many requests arrive meanwhile: they wait here. A fresh
+//! entry past 80% of its life is refreshed in the background, so a busy
+//! tenant never waits for a lookup. When the source cannot answer, the
+//! last known entry keeps being served. Bounded: past `max` tenants,
+//! expired entries go first, then arbitrary ones.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::Policies;
+use crate::protocol::Op;
+use crate::quota::TenantRecord;
+use crate::reply::ReplyTo;
+
+/// While the source is down, how often a stale tenant is looked up again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+pub struct Entry {
+    /// `None`: the source does not know the tenant.
+    pub record: Option<TenantRecord>,
+    pub policies: Arc<Policies>,
+    expires: Instant,
+    refresh_at: Instant,
+    refreshing: bool,
+}
+
+/// What a request finds.
+pub enum Found {
+    /// Fresh; `refresh`: start a background lookup now.
+    Ready {
+        policies: Arc<Policies>,
+        refresh: bool,
+    },
+    /// Missing or expired: wait for a lookup; `lookup`: start it now.
+    Wait { lookup: bool },
+}
+
+pub struct Tenants {
+    entries: HashMap<String, Entry>,
+    waiting: HashMap<String, Vec<(Op, ReplyTo)>>,
+    max: usize,
+}
+
+impl Tenants {
+    pub fn new(max: usize) -> Self {
+        Tenants {
+            entries: HashMap::new(),
+            waiting: HashMap::new(),
+            max: max.max(1),
+        }
+    }
+
+    pub fn find(&mut self, tenant: &str, now: Instant) -> Found {
+        if let Some(e) = self.entries.get_mut(tenant)
+            && e.expires > now
+        {
+            let refresh = now >= e.refresh_at && !e.refreshing;
+            e.refreshing |= refresh;
+            return Found::Ready {
+                policies: e.policies.clone(),
+                refresh,
+            };
+        }
+        Found::Wait {
+            lookup: !self.waiting.contains_key(tenant),
+        }
+    }
+
+    /// Parks a request until its tenant's lookup is done.
+    pub fn park(&mut self, tenant: &str, op: Op, reply: ReplyTo) {
+        self.waiting
+            .entry(tenant.to_owned())
+            .or_default()
+            .push((op, reply));
+    }
+
+    /// Stores a looked-up entry; returns the requests that waited for it.
+    pub fn fill(
+        &mut self,
+        tenant: &str,
+        record: Option<TenantRecord>,
+        policies: Arc<Policies>,
+        ttl: Duration,
+        now: Instant,
+    ) -> Vec<(Op, ReplyTo)> {
+        if self.entries.len() >= self.max && !self.entries.contains_key(tenant) {
+            self.entries.retain(|_, e| e.expires > now);
+            if self.entries.len() >= self.max {
+                let victim = self.entries.keys().next().cloned();
+                victim.map(|v| self.entries.remove(&v));
+            }
+        }
+        self.entries.insert(
+            tenant.to_owned(),
+            Entry {
+                record,
+                policies,
+                expires: now + ttl,
+                refresh_at: now + ttl.mul_f64(0.8),
+                refreshing: false,
+            },
+        );
+        self.waiting.remove(tenant).unwrap_or_default()
+    }
+
+    /// The lookup failed: keep serving the last known entry for a while.
+    /// Returns its policies (if there was one) and the waiting requests.
+    pub fn keep_stale(
+        &mut self,
+        tenant: &str,
+        now: Instant,
+    ) -> (Option<Arc<Policies>>, Vec<(Op, ReplyTo)>) {
+        let stale = self.entries.get_mut(tenant).map(|e| {
+            e.expires = now + RETRY_AFTER;
+            e.refresh_at = e.expires;
+            e.refreshing = false;
+            e.policies.clone()
+        });
+        (stale, self.waiting.remove(tenant).unwrap_or_default())
+    }
+
+    /// Drops a tenant's entry: the next request looks it up again.
+    pub fn forget(&mut self, tenant: &str) {
+        self.entries.remove(tenant);
+    }
+
+    /// Recompiles every entry's policies (after a reload).
+    pub fn recompile(
+        &mut self,
+        mut compile: impl FnMut(&str, Option<&TenantRecord>) -> Arc<Policies>,
+    ) {
+        for (tenant, e) in self.entries.iter_mut() {
+            e.policies = compile(tenant, e.record.as_ref());
+        }
+    }
+
+    /// Every waiting request (at shutdown).
+    pub fn drain_waiting(&mut self) -> impl Iterator<Item = (Op, ReplyTo)> + '_ {
+        self.waiting.drain().flat_map(|(_, w)| w)
+    }
+}
