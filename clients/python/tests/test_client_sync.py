@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +14,7 @@ from quotad import BadRequest, Client, UnknownPolicy
 
 
 @pytest.fixture
-def client(socket_path: str):
+def client(socket_path: str) -> Iterator[Client]:
     with Client(socket_path, failure_mode="raise") as c:
         yield c
 

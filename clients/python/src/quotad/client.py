@@ -56,7 +56,8 @@ class _Connection:
         self._write_lock = threading.Lock()  # one frame at a time on the socket
         self._slots = threading.BoundedSemaphore(opts.max_pending)
         self._pending: dict[int, _Waiter] = {}
-        self._error: QuotadError | None = None
+        self._error: QuotadError | None = None  # set: no new requests on this connection
+        self._closed = False  # set: the calls in flight have been failed
         self._reader = threading.Thread(target=self._read_loop, name="quotad-reader", daemon=True)
         self._reader.start()
 
@@ -78,14 +79,13 @@ class _Connection:
                 with self._write_lock:
                     self._sock.sendall(frame)
             except OSError as e:
-                # A partial write leaves the stream unusable: drop the connection.
-                err = ConnectionLost(f"writing to quotad failed: {e}")
-                self.close(err)
-                raise err from e
+                self._write_failed(ConnectionLost(f"writing to quotad failed: {e}"))
             if not waiter.event.wait(max(0.0, deadline - time.monotonic())):
                 with self._lock:
                     self._pending.pop(req_id, None)
                 if not waiter.event.is_set():
+                    if self._error is not None:  # the write failed and the daemon never closed
+                        self.close(self._error)
                     raise RequestTimedOut(f"no reply from quotad within {timeout:.3f}s")
             if waiter.error is not None:
                 raise waiter.error
@@ -94,12 +94,29 @@ class _Connection:
         finally:
             self._slots.release()
 
+    def _write_failed(self, err: QuotadError) -> None:
+        """A failed (maybe partial) write leaves the stream unusable for requests.
+
+        The daemon may have closed after saying why (an id-0 error, e.g. too
+        many connections) or may still answer what it read: stop writing and
+        let the reader deliver that, and fail the rest at EOF.
+        """
+        with self._lock:
+            if self._error is None:
+                self._error = err
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
     def close(self, err: QuotadError) -> None:
         """Fails every call in flight (and later ones) with ``err``; idempotent."""
         with self._lock:
-            if self._error is not None:
+            if self._closed:
                 return
-            self._error = err
+            self._closed = True
+            if self._error is None:
+                self._error = err
             pending, self._pending = self._pending, {}
         for waiter in pending.values():
             waiter.error = err
@@ -117,7 +134,7 @@ class _Connection:
                 try:
                     data = self._sock.recv(_RECV_BYTES)
                 except socket.timeout:
-                    if self._error is not None:
+                    if self._closed:
                         return
                     continue
                 except OSError as e:
@@ -131,7 +148,7 @@ class _Connection:
         except QuotadError as e:
             err = e
         finally:
-            if self._error is None:
+            if not self._closed:
                 log.warning("quotad connection lost: %s", err)
             self.close(err)
             self._sock.close()

@@ -46,8 +46,12 @@ class Decision:
 
         ``RateLimit-Reset`` and ``Retry-After`` are whole seconds rounded up,
         so a client that waits that long is never early. ``Retry-After`` is
-        only present on a denial.
+        only present on a denial. When this client answered by itself (the
+        daemon unavailable: ``degraded`` with no rule), no limit is known, so
+        only ``Retry-After`` (on a denial) is given.
         """
+        if self.degraded and not self.rule:
+            return {} if self.allowed else {"Retry-After": str(_ceil_seconds(self.retry_after_ms))}
         headers = {
             "RateLimit-Limit": str(self.limit),
             "RateLimit-Remaining": str(self.remaining),

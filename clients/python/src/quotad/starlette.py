@@ -95,6 +95,8 @@ class ResponseCache:
     #: Tags stored with each entry, for :func:`invalidate`.
     tags: TagsFor = path_tags
     #: Scope entries to the rate-limit key (the user / API key); off for public pages.
+    #: The key must then be an authenticated identity (a verified JWT claim,
+    #: ``request.state`` set by your auth), or a caller could name another's.
     per_user: bool = True
     #: Which GET requests to cache (default: all).
     when: Predicate = field(default=lambda conn: True)
@@ -122,7 +124,8 @@ def cache_key_for(conn: HTTPConnection, user: str | None) -> str:
     key = f"{conn.scope.get('method', 'GET')} {conn.url.path}"
     if query:
         key += "?" + query
-    return f"user={user} {key}" if user is not None else key
+    # Length-prefixed so that no user string can forge another user's key.
+    return f"user={len(user)}:{user} {key}" if user is not None else key
 
 
 async def invalidate(
@@ -222,7 +225,8 @@ class QuotadMiddleware:
                     tenant, cache_key, recorder.entry(), cache.ttl_ms, cache.tags_for(conn), cache.stale_ms
                 )
         else:
-            await self.app(scope, receive, _with_headers(send, decision))
+            extra = [(b"x-cache", b"miss")] if cache_key is not None else []
+            await self.app(scope, receive, _with_headers(send, decision, extra))
 
     async def _send_denial(self, conn: HTTPConnection, decision: Decision, send: Send) -> None:
         if self.deny is not None:
@@ -261,10 +265,10 @@ def _merge_headers(headers: Iterable[tuple[bytes, bytes]], decision: Decision) -
     return out
 
 
-def _with_headers(send: Send, decision: Decision) -> Send:
+def _with_headers(send: Send, decision: Decision, extra: list[tuple[bytes, bytes]]) -> Send:
     async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": _merge_headers(message.get("headers", ()), decision)}
+            message = {**message, "headers": _merge_headers(message.get("headers", ()), decision) + extra}
         await send(message)
 
     return wrapped

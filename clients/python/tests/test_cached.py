@@ -1,0 +1,118 @@
+"""@cached against the real daemon."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from quotad import AsyncClient
+from quotad.cached import cached
+
+
+@pytest.fixture
+async def client(socket_path: str) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(socket_path, failure_mode="raise") as c:
+        yield c
+
+
+async def test_computes_once_per_arguments(client: AsyncClient, tenant: str) -> None:
+    calls: list[tuple[str, str]] = []
+
+    @cached(client, tenant=tenant, ttl_ms=60_000, tags=["prices"])
+    async def price(sku: str, currency: str = "EUR") -> dict[str, object]:
+        calls.append((sku, currency))
+        return {"sku": sku, "currency": currency, "cents": 1234}
+
+    first = await price("A1")
+    assert first == {"sku": "A1", "currency": "EUR", "cents": 1234}
+    assert await price("A1") == first
+    assert await price(sku="A1") == first  # bound to the signature: the same entry
+    assert await price("A1", "EUR") == first
+    assert calls == [("A1", "EUR")]
+    await price("A1", currency="USD")
+    assert calls == [("A1", "EUR"), ("A1", "USD")]
+    assert price.cache_key("A1") == price.cache_key(sku="A1", currency="EUR")
+    assert price.cache_key("A1").startswith(f"{__name__}.test_computes_once_per_arguments.<locals>.price:")
+
+    assert await price.invalidate("A1") is True
+    await price("A1")
+    assert len(calls) == 3
+    assert await client.cache_delete(tenant, tags=["prices"]) == 2
+    await price("A1")
+    assert len(calls) == 4
+
+
+async def test_key_is_stable_across_processes(client: AsyncClient, tenant: str) -> None:
+    """Same key under different hash seeds: hash() is never part of it."""
+    script = textwrap.dedent(
+        """
+        from quotad import AsyncClient
+        from quotad.cached import cached
+
+        @cached(AsyncClient("/nonexistent"), tenant="t", ttl_ms=1000)
+        async def f(a, b=None, *, c=("x", 1)):
+            return None
+
+        print(f.cache_key("s", {"k": [1, 2.5, None, True]}, c=(b"\\x00", "é")))
+        """
+    )
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": seed},
+            check=True, capture_output=True, text=True,
+        ).stdout.strip()
+        for seed in ("1", "2", "3")
+    }
+    assert len(keys) == 1
+    (key,) = keys
+    assert key.startswith("__main__.f:") and len(key) == len("__main__.f:") + 32
+
+
+async def test_refuses_what_it_cannot_key(client: AsyncClient, tenant: str) -> None:
+    @cached(client, tenant=tenant, ttl_ms=1000)
+    async def f(x: object) -> int:
+        return 1
+
+    with pytest.raises(TypeError, match="stable cache key"):
+        await f(object())
+    with pytest.raises(TypeError):
+
+        @cached(client, tenant=tenant, ttl_ms=1000)  # type: ignore[arg-type]
+        def sync(x: int) -> int:
+            return x
+
+    with pytest.raises(TypeError):
+        cached(client, tenant=tenant, ttl_ms=1000, tags="one")
+
+
+async def test_custom_key_and_serializer(client: AsyncClient, tenant: str) -> None:
+    n = 0
+
+    @cached(client, tenant=tenant, ttl_ms=60_000, key=lambda user: user["id"], dumps=lambda v: v, loads=lambda b: b)
+    async def avatar(user: dict[str, str]) -> bytes:
+        nonlocal n
+        n += 1
+        return b"\x89PNG" + user["id"].encode()
+
+    assert await avatar({"id": "u1", "name": "A"}) == b"\x89PNGu1"
+    assert await avatar({"id": "u1", "name": "B"}) == b"\x89PNGu1"
+    assert n == 1
+
+
+async def test_sidecar_unavailable_computes_every_time(tmp_path: object) -> None:
+    down = AsyncClient(f"{tmp_path}/none.sock", timeout=0.2)
+    n = 0
+
+    @cached(down, tenant="t", ttl_ms=1000)
+    async def f() -> int:
+        nonlocal n
+        n += 1
+        return n
+
+    assert [await f(), await f()] == [1, 2]

@@ -1,0 +1,239 @@
+"""The Starlette middleware and FastAPI dependency, served by uvicorn and called over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import Depends, FastAPI, Request, Response
+
+from quotad import AsyncClient, identity
+from quotad.fastapi import RateLimit
+from quotad.starlette import QuotadMiddleware, ResponseCache, context, invalidate
+
+
+def build_app(client: AsyncClient, calls: Counter[str]) -> FastAPI:
+    app = FastAPI()
+    items: dict[str, list[str]] = {}
+
+    @app.get("/hello")
+    async def hello() -> dict[str, str]:
+        calls["hello"] += 1
+        return {"hello": "world"}
+
+    @app.get("/health")
+    async def health() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/items")
+    async def list_items(request: Request, a: str = "", b: str = "") -> dict[str, Any]:
+        calls["items"] += 1
+        return {"items": items.get(context(request).tenant, []), "a": a, "b": b, "call": calls["items"]}
+
+    @app.get("/items/{item_id}")
+    async def get_item(item_id: str) -> dict[str, str]:
+        calls["item"] += 1
+        return {"id": item_id}
+
+    @app.post("/items")
+    async def add_item(request: Request) -> dict[str, int]:
+        body = await request.json()
+        items.setdefault(context(request).tenant, []).append(body["name"])
+        return {"invalidated": await invalidate(request, paths=["/items"])}
+
+    @app.get("/items-private")
+    async def private(response: Response) -> dict[str, int]:
+        calls["private"] += 1
+        response.headers["cache-control"] = "private"
+        return {"call": calls["private"]}
+
+    @app.get("/items-missing", status_code=404)
+    async def missing() -> dict[str, int]:
+        calls["missing"] += 1
+        return {"call": calls["missing"]}
+
+    @app.get("/whoami")
+    async def whoami(request: Request) -> dict[str, str]:
+        ctx = context(request)
+        return {"tenant": ctx.tenant, "key": ctx.key}
+
+    @app.get("/login", dependencies=[Depends(RateLimit(client, policy="tiny"))])
+    async def login() -> dict[str, bool]:
+        calls["login"] += 1
+        return {"ok": True}
+
+    return _with_middleware(app, client)
+
+
+def _with_middleware(app: FastAPI, client: AsyncClient) -> FastAPI:
+    app.add_middleware(
+        QuotadMiddleware,
+        client=client,
+        tenant=identity.first(identity.header("x-tenant"), identity.jwt_claim("tid")),
+        key=identity.first(identity.api_key(), identity.client_ip()),
+        # Tests pick the policy; the default one allows plenty.
+        policy=lambda conn: conn.headers.get("x-policy", "fifty"),
+        cache=ResponseCache(ttl_ms=60_000, fill_ms=1_000, when=lambda conn: conn.url.path.startswith("/items")),
+        exempt=["/health"],
+    )
+    return app
+
+
+class Server:
+    """uvicorn on a free loopback port, in a thread with its own event loop."""
+
+    def __init__(self, app: FastAPI) -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self._sock = sock
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[sock])), daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            assert self.thread.is_alive(), "uvicorn failed to start"
+            threading.Event().wait(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self._sock.close()
+
+
+@pytest.fixture(scope="module")
+def calls() -> Counter[str]:
+    return Counter()
+
+
+@pytest.fixture(scope="module")
+def http(daemon: Any, calls: Counter[str]) -> Iterator[httpx.Client]:
+    client = AsyncClient(str(daemon.socket), timeout=2.0)
+    server = Server(build_app(client, calls))
+    with httpx.Client(base_url=server.url, timeout=10) as h:
+        yield h
+    server.stop()
+
+
+@pytest.fixture
+def h(tenant: str) -> dict[str, str]:
+    return {"x-tenant": tenant}
+
+
+def test_allowed_responses_carry_ratelimit_headers(http: httpx.Client, h: dict[str, str]) -> None:
+    r = http.get("/hello", headers={**h, "x-policy": "default"})
+    assert r.status_code == 200 and r.json() == {"hello": "world"}
+    assert r.headers["ratelimit-limit"] == "5"
+    assert r.headers["ratelimit-remaining"] == "4"
+    assert r.headers["ratelimit-reset"] == "100"
+    assert "retry-after" not in r.headers
+
+
+def test_denied_is_429_json_with_headers(http: httpx.Client, h: dict[str, str], calls: Counter[str]) -> None:
+    hdrs = {**h, "x-policy": "default"}
+    assert [http.get("/hello", headers=hdrs).status_code for _ in range(5)] == [200] * 5
+    before = calls["hello"]
+    r = http.get("/hello", headers=hdrs)
+    assert r.status_code == 429
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["error"] == "rate_limited" and 99 < body["retry_after"] <= 100 and body["rule"] == "burst"
+    assert r.headers["retry-after"] == "100"
+    assert r.headers["ratelimit-limit"] == "5" and r.headers["ratelimit-remaining"] == "0"
+    assert calls["hello"] == before  # the app never saw it
+    # Keyed by API key when one is given: another key still passes.
+    assert http.get("/hello", headers={**hdrs, "x-api-key": "k2"}).status_code == 200
+
+
+def test_exempt_path_is_not_limited(http: httpx.Client, h: dict[str, str]) -> None:
+    r = http.get("/health", headers=h)
+    assert r.status_code == 200 and "ratelimit-limit" not in r.headers
+
+
+def test_get_is_cached_per_sorted_query_and_user(http: httpx.Client, h: dict[str, str], calls: Counter[str]) -> None:
+    hdrs = {**h, "x-api-key": "alice"}
+    first = http.get("/items?b=2&a=1", headers=hdrs)
+    assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+    n = calls["items"]
+    second = http.get("/items?a=1&b=2", headers=hdrs)  # same query, other order
+    assert second.headers["x-cache"] == "hit"
+    assert second.json() == first.json() and calls["items"] == n
+    assert second.headers["content-type"] == "application/json"
+    # Still rate limited (and counted) on a hit: the remaining count went down.
+    assert int(second.headers["ratelimit-remaining"]) == int(first.headers["ratelimit-remaining"]) - 1
+    # Per user: bob does not get alice's entry.
+    bob = http.get("/items?a=1&b=2", headers={**h, "x-api-key": "bob"})
+    assert bob.headers["x-cache"] == "miss" and calls["items"] == n + 1
+
+
+def test_write_invalidates_by_tag(http: httpx.Client, h: dict[str, str]) -> None:
+    hdrs = {**h, "x-api-key": "alice"}
+    assert http.get("/items", headers=hdrs).json()["items"] == []
+    assert http.get("/items/7", headers=hdrs).headers["x-cache"] == "miss"
+    assert http.get("/items", headers=hdrs).headers["x-cache"] == "hit"
+    assert http.get("/items/7", headers=hdrs).headers["x-cache"] == "hit"
+    r = http.post("/items", json={"name": "widget"}, headers=hdrs)
+    assert r.status_code == 200 and r.json() == {"invalidated": 2}
+    after = http.get("/items", headers=hdrs)
+    assert after.headers["x-cache"] == "miss" and after.json()["items"] == ["widget"]
+    assert http.get("/items/7", headers=hdrs).headers["x-cache"] == "miss"
+
+
+def test_uncacheable_responses_are_not_stored(http: httpx.Client, h: dict[str, str], calls: Counter[str]) -> None:
+    for path, counter in (("/items-private", "private"), ("/items-missing", "missing")):
+        before = calls[counter]
+        for _ in range(2):
+            assert http.get(path, headers=h).headers["x-cache"] == "miss"
+        assert calls[counter] == before + 2
+
+
+def test_route_dependency_applies_its_own_policy(http: httpx.Client, h: dict[str, str], calls: Counter[str]) -> None:
+    ok = [http.get("/login", headers=h) for _ in range(2)]
+    assert [r.status_code for r in ok] == [200, 200]
+    assert ok[0].headers["ratelimit-limit"] == "2"  # the route's policy, not the middleware's
+    assert ok[1].headers["ratelimit-remaining"] == "0"
+    denied = http.get("/login", headers=h)
+    assert denied.status_code == 429
+    assert denied.json()["detail"]["error"] == "rate_limited"
+    assert int(denied.headers["retry-after"]) > 0 and denied.headers["ratelimit-limit"] == "2"
+    assert calls["login"] >= 2
+
+
+def test_tenant_from_jwt_claim(http: httpx.Client) -> None:
+    import base64
+
+    payload = base64.urlsafe_b64encode(json.dumps({"tid": "jwt-tenant"}).encode()).rstrip(b"=").decode()
+    token = f"eyJhbGciOiJub25lIn0.{payload}.sig"
+    r = http.get("/whoami", headers={"authorization": f"Bearer {token}", "x-api-key": "k"})
+    assert r.json() == {"tenant": "jwt-tenant", "key": "k"}
+    r = http.get("/whoami")  # no identity at all: default tenant, keyed by client IP
+    assert r.json() == {"tenant": "default", "key": "127.0.0.1"}
+
+
+def test_sidecar_unreachable_fails_open_over_http(tmp_path: Any) -> None:
+    down = AsyncClient(str(tmp_path / "nobody.sock"), timeout=0.2)
+    server = Server(build_app(down, Counter()))
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            r = c.get("/hello")
+            assert r.status_code == 200 and "ratelimit-limit" not in r.headers
+            r = c.get("/items")
+            assert r.status_code == 200 and r.headers["x-cache"] == "miss"
+    finally:
+        server.stop()
+
+    closed = AsyncClient(str(tmp_path / "nobody.sock"), timeout=0.2, failure_mode="closed")
+    server = Server(build_app(closed, Counter()))
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            r = c.get("/hello")
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    finally:
+        server.stop()
