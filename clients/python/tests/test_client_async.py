@@ -65,7 +65,7 @@ async def test_replies_out_of_order_are_matched(client: AsyncClient, tenant: str
 async def test_cache_round_trip_and_tags(client: AsyncClient, tenant: str) -> None:
     assert await client.cache_get(tenant, "a") is None
     assert await client.cache_set(tenant, "a", b"A", ttl_ms=10_000, tags=["t1"])
-    assert await client.cache_set(tenant, "b", bytearray(b"B")  # type: ignore[arg-type]  # accepted at run time, ttl_ms=10_000, tags=["t1", "t2"])
+    assert await client.cache_set(tenant, "b", bytearray(b"B"), ttl_ms=10_000, tags=["t1", "t2"])  # type: ignore[arg-type]
     assert await client.cache_get(tenant, "a") == b"A"
     assert await client.cache_delete(tenant, tags=["t2"]) == 1
     assert await client.cache_get(tenant, "b") is None
