@@ -79,6 +79,7 @@ class Quotad:
         self.socket = directory / "quotad.sock"
         self.config = directory / "quotad.toml"
         self.log = directory / "quotad.log"
+        self.redis = redis
         redis_table = f'[redis]\nurl = "redis+unix://{redis.socket}"\ntimeout_ms = 100\n' if redis else ""
         self.config.write_text(
             f'[server]\nsocket = "{self.socket}"\n{server_extra}\n{redis_table}{tables}\n{POLICIES}'
@@ -95,6 +96,20 @@ class Quotad:
                 [str(quotad_bin()), "serve", "--config", str(self.config)], stdout=log, stderr=log
             )
         _wait_for(self.socket, self.proc, "quotad")
+        self._warm_up()
+
+    def _warm_up(self, timeout: float = 5.0) -> None:
+        """Waits until quotad decides from Redis (its first round trip also loads the script)."""
+        if not self.redis:
+            return
+        from quotad import Client
+
+        with Client(str(self.socket), timeout=1.0) as c:
+            deadline = time.monotonic() + timeout
+            while c.check("warm-up", "warm-up", policy="api", cost=0).degraded:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("quotad did not reach Redis in time")
+                time.sleep(0.02)
 
     def stop(self) -> int:
         """SIGTERM: quotad answers what is in flight and exits 0."""

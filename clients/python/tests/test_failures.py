@@ -196,6 +196,7 @@ def strict_daemon(tmp_path: Path, redis: Redis) -> Iterator[Quotad]:
 
 def test_connection_level_errors_fail_the_connection(strict_daemon: Quotad, tenant: str) -> None:
     path = str(strict_daemon.socket)
+    time.sleep(0.1)  # the warm-up connection's slot is freed a moment after it closes
     with Client(path, failure_mode="raise") as first:
         # A frame over the daemon's max_frame_bytes: id-0 too_large, connection closed.
         with pytest.raises(ConnectionLost) as e:
@@ -214,6 +215,7 @@ def test_connection_level_errors_fail_the_connection(strict_daemon: Quotad, tena
 
 
 async def test_connection_level_error_async(strict_daemon: Quotad, tenant: str) -> None:
+    await asyncio.sleep(0.1)  # the warm-up connection's slot is freed a moment after it closes
     c = AsyncClient(str(strict_daemon.socket), failure_mode="raise")
     assert (await c.check(tenant, "k", policy="api")).allowed
     with pytest.raises(ConnectionLost) as e:

@@ -1,0 +1,170 @@
+// Express middleware: rate limiting (429 with a JSON body and RateLimit-* /
+// Retry-After headers, RateLimit-* on allowed responses too), and an
+// optional response cache for GETs through checkGet/cacheSet.
+//
+//   app.use(quotad({ client, tenant: header('x-tenant'), key: first(apiKey(), clientIp()), policy: 'api' }));
+//   app.get('/login', quotad({ client, policy: 'login' }), handler);   // per route
+//   app.post('/items', async (req, res) => { ...; await invalidate(req, { paths: ['/items'] }); });
+
+import { Packr, Unpackr } from 'msgpackr';
+import * as identity from './identity.js';
+
+export * from './identity.js';
+
+/** The tenant of requests for which the tenant extractor finds nothing. */
+export const DEFAULT_TENANT = 'default';
+/** The key shared by requests without one: leaving out an API key must not escape the limit. */
+export const ANONYMOUS_KEY = 'anonymous';
+
+const entryCodec = new Packr({ useRecords: false, variableMapSize: true });
+const entryReader = new Unpackr({ useRecords: false, mapsAsObjects: true });
+
+// Response headers never stored with a cached response.
+const UNCACHED_HEADERS = new Set([
+  'connection', 'keep-alive', 'transfer-encoding', 'date', 'set-cookie',
+  'ratelimit-limit', 'ratelimit-remaining', 'ratelimit-reset', 'retry-after', 'x-cache',
+]);
+
+/** Default tags of a cached response: `path:` plus each prefix of its path. */
+export function pathTags(req) {
+  const parts = pathOf(req).split('/').filter(Boolean).slice(0, 8);
+  return parts.length ? parts.map((_, i) => `path:/${parts.slice(0, i + 1).join('/')}`) : ['path:/'];
+}
+
+/** `GET /path?sorted&query`, prefixed (length-prefixed: unforgeable) with the user when per user. */
+export function cacheKeyFor(req, user) {
+  const url = new URL(req.originalUrl ?? req.url, 'http://x');
+  const params = [...url.searchParams.entries()].sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : a[1] < b[1] ? -1 : a[1] > b[1] ? 1 : 0));
+  const query = new URLSearchParams(params).toString();
+  const key = `${req.method} ${url.pathname}${query ? `?${query}` : ''}`;
+  return user === null || user === undefined ? key : `user=${user.length}:${user} ${key}`;
+}
+
+/**
+ * Drops cached responses of this request's tenant, by tag, path prefix or
+ * cache key. Resolves to how many entries were deleted (0 when quotad is unavailable).
+ */
+export async function invalidate(req, { tags = [], paths = [], keys = [] } = {}) {
+  const ctx = req.quotad;
+  if (!ctx) throw new Error('the quotad middleware did not run for this request');
+  const all = [...tags, ...paths.map((p) => `path:/${p.replace(/^\/+|\/+$/g, '')}`)];
+  return ctx.client.cacheDelete(ctx.tenant, { tags: all, keys });
+}
+
+/**
+ * The middleware. Options: client (required); tenant, key (extractors);
+ * policy, cost (values or functions of the request); cache ({ ttlMs,
+ * staleMs, fillMs, tags, perUser, when, maxBodyBytes }); skip(req).
+ */
+export function quotad(options) {
+  const {
+    client,
+    tenant = identity.constant(DEFAULT_TENANT),
+    key = identity.clientIp(),
+    policy = null,
+    cost = 1,
+    cache = null,
+    skip = () => false,
+  } = options ?? {};
+  if (!client) throw new TypeError('quotad middleware: `client` is required');
+  const cacheRule = cache ? {
+    ttlMs: 30_000, staleMs: undefined, fillMs: 2_000, tags: pathTags, perUser: true, when: () => true, maxBodyBytes: 256 << 10, ...cache,
+  } : null;
+
+  return async function quotadMiddleware(req, res, next) {
+    try {
+      if (skip(req)) return next();
+      const parent = req.quotad;
+      const t = (await identity.resolve(tenant, req)) ?? DEFAULT_TENANT;
+      const k = (await identity.resolve(key, req)) ?? ANONYMOUS_KEY;
+      const opts = { policy: typeof policy === 'function' ? policy(req) : policy, cost: typeof cost === 'function' ? cost(req) : cost };
+      const ctx = { client, tenant: t, key: k, decision: null, lookup: null };
+      req.quotad = parent ?? ctx; // the app-wide context stays the one invalidate() uses
+
+      let cacheKey = null;
+      if (cacheRule && req.method === 'GET' && cacheRule.when(req)) {
+        cacheKey = cacheKeyFor(req, cacheRule.perUser ? k : null);
+        const r = await client.checkGet(t, k, cacheKey, { ...opts, fillMs: cacheRule.fillMs });
+        ctx.decision = r.decision;
+        ctx.lookup = r.lookup;
+      } else {
+        ctx.decision = await client.check(t, k, opts);
+      }
+      const decision = ctx.decision;
+      // A stricter limit (a per-route middleware after an app-wide one) gets the last word on headers.
+      for (const [name, value] of Object.entries(decision.headers())) res.setHeader(name, value);
+      if (!decision.allowed) {
+        res.status(429).json({ error: 'rate_limited', message: 'Too many requests; retry later.', retry_after: decision.retryAfter, limit: decision.limit, rule: decision.rule });
+        return;
+      }
+      const lookup = ctx.lookup;
+      if (cacheKey !== null) {
+        if (lookup?.hit && !lookup.refresh && sendCached(res, lookup)) return;
+        res.setHeader('x-cache', 'miss');
+        if (lookup && !lookup.degraded) record(res, (entry) => client.cacheSet(t, cacheKey, entry, {
+          ttlMs: cacheRule.ttlMs, staleMs: cacheRule.staleMs, tags: typeof cacheRule.tags === 'function' ? cacheRule.tags(req) : cacheRule.tags,
+        }), cacheRule.maxBodyBytes);
+      }
+      next();
+    } catch (e) {
+      next(e); // a bad value (e.g. an empty tenant from a custom extractor) is the app's error
+    }
+  };
+}
+
+function sendCached(res, lookup) {
+  let entry;
+  try {
+    entry = entryReader.unpack(lookup.value);
+    if (!Number.isInteger(entry.s) || !Array.isArray(entry.h) || !Buffer.isBuffer(entry.b)) return false;
+  } catch {
+    return false; // written by something else: a miss
+  }
+  res.status(entry.s);
+  for (const [name, value] of entry.h) res.setHeader(name, value);
+  res.setHeader('x-cache', lookup.stale ? 'stale' : 'hit');
+  res.end(entry.b);
+  return true;
+}
+
+/** Passes the response through while keeping a copy, stored once it ends if cacheable. */
+function record(res, store, maxBody) {
+  const chunks = [];
+  let size = 0;
+  let ok = true;
+  const { write, end } = res;
+  const keep = (chunk, encoding) => {
+    if (!ok || chunk === undefined || chunk === null || typeof chunk === 'function') return;
+    const b = Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk, typeof encoding === 'string' ? encoding : 'utf8');
+    size += b.length;
+    if (size > maxBody) { ok = false; chunks.length = 0; } else chunks.push(b);
+  };
+  res.write = function (chunk, encoding, cb) {
+    keep(chunk, encoding);
+    return write.call(this, chunk, encoding, cb);
+  };
+  res.end = function (chunk, encoding, cb) {
+    keep(chunk, encoding);
+    const result = end.call(this, chunk, encoding, cb);
+    if (ok && storable(res)) {
+      const headers = Object.entries(res.getHeaders())
+        .filter(([name]) => !UNCACHED_HEADERS.has(name))
+        .map(([name, value]) => [name, Array.isArray(value) ? value.join(', ') : String(value)]);
+      const entry = entryCodec.pack({ s: res.statusCode, h: headers, b: Buffer.concat(chunks) });
+      store(entry).catch(() => {}); // a failed store is a later miss, never this response's problem
+    }
+    return result;
+  };
+}
+
+function storable(res) {
+  if (res.statusCode !== 200 || res.getHeader('set-cookie') !== undefined) return false;
+  const cc = String(res.getHeader('cache-control') ?? '').toLowerCase();
+  return !cc.includes('no-store') && !cc.includes('private');
+}
+
+function pathOf(req) {
+  return new URL(req.originalUrl ?? req.url, 'http://x').pathname;
+}
+
+export default quotad;

@@ -1,0 +1,67 @@
+// The codec agrees byte for byte with the daemon's (tests/fixtures/frames.json).
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { FrameReader, decodeBody, encodeFrame } from '../src/codec.js';
+import { ProtocolViolation } from '../src/errors.js';
+import { REPO } from './daemons.js';
+
+const { frames } = JSON.parse(fs.readFileSync(path.join(REPO, 'tests', 'fixtures', 'frames.json'), 'utf8'));
+
+/** The fixture's JSON form: {"$bin": hex} is a Buffer; integers beyond 2^53 are BigInt. */
+function fromJson(value, raw) {
+  if (Array.isArray(value)) return value.map((v) => fromJson(v));
+  if (value && typeof value === 'object') {
+    const keys = Object.keys(value);
+    if (keys.length === 1 && keys[0] === '$bin') return Buffer.from(value.$bin, 'hex');
+    return Object.fromEntries(keys.map((k) => [k, fromJson(value[k])]));
+  }
+  if (typeof value === 'number' && !Number.isSafeInteger(value) && Number.isInteger(value)) return 'BIG';
+  return value;
+}
+
+// JSON.parse loses u64 precision; the large ids in the fixture are all 2^64-1.
+const BIG = 18446744073709551615n;
+function fixBig(v) {
+  if (v === 'BIG') return BIG;
+  if (Array.isArray(v)) return v.map(fixBig);
+  if (v && typeof v === 'object' && !Buffer.isBuffer(v)) return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, fixBig(x)]));
+  return v;
+}
+
+test('the fixture has every kind of frame', () => {
+  const names = new Set(frames.map((f) => f.name));
+  for (const n of ['hello_request', 'check_request_large_id', 'check_get_reply_allowed_hit', 'error_reply_fatal_frame']) assert.ok(names.has(n), n);
+  assert.ok(frames.length >= 20);
+});
+
+test('every frame decodes to its value and re-encodes to the same bytes', () => {
+  for (const f of frames) {
+    const raw = Buffer.from(f.hex, 'hex');
+    const bodies = new FrameReader().push(raw);
+    assert.equal(bodies.length, 1, f.name);
+    const decoded = decodeBody(bodies[0]);
+    const expected = fixBig(fromJson(f.value));
+    assert.deepStrictEqual(decoded, expected, f.name);
+    assert.deepStrictEqual(Object.keys(decoded), Object.keys(expected), `${f.name}: key order`);
+    assert.ok(encodeFrame(decoded).equals(raw), `${f.name}: re-encoded bytes differ`);
+  }
+});
+
+test('frames split anywhere are reassembled', () => {
+  const stream = Buffer.concat(frames.map((f) => Buffer.from(f.hex, 'hex')));
+  for (const chunk of [1, 3, 7, 64]) {
+    const reader = new FrameReader();
+    const bodies = [];
+    for (let i = 0; i < stream.length; i += chunk) bodies.push(...reader.push(stream.subarray(i, i + chunk)));
+    assert.equal(bodies.length, frames.length);
+    assert.deepStrictEqual(bodies.map((b) => decodeBody(b).id), frames.map((f) => fixBig(fromJson(f.value)).id));
+  }
+});
+
+test('oversized frames and non-map bodies are violations', () => {
+  assert.throws(() => new FrameReader(16).push(Buffer.from([0, 0, 0, 17])), ProtocolViolation);
+  assert.throws(() => decodeBody(Buffer.from([0x93, 1, 2, 3])), ProtocolViolation);
+  assert.throws(() => decodeBody(Buffer.from([0xc1])), ProtocolViolation);
+});
