@@ -21,7 +21,9 @@ use tokio::sync::{Notify, oneshot};
 use crate::limiter::Decision;
 use crate::protocol::{
     self, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Lookup, Op, ReplyFields, Request,
+    TenantFields,
 };
+use crate::quota::TenantRecord;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
@@ -155,6 +157,37 @@ impl Client {
         let reply = self.call(Op::CheckGet(check, get)).await?;
         let decision = reply.decision().ok_or_else(|| missing("decision"))?;
         Ok((decision, reply.lookup()))
+    }
+
+    /// Admin: a tenant's record at the source (`None`: unknown there).
+    pub async fn tenant_get(&self, tenant: &str) -> Result<Option<TenantRecord>, ClientError> {
+        let reply = self.call(Op::TenantGet(tenant.to_owned())).await?;
+        Ok(match (reply.known, reply.plan) {
+            (Some(true), Some(plan)) => Some(TenantRecord {
+                plan,
+                limits: reply.limits.unwrap_or_default(),
+            }),
+            _ => None,
+        })
+    }
+
+    /// Admin: sets a tenant's record (the `redis` source).
+    pub async fn tenant_set(&self, tenant: &str, record: TenantRecord) -> Result<(), ClientError> {
+        self.call(Op::TenantSet(tenant.to_owned(), record))
+            .await
+            .map(drop)
+    }
+
+    /// Admin: deletes a tenant's record; true if it existed.
+    pub async fn tenant_delete(&self, tenant: &str) -> Result<bool, ClientError> {
+        let reply = self.call(Op::TenantDelete(tenant.to_owned())).await?;
+        Ok(reply.deleted == Some(1))
+    }
+
+    /// Admin: every tenant the source lists.
+    pub async fn tenant_list(&self) -> Result<Vec<TenantFields>, ClientError> {
+        let reply = self.call(Op::TenantList).await?;
+        Ok(reply.tenants.unwrap_or_default())
     }
 
     /// Sends one request and waits for its reply; an error reply becomes

@@ -1,4 +1,5 @@
-//! The `quotad` command: `serve` runs the daemon, `check` asks it once.
+//! The `quotad` command: `serve` runs the daemon, `check` asks it once,
+//! `tenant` manages tenants' plans through it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +10,7 @@ use quotad::client::Client;
 use quotad::clock::Clock;
 use quotad::config::Config;
 use quotad::daemon::Daemon;
+use quotad::quota::TenantRecord;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -42,12 +44,56 @@ enum Command {
         /// Units to charge; 0 peeks without charging.
         #[arg(long, default_value_t = 1)]
         cost: u64,
-        /// The daemon's socket (default: the config's, else the default path).
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        #[arg(long, env = "QUOTAD_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        at: Socket,
     },
+    /// Tenants' plans, through the running daemon (admin ops: for the users
+    /// in `admin.allowed_uids`). `set` and `delete` need the `redis` source.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+        #[command(flatten)]
+        at: Socket,
+    },
+}
+
+/// Where the running daemon is.
+#[derive(clap::Args)]
+struct Socket {
+    /// The daemon's socket (default: the config's, else the default path).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[arg(long, env = "QUOTAD_CONFIG", global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Show a tenant's plan and own limits, as the source has them.
+    Get { tenant: String },
+    /// Put a tenant on a plan, with limits of its own
+    /// (`--limit api.burst.capacity=5000`, repeatable). Takes effect at once.
+    Set {
+        tenant: String,
+        #[arg(long)]
+        plan: String,
+        #[arg(long = "limit", value_parser = parse_limit)]
+        limits: Vec<(String, f64)>,
+    },
+    /// Remove a tenant's record: it falls back to the default plan.
+    Delete { tenant: String },
+    /// List the tenants the source knows.
+    List,
+}
+
+fn parse_limit(s: &str) -> Result<(String, f64), String> {
+    let (path, value) = s
+        .split_once('=')
+        .ok_or("expected <policy>.<rule>.<parameter>=<number>")?;
+    let value = value
+        .parse()
+        .map_err(|_| format!("`{value}` is not a number"))?;
+    Ok((path.to_owned(), value))
 }
 
 fn main() -> ExitCode {
@@ -66,13 +112,9 @@ fn main() -> ExitCode {
             key,
             policy,
             cost,
-            socket,
-            config,
-        } => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(check(tenant, key, policy, cost, socket, config))),
+            at,
+        } => one_shot(check(tenant, key, policy, cost, at)),
+        Command::Tenant { command, at } => one_shot(tenant(command, at)),
     };
     result.unwrap_or_else(|e| {
         eprintln!("quotad: {e:#}");
@@ -129,21 +171,32 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// Runs one client command on a small runtime of its own.
+fn one_shot(f: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+async fn connect(at: Socket) -> anyhow::Result<Client> {
+    let socket = match at.socket {
+        Some(s) => s,
+        None => load(at.config.as_ref())?.server.socket,
+    };
+    Client::connect(&socket)
+        .await
+        .with_context(|| format!("connecting to {}", socket.display()))
+}
+
 async fn check(
     tenant: String,
     key: String,
     policy: Option<String>,
     cost: u64,
-    socket: Option<PathBuf>,
-    config: Option<PathBuf>,
+    at: Socket,
 ) -> anyhow::Result<ExitCode> {
-    let socket = match socket {
-        Some(s) => s,
-        None => load(config.as_ref())?.server.socket,
-    };
-    let client = Client::connect(&socket)
-        .await
-        .with_context(|| format!("connecting to {}", socket.display()))?;
+    let client = connect(at).await?;
     let d = client.check(&tenant, &key, policy.as_deref(), cost).await?;
     println!(
         "allowed={} limit={} remaining={} reset_ms={} retry_after_ms={} rule={} degraded={}",
@@ -154,4 +207,40 @@ async fn check(
     } else {
         ExitCode::from(1)
     })
+}
+
+async fn tenant(command: TenantCommand, at: Socket) -> anyhow::Result<ExitCode> {
+    let client = connect(at).await?;
+    let show = |tenant: &str, plan: &str, limits: &std::collections::BTreeMap<String, f64>| {
+        let limits: Vec<String> = limits.iter().map(|(k, v)| format!(" {k}={v}")).collect();
+        println!("{tenant} plan={plan}{}", limits.concat());
+    };
+    match command {
+        TenantCommand::Get { tenant } => match client.tenant_get(&tenant).await? {
+            Some(r) => show(&tenant, &r.plan, &r.limits),
+            None => println!("{tenant} unknown to the source: plan=default"),
+        },
+        TenantCommand::Set {
+            tenant,
+            plan,
+            limits,
+        } => {
+            let record = TenantRecord {
+                plan,
+                limits: limits.into_iter().collect(),
+            };
+            client.tenant_set(&tenant, record).await?;
+        }
+        TenantCommand::Delete { tenant } => {
+            if !client.tenant_delete(&tenant).await? {
+                println!("{tenant} had no record");
+            }
+        }
+        TenantCommand::List => {
+            for t in client.tenant_list().await? {
+                show(&t.tenant, &t.plan, &t.limits);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -87,6 +87,12 @@ impl Directory {
         self.source.name()
     }
 
+    /// True when the source is part of the config (the `file` source), so
+    /// a reload may change tenants' records.
+    pub fn reloads_with_config(&self) -> bool {
+        matches!(self.source, Source::File(_))
+    }
+
     /// After a reload: the `file` source's new tenants.
     pub fn reload(&self, config: &Config) {
         if let Source::File(tenants) = &self.source {
@@ -133,10 +139,21 @@ impl Directory {
             Stats::add(&c.quota_redis_misses, 1);
         }
         Stats::add(&c.quota_source_lookups, 1);
-        let record = self.source.lookup(tenant).await.inspect_err(|e| {
-            Stats::add(&c.quota_source_errors, 1);
-            tracing::warn!(tenant, error = %e, "tenant source unavailable: serving the last known plan");
-        })?;
+        let record = match self.source.lookup(tenant).await {
+            Ok(record) => record,
+            Err(SourceError::BadRecord(e)) => {
+                // Cached like an unknown tenant, so the source is not asked
+                // again and again.
+                Stats::add(&c.quota_bad_records, 1);
+                tracing::warn!(tenant, error = %e, "bad tenant record: default plan");
+                None
+            }
+            Err(e) => {
+                Stats::add(&c.quota_source_errors, 1);
+                tracing::warn!(tenant, error = %e, "tenant source unavailable: serving the last known plan");
+                return Err(e);
+            }
+        };
         if let Some(redis) = &self.cache {
             let mut set = redis::cmd("SET");
             set.arg(self.cache_key(tenant))
@@ -153,10 +170,10 @@ impl Directory {
 
     /// The record at the source, uncached.
     pub async fn get(&self, tenant: &str) -> Result<Option<TenantRecord>, Error> {
-        self.source
-            .lookup(tenant)
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))
+        self.source.lookup(tenant).await.map_err(|e| match e {
+            SourceError::BadRecord(m) => Error::bad_request(m),
+            SourceError::Unavailable(m) => Error::Internal(m),
+        })
     }
 
     fn writable(&self) -> Result<(&RedisBackend, &str), Error> {

@@ -20,8 +20,14 @@ use crate::redis::RedisBackend;
 
 /// Why a source could not answer.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct SourceError(pub String);
+pub enum SourceError {
+    /// Down, slow or refusing: keep serving what was known.
+    #[error("{0}")]
+    Unavailable(String),
+    /// It answered with a record that makes no sense.
+    #[error("{0}")]
+    BadRecord(String),
+}
 
 pub enum Source {
     /// `[tenants]` of the config (or its tenants file), swapped on reload.
@@ -58,7 +64,7 @@ impl Source {
 }
 
 fn redis_error(e: redis::RedisError) -> SourceError {
-    SourceError(format!("Redis: {e}"))
+    SourceError::Unavailable(format!("Redis: {e}"))
 }
 
 /// `<prefix>:tenant:{<tenant>}`.
@@ -84,7 +90,7 @@ pub fn hash_fields(record: &TenantRecord) -> Vec<(String, String)> {
 }
 
 fn parse_hash(reply: Option<Value>) -> Result<Option<TenantRecord>, SourceError> {
-    let bad = |why: &str| SourceError(format!("malformed tenant hash: {why}"));
+    let bad = |why: &str| SourceError::BadRecord(format!("malformed tenant hash: {why}"));
     let pairs: Vec<(String, String)> = match reply {
         Some(Value::Array(items)) => items
             .chunks(2)
@@ -150,7 +156,7 @@ impl Postgres {
         if let Some(c) = slot.as_ref().filter(|c| !c.0.is_closed()) {
             return Ok(c.clone());
         }
-        let pg = |e: tokio_postgres::Error| SourceError(format!("PostgreSQL: {e}"));
+        let pg = |e: tokio_postgres::Error| SourceError::Unavailable(format!("PostgreSQL: {e}"));
         let (client, connection) = tokio_postgres::connect(&self.config.url, tokio_postgres::NoTls)
             .await
             .map_err(pg)?;
@@ -171,11 +177,13 @@ impl Postgres {
             let rows =
                 c.0.query(&c.1, &[&tenant])
                     .await
-                    .map_err(|e| SourceError(format!("PostgreSQL: {e}")))?;
+                    .map_err(|e| SourceError::Unavailable(format!("PostgreSQL: {e}")))?;
             let Some(row) = rows.first() else {
                 return Ok(None);
             };
-            let bad = |why: String| SourceError(format!("PostgreSQL row for `{tenant}`: {why}"));
+            let bad = |why: String| {
+                SourceError::BadRecord(format!("PostgreSQL row for `{tenant}`: {why}"))
+            };
             let plan: String = row.try_get(0).map_err(|e| bad(e.to_string()))?;
             let limits = if row.len() > 1 {
                 match row
@@ -199,7 +207,7 @@ impl Postgres {
             Err(_) => {
                 // A hung connection is dropped; the next lookup reconnects.
                 *self.conn.lock().await = None;
-                Err(SourceError(format!(
+                Err(SourceError::Unavailable(format!(
                     "PostgreSQL did not answer within {:?}",
                     self.timeout
                 )))

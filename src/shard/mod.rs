@@ -226,7 +226,15 @@ impl Message<Reload> for Shard {
 
     async fn handle(&mut self, _: Reload, _: &mut Context<Self, ()>) {
         self.overlimit.clear();
-        self.recompile_tenants();
+        if self
+            .directory
+            .as_ref()
+            .is_some_and(|d| d.reloads_with_config())
+        {
+            self.tenants.clear(); // their records may have changed: look them up again
+        } else {
+            self.recompile_tenants();
+        }
     }
 }
 

@@ -50,12 +50,11 @@ impl Message<TenantLoaded> for Shard {
                     Stats::add(&self.stats.counters.quota_local_stale, waiting.len() as u64);
                     (stale, waiting)
                 }
-                (None, _) => {
+                (None, waiting) => {
                     // Never seen and the source is down: the default plan, briefly.
                     let policies = compile(&self.plans.load(), &self.stats, &done.tenant, None);
-                    let waiting =
-                        self.tenants
-                            .fill(&done.tenant, None, policies.clone(), RETRY_AFTER, now);
+                    self.tenants
+                        .fill(&done.tenant, None, policies.clone(), RETRY_AFTER, now);
                     (policies, waiting)
                 }
             },

@@ -126,6 +126,11 @@ impl Tenants {
         (stale, self.waiting.remove(tenant).unwrap_or_default())
     }
 
+    /// Drops every entry.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
     /// Drops a tenant's entry: the next request looks it up again.
     pub fn forget(&mut self, tenant: &str) {
         self.entries.remove(tenant);
