@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# Runs quotad's whole test suite. Every test that needs Redis starts its own
-# redis-server (standalone, Sentinel, or a 3-node Cluster) on spare ports or
-# sockets and stops it; this script only makes sure the Debian packages that
-# provide them are installed.
+# Runs quotad's whole test suite. Every test that needs Redis or PostgreSQL
+# starts its own server (Redis standalone, Sentinel or a 3-node Cluster;
+# PostgreSQL) on spare ports or sockets and stops it; this script only makes
+# sure the Debian packages that provide them are installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null \
-  || ! command -v redis-sentinel >/dev/null; then
+missing=()
+for tool in redis-server redis-cli redis-sentinel psql; do
+  command -v "$tool" >/dev/null || missing+=("$tool")
+done
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y redis-server redis-sentinel
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y \
+    redis-server redis-sentinel postgresql postgresql-client
 fi
 
 cargo test --locked
+if [ -x scripts/test-clients.sh ]; then
+  scripts/test-clients.sh
+fi
