@@ -1,0 +1,145 @@
+/// <reference types="node" />
+// Types for the quotad client (hand-written; the package is plain ESM JavaScript).
+
+export type FailureMode = 'open' | 'closed' | 'raise';
+
+export interface ClientOptions {
+  socketPath?: string;
+  /** Per-call deadline in ms (a cache read with fillMs gets fillMs more). Default 500. */
+  timeoutMs?: number;
+  /** Default 250. */
+  connectTimeoutMs?: number;
+  /** What a check answers while the daemon cannot: allow, deny (both `degraded`), or throw. Default 'open'. */
+  failureMode?: FailureMode;
+  /** retryAfterMs of a 'closed' failure answer. Default 1000. */
+  closedRetryAfterMs?: number;
+  /** Calls in flight at most; more wait for a slot within their timeout. Default 1024. */
+  maxPending?: number;
+  /** Largest request frame; larger throws InvalidArgument before sending. Default 1 MiB. */
+  maxFrameBytes?: number;
+  maxReplyBytes?: number;
+  backoffInitialMs?: number;
+  backoffMaxMs?: number;
+  /** Connection state changes (lost, reconnected). Default: process.emitWarning. */
+  onWarn?: (message: string) => void;
+}
+
+export interface CheckOptions {
+  /** A configured policy; default: the policy named `default`. */
+  policy?: string | null;
+  /** Units to charge (default 1); 0 peeks. */
+  cost?: number | bigint;
+}
+
+export interface CacheGetOptions {
+  /** Single-flight: on a miss, the first caller fills; others wait up to this long. */
+  fillMs?: number;
+}
+
+export interface CacheSetOptions {
+  ttlMs: number;
+  staleMs?: number;
+  tags?: string[];
+}
+
+export interface CacheDeleteOptions {
+  keys?: string[];
+  tags?: string[];
+}
+
+export type Bytes = Buffer | Uint8Array;
+
+export class Decision {
+  readonly allowed: boolean;
+  readonly limit: number;
+  readonly remaining: number;
+  readonly resetMs: number;
+  readonly retryAfterMs: number;
+  readonly degraded: boolean;
+  readonly rule: string;
+  /** Seconds to wait before retrying (0 when allowed). */
+  readonly retryAfter: number;
+  /** RateLimit-Limit, -Remaining, -Reset and (on a denial) Retry-After. */
+  headers(): Record<string, string>;
+}
+
+export class Lookup {
+  readonly hit: boolean;
+  readonly value: Buffer | null;
+  readonly ttlMs: number;
+  readonly stale: boolean;
+  readonly refresh: boolean;
+  readonly fill: boolean;
+  readonly degraded: boolean;
+  readonly shouldStore: boolean;
+}
+
+export interface CheckGet {
+  decision: Decision;
+  /** null when denied (nothing was read). */
+  lookup: Lookup | null;
+}
+
+export interface Hello {
+  protocol: number;
+  server: string;
+  backend: string;
+  ops: string[];
+}
+
+export interface Stats {
+  uptimeMs: number;
+  backend: string;
+  shards: number;
+  counters: Record<string, number>;
+}
+
+export class Client {
+  constructor(socketPath?: string | null, options?: ClientOptions);
+  constructor(options: ClientOptions);
+  readonly socketPath: string;
+  hello(): Promise<Hello>;
+  stats(): Promise<Stats>;
+  check(tenant: string, key: string, options?: CheckOptions): Promise<Decision>;
+  cacheLookup(tenant: string, key: string, options?: CacheGetOptions): Promise<Lookup>;
+  cacheGet(tenant: string, key: string, options?: CacheGetOptions): Promise<Buffer | null>;
+  cacheSet(tenant: string, key: string, value: Bytes, options: CacheSetOptions): Promise<boolean>;
+  cacheDelete(tenant: string, options: CacheDeleteOptions): Promise<number>;
+  checkGet(tenant: string, key: string, cacheKey: string, options?: CheckOptions & CacheGetOptions): Promise<CheckGet>;
+  /** One raw request map (its id is assigned); resolves to the raw reply map. */
+  call(request: Record<string, unknown>, timeoutMs?: number): Promise<Record<string, unknown>>;
+  close(): void;
+}
+
+export function defaultSocketPath(): string;
+export function encodeFrame(message: Record<string, unknown>): Buffer;
+export function decodeBody(body: Buffer): Record<string, unknown>;
+export class FrameReader {
+  constructor(maxFrameBytes?: number);
+  push(chunk: Buffer): Buffer[];
+}
+
+export class QuotadError extends Error {}
+export class InvalidArgument extends QuotadError {}
+export class QuotadUnavailable extends QuotadError {}
+export class ConnectFailed extends QuotadUnavailable {}
+export class ConnectionLost extends QuotadUnavailable {
+  readonly serverError: ServerError | null;
+}
+export class RequestTimedOut extends QuotadUnavailable {}
+export class ProtocolViolation extends QuotadUnavailable {}
+export class ServerError extends QuotadError {
+  readonly code: string;
+  readonly serverMessage: string;
+}
+export class BadRequest extends ServerError {}
+export class UnknownOp extends ServerError {}
+export class UnknownPolicy extends ServerError {}
+export class TooLarge extends ServerError {}
+export class Overloaded extends ServerError {}
+export class Forbidden extends ServerError {}
+export class ShuttingDown extends ServerError {}
+export class ServerInternalError extends ServerError {}
+export function serverError(error: unknown): ServerError;
+export function connectionError(error: unknown): ConnectionLost;
+export function isTransient(error: unknown): boolean;

@@ -1,0 +1,163 @@
+// The Express middleware, served over HTTP and called with fetch.
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import express from 'express';
+import { Client } from '../src/index.js';
+import { apiKey, clientIp, first, header, invalidate, jwtClaim, quotad } from '../src/express.js';
+import { environment, freshTenant, tempDir } from './daemons.js';
+
+let env;
+let client;
+let base;
+let server;
+const calls = { hello: 0, items: 0, private: 0, login: 0 };
+
+function buildApp(c) {
+  const app = express();
+  const items = new Map();
+  app.use(express.json());
+  app.get('/health', (req, res) => res.json({ ok: true }));
+  app.use(quotad({
+    client: c,
+    tenant: first(header('x-tenant'), jwtClaim('tid')),
+    key: first(apiKey(), clientIp()),
+    policy: (req) => req.headers['x-policy'] ?? 'fifty',
+    cache: { ttlMs: 60_000, fillMs: 1000, when: (req) => req.path.startsWith('/items') },
+  }));
+  app.get('/hello', (req, res) => { calls.hello++; res.json({ hello: 'world' }); });
+  app.get('/whoami', (req, res) => res.json({ tenant: req.quotad.tenant, key: req.quotad.key }));
+  app.get('/items', (req, res) => { calls.items++; res.json({ items: items.get(req.quotad.tenant) ?? [], q: req.query, call: calls.items }); });
+  app.get('/items/:id', (req, res) => res.json({ id: req.params.id }));
+  app.post('/items', async (req, res, next) => {
+    try {
+      const list = items.get(req.quotad.tenant) ?? [];
+      list.push(req.body.name);
+      items.set(req.quotad.tenant, list);
+      res.json({ invalidated: await invalidate(req, { paths: ['/items'] }) });
+    } catch (e) {
+      next(e);
+    }
+  });
+  app.get('/items-private', (req, res) => { calls.private++; res.set('cache-control', 'private').json({ call: calls.private }); });
+  app.get('/login', quotad({ client: c, policy: 'tiny' }), (req, res) => { calls.login++; res.json({ ok: true }); });
+  return app;
+}
+
+function listen(app) {
+  return new Promise((resolve) => {
+    const s = app.listen(0, '127.0.0.1', () => resolve(s));
+  });
+}
+
+before(async () => {
+  env = await environment();
+  client = new Client(env.quotad.socket, { timeoutMs: 2000 });
+  server = await listen(buildApp(client));
+  base = `http://127.0.0.1:${server.address().port}`;
+});
+after(async () => {
+  await new Promise((r) => server?.close(r));
+  client?.close();
+  await env?.close();
+});
+
+const get = (path, headers = {}) => fetch(base + path, { headers });
+
+test('allowed responses carry the RateLimit headers', async () => {
+  const r = await get('/hello', { 'x-tenant': freshTenant(), 'x-policy': 'default' });
+  assert.equal(r.status, 200);
+  assert.deepEqual(await r.json(), { hello: 'world' });
+  assert.equal(r.headers.get('ratelimit-limit'), '5');
+  assert.equal(r.headers.get('ratelimit-remaining'), '4');
+  assert.equal(r.headers.get('ratelimit-reset'), '100');
+  assert.equal(r.headers.get('retry-after'), null);
+});
+
+test('denied: 429, JSON body, Retry-After; the handler never runs', async () => {
+  const h = { 'x-tenant': freshTenant(), 'x-policy': 'default' };
+  for (let i = 0; i < 5; i++) assert.equal((await get('/hello', h)).status, 200);
+  const before = calls.hello;
+  const r = await get('/hello', h);
+  assert.equal(r.status, 429);
+  assert.match(r.headers.get('content-type'), /^application\/json/);
+  const body = await r.json();
+  assert.equal(body.error, 'rate_limited');
+  assert.ok(body.retry_after > 99 && body.retry_after <= 100);
+  assert.equal(r.headers.get('retry-after'), '100');
+  assert.equal(r.headers.get('ratelimit-remaining'), '0');
+  assert.equal(calls.hello, before);
+  assert.equal((await get('/hello', { ...h, 'x-api-key': 'other' })).status, 200);
+});
+
+test('GETs are cached per sorted query and per user', async () => {
+  const h = { 'x-tenant': freshTenant(), 'x-api-key': 'alice' };
+  const a = await get('/items?b=2&a=1', h);
+  assert.equal(a.headers.get('x-cache'), 'miss');
+  const aBody = await a.json();
+  const n = calls.items;
+  const b = await get('/items?a=1&b=2', h);
+  assert.equal(b.headers.get('x-cache'), 'hit');
+  assert.deepEqual(await b.json(), aBody);
+  assert.match(b.headers.get('content-type'), /^application\/json/);
+  assert.equal(calls.items, n);
+  assert.equal(Number(b.headers.get('ratelimit-remaining')), Number(a.headers.get('ratelimit-remaining')) - 1);
+  const bob = await get('/items?a=1&b=2', { ...h, 'x-api-key': 'bob' });
+  assert.equal(bob.headers.get('x-cache'), 'miss');
+  assert.equal(calls.items, n + 1);
+});
+
+test('a write invalidates by tag', async () => {
+  const h = { 'x-tenant': freshTenant(), 'x-api-key': 'alice' };
+  assert.deepEqual((await (await get('/items', h)).json()).items, []);
+  assert.equal((await get('/items/7', h)).headers.get('x-cache'), 'miss');
+  assert.equal((await get('/items', h)).headers.get('x-cache'), 'hit');
+  assert.equal((await get('/items/7', h)).headers.get('x-cache'), 'hit');
+  const w = await fetch(`${base}/items`, { method: 'POST', headers: { ...h, 'content-type': 'application/json' }, body: JSON.stringify({ name: 'widget' }) });
+  assert.deepEqual(await w.json(), { invalidated: 2 });
+  const after = await get('/items', h);
+  assert.equal(after.headers.get('x-cache'), 'miss');
+  assert.deepEqual((await after.json()).items, ['widget']);
+  assert.equal((await get('/items/7', h)).headers.get('x-cache'), 'miss');
+});
+
+test('private responses are not stored', async () => {
+  const h = { 'x-tenant': freshTenant() };
+  const before = calls.private;
+  for (let i = 0; i < 2; i++) assert.equal((await get('/items-private', h)).headers.get('x-cache'), 'miss');
+  assert.equal(calls.private, before + 2);
+});
+
+test('a per-route middleware applies its own policy', async () => {
+  const h = { 'x-tenant': freshTenant() };
+  const ok = [await get('/login', h), await get('/login', h)];
+  assert.deepEqual(ok.map((r) => r.status), [200, 200]);
+  assert.equal(ok[0].headers.get('ratelimit-limit'), '2');
+  const denied = await get('/login', h);
+  assert.equal(denied.status, 429);
+  assert.ok(Number(denied.headers.get('retry-after')) > 0);
+  assert.equal(denied.headers.get('ratelimit-limit'), '2');
+});
+
+test('identity from a JWT claim, and the defaults', async () => {
+  const payload = Buffer.from(JSON.stringify({ tid: 'jwt-tenant' })).toString('base64url');
+  const r = await get('/whoami', { authorization: `Bearer eyJhbGciOiJub25lIn0.${payload}.sig`, 'x-api-key': 'k' });
+  assert.deepEqual(await r.json(), { tenant: 'jwt-tenant', key: 'k' });
+  assert.deepEqual(await (await get('/whoami')).json(), { tenant: 'default', key: '127.0.0.1' });
+});
+
+test('sidecar unreachable: fails open (no headers), or closed with Retry-After', async () => {
+  const dir = tempDir('down');
+  for (const [mode, status] of [['open', 200], ['closed', 429]]) {
+    const down = new Client(`${dir}/nobody.sock`, { timeoutMs: 200, failureMode: mode, onWarn: () => {} });
+    const s = await listen(buildApp(down));
+    try {
+      const r = await fetch(`http://127.0.0.1:${s.address().port}/hello`);
+      assert.equal(r.status, status);
+      assert.equal(r.headers.get('ratelimit-limit'), null);
+      if (mode === 'closed') assert.equal(r.headers.get('retry-after'), '1');
+    } finally {
+      await new Promise((res) => s.close(res));
+      down.close();
+    }
+  }
+});

@@ -1,0 +1,24 @@
+// Compile-only check of index.d.ts and express.d.ts (npm run typecheck).
+import { Client, Decision, InvalidArgument, QuotadError, UnknownPolicy } from 'quotad';
+import quotad, { apiKey, clientIp, first, header, invalidate } from 'quotad/express';
+
+async function main(): Promise<void> {
+  const c = new Client('/tmp/quotad.sock', { timeoutMs: 200, failureMode: 'closed' });
+  const d: Decision = await c.check('acme', 'user:42', { policy: 'api', cost: 1 });
+  const h: Record<string, string> = d.headers();
+  const retry: number = d.retryAfter;
+  const cached: Buffer | null = await c.cacheGet('acme', 'k', { fillMs: 100 });
+  const stored: boolean = await c.cacheSet('acme', 'k', Buffer.from('v'), { ttlMs: 1000, tags: ['a'] });
+  const n: number = await c.cacheDelete('acme', { tags: ['a'] });
+  const r = await c.checkGet('acme', 'u', 'GET /', { policy: 'api', fillMs: 100 });
+  if (r.lookup?.hit) r.lookup.value?.length;
+  const mw = quotad({ client: c, tenant: header('x-tenant'), key: first(apiKey(), clientIp()), cache: { ttlMs: 1000 } });
+  void [h, retry, cached, stored, n, mw, invalidate];
+  try {
+    await c.check('', 'k');
+  } catch (e) {
+    if (e instanceof InvalidArgument || e instanceof UnknownPolicy || e instanceof QuotadError) void e;
+  }
+  c.close();
+}
+void main;
