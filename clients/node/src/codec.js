@@ -3,7 +3,7 @@
 // their smallest form, strings as str and Buffers as bin — byte for byte
 // what the daemon writes (the golden-frame test checks this).
 
-import { Packr, Unpackr } from 'msgpackr';
+import { Decoder, Encoder } from '@msgpack/msgpack';
 import { ProtocolViolation } from './errors.js';
 
 /** The daemon's default max_frame_bytes. */
@@ -11,35 +11,46 @@ export const DEFAULT_MAX_FRAME_BYTES = 1 << 20;
 /** Replies larger than this are treated as a broken stream. */
 export const DEFAULT_MAX_REPLY_BYTES = 64 << 20;
 
-const packr = new Packr({ useRecords: false, variableMapSize: true, int64AsType: 'bigint' });
-// 'auto': u64 ids above 2^53 decode as BigInt, everything else as Number.
-const unpackr = new Unpackr({ useRecords: false, mapsAsObjects: true, int64AsType: 'auto' });
+// BigInt ids (above 2^53) encode as uint64; u64 fields decode as BigInt only
+// when the daemon sent them as 64-bit (the smallest form is always used).
+const encoder = new Encoder({ useBigInt64: true, ignoreUndefined: true });
+const decoder = new Decoder({ useBigInt64: true });
 
 export function encodeBody(message) {
-  return packr.pack(message);
+  return encoder.encode(message);
 }
 
 export function encodeFrame(message) {
-  const body = packr.pack(message);
+  const body = encoder.encode(message);
   const frame = Buffer.allocUnsafe(4 + body.length);
   frame.writeUInt32BE(body.length, 0);
-  body.copy(frame, 4);
+  frame.set(body, 4);
   return frame;
 }
 
-/** One frame body as an object; anything but a single map is a violation. */
+/** One frame body as an object (bin values as Buffers); anything but a single map is a violation. */
 export function decodeBody(body) {
   let value;
   try {
-    value = unpackr.unpack(body);
+    value = decoder.decode(body);
   } catch (e) {
     throw new ProtocolViolation(`undecodable frame: ${e.message}`);
   }
-  // Only a plain object is a map (msgpackr turns the reserved byte 0xc1 into an object of its own).
   if (value === null || typeof value !== 'object' || Object.getPrototypeOf(value) !== Object.prototype) {
     throw new ProtocolViolation('a frame that is not a map with string keys');
   }
-  return value;
+  return buffers(value);
+}
+
+/** The decoder yields Uint8Array views for bin; hand out Buffers (no copy). */
+function buffers(v) {
+  if (v instanceof Uint8Array) return Buffer.from(v.buffer, v.byteOffset, v.byteLength);
+  if (Array.isArray(v)) {
+    for (let i = 0; i < v.length; i++) v[i] = buffers(v[i]);
+  } else if (v !== null && typeof v === 'object') {
+    for (const k in v) v[k] = buffers(v[k]);
+  }
+  return v;
 }
 
 /** Cuts a byte stream into frame bodies, holding at most one partial frame. */

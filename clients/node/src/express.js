@@ -6,7 +6,7 @@
 //   app.get('/login', quotad({ client, policy: 'login' }), handler);   // per route
 //   app.post('/items', async (req, res) => { ...; await invalidate(req, { paths: ['/items'] }); });
 
-import { Packr, Unpackr } from 'msgpackr';
+import { decode, encode } from '@msgpack/msgpack';
 import * as identity from './identity.js';
 
 export * from './identity.js';
@@ -15,9 +15,6 @@ export * from './identity.js';
 export const DEFAULT_TENANT = 'default';
 /** The key shared by requests without one: leaving out an API key must not escape the limit. */
 export const ANONYMOUS_KEY = 'anonymous';
-
-const entryCodec = new Packr({ useRecords: false, variableMapSize: true });
-const entryReader = new Unpackr({ useRecords: false, mapsAsObjects: true });
 
 // Response headers never stored with a cached response.
 const UNCACHED_HEADERS = new Set([
@@ -115,8 +112,8 @@ export function quotad(options) {
 function sendCached(res, lookup) {
   let entry;
   try {
-    entry = entryReader.unpack(lookup.value);
-    if (!Number.isInteger(entry.s) || !Array.isArray(entry.h) || !Buffer.isBuffer(entry.b)) return false;
+    entry = decode(lookup.value);
+    if (!Number.isInteger(entry?.s) || !Array.isArray(entry.h) || !(entry.b instanceof Uint8Array)) return false;
   } catch {
     return false; // written by something else: a miss
   }
@@ -150,7 +147,7 @@ function record(res, store, maxBody) {
       const headers = Object.entries(res.getHeaders())
         .filter(([name]) => !UNCACHED_HEADERS.has(name))
         .map(([name, value]) => [name, Array.isArray(value) ? value.join(', ') : String(value)]);
-      const entry = entryCodec.pack({ s: res.statusCode, h: headers, b: Buffer.concat(chunks) });
+      const entry = encode({ s: res.statusCode, h: headers, b: Buffer.concat(chunks) });
       store(entry).catch(() => {}); // a failed store is a later miss, never this response's problem
     }
     return result;
