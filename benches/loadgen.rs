@@ -1,7 +1,7 @@
 //! Load generator: quotad side by side with the baseline a user would
 //! otherwise write, in one run, against one Redis on loopback.
 //!
-//!     cargo bench --bench loadgen -- [--workload check,check_get,cache_get]
+//!     cargo bench --bench loadgen -- [--workload check,check_get,cache_get,tenants]
 //!         [--seconds 5] [--concurrency 1,16,64,256] [--connections 4]
 //!         [--value-bytes 1024] [--shards 0] [--threads 1]
 //!
@@ -15,6 +15,10 @@
 //!   baseline, per request, one EVALSHA for the limit and then one GET for
 //!   the cache, as the article's middleware does.
 //! - `cache_get`: quotad `cache_get` hits; the baseline, one GET per request.
+//! - `tenants`: quotad `check`s spread over 10,000 tenants (on two plans,
+//!   from the `redis` quota source) against the same checks from one
+//!   tenant: a tenant's plan must come from the shard's local level, not
+//!   from a Redis round trip, so the two should match.
 //!
 //! The baseline uses redis-rs multiplexed ConnectionManagers (which already
 //! pipeline concurrent commands). Both spread their requests over the same
@@ -37,6 +41,7 @@ use quotad::job::{Job, Outcome};
 use quotad::keys::Keys;
 use quotad::limiter::{Check, Policy};
 use quotad::protocol::{CacheSetArgs, CheckArgs};
+use quotad::quota::TenantRecord;
 use quotad::redis::script;
 use redis::aio::ConnectionManager;
 
@@ -45,13 +50,20 @@ const KEYS_PER_TENANT: usize = 100;
 const POLICY: &str = r#"
 [policies.default]
 rules = [{ name = "burst", kind = "token_bucket", capacity = 1000000000, refill_per_sec = 1000000 }]
+[plans.pro.limits]
+default.burst.capacity = 2000000000
+[plans.free.limits]
+default.burst.capacity = 500000000
 "#;
+/// Tenants of the `tenants` workload.
+const MANY_TENANTS: usize = 10_000;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Workload {
     Check,
     CheckGet,
     CacheGet,
+    Tenants,
 }
 
 impl Workload {
@@ -60,6 +72,7 @@ impl Workload {
             "check" => Workload::Check,
             "check_get" => Workload::CheckGet,
             "cache_get" => Workload::CacheGet,
+            "tenants" => Workload::Tenants,
             other => panic!("unknown workload {other}"),
         }
     }
@@ -69,6 +82,15 @@ impl Workload {
             Workload::Check => "check",
             Workload::CheckGet => "check_get",
             Workload::CacheGet => "cache_get",
+            Workload::Tenants => "tenants",
+        }
+    }
+
+    /// How quotad's requests are spread: (tenants, keys per tenant).
+    fn spread(self) -> (usize, usize) {
+        match self {
+            Workload::Tenants => (MANY_TENANTS, 1),
+            _ => (TENANTS, KEYS_PER_TENANT),
         }
     }
 
@@ -77,6 +99,7 @@ impl Workload {
             Workload::Check => "EVALSHA per request",
             Workload::CheckGet => "EVALSHA then GET per request",
             Workload::CacheGet => "GET per request",
+            Workload::Tenants => "the same checks from 1 tenant",
         }
     }
 }
@@ -109,7 +132,12 @@ struct Bench {
 fn main() {
     let mut seconds = 5.0;
     let mut levels = vec![1usize, 16, 64, 256];
-    let mut workloads = vec![Workload::Check, Workload::CheckGet, Workload::CacheGet];
+    let mut workloads = vec![
+        Workload::Check,
+        Workload::CheckGet,
+        Workload::CacheGet,
+        Workload::Tenants,
+    ];
     let mut shards = 0usize;
     let mut connections = 4usize;
     let mut threads = 1usize;
@@ -151,7 +179,7 @@ fn main() {
     let url = format!("redis://127.0.0.1:{port}");
     let socket = dir.path().join("quotad.sock");
     let config = format!(
-        "[server]\nsocket = {:?}\nshards = {shards}\nthreads = {threads}\n[redis]\nurl = {url:?}\ntimeout_ms = 1000\n{POLICY}",
+        "[server]\nsocket = {:?}\nshards = {shards}\nthreads = {threads}\n[redis]\nurl = {url:?}\ntimeout_ms = 1000\n[quota]\nsource = \"redis\"\n{POLICY}",
         socket.display().to_string()
     );
     std::fs::write(dir.path().join("quotad.toml"), &config).unwrap();
@@ -183,8 +211,11 @@ fn main() {
             .clone(),
         seconds,
     };
-    if workloads.iter().any(|w| *w != Workload::Check) {
+    if workloads.iter().any(|w| matches!(w, Workload::CheckGet | Workload::CacheGet)) {
         rt.block_on(bench.fill_caches(value_bytes));
+    }
+    if workloads.contains(&Workload::Tenants) {
+        rt.block_on(bench.add_tenants());
     }
     println!(
         "Redis {} on loopback, {} CPUs, {seconds} s per phase, {TENANTS} tenants x {KEYS_PER_TENANT} keys, {value_bytes}-byte cached values",
@@ -202,7 +233,7 @@ fn main() {
         for &c in &levels {
             let conns = connections.min(c);
             let before = rt.block_on(bench.batch_counters());
-            let q = rt.block_on(bench.run_quotad(w, c, conns));
+            let q = rt.block_on(bench.run_quotad(w, c, conns, w.spread()));
             let after = rt.block_on(bench.batch_counters());
             let batches = (after.0 - before.0).max(1) as f64;
             let per_batch = (after.1 - before.1) as f64 / batches;
@@ -270,24 +301,45 @@ impl Bench {
         }
     }
 
+    /// Puts the `tenants` workload's tenants on plans, through quotad, and
+    /// has quotad look each of them up once.
+    async fn add_tenants(&self) {
+        let client = Client::connect(&self.socket).await.unwrap();
+        for chunk in (0..MANY_TENANTS).collect::<Vec<_>>().chunks(500) {
+            let client = &client;
+            let sets = chunk.iter().map(|t| async move {
+                let plan = if t % 2 == 0 { "pro" } else { "free" };
+                let record = TenantRecord { plan: plan.into(), limits: Default::default() };
+                client.tenant_set(&format!("tenant-{t}"), record).await
+            });
+            for r in futures::future::join_all(sets).await {
+                r.unwrap();
+            }
+            let warm = chunk.iter().map(|t| async move { client.check(&format!("tenant-{t}"), "warm", None, 0).await });
+            for d in futures::future::join_all(warm).await {
+                assert!(!d.unwrap().degraded);
+            }
+        }
+    }
+
     async fn connect(&self) -> ConnectionManager {
         ConnectionManager::new(redis::Client::open(self.url.as_str()).unwrap())
             .await
             .unwrap()
     }
 
-    async fn run_quotad(&self, w: Workload, inflight: usize, conns: usize) -> Phase {
+    async fn run_quotad(&self, w: Workload, inflight: usize, conns: usize, spread: (usize, usize)) -> Phase {
         let mut clients = Vec::new();
         for _ in 0..conns {
             clients.push(Arc::new(Client::connect(&self.socket).await.unwrap()));
         }
-        measure(self, inflight, Some(self.quotad_pid), move |task| {
+        measure(self, inflight, spread, Some(self.quotad_pid), move |task| {
             let client = clients[task % conns].clone();
             move |tenant: String, key: String| {
                 let client = client.clone();
                 async move {
                     match w {
-                        Workload::Check => {
+                        Workload::Check | Workload::Tenants => {
                             let d = client.check(&tenant, &key, None, 1).await.unwrap();
                             assert!(d.allowed && !d.degraded);
                         }
@@ -317,6 +369,10 @@ impl Bench {
     }
 
     async fn run_baseline(&self, w: Workload, inflight: usize, conns: usize) -> Phase {
+        if w == Workload::Tenants {
+            // As many distinct keys, all of one tenant.
+            return self.run_quotad(w, inflight, conns, (1, MANY_TENANTS)).await;
+        }
         let mut cms = Vec::new();
         for _ in 0..conns {
             cms.push(self.connect().await);
@@ -329,7 +385,7 @@ impl Bench {
             .unwrap();
         let policy = self.policy.clone();
         let keys = Arc::new(Keys::new("bench"));
-        measure(self, inflight, None, move |task| {
+        measure(self, inflight, (TENANTS, KEYS_PER_TENANT), None, move |task| {
             let (cm, policy, keys) = (cms[task % conns].clone(), policy.clone(), keys.clone());
             move |tenant: String, key: String| {
                 let mut cm = cm.clone();
@@ -377,7 +433,13 @@ impl Bench {
 
 /// Runs `inflight` closed-loop workers for a warm-up second, then the
 /// phase's seconds, and measures.
-async fn measure<F, W, Fut>(bench: &Bench, inflight: usize, pid: Option<u32>, mut make: F) -> Phase
+async fn measure<F, W, Fut>(
+    bench: &Bench,
+    inflight: usize,
+    (tenants, keys): (usize, usize),
+    pid: Option<u32>,
+    mut make: F,
+) -> Phase
 where
     F: FnMut(usize) -> W,
     W: Fn(String, String) -> Fut + Send + 'static,
@@ -394,8 +456,8 @@ where
             let mut i = t * 7919;
             while !stop.load(Ordering::Relaxed) {
                 i = i.wrapping_add(104_729);
-                let tenant = format!("tenant-{}", i % TENANTS);
-                let key = format!("key-{}", (i / TENANTS) % KEYS_PER_TENANT);
+                let tenant = format!("tenant-{}", i % tenants);
+                let key = format!("key-{}", (i / tenants) % keys);
                 let start = Instant::now();
                 work(tenant, key).await;
                 if measuring.load(Ordering::Relaxed) {
