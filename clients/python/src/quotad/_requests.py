@@ -22,10 +22,7 @@ def _text(name: str, value: object) -> str:
         raise InvalidArgument(f"{name} must be a str, not {type(value).__name__}")
     if not value:
         raise InvalidArgument(f"{name} must not be empty")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InvalidArgument(f"{name} is not valid UTF-8 text: {e}") from e
+    # Text that is not valid UTF-8 (a lone surrogate) fails in the encoder, still before sending.
     return value
 
 

@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,11 +40,55 @@ Reply = dict[str, Any]
 class _Protocol(asyncio.Protocol):
     """One connection: frames in, futures resolved by id."""
 
-    def __init__(self, max_reply_bytes: int) -> None:
+    def __init__(self, max_reply_bytes: int, loop: asyncio.AbstractEventLoop) -> None:
         self.transport: asyncio.Transport | None = None
         self.pending: dict[int, asyncio.Future[Reply]] = {}
         self.error: QuotadError | None = None
         self._frames = FrameReader(max_reply_bytes)
+        self._loop = loop
+        # Frames written in one loop iteration go out in one write.
+        self._out: list[bytes] = []
+        # Calls with the client's default timeout expire in the order they were
+        # made, so one timer (at the oldest deadline) serves them all.
+        self._deadlines: deque[tuple[float, asyncio.Future[Reply], float]] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def send(self, req_id: int, frame: bytes, timeout: float, ordered: bool) -> asyncio.Future[Reply]:
+        """Queues a frame; the future gets the reply, or RequestTimedOut after ``timeout``.
+
+        ``ordered``: ``timeout`` is the same for every such call (deadlines
+        then arrive in order and share the sweeper).
+        """
+        loop = self._loop
+        fut: asyncio.Future[Reply] = loop.create_future()
+        self.pending[req_id] = fut
+        if not self._out:
+            loop.call_soon(self._flush)
+        self._out.append(frame)
+        deadline = loop.time() + timeout
+        if ordered:
+            self._deadlines.append((deadline, fut, timeout))
+            if self._sweeper is None:
+                self._sweeper = loop.call_at(deadline, self._sweep)
+        else:
+            timer = loop.call_at(deadline, _expire, fut, timeout)
+            fut.add_done_callback(lambda _: timer.cancel())
+        return fut
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self.error is None and self.transport is not None and out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        queue = self._deadlines
+        now = self._loop.time()
+        while queue and (queue[0][0] <= now or queue[0][1].done()):
+            _, fut, timeout = queue.popleft()
+            _expire(fut, timeout)
+        if queue:
+            self._sweeper = self._loop.call_at(queue[0][0], self._sweep)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -78,6 +123,11 @@ class _Protocol(asyncio.Protocol):
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(err)
+        self._out.clear()
+        self._deadlines.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -126,7 +176,8 @@ class AsyncClient:
         self._proto: _Protocol | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._in_flight = 0  # calls holding a slot (at most max_pending)
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
         self._down = False
 
@@ -220,11 +271,15 @@ class AsyncClient:
         Raises :class:`~quotad.errors.ServerError` for an error reply and
         :class:`~quotad.errors.QuotadUnavailable` when no reply came.
         """
+        ordered = timeout is None
         if timeout is None:
             timeout = self._opts.timeout
         req_id = next(self._ids)
         request["id"] = req_id
-        frame = encode_frame(request)
+        try:
+            frame = encode_frame(request)
+        except UnicodeEncodeError as e:  # a lone surrogate in some string
+            raise InvalidArgument(f"a string that is not valid UTF-8 text: {e}") from None
         if len(frame) - 4 > self._opts.max_frame_bytes:
             raise InvalidArgument(
                 f"a {len(frame) - 4}-byte request is over max_frame_bytes ({self._opts.max_frame_bytes})"
@@ -232,36 +287,50 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._bind(loop)
-        assert self._slots is not None
         deadline = loop.time() + timeout
-        if self._slots.locked():
-            # max_pending calls in flight already: wait for one to finish.
-            try:
-                await asyncio.wait_for(self._slots.acquire(), timeout)
-            except asyncio.TimeoutError:
-                raise RequestTimedOut(f"{self._opts.max_pending} calls already in flight") from None
+        if self._in_flight < self._opts.max_pending:
+            self._in_flight += 1
         else:
-            await self._slots.acquire()  # does not suspend when a slot is free
+            await self._wait_for_slot(loop, timeout)  # the slot is handed over
         try:
             proto = self._proto
             if proto is None or proto.error is not None:
                 proto = await self._connect(deadline)
-            fut: asyncio.Future[Reply] = loop.create_future()
-            proto.pending[req_id] = fut
-            assert proto.transport is not None
-            proto.transport.write(frame)
-            remaining = deadline - loop.time()
-            timer = loop.call_later(remaining, _expire, fut, timeout)
+                ordered = False  # the connect used part of the timeout
+            fut = proto.send(req_id, frame, deadline - loop.time(), ordered)
             try:
                 reply = await fut
             finally:
-                timer.cancel()
                 proto.pending.pop(req_id, None)
         finally:
-            self._slots.release()
+            self._release_slot()
         if reply.get("ok") is not True:
             raise server_error(reply.get("error"))
         return reply
+
+    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        """max_pending calls are in flight: wait for one to hand its slot over."""
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimedOut(f"{self._opts.max_pending} calls already in flight") from None
+        finally:
+            if not waiter.done() or waiter.cancelled():
+                try:
+                    self._slot_waiters.remove(waiter)
+                except ValueError:
+                    pass
+
+    def _release_slot(self) -> None:
+        waiters = self._slot_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes straight to the waiter
+                return
+        self._in_flight -= 1
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """First use, or use from another event loop: a connection belongs to one loop."""
@@ -272,7 +341,8 @@ class AsyncClient:
         self._loop = loop
         self._proto = None
         self._connecting = None
-        self._slots = asyncio.Semaphore(self._opts.max_pending)
+        self._in_flight = 0
+        self._slot_waiters = deque()
 
     async def _connect(self, deadline: float) -> _Protocol:
         """Connects, or joins a connect already under way; raises ConnectFailed."""
@@ -297,7 +367,7 @@ class AsyncClient:
         max_reply = self._opts.max_reply_bytes
         try:
             _, proto = await asyncio.wait_for(
-                loop.create_unix_connection(lambda: _Protocol(max_reply), self.socket_path),
+                loop.create_unix_connection(lambda: _Protocol(max_reply, loop), self.socket_path),
                 self._opts.connect_timeout,
             )
         except (OSError, asyncio.TimeoutError) as e:

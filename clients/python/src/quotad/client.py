@@ -301,7 +301,10 @@ class Client:
         """
         req_id = next(self._ids)
         request["id"] = req_id
-        frame = encode_frame(request)
+        try:
+            frame = encode_frame(request)
+        except UnicodeEncodeError as e:  # a lone surrogate in some string
+            raise InvalidArgument(f"a string that is not valid UTF-8 text: {e}") from None
         if len(frame) - 4 > self._opts.max_frame_bytes:
             raise InvalidArgument(
                 f"a {len(frame) - 4}-byte request is over max_frame_bytes ({self._opts.max_frame_bytes})"
