@@ -1,0 +1,182 @@
+// Client-side benchmark: quotad's Client.check against per-request EVALSHA
+// with ioredis, in one Node process, closed loop (`concurrency` async loops,
+// each issuing a check and waiting for it). One redis-server on TCP
+// loopback, started here, with a quotad (release build) in front of it.
+//
+//   quotad           Client.check through the daemon (one pipelined connection)
+//   evalsha          ioredis, one EVALSHA of clients/python/bench/gcra.lua per
+//                    check (ioredis pipelines on its one connection)
+//   evalsha-autopipe the same with enableAutoPipelining (one write per tick)
+//
+// From the repo root, after `cargo build --release` and `npm ci` in clients/node:
+//   node clients/node/bench/bench.js [--seconds 5] [--concurrency 1,16,64]
+
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import Redis from 'ioredis';
+import { Client } from '../src/index.js';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const REPO = path.resolve(HERE, '..', '..', '..');
+const CAPACITY = 1_000_000; // refilled at CAPACITY/s: never denied
+const TENANTS = 100;
+const KEYS = 100;
+
+function arg(name, dflt) {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 ? process.argv[i + 1] : dflt;
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function freePort() {
+  return new Promise((resolve) => {
+    const s = net.createServer().listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+async function waitFor(pred, what, ms = 10_000) {
+  const deadline = Date.now() + ms;
+  while (!(await pred())) {
+    if (Date.now() > deadline) throw new Error(`${what} did not come up`);
+    await sleep(20);
+  }
+}
+
+function procCpuSeconds(pid) {
+  const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100; // USER_HZ
+}
+
+async function redisCpuSeconds(r) {
+  const info = await r.info('cpu');
+  const get = (k) => Number(info.match(new RegExp(`${k}:([0-9.]+)`))[1]);
+  return get('used_cpu_user') + get('used_cpu_sys');
+}
+
+function pct(sorted, p) {
+  if (!sorted.length) return 0;
+  return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)];
+}
+
+async function run(check, concurrency, seconds, warmup) {
+  const names = [];
+  for (let t = 0; t < TENANTS; t++) for (let k = 0; k < KEYS; k++) names.push([`tenant${t}`, `user:${k}`]);
+  let seed = 7;
+  const rand = () => { seed = (seed * 1103515245 + 12345) & 0x7fffffff; return seed; };
+  const lat = [];
+  let done = 0;
+  let measuring = false;
+  let stop = false;
+  const worker = async () => {
+    while (!stop) {
+      const [tenant, key] = names[rand() % names.length];
+      const t0 = process.hrtime.bigint();
+      if (!(await check(tenant, key))) throw new Error('a check was denied: the benchmark keys should never be');
+      if (measuring) {
+        lat.push(Number(process.hrtime.bigint() - t0) / 1000);
+        done++;
+      }
+    }
+  };
+  const workers = Array.from({ length: concurrency }, worker);
+  await sleep(warmup * 1000);
+  measuring = true;
+  const t0 = process.hrtime.bigint();
+  await sleep(seconds * 1000);
+  measuring = false;
+  const wall = Number(process.hrtime.bigint() - t0) / 1e9;
+  stop = true;
+  await Promise.all(workers);
+  lat.sort((a, b) => a - b);
+  return { done, wall, p50: pct(lat, 50), p99: pct(lat, 99) };
+}
+
+async function main() {
+  const seconds = Number(arg('seconds', '5'));
+  const warmup = Number(arg('warmup', '1'));
+  const levels = arg('concurrency', '1,16,64').split(',').map(Number);
+  const only = arg('only', 'quotad,evalsha,evalsha-autopipe').split(',');
+  const bin = arg('quotad-bin', path.join(REPO, 'target', 'release', 'quotad'));
+  if (!fs.existsSync(bin)) throw new Error(`${bin} not found: run \`cargo build --release\``);
+
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'quotad-bench-node-'));
+  const port = await freePort();
+  const redisProc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', tmp], { stdio: 'ignore' });
+  let quotadProc = null;
+  const clients = [];
+  let admin = null;
+  try {
+    const accepts = () => new Promise((resolve) => {
+      const s = net.connect(port, '127.0.0.1', () => { s.destroy(); resolve(true); });
+      s.on('error', () => resolve(false));
+    });
+    await waitFor(accepts, 'redis-server');
+    admin = new Redis({ port });
+    const sock = path.join(tmp, 'quotad.sock');
+    fs.writeFileSync(path.join(tmp, 'quotad.toml'), `[server]\nsocket = "${sock}"\n\n[redis]\nurl = "redis://127.0.0.1:${port}"\ntimeout_ms = 1000\n\n[policies.bench]\nrules = [{ name = "burst", kind = "token_bucket", capacity = ${CAPACITY}, refill_per_sec = ${CAPACITY} }]\n`);
+    quotadProc = spawn(bin, ['serve', '--config', path.join(tmp, 'quotad.toml')], { stdio: 'ignore' });
+    await waitFor(() => fs.existsSync(sock), 'quotad');
+
+    const q = new Client(sock, { timeoutMs: 5000 });
+    const lua = fs.readFileSync(path.join(REPO, 'clients', 'python', 'bench', 'gcra.lua'), 'utf8');
+    const plain = new Redis({ port });
+    const auto = new Redis({ port, enableAutoPipelining: true });
+    clients.push(q, plain, auto);
+    const sha = await plain.script('LOAD', lua);
+    const interval = 1_000_000 / CAPACITY;
+    const systems = {
+      quotad: async (t, k) => (await q.check(t, k, { policy: 'bench' })).allowed,
+      evalsha: async (t, k) => (await plain.evalsha(sha, 1, `bench:{${t}}:${k}`, CAPACITY, interval, 1))[0] === 1,
+      'evalsha-autopipe': async (t, k) => (await auto.evalsha(sha, 1, `bench:{${t}}:${k}`, CAPACITY, interval, 1))[0] === 1,
+    };
+
+    const redisVersion = (await admin.info('server')).match(/redis_version:(\S+)/)[1];
+    console.log(`# ${new Date().toISOString().slice(0, 16)}, ${os.cpus().length} CPUs, Node ${process.version}, redis-server ${redisVersion}, ${seconds} s per run`);
+    console.log('| system | in flight | checks/s | p50 µs | p99 µs | Redis CPU µs/check | client CPU µs/check | quotad CPU µs/check |');
+    console.log('|---|---|---|---|---|---|---|---|');
+    const rates = {};
+    for (const c of levels) {
+      for (const name of only) {
+        const r0 = await redisCpuSeconds(admin);
+        const c0 = process.cpuUsage();
+        const q0 = procCpuSeconds(quotadProc.pid);
+        const { done, wall, p50, p99 } = await run(systems[name], c, seconds, warmup);
+        const r1 = await redisCpuSeconds(admin);
+        const c1 = process.cpuUsage(c0);
+        const q1 = procCpuSeconds(quotadProc.pid);
+        const total = (done * (seconds + warmup)) / seconds; // CPU deltas include the warm-up
+        rates[`${name}/${c}`] = done / wall;
+        const qcpu = name === 'quotad' ? (((q1 - q0) / total) * 1e6).toFixed(1) : '—';
+        console.log(`| ${name} | ${c} | ${(done / wall).toFixed(0)} | ${p50.toFixed(0)} | ${p99.toFixed(0)} | ${(((r1 - r0) / total) * 1e6).toFixed(1)} | ${(((c1.user + c1.system) / total)).toFixed(1)} | ${qcpu} |`);
+      }
+    }
+    for (const c of levels) {
+      for (const base of ['evalsha', 'evalsha-autopipe']) {
+        if (rates[`quotad/${c}`] && rates[`${base}/${c}`]) console.log(`# ${c} in flight: quotad / ${base} = ${(rates[`quotad/${c}`] / rates[`${base}/${c}`]).toFixed(2)}x`);
+      }
+    }
+  } finally {
+    for (const c of clients) (c.quit ? c.quit() : c.close());
+    admin?.disconnect();
+    if (quotadProc) {
+      quotadProc.kill('SIGTERM');
+      await new Promise((r) => quotadProc.once('exit', r));
+    }
+    redisProc.kill('SIGTERM');
+    await new Promise((r) => redisProc.once('exit', r));
+    fs.rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exitCode = 1;
+});
