@@ -109,16 +109,23 @@ export function quotad(options) {
   };
 }
 
+// A cached response is the MessagePack map {s: status, h: [[name, value], ...], b: body}
+// (names and values str, body bin), the same as the Python middleware's.
+const text = (v) => (typeof v === 'string' ? v : v instanceof Uint8Array ? Buffer.from(v).toString('latin1') : null);
+
 function sendCached(res, lookup) {
   let entry;
+  let headers;
   try {
     entry = decode(lookup.value);
     if (!Number.isInteger(entry?.s) || !Array.isArray(entry.h) || !(entry.b instanceof Uint8Array)) return false;
+    headers = entry.h.map(([name, value]) => [text(name), text(value)]);
+    if (headers.some(([n, v]) => n === null || v === null || !/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(n))) return false;
   } catch {
     return false; // written by something else: a miss
   }
   res.status(entry.s);
-  for (const [name, value] of entry.h) res.setHeader(name, value);
+  for (const [name, value] of headers) res.setHeader(name, value);
   res.setHeader('x-cache', lookup.stale ? 'stale' : 'hit');
   res.end(entry.b);
   return true;

@@ -161,3 +161,19 @@ test('sidecar unreachable: fails open (no headers), or closed with Retry-After',
     }
   }
 });
+
+test('serves entries in the shared format (as the Python middleware writes them)', async () => {
+  const { encode } = await import('@msgpack/msgpack');
+  const tenant = freshTenant();
+  const entry = encode({ s: 200, h: [['content-type', 'text/plain; charset=utf-8'], ['x-from', 'python']], b: Buffer.from('hello from elsewhere') });
+  assert.equal(await client.cacheSet(tenant, 'user=1:k GET /items/shared', entry, { ttlMs: 10_000 }), true);
+  const r = await get('/items/shared', { 'x-tenant': tenant, 'x-api-key': 'k' });
+  assert.equal(r.headers.get('x-cache'), 'hit');
+  assert.equal(r.headers.get('x-from'), 'python');
+  assert.equal(await r.text(), 'hello from elsewhere');
+  // Something else under that key is a miss, not an error.
+  await client.cacheSet(tenant, 'user=1:k GET /items/shared', Buffer.from('not an entry'), { ttlMs: 10_000 });
+  const miss = await get('/items/shared', { 'x-tenant': tenant, 'x-api-key': 'k' });
+  assert.equal(miss.status, 200);
+  assert.equal(miss.headers.get('x-cache'), 'miss');
+});

@@ -237,3 +237,23 @@ def test_sidecar_unreachable_fails_open_over_http(tmp_path: Any) -> None:
             assert r.status_code == 429 and r.headers["retry-after"] == "1"
     finally:
         server.stop()
+
+
+def test_serves_entries_in_the_shared_format(http: httpx.Client, daemon: Any, tenant: str) -> None:
+    """The entry format {s, h: [[str, str]], b} is the Express middleware's too."""
+    import msgpack
+
+    from quotad import Client
+
+    entry = msgpack.packb(
+        {"s": 200, "h": [["content-type", "text/plain"], ["x-from", "node"]], "b": b"hello from elsewhere"},
+        use_bin_type=True,
+    )
+    with Client(str(daemon.socket)) as c:
+        assert c.cache_set(tenant, "user=1:k GET /items/shared", entry, ttl_ms=10_000)
+        r = http.get("/items/shared", headers={"x-tenant": tenant, "x-api-key": "k"})
+        assert r.headers["x-cache"] == "hit" and r.headers["x-from"] == "node" and r.text == "hello from elsewhere"
+        c.cache_set(tenant, "user=1:k GET /items/shared", b"not an entry", ttl_ms=10_000)
+        r = http.get("/items/shared", headers={"x-tenant": tenant, "x-api-key": "k"})
+        # Not an entry: a miss (the app answers), not an error.
+        assert r.headers["x-cache"] == "miss" and r.json() == {"id": "shared"}

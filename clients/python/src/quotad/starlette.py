@@ -280,7 +280,7 @@ async def _send_cached(lookup: Lookup, decision: Decision, send: Send) -> bool:
     try:
         entry = msgpack.unpackb(lookup.value, raw=False)
         status, stored, body = int(entry["s"]), entry["h"], entry["b"]
-        headers = [(bytes(k), bytes(v)) for k, v in stored]
+        headers = [(_latin1(k).lower(), _latin1(v)) for k, v in stored]
         if not isinstance(body, bytes):
             return False
     except Exception:  # written by something else: treat as a miss
@@ -325,11 +325,19 @@ class _Recorder:
         return self._ok and self._complete
 
     def entry(self) -> bytes:
-        packed: bytes = msgpack.packb(
-            {"s": self._status, "h": [[k, v] for k, v in self._headers], "b": bytes(self._body)},
-            use_bin_type=True,
-        )
+        # {s: status, h: [[name, value], ...], b: body}, names and values as str:
+        # the Express middleware reads and writes the same entries.
+        headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in self._headers]
+        packed: bytes = msgpack.packb({"s": self._status, "h": headers, "b": bytes(self._body)}, use_bin_type=True)
         return packed
+
+
+def _latin1(v: object) -> bytes:
+    if isinstance(v, str):
+        return v.encode("latin-1")
+    if isinstance(v, bytes):
+        return v
+    raise TypeError("a header that is neither str nor bytes")
 
 
 def _storable(headers: list[tuple[bytes, bytes]]) -> bool:
