@@ -10,6 +10,7 @@
 
 mod decode;
 mod encode;
+mod loose;
 mod fields;
 
 use bytes::Bytes;
