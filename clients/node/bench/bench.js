@@ -10,6 +10,7 @@
 //
 // From the repo root, after `cargo build --release` and `npm ci` in clients/node:
 //   node clients/node/bench/bench.js [--seconds 5] [--concurrency 1,16,64]
+//   (--quotad-connections N spreads the quotad calls over N clients)
 
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -125,15 +126,17 @@ async function main() {
     quotadProc = spawn(bin, ['serve', '--config', path.join(tmp, 'quotad.toml')], { stdio: 'ignore' });
     await waitFor(() => fs.existsSync(sock), 'quotad');
 
-    const q = new Client(sock, { timeoutMs: 5000 });
+    const conns = Number(arg('quotad-connections', '1'));
+    const qs = Array.from({ length: conns }, () => new Client(sock, { timeoutMs: 5000 }));
+    let turn = 0;
     const lua = fs.readFileSync(path.join(REPO, 'clients', 'python', 'bench', 'gcra.lua'), 'utf8');
     const plain = new Redis({ port });
     const auto = new Redis({ port, enableAutoPipelining: true });
-    clients.push(q, plain, auto);
+    clients.push(...qs, plain, auto);
     const sha = await plain.script('LOAD', lua);
     const interval = 1_000_000 / CAPACITY;
     const systems = {
-      quotad: async (t, k) => (await q.check(t, k, { policy: 'bench' })).allowed,
+      quotad: async (t, k) => (await qs[turn++ % conns].check(t, k, { policy: 'bench' })).allowed,
       evalsha: async (t, k) => (await plain.evalsha(sha, 1, `bench:{${t}}:${k}`, CAPACITY, interval, 1))[0] === 1,
       'evalsha-autopipe': async (t, k) => (await auto.evalsha(sha, 1, `bench:{${t}}:${k}`, CAPACITY, interval, 1))[0] === 1,
     };
@@ -164,7 +167,10 @@ async function main() {
       }
     }
   } finally {
-    for (const c of clients) (c.quit ? c.quit() : c.close());
+    for (const c of clients) {
+      if (c.quit) c.quit().catch(() => {});
+      else c.close();
+    }
     admin?.disconnect();
     if (quotadProc) {
       quotadProc.kill('SIGTERM');

@@ -61,6 +61,9 @@ class _Protocol(asyncio.Protocol):
         """
         loop = self._loop
         fut: asyncio.Future[Reply] = loop.create_future()
+        if self.error is not None:  # failed since the caller looked
+            fut.set_exception(self.error)
+            return fut
         self.pending[req_id] = fut
         if not self._out:
             loop.call_soon(self._flush)
