@@ -10,8 +10,8 @@
 
 mod decode;
 mod encode;
-mod loose;
 mod fields;
+mod loose;
 
 use bytes::Bytes;
 

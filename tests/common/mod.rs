@@ -153,7 +153,7 @@ impl Drop for Redis {
 pub struct Daemon {
     child: Child,
     dir: TempDir,
-    pub stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub stderr: Log,
 }
 
 impl Daemon {
@@ -172,42 +172,46 @@ impl Daemon {
     }
 
     fn spawn(dir: TempDir) -> Daemon {
-        let mut child = Command::new(QUOTAD)
-            .arg("serve")
-            .arg("--config")
-            .arg(dir.path().join("quotad.toml"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting quotad");
-        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let lines = stderr.clone();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        });
+        let (child, stderr) = launch(dir.path());
         let mut d = Daemon { child, dir, stderr };
-        let sock = d.socket();
+        d.wait_ready();
+        d
+    }
+
+    /// Waits until quotad listens (panics, with its log, if it exited).
+    fn wait_ready(&mut self) {
+        let sock = self.socket();
         wait_until("quotad's socket", || {
-            if let Ok(Some(status)) = d.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 std::thread::sleep(Duration::from_millis(50));
                 panic!(
                     "quotad exited with {status}: {:?}",
-                    d.stderr.lock().unwrap()
+                    self.stderr.lock().unwrap()
                 );
             }
             // Logged once the socket listens; probing by connecting would
             // take one of the daemon's connection slots.
-            exists(&sock) && d.log_contains("quotad ready")
+            exists(&sock) && self.log_contains("quotad ready")
         });
-        d
     }
 
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("quotad.sock")
+    }
+
+    /// Kills quotad at once (SIGKILL: the socket file stays, stale).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts quotad again (after [`Daemon::kill`]) with the same config
+    /// and socket.
+    pub fn restart(&mut self) {
+        let (child, stderr) = launch(self.dir.path());
+        self.child = child;
+        self.stderr = stderr;
+        self.wait_ready();
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -258,6 +262,30 @@ impl Daemon {
             .iter()
             .any(|l| l.contains(needle))
     }
+}
+
+type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Starts `quotad serve` on `dir/quotad.toml`, collecting its log.
+fn launch(dir: &Path) -> (Child, Log) {
+    let mut child = Command::new(QUOTAD)
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.join("quotad.toml"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting quotad");
+    let log = Log::default();
+    let lines = log.clone();
+    let pipe = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            lines.lock().unwrap().push(line);
+        }
+    });
+    (child, log)
 }
 
 impl Drop for Daemon {
