@@ -12,6 +12,8 @@ import * as build from './requests.js';
 import { defaultSocketPath } from './path.js';
 
 const FAILURE_MODES = new Set(['open', 'closed', 'raise']);
+/** Bytes a connection buffers for writing before new calls wait for quotad to read. */
+const WRITE_BUFFER_BYTES = 4 << 20;
 
 /** Exponential reconnect delay with jitter, reset by a successful connect. */
 class Backoff {
@@ -80,6 +82,25 @@ class Connection {
         });
       }
       this.socket.write(frame);
+    });
+  }
+
+  /** Resolves once the socket's write buffer drained; rejects at the deadline or on failure. */
+  drained(deadline) {
+    if (this.error !== null) return Promise.reject(this.error);
+    return new Promise((resolve, reject) => {
+      const done = (err) => {
+        clearTimeout(timer);
+        this.socket.off('drain', onDrain);
+        this.socket.off('close', onClose);
+        if (err) reject(err);
+        else resolve();
+      };
+      const onDrain = () => done();
+      const onClose = () => done(this.error ?? new ConnectionLost('quotad closed the connection'));
+      const timer = setTimeout(() => done(new RequestTimedOut('quotad is not reading its socket')), Math.max(1, deadline - Date.now()));
+      this.socket.on('drain', onDrain);
+      this.socket.on('close', onClose);
     });
   }
 
@@ -231,6 +252,8 @@ export class Client {
     try {
       let conn = this.conn;
       if (conn === null || conn.error !== null) conn = await this.#connect(deadline);
+      // Bounded write buffer: while quotad reads slower than we write, wait for it.
+      if (conn.socket.writableLength > WRITE_BUFFER_BYTES) await conn.drained(deadline);
       reply = await conn.send(id, frame, Math.max(1, deadline - Date.now()));
     } finally {
       this.inFlight--;

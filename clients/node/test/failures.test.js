@@ -208,3 +208,27 @@ test('a closed client is unavailable', async () => {
   c.close();
   await assert.rejects(c.check(freshTenant(), 'k', { policy: 'api' }), QuotadUnavailable);
 });
+
+test('the write buffer is bounded while the sidecar does not read', async () => {
+  const tenant = freshTenant();
+  const q = await Quotad.start(tempDir('buffer'), env.redis);
+  const c = new Client(q.socket, { timeoutMs: 500, ...quiet });
+  try {
+    assert.equal((await c.check(tenant, 'k')).degraded, false);
+    q.pause();
+    try {
+      const value = Buffer.alloc(200 << 10, 118);
+      const calls = Promise.all(Array.from({ length: 100 }, (_, i) => c.cacheSet(tenant, `k${i}`, value, { ttlMs: 10_000 })));
+      await sleep(200);
+      const buffered = c.conn.socket.writableLength;
+      assert.ok(buffered > 0 && buffered <= (4 << 20) + (256 << 10), String(buffered)); // not 20 MB
+      assert.deepEqual(await calls, Array(100).fill(false));
+    } finally {
+      q.resume();
+    }
+    assert.equal((await c.check(tenant, 'k')).degraded, false);
+  } finally {
+    c.close();
+    await q.close();
+  }
+});

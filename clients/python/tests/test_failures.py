@@ -238,3 +238,23 @@ def test_closed_client_is_unavailable(socket_path: str, tenant: str) -> None:
     c.close()
     with pytest.raises(QuotadUnavailable):
         c.check(tenant, "k", policy="api")
+
+
+async def test_write_buffer_is_bounded_while_the_sidecar_does_not_read(own_daemon: Quotad, tenant: str) -> None:
+    from quotad.aio import WRITE_BUFFER_BYTES
+
+    c = AsyncClient(str(own_daemon.socket), timeout=0.5)
+    assert not (await c.check(tenant, "k")).degraded
+    own_daemon.pause()
+    try:
+        value = b"v" * (200 << 10)
+        calls = asyncio.gather(*(c.cache_set(tenant, f"k{i}", value, ttl_ms=10_000) for i in range(100)))
+        await asyncio.sleep(0.2)
+        assert c._proto is not None and c._proto.transport is not None
+        buffered = c._proto.transport.get_write_buffer_size()
+        assert 0 < buffered <= WRITE_BUFFER_BYTES + (256 << 10)  # not 20 MB
+        assert await calls == [False] * 100  # timed out: not stored
+    finally:
+        own_daemon.resume()
+    assert not (await c.check(tenant, "k")).degraded
+    await c.close()

@@ -36,6 +36,9 @@ log = logging.getLogger("quotad")
 
 Reply = dict[str, Any]
 
+#: Bytes a connection buffers for writing before new calls wait for quotad to read.
+WRITE_BUFFER_BYTES = 4 << 20
+
 
 class _Protocol(asyncio.Protocol):
     """One connection: frames in, futures resolved by id."""
@@ -48,10 +51,23 @@ class _Protocol(asyncio.Protocol):
         self._loop = loop
         # Frames written in one loop iteration go out in one write.
         self._out: list[bytes] = []
+        self._out_bytes = 0
         # Calls with the client's default timeout expire in the order they were
         # made, so one timer (at the oldest deadline) serves them all.
         self._deadlines: deque[tuple[float, asyncio.Future[Reply], float]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
+        # Set while the transport's write buffer is over its high-water mark
+        # (quotad reads slower than we write): new calls wait for it to drain.
+        self.drained: asyncio.Future[None] | None = None
+
+    def pause_writing(self) -> None:
+        if self.drained is None:
+            self.drained = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        drained, self.drained = self.drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
 
     def send(self, req_id: int, frame: bytes, timeout: float, ordered: bool) -> asyncio.Future[Reply]:
         """Queues a frame; the future gets the reply, or RequestTimedOut after ``timeout``.
@@ -68,6 +84,7 @@ class _Protocol(asyncio.Protocol):
         if not self._out:
             loop.call_soon(self._flush)
         self._out.append(frame)
+        self._out_bytes += len(frame)
         deadline = loop.time() + timeout
         if ordered:
             self._deadlines.append((deadline, fut, timeout))
@@ -78,8 +95,17 @@ class _Protocol(asyncio.Protocol):
             fut.add_done_callback(lambda _: timer.cancel())
         return fut
 
+    def backlog(self) -> asyncio.Future[None] | None:
+        """A future to wait on while too much is buffered for writing, else None."""
+        assert self.transport is not None
+        if self._out_bytes + self.transport.get_write_buffer_size() <= WRITE_BUFFER_BYTES:
+            return None
+        self._flush()  # hand the batch to the transport, which pauses us if it cannot send it
+        return self.drained
+
     def _flush(self) -> None:
         out, self._out = self._out, []
+        self._out_bytes = 0
         if self.error is None and self.transport is not None and out:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
@@ -96,6 +122,7 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_BYTES)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -127,10 +154,14 @@ class _Protocol(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(err)
         self._out.clear()
+        self._out_bytes = 0
         self._deadlines.clear()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_exception(err)
+            self.drained.exception()  # retrieved: nobody may be waiting
         if self.transport is not None:
             self.transport.abort()
 
@@ -300,6 +331,14 @@ class AsyncClient:
             if proto is None or proto.error is not None:
                 proto = await self._connect(deadline)
                 ordered = False  # the connect used part of the timeout
+            backlog = proto.backlog()
+            if backlog is not None:
+                # Bounded write buffer: wait until quotad has read some of it.
+                try:
+                    await asyncio.wait_for(asyncio.shield(backlog), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    raise RequestTimedOut("quotad is not reading its socket") from None
+                ordered = False
             fut = proto.send(req_id, frame, deadline - loop.time(), ordered)
             try:
                 reply = await fut
