@@ -211,7 +211,10 @@ fn main() {
             .clone(),
         seconds,
     };
-    if workloads.iter().any(|w| matches!(w, Workload::CheckGet | Workload::CacheGet)) {
+    if workloads
+        .iter()
+        .any(|w| matches!(w, Workload::CheckGet | Workload::CacheGet))
+    {
         rt.block_on(bench.fill_caches(value_bytes));
     }
     if workloads.contains(&Workload::Tenants) {
@@ -309,13 +312,18 @@ impl Bench {
             let client = &client;
             let sets = chunk.iter().map(|t| async move {
                 let plan = if t % 2 == 0 { "pro" } else { "free" };
-                let record = TenantRecord { plan: plan.into(), limits: Default::default() };
+                let record = TenantRecord {
+                    plan: plan.into(),
+                    limits: Default::default(),
+                };
                 client.tenant_set(&format!("tenant-{t}"), record).await
             });
             for r in futures::future::join_all(sets).await {
                 r.unwrap();
             }
-            let warm = chunk.iter().map(|t| async move { client.check(&format!("tenant-{t}"), "warm", None, 0).await });
+            let warm = chunk.iter().map(|t| async move {
+                client.check(&format!("tenant-{t}"), "warm", None, 0).await
+            });
             for d in futures::future::join_all(warm).await {
                 assert!(!d.unwrap().degraded);
             }
@@ -328,7 +336,13 @@ impl Bench {
             .unwrap()
     }
 
-    async fn run_quotad(&self, w: Workload, inflight: usize, conns: usize, spread: (usize, usize)) -> Phase {
+    async fn run_quotad(
+        &self,
+        w: Workload,
+        inflight: usize,
+        conns: usize,
+        spread: (usize, usize),
+    ) -> Phase {
         let mut clients = Vec::new();
         for _ in 0..conns {
             clients.push(Arc::new(Client::connect(&self.socket).await.unwrap()));
@@ -385,36 +399,42 @@ impl Bench {
             .unwrap();
         let policy = self.policy.clone();
         let keys = Arc::new(Keys::new("bench"));
-        measure(self, inflight, (TENANTS, KEYS_PER_TENANT), None, move |task| {
-            let (cm, policy, keys) = (cms[task % conns].clone(), policy.clone(), keys.clone());
-            move |tenant: String, key: String| {
-                let mut cm = cm.clone();
-                let cache = baseline_cache_key(&tenant, &key);
-                let job = Job::Check(Check {
-                    policy: policy.clone(),
-                    tenant,
-                    key,
-                    cost: 1,
-                });
-                let cmd = (w != Workload::CacheGet)
-                    .then(|| script::command(std::iter::once(&job), &keys, None, false));
-                async move {
-                    if let Some(cmd) = cmd {
-                        let reply: redis::Value = cmd.query_async(&mut cm).await.unwrap();
-                        let outcome = script::outcomes(reply, std::iter::once(&job)).unwrap();
-                        assert!(matches!(outcome[0], Outcome::Decided(v) if v.allowed));
-                    }
-                    if w != Workload::Check {
-                        let v: Option<Vec<u8>> = redis::cmd("GET")
-                            .arg(&cache)
-                            .query_async(&mut cm)
-                            .await
-                            .unwrap();
-                        assert!(v.is_some());
+        measure(
+            self,
+            inflight,
+            (TENANTS, KEYS_PER_TENANT),
+            None,
+            move |task| {
+                let (cm, policy, keys) = (cms[task % conns].clone(), policy.clone(), keys.clone());
+                move |tenant: String, key: String| {
+                    let mut cm = cm.clone();
+                    let cache = baseline_cache_key(&tenant, &key);
+                    let job = Job::Check(Check {
+                        policy: policy.clone(),
+                        tenant,
+                        key,
+                        cost: 1,
+                    });
+                    let cmd = (w != Workload::CacheGet)
+                        .then(|| script::command(std::iter::once(&job), &keys, None, false));
+                    async move {
+                        if let Some(cmd) = cmd {
+                            let reply: redis::Value = cmd.query_async(&mut cm).await.unwrap();
+                            let outcome = script::outcomes(reply, std::iter::once(&job)).unwrap();
+                            assert!(matches!(outcome[0], Outcome::Decided(v) if v.allowed));
+                        }
+                        if w != Workload::Check {
+                            let v: Option<Vec<u8>> = redis::cmd("GET")
+                                .arg(&cache)
+                                .query_async(&mut cm)
+                                .await
+                                .unwrap();
+                            assert!(v.is_some());
+                        }
                     }
                 }
-            }
-        })
+            },
+        )
         .await
     }
 
