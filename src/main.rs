@@ -31,6 +31,9 @@ enum Command {
         /// The TOML config file (see docs/config.md).
         #[arg(long, env = "QUOTAD_CONFIG")]
         config: Option<PathBuf>,
+        /// Listen here instead of at the config's `server.socket`.
+        #[arg(long, env = "QUOTAD_SOCKET")]
+        socket: Option<PathBuf>,
     },
     /// Ask a running quotad for one decision. Exit status: 0 allowed, 1 denied, 2 error.
     Check {
@@ -61,7 +64,7 @@ enum Command {
 #[derive(clap::Args)]
 struct Socket {
     /// The daemon's socket (default: the config's, else the default path).
-    #[arg(long, global = true)]
+    #[arg(long, env = "QUOTAD_SOCKET", global = true)]
     socket: Option<PathBuf>,
     #[arg(long, env = "QUOTAD_CONFIG", global = true)]
     config: Option<PathBuf>,
@@ -106,7 +109,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config } => serve(config).map(|()| ExitCode::SUCCESS),
+        Command::Serve { config, socket } => serve(config, socket).map(|()| ExitCode::SUCCESS),
         Command::Check {
             tenant,
             key,
@@ -129,8 +132,11 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     })
 }
 
-fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
-    let config = load(path.as_ref())?;
+fn serve(path: Option<PathBuf>, socket: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut config = load(path.as_ref())?;
+    if let Some(socket) = socket {
+        config.server.socket = socket;
+    }
     let runtime = match config.server.threads {
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -89,3 +89,45 @@ fn an_invalid_config_names_the_field_and_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("redis.timeout_ms"));
 }
+
+#[test]
+fn quotad_socket_places_the_daemon_and_finds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("env.sock");
+    let mut serve = Command::new(QUOTAD)
+        .arg("serve")
+        .env("QUOTAD_SOCKET", &socket)
+        .env_remove("QUOTAD_CONFIG")
+        .env_remove("XDG_RUNTIME_DIR")
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no socket at {socket:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = Command::new(QUOTAD)
+        .args(["check", "--tenant", "t", "--key", "k"])
+        .env("QUOTAD_SOCKET", &socket)
+        .env_remove("QUOTAD_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("allowed=true limit=20 "));
+    assert!(
+        !dir.path().join("quotad.sock").exists(),
+        "the default path is unused"
+    );
+    serve.kill().unwrap();
+    serve.wait().unwrap();
+}
