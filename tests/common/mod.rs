@@ -425,7 +425,15 @@ impl Cluster {
 
 /// `n` ports in 20000..45000 that are free, with their bus ports free too.
 fn cluster_ports(n: usize) -> Vec<u16> {
-    let mut seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
+    // Tests of one binary run in parallel threads: never hand out a port
+    // twice, and seed each call differently (the pid alone is shared).
+    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut taken = TAKEN.lock().unwrap();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut seed = std::process::id() as u64 ^ nanos ^ taken.len() as u64;
     let mut ports = Vec::new();
     while ports.len() < n {
         seed = seed
@@ -433,10 +441,14 @@ fn cluster_ports(n: usize) -> Vec<u16> {
             .wrapping_add(1442695040888963407);
         let p = 20000 + (seed >> 33) as u16 % 25000;
         let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if !ports.contains(&p) && free(p) && free(p + 10000) {
+        // A node also takes port + 10000 for its cluster bus.
+        let clash = |q: &u16| *q == p || *q + 10000 == p || *q == p + 10000;
+        let clashes = ports.iter().chain(taken.iter()).any(clash);
+        if !clashes && free(p) && free(p + 10000) {
             ports.push(p);
         }
     }
+    taken.extend(&ports);
     ports
 }
 
