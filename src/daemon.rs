@@ -29,6 +29,7 @@ pub struct Daemon {
     config: Config,
     listener: Listener,
     router: Arc<Router>,
+    redis: Option<RedisBackend>,
     /// Stops background tasks (the breaker's prober) once the daemon ends.
     background: CancellationToken,
 }
@@ -52,7 +53,7 @@ impl Daemon {
         let directory = Directory::new(&config, redis.clone(), stats.clone());
         let router = Arc::new(Router::start(
             &config,
-            redis,
+            redis.clone(),
             directory.clone(),
             clock,
             stats,
@@ -71,8 +72,24 @@ impl Daemon {
             config,
             listener,
             router,
+            redis,
             background,
         })
+    }
+
+    /// Gives Redis up to a second to connect and load the script before
+    /// requests are served (they queue meanwhile). If it cannot, quotad
+    /// serves anyway, deciding by failure mode until Redis answers.
+    pub async fn warm_up(&self) {
+        if let Some(redis) = &self.redis {
+            if redis.warm_up(Duration::from_secs(1)).await {
+                tracing::info!("Redis connected, script loaded");
+            } else {
+                tracing::warn!(
+                    "Redis not answering yet: deciding by each policy's failure mode until it does"
+                );
+            }
+        }
     }
 
     pub fn socket(&self) -> &Path {

@@ -159,6 +159,7 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         },
     };
     let daemon = Daemon::start(config, Clock::System)?;
+    daemon.warm_up().await;
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
     quotad::shutdown::listen(shutdown.clone(), reload_tx).context("installing signal handlers")?;

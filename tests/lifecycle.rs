@@ -198,4 +198,18 @@ fn redis_down_at_start_does_not_stop_quotad_from_starting() {
     let r = c.recv().unwrap();
     assert_eq!(r["backend"], "redis");
     assert_eq!(r["protocol"], 1);
+    assert!(d.log_contains("Redis not answering yet"));
+}
+
+#[test]
+fn the_script_is_loaded_before_the_first_request() {
+    let redis = Redis::start();
+    let d = Daemon::start(&format!("{}{POLICY}", redis_table(&redis)));
+    assert!(d.log_contains("Redis connected, script loaded"));
+    assert_eq!(redis.calls("script|load"), 1);
+    let mut c = Raw::connect(&d.socket());
+    c.send(json!({"id": 1, "op": "check", "tenant": "t", "key": "k"}));
+    assert_eq!(c.recv().unwrap()["allowed"], true);
+    assert_eq!(redis.calls("evalsha"), 1);
+    assert_eq!(redis.calls("eval"), 0, "no NOSCRIPT fallback was needed");
 }

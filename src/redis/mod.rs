@@ -321,6 +321,18 @@ impl RedisBackend {
         }
     }
 
+    /// Connects and loads the script, so that the first requests pay for
+    /// neither. False if Redis did not manage within `limit`.
+    pub async fn warm_up(&self, limit: Duration) -> bool {
+        let mut load = redis::cmd("SCRIPT");
+        load.arg("LOAD").arg(script::SOURCE);
+        let run = self.inner.conn.run(vec![load]);
+        matches!(
+            tokio::time::timeout(limit, run).await.as_deref(),
+            Ok([Ok(_)])
+        )
+    }
+
     /// True if Redis answers a PING within the deadline.
     pub async fn ping(&self) -> bool {
         let ping = self.inner.conn.run(vec![redis::cmd("PING")]);
