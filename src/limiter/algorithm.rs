@@ -1,6 +1,6 @@
 //! The math of each rule kind, pure and clock-free.
 //!
-//! `lua/check.lua` implements exactly the same arithmetic, in the same
+//! `lua/limiter.lua` implements exactly the same arithmetic, in the same
 //! order, so the Redis and memory backends agree to the microsecond; the
 //! golden tables in `tests/vectors/` hold both to it. Times are integer
 //! microseconds since the Unix epoch. All integer intermediates stay below

@@ -1,7 +1,7 @@
 //! Rules and policies: what a limit is and how several rules make one
 //! atomic decision, independent of where the state lives.
 //!
-//! - [`algorithm`]: the math of each rule kind (mirrored by `lua/check.lua`).
+//! - [`algorithm`]: the math of each rule kind (mirrored by `lua/limiter.lua`).
 //! - [`memory`]: the embedded in-process backend.
 
 pub mod algorithm;
@@ -38,7 +38,7 @@ impl RuleKind {
         }
     }
 
-    /// The script's encoding: `[kind code, a, b]` (see `lua/check.lua`).
+    /// The script's encoding: `[kind code, a, b]` (see `lua/limiter.lua`).
     pub fn script_args(&self) -> [u64; 3] {
         match *self {
             RuleKind::TokenBucket {

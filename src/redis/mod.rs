@@ -1,6 +1,6 @@
 //! The Redis backend: one pipelined round trip decides a whole batch.
 //!
-//! A batch becomes one `lua/check.lua` call per Redis Cluster slot group
+//! A batch becomes one batch-script call (`lua/`) per Redis Cluster slot group
 //! (on a single Redis, where slots do not matter, the whole batch is one
 //! call), all sent together. Every round trip has a deadline. A call that
 //! Redis refused with NOSCRIPT (it restarted, failed over, or was flushed)
