@@ -1,5 +1,5 @@
 //! The golden decision tables in `tests/vectors/` hold for both backends:
-//! the in-memory limiter and `lua/check.lua` in a real Redis, driven by
+//! the in-memory limiter and the `lua/` scripts in a real Redis, driven by
 //! the same pinned clock. Steps at the same instant go to Redis as one
 //! batch, so a table also proves a batch decides like a sequence.
 
