@@ -68,6 +68,7 @@ impl Router {
                     clock: clock.clone(),
                     batch_max: s.batch_max,
                     batch_max_bytes: s.batch_max_bytes,
+                    max_in_flight: s.max_batches_in_flight,
                     max_queued: s.max_queued_per_shard,
                     local_max_entries: s.local_max_entries.div_ceil(n),
                     cache_max_bytes: cfg.cache.memory_max_bytes.div_ceil(n),

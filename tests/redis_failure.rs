@@ -201,8 +201,8 @@ rules = [{{ name = "r", kind = "token_bucket", capacity = 2, refill_per_sec = 0.
 fn a_full_shard_queue_answers_overloaded_instead_of_growing() {
     let redis = Redis::start();
     let d = Daemon::start(&format!(
-        "shards = 1\nmax_queued_per_shard = 8\nmailbox_capacity = 16\n\
-         [redis]\nurl = {:?}\ntimeout_ms = 2000\nmax_in_flight = 1\n{POLICY}",
+        "shards = 1\nmax_batches_in_flight = 1\nmax_queued_per_shard = 8\nmailbox_capacity = 16\n\
+         [redis]\nurl = {:?}\ntimeout_ms = 2000\n{POLICY}",
         redis.url()
     ));
     let mut c = common::Raw::connect(&d.socket());

@@ -85,6 +85,8 @@ pub struct ServerConfig {
     /// Bytes (mostly cache values) in one Redis round trip, roughly, at
     /// most; a single larger operation still goes alone. Default 4 MiB.
     pub batch_max_bytes: usize,
+    /// Round trips a shard may have in flight at once. Default 2.
+    pub max_batches_in_flight: usize,
     /// Longest tenant string, in bytes. Default 256.
     pub max_tenant_bytes: usize,
     /// Longest key string, in bytes. Default 1024.
@@ -114,6 +116,7 @@ impl Default for ServerConfig {
             max_queued_per_shard: 16384,
             batch_max: 256,
             batch_max_bytes: 4 << 20,
+            max_batches_in_flight: 2,
             max_tenant_bytes: 256,
             max_key_bytes: 1024,
             local_max_entries: 1_000_000,
@@ -154,11 +157,6 @@ pub struct RedisConfig {
     /// First component of every key. Default `qd`.
     #[serde(default = "default_prefix")]
     pub prefix: String,
-    /// Round trips (batches) out at once, across all shards: while fewer
-    /// are out, a request goes to Redis at once; otherwise requests queue
-    /// and share the next round trip. Default 2.
-    #[serde(default = "default_in_flight")]
-    pub max_in_flight: usize,
     /// Consecutive failed round trips that open the circuit breaker. Default 3.
     #[serde(default = "default_breaker_failures")]
     pub breaker_failures: u32,
@@ -172,9 +170,6 @@ fn default_timeout_ms() -> u64 {
 }
 fn default_prefix() -> String {
     crate::keys::DEFAULT_PREFIX.into()
-}
-fn default_in_flight() -> usize {
-    2
 }
 fn default_breaker_failures() -> u32 {
     3
@@ -338,6 +333,12 @@ impl Config {
             ),
             ("server.batch_max", s.batch_max, 1, 4096),
             ("server.batch_max_bytes", s.batch_max_bytes, 1024, 1 << 30),
+            (
+                "server.max_batches_in_flight",
+                s.max_batches_in_flight,
+                1,
+                64,
+            ),
             ("server.max_tenant_bytes", s.max_tenant_bytes, 1, 4096),
             ("server.max_key_bytes", s.max_key_bytes, 1, 65536),
             ("server.local_max_entries", s.local_max_entries, 1, 1 << 30),
@@ -376,9 +377,6 @@ impl Config {
             }
             if !is_ident(&r.prefix) {
                 return Err(invalid("redis.prefix", IDENT_RULE));
-            }
-            if !(1..=256).contains(&r.max_in_flight) {
-                return Err(invalid("redis.max_in_flight", "must be within 1..=256"));
             }
             if r.breaker_failures == 0 {
                 return Err(invalid("redis.breaker_failures", "must be at least 1"));

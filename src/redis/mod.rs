@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::{ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -67,8 +66,6 @@ struct Inner {
     stats: Arc<Stats>,
     /// Stops the breaker's prober at shutdown.
     stop: CancellationToken,
-    /// Round trips out at once, across all shards.
-    round_trips: Arc<Semaphore>,
 }
 
 impl RedisBackend {
@@ -89,18 +86,12 @@ impl RedisBackend {
                 clock,
                 stats,
                 stop,
-                round_trips: Arc::new(Semaphore::new(cfg.max_in_flight)),
             }),
         })
     }
 
     pub fn keys(&self) -> &Keys {
         &self.inner.keys
-    }
-
-    /// The slots for round trips in flight, shared by every shard.
-    pub fn round_trips(&self) -> Arc<Semaphore> {
-        self.inner.round_trips.clone()
     }
 
     /// The deadline of a round trip that starts now.

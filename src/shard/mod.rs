@@ -23,7 +23,6 @@ use arc_swap::ArcSwap;
 use kameo::actor::{Actor, ActorRef, WeakActorRef};
 use kameo::error::ActorStopReason;
 use kameo::message::{Context, Message};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::batch::{Batcher, Weighted};
@@ -88,8 +87,6 @@ pub struct Shard {
     keys: Keys,
     clock: Clock,
     batcher: Batcher<Waiter>,
-    /// A [`Permit`] is on its way.
-    awaiting_permit: bool,
     /// Every plan's policies (swapped on reload).
     plans: Arc<ArcSwap<Plans>>,
     /// Where tenants' plans come from; `None`: all on the `default` plan.
@@ -111,6 +108,7 @@ pub struct ShardArgs {
     pub clock: Clock,
     pub batch_max: usize,
     pub batch_max_bytes: usize,
+    pub max_in_flight: usize,
     pub max_queued: usize,
     pub local_max_entries: usize,
     pub cache_max_bytes: usize,
@@ -132,8 +130,12 @@ impl Actor for Shard {
             cache: MemoryCache::new(a.cache_max_bytes),
             keys: a.keys,
             clock: a.clock,
-            batcher: Batcher::new(a.batch_max, a.batch_max_bytes, a.max_queued),
-            awaiting_permit: false,
+            batcher: Batcher::new(
+                a.batch_max,
+                a.batch_max_bytes,
+                a.max_in_flight,
+                a.max_queued,
+            ),
             plans: a.plans,
             directory: a.directory,
             tenants: Tenants::new(a.max_tenants),
@@ -213,21 +215,9 @@ impl Message<BatchDone> for Shard {
         for ((job, reply), outcome) in done.jobs.into_iter().zip(done.replies).zip(done.outcomes) {
             self.finish(job, outcome, reply, ctx);
         }
-    }
-}
-
-/// A round trip slot came free for this shard's queue.
-pub struct Permit(OwnedSemaphorePermit);
-
-impl Message<Permit> for Shard {
-    type Reply = ();
-
-    async fn handle(&mut self, Permit(permit): Permit, ctx: &mut Context<Self, ()>) {
-        self.awaiting_permit = false;
-        if let Some(batch) = self.batcher.take() {
-            self.send(batch, permit, ctx);
+        if let Some(batch) = self.batcher.complete() {
+            self.send(batch, ctx);
         }
-        self.pump(ctx);
     }
 }
 
@@ -251,7 +241,8 @@ impl Message<Reload> for Shard {
 impl Shard {
     fn enqueue(&mut self, w: Waiter, ctx: &Context<Self, ()>) {
         match self.batcher.push(w) {
-            Ok(()) => self.pump(ctx),
+            Ok(Some(batch)) => self.send(batch, ctx),
+            Ok(None) => {}
             Err(w) => {
                 if let Some(reply) = w.reply {
                     reply.send(Err(Error::Overloaded("shard queue full")));
@@ -260,35 +251,9 @@ impl Shard {
         }
     }
 
-    /// Sends what is queued while round trip slots are free (lowest
-    /// latency when idle); otherwise waits for one, queueing meanwhile, so
-    /// that under load each round trip carries many jobs.
-    fn pump(&mut self, ctx: &Context<Self, ()>) {
-        let Some(redis) = &self.redis else {
-            return;
-        };
-        let slots = redis.round_trips();
-        while !self.awaiting_permit && !self.batcher.is_empty() {
-            match slots.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let batch = self.batcher.take().expect("not empty");
-                    self.send(batch, permit, ctx);
-                }
-                Err(_) => {
-                    self.awaiting_permit = true;
-                    let slots = slots.clone();
-                    ctx.pipe(
-                        async move { Permit(slots.acquire_owned().await.expect("never closed")) },
-                    );
-                }
-            }
-        }
-    }
-
-    /// Sends a batch to Redis in its own task, holding a round trip slot
-    /// until it is back. Jobs already past their deadline are answered by
-    /// failure mode instead of being sent.
-    fn send(&mut self, batch: Vec<Waiter>, permit: OwnedSemaphorePermit, ctx: &Context<Self, ()>) {
+    /// Sends a batch to Redis in its own task. Jobs already past their
+    /// deadline are answered by failure mode instead of being sent.
+    fn send(&mut self, batch: Vec<Waiter>, ctx: &Context<Self, ()>) {
         let now = Instant::now();
         let mut deadline = None;
         let mut jobs = Vec::with_capacity(batch.len());
@@ -304,12 +269,14 @@ impl Shard {
             }
         }
         let Some(deadline) = deadline else {
+            if let Some(next) = self.batcher.complete() {
+                self.send(next, ctx);
+            }
             return;
         };
         let redis = self.redis.clone().expect("only the Redis backend batches");
         ctx.pipe(async move {
             let outcomes = redis.run(&jobs, deadline).await;
-            drop(permit);
             BatchDone {
                 jobs,
                 replies,
