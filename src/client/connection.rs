@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BytesMut};
@@ -30,6 +31,8 @@ pub struct Connection {
 
 struct Shared {
     state: Mutex<State>,
+    /// Mirrors `state.closed.is_some()`, read without the lock.
+    closed: AtomicBool,
     /// Wakes the writer when `out` goes from empty to non-empty.
     wake_writer: Notify,
 }
@@ -48,6 +51,7 @@ impl Connection {
         let (rd, wr) = UnixStream::connect(path).await?.into_split();
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
+            closed: AtomicBool::new(false),
             wake_writer: Notify::new(),
         });
         tokio::spawn(write_loop(wr, shared.clone()));
@@ -56,7 +60,7 @@ impl Connection {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.shared.state.lock().unwrap().closed.is_some()
+        self.shared.closed.load(Ordering::Acquire)
     }
 
     /// Queues a request; the receiver gets its reply.
@@ -103,6 +107,7 @@ impl Shared {
         let waiting = {
             let mut st = self.state.lock().unwrap();
             st.closed.get_or_insert(err.clone());
+            self.closed.store(true, Ordering::Release);
             std::mem::take(&mut st.waiting)
         };
         for (_, w) in waiting {

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use tokio::time::Instant;
 
 use crate::limiter::Decision;
@@ -90,7 +91,10 @@ impl Default for ClientOptions {
 pub struct Client {
     path: PathBuf,
     options: ClientOptions,
-    conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// The current connection, read without a lock on every call.
+    conn: ArcSwapOption<Connection>,
+    /// Held while (re)connecting, so that one caller does it.
+    connecting: tokio::sync::Mutex<()>,
     backoff: Mutex<Backoff>,
     next_id: AtomicU64,
 }
@@ -109,7 +113,8 @@ impl Client {
         Client {
             path: path.as_ref().to_owned(),
             options,
-            conn: tokio::sync::Mutex::new(None),
+            conn: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
             backoff: Mutex::new(Backoff {
                 not_before: None,
                 wait,
@@ -294,11 +299,15 @@ impl Client {
 
     /// The open connection, or a new one if the backoff allows.
     async fn connection(&self) -> Result<Arc<Connection>, ClientError> {
-        let mut slot = self.conn.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
+        if let Some(c) = self.conn.load_full().filter(|c| !c.is_closed()) {
+            return Ok(c);
         }
-        *slot = None;
+        let _connecting = self.connecting.lock().await;
+        // Another caller may have connected meanwhile.
+        if let Some(c) = self.conn.load_full().filter(|c| !c.is_closed()) {
+            return Ok(c);
+        }
+        self.conn.store(None);
         let now = Instant::now();
         if let Some(t) = self.backoff.lock().unwrap().not_before.filter(|t| *t > now) {
             return Err(ClientError::Io(format!(
@@ -310,7 +319,7 @@ impl Client {
         match Connection::open(&self.path).await {
             Ok(c) => {
                 let c = Arc::new(c);
-                *slot = Some(c.clone());
+                self.conn.store(Some(c.clone()));
                 *self.backoff.lock().unwrap() = Backoff {
                     not_before: None,
                     wait: self.options.backoff_initial,
