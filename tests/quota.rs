@@ -168,30 +168,13 @@ async fn the_redis_source_is_managed_with_quotad_tenant_and_changes_apply_at_onc
     // Bad records are refused before they reach the source.
     let (ok, _, err) = cli(&a, &["set", "acme", "--plan", "platinum"]);
     assert!(!ok && err.contains("no plan `platinum`"), "{err}");
-    let (ok, _, err) = cli(
-        &a,
-        &[
-            "set",
-            "acme",
-            "--plan",
-            "pro",
-            "--limit",
-            "api.nope.capacity=5",
-        ],
-    );
-    assert!(!ok && err.contains("has no rule `nope`"), "{err}");
-    let (ok, _, err) = cli(
-        &a,
-        &[
-            "set",
-            "acme",
-            "--plan",
-            "pro",
-            "--limit",
-            "api.burst.capacity=lots",
-        ],
-    );
-    assert!(!ok && err.contains("not a number"), "{err}");
+    for (limit, why) in [
+        ("api.nope.capacity=5", "has no rule `nope`"),
+        ("api.burst.capacity=lots", "not a number"),
+    ] {
+        let (ok, _, err) = cli(&a, &["set", "acme", "--plan", "pro", "--limit", limit]);
+        assert!(!ok && err.contains(why), "{err}");
+    }
     assert_eq!(redis.cli(&["EXISTS", "qd:tenant:{acme}"]), "0");
 }
 
