@@ -100,6 +100,14 @@ fn parse_limit(s: &str) -> Result<(String, f64), String> {
 }
 
 fn main() -> ExitCode {
+    // An empty variable means unset, as in the client shims (clap would
+    // take it as an empty value).
+    for var in ["QUOTAD_CONFIG", "QUOTAD_SOCKET"] {
+        if std::env::var_os(var).is_some_and(|v| v.is_empty()) {
+            // SAFETY: no other thread exists yet.
+            unsafe { std::env::remove_var(var) };
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -43,12 +43,13 @@ fn check_prints_the_decision_and_exits_by_it() {
     let (code, _, err) = check(&d, &["--policy", "nope"]);
     assert_eq!(code, 2);
     assert!(err.contains("unknown_policy"), "{err}");
-    // The config file names the socket too.
+    // The config file names the socket too (an empty QUOTAD_SOCKET is unset).
     let out = Command::new(QUOTAD)
         .args([
             "check", "--tenant", "t", "--key", "k", "--cost", "0", "--config",
         ])
         .arg(d.config_path())
+        .env("QUOTAD_SOCKET", "")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
