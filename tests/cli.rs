@@ -104,14 +104,7 @@ fn quotad_socket_places_the_daemon_and_finds_it() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no socket at {socket:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    common::wait_until("the socket at $QUOTAD_SOCKET", || socket.exists());
     let out = Command::new(QUOTAD)
         .args(["check", "--tenant", "t", "--key", "k"])
         .env("QUOTAD_SOCKET", &socket)
