@@ -265,12 +265,18 @@ async fn with_postgres_down_the_last_known_plans_stay_in_force() {
     assert_eq!(limit(&c, "acme", Some("api")).await, 1000);
     pg.stop();
     redis.cli(&["FLUSHALL"]); // no help from the Redis level either
+    let before = counters(&c).await;
     let start = Instant::now();
     while start.elapsed() < Duration::from_millis(1500) {
         // Well past the TTL: every check is answered, under the known plan.
         assert_eq!(limit(&c, "acme", Some("api")).await, 1000);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // ... from the stale entry, never waiting for another failing lookup.
+    assert_eq!(
+        counters(&c).await["quota_local_misses"],
+        before["quota_local_misses"]
+    );
     assert_eq!(
         limit(&c, "never-seen", Some("api")).await,
         10,

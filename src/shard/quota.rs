@@ -51,10 +51,12 @@ impl Message<TenantLoaded> for Shard {
                     (stale, waiting)
                 }
                 (None, waiting) => {
-                    // Never seen and the source is down: the default plan, briefly.
+                    // Never seen and the source is down: the default plan,
+                    // stale at once (served without waiting, looked up again).
                     let policies = compile(&self.plans.load(), &self.stats, &done.tenant, None);
                     self.tenants
                         .fill(&done.tenant, None, policies.clone(), RETRY_AFTER, now);
+                    self.tenants.keep_stale(&done.tenant, now);
                     (policies, waiting)
                 }
             },
@@ -88,8 +90,19 @@ impl Shard {
         }
         let c = &self.stats.counters;
         match self.tenants.find(&tenant, Instant::now()) {
-            Found::Ready { policies, refresh } => {
-                Stats::add(&c.quota_local_hits, 1);
+            Found::Ready {
+                policies,
+                refresh,
+                stale,
+            } => {
+                Stats::add(
+                    if stale {
+                        &c.quota_local_stale
+                    } else {
+                        &c.quota_local_hits
+                    },
+                    1,
+                );
                 if refresh {
                     self.look_up(tenant, ctx);
                 }

@@ -5,8 +5,10 @@
 //! once, however many requests arrive meanwhile: they wait here. A fresh
 //! entry past 80% of its life is refreshed in the background, so a busy
 //! tenant never waits for a lookup. When the source cannot answer, the
-//! last known entry keeps being served. Bounded: past `max` tenants,
-//! expired entries go first, then arbitrary ones.
+//! last known entry turns stale: it keeps being served, without waiting,
+//! and is looked up again in the background every [`RETRY_AFTER`].
+//! Bounded: past `max` tenants, expired entries go first, then arbitrary
+//! ones.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,14 +31,17 @@ pub struct Entry {
     expires: Instant,
     refresh_at: Instant,
     refreshing: bool,
+    /// The source failed to confirm it: served past `expires` until it does.
+    stale: bool,
 }
 
 /// What a request finds.
 pub enum Found {
-    /// Fresh; `refresh`: start a background lookup now.
+    /// Fresh, or `stale`; `refresh`: start a background lookup now.
     Ready {
         policies: Arc<Policies>,
         refresh: bool,
+        stale: bool,
     },
     /// Missing or expired: wait for a lookup; `lookup`: start it now.
     Wait { lookup: bool },
@@ -58,18 +63,22 @@ impl Tenants {
     }
 
     pub fn find(&mut self, tenant: &str, now: Instant) -> Found {
-        if let Some(e) = self.entries.get_mut(tenant)
-            && e.expires > now
-        {
-            let refresh = now >= e.refresh_at && !e.refreshing;
-            e.refreshing |= refresh;
-            return Found::Ready {
-                policies: e.policies.clone(),
-                refresh,
-            };
+        let mut refreshing = false;
+        if let Some(e) = self.entries.get_mut(tenant) {
+            if e.expires > now || e.stale {
+                let refresh = now >= e.refresh_at && !e.refreshing;
+                e.refreshing |= refresh;
+                return Found::Ready {
+                    policies: e.policies.clone(),
+                    refresh,
+                    stale: e.stale,
+                };
+            }
+            refreshing = e.refreshing;
         }
+        // Expired with its refresh still out: wait for that one.
         Found::Wait {
-            lookup: !self.waiting.contains_key(tenant),
+            lookup: !refreshing && !self.waiting.contains_key(tenant),
         }
     }
 
@@ -105,21 +114,23 @@ impl Tenants {
                 expires: now + ttl,
                 refresh_at: now + ttl.mul_f64(0.8),
                 refreshing: false,
+                stale: false,
             },
         );
         self.waiting.remove(tenant).unwrap_or_default()
     }
 
-    /// The lookup failed: keep serving the last known entry for a while.
-    /// Returns its policies (if there was one) and the waiting requests.
+    /// The lookup failed: keep serving the last known entry, stale, and
+    /// look it up again in a while. Returns its policies (if there was
+    /// one) and the waiting requests.
     pub fn keep_stale(
         &mut self,
         tenant: &str,
         now: Instant,
     ) -> (Option<Arc<Policies>>, Vec<(Op, ReplyTo)>) {
         let stale = self.entries.get_mut(tenant).map(|e| {
-            e.expires = now + RETRY_AFTER;
-            e.refresh_at = e.expires;
+            e.stale = true;
+            e.refresh_at = now + RETRY_AFTER;
             e.refreshing = false;
             e.policies.clone()
         });
