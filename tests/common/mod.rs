@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use quotad::client::Client;
+use quotad::client::{Client, ClientOptions, FailureMode};
 use tempfile::TempDir;
 
 pub const QUOTAD: &str = env!("CARGO_BIN_EXE_quotad");
@@ -222,10 +222,17 @@ impl Daemon {
         self.child.id() as i32
     }
 
+    /// A client whose failures are errors, never a fail-open decision a
+    /// test would count as allowed; patient, as CI machines are busy.
     pub async fn client(&self) -> Client {
-        Client::connect(self.socket())
-            .await
-            .expect("connecting to quotad")
+        let options = ClientOptions {
+            timeout: Duration::from_secs(10),
+            failure_mode: FailureMode::Error,
+            ..ClientOptions::default()
+        };
+        let client = Client::new(self.socket(), options);
+        client.hello().await.expect("connecting to quotad");
+        client
     }
 
     pub fn signal(&self, sig: i32) {
