@@ -22,6 +22,8 @@ use crate::stats::Stats;
 pub struct TenantLoaded {
     tenant: String,
     result: Result<Looked, SourceError>,
+    /// [`Tenants::epoch`](super::tenants::Tenants::epoch) when it started.
+    epoch: u64,
 }
 
 /// A tenant's record changed: look it up again on its next request.
@@ -31,6 +33,13 @@ impl Message<TenantLoaded> for Shard {
     type Reply = ();
 
     async fn handle(&mut self, done: TenantLoaded, ctx: &mut Context<Self, ()>) {
+        if done.epoch != self.tenants.epoch() {
+            // Records changed while it ran: it may hold the old one.
+            if self.tenants.awaits_lookup(&done.tenant) {
+                self.look_up(done.tenant, ctx);
+            }
+            return;
+        }
         let now = Instant::now();
         let (policies, waiting) = match done.result {
             Ok(found) => {
@@ -120,9 +129,14 @@ impl Shard {
 
     fn look_up(&self, tenant: String, ctx: &Context<Self, ()>) {
         let directory = self.directory.clone().expect("only with a quota source");
+        let epoch = self.tenants.epoch();
         ctx.pipe(async move {
             let result = directory.lookup(&tenant).await;
-            TenantLoaded { tenant, result }
+            TenantLoaded {
+                tenant,
+                result,
+                epoch,
+            }
         });
     }
 

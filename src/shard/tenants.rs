@@ -51,6 +51,9 @@ pub struct Tenants {
     entries: HashMap<String, Entry>,
     waiting: HashMap<String, Vec<(Op, ReplyTo)>>,
     max: usize,
+    /// Bumped whenever entries are dropped because records changed: a
+    /// lookup that started before may have read the old record.
+    epoch: u64,
 }
 
 impl Tenants {
@@ -59,7 +62,18 @@ impl Tenants {
             entries: HashMap::new(),
             waiting: HashMap::new(),
             max: max.max(1),
+            epoch: 0,
         }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// True if requests of `tenant` wait for a lookup, or its entry for
+    /// a refresh.
+    pub fn awaits_lookup(&self, tenant: &str) -> bool {
+        self.waiting.contains_key(tenant) || self.entries.get(tenant).is_some_and(|e| e.refreshing)
     }
 
     pub fn find(&mut self, tenant: &str, now: Instant) -> Found {
@@ -140,11 +154,13 @@ impl Tenants {
     /// Drops every entry.
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.epoch += 1;
     }
 
     /// Drops a tenant's entry: the next request looks it up again.
     pub fn forget(&mut self, tenant: &str) {
         self.entries.remove(tenant);
+        self.epoch += 1;
     }
 
     /// Recompiles every entry's policies (after a reload).
