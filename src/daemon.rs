@@ -58,7 +58,9 @@ impl Daemon {
             clock,
             stats,
         ));
-        if let (Some(dir), Some(redis)) = (&directory, &config.redis) {
+        if let (Some(dir), Some(redis)) = (&directory, &config.redis)
+            && dir.announces_changes()
+        {
             // Tenant changes made through any quotad reach this one at once.
             let weak = Arc::downgrade(&router);
             let on_change = move |tenant: String| {

@@ -4,10 +4,11 @@
 //!
 //! The Redis level is `<prefix>:tenant_quota_cache:{<tenant>}`: the record
 //! as JSON (`null` for a tenant the source does not know), expiring after
-//! `quota.cache_ttl_ms`. It sits in front of the `redis` and `postgres`
-//! sources (the `file` source is in memory already). A change made with
-//! `tenant set`/`delete` deletes it and is announced on the channel
-//! `<prefix>:tenant-changes`, so every quotad drops its local copy at once.
+//! `quota.cache_ttl_ms`. It sits in front of the `postgres` source only:
+//! the `file` source is in memory already, and the `redis` source is one
+//! read of the same Redis. A change made with `tenant set`/`delete` (the
+//! `redis` source) is announced on the channel `<prefix>:tenant-changes`,
+//! so every quotad drops its local copy at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,10 +27,8 @@ use crate::stats::Stats;
 
 pub struct Directory {
     source: Source,
-    /// The Redis level (absent for the `file` source, or without Redis).
+    /// The Redis level (the `postgres` source with `[redis]`).
     cache: Option<RedisBackend>,
-    /// For announcing changes; kept even when there is no Redis level.
-    redis: Option<RedisBackend>,
     prefix: String,
     ttl: Duration,
     stats: Arc<Stats>,
@@ -72,11 +71,10 @@ impl Directory {
                 timeout,
             )),
         };
-        let cache = redis.clone().filter(|_| q.source != SourceKind::File);
+        let cache = redis.filter(|_| q.source == SourceKind::Postgres);
         Some(Arc::new(Directory {
             source,
             cache,
-            redis,
             prefix,
             ttl: Duration::from_millis(q.cache_ttl_ms),
             stats,
@@ -85,6 +83,12 @@ impl Directory {
 
     pub fn source_name(&self) -> &'static str {
         self.source.name()
+    }
+
+    /// True when records are changed through quotad (the `redis` source),
+    /// which announces each change.
+    pub fn announces_changes(&self) -> bool {
+        matches!(self.source, Source::Redis { .. })
     }
 
     /// True when the source is part of the config (the `file` source), so
@@ -189,21 +193,14 @@ impl Directory {
     /// Sets a tenant's record (the `redis` source only).
     pub async fn set(&self, tenant: &str, record: &TenantRecord) -> Result<(), Error> {
         let (redis, prefix) = self.writable()?;
-        let key = source::record_key(prefix, tenant);
-        let mut del = redis::cmd("DEL");
-        del.arg(&key);
-        let mut hset = redis::cmd("HSET");
-        hset.arg(&key);
-        for (f, v) in source::hash_fields(record) {
-            hset.arg(f).arg(v);
-        }
         let mut sadd = redis::cmd("SADD");
         sadd.arg(source::index_key(prefix)).arg(tenant);
         // The record's key and the index may live in different Cluster
         // slots, so this is two steps; the record (what lookups read) first.
-        redis.query(vec![del, hset]).await.map_err(internal)?;
+        let write = source::write_record(prefix, tenant, record);
+        redis.query(vec![write]).await.map_err(internal)?;
         redis.query(vec![sadd]).await.map_err(internal)?;
-        self.changed(tenant).await;
+        self.changed(redis, tenant).await;
         Ok(())
     }
 
@@ -219,7 +216,7 @@ impl Directory {
             Some(Value::Int(1))
         );
         redis.query(vec![srem]).await.map_err(internal)?;
-        self.changed(tenant).await;
+        self.changed(redis, tenant).await;
         Ok(existed)
     }
 
@@ -243,10 +240,14 @@ impl Directory {
                         Some(v) => redis::from_redis_value(v).map_err(internal)?,
                         None => Vec::new(),
                     };
+                let reads = names.iter().map(|t| source::read_record(prefix, t));
+                let replies = redis.query(reads.collect()).await.map_err(internal)?;
                 let mut all = Vec::with_capacity(names.len());
-                for name in names {
-                    if let Some(record) = self.get(&name).await? {
-                        all.push((name, record));
+                for (name, reply) in names.into_iter().zip(replies) {
+                    match source::parse_hash(Some(reply)) {
+                        Ok(Some(record)) => all.push((name, record)),
+                        Ok(None) => {} // deleted meanwhile
+                        Err(e) => return Err(Error::bad_request(e.to_string())),
                     }
                 }
                 all.sort_by(|a, b| a.0.cmp(&b.0));
@@ -258,16 +259,11 @@ impl Directory {
         }
     }
 
-    /// Drops the Redis level's copy and tells every quotad.
-    async fn changed(&self, tenant: &str) {
-        if let Some(redis) = &self.redis {
-            let mut del = redis::cmd("DEL");
-            del.arg(self.cache_key(tenant));
-            let mut publish = redis::cmd("PUBLISH");
-            publish.arg(self.channel()).arg(tenant);
-            let _ = redis.query(vec![del]).await;
-            let _ = redis.query(vec![publish]).await;
-        }
+    /// Tells every quotad (this one too) to drop its copy.
+    async fn changed(&self, redis: &RedisBackend, tenant: &str) {
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(self.channel()).arg(tenant);
+        let _ = redis.query(vec![publish]).await;
     }
 
     /// Listens for changes announced by any quotad, calling `on_change`
@@ -282,7 +278,7 @@ impl Directory {
         tokio::spawn(async move {
             loop {
                 let listen = async {
-                    let mut pubsub = subscriber(&config).await?;
+                    let mut pubsub = crate::redis::pubsub(&config).await?;
                     pubsub.subscribe(&channel).await?;
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {
@@ -309,23 +305,4 @@ impl Directory {
 
 fn internal(e: impl std::fmt::Display) -> Error {
     Error::Internal(format!("Redis: {e}"))
-}
-
-/// A pub/sub connection to the Redis that holds the channel (in a Cluster,
-/// any node: PUBLISH reaches them all).
-async fn subscriber(cfg: &RedisConfig) -> redis::RedisResult<redis::aio::PubSub> {
-    let client = match (&cfg.url, cfg.cluster.first()) {
-        (Some(url), _) => redis::Client::open(url.as_str())?,
-        (None, Some(node)) => redis::Client::open(node.as_str())?,
-        (None, None) => {
-            let mut s = redis::sentinel::SentinelClient::build(
-                cfg.sentinels.iter().map(String::as_str).collect(),
-                cfg.master_name.clone().unwrap_or_default(),
-                None,
-                redis::sentinel::SentinelServerType::Master,
-            )?;
-            s.async_get_client().await?
-        }
-    };
-    client.get_async_pubsub().await
 }

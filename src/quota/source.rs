@@ -53,9 +53,10 @@ impl Source {
         match self {
             Source::File(tenants) => Ok(tenants.load().get(tenant).cloned()),
             Source::Redis { redis, prefix } => {
-                let mut cmd = redis::cmd("HGETALL");
-                cmd.arg(record_key(prefix, tenant));
-                let reply = redis.query(vec![cmd]).await.map_err(redis_error)?;
+                let reply = redis
+                    .query(vec![read_record(prefix, tenant)])
+                    .await
+                    .map_err(redis_error)?;
                 parse_hash(reply.into_iter().next())
             }
             Source::Postgres(pg) => pg.lookup(tenant).await,
@@ -72,13 +73,32 @@ pub fn record_key(prefix: &str, tenant: &str) -> String {
     format!("{prefix}:tenant:{{{}}}", keys::encode(tenant))
 }
 
+/// Reads a record (see [`parse_hash`]).
+pub fn read_record(prefix: &str, tenant: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("HGETALL");
+    cmd.arg(record_key(prefix, tenant));
+    cmd
+}
+
+/// Replaces a record atomically (`lua/tenant_set.lua`).
+pub fn write_record(prefix: &str, tenant: &str, record: &TenantRecord) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(include_str!("../../lua/tenant_set.lua"))
+        .arg(1)
+        .arg(record_key(prefix, tenant));
+    for (f, v) in hash_fields(record) {
+        cmd.arg(f).arg(v);
+    }
+    cmd
+}
+
 /// `<prefix>:tenants`.
 pub fn index_key(prefix: &str) -> String {
     format!("{prefix}:tenants")
 }
 
 /// The Redis hash fields of a record.
-pub fn hash_fields(record: &TenantRecord) -> Vec<(String, String)> {
+fn hash_fields(record: &TenantRecord) -> Vec<(String, String)> {
     let mut fields = vec![("plan".to_owned(), record.plan.clone())];
     fields.extend(
         record
@@ -89,7 +109,8 @@ pub fn hash_fields(record: &TenantRecord) -> Vec<(String, String)> {
     fields
 }
 
-fn parse_hash(reply: Option<Value>) -> Result<Option<TenantRecord>, SourceError> {
+/// The record in a [`read_record`] reply; `None` for no hash.
+pub fn parse_hash(reply: Option<Value>) -> Result<Option<TenantRecord>, SourceError> {
     let bad = |why: &str| SourceError::BadRecord(format!("malformed tenant hash: {why}"));
     let pairs: Vec<(String, String)> = match reply {
         Some(Value::Array(items)) => items

@@ -49,14 +49,8 @@ impl Conn {
             )?));
         }
         if !cfg.sentinels.is_empty() {
-            let client = SentinelClient::build(
-                cfg.sentinels.iter().map(String::as_str).collect(),
-                cfg.master_name.clone().unwrap_or_default(),
-                None,
-                SentinelServerType::Master,
-            )?;
             return Ok(Conn::Sentinel(Box::new(Sentinel {
-                client: Mutex::new(client),
+                client: Mutex::new(sentinel_client(cfg)?),
                 master: ArcSwapOption::empty(),
                 config: manager_config,
             })));
@@ -108,6 +102,26 @@ impl Conn {
             }
         }
     }
+}
+
+fn sentinel_client(cfg: &RedisConfig) -> RedisResult<SentinelClient> {
+    SentinelClient::build(
+        cfg.sentinels.iter().map(String::as_str).collect(),
+        cfg.master_name.clone().unwrap_or_default(),
+        None,
+        SentinelServerType::Master,
+    )
+}
+
+/// A pub/sub connection to the configured Redis (in a Cluster, the first
+/// seed node: PUBLISH reaches every node).
+pub async fn pubsub(cfg: &RedisConfig) -> RedisResult<redis::aio::PubSub> {
+    let client = match (&cfg.url, cfg.cluster.first()) {
+        (Some(url), _) => redis::Client::open(url.as_str())?,
+        (None, Some(node)) => redis::Client::open(node.as_str())?,
+        (None, None) => sentinel_client(cfg)?.async_get_client().await?,
+    };
+    client.get_async_pubsub().await
 }
 
 impl Sentinel {

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use breaker::Breaker;
 use conn::Conn;
+pub use conn::pubsub;
 use read::Read;
 
 use crate::clock::Clock;
