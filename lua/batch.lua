@@ -13,7 +13,7 @@
 -- Then the operations, in order. Each starts with one ARGV of packed
 -- doubles, its header, and takes its keys from KEYS in order:
 --   1 check      header 1, policy index, cost         keys: one state key per rule
---   2 cache_get  header 2, fill_ms, poll               keys: entry, fill lock, refresh lock
+--   2 cache_get  header 2, fill_ms                     keys: entry, fill lock, refresh lock
 --   3 cache_set  header 3, ttl_ms, stale_ms, tags      keys: entry, fill lock, refresh lock,
 --                then ARGV: the value, the tag names        then one per tag
 --   4 cache_del  header 4, entries, tags               keys: entry, fill lock, refresh lock
@@ -67,8 +67,8 @@ while ai <= #ARGV do
     out[#out + 1] = pack('<ddddd', check(spec, ki, cost, now))
     ki = ki + spec[1]
   elseif op == 2 then
-    local _, fill_ms, poll = unpack('<ddd', h)
-    local hit, ttl, stale, refresh, fill, v = cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms, poll)
+    local _, fill_ms = unpack('<dd', h)
+    local hit, ttl, stale, refresh, fill, v = cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms)
     out[#out + 1] = pack('<ddddd', hit, ttl, stale, refresh, fill)
     if v then values[#values + 1] = v end
     ki = ki + 3
@@ -106,7 +106,7 @@ while ai <= #ARGV do
     out[#out + 1] = pack('<ddddd', allowed, rule, remaining, reset, retry)
     ki = ki + spec[1]
     if allowed == 1 then
-      local hit, ttl, stale, refresh, fill, v = cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms, 0)
+      local hit, ttl, stale, refresh, fill, v = cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms)
       out[#out + 1] = pack('<ddddd', hit, ttl, stale, refresh, fill)
       if v then values[#values + 1] = v end
     else

@@ -23,8 +23,8 @@
 -- live in the same slot as the script's declared keys.
 
 -- Returns hit (1/0), ttl_ms, stale (1/0), refresh (1/0), fill (1/0), value
--- (false on a miss). A poll (a quotad waiting on another's fill) takes no lock.
-local function cache_get(kentry, kfill, kref, fill_ms, poll)
+-- (false on a miss).
+local function cache_get(kentry, kfill, kref, fill_ms)
   local r = call('HMGET', kentry, 'v', 's')
   local v = r[1]
   if v then
@@ -32,11 +32,11 @@ local function cache_get(kentry, kfill, kref, fill_ms, poll)
     local fresh = pttl - (tonumber(r[2]) or 0)
     if fresh > 0 or pttl < 0 then return 1, max(fresh, 0), 0, 0, 0, v end
     local refresh = 0
-    if poll == 0 and call('SET', kref, '1', 'NX', 'PX', pttl) then refresh = 1 end
+    if call('SET', kref, '1', 'NX', 'PX', pttl) then refresh = 1 end
     return 1, 0, 1, refresh, 0, v
   end
   local fill = 0
-  if fill_ms > 0 and poll == 0 and call('SET', kfill, '1', 'NX', 'PX', fill_ms) then fill = 1 end
+  if fill_ms > 0 and call('SET', kfill, '1', 'NX', 'PX', fill_ms) then fill = 1 end
   return 0, 0, 0, 0, fill, false
 end
 

@@ -10,7 +10,8 @@ use crate::protocol::{CacheDelArgs, CacheGetArgs, CacheSetArgs, Lookup};
 pub enum Job {
     Check(Check),
     /// A cache read; `poll`: a shard looking for a value another caller is
-    /// filling, which must take no lock.
+    /// filling, which takes no lock. A poll's miss has `fill` set when
+    /// nobody holds the fill lock any more: nobody will set the value.
     Get {
         args: CacheGetArgs,
         poll: bool,

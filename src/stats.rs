@@ -49,10 +49,12 @@ counters! {
     cache_stale_hits,
     cache_misses,
     /// Misses told to fill (`fill: true`), and callers that waited for a
-    /// fill / gave up waiting at their deadline.
+    /// fill / gave up waiting at their deadline / were let go because
+    /// nobody fills the entry any more.
     cache_fills,
     cache_fill_waits,
     cache_fill_timeouts,
+    cache_fill_abandoned,
     /// Entries stored, and entries deleted by `cache_del`.
     cache_sets,
     cache_deleted,

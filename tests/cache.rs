@@ -283,6 +283,53 @@ async fn a_filler_that_never_sets_releases_the_others_at_the_deadline() {
     }
 }
 
+/// A filler that gives up deletes the entry (which drops its fill lock):
+/// the callers held for it, here or on another quotad, are let go at once
+/// with a plain miss instead of at their deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filler_that_gives_up_releases_the_others_at_once() {
+    for (backend, d, redis) in daemons() {
+        // On Redis the callers wait on a second quotad sharing it.
+        let other = redis
+            .as_ref()
+            .map(|r| Daemon::start(&format!("{}{POLICY}", redis_table(r))));
+        let filler = d.client().await;
+        let waiting = Arc::new(other.as_ref().unwrap_or(&d).client().await);
+        assert!(filler.cache_get("acme", "k", 10_000).await.unwrap().fill);
+        let waiters: Vec<_> = (0..5)
+            .map(|_| {
+                let c = waiting.clone();
+                tokio::spawn(async move { c.cache_get("acme", "k", 10_000).await })
+            })
+            .collect();
+        let held = Instant::now();
+        while waiting.stats().await.unwrap().counters.unwrap()["cache_fill_waits"] < 5 {
+            assert!(
+                held.elapsed() < Duration::from_secs(10),
+                "{backend}: never held"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let started = Instant::now();
+        filler.cache_del("acme", &["k"], &[]).await.unwrap();
+        for w in waiters {
+            let l = w.await.unwrap().unwrap();
+            assert!(
+                l.value.is_none() && !l.fill && !l.degraded,
+                "{backend}: {l:?}"
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{backend}: held {:?}",
+            started.elapsed()
+        );
+        let stats = waiting.stats().await.unwrap().counters.unwrap();
+        assert_eq!(stats["cache_fill_abandoned"], 5, "{backend}");
+        assert_eq!(stats["cache_fill_timeouts"], 0, "{backend}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_while_revalidate_names_one_refresher_per_stale_period() {
     for (backend, d, _redis) in daemons() {

@@ -67,7 +67,8 @@ impl MemoryCache {
         }
     }
 
-    /// Reads an entry. A `poll` takes no lock.
+    /// Reads an entry. A `poll` takes no lock; its miss has `fill` set when
+    /// nobody holds the fill lock (see [`crate::job::Job`]).
     pub fn get(&mut self, g: &CacheGetArgs, poll: bool, now: u64) -> Lookup {
         self.maybe_sweep(now);
         let id = id(&g.tenant, &g.key);
@@ -93,8 +94,11 @@ impl MemoryCache {
                 if found.is_some() {
                     self.remove(&id);
                 }
-                let fill =
-                    g.fill_ms > 0 && !poll && lock(&mut self.fills, id, now + g.fill_ms, now);
+                let fill = if poll {
+                    self.fills.get(&id).is_none_or(|&until| until <= now)
+                } else {
+                    g.fill_ms > 0 && lock(&mut self.fills, id, now + g.fill_ms, now)
+                };
                 Lookup {
                     fill,
                     ..Lookup::default()
@@ -125,7 +129,8 @@ impl MemoryCache {
             },
         );
         if self.bytes > self.max_bytes {
-            self.sweep(now);
+            // At most once a second: a full cache must not rescan per set.
+            self.maybe_sweep(now);
             while self.bytes > self.max_bytes {
                 let Some(victim) = self.entries.keys().next().cloned() else {
                     break;
@@ -240,6 +245,21 @@ mod tests {
             c.get(&get("k", 100), false, 100).fill,
             "the lock lapses with the window"
         );
+    }
+
+    #[test]
+    fn a_poll_tells_whether_anyone_still_fills() {
+        let mut c = MemoryCache::new(1 << 20);
+        assert!(c.get(&get("k", 100), false, 0).fill);
+        assert!(!c.get(&get("k", 0), true, 10).fill, "the filler holds it");
+        let del = CacheDelArgs {
+            tenant: "t".into(),
+            keys: vec!["k".into()],
+            tags: vec![],
+        };
+        c.del(&del, 20);
+        assert!(c.get(&get("k", 0), true, 30).fill, "deleted: nobody fills");
+        assert!(c.get(&get("k", 100), false, 40).fill, "a poll took no lock");
     }
 
     #[test]

@@ -36,7 +36,8 @@ use crate::stats::Stats;
 #[derive(Default)]
 struct Round<'a> {
     scripts: Vec<(usize, &'a Job)>,
-    reads: Vec<(usize, &'a CacheGetArgs)>,
+    /// Plain cache reads: job index, args, poll.
+    reads: Vec<(usize, &'a CacheGetArgs, bool)>,
 }
 
 impl Round<'_> {
@@ -143,14 +144,14 @@ impl RedisBackend {
         let mut first = Round::default();
         for (i, job) in jobs.iter().enumerate() {
             match job {
-                Job::Get { args, .. } => first.reads.push((i, args)),
+                Job::Get { args, poll } => first.reads.push((i, args, *poll)),
                 _ => first.scripts.push((i, job)),
             }
         }
         let mut locking = Round::default();
         for (i, done) in self.round(first, now).await {
             match (&jobs[i], done) {
-                (Job::Get { args, poll }, Some(Done::Read(r))) if r.needs_lock(args, *poll) => {
+                (Job::Get { args, .. }, Some(Done::Read(r))) if r.needs_lock(args) => {
                     locking.scripts.push((i, &jobs[i]));
                 }
                 (Job::Get { .. }, Some(Done::Read(r))) => {
@@ -188,8 +189,8 @@ impl RedisBackend {
             )
         };
         let mut cmds: Vec<redis::Cmd> = groups.iter().map(|g| call(g, false)).collect();
-        for (_, args) in &round.reads {
-            cmds.extend(read::commands(&inner.keys, args));
+        for (_, args, poll) in &round.reads {
+            cmds.extend(read::commands(&inner.keys, args, *poll));
         }
         Stats::add(&inner.stats.counters.script_calls, groups.len() as u64);
         let mut results = inner.conn.run(cmds).await;
@@ -230,9 +231,13 @@ impl RedisBackend {
                 None => done.extend(group.iter().map(|&g| (round.scripts[g].0, None))),
             }
         }
-        for (i, _) in &round.reads {
-            let read = match (results.next(), results.next()) {
-                (Some(Ok(hmget)), Some(Ok(pttl))) => read::parse(hmget, pttl),
+        for (i, _, poll) in &round.reads {
+            let exists = poll.then(|| results.next());
+            let read = match (exists, results.next(), results.next()) {
+                (None, Some(Ok(hmget)), Some(Ok(pttl))) => read::parse(None, hmget, pttl),
+                (Some(Some(Ok(e))), Some(Ok(hmget)), Some(Ok(pttl))) => {
+                    read::parse(Some(e), hmget, pttl)
+                }
                 _ => None,
             };
             done.push((*i, read.map(Done::Read)));

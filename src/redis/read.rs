@@ -4,6 +4,10 @@
 //! costs Redis several times more (the value is copied into and out of
 //! Lua). Only a read that must take a lock (a stale hit names a
 //! refresher, a miss with `fill_ms` names a filler) goes to the script.
+//!
+//! A poll (a shard looking again for the value its callers wait on) also
+//! asks, first, whether anyone still holds the entry's fill lock: once
+//! nobody does and there is no value, nobody is going to set one.
 
 use bytes::Bytes;
 use redis::{Cmd, Value};
@@ -11,27 +15,43 @@ use redis::{Cmd, Value};
 use crate::keys::Keys;
 use crate::protocol::{CacheGetArgs, Lookup};
 
-/// What the two commands found.
+/// What the commands found.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Read {
     value: Option<Bytes>,
     stale_ms: u64,
     /// The entry's remaining life, from PTTL.
     pttl_ms: i64,
+    /// A poll: whether the fill lock was held. `None` for other reads.
+    filling: Option<bool>,
 }
 
-/// The two commands of one read.
-pub fn commands(keys: &Keys, g: &CacheGetArgs) -> [Cmd; 2] {
+/// The commands of one read: for a poll `EXISTS fill lock` first (so a
+/// value set after it is still seen by the `HMGET`), then `HMGET`, `PTTL`.
+pub fn commands(keys: &Keys, g: &CacheGetArgs, poll: bool) -> Vec<Cmd> {
     let entry = keys.entry(&g.tenant, &g.key);
+    let mut cmds = Vec::with_capacity(3);
+    if poll {
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(keys.fill_lock(&g.tenant, &g.key));
+        cmds.push(exists);
+    }
     let mut hmget = redis::cmd("HMGET");
     hmget.arg(&entry).arg("v").arg("s");
     let mut pttl = redis::cmd("PTTL");
     pttl.arg(entry);
-    [hmget, pttl]
+    cmds.extend([hmget, pttl]);
+    cmds
 }
 
-/// Reads the replies of [`commands`]; `None` if they are not that shape.
-pub fn parse(hmget: Value, pttl: Value) -> Option<Read> {
+/// Reads the replies of [`commands`] (`exists` for a poll only); `None`
+/// if they are not that shape.
+pub fn parse(exists: Option<Value>, hmget: Value, pttl: Value) -> Option<Read> {
+    let filling = match exists {
+        Some(Value::Int(n)) => Some(n > 0),
+        Some(_) => return None,
+        None => None,
+    };
     let (Value::Array(fields), Value::Int(pttl_ms)) = (hmget, pttl) else {
         return None;
     };
@@ -49,13 +69,15 @@ pub fn parse(hmget: Value, pttl: Value) -> Option<Read> {
         value,
         stale_ms,
         pttl_ms,
+        filling,
     })
 }
 
 impl Read {
-    /// True if answering needs a lock, which only the script can take.
-    pub fn needs_lock(&self, g: &CacheGetArgs, poll: bool) -> bool {
-        !poll && (self.is_stale() || (self.value.is_none() && g.fill_ms > 0))
+    /// True if answering needs a lock, which only the script can take (a
+    /// poll never takes one).
+    pub fn needs_lock(&self, g: &CacheGetArgs) -> bool {
+        self.filling.is_none() && (self.is_stale() || (self.value.is_none() && g.fill_ms > 0))
     }
 
     fn fresh_ms(&self) -> i64 {
@@ -66,11 +88,13 @@ impl Read {
         self.value.is_some() && self.pttl_ms >= 0 && self.fresh_ms() <= 0
     }
 
-    /// The answer when no lock is needed (or wanted, for a poll).
+    /// The answer when no lock is needed. A poll's miss has `fill` set
+    /// when nobody holds the fill lock any more (see [`crate::job::Job`]).
     pub fn lookup(self) -> Lookup {
         let stale = self.is_stale();
         Lookup {
             ttl_ms: self.fresh_ms().max(0) as u64,
+            fill: self.value.is_none() && self.filling == Some(false),
             value: self.value,
             stale,
             ..Lookup::default()

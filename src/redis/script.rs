@@ -71,9 +71,9 @@ pub fn command<'a>(
                 names.extend(c.state_keys(keys));
                 args.push(packed([1, index_of(&mut policies, &c.policy), c.cost]));
             }
-            Job::Get { args: g, poll } => {
+            Job::Get { args: g, .. } => {
                 entry_keys(&mut names, &g.tenant, &g.key);
-                args.push(packed([2, g.fill_ms, u64::from(*poll)]));
+                args.push(packed([2, g.fill_ms]));
             }
             Job::Set(s) => {
                 entry_keys(&mut names, &s.tenant, &s.key);

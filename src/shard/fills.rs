@@ -3,7 +3,9 @@
 //! When a cache read misses and another caller is already filling the
 //! entry, this caller waits here, keyed by (tenant, key), until the value
 //! arrives (a `cache_set` through this shard, or a poll of Redis that finds
-//! it, when the filler uses another quotad) or its own deadline passes.
+//! it, when the filler uses another quotad), until a poll finds that nobody
+//! holds the fill lock any more (the filler gave up and deleted the entry,
+//! or its lock lapsed), or until its own deadline passes.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -90,9 +92,11 @@ impl Message<PollFills> for Shard {
             Stats::add(&self.stats.counters.cache_fill_timeouts, 1);
             self.release(w);
         }
+        // One round of polls at a time: a slow Redis must not pile them up.
         let polls: Vec<CacheGetArgs> = self
             .fills
             .keys()
+            .filter(|_| self.polls_out == 0)
             .map(|(tenant, key)| CacheGetArgs {
                 tenant: tenant.clone(),
                 key: key.clone(),
@@ -102,8 +106,10 @@ impl Message<PollFills> for Shard {
         for args in polls {
             let job = Job::Get { args, poll: true };
             match &self.redis {
-                Some(redis) if !redis.is_down() => {
+                Some(redis) if redis.is_down() => {}
+                Some(redis) => {
                     let deadline = Instant::now() + redis.timeout();
+                    self.polls_out += 1;
                     self.enqueue(
                         Waiter {
                             job,
@@ -113,8 +119,8 @@ impl Message<PollFills> for Shard {
                         ctx,
                     );
                 }
-                Some(_) => {}
                 None => {
+                    self.polls_out += 1;
                     let outcome = self.run_locally(&job);
                     self.finish(job, Some(outcome), None, ctx);
                 }
@@ -190,6 +196,14 @@ impl Shard {
                 None => Body::Lookup(l),
             };
             self.reply(w.reply, body);
+        }
+    }
+
+    /// Nobody fills this entry any more: its callers stop waiting.
+    pub(super) fn abandon(&mut self, tenant: &str, key: &str) {
+        for w in self.fills.take(tenant, key) {
+            Stats::add(&self.stats.counters.cache_fill_abandoned, 1);
+            self.release(w);
         }
     }
 

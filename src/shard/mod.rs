@@ -98,6 +98,8 @@ pub struct Shard {
     fill_poll: Duration,
     /// A [`PollFills`] is scheduled.
     polling: bool,
+    /// Polls sent and not back yet: the next round waits for them.
+    polls_out: usize,
     stats: Arc<Stats>,
 }
 
@@ -143,6 +145,7 @@ impl Actor for Shard {
             fills: Fills::default(),
             fill_poll: a.fill_poll,
             polling: false,
+            polls_out: 0,
             stats: a.stats,
         })
     }
@@ -243,11 +246,10 @@ impl Shard {
         match self.batcher.push(w) {
             Ok(Some(batch)) => self.send(batch, ctx),
             Ok(None) => {}
-            Err(w) => {
-                if let Some(reply) = w.reply {
-                    reply.send(Err(Error::Overloaded("shard queue full")));
-                }
-            }
+            Err(w) => match w.reply {
+                Some(reply) => reply.send(Err(Error::Overloaded("shard queue full"))),
+                None => self.finish(w.job, None, None, ctx), // a poll: counted back
+            },
         }
     }
 
@@ -331,10 +333,13 @@ impl Shard {
             }
             (Job::Check(c), _) => Body::Decision(self.failure_decision(&c)),
             (Job::Get { args, poll: true }, outcome) => {
-                if let Some(Outcome::Looked(l)) = outcome
-                    && l.value.is_some()
-                {
-                    self.deliver(&args.tenant, &args.key, &l);
+                self.polls_out = self.polls_out.saturating_sub(1);
+                match outcome {
+                    Some(Outcome::Looked(l)) if l.value.is_some() => {
+                        self.deliver(&args.tenant, &args.key, &l)
+                    }
+                    Some(Outcome::Looked(l)) if l.fill => self.abandon(&args.tenant, &args.key),
+                    _ => {}
                 }
                 return;
             }
