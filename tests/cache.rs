@@ -147,6 +147,14 @@ async fn tenants_never_see_each_others_entries_whatever_the_strings() {
                 Some(&b"a's"[..])
             );
         }
+        // A separator inside the strings must not make two pairs one.
+        c.cache_set(set("a", "b\0c", "a's", 60_000, &[]))
+            .await
+            .unwrap();
+        assert!(
+            c.cache_get("a\0b", "c", 0).await.unwrap().value.is_none(),
+            "{backend}"
+        );
         if let Some(r) = redis {
             for key in r.cli(&["KEYS", "*"]).lines() {
                 assert!(

@@ -15,9 +15,9 @@ const SWEEP_EVERY_MS: u64 = 1000;
 
 #[derive(Debug)]
 pub struct MemoryCache {
-    /// `tenant \0 key` -> entry.
+    /// [`id`]`(tenant, key)` -> entry.
     entries: HashMap<String, Entry>,
-    /// `tenant \0 tag` -> ids of the entries carrying it.
+    /// [`id`]`(tenant, tag)` -> ids of the entries carrying it.
     tags: HashMap<String, HashSet<String>>,
     /// Fill and refresh locks: id -> held until (ms).
     fills: HashMap<String, u64>,
@@ -35,12 +35,16 @@ struct Entry {
     tags: Vec<String>,
 }
 
+/// `<tenant length>:<tenant><name>`: unambiguous whatever bytes the two
+/// strings hold (a separator could occur in them).
 fn id(tenant: &str, name: &str) -> String {
-    let mut s = String::with_capacity(tenant.len() + name.len() + 1);
-    s.push_str(tenant);
-    s.push('\0');
-    s.push_str(name);
-    s
+    format!("{}:{tenant}{name}", tenant.len())
+}
+
+/// The tenant of an [`id`].
+fn tenant_of(id: &str) -> &str {
+    let (len, rest) = id.split_once(':').expect("an id");
+    &rest[..len.parse().expect("an id")]
 }
 
 /// Takes a lock unless it is held; true if taken.
@@ -165,7 +169,7 @@ impl MemoryCache {
     fn remove(&mut self, id: &str) -> Option<Entry> {
         let e = self.entries.remove(id)?;
         self.bytes -= id.len() + e.value.len();
-        let tenant = &id[..id.find('\0').unwrap_or(0)];
+        let tenant = tenant_of(id);
         for tag in &e.tags {
             let tid = self::id(tenant, tag);
             if let Some(set) = self.tags.get_mut(&tid) {
@@ -245,6 +249,21 @@ mod tests {
             c.get(&get("k", 100), false, 100).fill,
             "the lock lapses with the window"
         );
+    }
+
+    #[test]
+    fn no_two_tenant_and_key_pairs_share_an_entry() {
+        let mut c = MemoryCache::new(1 << 20);
+        let mut s = set("b\0c", 1000, 0, &["x"]);
+        s.tenant = "a".into();
+        c.set(&s, 0);
+        let g = CacheGetArgs {
+            tenant: "a\0b".into(),
+            key: "c".into(),
+            fill_ms: 0,
+        };
+        assert!(c.get(&g, false, 1).value.is_none());
+        assert_eq!(tenant_of(&id("a\0b", "c")), "a\0b");
     }
 
     #[test]

@@ -126,6 +126,11 @@ impl Actor for Shard {
     type Error = Infallible;
 
     async fn on_start(a: ShardArgs, _: ActorRef<Self>) -> Result<Self, Infallible> {
+        let overlimit = OverLimit::new(if a.redis.is_some() {
+            OVERLIMIT_ENTRIES
+        } else {
+            0
+        });
         Ok(Shard {
             redis: a.redis,
             limiter: MemoryLimiter::new(a.local_max_entries),
@@ -141,7 +146,7 @@ impl Actor for Shard {
             plans: a.plans,
             directory: a.directory,
             tenants: Tenants::new(a.max_tenants),
-            overlimit: OverLimit::new(OVERLIMIT_ENTRIES),
+            overlimit,
             fills: Fills::default(),
             fill_poll: a.fill_poll,
             polling: false,

@@ -5,6 +5,7 @@
 //! until T any check of at least the same cost is denied here, without a
 //! round trip. A flood from one abusive key then costs Redis nothing.
 //! Bounded: expired entries are dropped when it fills, then everything.
+//! Only beside Redis: the memory backend decides in process anyway.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -27,15 +28,23 @@ struct Denial {
     decision: Decision,
 }
 
+/// `<policy>:<tenant length>:<tenant><key>`: unambiguous whatever bytes
+/// the tenant and key hold (policy names have no `:`).
 fn key_of(check: &Check) -> String {
-    let mut k =
-        String::with_capacity(check.policy.name.len() + check.tenant.len() + check.key.len() + 2);
-    k.push_str(&check.policy.name);
-    k.push('\0');
-    k.push_str(&check.tenant);
-    k.push('\0');
-    k.push_str(&check.key);
-    k
+    format!(
+        "{}:{}:{}{}",
+        check.policy.name,
+        check.tenant.len(),
+        check.tenant,
+        check.key
+    )
+}
+
+/// The tenant of a [`key_of`].
+fn tenant_of(key: &str) -> &str {
+    let mut parts = key.splitn(3, ':');
+    let (_, len, rest) = (parts.next(), parts.next(), parts.next().unwrap_or(""));
+    &rest[..len.and_then(|l| l.parse().ok()).unwrap_or(0)]
 }
 
 impl OverLimit {
@@ -48,12 +57,18 @@ impl OverLimit {
 
     /// Remembers a denial from Redis.
     pub fn insert(&mut self, check: &Check, decision: &Decision, now: Instant) {
-        if decision.allowed || decision.degraded || decision.retry_after_ms == 0 {
+        if self.max_entries == 0
+            || decision.allowed
+            || decision.degraded
+            || decision.retry_after_ms == 0
+        {
             return;
         }
         if self.denials.len() >= self.max_entries {
             self.denials.retain(|_, d| d.until > now);
-            if self.denials.len() >= self.max_entries {
+            // A scan must free a quarter of the room, or the next insert
+            // would scan again.
+            if self.denials.len() > self.max_entries * 3 / 4 {
                 self.denials.clear();
             }
         }
@@ -95,5 +110,77 @@ impl OverLimit {
     /// Forgets everything (the policies changed).
     pub fn clear(&mut self) {
         self.denials.clear();
+    }
+
+    /// Forgets a tenant's denials (its plan changed).
+    pub fn forget(&mut self, tenant: &str) {
+        self.denials.retain(|k, _| tenant_of(k) != tenant);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::limiter::{FailureMode, Policy, Rule, RuleKind};
+
+    fn check(tenant: &str, key: &str) -> Check {
+        let policy = Policy {
+            name: "p".into(),
+            rules: vec![Rule {
+                name: "r".into(),
+                kind: RuleKind::FixedWindow {
+                    limit: 1,
+                    window_us: 1_000_000,
+                },
+            }],
+            failure_mode: FailureMode::Open,
+            closed_retry_after_ms: 1000,
+        };
+        Check {
+            policy: Arc::new(policy),
+            tenant: tenant.into(),
+            key: key.into(),
+            cost: 1,
+        }
+    }
+
+    fn denied() -> Decision {
+        Decision {
+            allowed: false,
+            limit: 1,
+            remaining: 0,
+            reset_ms: 500,
+            retry_after_ms: 500,
+            degraded: false,
+            rule: "r".into(),
+        }
+    }
+
+    #[test]
+    fn a_denial_stands_for_its_own_tenant_and_key_only() {
+        let now = Instant::now();
+        let mut o = OverLimit::new(10);
+        o.insert(&check("a", "b:c"), &denied(), now);
+        o.insert(&check("x", "k"), &denied(), now);
+        assert!(o.get(&check("a", "b:c"), now).is_some());
+        assert!(o.get(&check("a:b", "c"), now).is_none());
+        o.forget("a");
+        assert!(o.get(&check("a", "b:c"), now).is_none());
+        assert!(o.get(&check("x", "k"), now).is_some(), "other tenants stay");
+    }
+
+    #[test]
+    fn stays_bounded_without_rescanning_on_every_insert() {
+        let now = Instant::now();
+        let mut o = OverLimit::new(8);
+        for i in 0..100 {
+            o.insert(&check("t", &i.to_string()), &denied(), now);
+            assert!(o.denials.len() <= 8);
+        }
+        let mut off = OverLimit::new(0); // the memory backend's
+        off.insert(&check("t", "k"), &denied(), now);
+        assert!(off.get(&check("t", "k"), now).is_none());
     }
 }

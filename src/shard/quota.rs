@@ -81,7 +81,7 @@ impl Message<Forget> for Shard {
 
     async fn handle(&mut self, Forget(tenant): Forget, _: &mut Context<Self, ()>) {
         self.tenants.forget(&tenant);
-        self.overlimit.clear();
+        self.overlimit.forget(&tenant);
     }
 }
 
