@@ -8,7 +8,7 @@
 //! last known entry turns stale: it keeps being served, without waiting,
 //! and is looked up again in the background every [`RETRY_AFTER`].
 //! Bounded: past `max` tenants, expired entries go first, then arbitrary
-//! ones.
+//! ones (a quarter of the room at once, so inserts stay cheap when full).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -114,11 +114,7 @@ impl Tenants {
         now: Instant,
     ) -> Vec<(Op, ReplyTo)> {
         if self.entries.len() >= self.max && !self.entries.contains_key(tenant) {
-            self.entries.retain(|_, e| e.expires > now);
-            if self.entries.len() >= self.max {
-                let victim = self.entries.keys().next().cloned();
-                victim.map(|v| self.entries.remove(&v));
-            }
+            self.make_room(now);
         }
         self.entries.insert(
             tenant.to_owned(),
@@ -132,6 +128,22 @@ impl Tenants {
             },
         );
         self.waiting.remove(tenant).unwrap_or_default()
+    }
+
+    /// Drops expired entries, then arbitrary ones, down to three quarters
+    /// of `max`, so that the next scan is far away. Stale entries (all
+    /// there is of a tenant while the source is down) go last.
+    fn make_room(&mut self, now: Instant) {
+        self.entries.retain(|_, e| e.expires > now || e.stale);
+        let excess = self.entries.len().saturating_sub(self.max * 3 / 4);
+        let (stale, fresh): (Vec<_>, Vec<_>) = self.entries.iter().partition(|(_, e)| e.stale);
+        let victims: Vec<String> = (fresh.into_iter().chain(stale))
+            .take(excess)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for v in victims {
+            self.entries.remove(&v);
+        }
     }
 
     /// The lookup failed: keep serving the last known entry, stale, and
@@ -176,5 +188,31 @@ impl Tenants {
     /// Every waiting request (at shutdown).
     pub fn drain_waiting(&mut self) -> impl Iterator<Item = (Op, ReplyTo)> + '_ {
         self.waiting.drain().flat_map(|(_, w)| w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policies() -> Arc<Policies> {
+        Arc::new(Policies::new("default", "default", HashMap::new()))
+    }
+
+    #[test]
+    fn stays_bounded_and_keeps_stale_entries_over_expired_ones() {
+        let now = Instant::now();
+        let ttl = Duration::from_secs(30);
+        let mut t = Tenants::new(8);
+        t.fill("old", None, policies(), Duration::ZERO, now);
+        t.keep_stale("old", now); // the source is down: all we have
+        t.fill("expired", None, policies(), Duration::ZERO, now);
+        for i in 0..100 {
+            t.fill(&i.to_string(), None, policies(), ttl, now);
+            assert!(t.entries.len() <= 8);
+        }
+        assert!(t.entries.contains_key("old"));
+        assert!(!t.entries.contains_key("expired"));
+        assert!(t.entries.contains_key("99"), "the newest is in");
     }
 }
