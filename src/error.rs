@@ -46,4 +46,21 @@ impl Error {
     pub fn bad_request(msg: impl Into<String>) -> Self {
         Error::BadRequest(msg.into())
     }
+
+    /// Peer-supplied names are echoed shortened: an error reply stays small.
+    pub fn unknown_op(op: &str) -> Self {
+        Error::UnknownOp(truncate(op, 64))
+    }
+
+    pub fn unknown_policy(name: &str) -> Self {
+        Error::UnknownPolicy(truncate(name, 64))
+    }
+}
+
+/// Shortens a peer-supplied string before it goes into an error message.
+pub fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
 }

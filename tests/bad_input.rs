@@ -197,6 +197,12 @@ fn bad_fields_fail_only_their_request() {
             "bad_request",
             "missing field `cache_key`",
         ),
+        (
+            json!({"id": 24, "op": "check", "tenant": "t", "key": "k", "policy": "p".repeat(2000)}),
+            "unknown_policy",
+            // Echoed shortened: 64 characters, then an ellipsis.
+            &format!("`{}…`", "p".repeat(64)),
+        ),
     ];
     for (req, want, message) in &cases {
         c.send(req.clone());

@@ -266,11 +266,7 @@ impl Policies {
         let name = name.unwrap_or(&self.default_policy);
         self.map
             .get(name)
-            .ok_or_else(|| Error::UnknownPolicy(name.to_owned()))
-    }
-
-    pub fn plan(&self) -> &str {
-        &self.plan
+            .ok_or_else(|| Error::unknown_policy(name))
     }
 
     pub fn names(&self) -> Vec<&str> {

@@ -196,7 +196,7 @@ impl RawRequest {
                 let limits = self.numbers("limits")?;
                 Op::TenantSet(tenant, TenantRecord { plan, limits })
             }
-            _ => return Err(Error::UnknownOp(truncate(&op, 64))),
+            _ => return Err(Error::unknown_op(&op)),
         };
         Ok(Request { id, op })
     }
@@ -353,14 +353,6 @@ fn bounded(name: &str, s: String, max: usize) -> Result<String, Error> {
         )));
     }
     Ok(s)
-}
-
-/// Shortens a peer-supplied string before it goes into an error message.
-fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
 }
 
 impl<'de> Deserialize<'de> for RawRequest {
