@@ -1,8 +1,6 @@
 //! What a shard asks a backend to do, and what comes back.
 
-use std::sync::Arc;
-
-use crate::limiter::{Check, Policy, Verdict};
+use crate::limiter::{Check, Verdict};
 use crate::protocol::{CacheDelArgs, CacheGetArgs, CacheSetArgs, Lookup};
 
 /// One operation for a backend.
@@ -40,13 +38,6 @@ impl Job {
             Job::Get { args, .. } => &args.tenant,
             Job::Set(s) => &s.tenant,
             Job::Del(d) => &d.tenant,
-        }
-    }
-
-    pub fn policy(&self) -> Option<&Arc<Policy>> {
-        match self {
-            Job::Check(c) | Job::CheckGet(c, _) => Some(&c.policy),
-            _ => None,
         }
     }
 

@@ -168,10 +168,6 @@ impl Plans {
         &self.plans[DEFAULT_PLAN].0
     }
 
-    pub fn get(&self, plan: &str) -> Option<&Arc<Policies>> {
-        self.plans.get(plan).map(|(p, _)| p)
-    }
-
     /// A tenant's policies: its plan, with its own overrides on top.
     /// Errors (an unknown plan, a bad override) say what is wrong.
     pub fn for_record(&self, record: &TenantRecord) -> Result<Arc<Policies>, ConfigError> {
@@ -234,8 +230,13 @@ mod tests {
             "{POLICIES}\n[plans.pro]\ndefault_policy = \"api\"\n[plans.pro.limits]\napi.burst.capacity = 1000\n\"api.daily.limit\" = 1000000\n"
         ))
         .unwrap();
-        let pro = p.get("pro").unwrap();
-        assert_eq!(capacity(pro, "api"), 1000);
+        let pro = p
+            .for_record(&TenantRecord {
+                plan: "pro".into(),
+                limits: Default::default(),
+            })
+            .unwrap();
+        assert_eq!(capacity(&pro, "api"), 1000);
         assert_eq!(
             pro.get(Some("api")).unwrap().rules[1].kind.limit(),
             1_000_000

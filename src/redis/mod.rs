@@ -92,10 +92,6 @@ impl RedisBackend {
         })
     }
 
-    pub fn keys(&self) -> &Keys {
-        &self.inner.keys
-    }
-
     /// The deadline of a round trip that starts now.
     pub fn timeout(&self) -> Duration {
         self.inner.timeout
