@@ -91,7 +91,8 @@ export interface Stats {
   uptimeMs: number;
   backend: string;
   shards: number;
-  counters: Record<string, number>;
+  /** Numbers; a counter past Number.MAX_SAFE_INTEGER is a bigint. */
+  counters: Record<string, number | bigint>;
 }
 
 export class Client {

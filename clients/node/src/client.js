@@ -239,7 +239,9 @@ export class Client {
    * QuotadUnavailable when no reply came.
    */
   async call(request, timeoutMs = this.options.timeoutMs) {
-    const id = this.nextId++;
+    const id = this.nextId;
+    // Past 2^53 `id + 1` is `id` again: wrap long before (no call waits that long).
+    this.nextId = id === Number.MAX_SAFE_INTEGER ? 1 : id + 1;
     request.id = id;
     const frame = encodeFrame(request);
     if (frame.length - 4 > this.options.maxFrameBytes) {

@@ -11,17 +11,23 @@ export const DEFAULT_MAX_FRAME_BYTES = 1 << 20;
 /** Replies larger than this are treated as a broken stream. */
 export const DEFAULT_MAX_REPLY_BYTES = 64 << 20;
 
-// BigInt ids (above 2^53) encode as uint64; u64 fields decode as BigInt only
-// when the daemon sent them as 64-bit (the smallest form is always used).
-const encoder = new Encoder({ useBigInt64: true, ignoreUndefined: true });
-const decoder = new Decoder({ useBigInt64: true });
-
-export function encodeBody(message) {
-  return encoder.encode(message);
+// Integers are exact both ways up to 2^64 - 1: numbers up to
+// Number.MAX_SAFE_INTEGER are Numbers, larger ones BigInts.
+class U64Encoder extends Encoder {
+  // With useBigInt64 the library writes safe integers beyond 32 bits as
+  // float64, which the daemon refuses: write them as (u)int64 instead.
+  encodeNumber(n) {
+    if (Number.isSafeInteger(n) && (n > 0xffffffff || n < -0x80000000)) this.encodeBigInt64(BigInt(n));
+    else super.encodeNumber(n);
+  }
 }
 
+const encoder = new U64Encoder({ useBigInt64: true, ignoreUndefined: true });
+const decoder = new Decoder({ useBigInt64: true });
+const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
+
 export function encodeFrame(message) {
-  const body = encoder.encode(message);
+  const body = encoder.encodeSharedRef(message); // a view of the encoder's buffer: copied once, below
   const frame = Buffer.allocUnsafe(4 + body.length);
   frame.writeUInt32BE(body.length, 0);
   frame.set(body, 4);
@@ -39,16 +45,17 @@ export function decodeBody(body) {
   if (value === null || typeof value !== 'object' || Object.getPrototypeOf(value) !== Object.prototype) {
     throw new ProtocolViolation('a frame that is not a map with string keys');
   }
-  return buffers(value);
+  return normalize(value);
 }
 
-/** The decoder yields Uint8Array views for bin; hand out Buffers (no copy). */
-function buffers(v) {
+/** bin values as Buffers (views, no copy); 64-bit integers that fit as Numbers. */
+function normalize(v) {
+  if (typeof v === 'bigint') return v >= -MAX_SAFE && v <= MAX_SAFE ? Number(v) : v;
   if (v instanceof Uint8Array) return Buffer.from(v.buffer, v.byteOffset, v.byteLength);
   if (Array.isArray(v)) {
-    for (let i = 0; i < v.length; i++) v[i] = buffers(v[i]);
+    for (let i = 0; i < v.length; i++) v[i] = normalize(v[i]);
   } else if (v !== null && typeof v === 'object') {
-    for (const k in v) v[k] = buffers(v[k]);
+    for (const k in v) v[k] = normalize(v[k]);
   }
   return v;
 }

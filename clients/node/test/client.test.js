@@ -6,8 +6,13 @@ import { environment, freshTenant } from './daemons.js';
 
 let env;
 let client;
+// Limits beyond 32 bits: costs and remaining counts travel as uint64.
+const HUGE = `[policies.huge]
+rules = [{ name = "burst", kind = "token_bucket", capacity = ${2 ** 39}, refill_per_sec = 1000 }]
+`;
+
 before(async () => {
-  env = await environment();
+  env = await environment(undefined, { tables: HUGE });
   client = new Client(env.quotad.socket, { failureMode: 'raise' });
 });
 after(async () => {
@@ -129,4 +134,18 @@ test('stats', async () => {
   const s = await client.stats();
   assert.equal(s.backend, 'redis');
   assert.ok(s.shards >= 1 && s.counters.requests_check >= 1);
+});
+
+test('integers beyond 32 bits round-trip: costs, limits and request ids', async () => {
+  const tenant = freshTenant();
+  const d = await client.check(tenant, 'k', { policy: 'huge', cost: 2 ** 33 + 1 });
+  assert.deepEqual([d.allowed, d.limit, d.remaining], [true, 2 ** 39, 2 ** 39 - 2 ** 33 - 1]);
+  // Request ids past 2^32, then past Number.MAX_SAFE_INTEGER (where they wrap to 1).
+  for (const start of [2 ** 32 - 2, Number.MAX_SAFE_INTEGER - 2]) {
+    client.nextId = start;
+    const ds = await Promise.all(Array.from({ length: 6 }, (_, i) => client.check(tenant, `${start}-${i}`, { policy: 'api' })));
+    assert.ok(ds.every((x) => x.allowed && !x.degraded));
+  }
+  assert.ok(client.nextId >= 1 && client.nextId < 10, String(client.nextId));
+  assert.equal((await client.hello()).protocol, 1);
 });

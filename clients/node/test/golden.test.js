@@ -65,3 +65,17 @@ test('oversized frames and non-map bodies are violations', () => {
   assert.throws(() => decodeBody(Buffer.from([0x93, 1, 2, 3])), ProtocolViolation);
   assert.throws(() => decodeBody(Buffer.from([0xc1])), ProtocolViolation);
 });
+
+test('integers beyond 32 bits are sent as uint64 and come back exact', () => {
+  const big = 2n ** 64n - 1n;
+  const frame = encodeFrame({ a: 2 ** 32 - 1, b: 2 ** 32, c: Number.MAX_SAFE_INTEGER, d: big, e: -(2 ** 40) });
+  const hex = frame.subarray(4).toString('hex');
+  // uint32 only up to 2^32 - 1; then uint64 (0xcf) / int64 (0xd3), never float64 (0xcb).
+  assert.equal(hex, [
+    '85', 'a161', 'ceffffffff', 'a162', 'cf0000000100000000', 'a163', 'cf001fffffffffffff',
+    'a164', 'cfffffffffffffffff', 'a165', 'd3ffffff0000000000',
+  ].join(''));
+  assert.deepStrictEqual(decodeBody(frame.subarray(4)), { a: 2 ** 32 - 1, b: 2 ** 32, c: Number.MAX_SAFE_INTEGER, d: big, e: -(2 ** 40) });
+  // A uint64 that fits is a Number, as the reply parsers expect.
+  assert.equal(typeof decodeBody(Buffer.from('81a161cf0000010000000000', 'hex')).a, 'number');
+});
