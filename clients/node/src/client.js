@@ -39,9 +39,12 @@ class Connection {
     this.error = null;
     this.frames = new FrameReader(maxReplyBytes);
     this.corked = false;
+    this.drain = null; // { promise, resolve } shared by every call waiting for the write buffer
     this.onWarn = onWarn;
     socket.on('data', (chunk) => this.onData(chunk));
     socket.on('error', (e) => this.fail(new ConnectionLost(`quotad connection failed: ${e.message}`)));
+    // quotad sends nothing more once it has closed its side: fail now, not when our side closes too.
+    socket.on('end', () => this.fail(new ConnectionLost('quotad closed the connection')));
     socket.on('close', () => this.fail(new ConnectionLost('quotad closed the connection')));
   }
 
@@ -67,6 +70,7 @@ class Connection {
   }
 
   send(id, frame, timeoutMs) {
+    if (this.error !== null) return Promise.reject(this.error); // nothing would ever answer
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
@@ -85,23 +89,22 @@ class Connection {
     });
   }
 
-  /** Resolves once the socket's write buffer drained; rejects at the deadline or on failure. */
-  drained(deadline) {
-    if (this.error !== null) return Promise.reject(this.error);
-    return new Promise((resolve, reject) => {
-      const done = (err) => {
-        clearTimeout(timer);
-        this.socket.off('drain', onDrain);
-        this.socket.off('close', onClose);
-        if (err) reject(err);
-        else resolve();
-      };
-      const onDrain = () => done();
-      const onClose = () => done(this.error ?? new ConnectionLost('quotad closed the connection'));
-      const timer = setTimeout(() => done(new RequestTimedOut('quotad is not reading its socket')), Math.max(1, deadline - Date.now()));
-      this.socket.on('drain', onDrain);
-      this.socket.on('close', onClose);
-    });
+  /**
+   * Resolves once the socket's write buffer has drained, or the connection
+   * failed. One 'drain' listener however many calls wait.
+   */
+  drained() {
+    if (this.error !== null) return Promise.resolve();
+    if (this.drain === null) {
+      let resolve;
+      const promise = new Promise((r) => { resolve = r; });
+      this.drain = { promise, resolve };
+      this.socket.once('drain', () => {
+        this.drain = null;
+        resolve();
+      });
+    }
+    return this.drain.promise;
   }
 
   /** Fails every call in flight (and later ones) with `err`; idempotent. */
@@ -109,6 +112,7 @@ class Connection {
     if (this.error !== null) return;
     this.error = err;
     if (!quiet) this.onWarn(`quotad connection lost: ${err.message}`);
+    this.drain?.resolve();
     const pending = this.pending;
     this.pending = new Map();
     for (const call of pending.values()) {
@@ -155,8 +159,8 @@ export class Client {
     this.conn = null;
     this.connecting = null;
     this.backoff = new Backoff(o.backoffInitialMs, o.backoffMaxMs);
-    this.waitingForSlot = []; // resolvers of calls waiting for maxPending to drop
-    this.inFlight = 0;
+    this.waitingForSlot = new Set(); // wake-ups of calls waiting for a slot, oldest first
+    this.inFlight = 0; // calls holding a slot (at most maxPending)
     this.closed = false;
     this.down = false;
   }
@@ -248,21 +252,30 @@ export class Client {
       throw new InvalidArgument(`a ${frame.length - 4}-byte request is over maxFrameBytes (${this.options.maxFrameBytes})`);
     }
     const deadline = Date.now() + timeoutMs;
-    if (this.inFlight >= this.options.maxPending) await this.#slot(timeoutMs);
-    this.inFlight++;
+    if (this.inFlight < this.options.maxPending) this.inFlight++;
+    else await this.#slot(deadline); // handed over by the call that frees it
     let reply;
     try {
-      let conn = this.conn;
-      if (conn === null || conn.error !== null) conn = await this.#connect(deadline);
-      // Bounded write buffer: while quotad reads slower than we write, wait for it.
-      if (conn.socket.writableLength > WRITE_BUFFER_BYTES) await conn.drained(deadline);
-      reply = await conn.send(id, frame, Math.max(1, deadline - Date.now()));
+      reply = await this.#exchange(id, frame, deadline);
     } finally {
-      this.inFlight--;
-      this.waitingForSlot.shift()?.();
+      this.#releaseSlot();
     }
     if (reply.ok !== true) throw serverError(reply.error);
     return reply;
+  }
+
+  /** Writes the frame on a live connection (connecting if need be) and waits for its reply. */
+  async #exchange(id, frame, deadline) {
+    for (let retried = false; ; retried = true) {
+      let conn = this.conn;
+      if (conn === null || conn.error !== null) conn = await this.#connect(deadline);
+      // Bounded write buffer: while quotad reads slower than we write, wait for it.
+      while (conn.error === null && conn.socket.writableLength > WRITE_BUFFER_BYTES) {
+        await withDeadline(conn.drained(), deadline, () => new RequestTimedOut('quotad is not reading its socket'));
+      }
+      // A connection that failed while we waited never got this request: use a new one (once).
+      if (conn.error === null || retried) return conn.send(id, frame, Math.max(1, deadline - Date.now()));
+    }
   }
 
   /** Closes the connection; later calls fail as unavailable. */
@@ -292,19 +305,33 @@ export class Client {
     if (!isTransient(err) || this.options.failureMode === 'raise') throw err;
   }
 
-  #slot(timeoutMs) {
+  #slot(deadline) {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
-        const i = this.waitingForSlot.indexOf(wake);
-        if (i >= 0) this.waitingForSlot.splice(i, 1);
+        this.waitingForSlot.delete(wake);
         reject(new RequestTimedOut(`${this.options.maxPending} calls already in flight`));
-      }, timeoutMs);
+      }, Math.max(1, deadline - Date.now()));
       const wake = () => {
         clearTimeout(timer);
         resolve();
       };
-      this.waitingForSlot.push(wake);
+      this.waitingForSlot.add(wake);
     });
+  }
+
+  /**
+   * A call is done with its slot: hand it straight to the oldest waiting
+   * call. (Freeing it instead would let a new call take it before the
+   * waiter runs, and both would be in flight: one over maxPending.)
+   */
+  #releaseSlot() {
+    const [wake] = this.waitingForSlot;
+    if (wake === undefined) {
+      this.inFlight--;
+      return;
+    }
+    this.waitingForSlot.delete(wake);
+    wake();
   }
 
   /** Connects, or joins a connect under way; rejects with ConnectFailed. */
@@ -318,12 +345,7 @@ export class Client {
         this.connecting = null;
       });
     }
-    const waitMs = Math.max(1, deadline - Date.now());
-    let timer;
-    const timeout = new Promise((_, reject) => {
-      timer = setTimeout(() => reject(new ConnectFailed(`connecting to quotad at ${this.socketPath} timed out`)), waitMs);
-    });
-    return Promise.race([this.connecting, timeout]).finally(() => clearTimeout(timer));
+    return withDeadline(this.connecting, deadline, () => new ConnectFailed(`connecting to quotad at ${this.socketPath} timed out`));
   }
 
   #open() {
@@ -359,3 +381,11 @@ export class Client {
   }
 }
 
+/** `promise`, or a rejection with `timeoutError()` at `deadline` (ms since the epoch). */
+function withDeadline(promise, deadline, timeoutError) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(timeoutError()), Math.max(1, deadline - Date.now()));
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}

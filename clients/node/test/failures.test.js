@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { Client, ConnectionLost, InvalidArgument, QuotadUnavailable, RequestTimedOut } from '../src/index.js';
+import { Client, ConnectionLost, FrameReader, InvalidArgument, QuotadUnavailable, RequestTimedOut, decodeBody, encodeFrame } from '../src/index.js';
 import { Quotad, environment, freshTenant, tempDir } from './daemons.js';
 
 const TIMEOUT = 300;
@@ -222,11 +222,93 @@ test('the write buffer is bounded while the sidecar does not read', async () => 
       await sleep(200);
       const buffered = c.conn.socket.writableLength;
       assert.ok(buffered > 0 && buffered <= (4 << 20) + (256 << 10), String(buffered)); // not 20 MB
+      // The waiting calls share one 'drain' listener (not one each: MaxListenersExceededWarning).
+      assert.ok(c.conn.socket.listenerCount('drain') <= 2, String(c.conn.socket.listenerCount('drain')));
+      assert.ok(c.conn.socket.listenerCount('close') <= 2, String(c.conn.socket.listenerCount('close')));
       assert.deepEqual(await calls, Array(100).fill(false));
     } finally {
       q.resume();
     }
     assert.equal((await c.check(tenant, 'k')).degraded, false);
+  } finally {
+    c.close();
+    await q.close();
+  }
+});
+
+/** A fake quotad answering {id, ok: true} to anything, in batches: every reply outstanding, in one write, 20 ms after the last request. */
+async function batchingServer() {
+  const dir = tempDir('batch');
+  const state = { outstanding: [], maxOutstanding: 0 };
+  const server = net.createServer((s) => {
+    const frames = new FrameReader();
+    let timer = null;
+    s.on('data', (chunk) => {
+      for (const body of frames.push(chunk)) state.outstanding.push(decodeBody(body).id);
+      state.maxOutstanding = Math.max(state.maxOutstanding, state.outstanding.length);
+      clearTimeout(timer);
+      timer = setTimeout(() => {
+        s.write(Buffer.concat(state.outstanding.map((id) => encodeFrame({ id, ok: true }))));
+        state.outstanding = [];
+      }, 20);
+    });
+  });
+  const sock = path.join(dir, 'batch.sock');
+  await new Promise((r) => server.listen(sock, r));
+  return { sock, state, close: () => server.close() };
+}
+
+test('maxPending is never exceeded, even when a new call comes as a slot is freed', async () => {
+  const fake = await batchingServer();
+  const c = new Client(fake.sock, { maxPending: 2, timeoutMs: 2000, failureMode: 'raise', ...quiet });
+  try {
+    // Two calls in flight, answered in one write; each is followed at once by a new call
+    // (the next microtask), while two more calls wait for a slot.
+    const chained = () => c.call({ op: 'x' }).then(() => c.call({ op: 'x' }));
+    await Promise.all([chained(), chained(), c.call({ op: 'x' }), c.call({ op: 'x' })]);
+    assert.equal(fake.state.maxOutstanding, 2);
+    assert.equal(c.inFlight, 0);
+  } finally {
+    c.close();
+    fake.close();
+  }
+});
+
+test('a call whose connection died before it was written fails at once, not at its timeout', async () => {
+  const fake = await batchingServer();
+  const c = new Client(fake.sock, { timeoutMs: 2000, failureMode: 'raise', ...quiet });
+  try {
+    const t0 = Date.now();
+    const call = c.check('t', 'k'); // connecting ...
+    c.close(); // ... and the connection is failed as soon as it is made
+    await assert.rejects(call, QuotadUnavailable);
+    assert.ok(Date.now() - t0 < 500, String(Date.now() - t0));
+    assert.equal(c.inFlight, 0);
+  } finally {
+    fake.close();
+  }
+});
+
+test('calls waiting to write when their connection fails go out on a new one', async () => {
+  const tenant = freshTenant();
+  const q = await Quotad.start(tempDir('rewrite'), env.redis);
+  const c = new Client(q.socket, { timeoutMs: 3000, ...quiet });
+  try {
+    assert.equal((await c.check(tenant, 'k')).degraded, false);
+    q.pause();
+    let calls;
+    try {
+      const value = Buffer.alloc(200 << 10, 119);
+      calls = Promise.all(Array.from({ length: 40 }, (_, i) => c.cacheSet(tenant, `k${i}`, value, { ttlMs: 10_000 })));
+      await sleep(200); // about 4 MB written, the rest waiting for the buffer to drain
+      c.conn.fail(new ConnectionLost('broken by the test'));
+    } finally {
+      q.resume();
+    }
+    const stored = await calls;
+    // Those written on the broken connection are lost; the ones that were waiting are not.
+    assert.ok(stored.includes(false), 'some calls were on the broken connection');
+    assert.ok(stored.filter(Boolean).length >= 10, String(stored));
   } finally {
     c.close();
     await q.close();
