@@ -274,3 +274,56 @@ async def test_write_buffer_is_bounded_while_the_sidecar_does_not_read(own_daemo
         own_daemon.resume()
     assert not (await c.check(tenant, "k")).degraded
     await c.close()
+
+
+async def test_cancelled_calls_release_their_slots(socket_path: str, tenant: str) -> None:
+    """Calls cancelled or timed out anywhere (waiting for a slot, in flight) give their slot back."""
+    c = AsyncClient(socket_path, max_pending=2, timeout=5.0, failure_mode="raise")
+    assert (await c.cache_lookup(tenant, "held", fill_ms=3000)).fill  # later reads are held by quotad
+    waiting: list[asyncio.Task[Any]] = []
+
+    async def held_then_cancel() -> None:
+        await c.cache_lookup(tenant, "held", fill_ms=3000)
+        # The slot of that call was just handed to a waiting call, which has not run yet:
+        # cancel it (and every other waiting call) right now.
+        for task in waiting:
+            task.cancel()
+
+    holders = [asyncio.ensure_future(held_then_cancel()) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    waiting += [asyncio.ensure_future(c.check(tenant, f"k{i}", policy="api")) for i in range(50)]
+    await asyncio.sleep(0.05)
+    assert c._slots.in_flight == 2
+    async with AsyncClient(socket_path) as other:
+        assert await other.cache_set(tenant, "held", b"v", ttl_ms=10_000)  # answers the held reads
+    await asyncio.gather(*holders)
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(t.cancelled() for t in waiting)  # a cancelled call does not go on regardless
+    assert c._slots.in_flight == 0
+
+    # Timed out from outside, while waiting for a slot or for the reply.
+    calls = [asyncio.wait_for(c.cache_lookup(tenant, "held2", fill_ms=3000), 0.05) for _ in range(20)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert sum(isinstance(r, asyncio.TimeoutError) for r in results) >= 18
+    assert c._slots.in_flight == 0
+    assert c._proto is not None and not c._proto.pending
+    assert (await c.check(tenant, "k", policy="api")).allowed  # and the client still works
+    await c.close()
+
+
+async def test_a_failed_write_fails_the_calls_at_once(socket_path: str, tenant: str) -> None:
+    c = AsyncClient(socket_path, timeout=5.0, failure_mode="raise")
+    assert (await c.check(tenant, "k", policy="api")).allowed
+    assert c._proto is not None and c._proto.transport is not None
+
+    def broken(data: object) -> None:
+        raise OSError("broken by the test")
+
+    c._proto.transport.write = broken  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionLost):
+        await c.check(tenant, "k", policy="api")
+    assert time.monotonic() - t0 < 1.0
+    assert c._slots.in_flight == 0
+    assert (await c.check(tenant, "k", policy="api")).allowed  # on a new connection
+    await c.close()

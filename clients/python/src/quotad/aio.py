@@ -107,7 +107,10 @@ class _Protocol(asyncio.Protocol):
         out, self._out = self._out, []
         self._out_bytes = 0
         if self.error is None and self.transport is not None and out:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            try:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            except Exception as e:  # else the calls just written would wait for their timeout
+                self.fail(ConnectionLost(f"writing to quotad failed: {e!r}"))
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -171,6 +174,50 @@ def _expire(fut: asyncio.Future[Reply], timeout: float) -> None:
         fut.set_exception(RequestTimedOut(f"no reply from quotad within {timeout:.3f}s"))
 
 
+class _Slots:
+    """At most ``limit`` calls in flight; more wait, oldest first, for a slot to be handed over."""
+
+    __slots__ = ("limit", "in_flight", "_waiters")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def take(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """Takes a slot (release it exactly once); RequestTimedOut if none is free by ``deadline``."""
+        if self.in_flight < self.limit:
+            self.in_flight += 1
+            return
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)  # a waiter done by then (timed out, cancelled) is skipped
+        timer = loop.call_at(deadline, _no_slot, waiter, self.limit)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            # Cancelled just after a slot was handed over: pass it on, or it is lost.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release()
+            raise
+        finally:
+            timer.cancel()
+
+    def release(self) -> None:
+        # Handed straight to a waiter: freeing it would let a new call take it too.
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.in_flight -= 1
+
+
+def _no_slot(waiter: asyncio.Future[None], limit: int) -> None:
+    if not waiter.done():
+        waiter.set_exception(RequestTimedOut(f"{limit} calls already in flight"))
+
+
 class AsyncClient:
     """An asyncio quotad client. Share one per process (per event loop).
 
@@ -210,8 +257,7 @@ class AsyncClient:
         self._proto: _Protocol | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
-        self._in_flight = 0  # calls holding a slot (at most max_pending)
-        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._slots = _Slots(max_pending)
         self._closed = False
         self._down = False
 
@@ -322,10 +368,8 @@ class AsyncClient:
         if self._loop is not loop:
             self._bind(loop)
         deadline = loop.time() + timeout
-        if self._in_flight < self._opts.max_pending:
-            self._in_flight += 1
-        else:
-            await self._wait_for_slot(loop, timeout)  # the slot is handed over
+        slots = self._slots  # released to the same loop's slots even if the client moves meanwhile
+        await slots.take(loop, deadline)
         try:
             proto = self._proto
             if proto is None or proto.error is not None:
@@ -345,34 +389,10 @@ class AsyncClient:
             finally:
                 proto.pending.pop(req_id, None)
         finally:
-            self._release_slot()
+            slots.release()
         if reply.get("ok") is not True:
             raise server_error(reply.get("error"))
         return reply
-
-    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        """max_pending calls are in flight: wait for one to hand its slot over."""
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._slot_waiters.append(waiter)
-        try:
-            await asyncio.wait_for(waiter, timeout)
-        except asyncio.TimeoutError:
-            raise RequestTimedOut(f"{self._opts.max_pending} calls already in flight") from None
-        finally:
-            if not waiter.done() or waiter.cancelled():
-                try:
-                    self._slot_waiters.remove(waiter)
-                except ValueError:
-                    pass
-
-    def _release_slot(self) -> None:
-        waiters = self._slot_waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot passes straight to the waiter
-                return
-        self._in_flight -= 1
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """First use, or use from another event loop: a connection belongs to one loop."""
@@ -383,8 +403,7 @@ class AsyncClient:
         self._loop = loop
         self._proto = None
         self._connecting = None
-        self._in_flight = 0
-        self._slot_waiters = deque()
+        self._slots = _Slots(self._opts.max_pending)
 
     async def _connect(self, deadline: float) -> _Protocol:
         """Connects, or joins a connect already under way; raises ConnectFailed."""
