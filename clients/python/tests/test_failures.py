@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -327,3 +328,20 @@ async def test_a_failed_write_fails_the_calls_at_once(socket_path: str, tenant: 
     assert c._slots.in_flight == 0
     assert (await c.check(tenant, "k", policy="api")).allowed  # on a new connection
     await c.close()
+
+
+def test_reader_ends_cleanly_when_closed_between_reads(
+    socket_path: str, tenant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    errors: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    with Client(socket_path, timeout=0.1) as c:
+        assert c.check(tenant, "k").allowed
+        conn = c._conn
+        assert conn is not None
+        # Closed without the shutdown that wakes the reader (it raced with a recv timeout,
+        # or the shutdown failed): the reader notices at its next timeout and ends.
+        conn._closed = True
+        conn._reader.join(2)
+        assert not conn._reader.is_alive()
+    assert errors == []

@@ -128,7 +128,8 @@ class _Connection:
 
     def _read_loop(self) -> None:
         frames = FrameReader(self._opts.max_reply_bytes)
-        err: QuotadError
+        # Fails the calls still waiting, however the loop ends (a return below included).
+        err: QuotadError = ConnectionLost("the connection was closed")
         try:
             while True:
                 try:
@@ -147,6 +148,9 @@ class _Connection:
                     self._deliver(decode_body(body))
         except QuotadError as e:
             err = e
+        except Exception as e:  # a bug: report it, but do not leave the calls to time out
+            err = ConnectionLost(f"reading from quotad failed: {e!r}")
+            raise
         finally:
             if not self._closed:
                 log.warning("quotad connection lost: %s", err)
