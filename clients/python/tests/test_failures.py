@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -345,3 +346,43 @@ def test_reader_ends_cleanly_when_closed_between_reads(
         conn._reader.join(2)
         assert not conn._reader.is_alive()
     assert errors == []
+
+
+def test_connecting_counts_within_the_timeout(recorder: Recorder) -> None:
+    """A call waiting for another thread's connect still ends at its own timeout."""
+    with Client(str(recorder.path), timeout=TIMEOUT, failure_mode="raise") as c:
+        c._connect_lock.acquire()  # another thread is connecting, slowly
+        threading.Timer(0.25, c._connect_lock.release).start()
+        t0 = time.monotonic()
+        with pytest.raises(QuotadUnavailable):
+            c.check("t", "k")  # the fake server never answers
+        assert time.monotonic() - t0 < TIMEOUT + 0.15
+
+
+def test_writes_to_a_sidecar_that_stopped_reading_end_at_the_timeout(own_daemon: Quotad, tenant: str) -> None:
+    with Client(str(own_daemon.socket), timeout=TIMEOUT) as c:
+        assert not c.check(tenant, "k").degraded
+        own_daemon.pause()
+        try:
+            value = b"v" * (400 << 10)  # more than the socket buffer takes
+
+            def store(i: int) -> float:
+                t0 = time.monotonic()
+                assert c.cache_set(tenant, f"k{i}", value, ttl_ms=10_000) is False
+                return time.monotonic() - t0
+
+            with ThreadPoolExecutor(4) as pool:
+                elapsed = list(pool.map(store, range(8)))
+            assert max(elapsed) < TIMEOUT + SLACK, elapsed  # not one timeout per writer queued ahead
+        finally:
+            own_daemon.resume()
+        wait_until(lambda: not c.check(tenant, "k").degraded)
+
+
+def test_large_values_round_trip_sync(socket_path: str, tenant: str) -> None:
+    """A frame bigger than the socket buffer goes out in several partial sends."""
+    value = bytes(range(256)) * 2000  # 512000 bytes
+    with Client(socket_path, failure_mode="raise", timeout=5.0) as c:
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(lambda i: c.cache_set(tenant, f"big{i}", value, ttl_ms=10_000), range(8)))
+        assert all(c.cache_get(tenant, f"big{i}") == value for i in range(8))

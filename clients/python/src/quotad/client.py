@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -54,6 +55,8 @@ class _Connection:
         self._opts = opts
         self._lock = threading.Lock()  # guards _pending and _error
         self._write_lock = threading.Lock()  # one frame at a time on the socket
+        self._writable = select.poll()  # used under _write_lock
+        self._writable.register(sock, select.POLLOUT)
         self._slots = threading.BoundedSemaphore(opts.max_pending)
         self._pending: dict[int, _Waiter] = {}
         self._error: QuotadError | None = None  # set: no new requests on this connection
@@ -65,9 +68,8 @@ class _Connection:
     def alive(self) -> bool:
         return self._error is None
 
-    def request(self, req_id: int, frame: bytes, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        if not self._slots.acquire(timeout=timeout):
+    def request(self, req_id: int, frame: bytes, deadline: float) -> dict[str, Any]:
+        if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise RequestTimedOut(f"{self._opts.max_pending} calls already in flight")
         try:
             waiter = _Waiter()
@@ -76,23 +78,48 @@ class _Connection:
                     raise self._error
                 self._pending[req_id] = waiter
             try:
-                with self._write_lock:
-                    self._sock.sendall(frame)
-            except OSError as e:
-                self._write_failed(ConnectionLost(f"writing to quotad failed: {e}"))
+                self._write(frame, deadline)
+            except RequestTimedOut:
+                with self._lock:
+                    self._pending.pop(req_id, None)
+                raise
             if not waiter.event.wait(max(0.0, deadline - time.monotonic())):
                 with self._lock:
                     self._pending.pop(req_id, None)
                 if not waiter.event.is_set():
                     if self._error is not None:  # the write failed and the daemon never closed
                         self.close(self._error)
-                    raise RequestTimedOut(f"no reply from quotad within {timeout:.3f}s")
+                    raise RequestTimedOut("no reply from quotad within the call's timeout")
             if waiter.error is not None:
                 raise waiter.error
             assert waiter.reply is not None
             return waiter.reply
         finally:
             self._slots.release()
+
+    def _write(self, frame: bytes, deadline: float) -> None:
+        """Writes the whole frame, giving up at ``deadline`` (RequestTimedOut).
+
+        ``send`` may take only part of the frame: the rest goes out as quotad
+        reads. A frame cut short (at the deadline, or by an error) leaves the
+        stream unusable; after an error the reader still delivers what quotad
+        says before it closes (see :meth:`_write_failed`).
+        """
+        if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise RequestTimedOut("quotad is not reading its socket")
+        view = memoryview(frame)
+        try:
+            while view:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._writable.poll(remaining * 1000):
+                    if len(view) < len(frame):
+                        self._write_failed(ConnectionLost("a request was cut short: quotad is not reading"))
+                    raise RequestTimedOut("quotad is not reading its socket")
+                view = view[self._sock.send(view) :]
+        except OSError as e:
+            self._write_failed(ConnectionLost(f"writing to quotad failed: {e}"))
+        finally:
+            self._write_lock.release()
 
     def _write_failed(self, err: QuotadError) -> None:
         """A failed (maybe partial) write leaves the stream unusable for requests.
@@ -313,17 +340,22 @@ class Client:
             raise InvalidArgument(
                 f"a {len(frame) - 4}-byte request is over max_frame_bytes ({self._opts.max_frame_bytes})"
             )
-        conn = self._connection()
-        reply = conn.request(req_id, frame, self._opts.timeout if timeout is None else timeout)
+        # One deadline for the whole call: connecting, waiting for a slot, writing, the reply.
+        deadline = time.monotonic() + (self._opts.timeout if timeout is None else timeout)
+        conn = self._connection(deadline)
+        reply = conn.request(req_id, frame, deadline)
         if reply.get("ok") is not True:
             raise server_error(reply.get("error"))
         return reply
 
-    def _connection(self) -> _Connection:
+    def _connection(self, deadline: float) -> _Connection:
         conn = self._conn
         if conn is not None and conn.alive and self._pid == os.getpid():
             return conn
-        with self._connect_lock:
+        # Another thread may be connecting: wait for it, but not past this call's deadline.
+        if not self._connect_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise ConnectFailed(f"connecting to quotad at {self.socket_path} timed out")
+        try:
             if self._closed:
                 raise ConnectFailed("the client is closed")
             if self._pid != os.getpid():
@@ -333,12 +365,14 @@ class Client:
             if conn is not None and conn.alive:
                 return conn
             now = time.monotonic()
+            if now >= deadline:
+                raise ConnectFailed(f"connecting to quotad at {self.socket_path} timed out")
             backoff = self._opts.backoff
             if not backoff.ready(now):
                 raise ConnectFailed(f"cannot reach quotad at {self.socket_path} (retrying soon)")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.settimeout(self._opts.connect_timeout)
+                sock.settimeout(min(self._opts.connect_timeout, deadline - now))
                 sock.connect(self.socket_path)
             except OSError as e:
                 sock.close()
@@ -348,8 +382,7 @@ class Client:
                     log.warning("cannot reach quotad at %s: %s", self.socket_path, e)
                 self._conn = None
                 raise ConnectFailed(f"cannot reach quotad at {self.socket_path}: {e}") from e
-            # Reads wake up this often to notice a close; a write that blocks
-            # this long (quotad stuck) drops the connection.
+            # Reads wake up this often to notice a close (writes have their own deadline).
             sock.settimeout(self._opts.timeout)
             backoff.succeeded()
             if self._down:
@@ -357,6 +390,8 @@ class Client:
                 log.warning("reconnected to quotad at %s", self.socket_path)
             self._conn = _Connection(sock, self._opts)
             return self._conn
+        finally:
+            self._connect_lock.release()
 
     def close(self) -> None:
         with self._connect_lock:
