@@ -83,27 +83,11 @@ impl MemoryLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limiter::{FailureMode, Rule, RuleKind};
-
-    fn policy() -> Policy {
-        Policy {
-            name: "p".into(),
-            rules: vec![Rule {
-                name: "r".into(),
-                kind: RuleKind::FixedWindow {
-                    limit: 1,
-                    window_us: 1_000_000,
-                },
-            }],
-            failure_mode: FailureMode::Open,
-            closed_retry_after_ms: 1000,
-        }
-    }
 
     #[test]
     fn stays_within_its_bound_and_sweeps_expired_states() {
         let mut m = MemoryLimiter::new(100);
-        let p = policy();
+        let p = Policy::one_per_second();
         for i in 0..1000 {
             m.check(&p, &[format!("k{i}")], 5_000_000, 1);
         }

@@ -82,6 +82,23 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// A policy `p` of one rule `r`: one unit per fixed second.
+    #[cfg(test)]
+    pub fn one_per_second() -> Policy {
+        Policy {
+            name: "p".into(),
+            rules: vec![Rule {
+                name: "r".into(),
+                kind: RuleKind::FixedWindow {
+                    limit: 1,
+                    window_us: 1_000_000,
+                },
+            }],
+            failure_mode: FailureMode::Open,
+            closed_retry_after_ms: 1000,
+        }
+    }
+
     /// Refuses a cost that some rule could never allow.
     pub fn check_cost(&self, cost: u64) -> Result<(), Error> {
         match self.rules.iter().find(|r| cost > r.kind.limit()) {

@@ -123,23 +123,11 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::limiter::{FailureMode, Policy, Rule, RuleKind};
+    use crate::limiter::Policy;
 
     fn check(tenant: &str, key: &str) -> Check {
-        let policy = Policy {
-            name: "p".into(),
-            rules: vec![Rule {
-                name: "r".into(),
-                kind: RuleKind::FixedWindow {
-                    limit: 1,
-                    window_us: 1_000_000,
-                },
-            }],
-            failure_mode: FailureMode::Open,
-            closed_retry_after_ms: 1000,
-        };
         Check {
-            policy: Arc::new(policy),
+            policy: Arc::new(Policy::one_per_second()),
             tenant: tenant.into(),
             key: key.into(),
             cost: 1,
