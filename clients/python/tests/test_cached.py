@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -116,3 +117,17 @@ async def test_sidecar_unavailable_computes_every_time(tmp_path: object) -> None
         return n
 
     assert [await f(), await f()] == [1, 2]
+
+
+async def test_a_failed_fill_releases_the_lock(client: AsyncClient, tenant: str) -> None:
+    """The filler raised: the next caller fills at once instead of waiting fill_ms for the lock."""
+
+    @cached(client, tenant=tenant, ttl_ms=60_000, fill_ms=2_000)
+    async def boom() -> int:
+        raise RuntimeError("failed")
+
+    with pytest.raises(RuntimeError):
+        await boom()
+    t0 = time.monotonic()
+    lookup = await client.cache_lookup(tenant, boom.cache_key(), fill_ms=2_000)
+    assert lookup.fill and time.monotonic() - t0 < 0.5

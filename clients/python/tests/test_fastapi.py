@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -257,3 +258,16 @@ def test_serves_entries_in_the_shared_format(http: httpx.Client, daemon: Any, te
         r = http.get("/items/shared", headers={"x-tenant": tenant, "x-api-key": "k"})
         # Not an entry: a miss (the app answers), not an error.
         assert r.headers["x-cache"] == "miss" and r.json() == {"id": "shared"}
+
+
+def test_a_filler_that_stores_nothing_releases_the_fill_lock(http: httpx.Client, daemon: Any, tenant: str) -> None:
+    """A 404 is not stored: the fill lock its request took is dropped, not left for fill_ms (1 s) to lapse."""
+    from quotad import Client
+
+    hdrs = {"x-tenant": tenant, "x-api-key": "k"}
+    assert http.get("/items-missing", headers=hdrs).status_code == 404  # this request was the filler
+    with Client(str(daemon.socket), failure_mode="raise") as c:
+        deadline = time.monotonic() + 0.5
+        # A read that would wait on the lock is let go as soon as quotad sees it gone: ask again.
+        while not c.cache_lookup(tenant, "user=1:k GET /items-missing", fill_ms=100).fill:
+            assert time.monotonic() < deadline, "the fill lock is still held"

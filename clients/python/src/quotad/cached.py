@@ -27,8 +27,9 @@ import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar
 
-
+from ._fill import serve_or_fill
 from .aio import AsyncClient
+from .models import Lookup
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -109,16 +110,26 @@ class CachedFunction(Generic[P, R]):
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         key = self.cache_key(*args, **kwargs)
         lookup = await self._client.cache_lookup(self._tenant, key, self._fill_ms)
-        if lookup.hit and not lookup.refresh and lookup.value is not None:
+        result: R
+
+        async def serve(hit: Lookup) -> bool:
+            nonlocal result
+            assert hit.value is not None
             try:
-                return self._loads(lookup.value)
+                result = self._loads(hit.value)
             except Exception:  # an entry we cannot read is recomputed and overwritten
-                pass
-        result = await self._fn(*args, **kwargs)
-        if not lookup.degraded:
-            await self._client.cache_set(
-                self._tenant, key, self._dumps(result), self._ttl_ms, self._tags, self._stale_ms
-            )
+                return False
+            return True
+
+        async def compute() -> bytes:
+            nonlocal result
+            result = await self._fn(*args, **kwargs)
+            return self._dumps(result)
+
+        await serve_or_fill(
+            self._client, self._tenant, key, lookup, serve, compute,
+            ttl_ms=self._ttl_ms, stale_ms=self._stale_ms, tags=lambda: self._tags,
+        )
         return result
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:

@@ -36,6 +36,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import identity
+from ._fill import serve_or_fill
 from .aio import AsyncClient
 from .identity import Extractor
 from .models import Decision, Lookup
@@ -212,21 +213,24 @@ class QuotadMiddleware:
             await self._send_denial(conn, decision, send)
             return
         lookup = ctx.lookup
-        if lookup is not None and lookup.hit and not lookup.refresh and lookup.value is not None:
-            if await _send_cached(lookup, decision, send):
-                return
-        store = cache is not None and cache_key is not None and lookup is not None and not lookup.degraded
-        if store:
-            assert cache is not None and cache_key is not None
-            recorder = _Recorder(send, decision, cache.max_body_bytes)
-            await self.app(scope, receive, recorder.send)
-            if recorder.cacheable:
-                await self.client.cache_set(
-                    tenant, cache_key, recorder.entry(), cache.ttl_ms, cache.tags_for(conn), cache.stale_ms
-                )
-        else:
+        if cache is None or cache_key is None or lookup is None or lookup.degraded:
             extra = [(b"x-cache", b"miss")] if cache_key is not None else []
             await self.app(scope, receive, _with_headers(send, decision, extra))
+            return
+        rule = cache
+
+        async def serve(hit: Lookup) -> bool:
+            return await _send_cached(hit, decision, send)
+
+        async def compute() -> bytes | None:
+            recorder = _Recorder(send, decision, rule.max_body_bytes)
+            await self.app(scope, receive, recorder.send)
+            return recorder.entry() if recorder.cacheable else None
+
+        await serve_or_fill(
+            self.client, tenant, cache_key, lookup, serve, compute,
+            ttl_ms=rule.ttl_ms, stale_ms=rule.stale_ms, tags=lambda: rule.tags_for(conn),
+        )
 
     async def _send_denial(self, conn: HTTPConnection, decision: Decision, send: Send) -> None:
         if self.deny is not None:
