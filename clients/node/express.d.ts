@@ -44,6 +44,19 @@ export default quotad;
 
 export function invalidate(req: any, options?: { tags?: string[]; paths?: string[]; keys?: string[] }): Promise<number>;
 export function pathTags(req: Req): string[];
+export function serveOrFill(
+  client: Client,
+  tenant: string,
+  key: string,
+  lookup: Lookup,
+  steps: {
+    serve: (hit: Lookup) => boolean | Promise<boolean>;
+    compute: () => Promise<Uint8Array | null>;
+    ttlMs: number;
+    staleMs?: number;
+    tags: () => string[];
+  },
+): Promise<void>;
 export function cacheKeyFor(req: Req, user: string | null): string;
 
 export function constant(value: string): Extractor;

@@ -95,18 +95,49 @@ export function quotad(options) {
         return;
       }
       const lookup = ctx.lookup;
-      if (cacheKey !== null) {
-        if (lookup?.hit && !lookup.refresh && sendCached(res, lookup)) return;
-        res.setHeader('x-cache', 'miss');
-        if (lookup && !lookup.degraded) record(res, (entry) => client.cacheSet(t, cacheKey, entry, {
-          ttlMs: cacheRule.ttlMs, staleMs: cacheRule.staleMs, tags: typeof cacheRule.tags === 'function' ? cacheRule.tags(req) : cacheRule.tags,
-        }), cacheRule.maxBodyBytes);
+      if (cacheKey === null || lookup === null || lookup.degraded) {
+        if (cacheKey !== null) res.setHeader('x-cache', 'miss');
+        return next();
       }
-      next();
+      await serveOrFill(client, t, cacheKey, lookup, {
+        serve: (hit) => sendCached(res, hit),
+        compute: () => new Promise((resolve) => {
+          res.setHeader('x-cache', 'miss');
+          record(res, cacheRule.maxBodyBytes, resolve);
+          next();
+        }),
+        ttlMs: cacheRule.ttlMs,
+        staleMs: cacheRule.staleMs,
+        tags: () => (typeof cacheRule.tags === 'function' ? cacheRule.tags(req) : cacheRule.tags),
+      });
     } catch (e) {
       next(e); // a bad value (e.g. an empty tenant from a custom extractor) is the app's error
     }
   };
+}
+
+/**
+ * Serves a cache hit, or computes the answer and stores it. `serve(lookup)`
+ * answers from a hit, false if the entry is not usable (it is then
+ * recomputed and overwritten). `compute()` answers by itself and resolves to
+ * the bytes to store, or null when this answer must not be stored. A caller
+ * told to fill the entry (`lookup.fill`) that stores nothing, or fails,
+ * deletes the key instead: that drops the fill lock, so the callers quotad
+ * holds for this value are let go now, not when the lock lapses (fillMs).
+ */
+export async function serveOrFill(client, tenant, key, lookup, { serve, compute, ttlMs, staleMs, tags }) {
+  if (lookup.hit && !lookup.refresh && (await serve(lookup))) return;
+  let value = null;
+  try {
+    value = await compute();
+  } finally {
+    try {
+      if (value !== null && !lookup.degraded) await client.cacheSet(tenant, key, value, { ttlMs, staleMs, tags: tags() });
+      else if (lookup.fill) await client.cacheDelete(tenant, { keys: [key] });
+    } catch {
+      // The answer is out already: a failed store is a later miss, never this request's error.
+    }
+  }
 }
 
 // A cached response is the MessagePack map {s: status, h: [[name, value], ...], b: body}
@@ -131,11 +162,23 @@ function sendCached(res, lookup) {
   return true;
 }
 
-/** Passes the response through while keeping a copy, stored once it ends if cacheable. */
-function record(res, store, maxBody) {
+/**
+ * Passes the response through while keeping a copy; once it is over,
+ * `done(entry)` with the entry to store, or null if it is not cacheable
+ * (or the connection closed before the response ended).
+ */
+function record(res, maxBody, done) {
   const chunks = [];
   let size = 0;
   let ok = true;
+  let over = false;
+  const finish = (entry) => {
+    if (!over) {
+      over = true;
+      done(entry);
+    }
+  };
+  res.once('close', () => finish(null));
   const { write, end } = res;
   const keep = (chunk, encoding) => {
     if (!ok || chunk === undefined || chunk === null || typeof chunk === 'function') return;
@@ -150,12 +193,13 @@ function record(res, store, maxBody) {
   res.end = function (chunk, encoding, cb) {
     keep(chunk, encoding);
     const result = end.call(this, chunk, encoding, cb);
-    if (ok && storable(res)) {
+    if (!ok || over || !storable(res)) {
+      finish(null);
+    } else {
       const headers = Object.entries(res.getHeaders())
         .filter(([name]) => !UNCACHED_HEADERS.has(name))
         .map(([name, value]) => [name, Array.isArray(value) ? value.join(', ') : String(value)]);
-      const entry = encode({ s: res.statusCode, h: headers, b: Buffer.concat(chunks) });
-      store(entry).catch(() => {}); // a failed store is a later miss, never this response's problem
+      finish(encode({ s: res.statusCode, h: headers, b: Buffer.concat(chunks) }));
     }
     return result;
   };

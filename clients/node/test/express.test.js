@@ -39,6 +39,7 @@ function buildApp(c) {
     }
   });
   app.get('/items-private', (req, res) => { calls.private++; res.set('cache-control', 'private').json({ call: calls.private }); });
+  app.get('/items-never', () => {}); // never answers: the client gives up
   app.get('/login', quotad({ client: c, policy: 'tiny' }), (req, res) => { calls.login++; res.json({ ok: true }); });
   return app;
 }
@@ -176,4 +177,26 @@ test('serves entries in the shared format (as the Python middleware writes them)
   const miss = await get('/items/shared', { 'x-tenant': tenant, 'x-api-key': 'k' });
   assert.equal(miss.status, 200);
   assert.equal(miss.headers.get('x-cache'), 'miss');
+});
+
+/** Asserts that the fill lock on `key` is gone well before its fillMs (1 s) would have lapsed. */
+async function assertFillLockReleased(tenant, key) {
+  const deadline = Date.now() + 500;
+  // A read that waits on the lock is let go as soon as quotad sees it gone: ask again.
+  while (!(await client.cacheLookup(tenant, key, { fillMs: 100 })).fill) {
+    assert.ok(Date.now() < deadline, 'the fill lock is still held');
+  }
+}
+
+test('a filler whose response is not stored releases the fill lock', async () => {
+  const tenant = freshTenant();
+  const r = await get('/items-private', { 'x-tenant': tenant, 'x-api-key': 'k' }); // the filler; private: not stored
+  assert.equal(r.headers.get('x-cache'), 'miss');
+  await assertFillLockReleased(tenant, 'user=1:k GET /items-private');
+});
+
+test('a filler whose client went away releases the fill lock', async () => {
+  const tenant = freshTenant();
+  await assert.rejects(fetch(`${base}/items-never`, { headers: { 'x-tenant': tenant, 'x-api-key': 'k' }, signal: AbortSignal.timeout(100) }));
+  await assertFillLockReleased(tenant, 'user=1:k GET /items-never');
 });
