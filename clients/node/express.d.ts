@@ -28,8 +28,10 @@ export interface CacheRule {
 
 export interface QuotadOptions {
   client: Client;
-  tenant?: Extractor;
-  key?: Extractor;
+  /** Default: the tenant an earlier quotad middleware found for the request, else DEFAULT_TENANT. */
+  tenant?: Extractor | null;
+  /** Default: the key an earlier quotad middleware found for the request, else the client's IP. */
+  key?: Extractor | null;
   policy?: string | null | ((req: Req) => string | null | undefined);
   cost?: number | ((req: Req) => number);
   cache?: CacheRule | null;

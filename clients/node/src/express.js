@@ -15,6 +15,7 @@ export * from './identity.js';
 export const DEFAULT_TENANT = 'default';
 /** The key shared by requests without one: leaving out an API key must not escape the limit. */
 export const ANONYMOUS_KEY = 'anonymous';
+const DEFAULT_KEY = identity.clientIp();
 
 // Response headers never stored with a cached response.
 const UNCACHED_HEADERS = new Set([
@@ -49,15 +50,17 @@ export async function invalidate(req, { tags = [], paths = [], keys = [] } = {})
 }
 
 /**
- * The middleware. Options: client (required); tenant, key (extractors);
- * policy, cost (values or functions of the request); cache ({ ttlMs,
- * staleMs, fillMs, tags, perUser, when, maxBodyBytes }); skip(req).
+ * The middleware. Options: client (required); tenant, key (extractors;
+ * without them, the tenant and key an earlier quotad middleware found for
+ * the request, else the default tenant and the client's IP); policy, cost
+ * (values or functions of the request); cache ({ ttlMs, staleMs, fillMs,
+ * tags, perUser, when, maxBodyBytes }); skip(req).
  */
 export function quotad(options) {
   const {
     client,
-    tenant = identity.constant(DEFAULT_TENANT),
-    key = identity.clientIp(),
+    tenant = null,
+    key = null,
     policy = null,
     cost = 1,
     cache = null,
@@ -72,8 +75,9 @@ export function quotad(options) {
     try {
       if (skip(req)) return next();
       const parent = req.quotad;
-      const t = (await identity.resolve(tenant, req)) ?? DEFAULT_TENANT;
-      const k = (await identity.resolve(key, req)) ?? ANONYMOUS_KEY;
+      // A per-route limit counts against the identity the app-wide middleware found.
+      const t = (tenant ? await identity.resolve(tenant, req) : parent?.tenant) ?? DEFAULT_TENANT;
+      const k = (key ? await identity.resolve(key, req) : parent?.key ?? await identity.resolve(DEFAULT_KEY, req)) ?? ANONYMOUS_KEY;
       const opts = { policy: typeof policy === 'function' ? policy(req) : policy, cost: typeof cost === 'function' ? cost(req) : cost };
       const ctx = { client, tenant: t, key: k, decision: null, lookup: null };
       req.quotad = parent ?? ctx; // the app-wide context stays the one invalidate() uses

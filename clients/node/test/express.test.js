@@ -200,3 +200,10 @@ test('a filler whose client went away releases the fill lock', async () => {
   await assert.rejects(fetch(`${base}/items-never`, { headers: { 'x-tenant': tenant, 'x-api-key': 'k' }, signal: AbortSignal.timeout(100) }));
   await assertFillLockReleased(tenant, 'user=1:k GET /items-never');
 });
+
+test('a per-route middleware limits the tenant and key the app-wide one found', async () => {
+  // /login allows 2 a minute: per tenant and key, not for everyone behind one IP.
+  for (const h of [{ 'x-tenant': freshTenant() }, { 'x-tenant': freshTenant() }, { 'x-tenant': freshTenant(), 'x-api-key': 'k' }]) {
+    assert.deepEqual([(await get('/login', h)).status, (await get('/login', h)).status], [200, 200]);
+  }
+});

@@ -271,3 +271,20 @@ def test_a_filler_that_stores_nothing_releases_the_fill_lock(http: httpx.Client,
         # A read that would wait on the lock is let go as soon as quotad sees it gone: ask again.
         while not c.cache_lookup(tenant, "user=1:k GET /items-missing", fill_ms=100).fill:
             assert time.monotonic() < deadline, "the fill lock is still held"
+
+
+async def test_route_limit_without_the_middleware_has_the_middleware_defaults() -> None:
+    """The default tenant, keyed by the client's IP (the IP is not the tenant)."""
+    from quotad import Decision
+
+    seen: list[tuple[str, str]] = []
+
+    class Recording:
+        async def check(self, tenant: str, key: str, policy: str | None = None, cost: int = 1) -> Decision:
+            seen.append((tenant, key))
+            return Decision(True, 1, 0, 0, 0, False, "r")
+
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b"",
+             "client": ("10.1.2.3", 5555)}
+    await RateLimit(Recording(), policy="p")(Request(scope), Response())  # type: ignore[arg-type]
+    assert seen == [("default", "10.1.2.3")]

@@ -54,8 +54,9 @@ class RateLimit:
     async def __call__(self, request: Request, response: Response) -> Decision:
         ctx = request.scope.get("state", {}).get("quotad")
         ctx = ctx if isinstance(ctx, QuotadContext) else None
-        tenant = await self._resolve(self.tenant, request, ctx.tenant if ctx else None) or DEFAULT_TENANT
-        key = await self._resolve(self.key, request, ctx.key if ctx else None) or ANONYMOUS_KEY
+        # Like QuotadMiddleware's defaults: the default tenant, keyed by client IP.
+        tenant = await self._resolve(self.tenant, request, ctx.tenant if ctx else None, None) or DEFAULT_TENANT
+        key = await self._resolve(self.key, request, ctx.key if ctx else None, identity.client_ip()) or ANONYMOUS_KEY
         if self._route is not None:
             key = f"{await identity.resolve(self._route, request)} {key}"
         cost = self.cost(request) if callable(self.cost) else self.cost
@@ -70,12 +71,15 @@ class RateLimit:
         return decision
 
     @staticmethod
-    async def _resolve(extractor: Extractor | None, request: Request, fallback: str | None) -> str | None:
+    async def _resolve(
+        extractor: Extractor | None, request: Request, found: str | None, default: Extractor | None
+    ) -> str | None:
+        """The route's own extractor, else what the middleware found, else the default."""
         if extractor is not None:
             return await identity.resolve(extractor, request)
-        if fallback is not None:
-            return fallback
-        return await identity.resolve(identity.client_ip(), request)
+        if found is not None or default is None:
+            return found
+        return await identity.resolve(default, request)
 
 
 __all__ = ["RateLimit"]
