@@ -60,6 +60,9 @@ export function serveOrFill(
   },
 ): Promise<void>;
 export function cacheKeyFor(req: Req, user: string | null): string;
+export function canonicalPath(path: string): string;
+export function canonicalQuery(query: string): string;
+export function pathTag(path: string): string;
 
 export function constant(value: string): Extractor;
 export function header(name: string): Extractor;

@@ -23,19 +23,94 @@ const UNCACHED_HEADERS = new Set([
   'ratelimit-limit', 'ratelimit-remaining', 'ratelimit-reset', 'retry-after', 'x-cache',
 ]);
 
+// Cache keys and tags are built from the request as sent, in one canonical
+// form shared with the Python middleware (clients/README.md, "Cache keys";
+// clients/cache-keys.json holds the vectors both test suites check).
+const isUnreserved = (b) => (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5a) || (b >= 0x61 && b <= 0x7a)
+  || b === 0x2d || b === 0x2e || b === 0x5f || b === 0x7e;
+// Also literal in a path: "/" and the sub-delimiters, ":" and "@" (RFC 3986).
+const PATH_LITERAL = new Set(Buffer.from("/!$&'()*+,;=:@"));
+const isHex = (b) => (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x46) || (b >= 0x61 && b <= 0x66);
+const pct = (b) => `%${b.toString(16).toUpperCase().padStart(2, '0')}`;
+/** The byte a valid `%XX` at raw[i] stands for, else -1. */
+const escaped = (raw, i) => (raw[i] === 0x25 && i + 2 < raw.length && isHex(raw[i + 1]) && isHex(raw[i + 2])
+  ? parseInt(String.fromCharCode(raw[i + 1], raw[i + 2]), 16) : -1);
+
+/**
+ * A path as sent, normalized as RFC 3986 (6.2.2) says: `%XX` of an
+ * unreserved character is decoded, other `%XX` kept (hex upper-cased:
+ * `/a%2Fb` stays apart from `/a/b`), and any other byte that may not appear
+ * as is gets `%XX`.
+ */
+export function canonicalPath(path) {
+  const raw = Buffer.from(path);
+  let out = '';
+  for (let i = 0; i < raw.length; i++) {
+    const c = escaped(raw, i);
+    if (c >= 0) {
+      out += isUnreserved(c) ? String.fromCharCode(c) : pct(c);
+      i += 2;
+    } else {
+      out += isUnreserved(raw[i]) || PATH_LITERAL.has(raw[i]) ? String.fromCharCode(raw[i]) : pct(raw[i]);
+    }
+  }
+  return out;
+}
+
+/** Form decoding to bytes: `+` is a space, `%XX` a byte. */
+function formBytes(text) {
+  const raw = Buffer.from(text.replaceAll('+', ' '));
+  const out = Buffer.allocUnsafe(raw.length);
+  let n = 0;
+  for (let i = 0; i < raw.length; i++) {
+    const c = escaped(raw, i);
+    out[n++] = c >= 0 ? c : raw[i];
+    if (c >= 0) i += 2;
+  }
+  return out.subarray(0, n);
+}
+
+const formText = (bytes) => Array.from(bytes, (b) => (isUnreserved(b) ? String.fromCharCode(b) : pct(b))).join('');
+
+/**
+ * A query string with its `name=value` pairs decoded, sorted by name and
+ * re-encoded. Pairs with the same name keep their order (it can matter to
+ * the app); everything but unreserved characters is written as `%XX`.
+ */
+export function canonicalQuery(query) {
+  const pairs = query.split('&').filter(Boolean).map((part) => {
+    const eq = part.indexOf('=');
+    return eq < 0 ? [formBytes(part), Buffer.alloc(0)] : [formBytes(part.slice(0, eq)), formBytes(part.slice(eq + 1))];
+  });
+  pairs.sort((a, b) => Buffer.compare(a[0], b[0])); // a stable sort
+  return pairs.map(([name, value]) => `${formText(name)}=${formText(value)}`).join('&');
+}
+
+/** The request target's path and query, as sent. */
+function target(req) {
+  const url = req.originalUrl ?? req.url;
+  const q = url.indexOf('?');
+  return q < 0 ? [url, ''] : [url.slice(0, q), url.slice(q + 1)];
+}
+
+/** The tag `invalidate(req, { paths: [path] })` drops: `path:` and the canonical path. */
+export function pathTag(path) {
+  return `path:/${canonicalPath(path).replace(/^\/+|\/+$/g, '')}`;
+}
+
 /** Default tags of a cached response: `path:` plus each prefix of its path. */
 export function pathTags(req) {
-  const parts = pathOf(req).split('/').filter(Boolean).slice(0, 8);
+  const parts = canonicalPath(target(req)[0]).split('/').filter(Boolean).slice(0, 8); // daemon default: 16 tags at most
   return parts.length ? parts.map((_, i) => `path:/${parts.slice(0, i + 1).join('/')}`) : ['path:/'];
 }
 
-/** `GET /path?sorted&query`, prefixed (length-prefixed: unforgeable) with the user when per user. */
+/** `GET /path?query` (canonical, as the Python middleware builds it), prefixed with the user when per user. */
 export function cacheKeyFor(req, user) {
-  const url = new URL(req.originalUrl ?? req.url, 'http://x');
-  const params = [...url.searchParams.entries()].sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : a[1] < b[1] ? -1 : a[1] > b[1] ? 1 : 0));
-  const query = new URLSearchParams(params).toString();
-  const key = `${req.method} ${url.pathname}${query ? `?${query}` : ''}`;
-  return user === null || user === undefined ? key : `user=${user.length}:${user} ${key}`;
+  const [path, q] = target(req);
+  const query = canonicalQuery(q);
+  const key = `${req.method} ${canonicalPath(path)}${query ? `?${query}` : ''}`;
+  // Prefixed with its length in UTF-8 bytes, so that no user string can forge another user's key.
+  return user === null || user === undefined ? key : `user=${Buffer.byteLength(user)}:${user} ${key}`;
 }
 
 /**
@@ -45,7 +120,7 @@ export function cacheKeyFor(req, user) {
 export async function invalidate(req, { tags = [], paths = [], keys = [] } = {}) {
   const ctx = req.quotad;
   if (!ctx) throw new Error('the quotad middleware did not run for this request');
-  const all = [...tags, ...paths.map((p) => `path:/${p.replace(/^\/+|\/+$/g, '')}`)];
+  const all = [...tags, ...paths.map(pathTag)];
   return ctx.client.cacheDelete(ctx.tenant, { tags: all, keys });
 }
 
@@ -213,10 +288,6 @@ function storable(res) {
   if (res.statusCode !== 200 || res.getHeader('set-cookie') !== undefined) return false;
   const cc = String(res.getHeader('cache-control') ?? '').toLowerCase();
   return !cc.includes('no-store') && !cc.includes('private');
-}
-
-function pathOf(req) {
-  return new URL(req.originalUrl ?? req.url, 'http://x').pathname;
 }
 
 export default quotad;

@@ -1,10 +1,12 @@
 // The Express middleware, served over HTTP and called with fetch.
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
 import { after, before, test } from 'node:test';
 import express from 'express';
 import { Client } from '../src/index.js';
-import { apiKey, clientIp, first, header, invalidate, jwtClaim, quotad } from '../src/express.js';
-import { environment, freshTenant, tempDir } from './daemons.js';
+import { apiKey, cacheKeyFor, clientIp, first, header, invalidate, jwtClaim, pathTag, pathTags, quotad } from '../src/express.js';
+import { REPO, environment, freshTenant, tempDir } from './daemons.js';
 
 let env;
 let client;
@@ -206,4 +208,15 @@ test('a per-route middleware limits the tenant and key the app-wide one found', 
   for (const h of [{ 'x-tenant': freshTenant() }, { 'x-tenant': freshTenant() }, { 'x-tenant': freshTenant(), 'x-api-key': 'k' }]) {
     assert.deepEqual([(await get('/login', h)).status, (await get('/login', h)).status], [200, 200]);
   }
+});
+
+const VECTORS = JSON.parse(fs.readFileSync(path.join(REPO, 'clients', 'cache-keys.json'), 'utf8'));
+
+test('cache keys and tags match the shared vectors (clients/cache-keys.json, checked by the Python suite too)', () => {
+  for (const v of VECTORS.keys) {
+    const req = { method: 'GET', url: v.target, originalUrl: v.target };
+    assert.equal(cacheKeyFor(req, v.user), v.key, v.target);
+    assert.deepEqual(pathTags(req), v.tags, v.target);
+  }
+  for (const v of VECTORS.path_tags) assert.equal(pathTag(v.path), v.tag, v.path);
 });

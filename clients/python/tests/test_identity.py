@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -11,7 +16,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from quotad import identity
-from quotad.starlette import cache_key_for, path_tags
+from quotad.starlette import cache_key_for, path_tag, path_tags
 
 
 def request(path: str = "/", headers: dict[str, str] | None = None, query: str = "", **extra: object) -> Request:
@@ -69,9 +74,24 @@ async def test_route_template() -> None:
     assert await identity.resolve(identity.route(), request("/other", app=app)) == "GET /other"
 
 
-def test_cache_key_and_tags() -> None:
-    r = request("/items/7", query="z=1&a=2&a=1&empty=")
-    assert cache_key_for(r, None) == "GET /items/7?a=1&a=2&empty=&z=1"
-    assert cache_key_for(r, "alice") == "user=5:alice GET /items/7?a=1&a=2&empty=&z=1"
-    assert path_tags(r) == ["path:/items", "path:/items/7"]
-    assert path_tags(request("/")) == ["path:/"]
+VECTORS = json.loads((Path(__file__).parents[2] / "cache-keys.json").read_text("utf-8"))
+
+
+@pytest.mark.parametrize("v", VECTORS["keys"], ids=[v["target"] for v in VECTORS["keys"]])
+def test_cache_keys_and_tags_match_the_shared_vectors(v: dict[str, Any]) -> None:
+    """The keys and tags of clients/cache-keys.json, which the Node suite checks too."""
+    path, _, query = v["target"].partition("?")
+    # As uvicorn builds the scope: raw_path as sent, path percent-decoded.
+    r = request(unquote(path), query=query, raw_path=path.encode())
+    assert cache_key_for(r, v["user"]) == v["key"]
+    assert path_tags(r) == v["tags"]
+
+
+@pytest.mark.parametrize("v", VECTORS["path_tags"], ids=[v["path"] for v in VECTORS["path_tags"]])
+def test_invalidated_path_tags_match_the_shared_vectors(v: dict[str, str]) -> None:
+    assert path_tag(v["path"]) == v["tag"]
+
+
+def test_cache_key_without_raw_path() -> None:
+    """A server that gives no raw_path: the decoded path, re-encoded."""
+    assert cache_key_for(request("/café/a b", query="b=1&a=2"), None) == "GET /caf%C3%A9/a%20b?a=2&b=1"

@@ -29,7 +29,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Union
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import quote, unquote_to_bytes
 
 import msgpack
 from starlette.requests import HTTPConnection
@@ -69,13 +69,70 @@ Predicate = Callable[[HTTPConnection], bool]
 TagsFor = Union[Iterable[str], Callable[[HTTPConnection], Iterable[str]]]
 
 
+# Cache keys and tags are built from the request as sent, in one canonical
+# form shared with the Express middleware (clients/README.md, "Cache keys";
+# clients/cache-keys.json holds the vectors both test suites check).
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# Also literal in a path: "/" and the sub-delimiters, ":" and "@" (RFC 3986).
+_PATH_LITERAL = _UNRESERVED | frozenset(b"/!$&'()*+,;=:@")
+_HEX = frozenset(b"0123456789ABCDEFabcdef")
+
+
+def canonical_path(raw: bytes) -> str:
+    """A path as sent, normalized as RFC 3986 (6.2.2) says.
+
+    ``%XX`` of an unreserved character is decoded, other ``%XX`` kept (hex
+    upper-cased: ``/a%2Fb`` stays apart from ``/a/b``), and any other byte
+    that may not appear as is gets ``%XX``.
+    """
+    out: list[str] = []
+    i, n = 0, len(raw)
+    while i < n:
+        b = raw[i]
+        if b == 0x25 and i + 2 < n and raw[i + 1] in _HEX and raw[i + 2] in _HEX:
+            c = int(raw[i + 1 : i + 3], 16)
+            out.append(chr(c) if c in _UNRESERVED else f"%{c:02X}")
+            i += 3
+        else:
+            out.append(chr(b) if b in _PATH_LITERAL else f"%{b:02X}")
+            i += 1
+    return "".join(out)
+
+
+def canonical_query(raw: bytes) -> str:
+    """A query string with its ``name=value`` pairs decoded, sorted by name and re-encoded.
+
+    Pairs with the same name keep their order (it can matter to the app);
+    everything but unreserved characters is written as ``%XX``.
+    """
+    pairs = []
+    for part in raw.split(b"&"):
+        if part:
+            name, _, value = part.partition(b"=")
+            pairs.append((unquote_to_bytes(name.replace(b"+", b" ")), unquote_to_bytes(value.replace(b"+", b" "))))
+    pairs.sort(key=lambda pair: pair[0])
+    return "&".join(f"{quote(name, safe='')}={quote(value, safe='')}" for name, value in pairs)
+
+
+def _request_path(conn: HTTPConnection) -> str:
+    raw = conn.scope.get("raw_path")
+    if not isinstance(raw, bytes):  # a server that does not give it: re-encode the decoded path
+        raw = quote(conn.scope["path"], safe="/!$&'()*+,;=:@").encode()
+    return canonical_path(raw.partition(b"?")[0])
+
+
+def path_tag(path: str) -> str:
+    """The tag ``invalidate(paths=[path])`` drops: ``path:`` and the canonical path."""
+    return "path:/" + canonical_path(path.encode()).strip("/")
+
+
 def path_tags(conn: HTTPConnection) -> list[str]:
     """The default tags of a cached response: ``path:`` plus each prefix of its path.
 
     ``GET /items/7`` is tagged ``path:/items`` and ``path:/items/7``, so
     ``invalidate(request, paths=["/items"])`` drops every cached item page.
     """
-    parts = [p for p in conn.url.path.split("/") if p][:8]  # daemon default: 16 tags at most
+    parts = [p for p in _request_path(conn).split("/") if p][:8]  # daemon default: 16 tags at most
     return [f"path:/{'/'.join(parts[: i + 1])}" for i in range(len(parts))] or ["path:/"]
 
 
@@ -120,13 +177,13 @@ class QuotadContext:
 
 
 def cache_key_for(conn: HTTPConnection, user: str | None) -> str:
-    """``GET /path?sorted&query``, prefixed with the user when entries are per user."""
-    query = urlencode(sorted(parse_qsl(conn.url.query, keep_blank_values=True)))
-    key = f"{conn.scope.get('method', 'GET')} {conn.url.path}"
+    """``GET /path?query`` (canonical, as the Express middleware builds it), prefixed with the user when per user."""
+    key = f"{conn.scope.get('method', 'GET')} {_request_path(conn)}"
+    query = canonical_query(conn.scope.get("query_string", b""))
     if query:
         key += "?" + query
-    # Length-prefixed so that no user string can forge another user's key.
-    return f"user={len(user)}:{user} {key}" if user is not None else key
+    # Prefixed with its length in UTF-8 bytes, so that no user string can forge another user's key.
+    return f"user={len(user.encode('utf-8', 'surrogatepass'))}:{user} {key}" if user is not None else key
 
 
 async def invalidate(
@@ -142,7 +199,7 @@ async def invalidate(
     Returns how many entries were deleted (0 when quotad is unavailable).
     """
     ctx = context(request)
-    all_tags = list(tags or ()) + [f"path:/{p.strip('/')}" if p.strip("/") else "path:/" for p in paths or ()]
+    all_tags = list(tags or ()) + [path_tag(p) for p in paths or ()]
     return await ctx.client.cache_delete(ctx.tenant, keys=list(keys or ()), tags=all_tags)
 
 
@@ -362,7 +419,10 @@ __all__ = [
     "ResponseCache",
     "cache_key_for",
     "context",
+    "canonical_path",
+    "canonical_query",
     "invalidate",
+    "path_tag",
     "path_tags",
 ]
 
