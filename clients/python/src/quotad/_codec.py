@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Union
 
 import msgpack
 
-from .errors import ProtocolViolation
+from .errors import InvalidArgument, ProtocolViolation
 
 _LENGTH = struct.Struct(">I")
 
@@ -23,17 +23,28 @@ DEFAULT_MAX_FRAME_BYTES = 1 << 20
 DEFAULT_MAX_REPLY_BYTES = 64 << 20
 
 
-def encode_body(message: Mapping[str, Any]) -> bytes:
-    body: bytes = msgpack.packb(message, use_bin_type=True)
-    return body
+#: A frame body: a view of the bytes received where possible.
+Body = Union[bytes, bytearray, memoryview]
 
 
 def encode_frame(message: Mapping[str, Any]) -> bytes:
-    body = encode_body(message)
+    body: bytes = msgpack.packb(message, use_bin_type=True)
     return _LENGTH.pack(len(body)) + body
 
 
-def decode_body(body: bytes) -> dict[str, Any]:
+def request_frame(request: dict[str, Any], req_id: int, max_frame_bytes: int) -> bytes:
+    """The frame of a request map, with its ``id`` set; InvalidArgument if it cannot be sent."""
+    request["id"] = req_id
+    try:
+        frame = encode_frame(request)
+    except UnicodeEncodeError as e:  # a lone surrogate in some string
+        raise InvalidArgument(f"a string that is not valid UTF-8 text: {e}") from None
+    if len(frame) - 4 > max_frame_bytes:
+        raise InvalidArgument(f"a {len(frame) - 4}-byte request is over max_frame_bytes ({max_frame_bytes})")
+    return frame
+
+
+def decode_body(body: Body) -> dict[str, Any]:
     """One frame body as a dict; anything but a single map with str keys is a violation."""
     try:
         value = msgpack.unpackb(body, raw=False, strict_map_key=True)
@@ -54,21 +65,34 @@ class FrameReader:
         self._buf = bytearray()
         self._max = max_frame_bytes
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """Adds received bytes; returns the bodies of the frames now complete."""
-        buf = self._buf
-        buf += data
-        bodies: list[bytes] = []
+    def feed(self, data: bytes) -> list[Body]:
+        """Adds received bytes; returns the bodies of the frames now complete.
+
+        The bodies are views of the bytes received (no copy); only a partial
+        frame is kept (copied), until the rest arrives.
+        """
+        buffered = self._buf
+        if buffered:
+            buffered += data
+            chunk: bytes | bytearray = buffered
+        else:
+            chunk = data
+        bodies: list[Body] = []
         pos = 0
-        end = len(buf)
-        while end - pos >= 4:
-            (n,) = _LENGTH.unpack_from(buf, pos)
-            if n > self._max:
-                raise ProtocolViolation(f"a {n}-byte frame (the limit is {self._max})")
-            if end - pos - 4 < n:
-                break
-            bodies.append(bytes(buf[pos + 4 : pos + 4 + n]))
-            pos += 4 + n
-        if pos:
-            del buf[:pos]
+        end = len(chunk)
+        with memoryview(chunk) as view:
+            while end - pos >= 4:
+                (n,) = _LENGTH.unpack_from(chunk, pos)
+                if n > self._max:
+                    raise ProtocolViolation(f"a {n}-byte frame (the limit is {self._max})")
+                if end - pos - 4 < n:
+                    break
+                bodies.append(view[pos + 4 : pos + 4 + n])
+                pos += 4 + n
+            if pos == end:
+                self._buf = bytearray()
+            elif pos or chunk is not buffered:
+                # A new buffer: the one the bodies view must not change under them.
+                self._buf = bytearray(view[pos:])
+            # else: a frame still incomplete, the buffer keeps growing (no body views it)
         return bodies

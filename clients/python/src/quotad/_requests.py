@@ -48,13 +48,20 @@ def _texts(name: str, values: Iterable[str] | None) -> list[str]:
     return [_text(f"{name}[{i}]", v) for i, v in enumerate(items)]
 
 
-def _bytes(name: str, value: object) -> bytes:
-    if isinstance(value, bytes):
+def _bytes(name: str, value: object) -> bytes | bytearray | memoryview:
+    # msgpack writes all three as bin: no copy (but of a view with gaps, which it cannot read).
+    if isinstance(value, (bytes, bytearray)):
         return value
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
+    if isinstance(value, memoryview):
+        return value if value.c_contiguous else value.tobytes()
     hint = " (encode it first, e.g. value.encode())" if isinstance(value, str) else ""
     raise InvalidArgument(f"{name} must be bytes, not {type(value).__name__}{hint}")
+
+
+def _fill_ms(req: Request, fill_ms: int | None) -> None:
+    # 0 (or None) is no single-flight: left out.
+    if fill_ms is not None and _uint("fill_ms", fill_ms):
+        req["fill_ms"] = fill_ms
 
 
 def _check_fields(req: Request, tenant: str, key: str, policy: str | None, cost: int) -> None:
@@ -81,10 +88,7 @@ def check(tenant: str, key: str, policy: str | None, cost: int) -> Request:
 
 def cache_get(tenant: str, key: str, fill_ms: int | None) -> Request:
     req: Request = {"id": 0, "op": "cache_get", "tenant": _text("tenant", tenant), "key": _text("key", key)}
-    if fill_ms:
-        req["fill_ms"] = _uint("fill_ms", fill_ms)
-    elif fill_ms is not None:
-        _uint("fill_ms", fill_ms)
+    _fill_ms(req, fill_ms)
     return req
 
 
@@ -136,10 +140,7 @@ def check_get(
     req: Request = {"id": 0, "op": "check_get"}
     _check_fields(req, tenant, key, policy, cost)
     req["cache_key"] = _text("cache_key", cache_key)
-    if fill_ms:
-        req["fill_ms"] = _uint("fill_ms", fill_ms)
-    elif fill_ms is not None:
-        _uint("fill_ms", fill_ms)
+    _fill_ms(req, fill_ms)
     return req
 
 

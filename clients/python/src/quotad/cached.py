@@ -66,10 +66,6 @@ def _json_dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-def _json_loads(data: bytes) -> Any:
-    return json.loads(data)
-
-
 class CachedFunction(Generic[P, R]):
     """The decorated function: call it, or ask for/invalidate its entry for some arguments."""
 
@@ -147,7 +143,7 @@ def cached(
     tags: Iterable[str] = (),
     key: Callable[..., str] | None = None,
     dumps: Callable[[Any], bytes] = _json_dumps,
-    loads: Callable[[bytes], Any] = _json_loads,
+    loads: Callable[[bytes], Any] = json.loads,
 ) -> Callable[[Callable[P, Awaitable[R]]], CachedFunction[P, R]]:
     """Decorator; see the module docs. Invalid settings raise at decoration time."""
     if isinstance(tags, str):

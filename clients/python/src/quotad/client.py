@@ -19,13 +19,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import _requests
-from ._codec import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_REPLY_BYTES, FrameReader, decode_body, encode_frame
+from ._codec import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_REPLY_BYTES, FrameReader, decode_body, request_frame
 from ._common import ClientOptions, FailureMode
 from .errors import (
     TRANSIENT,
     ConnectFailed,
     ConnectionLost,
-    InvalidArgument,
     QuotadError,
     RequestTimedOut,
     connection_error,
@@ -331,15 +330,7 @@ class Client:
         :class:`~quotad.errors.QuotadUnavailable` when no reply came.
         """
         req_id = next(self._ids)
-        request["id"] = req_id
-        try:
-            frame = encode_frame(request)
-        except UnicodeEncodeError as e:  # a lone surrogate in some string
-            raise InvalidArgument(f"a string that is not valid UTF-8 text: {e}") from None
-        if len(frame) - 4 > self._opts.max_frame_bytes:
-            raise InvalidArgument(
-                f"a {len(frame) - 4}-byte request is over max_frame_bytes ({self._opts.max_frame_bytes})"
-            )
+        frame = request_frame(request, req_id, self._opts.max_frame_bytes)
         # One deadline for the whole call: connecting, waiting for a slot, writing, the reply.
         deadline = time.monotonic() + (self._opts.timeout if timeout is None else timeout)
         conn = self._connection(deadline)

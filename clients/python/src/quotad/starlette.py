@@ -389,7 +389,7 @@ class _Recorder:
         # {s: status, h: [[name, value], ...], b: body}, names and values as str:
         # the Express middleware reads and writes the same entries.
         headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in self._headers]
-        packed: bytes = msgpack.packb({"s": self._status, "h": headers, "b": bytes(self._body)}, use_bin_type=True)
+        packed: bytes = msgpack.packb({"s": self._status, "h": headers, "b": self._body}, use_bin_type=True)
         return packed
 
 
