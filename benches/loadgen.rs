@@ -3,7 +3,7 @@
 //!
 //!     cargo bench --bench loadgen -- [--workload check,check_get,cache_get,tenants]
 //!         [--seconds 5] [--concurrency 1,16,64,256] [--connections 4]
-//!         [--value-bytes 1024] [--shards 0] [--threads 1]
+//!         [--value-bytes 1024] [--shards 0] [--batches 2] [--threads 1]
 //!
 //! For each workload and concurrency (requests in flight), two closed-loop
 //! phases, quotad then baseline:
@@ -139,6 +139,7 @@ fn main() {
         Workload::Tenants,
     ];
     let mut shards = 0usize;
+    let mut batches = 2usize;
     let mut connections = 4usize;
     let mut threads = 1usize;
     let mut value_bytes = 1024usize;
@@ -150,6 +151,7 @@ fn main() {
             "--concurrency" => levels = value().split(',').map(|s| s.parse().unwrap()).collect(),
             "--workload" => workloads = value().split(',').map(Workload::parse).collect(),
             "--shards" => shards = value().parse().unwrap(),
+            "--batches" => batches = value().parse().unwrap(),
             "--connections" => connections = value().parse().unwrap(),
             "--threads" => threads = value().parse().unwrap(),
             "--value-bytes" => value_bytes = value().parse().unwrap(),
@@ -179,7 +181,7 @@ fn main() {
     let url = format!("redis://127.0.0.1:{port}");
     let socket = dir.path().join("quotad.sock");
     let config = format!(
-        "[server]\nsocket = {:?}\nshards = {shards}\nthreads = {threads}\n[redis]\nurl = {url:?}\ntimeout_ms = 1000\n[quota]\nsource = \"redis\"\n{POLICY}",
+        "[server]\nsocket = {:?}\nshards = {shards}\nmax_batches_in_flight = {batches}\nthreads = {threads}\n[redis]\nurl = {url:?}\ntimeout_ms = 1000\n[quota]\nsource = \"redis\"\n{POLICY}",
         socket.display().to_string()
     );
     std::fs::write(dir.path().join("quotad.toml"), &config).unwrap();
