@@ -16,7 +16,7 @@
 --   2 cache_get  header 2, fill_ms                     keys: entry, fill lock, refresh lock
 --   3 cache_set  header 3, ttl_ms, stale_ms, tags      keys: entry, fill lock, refresh lock,
 --                then ARGV: the value, the tag names        then one per tag
---   4 cache_del  header 4, entries, tags               keys: entry, fill lock, refresh lock
+--   4 cache_del  header 4, entries, tags, fill_only    keys: entry, fill lock, refresh lock
 --                then ARGV: the tag names                  per entry, then one per tag
 --   5 check_get  header 5, policy index, cost, fill_ms keys: one per rule, then entry,
 --                                                          fill lock, refresh lock
@@ -85,7 +85,7 @@ while ai <= #ARGV do
     out[#out + 1] = pack('<d', 1)
     ki = ki + 3 + ntags
   elseif op == 4 then
-    local _, nentries, ntags = unpack('<ddd', h)
+    local _, nentries, ntags, fill_only = unpack('<dddd', h)
     local entries, tagkeys, tagnames = {}, {}, {}
     for i = 1, nentries do
       local k = ki + (i - 1) * 3
@@ -98,7 +98,9 @@ while ai <= #ARGV do
     end
     ai = ai + ntags
     ki = ki + ntags
-    out[#out + 1] = pack('<d', cache_del(entries, tagkeys, tagnames, clock_ms()))
+    local n
+    if fill_only == 1 then n = release_fills(entries) else n = cache_del(entries, tagkeys, tagnames, clock_ms()) end
+    out[#out + 1] = pack('<d', n)
   else
     local _, pi, cost, fill_ms = unpack('<dddd', h)
     local spec = policies[pi + 1]

@@ -55,6 +55,15 @@ local function cache_set(kentry, kfill, kref, value, ttl_ms, stale_ms, tagkeys, 
   end
 end
 
+-- Drops the fill lock at each of `entries` (a filler giving up: callers
+-- held for it are let go, a new caller may fill); entries stay. Returns
+-- how many locks were dropped.
+local function release_fills(entries)
+  local n = 0
+  for i = 1, #entries do n = n + call('DEL', entries[i][2]) end
+  return n
+end
+
 -- Deletes the entry (with its locks) at each of `entries` ({entry, fill,
 -- refresh} key triples) and every live entry still carrying one of the
 -- tags; returns how many entries were deleted.

@@ -198,6 +198,16 @@ fn bad_fields_fail_only_their_request() {
             "missing field `cache_key`",
         ),
         (
+            json!({"id": 25, "op": "cache_del", "tenant": "t", "keys": ["k"], "tags": ["x"], "fill_only": true}),
+            "bad_request",
+            "`fill_only` drops the fill locks of `keys`: no `tags`",
+        ),
+        (
+            json!({"id": 26, "op": "cache_del", "tenant": "t", "keys": ["k"], "fill_only": 1}),
+            "bad_request",
+            "field `fill_only` must be a boolean, not an integer",
+        ),
+        (
             json!({"id": 24, "op": "check", "tenant": "t", "key": "k", "policy": "p".repeat(2000)}),
             "unknown_policy",
             // Echoed shortened: 64 characters, then an ellipsis.

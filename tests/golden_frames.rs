@@ -81,6 +81,7 @@ fn requests() -> Vec<(&'static str, Request)> {
                     tenant: "acme".into(),
                     keys: vec!["GET /items?page=2".into()],
                     tags: vec!["user:42".into()],
+                    fill_only: false,
                 }),
             ),
         ),

@@ -145,7 +145,16 @@ impl MemoryCache {
     }
 
     /// Deletes entries by key and by tag; returns how many live ones went.
+    /// `fill_only`: drops the keys' fill locks instead; returns how many.
     pub fn del(&mut self, d: &CacheDelArgs, now: u64) -> u64 {
+        if d.fill_only {
+            let held = |until: Option<u64>| until.is_some_and(|u| u > now);
+            return d
+                .keys
+                .iter()
+                .map(|k| u64::from(held(self.fills.remove(&id(&d.tenant, k)))))
+                .sum();
+        }
         let mut deleted = 0;
         let mut ids: Vec<String> = d.keys.iter().map(|k| id(&d.tenant, k)).collect();
         for tag in &d.tags {
@@ -271,14 +280,19 @@ mod tests {
         let mut c = MemoryCache::new(1 << 20);
         assert!(c.get(&get("k", 100), false, 0).fill);
         assert!(!c.get(&get("k", 0), true, 10).fill, "the filler holds it");
-        let del = CacheDelArgs {
+        let release = CacheDelArgs {
             tenant: "t".into(),
             keys: vec!["k".into()],
             tags: vec![],
+            fill_only: true,
         };
-        c.del(&del, 20);
-        assert!(c.get(&get("k", 0), true, 30).fill, "deleted: nobody fills");
+        assert_eq!(c.del(&release, 20), 1);
+        assert!(c.get(&get("k", 0), true, 30).fill, "released: nobody fills");
         assert!(c.get(&get("k", 100), false, 40).fill, "a poll took no lock");
+        // A release never deletes a value someone stored meanwhile.
+        c.set(&set("k", 1000, 0, &[]), 50);
+        assert_eq!(c.del(&release, 60), 0);
+        assert!(c.get(&get("k", 0), false, 70).value.is_some());
     }
 
     #[test]
@@ -291,6 +305,7 @@ mod tests {
             tenant: "t".into(),
             keys: vec![],
             tags: vec!["x".into()],
+            fill_only: false,
         };
         assert_eq!(c.del(&del, 1), 1);
         assert!(c.get(&get("a", 0), false, 1).value.is_some());

@@ -204,10 +204,35 @@ impl Client {
                 "nothing to delete: give keys or tags".into(),
             ));
         }
+        self.del(tenant, keys, tags, false).await
+    }
+
+    /// For a filler that will not store a value: drops the fill locks of
+    /// `keys` (the callers held for them are let go, and the next caller
+    /// may fill), never a stored value. Returns how many locks went.
+    pub async fn cache_release_fill(
+        &self,
+        tenant: &str,
+        keys: &[&str],
+    ) -> Result<u64, ClientError> {
+        if keys.is_empty() {
+            return Err(ClientError::Invalid("no keys to release".into()));
+        }
+        self.del(tenant, keys, &[], true).await
+    }
+
+    async fn del(
+        &self,
+        tenant: &str,
+        keys: &[&str],
+        tags: &[&str],
+        fill_only: bool,
+    ) -> Result<u64, ClientError> {
         let op = Op::CacheDel(CacheDelArgs {
             tenant: nonempty("tenant", tenant)?,
             keys: keys.iter().map(|k| k.to_string()).collect(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
+            fill_only,
         });
         match self.call(op).await {
             Ok(reply) => reply.deleted.ok_or_else(|| missing("deleted")),

@@ -82,7 +82,7 @@ fn type_error(field: &str, wanted: &str, got: Option<&Field>) -> String {
 }
 
 /// The request fields this build reads, in a fixed order.
-pub(super) const NAMES: [&str; 15] = [
+pub(super) const NAMES: [&str; 16] = [
     "id",
     "op",
     "tenant",
@@ -96,6 +96,7 @@ pub(super) const NAMES: [&str; 15] = [
     "stale_ms",
     "tags",
     "keys",
+    "fill_only",
     "plan",
     "limits",
 ];
@@ -176,8 +177,14 @@ impl RawRequest {
                 let tenant = self.string("tenant", l.max_tenant_bytes)?;
                 let keys = self.strings("keys", l.max_delete, l.max_key_bytes)?;
                 let tags = self.strings("tags", l.max_delete, l.max_key_bytes)?;
+                let fill_only = self.flag("fill_only")?;
                 if keys.is_empty() && tags.is_empty() {
                     return Err(Error::bad_request("`cache_del` needs `keys` or `tags`"));
+                }
+                if fill_only && !tags.is_empty() {
+                    return Err(Error::bad_request(
+                        "`fill_only` drops the fill locks of `keys`: no `tags`",
+                    ));
                 }
                 if keys.len() + tags.len() > l.max_delete {
                     return Err(Error::bad_request(format!(
@@ -185,7 +192,12 @@ impl RawRequest {
                         l.max_delete
                     )));
                 }
-                Op::CacheDel(CacheDelArgs { tenant, keys, tags })
+                Op::CacheDel(CacheDelArgs {
+                    tenant,
+                    keys,
+                    tags,
+                    fill_only,
+                })
             }
             "tenant_get" => Op::TenantGet(self.string("tenant", l.max_tenant_bytes)?),
             "tenant_delete" => Op::TenantDelete(self.string("tenant", l.max_tenant_bytes)?),
@@ -256,6 +268,19 @@ impl RawRequest {
             (other, _) => Err(Error::bad_request(type_error(
                 name,
                 "an unsigned integer",
+                other.as_ref(),
+            ))),
+        }
+    }
+
+    /// An optional boolean, false when absent.
+    fn flag(&mut self, name: &str) -> Result<bool, Error> {
+        match self.take(name) {
+            None => Ok(false),
+            Some(Field::Bool(b)) => Ok(b),
+            other => Err(Error::bad_request(type_error(
+                name,
+                "a boolean",
                 other.as_ref(),
             ))),
         }

@@ -232,6 +232,9 @@ impl Serialize for Request {
                 if !d.tags.is_empty() {
                     f.push(("tags", Val::Strs(&d.tags)));
                 }
+                if d.fill_only {
+                    f.push(("fill_only", Val::Bool(true)));
+                }
             }
             Op::TenantGet(t) | Op::TenantDelete(t) => f.push(("tenant", Val::Str(t))),
             Op::TenantSet(t, r) => {

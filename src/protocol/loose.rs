@@ -15,7 +15,7 @@ use super::decode::NAMES;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Field {
     Nil,
-    Bool,
+    Bool(bool),
     Uint(u64),
     Int(i64),
     Float(f64),
@@ -31,7 +31,7 @@ impl Field {
     pub fn kind(&self) -> &'static str {
         match self {
             Field::Nil => "nil",
-            Field::Bool => "a boolean",
+            Field::Bool(_) => "a boolean",
             Field::Uint(_) | Field::Int(_) => "an integer",
             Field::Float(_) => "a float",
             Field::Str(_) => "a string",
@@ -73,8 +73,8 @@ impl<'de> Visitor<'de> for FieldVisitor {
     fn visit_none<E>(self) -> Result<Field, E> {
         Ok(Field::Nil)
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Field, E> {
-        Ok(Field::Bool)
+    fn visit_bool<E>(self, v: bool) -> Result<Field, E> {
+        Ok(Field::Bool(v))
     }
     fn visit_u64<E>(self, v: u64) -> Result<Field, E> {
         Ok(Field::Uint(v))

@@ -130,6 +130,8 @@ pub struct CacheDelArgs {
     pub tenant: String,
     pub keys: Vec<String>,
     pub tags: Vec<String>,
+    /// Only the fill locks of `keys` go (a filler giving up); entries stay.
+    pub fill_only: bool,
 }
 
 /// A reply: `id`, `ok`, then the op's fields or an `error` map.

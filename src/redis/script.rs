@@ -87,7 +87,12 @@ pub fn command<'a>(
                     entry_keys(&mut names, &d.tenant, k);
                 }
                 names.extend(d.tags.iter().map(|t| keys.tag(&d.tenant, t)));
-                args.push(packed([4, d.keys.len() as u64, d.tags.len() as u64]));
+                args.push(packed([
+                    4,
+                    d.keys.len() as u64,
+                    d.tags.len() as u64,
+                    u64::from(d.fill_only),
+                ]));
                 args.extend(d.tags.iter().map(|t| keys::encode(t).into_bytes()));
             }
             Job::CheckGet(c, g) => {
