@@ -33,9 +33,15 @@ pub struct FillWaiter {
     pub decision: Option<Decision>,
 }
 
+/// Callers waiting on fills, by (tenant, key), each numbered in the order
+/// it was parked.
 #[derive(Default)]
 pub struct Fills {
-    waiting: HashMap<(String, String), Vec<FillWaiter>>,
+    waiting: HashMap<(String, String), Vec<(u64, FillWaiter)>>,
+    /// How many callers were ever parked: the next one's number.
+    parked: u64,
+    /// `parked` when the polls now out were sent.
+    polled_at: u64,
 }
 
 impl Fills {
@@ -43,7 +49,8 @@ impl Fills {
         self.waiting
             .entry((tenant.to_owned(), key.to_owned()))
             .or_default()
-            .push(waiter);
+            .push((self.parked, waiter));
+        self.parked += 1;
     }
 
     /// The waiters of an entry whose value just arrived.
@@ -51,17 +58,38 @@ impl Fills {
         if self.waiting.is_empty() {
             return Vec::new();
         }
-        self.waiting
-            .remove(&(tenant.to_owned(), key.to_owned()))
-            .unwrap_or_default()
+        let ws = self.waiting.remove(&(tenant.to_owned(), key.to_owned()));
+        ws.into_iter().flatten().map(|(_, w)| w).collect()
+    }
+
+    /// Polls go out now.
+    pub fn polling(&mut self) {
+        self.polled_at = self.parked;
+    }
+
+    /// The waiters of an entry that a poll found nobody filling, among
+    /// those parked before the poll went out: a caller parked since may
+    /// wait for a new filler that the poll did not see.
+    pub fn take_abandoned(&mut self, tenant: &str, key: &str) -> Vec<FillWaiter> {
+        let polled_at = self.polled_at;
+        let id = (tenant.to_owned(), key.to_owned());
+        let Some(ws) = self.waiting.get_mut(&id) else {
+            return Vec::new();
+        };
+        let (gone, kept): (Vec<_>, Vec<_>) = ws.drain(..).partition(|(n, _)| *n < polled_at);
+        *ws = kept;
+        if ws.is_empty() {
+            self.waiting.remove(&id);
+        }
+        gone.into_iter().map(|(_, w)| w).collect()
     }
 
     /// Removes and returns the waiters whose deadline has passed.
     pub fn expire(&mut self, now: Instant) -> Vec<FillWaiter> {
         let mut out = Vec::new();
         self.waiting.retain(|_, ws| {
-            let (gone, kept): (Vec<_>, Vec<_>) = ws.drain(..).partition(|w| w.deadline <= now);
-            out.extend(gone);
+            let (gone, kept): (Vec<_>, Vec<_>) = ws.drain(..).partition(|(_, w)| w.deadline <= now);
+            out.extend(gone.into_iter().map(|(_, w)| w));
             *ws = kept;
             !ws.is_empty()
         });
@@ -79,7 +107,9 @@ impl Fills {
 
     /// Every waiter (at shutdown).
     pub fn drain(&mut self) -> impl Iterator<Item = FillWaiter> + '_ {
-        self.waiting.drain().flat_map(|(_, ws)| ws)
+        self.waiting
+            .drain()
+            .flat_map(|(_, ws)| ws.into_iter().map(|(_, w)| w))
     }
 }
 
@@ -103,6 +133,9 @@ impl Message<PollFills> for Shard {
                 fill_ms: 0,
             })
             .collect();
+        if !polls.is_empty() {
+            self.fills.polling();
+        }
         for args in polls {
             let job = Job::Get { args, poll: true };
             match &self.redis {
@@ -201,7 +234,7 @@ impl Shard {
 
     /// Nobody fills this entry any more: its callers stop waiting.
     pub(super) fn abandon(&mut self, tenant: &str, key: &str) {
-        for w in self.fills.take(tenant, key) {
+        for w in self.fills.take_abandoned(tenant, key) {
             Stats::add(&self.stats.counters.cache_fill_abandoned, 1);
             self.release(w);
         }
@@ -217,5 +250,33 @@ impl Shard {
             tokio::time::sleep(every).await;
             PollFills
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiter(id: u64, tx: &crate::reply::Replies) -> FillWaiter {
+        FillWaiter {
+            reply: ReplyTo::new(id, tx.clone()),
+            deadline: Instant::now() + Duration::from_secs(10),
+            decision: None,
+        }
+    }
+
+    #[test]
+    fn a_poll_lets_go_only_of_callers_parked_before_it_went_out() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut f = Fills::default();
+        f.park("t", "k", waiter(1, &tx));
+        f.polling();
+        f.park("t", "k", waiter(2, &tx)); // behind a filler the poll did not see
+        let gone = f.take_abandoned("t", "k");
+        assert_eq!(gone.len(), 1);
+        drop(gone); // a dropped waiter answers by itself, with its id
+        assert_eq!(rx.try_recv().unwrap().id, 1);
+        assert!(rx.try_recv().is_err(), "caller 2 still waits");
+        assert_eq!(f.take("t", "k").len(), 1);
     }
 }
