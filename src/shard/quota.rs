@@ -22,7 +22,7 @@ use crate::stats::Stats;
 pub struct TenantLoaded {
     tenant: String,
     result: Result<Looked, SourceError>,
-    /// [`Tenants::epoch`](super::tenants::Tenants::epoch) when it started.
+    /// From [`Tenants::lookup_started`](super::tenants::Tenants::lookup_started).
     epoch: u64,
 }
 
@@ -33,8 +33,8 @@ impl Message<TenantLoaded> for Shard {
     type Reply = ();
 
     async fn handle(&mut self, done: TenantLoaded, ctx: &mut Context<Self, ()>) {
-        if done.epoch != self.tenants.epoch() {
-            // Records changed while it ran: it may hold the old one.
+        if !self.tenants.lookup_done(&done.tenant, done.epoch) {
+            // The record changed while it ran: it may hold the old one.
             if self.tenants.awaits_lookup(&done.tenant) {
                 self.look_up(done.tenant, ctx);
             }
@@ -127,9 +127,9 @@ impl Shard {
         }
     }
 
-    fn look_up(&self, tenant: String, ctx: &Context<Self, ()>) {
+    fn look_up(&mut self, tenant: String, ctx: &Context<Self, ()>) {
         let directory = self.directory.clone().expect("only with a quota source");
-        let epoch = self.tenants.epoch();
+        let epoch = self.tenants.lookup_started();
         ctx.pipe(async move {
             let result = directory.lookup(&tenant).await;
             TenantLoaded {

@@ -51,9 +51,15 @@ pub struct Tenants {
     entries: HashMap<String, Entry>,
     waiting: HashMap<String, Vec<(Op, ReplyTo)>>,
     max: usize,
-    /// Bumped whenever entries are dropped because records changed: a
-    /// lookup that started before may have read the old record.
+    /// Counts record changes; a lookup notes it when it starts. A lookup
+    /// that started before its tenant changed (or all did) may have read
+    /// the old record: its result is not kept.
     epoch: u64,
+    /// The epoch of the last change of each tenant, while lookups are out.
+    changed: HashMap<String, u64>,
+    /// The epoch of the last change of every tenant ([`Tenants::clear`]).
+    cleared: u64,
+    lookups_out: usize,
 }
 
 impl Tenants {
@@ -63,11 +69,27 @@ impl Tenants {
             waiting: HashMap::new(),
             max: max.max(1),
             epoch: 0,
+            changed: HashMap::new(),
+            cleared: 0,
+            lookups_out: 0,
         }
     }
 
-    pub fn epoch(&self) -> u64 {
+    /// A lookup starts: its epoch, for [`Tenants::lookup_done`].
+    pub fn lookup_started(&mut self) -> u64 {
+        self.lookups_out += 1;
         self.epoch
+    }
+
+    /// A lookup that started at `epoch` is back: false if its tenant's
+    /// record changed since, so that what it read may be stale.
+    pub fn lookup_done(&mut self, tenant: &str, epoch: u64) -> bool {
+        let current = epoch >= self.cleared && self.changed.get(tenant).is_none_or(|&c| c <= epoch);
+        self.lookups_out = self.lookups_out.saturating_sub(1);
+        if self.lookups_out == 0 {
+            self.changed.clear(); // no lookup left that could predate them
+        }
+        current
     }
 
     /// True if requests of `tenant` wait for a lookup, or its entry for
@@ -167,12 +189,16 @@ impl Tenants {
     pub fn clear(&mut self) {
         self.entries.clear();
         self.epoch += 1;
+        self.cleared = self.epoch;
     }
 
     /// Drops a tenant's entry: the next request looks it up again.
     pub fn forget(&mut self, tenant: &str) {
         self.entries.remove(tenant);
-        self.epoch += 1;
+        if self.lookups_out > 0 {
+            self.epoch += 1;
+            self.changed.insert(tenant.to_owned(), self.epoch);
+        }
     }
 
     /// Recompiles every entry's policies (after a reload).
@@ -197,6 +223,23 @@ mod tests {
 
     fn policies() -> Arc<Policies> {
         Arc::new(Policies::new("default", "default", HashMap::new()))
+    }
+
+    #[test]
+    fn a_lookup_is_kept_unless_its_own_tenant_changed_after_it_started() {
+        let mut t = Tenants::new(8);
+        t.forget("a"); // before any lookup: nothing to invalidate
+        let a = t.lookup_started();
+        let b = t.lookup_started();
+        t.forget("b");
+        let c = t.lookup_started();
+        assert!(t.lookup_done("a", a), "another tenant's change");
+        assert!(!t.lookup_done("b", b), "started before b changed");
+        assert!(t.lookup_done("b", c), "started after b changed");
+        assert!(t.changed.is_empty(), "nothing left to remember");
+        let d = t.lookup_started();
+        t.clear();
+        assert!(!t.lookup_done("d", d), "started before everything changed");
     }
 
     #[test]
