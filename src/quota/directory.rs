@@ -25,6 +25,9 @@ use crate::keys;
 use crate::redis::RedisBackend;
 use crate::stats::Stats;
 
+/// Records read per round trip by `tenant list`.
+const LIST_CHUNK: usize = 200;
+
 pub struct Directory {
     source: Source,
     /// The Redis level (the `postgres` source with `[redis]`).
@@ -240,14 +243,18 @@ impl Directory {
                         Some(v) => redis::from_redis_value(v).map_err(internal)?,
                         None => Vec::new(),
                     };
-                let reads = names.iter().map(|t| source::read_record(prefix, t));
-                let replies = redis.query(reads.collect()).await.map_err(internal)?;
                 let mut all = Vec::with_capacity(names.len());
-                for (name, reply) in names.into_iter().zip(replies) {
-                    match source::parse_hash(Some(reply)) {
-                        Ok(Some(record)) => all.push((name, record)),
-                        Ok(None) => {} // deleted meanwhile
-                        Err(e) => return Err(Error::bad_request(e.to_string())),
+                // Pipelined in modest chunks: this shares the connection
+                // (and its deadline) with the checks.
+                for chunk in names.chunks(LIST_CHUNK) {
+                    let reads = chunk.iter().map(|t| source::read_record(prefix, t));
+                    let replies = redis.query(reads.collect()).await.map_err(internal)?;
+                    for (name, reply) in chunk.iter().zip(replies) {
+                        match source::parse_hash(Some(reply)) {
+                            Ok(Some(record)) => all.push((name.clone(), record)),
+                            Ok(None) => {} // deleted meanwhile
+                            Err(e) => return Err(Error::bad_request(e.to_string())),
+                        }
                     }
                 }
                 all.sort_by(|a, b| a.0.cmp(&b.0));
