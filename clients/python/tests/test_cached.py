@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 
 import pytest
 
+from daemons import Quotad
 from quotad import AsyncClient
 from quotad.cached import cached
 
@@ -131,3 +134,48 @@ async def test_a_failed_fill_releases_the_lock(client: AsyncClient, tenant: str)
     t0 = time.monotonic()
     lookup = await client.cache_lookup(tenant, boom.cache_key(), fill_ms=2_000)
     assert lookup.fill and time.monotonic() - t0 < 0.5
+
+
+async def test_a_fill_cancelled_by_a_cancel_scope_releases_the_lock(own_daemon: Quotad, tenant: str) -> None:
+    """Cancelled by an anyio cancel scope (as under Starlette): the release is not cancelled too.
+
+    quotad restarts while the function runs, so the release has to connect
+    again: a cancel scope cancels that await as well unless it is shielded.
+    """
+    anyio = pytest.importorskip("anyio")
+    async with AsyncClient(str(own_daemon.socket), failure_mode="raise", timeout=2.0) as client:
+        with anyio.CancelScope() as scope:
+
+            @cached(client, tenant=tenant, ttl_ms=60_000, fill_ms=5_000)
+            async def slow() -> int:
+                own_daemon.stop()
+                own_daemon.start()
+                await asyncio.sleep(0.1)  # the client sees its connection closed
+                scope.cancel()
+                await asyncio.sleep(30)
+                return 1
+
+            await slow()
+        assert scope.cancelled_caught
+        t0 = time.monotonic()
+        lookup = await client.cache_lookup(tenant, slow.cache_key(), fill_ms=5_000)
+        assert lookup.fill and time.monotonic() - t0 < 2.0, "the fill lock is still held"
+
+
+async def test_a_store_failing_after_the_call_is_logged_not_raised(
+    own_daemon: Quotad, tenant: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """failure_mode="raise": the value is computed; failing to store it is a later miss, not this call's error."""
+    async with AsyncClient(str(own_daemon.socket), failure_mode="raise", timeout=0.3) as client:
+
+        @cached(client, tenant=tenant, ttl_ms=60_000)
+        async def f() -> int:
+            own_daemon.pause()  # quotad hangs before the value is stored
+            return 7
+
+        try:
+            with caplog.at_level(logging.WARNING, logger="quotad"):
+                assert await f() == 7
+        finally:
+            own_daemon.resume()
+    assert "could not store the cache entry" in caplog.text

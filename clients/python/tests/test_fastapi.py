@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 import time
@@ -271,6 +272,38 @@ def test_a_filler_that_stores_nothing_releases_the_fill_lock(http: httpx.Client,
         # A read that would wait on the lock is let go as soon as quotad sees it gone: ask again.
         while not c.cache_lookup(tenant, "user=1:k GET /items-missing", fill_ms=100).fill:
             assert time.monotonic() < deadline, "the fill lock is still held"
+
+
+async def test_a_store_or_release_failing_after_the_response_is_logged_not_raised(
+    own_daemon: Any, tenant: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """failure_mode="raise": once the app has answered, failing to store the response (or
+    to release the fill lock) is logged; nothing is raised into the server after the response."""
+    client = AsyncClient(str(own_daemon.socket), failure_mode="raise", timeout=0.3)
+    app = FastAPI()
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: str, response: Response) -> dict[str, str]:
+        own_daemon.pause()  # quotad hangs once the app has answered
+        if item_id == "gone":
+            response.status_code = 404  # not stored: the lock is released instead
+        return {"id": item_id}
+
+    _with_middleware(app, client)
+    hdrs = {"x-tenant": tenant, "x-api-key": "k"}
+    try:
+        # In-process: whatever the app raises, even after its response, is raised here.
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            for path, status, what in (("/items/7", 200, "store"), ("/items/gone", 404, "release")):
+                caplog.clear()
+                with caplog.at_level(logging.WARNING, logger="quotad"):
+                    r = await http.get(path, headers=hdrs)
+                own_daemon.resume()
+                assert r.status_code == status and r.json()["id"] == path.rsplit("/", 1)[1]
+                assert f"could not {what} the cache entry" in caplog.text
+    finally:
+        own_daemon.resume()
+        await client.close()
 
 
 async def test_route_limit_without_the_middleware_has_the_middleware_defaults() -> None:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import sys
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from .aio import AsyncClient
 from .errors import QuotadError
 from .models import Lookup
+
+log = logging.getLogger("quotad")
+
+# The stores and releases under way: the event loop keeps only weak references to tasks.
+_ending: set[asyncio.Task[None]] = set()
 
 
 async def serve_or_fill(
@@ -28,9 +37,14 @@ async def serve_or_fill(
     (it is then recomputed and overwritten). ``compute()`` answers by itself
     and returns the bytes to store, or None when this answer must not be
     stored. A caller told to fill the entry (``lookup.fill``) that stores
-    nothing, or fails, deletes the key instead: that drops the fill lock, so
-    the callers quotad holds for this value are let go now, not when the lock
-    lapses (``fill_ms``).
+    nothing, or fails, or is cancelled, deletes the key instead: that drops
+    the fill lock, so the callers quotad holds for this value are let go now,
+    not when the lock lapses (``fill_ms``).
+
+    Once ``compute()`` has run, the store or the release is carried out even
+    if the request is being cancelled, and its errors are logged, never
+    raised: the answer is out already (or the error being raised matters
+    more).
     """
     if lookup.hit and not lookup.refresh and await serve(lookup):
         return
@@ -38,10 +52,46 @@ async def serve_or_fill(
         value = await compute()
     except BaseException:
         if lookup.fill:
-            with contextlib.suppress(QuotadError):  # the error being raised matters more
-                await client.cache_delete(tenant, keys=[key])
+            await _end_fill(lambda: client.cache_delete(tenant, keys=[key]), "release", tenant, key)
         raise
     if value is not None and not lookup.degraded:
-        await client.cache_set(tenant, key, value, ttl_ms, tags(), stale_ms)
+        stored = value
+        await _end_fill(
+            lambda: client.cache_set(tenant, key, stored, ttl_ms, tags(), stale_ms), "store", tenant, key
+        )
     elif lookup.fill:
-        await client.cache_delete(tenant, keys=[key])
+        await _end_fill(lambda: client.cache_delete(tenant, keys=[key]), "release", tenant, key)
+
+
+async def _end_fill(step: Callable[[], Awaitable[object]], what: str, tenant: str, key: str) -> None:
+    """Runs ``step`` (a store or a release) to its end, shielded from the request's cancellation.
+
+    Under an anyio cancel scope (Starlette, FastAPI, ``anyio.fail_after``) a
+    cancelled scope cancels every await in it again, this one included: a
+    shielded scope lets it finish. Its own task also finishes it when the
+    request is cancelled again by plain asyncio (``Task.cancel``).
+    """
+
+    async def run() -> None:
+        try:
+            await step()
+        except Exception as e:
+            log.warning(
+                "could not %s the cache entry %r of tenant %r: %s", what, key, tenant, e,
+                exc_info=not isinstance(e, QuotadError),
+            )
+
+    task = asyncio.ensure_future(run())
+    _ending.add(task)
+    task.add_done_callback(_ending.discard)
+    with _shielded():
+        await asyncio.shield(task)
+
+
+def _shielded() -> contextlib.AbstractContextManager[Any]:
+    # anyio is not a dependency: its cancel scopes exist only where it is loaded.
+    anyio = sys.modules.get("anyio")
+    if anyio is None:
+        return contextlib.nullcontext()
+    scope: contextlib.AbstractContextManager[Any] = anyio.CancelScope(shield=True)
+    return scope
