@@ -86,6 +86,18 @@ fn requests() -> Vec<(&'static str, Request)> {
             ),
         ),
         (
+            "cache_del_fill_only_request",
+            req(
+                8,
+                Op::CacheDel(CacheDelArgs {
+                    tenant: "acme".into(),
+                    keys: vec!["GET /items?page=2".into()],
+                    tags: vec![],
+                    fill_only: true,
+                }),
+            ),
+        ),
+        (
             "check_get_request",
             req(9, Op::CheckGet(check_args(Some("api"), 1), get_args(2000))),
         ),
