@@ -83,7 +83,7 @@ def _with_middleware(app: FastAPI, client: AsyncClient) -> FastAPI:
         key=identity.first(identity.api_key(), identity.client_ip()),
         # Tests pick the policy; the default one allows plenty.
         policy=lambda conn: conn.headers.get("x-policy", "fifty"),
-        cache=ResponseCache(ttl_ms=60_000, fill_ms=1_000, when=lambda conn: conn.url.path.startswith("/items")),
+        cache=ResponseCache(ttl_ms=60_000, fill_ms=10_000, when=lambda conn: conn.url.path.startswith("/items")),
         exempt=["/health"],
     )
     return app
@@ -262,14 +262,16 @@ def test_serves_entries_in_the_shared_format(http: httpx.Client, daemon: Any, te
 
 
 def test_a_filler_that_stores_nothing_releases_the_fill_lock(http: httpx.Client, daemon: Any, tenant: str) -> None:
-    """A 404 is not stored: the fill lock its request took is dropped, not left for fill_ms (1 s) to lapse."""
+    """A 404 is not stored: the fill lock its request took is dropped, not left for fill_ms (10 s) to lapse."""
     from quotad import Client
 
     hdrs = {"x-tenant": tenant, "x-api-key": "k"}
     assert http.get("/items-missing", headers=hdrs).status_code == 404  # this request was the filler
     with Client(str(daemon.socket), failure_mode="raise") as c:
-        deadline = time.monotonic() + 0.5
-        # A read that would wait on the lock is let go as soon as quotad sees it gone: ask again.
+        # The middleware releases the lock after the response went out, so it may still be
+        # held now: poll until it is gone. A read held on the lock is let go as soon as quotad
+        # sees it gone, with a plain miss: ask again then.
+        deadline = time.monotonic() + 2.0
         while not c.cache_lookup(tenant, "user=1:k GET /items-missing", fill_ms=100).fill:
             assert time.monotonic() < deadline, "the fill lock is still held"
 
