@@ -45,6 +45,12 @@ export interface CacheSetOptions {
 export interface CacheDeleteOptions {
   keys?: string[];
   tags?: string[];
+  /**
+   * Drop only the fill locks of `keys` (no `tags`): for a caller told to
+   * fill (`Lookup.fill`) that will not store a value. Entries stay; resolves
+   * to the number of locks dropped. Default false.
+   */
+  fillOnly?: boolean;
 }
 
 export type Bytes = Buffer | Uint8Array;

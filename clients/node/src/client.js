@@ -212,7 +212,13 @@ export class Client {
     }
   }
 
-  /** Deletes entries by key and by tag; resolves to how many existed. */
+  /**
+   * Deletes entries by key and by tag; resolves to how many existed. With
+   * `fillOnly: true` (keys only, no tags), for a caller told to fill an entry
+   * that will not store a value: drops only the fill locks of `keys` (the
+   * callers held for them are let go, the next caller may fill), never a
+   * value someone else stored meanwhile; resolves to how many locks went.
+   */
   async cacheDelete(tenant, opts = {}) {
     const req = build.cacheDel(tenant, opts);
     try {

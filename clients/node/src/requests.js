@@ -91,9 +91,13 @@ export function cacheDel(tenant, opts = {}) {
   const req = { id: 0, op: 'cache_del', tenant: text('tenant', tenant) };
   const keys = texts('keys', opts.keys);
   const tags = texts('tags', opts.tags);
+  const fillOnly = opts.fillOnly ?? false;
+  if (typeof fillOnly !== 'boolean') throw new InvalidArgument(`fillOnly must be a boolean, not ${describe(fillOnly)}`);
   if (!keys.length && !tags.length) throw new InvalidArgument('cacheDelete needs at least one key or tag');
+  if (fillOnly && tags.length) throw new InvalidArgument('fillOnly drops the fill locks of keys: it takes no tags');
   if (keys.length) req.keys = keys;
   if (tags.length) req.tags = tags;
+  if (fillOnly) req.fill_only = true;
   return req;
 }
 

@@ -110,6 +110,18 @@ test('cache round trip and invalidation by tag', async () => {
   assert.equal(await client.cacheDelete(tenant, { keys: ['GET /c', 'GET /nope'] }), 1);
 });
 
+test('a fillOnly delete drops the fill lock, not the value', async () => {
+  const tenant = freshTenant();
+  assert.equal((await client.cacheLookup(tenant, 'GET /a', { fillMs: 10_000 })).fill, true); // this caller holds the lock
+  assert.equal(await client.cacheDelete(tenant, { keys: ['GET /a'], fillOnly: true }), 1); // one lock dropped
+  const t0 = Date.now();
+  assert.equal((await client.cacheLookup(tenant, 'GET /a', { fillMs: 10_000 })).fill, true); // the next caller fills at once
+  assert.ok(Date.now() - t0 < 2000);
+  assert.equal(await client.cacheSet(tenant, 'GET /a', Buffer.from('stored meanwhile'), { ttlMs: 60_000 }), true); // by someone else
+  assert.equal(await client.cacheDelete(tenant, { keys: ['GET /a'], fillOnly: true }), 0); // no lock left
+  assert.equal((await client.cacheGet(tenant, 'GET /a')).toString(), 'stored meanwhile'); // and the value stays
+});
+
 test('stale while revalidate: one refresher', async () => {
   const tenant = freshTenant();
   await client.cacheSet(tenant, 'k', Buffer.from('old'), { ttlMs: 50, staleMs: 60_000 });

@@ -44,6 +44,9 @@ const BAD_CALLS = [
   ['empty tag', (c) => c.cacheSet('t', 'k', Buffer.from('v'), { ttlMs: 1, tags: ['ok', ''] })],
   ['value over the frame limit', (c) => c.cacheSet('t', 'k', Buffer.alloc(2 << 20), { ttlMs: 1 })],
   ['delete nothing', (c) => c.cacheDelete('t')],
+  ['fillOnly with tags', (c) => c.cacheDelete('t', { keys: ['k'], tags: ['items'], fillOnly: true })],
+  ['fillOnly by tag only', (c) => c.cacheDelete('t', { tags: ['items'], fillOnly: true })],
+  ['fillOnly not a boolean', (c) => c.cacheDelete('t', { keys: ['k'], fillOnly: 1 })],
   ['negative fillMs', (c) => c.cacheGet('t', 'k', { fillMs: -5 })],
   ['empty cache key', (c) => c.checkGet('t', 'k', '')],
 ];

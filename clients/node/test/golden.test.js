@@ -5,6 +5,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { FrameReader, decodeBody, encodeFrame } from '../src/codec.js';
 import { ProtocolViolation } from '../src/errors.js';
+import { cacheDel } from '../src/requests.js';
 import { REPO } from './daemons.js';
 
 const { frames } = JSON.parse(fs.readFileSync(path.join(REPO, 'tests', 'fixtures', 'frames.json'), 'utf8'));
@@ -78,4 +79,12 @@ test('integers beyond 32 bits are sent as uint64 and come back exact', () => {
   assert.deepStrictEqual(decodeBody(frame.subarray(4)), { a: 2 ** 32 - 1, b: 2 ** 32, c: Number.MAX_SAFE_INTEGER, d: big, e: -(2 ** 40) });
   // A uint64 that fits is a Number, as the reply parsers expect.
   assert.equal(typeof decodeBody(Buffer.from('81a161cf0000010000000000', 'hex')).a, 'number');
+});
+
+test('a fillOnly delete is sent as the daemon encodes it', () => {
+  const golden = frames.find((f) => f.name === 'cache_del_fill_only_request');
+  const req = cacheDel('acme', { keys: ['GET /items?page=2'], fillOnly: true });
+  req.id = 8; // as Client.call does
+  assert.equal(encodeFrame(req).toString('hex'), golden.hex);
+  assert.equal('fill_only' in cacheDel('acme', { keys: ['GET /items?page=2'] }), false); // sent only when true
 });

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import asyncio
+import time
 
 import pytest
 
@@ -70,6 +71,17 @@ async def test_cache_round_trip_and_tags(client: AsyncClient, tenant: str) -> No
     assert await client.cache_delete(tenant, tags=["t2"]) == 1
     assert await client.cache_get(tenant, "b") is None
     assert await client.cache_get(tenant, "a") == b"A"
+
+
+async def test_fill_only_delete_drops_the_fill_lock_not_the_value(client: AsyncClient, tenant: str) -> None:
+    assert (await client.cache_lookup(tenant, "a", fill_ms=10_000)).fill  # this caller holds the lock
+    assert await client.cache_delete(tenant, keys=["a"], fill_only=True) == 1  # one lock dropped
+    t0 = time.monotonic()
+    assert (await client.cache_lookup(tenant, "a", fill_ms=10_000)).fill  # the next caller fills at once
+    assert time.monotonic() - t0 < 2.0
+    assert await client.cache_set(tenant, "a", b"stored meanwhile", ttl_ms=60_000)  # by someone else
+    assert await client.cache_delete(tenant, keys=["a"], fill_only=True) == 0  # no lock left
+    assert await client.cache_get(tenant, "a") == b"stored meanwhile"  # and the value stays
 
 
 async def test_check_get_denied_reads_nothing(client: AsyncClient, tenant: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -105,6 +106,17 @@ def test_stale_while_revalidate(client: Client, tenant: str) -> None:
     assert (first.hit, first.stale, first.refresh, first.value) == (True, True, True, b"old")
     second = client.cache_lookup(tenant, "k")
     assert (second.stale, second.refresh) == (True, False)  # one refresher per stale period
+
+
+def test_fill_only_delete_drops_the_fill_lock_not_the_value(client: Client, tenant: str) -> None:
+    assert client.cache_lookup(tenant, "GET /a", fill_ms=10_000).fill  # this caller holds the lock
+    assert client.cache_delete(tenant, keys=["GET /a"], fill_only=True) == 1  # one lock dropped
+    t0 = time.monotonic()
+    assert client.cache_lookup(tenant, "GET /a", fill_ms=10_000).fill  # the next caller fills at once
+    assert time.monotonic() - t0 < 2.0
+    assert client.cache_set(tenant, "GET /a", b"stored meanwhile", ttl_ms=60_000)  # by someone else
+    assert client.cache_delete(tenant, keys=["GET /a"], fill_only=True) == 0  # no lock left
+    assert client.cache_get(tenant, "GET /a") == b"stored meanwhile"  # and the value stays
 
 
 def test_check_get(client: Client, tenant: str) -> None:

@@ -47,6 +47,9 @@ BAD_CALLS: list[tuple[str, Callable[[Any], Any]]] = [
     ("value over the frame limit", lambda c: c.cache_set("t", "k", b"x" * (2 << 20), ttl_ms=1)),
     ("delete nothing", lambda c: c.cache_delete("t")),
     ("delete keys as str", lambda c: c.cache_delete("t", keys="GET /")),
+    ("fill_only with tags", lambda c: c.cache_delete("t", keys=["k"], tags=["items"], fill_only=True)),
+    ("fill_only by tag only", lambda c: c.cache_delete("t", tags=["items"], fill_only=True)),
+    ("fill_only not a bool", lambda c: c.cache_delete("t", keys=["k"], fill_only=1)),
     ("negative fill_ms", lambda c: c.cache_get("t", "k", fill_ms=-5)),
     ("empty cache_key", lambda c: c.check_get("t", "k", "")),
 ]

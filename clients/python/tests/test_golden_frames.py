@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from quotad._codec import FrameReader, decode_body, encode_frame
+from quotad import _requests
+from quotad._codec import FrameReader, decode_body, encode_frame, request_frame
 
 
 def from_json(value: Any) -> Any:
@@ -36,6 +37,13 @@ def test_every_frame_decodes_and_reencodes(golden_frames: list[dict[str, Any]]) 
         assert decoded == expected, frame["name"]
         assert list(decoded) == list(expected), f"{frame['name']}: key order"
         assert encode_frame(decoded) == raw, frame["name"]
+
+
+def test_fill_only_delete_is_sent_as_the_daemon_encodes_it(golden_frames: list[dict[str, Any]]) -> None:
+    golden = next(f for f in golden_frames if f["name"] == "cache_del_fill_only_request")
+    req = _requests.cache_del("acme", ["GET /items?page=2"], None, fill_only=True)
+    assert request_frame(req, 8, 1 << 20) == bytes.fromhex(golden["hex"])
+    assert "fill_only" not in _requests.cache_del("acme", ["GET /items?page=2"], None)  # sent only when true
 
 
 def test_reader_handles_frames_split_anywhere(golden_frames: list[dict[str, Any]]) -> None:

@@ -10,10 +10,11 @@ async function main(): Promise<void> {
   const cached: Buffer | null = await c.cacheGet('acme', 'k', { fillMs: 100 });
   const stored: boolean = await c.cacheSet('acme', 'k', Buffer.from('v'), { ttlMs: 1000, tags: ['a'] });
   const n: number = await c.cacheDelete('acme', { tags: ['a'] });
+  const locks: number = await c.cacheDelete('acme', { keys: ['k'], fillOnly: true });
   const r = await c.checkGet('acme', 'u', 'GET /', { policy: 'api', fillMs: 100 });
   if (r.lookup?.hit) r.lookup.value?.length;
   const mw = quotad({ client: c, tenant: header('x-tenant'), key: first(apiKey(), clientIp()), cache: { ttlMs: 1000 } });
-  void [h, retry, cached, stored, n, mw, invalidate];
+  void [h, retry, cached, stored, n, locks, mw, invalidate];
   try {
     await c.check('', 'k');
   } catch (e) {

@@ -116,16 +116,24 @@ def cache_set(
     return req
 
 
-def cache_del(tenant: str, keys: Iterable[str] | None, tags: Iterable[str] | None) -> Request:
+def cache_del(
+    tenant: str, keys: Iterable[str] | None, tags: Iterable[str] | None, fill_only: bool = False
+) -> Request:
     req: Request = {"id": 0, "op": "cache_del", "tenant": _text("tenant", tenant)}
     key_list = _texts("keys", keys)
     tag_list = _texts("tags", tags)
+    if not isinstance(fill_only, bool):
+        raise InvalidArgument(f"fill_only must be a bool, not {type(fill_only).__name__}")
     if not key_list and not tag_list:
         raise InvalidArgument("cache_delete needs at least one key or tag")
+    if fill_only and tag_list:
+        raise InvalidArgument("fill_only drops the fill locks of keys: it takes no tags")
     if key_list:
         req["keys"] = key_list
     if tag_list:
         req["tags"] = tag_list
+    if fill_only:
+        req["fill_only"] = True
     return req
 
 

@@ -312,10 +312,23 @@ class AsyncClient:
         return reply.get("degraded") is False
 
     async def cache_delete(
-        self, tenant: str, keys: Iterable[str] | None = None, tags: Iterable[str] | None = None
+        self,
+        tenant: str,
+        keys: Iterable[str] | None = None,
+        tags: Iterable[str] | None = None,
+        *,
+        fill_only: bool = False,
     ) -> int:
-        """Deletes entries by key and by tag; returns how many existed."""
-        req = _requests.cache_del(tenant, keys, tags)
+        """Deletes entries by key and by tag; returns how many existed.
+
+        ``fill_only=True`` (``keys`` only, no ``tags``) is for a caller told
+        to fill an entry (``Lookup.fill``) that will not store a value: it
+        drops only the fill locks of ``keys``, so the callers held for them
+        are let go and the next caller may fill, and never deletes a value
+        someone else stored meanwhile. It then returns how many locks were
+        dropped.
+        """
+        req = _requests.cache_del(tenant, keys, tags, fill_only)
         try:
             reply = await self.call(req)
         except TRANSIENT as e:
