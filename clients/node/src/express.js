@@ -201,8 +201,9 @@ export function quotad(options) {
  * recomputed and overwritten). `compute()` answers by itself and resolves to
  * the bytes to store, or null when this answer must not be stored. A caller
  * told to fill the entry (`lookup.fill`) that stores nothing, or fails,
- * deletes the key instead: that drops the fill lock, so the callers quotad
- * holds for this value are let go now, not when the lock lapses (fillMs).
+ * releases its fill lock instead (`cacheDelete` with `fillOnly`): the callers
+ * quotad holds for this value are let go now, not when the lock lapses
+ * (fillMs), and a value someone else stored meanwhile stays.
  */
 export async function serveOrFill(client, tenant, key, lookup, { serve, compute, ttlMs, staleMs, tags }) {
   if (lookup.hit && !lookup.refresh && (await serve(lookup))) return;
@@ -212,7 +213,7 @@ export async function serveOrFill(client, tenant, key, lookup, { serve, compute,
   } finally {
     try {
       if (value !== null && !lookup.degraded) await client.cacheSet(tenant, key, value, { ttlMs, staleMs, tags: tags() });
-      else if (lookup.fill) await client.cacheDelete(tenant, { keys: [key] });
+      else if (lookup.fill) await client.cacheDelete(tenant, { keys: [key], fillOnly: true });
     } catch {
       // The answer is out already: a failed store is a later miss, never this request's error.
     }

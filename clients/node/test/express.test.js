@@ -5,7 +5,7 @@ import path from 'node:path';
 import { after, before, test } from 'node:test';
 import express from 'express';
 import { Client } from '../src/index.js';
-import { apiKey, cacheKeyFor, clientIp, first, header, invalidate, jwtClaim, pathTag, pathTags, quotad } from '../src/express.js';
+import { apiKey, cacheKeyFor, clientIp, first, header, invalidate, jwtClaim, pathTag, pathTags, quotad, serveOrFill } from '../src/express.js';
 import { REPO, environment, freshTenant, tempDir } from './daemons.js';
 
 let env;
@@ -201,6 +201,26 @@ test('a filler whose client went away releases the fill lock', async () => {
   const tenant = freshTenant();
   await assert.rejects(fetch(`${base}/items-never`, { headers: { 'x-tenant': tenant, 'x-api-key': 'k' }, signal: AbortSignal.timeout(100) }));
   await assertFillLockReleased(tenant, 'user=1:k GET /items-never');
+});
+
+test('a filler that stores nothing keeps a value stored meanwhile, and lets the next caller fill at once', async () => {
+  const tenant = freshTenant();
+  const steps = (compute) => ({ serve: () => true, compute, ttlMs: 60_000, tags: () => [] });
+  // Another caller (whose own fillMs ran out) stores the value while the filler works; the filler stores nothing.
+  const raced = await client.cacheLookup(tenant, 'raced', { fillMs: 10_000 });
+  assert.equal(raced.fill, true);
+  await serveOrFill(client, tenant, 'raced', raced, steps(async () => {
+    await client.cacheSet(tenant, 'raced', Buffer.from('stored meanwhile'), { ttlMs: 60_000 });
+    return null;
+  }));
+  assert.equal((await client.cacheGet(tenant, 'raced'))?.toString(), 'stored meanwhile');
+  // Nothing stored by anyone: the next caller is the filler at once, not after fillMs.
+  const lone = await client.cacheLookup(tenant, 'lone', { fillMs: 10_000 });
+  assert.equal(lone.fill, true);
+  await serveOrFill(client, tenant, 'lone', lone, steps(async () => null));
+  const t0 = Date.now();
+  assert.equal((await client.cacheLookup(tenant, 'lone', { fillMs: 10_000 })).fill, true);
+  assert.ok(Date.now() - t0 < 2000, 'the fill lock was still held');
 });
 
 test('a per-route middleware limits the tenant and key the app-wide one found', async () => {

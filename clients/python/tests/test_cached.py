@@ -179,3 +179,18 @@ async def test_a_store_failing_after_the_call_is_logged_not_raised(
         finally:
             own_daemon.resume()
     assert "could not store the cache entry" in caplog.text
+
+
+async def test_a_failed_fill_keeps_a_value_stored_meanwhile(client: AsyncClient, tenant: str) -> None:
+    """Another caller (whose own fill_ms ran out) stored the value while the filler worked,
+    then the filler failed: its release drops its lock only, never that value."""
+
+    @cached(client, tenant=tenant, ttl_ms=60_000, fill_ms=10_000)
+    async def raced() -> int:
+        await client.cache_set(tenant, raced.cache_key(), b"2", ttl_ms=60_000)
+        raise RuntimeError("failed")
+
+    with pytest.raises(RuntimeError):
+        await raced()
+    assert await client.cache_get(tenant, raced.cache_key()) == b"2"
+    assert await raced() == 2  # a hit

@@ -276,6 +276,41 @@ def test_a_filler_that_stores_nothing_releases_the_fill_lock(http: httpx.Client,
             assert time.monotonic() < deadline, "the fill lock is still held"
 
 
+async def test_a_filler_release_keeps_a_value_stored_meanwhile(daemon: Any, tenant: str) -> None:
+    """The filler's response is not stored (404), but another caller (whose own fill_ms ran
+    out) stored the page meanwhile: the release drops the fill lock only, the page stays.
+    Without a page stored, the release lets the next caller fill at once."""
+    import msgpack
+
+    client = AsyncClient(str(daemon.socket), failure_mode="raise", timeout=2.0)
+    app = FastAPI()
+    page = msgpack.packb({"s": 200, "h": [["content-type", "text/plain"]], "b": b"stored meanwhile"}, use_bin_type=True)
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: str, request: Request, response: Response) -> dict[str, str]:
+        if item_id == "raced":
+            await client.cache_set(context(request).tenant, "user=1:k GET /items/raced", page, ttl_ms=60_000)
+        response.status_code = 404
+        return {"id": item_id}
+
+    _with_middleware(app, client)
+    hdrs = {"x-tenant": tenant, "x-api-key": "k"}
+    try:
+        # In-process: a request returns once the middleware is done, its release included.
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            r = await http.get("/items/raced", headers=hdrs)
+            assert r.status_code == 404 and r.headers["x-cache"] == "miss"  # the filler
+            r = await http.get("/items/raced", headers=hdrs)
+            assert r.headers["x-cache"] == "hit" and r.text == "stored meanwhile"
+
+            assert (await http.get("/items/7", headers=hdrs)).status_code == 404  # the filler, nothing stored
+            t0 = time.monotonic()
+            assert (await client.cache_lookup(tenant, "user=1:k GET /items/7", fill_ms=10_000)).fill
+            assert time.monotonic() - t0 < 2.0, "the fill lock was still held"
+    finally:
+        await client.close()
+
+
 async def test_a_store_or_release_failing_after_the_response_is_logged_not_raised(
     own_daemon: Any, tenant: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -37,9 +37,10 @@ async def serve_or_fill(
     (it is then recomputed and overwritten). ``compute()`` answers by itself
     and returns the bytes to store, or None when this answer must not be
     stored. A caller told to fill the entry (``lookup.fill``) that stores
-    nothing, or fails, or is cancelled, deletes the key instead: that drops
-    the fill lock, so the callers quotad holds for this value are let go now,
-    not when the lock lapses (``fill_ms``).
+    nothing, or fails, or is cancelled, releases its fill lock instead
+    (``cache_delete(fill_only=True)``): the callers quotad holds for this
+    value are let go now, not when the lock lapses (``fill_ms``), and a value
+    someone else stored meanwhile stays.
 
     Once ``compute()`` has run, the store or the release is carried out even
     if the request is being cancelled, and its errors are logged, never
@@ -48,11 +49,15 @@ async def serve_or_fill(
     """
     if lookup.hit and not lookup.refresh and await serve(lookup):
         return
+
+    def release() -> Awaitable[int]:
+        return client.cache_delete(tenant, keys=[key], fill_only=True)
+
     try:
         value = await compute()
     except BaseException:
         if lookup.fill:
-            await _end_fill(lambda: client.cache_delete(tenant, keys=[key]), "release", tenant, key)
+            await _end_fill(release, "release", tenant, key)
         raise
     if value is not None and not lookup.degraded:
         stored = value
@@ -60,7 +65,7 @@ async def serve_or_fill(
             lambda: client.cache_set(tenant, key, stored, ttl_ms, tags(), stale_ms), "store", tenant, key
         )
     elif lookup.fill:
-        await _end_fill(lambda: client.cache_delete(tenant, keys=[key]), "release", tenant, key)
+        await _end_fill(release, "release", tenant, key)
 
 
 async def _end_fill(step: Callable[[], Awaitable[object]], what: str, tenant: str, key: str) -> None:
