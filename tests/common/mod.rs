@@ -363,14 +363,18 @@ impl Raw {
 
     /// The next reply decoded to JSON, or `None` at end of stream.
     pub fn recv(&mut self) -> Option<serde_json::Value> {
+        let body = self.recv_body()?;
+        Some(rmp_serde::from_slice(&body).expect("replies are MessagePack"))
+    }
+
+    /// The next reply's body, or `None` at end of stream.
+    pub fn recv_body(&mut self) -> Option<Vec<u8>> {
         use std::io::Read;
         let mut len = [0u8; 4];
-        if self.stream.read_exact(&mut len).is_err() {
-            return None;
-        }
+        self.stream.read_exact(&mut len).ok()?;
         let mut body = vec![0; u32::from_be_bytes(len) as usize];
         self.stream.read_exact(&mut body).ok()?;
-        Some(rmp_serde::from_slice(&body).expect("replies are MessagePack"))
+        Some(body)
     }
 
     /// True once the daemon has closed the connection.
