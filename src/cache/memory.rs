@@ -9,15 +9,16 @@ use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 
+use crate::keys::{local, local_tenant};
 use crate::protocol::{CacheDelArgs, CacheGetArgs, CacheSetArgs, Lookup};
 
 const SWEEP_EVERY_MS: u64 = 1000;
 
 #[derive(Debug)]
 pub struct MemoryCache {
-    /// [`id`]`(tenant, key)` -> entry.
+    /// [`local`]`(tenant, key)` -> entry.
     entries: HashMap<String, Entry>,
-    /// [`id`]`(tenant, tag)` -> ids of the entries carrying it.
+    /// [`local`]`(tenant, tag)` -> ids of the entries carrying it.
     tags: HashMap<String, HashSet<String>>,
     /// Fill and refresh locks: id -> held until (ms).
     fills: HashMap<String, u64>,
@@ -33,18 +34,6 @@ struct Entry {
     fresh_until: u64,
     expires: u64,
     tags: Vec<String>,
-}
-
-/// `<tenant length>:<tenant><name>`: unambiguous whatever bytes the two
-/// strings hold (a separator could occur in them).
-fn id(tenant: &str, name: &str) -> String {
-    format!("{}:{tenant}{name}", tenant.len())
-}
-
-/// The tenant of an [`id`].
-fn tenant_of(id: &str) -> &str {
-    let (len, rest) = id.split_once(':').expect("an id");
-    &rest[..len.parse().expect("an id")]
 }
 
 /// Takes a lock unless it is held; true if taken.
@@ -75,7 +64,7 @@ impl MemoryCache {
     /// nobody holds the fill lock (see [`crate::job::Job`]).
     pub fn get(&mut self, g: &CacheGetArgs, poll: bool, now: u64) -> Lookup {
         self.maybe_sweep(now);
-        let id = id(&g.tenant, &g.key);
+        let id = local(&g.tenant, &g.key);
         match self.entries.get(&id) {
             Some(e) if e.expires > now => {
                 let value = Some(e.value.clone());
@@ -112,13 +101,13 @@ impl MemoryCache {
     }
 
     pub fn set(&mut self, s: &CacheSetArgs, now: u64) {
-        let id = id(&s.tenant, &s.key);
+        let id = local(&s.tenant, &s.key);
         self.remove(&id);
         self.fills.remove(&id);
         self.refreshes.remove(&id);
         for tag in &s.tags {
             self.tags
-                .entry(self::id(&s.tenant, tag))
+                .entry(local(&s.tenant, tag))
                 .or_default()
                 .insert(id.clone());
         }
@@ -152,13 +141,18 @@ impl MemoryCache {
             return d
                 .keys
                 .iter()
-                .map(|k| u64::from(held(self.fills.remove(&id(&d.tenant, k)))))
+                .map(|k| u64::from(held(self.fills.remove(&local(&d.tenant, k)))))
                 .sum();
         }
         let mut deleted = 0;
-        let mut ids: Vec<String> = d.keys.iter().map(|k| id(&d.tenant, k)).collect();
+        let mut ids: Vec<String> = d.keys.iter().map(|k| local(&d.tenant, k)).collect();
         for tag in &d.tags {
-            ids.extend(self.tags.remove(&id(&d.tenant, tag)).into_iter().flatten());
+            ids.extend(
+                self.tags
+                    .remove(&local(&d.tenant, tag))
+                    .into_iter()
+                    .flatten(),
+            );
         }
         for id in ids {
             self.fills.remove(&id);
@@ -178,9 +172,9 @@ impl MemoryCache {
     fn remove(&mut self, id: &str) -> Option<Entry> {
         let e = self.entries.remove(id)?;
         self.bytes -= id.len() + e.value.len();
-        let tenant = tenant_of(id);
+        let tenant = local_tenant(id);
         for tag in &e.tags {
-            let tid = self::id(tenant, tag);
+            let tid = local(tenant, tag);
             if let Some(set) = self.tags.get_mut(&tid) {
                 set.remove(id);
                 if set.is_empty() {
@@ -272,7 +266,7 @@ mod tests {
             fill_ms: 0,
         };
         assert!(c.get(&g, false, 1).value.is_none());
-        assert_eq!(tenant_of(&id("a\0b", "c")), "a\0b");
+        assert_eq!(local_tenant(&local("a\0b", "c")), "a\0b");
     }
 
     #[test]

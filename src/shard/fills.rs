@@ -123,10 +123,12 @@ impl Message<PollFills> for Shard {
             self.release(w);
         }
         // One round of polls at a time: a slow Redis must not pile them up.
+        if self.polls_out > 0 {
+            return self.schedule_poll(ctx);
+        }
         let polls: Vec<CacheGetArgs> = self
             .fills
             .keys()
-            .filter(|_| self.polls_out == 0)
             .map(|(tenant, key)| CacheGetArgs {
                 tenant: tenant.clone(),
                 key: key.clone(),

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::keys;
 use crate::limiter::{Check, Decision};
 
 #[derive(Debug)]
@@ -28,23 +29,12 @@ struct Denial {
     decision: Decision,
 }
 
-/// `<policy>:<tenant length>:<tenant><key>`: unambiguous whatever bytes
-/// the tenant and key hold (policy names have no `:`).
+/// Within the tenant, `<policy>:<key>` (policy names have no `:`).
 fn key_of(check: &Check) -> String {
-    format!(
-        "{}:{}:{}{}",
-        check.policy.name,
-        check.tenant.len(),
-        check.tenant,
-        check.key
+    keys::local(
+        &check.tenant,
+        &format!("{}:{}", check.policy.name, check.key),
     )
-}
-
-/// The tenant of a [`key_of`].
-fn tenant_of(key: &str) -> &str {
-    let mut parts = key.splitn(3, ':');
-    let (_, len, rest) = (parts.next(), parts.next(), parts.next().unwrap_or(""));
-    &rest[..len.and_then(|l| l.parse().ok()).unwrap_or(0)]
 }
 
 impl OverLimit {
@@ -114,7 +104,7 @@ impl OverLimit {
 
     /// Forgets a tenant's denials (its plan changed).
     pub fn forget(&mut self, tenant: &str) {
-        self.denials.retain(|k, _| tenant_of(k) != tenant);
+        self.denials.retain(|k, _| keys::local_tenant(k) != tenant);
     }
 }
 
