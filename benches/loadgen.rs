@@ -37,11 +37,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use quotad::client::Client;
 use quotad::config::Config;
+use quotad::config::TenantRecord;
 use quotad::job::{Job, Outcome};
 use quotad::keys::Keys;
 use quotad::limiter::{Check, Policy};
 use quotad::protocol::{CacheSetArgs, CheckArgs};
-use quotad::quota::TenantRecord;
 use quotad::redis::script;
 use redis::aio::ConnectionManager;
 

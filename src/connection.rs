@@ -21,8 +21,9 @@ use tokio_util::codec::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Limits;
 use crate::error::Error;
-use crate::protocol::{self, DecodeError, Limits, Reply};
+use crate::protocol::{self, DecodeError, Reply};
 use crate::reply::Replies;
 use crate::router::{Routed, Router};
 use crate::stats::Stats;

@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand};
 use quotad::client::Client;
 use quotad::clock::Clock;
 use quotad::config::Config;
+use quotad::config::TenantRecord;
 use quotad::daemon::Daemon;
-use quotad::quota::TenantRecord;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]

@@ -15,10 +15,11 @@ use kameo::mailbox;
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::config::{Plans, TenantRecord};
 use crate::error::Error;
 use crate::keys::{self, Keys};
 use crate::protocol::{Body, Hello, Op, Reply, Request, Stats as StatsBody};
-use crate::quota::{Directory, Plans, TenantRecord};
+use crate::quota::Directory;
 use crate::redis::RedisBackend;
 use crate::reply::{Replies, ReplyTo};
 use crate::shard::{Forget, JobMsg, ReleaseWaiters, Reload, Shard, ShardArgs};

@@ -9,13 +9,13 @@
 
 use bytes::Bytes;
 use quotad::config::Config;
+use quotad::config::TenantRecord;
 use quotad::error::Error;
 use quotad::limiter::Decision;
 use quotad::protocol::{
     self, Body, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Hello, Lookup, Op, Reply,
     ReplyFields, Request, Stats,
 };
-use quotad::quota::TenantRecord;
 use serde_json::{Value, json};
 
 const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/frames.json");

@@ -16,12 +16,12 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use tokio::time::Instant;
 
+use crate::config::TenantRecord;
 use crate::limiter::Decision;
 use crate::protocol::{
     CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Lookup, Op, ReplyFields, Request,
     TenantFields,
 };
-use crate::quota::TenantRecord;
 use connection::Connection;
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -18,27 +18,12 @@ use bytes::Bytes;
 
 use super::loose::{Field, number};
 use super::{CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Op, Request};
+use crate::config::{Limits, TenantRecord};
 use crate::error::Error;
-use crate::quota::TenantRecord;
 
 /// Nesting allowed in a request. Requests need 2 (a map holding a list of
 /// strings); the bound keeps a hostile frame from exhausting the stack.
 const MAX_DEPTH: usize = 16;
-
-/// The bounds a request is held to.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_tenant_bytes: usize,
-    /// Also the bound of a cache key and of a tag.
-    pub max_key_bytes: usize,
-    pub max_value_bytes: usize,
-    /// Tags of one cache entry.
-    pub max_tags: usize,
-    /// Keys plus tags of one `cache_del`.
-    pub max_delete: usize,
-    pub max_ttl_ms: u64,
-    pub max_fill_ms: u64,
-}
 
 /// Why a frame did not become a request.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,9 +9,9 @@ use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
 
 use super::{Body, CheckArgs, Lookup, OPS, Op, PROTOCOL_VERSION, Reply, Request, server_name};
+use crate::config::TenantRecord;
 use crate::error::Error;
 use crate::limiter::Decision;
-use crate::quota::TenantRecord;
 
 /// One field's value.
 enum Val<'a> {

@@ -15,11 +15,11 @@ mod loose;
 
 use bytes::Bytes;
 
+use crate::config::TenantRecord;
 use crate::error::Error;
 use crate::limiter::Decision;
-use crate::quota::TenantRecord;
 
-pub use decode::{DecodeError, Limits, decode};
+pub use decode::{DecodeError, decode};
 pub use encode::{encode_reply, encode_request};
 pub use fields::{ReplyFields, TenantFields, WireError};
 

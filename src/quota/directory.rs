@@ -18,8 +18,8 @@ use redis::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::source::{self, Postgres, Source, SourceError};
-use super::{QuotaConfig, SourceKind, TenantRecord};
 use crate::config::{Config, RedisConfig};
+use crate::config::{QuotaConfig, SourceKind, TenantRecord};
 use crate::error::Error;
 use crate::keys;
 use crate::redis::RedisBackend;

@@ -13,8 +13,8 @@ use arc_swap::ArcSwap;
 use redis::Value;
 use tokio::sync::Mutex;
 
-use super::{PostgresConfig, TenantRecord};
 use crate::config::Overrides;
+use crate::config::{PostgresConfig, TenantRecord, flatten};
 use crate::keys;
 use crate::redis::RedisBackend;
 
@@ -214,7 +214,7 @@ impl Postgres {
                     Some(json) => {
                         let v: serde_json::Value =
                             serde_json::from_str(&json).map_err(|e| bad(e.to_string()))?;
-                        super::plans::flatten(&v, "limits").map_err(|e| bad(e.to_string()))?
+                        flatten(&v, "limits").map_err(|e| bad(e.to_string()))?
                     }
                     None => Overrides::new(),
                 }

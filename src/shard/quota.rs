@@ -10,11 +10,12 @@ use tokio::time::Instant;
 use super::Shard;
 use super::tenants::{Found, RETRY_AFTER};
 use crate::config::Policies;
+use crate::config::{Plans, TenantRecord};
 use crate::error::Error;
 use crate::job::Job;
 use crate::limiter::Check;
 use crate::protocol::{CheckArgs, Op};
-use crate::quota::{Found as Looked, Plans, SourceError, TenantRecord};
+use crate::quota::{Found as Looked, SourceError};
 use crate::reply::ReplyTo;
 use crate::stats::Stats;
 

@@ -17,8 +17,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::Policies;
+use crate::config::TenantRecord;
 use crate::protocol::Op;
-use crate::quota::TenantRecord;
 use crate::reply::ReplyTo;
 
 /// While the source is down, how often a stale tenant is looked up again.

@@ -12,10 +12,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{
-    ConfigError, IDENT_RULE, Overrides, Policies, PolicyConfig, compile_policy, compile_with,
-    invalid, is_ident,
-};
+use super::policy::{compile_policy, compile_with};
+use super::{ConfigError, IDENT_RULE, Overrides, Policies, PolicyConfig, invalid, is_ident};
 use crate::limiter::Policy;
 
 /// The plan of tenants nobody configured.
@@ -192,6 +190,25 @@ impl Plans {
         v.sort_unstable();
         v
     }
+}
+
+/// Validates the `file` source's tenants: each on a known plan, with
+/// overrides that compile.
+pub(super) fn tenant_records(
+    tenants: &BTreeMap<String, TenantConfig>,
+    plans: &Plans,
+) -> Result<HashMap<String, TenantRecord>, ConfigError> {
+    let mut out = HashMap::new();
+    for (name, t) in tenants {
+        let at = format!("tenants.{name}");
+        let record = t.record(&at)?;
+        plans.for_record(&record).map_err(|e| match e {
+            ConfigError::Invalid { field, message } => invalid(format!("{at}.{field}"), message),
+            other => other,
+        })?;
+        out.insert(name.clone(), record);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
