@@ -65,7 +65,7 @@ impl Daemon {
             let weak = Arc::downgrade(&router);
             let on_change = move |tenant: String| {
                 if let Some(router) = weak.upgrade() {
-                    router.forget(&tenant);
+                    router.shards().forget(&tenant);
                 }
             };
             dir.watch(redis.clone(), on_change, background.clone());
@@ -121,7 +121,7 @@ impl Daemon {
         let draining = shutdown.clone();
         tokio::spawn(async move {
             draining.cancelled().await;
-            router.release_waiters().await;
+            router.shards().release_waiters().await;
         });
         let server = server::run(self.listener, self.router.clone(), limits, shutdown);
         tokio::pin!(server);
@@ -134,7 +134,7 @@ impl Daemon {
                 },
             }
         }
-        self.router.stop().await;
+        self.router.shards().stop().await;
         self.background.cancel();
         tracing::info!("stopped");
     }

@@ -22,6 +22,7 @@
 //! (signals), [`daemon`] (everything assembled) and [`client`] (a Rust
 //! client).
 
+pub mod admin;
 pub mod batch;
 pub mod cache;
 pub mod client;

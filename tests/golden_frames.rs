@@ -13,8 +13,8 @@ use quotad::config::TenantRecord;
 use quotad::error::Error;
 use quotad::limiter::Decision;
 use quotad::protocol::{
-    self, Body, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Hello, Lookup, Op, Reply,
-    ReplyFields, Request, Stats,
+    self, AdminOp, Body, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Hello, LocalOp,
+    Lookup, Op, Reply, ReplyFields, Request, ShardOp, Stats,
 };
 use serde_json::{Value, json};
 
@@ -38,32 +38,34 @@ fn get_args(fill_ms: u64) -> CacheGetArgs {
 }
 
 fn requests() -> Vec<(&'static str, Request)> {
-    let req = |id, op| Request { id, op };
+    fn req(id: u64, op: impl Into<Op>) -> Request {
+        Request { id, op: op.into() }
+    }
     vec![
-        ("hello_request", req(1, Op::Hello)),
+        ("hello_request", req(1, LocalOp::Hello)),
         (
             "check_request",
-            req(2, Op::Check(check_args(Some("api"), 1))),
+            req(2, ShardOp::Check(check_args(Some("api"), 1))),
         ),
         (
             "check_request_default_policy_peek",
-            req(3, Op::Check(check_args(None, 0))),
+            req(3, ShardOp::Check(check_args(None, 0))),
         ),
         (
             "check_request_large_id",
-            req(u64::MAX, Op::Check(check_args(Some("api"), 300))),
+            req(u64::MAX, ShardOp::Check(check_args(Some("api"), 300))),
         ),
-        ("stats_request", req(4, Op::Stats)),
-        ("cache_get_request", req(5, Op::CacheGet(get_args(0)))),
+        ("stats_request", req(4, LocalOp::Stats)),
+        ("cache_get_request", req(5, ShardOp::CacheGet(get_args(0)))),
         (
             "cache_get_request_fill",
-            req(6, Op::CacheGet(get_args(2000))),
+            req(6, ShardOp::CacheGet(get_args(2000))),
         ),
         (
             "cache_set_request",
             req(
                 7,
-                Op::CacheSet(CacheSetArgs {
+                ShardOp::CacheSet(CacheSetArgs {
                     tenant: "acme".into(),
                     key: "GET /items?page=2".into(),
                     value: Bytes::from_static(b"{\"items\":[]}\x00\xff"),
@@ -77,7 +79,7 @@ fn requests() -> Vec<(&'static str, Request)> {
             "cache_del_request",
             req(
                 8,
-                Op::CacheDel(CacheDelArgs {
+                ShardOp::CacheDel(CacheDelArgs {
                     tenant: "acme".into(),
                     keys: vec!["GET /items?page=2".into()],
                     tags: vec!["user:42".into()],
@@ -89,7 +91,7 @@ fn requests() -> Vec<(&'static str, Request)> {
             "cache_del_fill_only_request",
             req(
                 8,
-                Op::CacheDel(CacheDelArgs {
+                ShardOp::CacheDel(CacheDelArgs {
                     tenant: "acme".into(),
                     keys: vec!["GET /items?page=2".into()],
                     tags: vec![],
@@ -99,18 +101,24 @@ fn requests() -> Vec<(&'static str, Request)> {
         ),
         (
             "check_get_request",
-            req(9, Op::CheckGet(check_args(Some("api"), 1), get_args(2000))),
+            req(
+                9,
+                ShardOp::CheckGet(check_args(Some("api"), 1), get_args(2000)),
+            ),
         ),
-        ("tenant_get_request", req(10, Op::TenantGet("acme".into()))),
+        (
+            "tenant_get_request",
+            req(10, AdminOp::TenantGet("acme".into())),
+        ),
         (
             "tenant_set_request",
-            req(11, Op::TenantSet("acme".into(), pro_record())),
+            req(11, AdminOp::TenantSet("acme".into(), pro_record())),
         ),
         (
             "tenant_delete_request",
-            req(12, Op::TenantDelete("acme".into())),
+            req(12, AdminOp::TenantDelete("acme".into())),
         ),
-        ("tenant_list_request", req(13, Op::TenantList)),
+        ("tenant_list_request", req(13, AdminOp::TenantList)),
     ]
 }
 

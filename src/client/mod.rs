@@ -19,8 +19,8 @@ use tokio::time::Instant;
 use crate::config::TenantRecord;
 use crate::limiter::Decision;
 use crate::protocol::{
-    CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Lookup, Op, ReplyFields, Request,
-    TenantFields,
+    AdminOp, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, LocalOp, Lookup, Op, ReplyFields,
+    Request, ShardOp, TenantFields,
 };
 use connection::Connection;
 
@@ -132,11 +132,11 @@ impl Client {
     }
 
     pub async fn hello(&self) -> Result<ReplyFields, ClientError> {
-        self.call(Op::Hello).await
+        self.call(LocalOp::Hello.into()).await
     }
 
     pub async fn stats(&self) -> Result<ReplyFields, ClientError> {
-        self.call(Op::Stats).await
+        self.call(LocalOp::Stats.into()).await
     }
 
     /// May `key` of `tenant` go ahead? `cost` 0 peeks.
@@ -153,7 +153,7 @@ impl Client {
             policy: policy.map(str::to_owned),
             cost,
         };
-        match self.call(Op::Check(args)).await {
+        match self.call(ShardOp::Check(args).into()).await {
             Ok(reply) => reply.decision().ok_or_else(|| missing("decision")),
             Err(e) => self.failed_check(e),
         }
@@ -166,12 +166,12 @@ impl Client {
         key: &str,
         fill_ms: u64,
     ) -> Result<Lookup, ClientError> {
-        let op = Op::CacheGet(CacheGetArgs {
+        let op = ShardOp::CacheGet(CacheGetArgs {
             tenant: nonempty("tenant", tenant)?,
             key: nonempty("key", key)?,
             fill_ms,
         });
-        match self.call(op).await {
+        match self.call(op.into()).await {
             Ok(reply) => reply.lookup().ok_or_else(|| missing("lookup")),
             Err(e) if e.is_unreachable() => Ok(Lookup::degraded_miss()),
             Err(e) => Err(e),
@@ -185,7 +185,7 @@ impl Client {
         if set.ttl_ms == 0 {
             return Err(ClientError::Invalid("ttl_ms must be greater than 0".into()));
         }
-        match self.call(Op::CacheSet(set)).await {
+        match self.call(ShardOp::CacheSet(set).into()).await {
             Ok(reply) => reply.degraded.ok_or_else(|| missing("degraded")),
             Err(e) if e.is_unreachable() => Ok(true),
             Err(e) => Err(e),
@@ -228,13 +228,13 @@ impl Client {
         tags: &[&str],
         fill_only: bool,
     ) -> Result<u64, ClientError> {
-        let op = Op::CacheDel(CacheDelArgs {
+        let op = ShardOp::CacheDel(CacheDelArgs {
             tenant: nonempty("tenant", tenant)?,
             keys: keys.iter().map(|k| k.to_string()).collect(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
             fill_only,
         });
-        match self.call(op).await {
+        match self.call(op.into()).await {
             Ok(reply) => reply.deleted.ok_or_else(|| missing("deleted")),
             Err(e) if e.is_unreachable() => Ok(0),
             Err(e) => Err(e),
@@ -255,7 +255,7 @@ impl Client {
             key: nonempty("cache_key", cache_key)?,
             fill_ms,
         };
-        match self.call(Op::CheckGet(check, get)).await {
+        match self.call(ShardOp::CheckGet(check, get).into()).await {
             Ok(reply) => {
                 let decision = reply.decision().ok_or_else(|| missing("decision"))?;
                 Ok((decision, reply.lookup()))
@@ -270,7 +270,9 @@ impl Client {
 
     /// Admin: a tenant's record at the source (`None`: unknown there).
     pub async fn tenant_get(&self, tenant: &str) -> Result<Option<TenantRecord>, ClientError> {
-        let reply = self.call(Op::TenantGet(tenant.to_owned())).await?;
+        let reply = self
+            .call(AdminOp::TenantGet(tenant.to_owned()).into())
+            .await?;
         Ok(match (reply.known, reply.plan) {
             (Some(true), Some(plan)) => Some(TenantRecord {
                 plan,
@@ -282,20 +284,22 @@ impl Client {
 
     /// Admin: sets a tenant's record (the `redis` source).
     pub async fn tenant_set(&self, tenant: &str, record: TenantRecord) -> Result<(), ClientError> {
-        self.call(Op::TenantSet(tenant.to_owned(), record))
+        self.call(AdminOp::TenantSet(tenant.to_owned(), record).into())
             .await
             .map(drop)
     }
 
     /// Admin: deletes a tenant's record; true if it existed.
     pub async fn tenant_delete(&self, tenant: &str) -> Result<bool, ClientError> {
-        let reply = self.call(Op::TenantDelete(tenant.to_owned())).await?;
+        let reply = self
+            .call(AdminOp::TenantDelete(tenant.to_owned()).into())
+            .await?;
         Ok(reply.deleted == Some(1))
     }
 
     /// Admin: every tenant the source lists.
     pub async fn tenant_list(&self) -> Result<Vec<TenantFields>, ClientError> {
-        let reply = self.call(Op::TenantList).await?;
+        let reply = self.call(AdminOp::TenantList.into()).await?;
         Ok(reply.tenants.unwrap_or_default())
     }
 

@@ -16,8 +16,10 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 
 use bytes::Bytes;
 
-use super::loose::{Field, number};
-use super::{CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Op, Request};
+use super::loose::{Field, NAMES, number};
+use super::{
+    AdminOp, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, LocalOp, OpKind, Request, ShardOp,
+};
 use crate::config::{Limits, TenantRecord};
 use crate::error::Error;
 
@@ -66,26 +68,6 @@ fn type_error(field: &str, wanted: &str, got: Option<&Field>) -> String {
     }
 }
 
-/// The request fields this build reads, in a fixed order.
-pub(super) const NAMES: [&str; 16] = [
-    "id",
-    "op",
-    "tenant",
-    "key",
-    "policy",
-    "cost",
-    "cache_key",
-    "fill_ms",
-    "value",
-    "ttl_ms",
-    "stale_ms",
-    "tags",
-    "keys",
-    "fill_only",
-    "plan",
-    "limits",
-];
-
 /// The fields of a request map, before their types are checked.
 #[derive(Debug, Default)]
 struct RawRequest {
@@ -107,7 +89,7 @@ impl RawRequest {
         if let Some(p) = self.problem.take() {
             return Err(Error::BadRequest(p));
         }
-        let op = match self.take("op") {
+        let name = match self.take("op") {
             Some(Field::Str(op)) => op,
             other => {
                 return Err(Error::bad_request(type_error(
@@ -117,85 +99,94 @@ impl RawRequest {
                 )));
             }
         };
+        let kind = OpKind::from_name(&name).ok_or_else(|| Error::unknown_op(&name))?;
         let l = limits;
-        let op = match &*op {
-            "hello" => Op::Hello,
-            "stats" => Op::Stats,
-            "check" => Op::Check(self.check(l)?),
-            "check_get" => {
+        let op = match kind {
+            OpKind::Hello => LocalOp::Hello.into(),
+            OpKind::Stats => LocalOp::Stats.into(),
+            OpKind::Check => ShardOp::Check(self.check(l)?).into(),
+            OpKind::CheckGet => {
                 let check = self.check(l)?;
                 let get = CacheGetArgs {
                     tenant: check.tenant.clone(),
                     key: self.string("cache_key", l.max_key_bytes)?,
                     fill_ms: self.fill_ms(l)?,
                 };
-                Op::CheckGet(check, get)
+                ShardOp::CheckGet(check, get).into()
             }
-            "cache_get" => Op::CacheGet(CacheGetArgs {
+            OpKind::CacheGet => ShardOp::CacheGet(CacheGetArgs {
                 tenant: self.string("tenant", l.max_tenant_bytes)?,
                 key: self.string("key", l.max_key_bytes)?,
                 fill_ms: self.fill_ms(l)?,
-            }),
-            "cache_set" => {
-                let set = CacheSetArgs {
-                    tenant: self.string("tenant", l.max_tenant_bytes)?,
-                    key: self.string("key", l.max_key_bytes)?,
-                    value: self.bin("value", l.max_value_bytes)?,
-                    ttl_ms: self.uint("ttl_ms", None)?,
-                    stale_ms: self.uint("stale_ms", Some(0))?,
-                    tags: self.strings("tags", l.max_tags, l.max_key_bytes)?,
-                };
-                for (field, v) in [("ttl_ms", set.ttl_ms), ("stale_ms", set.stale_ms)] {
-                    if v > l.max_ttl_ms {
-                        return Err(Error::bad_request(format!(
-                            "field `{field}` must be at most {}",
-                            l.max_ttl_ms
-                        )));
-                    }
-                }
-                if set.ttl_ms == 0 {
-                    return Err(Error::bad_request("field `ttl_ms` must be greater than 0"));
-                }
-                Op::CacheSet(set)
+            })
+            .into(),
+            OpKind::CacheSet => ShardOp::CacheSet(self.cache_set(l)?).into(),
+            OpKind::CacheDel => ShardOp::CacheDel(self.cache_del(l)?).into(),
+            OpKind::TenantGet => {
+                AdminOp::TenantGet(self.string("tenant", l.max_tenant_bytes)?).into()
             }
-            "cache_del" => {
-                let tenant = self.string("tenant", l.max_tenant_bytes)?;
-                let keys = self.strings("keys", l.max_delete, l.max_key_bytes)?;
-                let tags = self.strings("tags", l.max_delete, l.max_key_bytes)?;
-                let fill_only = self.flag("fill_only")?;
-                if keys.is_empty() && tags.is_empty() {
-                    return Err(Error::bad_request("`cache_del` needs `keys` or `tags`"));
-                }
-                if fill_only && !tags.is_empty() {
-                    return Err(Error::bad_request(
-                        "`fill_only` drops the fill locks of `keys`: no `tags`",
-                    ));
-                }
-                if keys.len() + tags.len() > l.max_delete {
-                    return Err(Error::bad_request(format!(
-                        "at most {} keys and tags in one `cache_del`",
-                        l.max_delete
-                    )));
-                }
-                Op::CacheDel(CacheDelArgs {
-                    tenant,
-                    keys,
-                    tags,
-                    fill_only,
-                })
+            OpKind::TenantDelete => {
+                AdminOp::TenantDelete(self.string("tenant", l.max_tenant_bytes)?).into()
             }
-            "tenant_get" => Op::TenantGet(self.string("tenant", l.max_tenant_bytes)?),
-            "tenant_delete" => Op::TenantDelete(self.string("tenant", l.max_tenant_bytes)?),
-            "tenant_list" => Op::TenantList,
-            "tenant_set" => {
+            OpKind::TenantList => AdminOp::TenantList.into(),
+            OpKind::TenantSet => {
                 let tenant = self.string("tenant", l.max_tenant_bytes)?;
                 let plan = self.string("plan", 64)?;
                 let limits = self.numbers("limits")?;
-                Op::TenantSet(tenant, TenantRecord { plan, limits })
+                AdminOp::TenantSet(tenant, TenantRecord { plan, limits }).into()
             }
-            _ => return Err(Error::unknown_op(&op)),
         };
         Ok(Request { id, op })
+    }
+
+    fn cache_set(&mut self, l: &Limits) -> Result<CacheSetArgs, Error> {
+        let set = CacheSetArgs {
+            tenant: self.string("tenant", l.max_tenant_bytes)?,
+            key: self.string("key", l.max_key_bytes)?,
+            value: self.bin("value", l.max_value_bytes)?,
+            ttl_ms: self.uint("ttl_ms", None)?,
+            stale_ms: self.uint("stale_ms", Some(0))?,
+            tags: self.strings("tags", l.max_tags, l.max_key_bytes)?,
+        };
+        for (field, v) in [("ttl_ms", set.ttl_ms), ("stale_ms", set.stale_ms)] {
+            if v > l.max_ttl_ms {
+                return Err(Error::bad_request(format!(
+                    "field `{field}` must be at most {}",
+                    l.max_ttl_ms
+                )));
+            }
+        }
+        if set.ttl_ms == 0 {
+            return Err(Error::bad_request("field `ttl_ms` must be greater than 0"));
+        }
+        Ok(set)
+    }
+
+    fn cache_del(&mut self, l: &Limits) -> Result<CacheDelArgs, Error> {
+        let tenant = self.string("tenant", l.max_tenant_bytes)?;
+        let keys = self.strings("keys", l.max_delete, l.max_key_bytes)?;
+        let tags = self.strings("tags", l.max_delete, l.max_key_bytes)?;
+        let fill_only = self.flag("fill_only")?;
+        if keys.is_empty() && tags.is_empty() {
+            return Err(Error::bad_request("`cache_del` needs `keys` or `tags`"));
+        }
+        if fill_only && !tags.is_empty() {
+            return Err(Error::bad_request(
+                "`fill_only` drops the fill locks of `keys`: no `tags`",
+            ));
+        }
+        if keys.len() + tags.len() > l.max_delete {
+            return Err(Error::bad_request(format!(
+                "at most {} keys and tags in one `cache_del`",
+                l.max_delete
+            )));
+        }
+        Ok(CacheDelArgs {
+            tenant,
+            keys,
+            tags,
+            fill_only,
+        })
     }
 
     /// Takes a field; `nil` counts as absent.

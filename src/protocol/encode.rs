@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
 
-use super::{Body, CheckArgs, Lookup, OPS, Op, PROTOCOL_VERSION, Reply, Request, server_name};
+use super::{
+    AdminOp, Body, CheckArgs, Lookup, OPS, Op, PROTOCOL_VERSION, Reply, Request, ShardOp,
+    server_name,
+};
 use crate::config::TenantRecord;
 use crate::error::Error;
 use crate::limiter::Decision;
@@ -195,22 +198,22 @@ impl Serialize for Request {
         f.push(("id", Val::U64(self.id)));
         f.push(("op", Val::Str(self.op.name())));
         match &self.op {
-            Op::Hello | Op::Stats => {}
-            Op::Check(c) => check_fields(&mut f, c),
-            Op::CheckGet(c, g) => {
+            Op::Local(_) => {}
+            Op::Shard(ShardOp::Check(c)) => check_fields(&mut f, c),
+            Op::Shard(ShardOp::CheckGet(c, g)) => {
                 check_fields(&mut f, c);
                 f.push(("cache_key", Val::Str(&g.key)));
                 if g.fill_ms > 0 {
                     f.push(("fill_ms", Val::U64(g.fill_ms)));
                 }
             }
-            Op::CacheGet(g) => {
+            Op::Shard(ShardOp::CacheGet(g)) => {
                 f.extend([("tenant", Val::Str(&g.tenant)), ("key", Val::Str(&g.key))]);
                 if g.fill_ms > 0 {
                     f.push(("fill_ms", Val::U64(g.fill_ms)));
                 }
             }
-            Op::CacheSet(c) => {
+            Op::Shard(ShardOp::CacheSet(c)) => {
                 f.extend([
                     ("tenant", Val::Str(&c.tenant)),
                     ("key", Val::Str(&c.key)),
@@ -224,7 +227,7 @@ impl Serialize for Request {
                     f.push(("tags", Val::Strs(&c.tags)));
                 }
             }
-            Op::CacheDel(d) => {
+            Op::Shard(ShardOp::CacheDel(d)) => {
                 f.push(("tenant", Val::Str(&d.tenant)));
                 if !d.keys.is_empty() {
                     f.push(("keys", Val::Strs(&d.keys)));
@@ -236,14 +239,16 @@ impl Serialize for Request {
                     f.push(("fill_only", Val::Bool(true)));
                 }
             }
-            Op::TenantGet(t) | Op::TenantDelete(t) => f.push(("tenant", Val::Str(t))),
-            Op::TenantSet(t, r) => {
+            Op::Admin(AdminOp::TenantGet(t) | AdminOp::TenantDelete(t)) => {
+                f.push(("tenant", Val::Str(t)))
+            }
+            Op::Admin(AdminOp::TenantSet(t, r)) => {
                 f.extend([("tenant", Val::Str(t)), ("plan", Val::Str(&r.plan))]);
                 if !r.limits.is_empty() {
                     f.push(("limits", Val::Numbers(&r.limits)));
                 }
             }
-            Op::TenantList => {}
+            Op::Admin(AdminOp::TenantList) => {}
         }
         write_map(s, f)
     }

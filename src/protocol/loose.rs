@@ -9,7 +9,27 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::OPS;
-use super::decode::NAMES;
+
+/// The request fields this build reads, in a fixed order (field and op
+/// names are borrowed, not allocated, when a frame is read).
+pub(super) const NAMES: [&str; 16] = [
+    "id",
+    "op",
+    "tenant",
+    "key",
+    "policy",
+    "cost",
+    "cache_key",
+    "fill_ms",
+    "value",
+    "ttl_ms",
+    "stale_ms",
+    "tags",
+    "keys",
+    "fill_only",
+    "plan",
+    "limits",
+];
 
 /// Any MessagePack value, as far as a request needs to tell them apart.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,7 +108,7 @@ impl<'de> Visitor<'de> for FieldVisitor {
     fn visit_str<E>(self, v: &str) -> Result<Field, E> {
         // Field names and op names come over and over: no allocation.
         Ok(Field::Str(
-            match NAMES.iter().chain(OPS).find(|k| **k == v) {
+            match NAMES.iter().chain(&OPS).find(|k| **k == v) {
                 Some(k) => Cow::Borrowed(k),
                 None => Cow::Owned(v.to_owned()),
             },

@@ -12,6 +12,7 @@ mod decode;
 mod encode;
 mod fields;
 mod loose;
+mod op;
 
 use bytes::Bytes;
 
@@ -22,76 +23,16 @@ use crate::limiter::Decision;
 pub use decode::{DecodeError, decode};
 pub use encode::{encode_reply, encode_request};
 pub use fields::{ReplyFields, TenantFields, WireError};
+pub use op::{AdminOp, LocalOp, OPS, Op, OpKind, ShardOp};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
-
-/// Every op this build answers, as listed by `hello`.
-pub const OPS: &[&str] = &[
-    "hello",
-    "check",
-    "cache_get",
-    "cache_set",
-    "cache_del",
-    "check_get",
-    "stats",
-    "tenant_get",
-    "tenant_set",
-    "tenant_delete",
-    "tenant_list",
-];
 
 /// A decoded request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     pub id: u64,
     pub op: Op,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Op {
-    Hello,
-    Check(CheckArgs),
-    CacheGet(CacheGetArgs),
-    CacheSet(CacheSetArgs),
-    CacheDel(CacheDelArgs),
-    /// A check, then (only if allowed) a cache read, in one round trip.
-    CheckGet(CheckArgs, CacheGetArgs),
-    Stats,
-    /// Admin: a tenant's record at the source of truth.
-    TenantGet(String),
-    /// Admin: sets a tenant's record (the `redis` source).
-    TenantSet(String, TenantRecord),
-    /// Admin: deletes a tenant's record (the `redis` source).
-    TenantDelete(String),
-    /// Admin: every tenant the source lists.
-    TenantList,
-}
-
-impl Op {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Op::Hello => "hello",
-            Op::Check(_) => "check",
-            Op::CacheGet(_) => "cache_get",
-            Op::CacheSet(_) => "cache_set",
-            Op::CacheDel(_) => "cache_del",
-            Op::CheckGet(..) => "check_get",
-            Op::Stats => "stats",
-            Op::TenantGet(_) => "tenant_get",
-            Op::TenantSet(..) => "tenant_set",
-            Op::TenantDelete(_) => "tenant_delete",
-            Op::TenantList => "tenant_list",
-        }
-    }
-
-    /// True for the ops only the allowed Unix users may use.
-    pub fn is_admin(&self) -> bool {
-        matches!(
-            self,
-            Op::TenantGet(_) | Op::TenantSet(..) | Op::TenantDelete(_) | Op::TenantList
-        )
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,6 +13,7 @@
 mod fills;
 mod overlimit;
 mod quota;
+mod set;
 mod tenants;
 
 use std::convert::Infallible;
@@ -34,7 +35,7 @@ use crate::job::{Job, Outcome};
 use crate::keys::Keys;
 use crate::limiter::memory::MemoryLimiter;
 use crate::limiter::{Check, Decision, FailureMode};
-use crate::protocol::{Body, Lookup, Op};
+use crate::protocol::{Body, Lookup, ShardOp};
 use crate::quota::Directory;
 use crate::redis::RedisBackend;
 use crate::reply::ReplyTo;
@@ -43,15 +44,16 @@ use fills::Fills;
 pub use fills::ReleaseWaiters;
 use overlimit::OverLimit;
 pub use quota::Forget;
+use quota::PendingCheck;
+pub use set::Shards;
 use tenants::Tenants;
 
 /// Largest over-limit memory per shard.
 const OVERLIMIT_ENTRIES: usize = 65_536;
 
-/// Run one request's op (already validated by the connection: `check`,
-/// `check_get` or a cache op) and answer it.
+/// Run one request's op (already validated by the connection) and answer it.
 #[derive(Debug)]
-pub struct JobMsg(pub Op, pub ReplyTo);
+pub struct JobMsg(pub ShardOp, pub ReplyTo);
 
 /// A Redis round trip came back: one outcome (or `None`) per job sent.
 /// The reply senders travel with the batch: if the shard is gone when it
@@ -174,11 +176,18 @@ impl Message<JobMsg> for Shard {
 
     async fn handle(&mut self, JobMsg(op, reply): JobMsg, ctx: &mut Context<Self, ()>) {
         match op {
-            Op::Check(_) | Op::CheckGet(..) => self.resolve(op, reply, ctx),
-            Op::CacheGet(args) => self.start(Job::Get { args, poll: false }, reply, ctx),
-            Op::CacheSet(args) => self.start(Job::Set(args), reply, ctx),
-            Op::CacheDel(args) => self.start(Job::Del(args), reply, ctx),
-            _ => reply.send(Err(Error::Internal("not a shard op".into()))),
+            ShardOp::Check(args) => self.resolve(PendingCheck { args, get: None }, reply, ctx),
+            ShardOp::CheckGet(args, get) => self.resolve(
+                PendingCheck {
+                    args,
+                    get: Some(get),
+                },
+                reply,
+                ctx,
+            ),
+            ShardOp::CacheGet(args) => self.start(Job::Get { args, poll: false }, reply, ctx),
+            ShardOp::CacheSet(args) => self.start(Job::Set(args), reply, ctx),
+            ShardOp::CacheDel(args) => self.start(Job::Del(args), reply, ctx),
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::config::{Plans, TenantRecord};
 use crate::error::Error;
 use crate::job::Job;
 use crate::limiter::Check;
-use crate::protocol::{CheckArgs, Op};
+use crate::protocol::{CacheGetArgs, CheckArgs};
 use crate::quota::{Found as Looked, SourceError};
 use crate::reply::ReplyTo;
 use crate::stats::Stats;
@@ -25,6 +25,14 @@ pub struct TenantLoaded {
     result: Result<Looked, SourceError>,
     /// From [`Tenants::lookup_started`](super::tenants::Tenants::lookup_started).
     epoch: u64,
+}
+
+/// A `check` (or, with `get`, a `check_get`) that needs its tenant's
+/// policies before it becomes a job.
+#[derive(Debug)]
+pub struct PendingCheck {
+    pub args: CheckArgs,
+    pub get: Option<CacheGetArgs>,
 }
 
 /// A tenant's record changed: look it up again on its next request.
@@ -89,11 +97,8 @@ impl Message<Forget> for Shard {
 impl Shard {
     /// A `check` or `check_get`: resolves its tenant's policies, waiting
     /// for a lookup if the local level does not have them.
-    pub(super) fn resolve(&mut self, op: Op, reply: ReplyTo, ctx: &Context<Self, ()>) {
-        let tenant = match &op {
-            Op::Check(a) | Op::CheckGet(a, _) => a.tenant.clone(),
-            _ => return reply.send(Err(Error::Internal("not a check".into()))),
-        };
+    pub(super) fn resolve(&mut self, op: PendingCheck, reply: ReplyTo, ctx: &Context<Self, ()>) {
+        let tenant = op.args.tenant.clone();
         if self.directory.is_none() {
             let policies = self.plans.load().default_plan().clone();
             return self.admit(op, reply, &policies, ctx);
@@ -142,14 +147,21 @@ impl Shard {
     }
 
     /// Turns a check into a job under `policies`, or answers its error.
-    fn admit(&mut self, op: Op, reply: ReplyTo, policies: &Policies, ctx: &Context<Self, ()>) {
-        let job = match op {
-            Op::Check(args) => check(args, policies).map(Job::Check),
-            Op::CheckGet(args, get) => check(args, policies).map(|c| Job::CheckGet(c, get)),
-            _ => Err(Error::Internal("not a check".into())),
-        };
-        match job {
-            Ok(job) => self.start(job, reply, ctx),
+    fn admit(
+        &mut self,
+        op: PendingCheck,
+        reply: ReplyTo,
+        policies: &Policies,
+        ctx: &Context<Self, ()>,
+    ) {
+        match check(op.args, policies) {
+            Ok(c) => {
+                let job = match op.get {
+                    None => Job::Check(c),
+                    Some(get) => Job::CheckGet(c, get),
+                };
+                self.start(job, reply, ctx)
+            }
             Err(e) => reply.send(Err(e)),
         }
     }

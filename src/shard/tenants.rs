@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::quota::PendingCheck;
 use crate::config::Policies;
 use crate::config::TenantRecord;
-use crate::protocol::Op;
 use crate::reply::ReplyTo;
 
 /// While the source is down, how often a stale tenant is looked up again.
@@ -49,7 +49,7 @@ pub enum Found {
 
 pub struct Tenants {
     entries: HashMap<String, Entry>,
-    waiting: HashMap<String, Vec<(Op, ReplyTo)>>,
+    waiting: HashMap<String, Vec<(PendingCheck, ReplyTo)>>,
     max: usize,
     /// Counts record changes; a lookup notes it when it starts. A lookup
     /// that started before its tenant changed (or all did) may have read
@@ -119,7 +119,7 @@ impl Tenants {
     }
 
     /// Parks a request until its tenant's lookup is done.
-    pub fn park(&mut self, tenant: &str, op: Op, reply: ReplyTo) {
+    pub fn park(&mut self, tenant: &str, op: PendingCheck, reply: ReplyTo) {
         self.waiting
             .entry(tenant.to_owned())
             .or_default()
@@ -134,7 +134,7 @@ impl Tenants {
         policies: Arc<Policies>,
         ttl: Duration,
         now: Instant,
-    ) -> Vec<(Op, ReplyTo)> {
+    ) -> Vec<(PendingCheck, ReplyTo)> {
         if self.entries.len() >= self.max && !self.entries.contains_key(tenant) {
             self.make_room(now);
         }
@@ -175,7 +175,7 @@ impl Tenants {
         &mut self,
         tenant: &str,
         now: Instant,
-    ) -> (Option<Arc<Policies>>, Vec<(Op, ReplyTo)>) {
+    ) -> (Option<Arc<Policies>>, Vec<(PendingCheck, ReplyTo)>) {
         let stale = self.entries.get_mut(tenant).map(|e| {
             e.stale = true;
             e.refresh_at = now + RETRY_AFTER;
@@ -212,7 +212,7 @@ impl Tenants {
     }
 
     /// Every waiting request (at shutdown).
-    pub fn drain_waiting(&mut self) -> impl Iterator<Item = (Op, ReplyTo)> + '_ {
+    pub fn drain_waiting(&mut self) -> impl Iterator<Item = (PendingCheck, ReplyTo)> + '_ {
         self.waiting.drain().flat_map(|(_, w)| w)
     }
 }

@@ -1,0 +1,136 @@
+//! Every shard of the process: spawned together, found by tenant, told
+//! together of a reload or a stop.
+//!
+//! A tenant's shard is its Redis Cluster slot modulo the shard count: a
+//! stable hash, so a tenant always lands on the same shard, which owns its
+//! local state (quota entry, over-limit memory, fill waiters).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use kameo::actor::{ActorRef, Spawn};
+use kameo::error::SendError;
+use kameo::mailbox;
+
+use super::{Forget, JobMsg, ReleaseWaiters, Reload, Shard, ShardArgs};
+use crate::clock::Clock;
+use crate::config::{Config, Plans};
+use crate::error::Error;
+use crate::keys::{self, Keys};
+use crate::protocol::ShardOp;
+use crate::quota::Directory;
+use crate::redis::RedisBackend;
+use crate::reply::ReplyTo;
+use crate::stats::Stats;
+
+pub struct Shards {
+    shards: Vec<ActorRef<Shard>>,
+}
+
+impl Shards {
+    /// Spawns `server.shards` actors; each gets its share of the
+    /// process-wide bounds.
+    pub fn spawn(
+        cfg: &Config,
+        redis: Option<RedisBackend>,
+        plans: Arc<ArcSwap<Plans>>,
+        directory: Option<Arc<Directory>>,
+        clock: Clock,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let s = &cfg.server;
+        let n = s.shard_count();
+        let prefix = cfg
+            .redis
+            .as_ref()
+            .map_or(keys::DEFAULT_PREFIX, |r| r.prefix.as_str());
+        let max_tenants = cfg.quota.as_ref().map_or(1, |q| q.local_max_tenants);
+        let shards = (0..n)
+            .map(|_| {
+                let args = ShardArgs {
+                    redis: redis.clone(),
+                    keys: Keys::new(prefix),
+                    clock: clock.clone(),
+                    batch_max: s.batch_max,
+                    batch_max_bytes: s.batch_max_bytes,
+                    max_in_flight: s.max_batches_in_flight,
+                    max_queued: s.max_queued_per_shard,
+                    local_max_entries: s.local_max_entries.div_ceil(n),
+                    cache_max_bytes: cfg.cache.memory_max_bytes.div_ceil(n),
+                    fill_poll: Duration::from_millis(cfg.cache.fill_poll_ms),
+                    plans: plans.clone(),
+                    directory: directory.clone(),
+                    max_tenants: max_tenants.div_ceil(n),
+                    stats: stats.clone(),
+                };
+                Shard::spawn_with_mailbox(args, mailbox::bounded(s.mailbox_capacity))
+            })
+            .collect();
+        Shards { shards }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+
+    fn of(&self, tenant: &str) -> &ActorRef<Shard> {
+        &self.shards[keys::slot(tenant) as usize % self.shards.len()]
+    }
+
+    /// Hands an op to its tenant's shard; a full mailbox is `overloaded`.
+    pub fn send(&self, op: ShardOp, reply: ReplyTo) -> Result<(), Error> {
+        let shard = self.of(op.tenant());
+        shard
+            .tell(JobMsg(op, reply))
+            .try_send()
+            .map_err(|e| match e {
+                // The message comes back with its reply sender: the caller
+                // answers, so the sender must not answer by itself.
+                SendError::MailboxFull(JobMsg(_, reply)) => {
+                    reply.cancel();
+                    Error::Overloaded("shard mailbox full")
+                }
+                SendError::ActorNotRunning(JobMsg(_, reply)) => {
+                    reply.cancel();
+                    Error::ShuttingDown
+                }
+                _ => Error::ShuttingDown,
+            })
+    }
+
+    /// Makes the tenant's shard look its record up again.
+    pub fn forget(&self, tenant: &str) {
+        let _ = self.of(tenant).tell(Forget(tenant.to_owned())).try_send();
+    }
+
+    /// Policies were reloaded: shards recompile their tenants and forget
+    /// cached denials.
+    pub async fn reload(&self) {
+        for shard in &self.shards {
+            let _ = shard.tell(Reload).send().await;
+        }
+    }
+
+    /// At shutdown: callers waiting on a cache fill get a plain miss now
+    /// rather than at their deadline, so connections can drain.
+    pub async fn release_waiters(&self) {
+        for shard in &self.shards {
+            let _ = shard.tell(ReleaseWaiters).send().await;
+        }
+    }
+
+    /// Stops every shard, answering whatever they still hold.
+    pub async fn stop(&self) {
+        for shard in &self.shards {
+            let _ = shard.stop_gracefully().await;
+        }
+        for shard in &self.shards {
+            shard.wait_for_shutdown().await;
+        }
+    }
+}
