@@ -35,14 +35,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use quotad::backend::redis::script;
+use quotad::backend::{Job, Outcome};
 use quotad::client::Client;
 use quotad::config::Config;
 use quotad::config::TenantRecord;
-use quotad::job::{Job, Outcome};
 use quotad::keys::Keys;
 use quotad::limiter::{Check, Policy};
 use quotad::protocol::{CacheSetArgs, CheckArgs};
-use quotad::redis::script;
 use redis::aio::ConnectionManager;
 
 const TENANTS: usize = 100;

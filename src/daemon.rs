@@ -8,11 +8,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::redis::RedisBackend;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::connection::ConnLimits;
 use crate::quota::Directory;
-use crate::redis::RedisBackend;
 use crate::router::Router;
 use crate::server::{self, BindError, Listener, ServerLimits};
 use crate::stats::Stats;

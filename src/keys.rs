@@ -83,19 +83,6 @@ pub fn encode(s: &str) -> String {
     out
 }
 
-/// An in-process map key for `name` within `tenant` (the memory backend's
-/// entries, the over-limit memory): `<tenant length>:<tenant><name>`,
-/// unambiguous whatever bytes the two strings hold.
-pub fn local(tenant: &str, name: &str) -> String {
-    format!("{}:{tenant}{name}", tenant.len())
-}
-
-/// The tenant of a [`local`] key.
-pub fn local_tenant(id: &str) -> &str {
-    let (len, rest) = id.split_once(':').expect("a local key");
-    &rest[..len.parse().expect("a local key")]
-}
-
 /// The Redis Cluster slot of every key of `tenant` (CRC16 of its hash tag,
 /// the encoded tenant, computed without building it).
 pub fn slot(tenant: &str) -> u16 {

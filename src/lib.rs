@@ -7,36 +7,36 @@
 //!
 //! - [`server`]: the socket file's life cycle and the accept loop.
 //! - [`connection`]: one client; frames in, replies out by `id`.
-//! - [`protocol`]: protocol version 1, requests and replies in MessagePack.
-//! - [`router`]: answers `hello`/`stats`, routes every other op by tenant
-//!   to its shard, as a [`job`].
-//! - [`shard`]: the actor that owns a tenant shard's local state.
-//! - [`batch`]: adaptive batching of a shard's Redis round trips.
-//! - [`redis`]: the Redis backend: the `lua/` scripts, pipelining,
-//!   deadlines, NOSCRIPT reloads and the circuit breaker.
-//! - [`limiter`]: rules, policies and their math; the in-memory limiter.
-//! - [`cache`]: the response cache's in-memory backend.
+//! - [`protocol`]: protocol version 1, requests and replies in MessagePack;
+//!   a decoded op already says who answers it.
+//! - [`router`]: answers `hello`/`stats`, sends a tenant's op to its shard
+//!   and an admin op to [`admin`].
+//! - [`shard`]: the actor that owns a tenant shard's local state (over-limit
+//!   memory, quota entries, fill waiters) and batches its backend's work.
+//! - [`backend`]: where jobs run: [`backend::memory`] in process, or
+//!   [`backend::redis`]: the `lua/` scripts, pipelining, deadlines,
+//!   NOSCRIPT reloads and the circuit breaker.
+//! - [`reply`]: how an answer finds its way back to its connection.
 //!
-//! Around it: [`config`] (the TOML file), [`keys`] (Redis key names),
+//! Around it: [`config`] (the TOML file, validated), [`limiter`] (rules,
+//! policies and their math), [`quota`] (tenants' plans at their source of
+//! truth), [`admin`] (the `tenant_*` ops), [`keys`] (state key names),
 //! [`clock`], [`error`] (wire error codes), [`stats`], [`shutdown`]
 //! (signals), [`daemon`] (everything assembled) and [`client`] (a Rust
 //! client).
 
 pub mod admin;
-pub mod batch;
-pub mod cache;
+pub mod backend;
 pub mod client;
 pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod daemon;
 pub mod error;
-pub mod job;
 pub mod keys;
 pub mod limiter;
 pub mod protocol;
 pub mod quota;
-pub mod redis;
 pub mod reply;
 pub mod router;
 pub mod server;

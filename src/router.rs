@@ -7,11 +7,11 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::admin::Admin;
+use crate::backend::redis::RedisBackend;
 use crate::clock::Clock;
 use crate::config::{Config, Plans};
 use crate::protocol::{Body, Hello, LocalOp, Op, Reply, Request, ShardOp, Stats as StatsBody};
 use crate::quota::Directory;
-use crate::redis::RedisBackend;
 use crate::reply::{Replies, ReplyTo};
 use crate::shard::Shards;
 use crate::stats::Stats;

@@ -8,13 +8,13 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use quotad::backend::memory::MemoryLimiter;
+use quotad::backend::redis::RedisBackend;
+use quotad::backend::{Job, Outcome};
 use quotad::clock::Clock;
 use quotad::config::Config;
-use quotad::job::{Job, Outcome};
 use quotad::keys::Keys;
-use quotad::limiter::memory::MemoryLimiter;
 use quotad::limiter::{Check, Decision, Policy};
-use quotad::redis::RedisBackend;
 use quotad::stats::Stats;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;

@@ -1,11 +1,10 @@
 //! Rules and policies: what a limit is and how several rules make one
 //! atomic decision, independent of where the state lives.
 //!
-//! - [`algorithm`]: the math of each rule kind (mirrored by `lua/limiter.lua`).
-//! - [`memory`]: the embedded in-process backend.
+//! [`algorithm`] holds the math of each rule kind (mirrored by
+//! `lua/limiter.lua`); the backends in [`crate::backend`] keep the state.
 
 pub mod algorithm;
-pub mod memory;
 
 use std::sync::Arc;
 

@@ -18,11 +18,11 @@ use redis::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::source::{self, Postgres, Source, SourceError};
+use crate::backend::redis::RedisBackend;
 use crate::config::{Config, RedisConfig};
 use crate::config::{QuotaConfig, SourceKind, TenantRecord};
 use crate::error::Error;
 use crate::keys;
-use crate::redis::RedisBackend;
 use crate::stats::Stats;
 
 /// Records read per round trip by `tenant list`.
@@ -285,7 +285,7 @@ impl Directory {
         tokio::spawn(async move {
             loop {
                 let listen = async {
-                    let mut pubsub = crate::redis::pubsub(&config).await?;
+                    let mut pubsub = crate::backend::redis::pubsub(&config).await?;
                     pubsub.subscribe(&channel).await?;
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {

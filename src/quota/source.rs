@@ -13,10 +13,10 @@ use arc_swap::ArcSwap;
 use redis::Value;
 use tokio::sync::Mutex;
 
+use crate::backend::redis::RedisBackend;
 use crate::config::Overrides;
 use crate::config::{PostgresConfig, TenantRecord, flatten};
 use crate::keys;
-use crate::redis::RedisBackend;
 
 /// Why a source could not answer.
 #[derive(Debug, Clone, thiserror::Error)]

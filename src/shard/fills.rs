@@ -13,8 +13,8 @@ use std::time::Duration;
 use kameo::message::{Context, Message};
 use tokio::time::Instant;
 
-use super::{Shard, Waiter};
-use crate::job::Job;
+use super::Shard;
+use crate::backend::{Job, Outcome};
 use crate::limiter::Decision;
 use crate::protocol::{Body, CacheGetArgs, Lookup};
 use crate::reply::ReplyTo;
@@ -139,27 +139,8 @@ impl Message<PollFills> for Shard {
             self.fills.polling();
         }
         for args in polls {
-            let job = Job::Get { args, poll: true };
-            match &self.redis {
-                Some(redis) if redis.is_down() => {}
-                Some(redis) => {
-                    let deadline = Instant::now() + redis.timeout();
-                    self.polls_out += 1;
-                    self.enqueue(
-                        Waiter {
-                            job,
-                            reply: None,
-                            deadline,
-                        },
-                        ctx,
-                    );
-                }
-                None => {
-                    self.polls_out += 1;
-                    let outcome = self.run_locally(&job);
-                    self.finish(job, Some(outcome), None, ctx);
-                }
-            }
+            self.polls_out += 1;
+            self.submit(Job::Get { args, poll: true }, None, ctx);
         }
         self.schedule_poll(ctx);
     }
@@ -178,17 +159,15 @@ impl Message<ReleaseWaiters> for Shard {
 
 impl Shard {
     /// A cache read came back. A miss that another caller is filling makes
-    /// this caller wait for the value (returns `None`); anything else is
-    /// the answer to send.
+    /// this caller wait for the value; anything else is answered now.
     pub(super) fn looked(
         &mut self,
         args: &CacheGetArgs,
         l: Lookup,
         decision: Option<Decision>,
-        reply: Option<ReplyTo>,
+        reply: ReplyTo,
         ctx: &Context<Self, ()>,
-    ) -> Option<(ReplyTo, Body)> {
-        let reply = reply?;
+    ) {
         if l.value.is_none() && !l.fill && !l.degraded && args.fill_ms > 0 {
             Stats::add(&self.stats.counters.cache_fill_waits, 1);
             let deadline = Instant::now() + Duration::from_millis(args.fill_ms);
@@ -201,15 +180,27 @@ impl Shard {
                     decision,
                 },
             );
-            self.schedule_poll(ctx);
-            return None;
+            return self.schedule_poll(ctx);
         }
         let l = self.count_lookup(l);
         let body = match decision {
             Some(d) => Body::CheckLookup(d, Some(l)),
             None => Body::Lookup(l),
         };
-        Some((reply, body))
+        self.reply(reply, body);
+    }
+
+    /// A poll came back: callers waiting on a value that arrived get it;
+    /// callers of an entry nobody fills any more stop waiting.
+    pub(super) fn polled(&mut self, args: &CacheGetArgs, outcome: Option<Outcome>) {
+        self.polls_out = self.polls_out.saturating_sub(1);
+        match outcome {
+            Some(Outcome::Looked(l)) if l.value.is_some() => {
+                self.deliver(&args.tenant, &args.key, &l)
+            }
+            Some(Outcome::Looked(l)) if l.fill => self.abandon(&args.tenant, &args.key),
+            _ => {}
+        }
     }
 
     /// Lets a caller stop waiting on a fill: a plain miss, compute it yourself.

@@ -1,15 +1,19 @@
 //! The shard actor: one per tenant shard, owning its tenants' local state.
 //!
 //! A shard answers from local state when it can (a key Redis denied until
-//! T; Redis known to be down; the memory backend), and otherwise queues the
-//! job for its next Redis round trip (see [`crate::batch`]). Replies are
+//! T; Redis known to be down), and otherwise hands the job to its
+//! [`Backend`]: the memory backend runs it at once; for Redis it queues in
+//! the shard's [`batch::Batcher`] for the next round trip. Replies are
 //! deferred: each job carries a reply sender that the handler stores, and
 //! the handler returns at once, so a slow Redis never blocks the mailbox.
 //! The round trip runs in its own task and comes back as a [`BatchDone`]
 //! message; a failed one is answered by failure mode and never stops the
-//! actor. Cache reads that must wait for another caller's fill wait here
-//! too ([`fills`]).
+//! actor. What an outcome becomes, and what it teaches the shard, is in
+//! [`answer`]; cache reads that must wait for another caller's fill wait
+//! in [`fills`].
 
+mod answer;
+pub mod batch;
 mod fills;
 mod overlimit;
 mod quota;
@@ -26,20 +30,14 @@ use kameo::error::ActorStopReason;
 use kameo::message::{Context, Message};
 use tokio::time::Instant;
 
-use crate::batch::{Batcher, Weighted};
-use crate::cache::memory::MemoryCache;
-use crate::clock::Clock;
+use crate::backend::{Backend, Job, MemoryBackend, Outcome, RedisBackend};
 use crate::config::Plans;
 use crate::error::Error;
-use crate::job::{Job, Outcome};
-use crate::keys::Keys;
-use crate::limiter::memory::MemoryLimiter;
-use crate::limiter::{Check, Decision, FailureMode};
-use crate::protocol::{Body, Lookup, ShardOp};
+use crate::protocol::{Body, ShardOp};
 use crate::quota::Directory;
-use crate::redis::RedisBackend;
 use crate::reply::ReplyTo;
 use crate::stats::Stats;
+use batch::{Batcher, Weighted};
 use fills::Fills;
 pub use fills::ReleaseWaiters;
 use overlimit::OverLimit;
@@ -47,9 +45,6 @@ pub use quota::Forget;
 use quota::PendingCheck;
 pub use set::Shards;
 use tenants::Tenants;
-
-/// Largest over-limit memory per shard.
-const OVERLIMIT_ENTRIES: usize = 65_536;
 
 /// Run one request's op (already validated by the connection) and answer it.
 #[derive(Debug)]
@@ -59,6 +54,7 @@ pub struct JobMsg(pub ShardOp, pub ReplyTo);
 /// The reply senders travel with the batch: if the shard is gone when it
 /// returns, dropping them tells each caller so.
 pub struct BatchDone {
+    redis: RedisBackend,
     jobs: Vec<Job>,
     replies: Vec<Option<ReplyTo>>,
     outcomes: Vec<Option<Outcome>>,
@@ -82,13 +78,10 @@ impl Weighted for Waiter {
 }
 
 pub struct Shard {
-    redis: Option<RedisBackend>,
-    /// The memory backend's limiter, or the `local` failure mode.
-    limiter: MemoryLimiter,
-    /// The memory backend's cache (unused beside Redis).
-    cache: MemoryCache,
-    keys: Keys,
-    clock: Clock,
+    backend: Backend,
+    /// The `local` failure mode's limiter (beside Redis).
+    fallback: MemoryBackend,
+    /// Jobs waiting for a Redis round trip.
     batcher: Batcher<Waiter>,
     /// Every plan's policies (swapped on reload).
     plans: Arc<ArcSwap<Plans>>,
@@ -99,29 +92,24 @@ pub struct Shard {
     overlimit: OverLimit,
     fills: Fills,
     fill_poll: Duration,
-    /// A [`PollFills`] is scheduled.
+    /// A [`fills::PollFills`] is scheduled.
     polling: bool,
     /// Polls sent and not back yet: the next round waits for them.
     polls_out: usize,
     stats: Arc<Stats>,
 }
 
-/// What a shard is built from.
+/// What a shard is built from: its parts, sized by [`Shards::spawn`].
 pub struct ShardArgs {
-    pub redis: Option<RedisBackend>,
-    pub keys: Keys,
-    pub clock: Clock,
-    pub batch_max: usize,
-    pub batch_max_bytes: usize,
-    pub max_in_flight: usize,
-    pub max_queued: usize,
-    pub local_max_entries: usize,
-    pub cache_max_bytes: usize,
-    pub fill_poll: Duration,
-    pub plans: Arc<ArcSwap<Plans>>,
-    pub directory: Option<Arc<Directory>>,
-    pub max_tenants: usize,
-    pub stats: Arc<Stats>,
+    backend: Backend,
+    fallback: MemoryBackend,
+    batcher: Batcher<Waiter>,
+    overlimit: OverLimit,
+    tenants: Tenants,
+    fill_poll: Duration,
+    plans: Arc<ArcSwap<Plans>>,
+    directory: Option<Arc<Directory>>,
+    stats: Arc<Stats>,
 }
 
 impl Actor for Shard {
@@ -129,27 +117,14 @@ impl Actor for Shard {
     type Error = Infallible;
 
     async fn on_start(a: ShardArgs, _: ActorRef<Self>) -> Result<Self, Infallible> {
-        let overlimit = OverLimit::new(if a.redis.is_some() {
-            OVERLIMIT_ENTRIES
-        } else {
-            0
-        });
         Ok(Shard {
-            redis: a.redis,
-            limiter: MemoryLimiter::new(a.local_max_entries),
-            cache: MemoryCache::new(a.cache_max_bytes),
-            keys: a.keys,
-            clock: a.clock,
-            batcher: Batcher::new(
-                a.batch_max,
-                a.batch_max_bytes,
-                a.max_in_flight,
-                a.max_queued,
-            ),
+            backend: a.backend,
+            fallback: a.fallback,
+            batcher: a.batcher,
             plans: a.plans,
             directory: a.directory,
-            tenants: Tenants::new(a.max_tenants),
-            overlimit,
+            tenants: a.tenants,
+            overlimit: a.overlimit,
             fills: Fills::default(),
             fill_poll: a.fill_poll,
             polling: false,
@@ -192,40 +167,6 @@ impl Message<JobMsg> for Shard {
     }
 }
 
-impl Shard {
-    /// Runs a job: from local state when possible, else through Redis.
-    fn start(&mut self, job: Job, reply: ReplyTo, ctx: &Context<Self, ()>) {
-        let Some(redis) = &self.redis else {
-            let outcome = self.run_locally(&job);
-            self.finish(job, Some(outcome), Some(reply), ctx);
-            return;
-        };
-        let now = Instant::now();
-        if let Job::Check(c) | Job::CheckGet(c, _) = &job
-            && let Some(d) = self.overlimit.get(c, now)
-        {
-            Stats::add(&self.stats.counters.denied_locally, 1);
-            let body = match job {
-                Job::CheckGet(..) => Body::CheckLookup(d, None),
-                _ => Body::Decision(d),
-            };
-            self.reply(reply, body);
-        } else if redis.is_down() {
-            self.finish(job, None, Some(reply), ctx);
-        } else {
-            let deadline = now + redis.timeout();
-            self.enqueue(
-                Waiter {
-                    job,
-                    reply: Some(reply),
-                    deadline,
-                },
-                ctx,
-            );
-        }
-    }
-}
-
 impl Message<BatchDone> for Shard {
     type Reply = ();
 
@@ -234,7 +175,7 @@ impl Message<BatchDone> for Shard {
             self.finish(job, outcome, reply, ctx);
         }
         if let Some(batch) = self.batcher.complete() {
-            self.send(batch, ctx);
+            self.send(&done.redis, batch, ctx);
         }
     }
 }
@@ -257,9 +198,40 @@ impl Message<Reload> for Shard {
 }
 
 impl Shard {
-    fn enqueue(&mut self, w: Waiter, ctx: &Context<Self, ()>) {
-        match self.batcher.push(w) {
-            Ok(Some(batch)) => self.send(batch, ctx),
+    /// Runs a request's job: a denial remembered from Redis answers at
+    /// once; anything else goes to the backend.
+    fn start(&mut self, job: Job, reply: ReplyTo, ctx: &Context<Self, ()>) {
+        if let Job::Check(c) | Job::CheckGet(c, _) = &job
+            && let Some(d) = self.overlimit.get(c, Instant::now())
+        {
+            Stats::add(&self.stats.counters.denied_locally, 1);
+            let body = match job {
+                Job::CheckGet(..) => Body::CheckLookup(d, None),
+                _ => Body::Decision(d),
+            };
+            return self.reply(reply, body);
+        }
+        self.submit(job, Some(reply), ctx);
+    }
+
+    /// Hands a job to the backend: the memory backend runs it now; Redis
+    /// gets it in a batch, or (while it is known to be down) never.
+    fn submit(&mut self, job: Job, reply: Option<ReplyTo>, ctx: &Context<Self, ()>) {
+        let redis = match &mut self.backend {
+            Backend::Memory(memory) => {
+                let outcome = memory.run(&job);
+                return self.finish(job, Some(outcome), reply, ctx);
+            }
+            Backend::Redis(redis) if redis.is_down() => return self.finish(job, None, reply, ctx),
+            Backend::Redis(redis) => redis.clone(),
+        };
+        let waiter = Waiter {
+            job,
+            reply,
+            deadline: Instant::now() + redis.timeout(),
+        };
+        match self.batcher.push(waiter) {
+            Ok(Some(batch)) => self.send(&redis, batch, ctx),
             Ok(None) => {}
             Err(w) => match w.reply {
                 Some(reply) => reply.send(Err(Error::Overloaded("shard queue full"))),
@@ -270,7 +242,7 @@ impl Shard {
 
     /// Sends a batch to Redis in its own task. Jobs already past their
     /// deadline are answered by failure mode instead of being sent.
-    fn send(&mut self, batch: Vec<Waiter>, ctx: &Context<Self, ()>) {
+    fn send(&mut self, redis: &RedisBackend, batch: Vec<Waiter>, ctx: &Context<Self, ()>) {
         let now = Instant::now();
         let mut deadline = None;
         let mut jobs = Vec::with_capacity(batch.len());
@@ -287,152 +259,20 @@ impl Shard {
         }
         let Some(deadline) = deadline else {
             if let Some(next) = self.batcher.complete() {
-                self.send(next, ctx);
+                self.send(redis, next, ctx);
             }
             return;
         };
-        let redis = self.redis.clone().expect("only the Redis backend batches");
+        let redis = redis.clone();
         ctx.pipe(async move {
             let outcomes = redis.run(&jobs, deadline).await;
             BatchDone {
+                redis,
                 jobs,
                 replies,
                 outcomes,
             }
         });
-    }
-
-    /// Runs a job on the memory backend.
-    fn run_locally(&mut self, job: &Job) -> Outcome {
-        let now_ms = self.clock.now_us() / 1000;
-        match job {
-            Job::Check(c) => Outcome::Decided(self.limit_locally(c)),
-            Job::Get { args, poll } => Outcome::Looked(self.cache.get(args, *poll, now_ms)),
-            Job::Set(s) => {
-                self.cache.set(s, now_ms);
-                Outcome::Stored
-            }
-            Job::Del(d) => Outcome::Deleted(self.cache.del(d, now_ms)),
-            Job::CheckGet(c, g) => {
-                let v = self.limit_locally(c);
-                let l = v.allowed.then(|| self.cache.get(g, false, now_ms));
-                Outcome::CheckLooked(v, l)
-            }
-        }
-    }
-
-    fn limit_locally(&mut self, c: &Check) -> crate::limiter::Verdict {
-        let keys = c.state_keys(&self.keys);
-        self.limiter
-            .check(&c.policy, &keys, self.clock.now_us(), c.cost)
-    }
-
-    /// Answers a job from its outcome, or by failure mode when it has none.
-    fn finish(
-        &mut self,
-        job: Job,
-        outcome: Option<Outcome>,
-        reply: Option<ReplyTo>,
-        ctx: &Context<Self, ()>,
-    ) {
-        let degraded = outcome.is_none();
-        if degraded && !matches!(job, Job::Get { poll: true, .. }) {
-            Stats::add(&self.stats.counters.degraded, 1);
-        }
-        let now = Instant::now();
-        let body = match (job, outcome) {
-            (Job::Check(c), Some(Outcome::Decided(v))) => {
-                let d = Decision::from_verdict(&c.policy, v, false);
-                self.overlimit.insert(&c, &d, now);
-                Body::Decision(d)
-            }
-            (Job::Check(c), _) => Body::Decision(self.failure_decision(&c)),
-            (Job::Get { args, poll: true }, outcome) => {
-                self.polls_out = self.polls_out.saturating_sub(1);
-                match outcome {
-                    Some(Outcome::Looked(l)) if l.value.is_some() => {
-                        self.deliver(&args.tenant, &args.key, &l)
-                    }
-                    Some(Outcome::Looked(l)) if l.fill => self.abandon(&args.tenant, &args.key),
-                    _ => {}
-                }
-                return;
-            }
-            (Job::Get { args, .. }, Some(Outcome::Looked(l))) => {
-                match self.looked(&args, l, None, reply, ctx) {
-                    Some((reply, body)) => return self.reply(reply, body),
-                    None => return,
-                }
-            }
-            (Job::Get { .. }, _) => Body::Lookup(self.count_lookup(Lookup::degraded_miss())),
-            (Job::Set(s), Some(Outcome::Stored)) => {
-                Stats::add(&self.stats.counters.cache_sets, 1);
-                let fresh = Lookup {
-                    value: Some(s.value.clone()),
-                    ttl_ms: s.ttl_ms,
-                    ..Lookup::default()
-                };
-                self.deliver(&s.tenant, &s.key, &fresh);
-                Body::Stored { degraded: false }
-            }
-            (Job::Set(_), _) => Body::Stored { degraded: true },
-            (Job::Del(_), Some(Outcome::Deleted(n))) => {
-                Stats::add(&self.stats.counters.cache_deleted, n);
-                Body::Deleted {
-                    deleted: n,
-                    degraded: false,
-                }
-            }
-            (Job::Del(_), _) => Body::Deleted {
-                deleted: 0,
-                degraded: true,
-            },
-            (Job::CheckGet(c, g), Some(Outcome::CheckLooked(v, l))) => {
-                let d = Decision::from_verdict(&c.policy, v, false);
-                self.overlimit.insert(&c, &d, now);
-                match l {
-                    Some(l) => match self.looked(&g, l, Some(d), reply, ctx) {
-                        Some((reply, body)) => return self.reply(reply, body),
-                        None => return,
-                    },
-                    None => Body::CheckLookup(d, None),
-                }
-            }
-            (Job::CheckGet(c, _), _) => {
-                let d = self.failure_decision(&c);
-                let l = d
-                    .allowed
-                    .then(|| self.count_lookup(Lookup::degraded_miss()));
-                Body::CheckLookup(d, l)
-            }
-        };
-        if let Some(reply) = reply {
-            self.reply(reply, body);
-        }
-    }
-
-    /// The decision when Redis cannot decide: the policy's failure mode.
-    fn failure_decision(&mut self, check: &Check) -> Decision {
-        match check.policy.failure_mode {
-            FailureMode::Open | FailureMode::Closed => Decision::failed(&check.policy),
-            FailureMode::Local => {
-                Decision::from_verdict(&check.policy, self.limit_locally(check), true)
-            }
-        }
-    }
-
-    fn count_lookup(&self, l: Lookup) -> Lookup {
-        let c = &self.stats.counters;
-        let counter = match (&l.value, l.stale) {
-            (Some(_), false) => &c.cache_hits,
-            (Some(_), true) => &c.cache_stale_hits,
-            (None, _) => &c.cache_misses,
-        };
-        Stats::add(counter, 1);
-        if l.fill {
-            Stats::add(&c.cache_fills, 1);
-        }
-        l
     }
 
     fn reply(&self, reply: ReplyTo, body: Body) {

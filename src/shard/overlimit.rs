@@ -8,16 +8,17 @@
 //! Only beside Redis: the memory backend decides in process anyway.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::keys;
 use crate::limiter::{Check, Decision};
 
 #[derive(Debug)]
 pub struct OverLimit {
-    denials: HashMap<String, Denial>,
+    /// By (tenant, policy, key).
+    denials: HashMap<(String, Arc<str>, String), Denial>,
     max_entries: usize,
 }
 
@@ -29,11 +30,11 @@ struct Denial {
     decision: Decision,
 }
 
-/// Within the tenant, `<policy>:<key>` (policy names have no `:`).
-fn key_of(check: &Check) -> String {
-    keys::local(
-        &check.tenant,
-        &format!("{}:{}", check.policy.name, check.key),
+fn key_of(check: &Check) -> (String, Arc<str>, String) {
+    (
+        check.tenant.clone(),
+        check.policy.name.clone(),
+        check.key.clone(),
     )
 }
 
@@ -104,7 +105,7 @@ impl OverLimit {
 
     /// Forgets a tenant's denials (its plan changed).
     pub fn forget(&mut self, tenant: &str) {
-        self.denials.retain(|k, _| keys::local_tenant(k) != tenant);
+        self.denials.retain(|(t, _, _), _| t != tenant);
     }
 }
 

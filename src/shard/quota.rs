@@ -9,18 +9,20 @@ use tokio::time::Instant;
 
 use super::Shard;
 use super::tenants::{Found, RETRY_AFTER};
+use crate::backend::Job;
 use crate::config::Policies;
 use crate::config::{Plans, TenantRecord};
 use crate::error::Error;
-use crate::job::Job;
 use crate::limiter::Check;
 use crate::protocol::{CacheGetArgs, CheckArgs};
-use crate::quota::{Found as Looked, SourceError};
+use crate::quota::{Directory, Found as Looked, SourceError};
 use crate::reply::ReplyTo;
 use crate::stats::Stats;
 
 /// A directory lookup came back.
 pub struct TenantLoaded {
+    /// Where it was looked up (to look again).
+    directory: Arc<Directory>,
     tenant: String,
     result: Result<Looked, SourceError>,
     /// From [`Tenants::lookup_started`](super::tenants::Tenants::lookup_started).
@@ -45,7 +47,7 @@ impl Message<TenantLoaded> for Shard {
         if !self.tenants.lookup_done(&done.tenant, done.epoch) {
             // The record changed while it ran: it may hold the old one.
             if self.tenants.awaits_lookup(&done.tenant) {
-                self.look_up(done.tenant, ctx);
+                self.look_up(done.directory, done.tenant, ctx);
             }
             return;
         }
@@ -98,11 +100,11 @@ impl Shard {
     /// A `check` or `check_get`: resolves its tenant's policies, waiting
     /// for a lookup if the local level does not have them.
     pub(super) fn resolve(&mut self, op: PendingCheck, reply: ReplyTo, ctx: &Context<Self, ()>) {
-        let tenant = op.args.tenant.clone();
-        if self.directory.is_none() {
+        let Some(directory) = self.directory.clone() else {
             let policies = self.plans.load().default_plan().clone();
             return self.admit(op, reply, &policies, ctx);
-        }
+        };
+        let tenant = op.args.tenant.clone();
         let c = &self.stats.counters;
         match self.tenants.find(&tenant, Instant::now()) {
             Found::Ready {
@@ -119,26 +121,26 @@ impl Shard {
                     1,
                 );
                 if refresh {
-                    self.look_up(tenant, ctx);
+                    self.look_up(directory, tenant, ctx);
                 }
                 self.admit(op, reply, &policies, ctx);
             }
             Found::Wait { lookup } => {
                 Stats::add(&c.quota_local_misses, 1);
                 if lookup {
-                    self.look_up(tenant.clone(), ctx);
+                    self.look_up(directory, tenant.clone(), ctx);
                 }
                 self.tenants.park(&tenant, op, reply);
             }
         }
     }
 
-    fn look_up(&mut self, tenant: String, ctx: &Context<Self, ()>) {
-        let directory = self.directory.clone().expect("only with a quota source");
+    fn look_up(&mut self, directory: Arc<Directory>, tenant: String, ctx: &Context<Self, ()>) {
         let epoch = self.tenants.lookup_started();
         ctx.pipe(async move {
             let result = directory.lookup(&tenant).await;
             TenantLoaded {
+                directory,
                 tenant,
                 result,
                 epoch,

@@ -13,24 +13,31 @@ use kameo::actor::{ActorRef, Spawn};
 use kameo::error::SendError;
 use kameo::mailbox;
 
+use super::batch::Batcher;
+use super::overlimit::OverLimit;
+use super::tenants::Tenants;
 use super::{Forget, JobMsg, ReleaseWaiters, Reload, Shard, ShardArgs};
+use crate::backend::{Backend, MemoryBackend, RedisBackend};
 use crate::clock::Clock;
 use crate::config::{Config, Plans};
 use crate::error::Error;
 use crate::keys::{self, Keys};
 use crate::protocol::ShardOp;
 use crate::quota::Directory;
-use crate::redis::RedisBackend;
 use crate::reply::ReplyTo;
 use crate::stats::Stats;
+
+/// Largest over-limit memory per shard.
+const OVERLIMIT_ENTRIES: usize = 65_536;
 
 pub struct Shards {
     shards: Vec<ActorRef<Shard>>,
 }
 
 impl Shards {
-    /// Spawns `server.shards` actors; each gets its share of the
-    /// process-wide bounds.
+    /// Spawns `server.shards` actors, each with its share of the
+    /// process-wide bounds and its own backend: a handle on the shared
+    /// Redis, or an in-process one of its own.
     pub fn spawn(
         cfg: &Config,
         redis: Option<RedisBackend>,
@@ -41,27 +48,40 @@ impl Shards {
     ) -> Self {
         let s = &cfg.server;
         let n = s.shard_count();
-        let prefix = cfg
-            .redis
-            .as_ref()
-            .map_or(keys::DEFAULT_PREFIX, |r| r.prefix.as_str());
+        let keys = Keys::new(
+            cfg.redis
+                .as_ref()
+                .map_or(keys::DEFAULT_PREFIX, |r| r.prefix.as_str()),
+        );
         let max_tenants = cfg.quota.as_ref().map_or(1, |q| q.local_max_tenants);
+        let memory = || {
+            MemoryBackend::new(
+                keys.clone(),
+                clock.clone(),
+                s.local_max_entries.div_ceil(n),
+                cfg.cache.memory_max_bytes.div_ceil(n),
+            )
+        };
         let shards = (0..n)
             .map(|_| {
+                let (backend, overlimit) = match &redis {
+                    Some(r) => (Backend::Redis(r.clone()), OVERLIMIT_ENTRIES),
+                    None => (Backend::Memory(memory()), 0),
+                };
                 let args = ShardArgs {
-                    redis: redis.clone(),
-                    keys: Keys::new(prefix),
-                    clock: clock.clone(),
-                    batch_max: s.batch_max,
-                    batch_max_bytes: s.batch_max_bytes,
-                    max_in_flight: s.max_batches_in_flight,
-                    max_queued: s.max_queued_per_shard,
-                    local_max_entries: s.local_max_entries.div_ceil(n),
-                    cache_max_bytes: cfg.cache.memory_max_bytes.div_ceil(n),
+                    backend,
+                    fallback: memory(),
+                    batcher: Batcher::new(
+                        s.batch_max,
+                        s.batch_max_bytes,
+                        s.max_batches_in_flight,
+                        s.max_queued_per_shard,
+                    ),
+                    overlimit: OverLimit::new(overlimit),
+                    tenants: Tenants::new(max_tenants.div_ceil(n)),
                     fill_poll: Duration::from_millis(cfg.cache.fill_poll_ms),
                     plans: plans.clone(),
                     directory: directory.clone(),
-                    max_tenants: max_tenants.div_ceil(n),
                     stats: stats.clone(),
                 };
                 Shard::spawn_with_mailbox(args, mailbox::bounded(s.mailbox_capacity))

@@ -10,18 +10,18 @@ use std::sync::Arc;
 use bytes::Bytes;
 use redis::{Cmd, Value};
 
-use crate::job::{Job, Outcome};
+use crate::backend::job::{Job, Outcome};
 use crate::keys::{self, Keys};
 use crate::limiter::{Policy, Verdict};
 use crate::protocol::Lookup;
 
 /// The script's source; its SHA1 is what EVALSHA names.
 pub const SOURCE: &str = concat!(
-    include_str!("../../lua/limiter.lua"),
+    include_str!("../../../lua/limiter.lua"),
     "\n",
-    include_str!("../../lua/cache.lua"),
+    include_str!("../../../lua/cache.lua"),
     "\n",
-    include_str!("../../lua/batch.lua"),
+    include_str!("../../../lua/batch.lua"),
 );
 
 /// The script's SHA1, computed once.

@@ -25,9 +25,9 @@ use conn::Conn;
 pub use conn::pubsub;
 use read::Read;
 
+use crate::backend::job::{Job, Outcome};
 use crate::clock::Clock;
 use crate::config::RedisConfig;
-use crate::job::{Job, Outcome};
 use crate::keys::{self, Keys};
 use crate::protocol::CacheGetArgs;
 use crate::stats::Stats;

@@ -8,8 +8,8 @@
 
 use std::collections::HashMap;
 
-use super::algorithm::State;
-use super::{Policy, Verdict, decide};
+use crate::limiter::algorithm::State;
+use crate::limiter::{Policy, Verdict, decide};
 
 const SWEEP_EVERY_US: u64 = 1_000_000;
 

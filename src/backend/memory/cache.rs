@@ -1,4 +1,6 @@
-//! The embedded cache: [`crate::cache`]'s semantics in process, bounded.
+//! The embedded response cache: `lua/cache.lua`'s semantics in process,
+//! bounded. Entries and tags are named as in Redis ([`Keys::entry`],
+//! [`Keys::tag`]); the fill and refresh locks are kept by entry name.
 //!
 //! Each shard owns one (its tenants' entries), so it needs no lock. It is
 //! bounded by bytes (keys and values): past the bound, expired entries are
@@ -9,18 +11,19 @@ use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 
-use crate::keys::{local, local_tenant};
+use crate::keys::Keys;
 use crate::protocol::{CacheDelArgs, CacheGetArgs, CacheSetArgs, Lookup};
 
 const SWEEP_EVERY_MS: u64 = 1000;
 
 #[derive(Debug)]
 pub struct MemoryCache {
-    /// [`local`]`(tenant, key)` -> entry.
+    keys: Keys,
+    /// Entry name -> entry.
     entries: HashMap<String, Entry>,
-    /// [`local`]`(tenant, tag)` -> ids of the entries carrying it.
+    /// Tag name -> names of the entries carrying it.
     tags: HashMap<String, HashSet<String>>,
-    /// Fill and refresh locks: id -> held until (ms).
+    /// Fill and refresh locks: entry name -> held until (ms).
     fills: HashMap<String, u64>,
     refreshes: HashMap<String, u64>,
     bytes: usize,
@@ -33,6 +36,7 @@ struct Entry {
     value: Bytes,
     fresh_until: u64,
     expires: u64,
+    /// Tag names.
     tags: Vec<String>,
 }
 
@@ -48,8 +52,9 @@ fn lock(locks: &mut HashMap<String, u64>, id: String, until: u64, now: u64) -> b
 }
 
 impl MemoryCache {
-    pub fn new(max_bytes: usize) -> Self {
+    pub fn new(keys: Keys, max_bytes: usize) -> Self {
         MemoryCache {
+            keys,
             entries: HashMap::new(),
             tags: HashMap::new(),
             fills: HashMap::new(),
@@ -61,10 +66,10 @@ impl MemoryCache {
     }
 
     /// Reads an entry. A `poll` takes no lock; its miss has `fill` set when
-    /// nobody holds the fill lock (see [`crate::job::Job`]).
+    /// nobody holds the fill lock (see [`crate::backend::job::Job`]).
     pub fn get(&mut self, g: &CacheGetArgs, poll: bool, now: u64) -> Lookup {
         self.maybe_sweep(now);
-        let id = local(&g.tenant, &g.key);
+        let id = self.keys.entry(&g.tenant, &g.key);
         match self.entries.get(&id) {
             Some(e) if e.expires > now => {
                 let value = Some(e.value.clone());
@@ -101,15 +106,13 @@ impl MemoryCache {
     }
 
     pub fn set(&mut self, s: &CacheSetArgs, now: u64) {
-        let id = local(&s.tenant, &s.key);
+        let id = self.keys.entry(&s.tenant, &s.key);
         self.remove(&id);
         self.fills.remove(&id);
         self.refreshes.remove(&id);
-        for tag in &s.tags {
-            self.tags
-                .entry(local(&s.tenant, tag))
-                .or_default()
-                .insert(id.clone());
+        let tags: Vec<String> = s.tags.iter().map(|t| self.keys.tag(&s.tenant, t)).collect();
+        for tag in &tags {
+            self.tags.entry(tag.clone()).or_default().insert(id.clone());
         }
         self.bytes += id.len() + s.value.len();
         self.entries.insert(
@@ -118,7 +121,7 @@ impl MemoryCache {
                 value: s.value.clone(),
                 fresh_until: now + s.ttl_ms,
                 expires: now + s.ttl_ms + s.stale_ms,
-                tags: s.tags.clone(),
+                tags,
             },
         );
         if self.bytes > self.max_bytes {
@@ -141,18 +144,18 @@ impl MemoryCache {
             return d
                 .keys
                 .iter()
-                .map(|k| u64::from(held(self.fills.remove(&local(&d.tenant, k)))))
+                .map(|k| u64::from(held(self.fills.remove(&self.keys.entry(&d.tenant, k)))))
                 .sum();
         }
         let mut deleted = 0;
-        let mut ids: Vec<String> = d.keys.iter().map(|k| local(&d.tenant, k)).collect();
+        let mut ids: Vec<String> = d
+            .keys
+            .iter()
+            .map(|k| self.keys.entry(&d.tenant, k))
+            .collect();
         for tag in &d.tags {
-            ids.extend(
-                self.tags
-                    .remove(&local(&d.tenant, tag))
-                    .into_iter()
-                    .flatten(),
-            );
+            let tag = self.keys.tag(&d.tenant, tag);
+            ids.extend(self.tags.remove(&tag).into_iter().flatten());
         }
         for id in ids {
             self.fills.remove(&id);
@@ -172,13 +175,11 @@ impl MemoryCache {
     fn remove(&mut self, id: &str) -> Option<Entry> {
         let e = self.entries.remove(id)?;
         self.bytes -= id.len() + e.value.len();
-        let tenant = local_tenant(id);
         for tag in &e.tags {
-            let tid = local(tenant, tag);
-            if let Some(set) = self.tags.get_mut(&tid) {
+            if let Some(set) = self.tags.get_mut(tag) {
                 set.remove(id);
                 if set.is_empty() {
-                    self.tags.remove(&tid);
+                    self.tags.remove(tag);
                 }
             }
         }
@@ -233,7 +234,7 @@ mod tests {
 
     #[test]
     fn fresh_then_stale_with_one_refresher_then_gone() {
-        let mut c = MemoryCache::new(1 << 20);
+        let mut c = MemoryCache::new(Keys::new("qd"), 1 << 20);
         c.set(&set("k", 100, 50, &[]), 1000);
         let l = c.get(&get("k", 0), false, 1040);
         assert_eq!((l.ttl_ms, l.stale), (60, false));
@@ -245,7 +246,7 @@ mod tests {
 
     #[test]
     fn one_filler_per_fill_window() {
-        let mut c = MemoryCache::new(1 << 20);
+        let mut c = MemoryCache::new(Keys::new("qd"), 1 << 20);
         assert!(c.get(&get("k", 100), false, 0).fill);
         assert!(!c.get(&get("k", 100), false, 50).fill);
         assert!(
@@ -256,7 +257,7 @@ mod tests {
 
     #[test]
     fn no_two_tenant_and_key_pairs_share_an_entry() {
-        let mut c = MemoryCache::new(1 << 20);
+        let mut c = MemoryCache::new(Keys::new("qd"), 1 << 20);
         let mut s = set("b\0c", 1000, 0, &["x"]);
         s.tenant = "a".into();
         c.set(&s, 0);
@@ -266,12 +267,11 @@ mod tests {
             fill_ms: 0,
         };
         assert!(c.get(&g, false, 1).value.is_none());
-        assert_eq!(local_tenant(&local("a\0b", "c")), "a\0b");
     }
 
     #[test]
     fn a_poll_tells_whether_anyone_still_fills() {
-        let mut c = MemoryCache::new(1 << 20);
+        let mut c = MemoryCache::new(Keys::new("qd"), 1 << 20);
         assert!(c.get(&get("k", 100), false, 0).fill);
         assert!(!c.get(&get("k", 0), true, 10).fill, "the filler holds it");
         let release = CacheDelArgs {
@@ -291,7 +291,7 @@ mod tests {
 
     #[test]
     fn tags_index_exactly_the_entries_that_carry_them() {
-        let mut c = MemoryCache::new(1 << 20);
+        let mut c = MemoryCache::new(Keys::new("qd"), 1 << 20);
         c.set(&set("a", 1000, 0, &["x"]), 0);
         c.set(&set("b", 1000, 0, &["x", "y"]), 0);
         c.set(&set("a", 1000, 0, &["y"]), 0); // `a` no longer carries x
@@ -309,7 +309,7 @@ mod tests {
 
     #[test]
     fn stays_within_its_byte_bound() {
-        let mut c = MemoryCache::new(10_000);
+        let mut c = MemoryCache::new(Keys::new("qd"), 10_000);
         for i in 0..1000 {
             c.set(&set(&format!("k{i}"), 1000, 0, &["tag"]), 0);
         }

@@ -1,7 +1,7 @@
 //! What a shard asks a backend to do, and what comes back.
 
-use crate::limiter::{Check, Verdict};
-use crate::protocol::{CacheDelArgs, CacheGetArgs, CacheSetArgs, Lookup};
+use crate::limiter::{Check, Decision, Verdict};
+use crate::protocol::{Body, CacheDelArgs, CacheGetArgs, CacheSetArgs, Lookup};
 
 /// One operation for a backend.
 #[derive(Debug, Clone)]
@@ -29,6 +29,28 @@ pub enum Outcome {
     Deleted(u64),
     /// The lookup is `None` when the check denied.
     CheckLooked(Verdict, Option<Lookup>),
+}
+
+impl Outcome {
+    /// The reply body of `job`'s outcome; `None` if the outcome does not
+    /// fit the job (answered, like a failure, by failure mode).
+    pub fn into_body(self, job: &Job) -> Option<Body> {
+        Some(match (job, self) {
+            (Job::Check(c), Outcome::Decided(v)) => {
+                Body::Decision(Decision::from_verdict(&c.policy, v, false))
+            }
+            (Job::Get { .. }, Outcome::Looked(l)) => Body::Lookup(l),
+            (Job::Set(_), Outcome::Stored) => Body::Stored { degraded: false },
+            (Job::Del(_), Outcome::Deleted(deleted)) => Body::Deleted {
+                deleted,
+                degraded: false,
+            },
+            (Job::CheckGet(c, _), Outcome::CheckLooked(v, l)) => {
+                Body::CheckLookup(Decision::from_verdict(&c.policy, v, false), l)
+            }
+            _ => return None,
+        })
+    }
 }
 
 impl Job {

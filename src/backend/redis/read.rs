@@ -89,7 +89,7 @@ impl Read {
     }
 
     /// The answer when no lock is needed. A poll's miss has `fill` set
-    /// when nobody holds the fill lock any more (see [`crate::job::Job`]).
+    /// when nobody holds the fill lock any more (see [`crate::backend::job::Job`]).
     pub fn lookup(self) -> Lookup {
         let stale = self.is_stale();
         Lookup {
