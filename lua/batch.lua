@@ -17,7 +17,9 @@
 --   3 cache_set  header 3, ttl_ms, stale_ms, tags      keys: entry, fill lock, refresh lock,
 --                then ARGV: the value, the tag names        then one per tag
 --   4 cache_del  header 4, entries, tags, fill_only    keys: entry, fill lock, refresh lock
---                then ARGV: the tag names                  per entry, then one per tag
+--                then ARGV: the tag names and, with        per entry, then one per tag
+--                tags, the entry, fill and refresh
+--                markers of key names (see cache_del)
 --   5 check_get  header 5, policy index, cost, fill_ms keys: one per rule, then entry,
 --                                                          fill lock, refresh lock
 -- Returns an array: first one string of packed doubles holding every
@@ -30,6 +32,15 @@
 -- A plain cache_get reads a fresh entry with HMGET and PTTL instead (much
 -- cheaper for Redis than through Lua); it comes here only when a lock is at
 -- stake: a stale hit names a refresher, a miss with fill_ms a filler.
+
+-- Operation codes, as src/backend/redis/script.rs sends them (a unit test
+-- checks that both sides agree). An unknown code is an error: the whole
+-- call fails and its checks are answered by failure mode.
+local OP_CHECK = 1
+local OP_CACHE_GET = 2
+local OP_CACHE_SET = 3
+local OP_CACHE_DEL = 4
+local OP_CHECK_GET = 5
 
 local now = tonumber(ARGV[1])
 if not now then
@@ -61,18 +72,18 @@ while ai <= #ARGV do
   local h = ARGV[ai]
   ai = ai + 1
   local op = unpack('<d', h)
-  if op == 1 then
+  if op == OP_CHECK then
     local _, pi, cost = unpack('<ddd', h)
     local spec = policies[pi + 1]
     out[#out + 1] = pack('<ddddd', check(spec, ki, cost, now))
     ki = ki + spec[1]
-  elseif op == 2 then
+  elseif op == OP_CACHE_GET then
     local _, fill_ms = unpack('<dd', h)
     local hit, ttl, stale, refresh, fill, v = cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms)
     out[#out + 1] = pack('<ddddd', hit, ttl, stale, refresh, fill)
     if v then values[#values + 1] = v end
     ki = ki + 3
-  elseif op == 3 then
+  elseif op == OP_CACHE_SET then
     local _, ttl, stale, ntags = unpack('<dddd', h)
     local value = ARGV[ai]
     local tagkeys, tagnames = {}, {}
@@ -84,7 +95,7 @@ while ai <= #ARGV do
     cache_set(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], value, ttl, stale, tagkeys, tagnames, clock_ms())
     out[#out + 1] = pack('<d', 1)
     ki = ki + 3 + ntags
-  elseif op == 4 then
+  elseif op == OP_CACHE_DEL then
     local _, nentries, ntags, fill_only = unpack('<dddd', h)
     local entries, tagkeys, tagnames = {}, {}, {}
     for i = 1, nentries do
@@ -98,10 +109,15 @@ while ai <= #ARGV do
     end
     ai = ai + ntags
     ki = ki + ntags
+    local marks
+    if ntags > 0 then
+      marks = {ARGV[ai], ARGV[ai + 1], ARGV[ai + 2]}
+      ai = ai + 3
+    end
     local n
-    if fill_only == 1 then n = release_fills(entries) else n = cache_del(entries, tagkeys, tagnames, clock_ms()) end
+    if fill_only == 1 then n = release_fills(entries) else n = cache_del(entries, tagkeys, tagnames, marks, clock_ms()) end
     out[#out + 1] = pack('<d', n)
-  else
+  elseif op == OP_CHECK_GET then
     local _, pi, cost, fill_ms = unpack('<dddd', h)
     local spec = policies[pi + 1]
     local allowed, rule, remaining, reset, retry = check(spec, ki, cost, now)
@@ -115,6 +131,8 @@ while ai <= #ARGV do
       out[#out + 1] = pack('<ddddd', 0, 0, 0, 0, 0)
     end
     ki = ki + 3
+  else
+    error('quotad: unknown operation code ' .. tostring(op))
   end
 end
 

@@ -64,10 +64,19 @@ local function release_fills(entries)
   return n
 end
 
+-- The name of an entry's lock: the entry's name with the `from` marker
+-- swapped for `to` (src/keys.rs names every key; it sends the markers).
+local function lock_of(entry, from, to)
+  local i, j = string.find(entry, from, 1, true)
+  return string.sub(entry, 1, i - 1) .. to .. string.sub(entry, j + 1)
+end
+
 -- Deletes the entry (with its locks) at each of `entries` ({entry, fill,
 -- refresh} key triples) and every live entry still carrying one of the
--- tags; returns how many entries were deleted.
-local function cache_del(entries, tagkeys, tagnames, now_ms)
+-- tags; returns how many entries were deleted. Entries found through a tag
+-- are known only here, so their locks' names come from `marks` ({entry,
+-- fill, refresh} markers).
+local function cache_del(entries, tagkeys, tagnames, marks, now_ms)
   local n = 0
   for i = 1, #entries do
     local e = entries[i]
@@ -81,7 +90,7 @@ local function cache_del(entries, tagkeys, tagnames, now_ms)
       local g = call('HGET', m, 'g')
       if g and string.find(' ' .. g .. ' ', needle, 1, true) then
         n = n + call('DEL', m)
-        call('DEL', (string.gsub(m, '}:c:', '}:f:', 1)), (string.gsub(m, '}:c:', '}:r:', 1)))
+        call('DEL', lock_of(m, marks[1], marks[2]), lock_of(m, marks[1], marks[3]))
       end
     end
     call('DEL', tagkeys[i])

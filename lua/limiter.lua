@@ -49,34 +49,51 @@ local function sliding_retry(limit, w, cur, prev, e, c1)
   return w - e + min(at, w)
 end
 
--- Returns allowed, remaining, reset_us, retry_us, s1, s2, s3, expires_us.
-local function eval(kind, a, b, s1, s2, s3, now, cost)
+-- Rule kind codes, as src/backend/redis/script.rs sends them (a unit test
+-- checks that both sides agree).
+local KIND_TOKEN_BUCKET = 1
+local KIND_FIXED_WINDOW = 2
+local KIND_SLIDING_WINDOW = 3
+
+-- Each kind returns allowed, remaining, reset_us, retry_us, s1, s2, s3,
+-- expires_us; `a` and `b` are the kind's two parameters (see batch.lua).
+
+-- GCRA: s1 is when the bucket would be full again; a unit is b µs.
+local function token_bucket(a, b, s1, s2, s3, now, cost)
   local c1 = max(cost, 1)
-  if kind == 1 then
-    local ct = a * b
-    local tat = max(s1 or 0, now)
-    local used = min(tat - now, ct)
-    local avail = floor((ct - used) / b)
-    if avail >= c1 then
-      local next_tat = tat + cost * b
-      return true, avail - cost, next_tat - now, 0, next_tat, 0, 0, next_tat
-    end
-    return false, avail, tat - now, used + c1 * b - ct, tat, 0, 0, tat
-  elseif kind == 2 then
-    local win = floor(now / b)
-    local fin = (win + 1) * b
-    local count = 0
-    if s1 == win then count = s2 end
-    if count + c1 <= a then
-      local used = count + cost
-      local reset = 0
-      if used > 0 then reset = fin - now end
-      return true, a - used, reset, 0, win, used, 0, fin
-    end
-    local reset = 0
-    if count > 0 then reset = fin - now end
-    return false, max(a - count, 0), reset, fin - now, win, count, 0, fin
+  local ct = a * b
+  local tat = max(s1 or 0, now)
+  local used = min(tat - now, ct)
+  local avail = floor((ct - used) / b)
+  if avail >= c1 then
+    local next_tat = tat + cost * b
+    return true, avail - cost, next_tat - now, 0, next_tat, 0, 0, next_tat
   end
+  return false, avail, tat - now, used + c1 * b - ct, tat, 0, 0, tat
+end
+
+-- At most a units per aligned window of b µs: s1 the window, s2 its count.
+local function fixed_window(a, b, s1, s2, s3, now, cost)
+  local c1 = max(cost, 1)
+  local win = floor(now / b)
+  local fin = (win + 1) * b
+  local count = 0
+  if s1 == win then count = s2 end
+  if count + c1 <= a then
+    local used = count + cost
+    local reset = 0
+    if used > 0 then reset = fin - now end
+    return true, a - used, reset, 0, win, used, 0, fin
+  end
+  local reset = 0
+  if count > 0 then reset = fin - now end
+  return false, max(a - count, 0), reset, fin - now, win, count, 0, fin
+end
+
+-- At most a units in any b µs: s1 the window, s2 its count, s3 the
+-- previous window's, weighted by how much of it still overlaps.
+local function sliding_window(a, b, s1, s2, s3, now, cost)
+  local c1 = max(cost, 1)
   local win = floor(now / b)
   local start = win * b
   local e = now - start
@@ -101,6 +118,18 @@ local function eval(kind, a, b, s1, s2, s3, now, cost)
     reset = start + b - now
   end
   return allowed, remaining, reset, retry, win, used, prev, start + 2 * b
+end
+
+local KINDS = {
+  [KIND_TOKEN_BUCKET] = token_bucket,
+  [KIND_FIXED_WINDOW] = fixed_window,
+  [KIND_SLIDING_WINDOW] = sliding_window,
+}
+
+local function eval(kind, a, b, s1, s2, s3, now, cost)
+  local f = KINDS[kind]
+  if not f then error('quotad: unknown rule kind ' .. tostring(kind)) end
+  return f(a, b, s1, s2, s3, now, cost)
 end
 
 -- Decides one check over the rules of `spec` ({nrules, kind, a, b, ...}),

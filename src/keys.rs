@@ -1,6 +1,11 @@
-//! Redis key names: every key a tenant's request can touch lives under
-//! `<prefix>:{<tenant>}:`, so one tenant's keys share one Cluster slot and
-//! no tenant or key string can reach outside its own namespace.
+//! Every Redis key name (and the one pub/sub channel) quotad uses, built
+//! here and nowhere else: the Lua scripts receive theirs as KEYS.
+//!
+//! Every key a tenant's request can touch lives under `<prefix>:{<tenant>}:`,
+//! so one tenant's keys share one Cluster slot and no tenant or key string
+//! can reach outside its own namespace. Tenants' records (the `redis`
+//! quota source) and the quota cache live under `<prefix>:tenant:{<tenant>}`
+//! and `<prefix>:tenant_quota_cache:{<tenant>}`, their own slot per tenant.
 //!
 //! Tenant and key strings are percent-encoded: every byte outside a small
 //! safe set (so `:`, `{`, `}`, `%`, spaces, control and non-ASCII bytes)
@@ -56,6 +61,49 @@ impl Keys {
         self.named(tenant, "t", tag)
     }
 
+    /// `<prefix>:tenant:{<tenant>}`: a tenant's record (`redis` source).
+    pub fn tenant_record(&self, tenant: &str) -> String {
+        self.tenant_scoped("tenant", tenant)
+    }
+
+    /// `<prefix>:tenant_quota_cache:{<tenant>}`: a tenant's record in the
+    /// Redis level of the quota cache.
+    pub fn tenant_quota_cache(&self, tenant: &str) -> String {
+        self.tenant_scoped("tenant_quota_cache", tenant)
+    }
+
+    /// `<prefix>:tenants`: the set of tenants with a record.
+    pub fn tenant_index(&self) -> String {
+        format!("{}:tenants", self.prefix)
+    }
+
+    /// `<prefix>:tenant-changes`: the channel announcing record changes.
+    pub fn tenant_changes(&self) -> String {
+        format!("{}:tenant-changes", self.prefix)
+    }
+
+    /// The parts of a cache entry's name that name its fill and refresh
+    /// locks instead: the script, which finds entries through a tag at run
+    /// time, swaps `entry` for `fill` or `refresh` to reach their locks.
+    pub fn lock_markers() -> LockMarkers {
+        LockMarkers {
+            entry: "}:c:",
+            fill: "}:f:",
+            refresh: "}:r:",
+        }
+    }
+
+    fn tenant_scoped(&self, kind: &str, tenant: &str) -> String {
+        let mut out = String::with_capacity(self.prefix.len() + kind.len() + tenant.len() + 4);
+        out.push_str(&self.prefix);
+        out.push(':');
+        out.push_str(kind);
+        out.push_str(":{");
+        encode_into(&mut out, tenant);
+        out.push('}');
+        out
+    }
+
     fn named(&self, tenant: &str, kind: &str, name: &str) -> String {
         let mut out = self.start(tenant, kind, name.len());
         encode_into(&mut out, name);
@@ -74,6 +122,14 @@ impl Keys {
         out.push(':');
         out
     }
+}
+
+/// See [`Keys::lock_markers`].
+#[derive(Debug, Clone, Copy)]
+pub struct LockMarkers {
+    pub entry: &'static str,
+    pub fill: &'static str,
+    pub refresh: &'static str,
 }
 
 /// A tenant, key or tag string as it appears inside key names.
@@ -144,6 +200,22 @@ mod tests {
             0x31C3
         );
         assert_eq!(slot("foo"), 12182);
+    }
+
+    #[test]
+    fn lock_markers_turn_an_entry_name_into_its_locks_names() {
+        let k = Keys::new("qd");
+        let m = Keys::lock_markers();
+        let entry = k.entry("a}:c:b", "x}:c:y");
+        assert_eq!(
+            entry.replacen(m.entry, m.fill, 1),
+            k.fill_lock("a}:c:b", "x}:c:y")
+        );
+        assert_eq!(
+            entry.replacen(m.entry, m.refresh, 1),
+            k.refresh_lock("a}:c:b", "x}:c:y")
+        );
+        assert_eq!(k.tenant_record("a:b"), "qd:tenant:{a%3Ab}");
     }
 
     #[test]

@@ -36,105 +36,115 @@ pub struct Eval {
 /// Evaluates one rule. `cost` 0 is a peek: it is decided as a cost of 1
 /// ("would one unit pass?") and charges nothing.
 pub fn eval(kind: RuleKind, state: Option<State>, now: u64, cost: u64) -> Eval {
-    let c1 = cost.max(1);
     match kind {
         RuleKind::TokenBucket {
             capacity,
-            interval_us: t,
-        } => {
-            // GCRA: `tat` is when the bucket would be full again.
-            let ct = capacity * t;
-            let tat = state.map_or(0, |s| s[0]).max(now);
-            let used = (tat - now).min(ct);
-            let avail = (ct - used) / t;
-            if avail >= c1 {
-                let next_tat = tat + cost * t;
-                Eval {
-                    allowed: true,
-                    remaining: avail - cost,
-                    reset_us: next_tat - now,
-                    retry_us: 0,
-                    next: [next_tat, 0, 0],
-                    expires_us: next_tat,
-                }
-            } else {
-                Eval {
-                    allowed: false,
-                    remaining: avail,
-                    reset_us: tat - now,
-                    retry_us: used + c1 * t - ct,
-                    next: [tat, 0, 0],
-                    expires_us: tat,
-                }
-            }
+            interval_us,
+        } => token_bucket(capacity, interval_us, state, now, cost),
+        RuleKind::FixedWindow { limit, window_us } => {
+            fixed_window(limit, window_us, state, now, cost)
         }
-        RuleKind::FixedWindow {
-            limit,
-            window_us: w,
-        } => {
-            let win = now / w;
-            let end = (win + 1) * w;
-            let count = match state {
-                Some([sw, n, _]) if sw == win => n,
-                _ => 0,
-            };
-            if count + c1 <= limit {
-                let used = count + cost;
-                Eval {
-                    allowed: true,
-                    remaining: limit - used,
-                    reset_us: if used > 0 { end - now } else { 0 },
-                    retry_us: 0,
-                    next: [win, used, 0],
-                    expires_us: end,
-                }
-            } else {
-                Eval {
-                    allowed: false,
-                    remaining: limit.saturating_sub(count),
-                    reset_us: if count > 0 { end - now } else { 0 },
-                    retry_us: end - now,
-                    next: [win, count, 0],
-                    expires_us: end,
-                }
-            }
+        RuleKind::SlidingWindow { limit, window_us } => {
+            sliding_window(limit, window_us, state, now, cost)
         }
-        RuleKind::SlidingWindow {
-            limit,
-            window_us: w,
-        } => {
-            let win = now / w;
-            let start = win * w;
-            let e = now - start;
-            let (cur, prev) = match state {
-                Some([sw, c, p]) if sw == win => (c, p),
-                Some([sw, c, _]) if sw + 1 == win => (0, c),
-                _ => (0, 0),
-            };
-            let avail = sliding_avail(limit, w, cur, prev, e);
-            let allowed = avail >= c1;
-            let used = if allowed { cur + cost } else { cur };
-            let reset_us = if used > 0 {
-                start + 2 * w - now
-            } else if prev > 0 {
-                start + w - now
-            } else {
-                0
-            };
-            let retry_us = if allowed {
-                0
-            } else {
-                sliding_retry(limit, w, cur, prev, e, c1)
-            };
-            Eval {
-                allowed,
-                remaining: if allowed { avail - cost } else { avail },
-                reset_us,
-                retry_us,
-                next: [win, used, prev],
-                expires_us: start + 2 * w,
-            }
+    }
+}
+
+/// GCRA: the state's `tat` is when the bucket would be full again; one
+/// unit comes back every `t` µs.
+fn token_bucket(capacity: u64, t: u64, state: Option<State>, now: u64, cost: u64) -> Eval {
+    let c1 = cost.max(1);
+    let ct = capacity * t;
+    let tat = state.map_or(0, |s| s[0]).max(now);
+    let used = (tat - now).min(ct);
+    let avail = (ct - used) / t;
+    if avail >= c1 {
+        let next_tat = tat + cost * t;
+        Eval {
+            allowed: true,
+            remaining: avail - cost,
+            reset_us: next_tat - now,
+            retry_us: 0,
+            next: [next_tat, 0, 0],
+            expires_us: next_tat,
         }
+    } else {
+        Eval {
+            allowed: false,
+            remaining: avail,
+            reset_us: tat - now,
+            retry_us: used + c1 * t - ct,
+            next: [tat, 0, 0],
+            expires_us: tat,
+        }
+    }
+}
+
+/// A count per aligned window of `w` µs.
+fn fixed_window(limit: u64, w: u64, state: Option<State>, now: u64, cost: u64) -> Eval {
+    let c1 = cost.max(1);
+    let win = now / w;
+    let end = (win + 1) * w;
+    let count = match state {
+        Some([sw, n, _]) if sw == win => n,
+        _ => 0,
+    };
+    if count + c1 <= limit {
+        let used = count + cost;
+        Eval {
+            allowed: true,
+            remaining: limit - used,
+            reset_us: if used > 0 { end - now } else { 0 },
+            retry_us: 0,
+            next: [win, used, 0],
+            expires_us: end,
+        }
+    } else {
+        Eval {
+            allowed: false,
+            remaining: limit.saturating_sub(count),
+            reset_us: if count > 0 { end - now } else { 0 },
+            retry_us: end - now,
+            next: [win, count, 0],
+            expires_us: end,
+        }
+    }
+}
+
+/// This aligned window's count plus the previous one's, weighted by how
+/// much of it the sliding window still covers.
+fn sliding_window(limit: u64, w: u64, state: Option<State>, now: u64, cost: u64) -> Eval {
+    let c1 = cost.max(1);
+    let win = now / w;
+    let start = win * w;
+    let e = now - start;
+    let (cur, prev) = match state {
+        Some([sw, c, p]) if sw == win => (c, p),
+        Some([sw, c, _]) if sw + 1 == win => (0, c),
+        _ => (0, 0),
+    };
+    let avail = sliding_avail(limit, w, cur, prev, e);
+    let allowed = avail >= c1;
+    let used = if allowed { cur + cost } else { cur };
+    let reset_us = if used > 0 {
+        start + 2 * w - now
+    } else if prev > 0 {
+        start + w - now
+    } else {
+        0
+    };
+    let retry_us = if allowed {
+        0
+    } else {
+        sliding_retry(limit, w, cur, prev, e, c1)
+    };
+    Eval {
+        allowed,
+        remaining: if allowed { avail - cost } else { avail },
+        reset_us,
+        retry_us,
+        next: [win, used, prev],
+        expires_us: start + 2 * w,
     }
 }
 

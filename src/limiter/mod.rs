@@ -36,18 +36,6 @@ impl RuleKind {
             RuleKind::FixedWindow { limit, .. } | RuleKind::SlidingWindow { limit, .. } => limit,
         }
     }
-
-    /// The script's encoding: `[kind code, a, b]` (see `lua/limiter.lua`).
-    pub fn script_args(&self) -> [u64; 3] {
-        match *self {
-            RuleKind::TokenBucket {
-                capacity,
-                interval_us,
-            } => [1, capacity, interval_us],
-            RuleKind::FixedWindow { limit, window_us } => [2, limit, window_us],
-            RuleKind::SlidingWindow { limit, window_us } => [3, limit, window_us],
-        }
-    }
 }
 
 /// A named rule of a policy.

@@ -22,7 +22,7 @@ use crate::backend::redis::RedisBackend;
 use crate::config::{Config, RedisConfig};
 use crate::config::{QuotaConfig, SourceKind, TenantRecord};
 use crate::error::Error;
-use crate::keys;
+use crate::keys::{self, Keys};
 use crate::stats::Stats;
 
 /// Records read per round trip by `tenant list`.
@@ -32,7 +32,7 @@ pub struct Directory {
     source: Source,
     /// The Redis level (the `postgres` source with `[redis]`).
     cache: Option<RedisBackend>,
-    prefix: String,
+    keys: Keys,
     ttl: Duration,
     stats: Arc<Stats>,
 }
@@ -53,11 +53,12 @@ impl Directory {
         stats: Arc<Stats>,
     ) -> Option<Arc<Directory>> {
         let q: &QuotaConfig = config.quota.as_ref()?;
-        let prefix = config
-            .redis
-            .as_ref()
-            .map_or(keys::DEFAULT_PREFIX, |r| r.prefix.as_str())
-            .to_owned();
+        let keys = Keys::new(
+            config
+                .redis
+                .as_ref()
+                .map_or(keys::DEFAULT_PREFIX, |r| r.prefix.as_str()),
+        );
         let timeout = Duration::from_millis(q.source_timeout_ms);
         let source = match q.source {
             SourceKind::File => Source::File(arc_swap::ArcSwap::new(config.tenants.clone())),
@@ -65,7 +66,7 @@ impl Directory {
                 redis: redis
                     .clone()
                     .expect("validated: the redis source has [redis]"),
-                prefix: prefix.clone(),
+                keys: keys.clone(),
             },
             SourceKind::Postgres => Source::Postgres(Postgres::new(
                 q.postgres
@@ -78,7 +79,7 @@ impl Directory {
         Some(Arc::new(Directory {
             source,
             cache,
-            prefix,
+            keys,
             ttl: Duration::from_millis(q.cache_ttl_ms),
             stats,
         }))
@@ -108,15 +109,11 @@ impl Directory {
     }
 
     fn cache_key(&self, tenant: &str) -> String {
-        format!(
-            "{}:tenant_quota_cache:{{{}}}",
-            self.prefix,
-            keys::encode(tenant)
-        )
+        self.keys.tenant_quota_cache(tenant)
     }
 
     fn channel(&self) -> String {
-        format!("{}:tenant-changes", self.prefix)
+        self.keys.tenant_changes()
     }
 
     /// The Redis level, then the source. An unreachable Redis level is
@@ -183,9 +180,9 @@ impl Directory {
         })
     }
 
-    fn writable(&self) -> Result<(&RedisBackend, &str), Error> {
+    fn writable(&self) -> Result<(&RedisBackend, &Keys), Error> {
         match &self.source {
-            Source::Redis { redis, prefix } => Ok((redis, prefix)),
+            Source::Redis { redis, keys } => Ok((redis, keys)),
             other => Err(Error::bad_request(format!(
                 "tenants live in the `{}` source: change them there (a file: edit it and reload)",
                 other.name()
@@ -195,12 +192,12 @@ impl Directory {
 
     /// Sets a tenant's record (the `redis` source only).
     pub async fn set(&self, tenant: &str, record: &TenantRecord) -> Result<(), Error> {
-        let (redis, prefix) = self.writable()?;
+        let (redis, keys) = self.writable()?;
         let mut sadd = redis::cmd("SADD");
-        sadd.arg(source::index_key(prefix)).arg(tenant);
+        sadd.arg(keys.tenant_index()).arg(tenant);
         // The record's key and the index may live in different Cluster
         // slots, so this is two steps; the record (what lookups read) first.
-        let write = source::write_record(prefix, tenant, record);
+        let write = source::write_record(keys, tenant, record);
         redis.query(vec![write]).await.map_err(internal)?;
         redis.query(vec![sadd]).await.map_err(internal)?;
         self.changed(redis, tenant).await;
@@ -209,11 +206,11 @@ impl Directory {
 
     /// Deletes a tenant's record (the `redis` source only).
     pub async fn delete(&self, tenant: &str) -> Result<bool, Error> {
-        let (redis, prefix) = self.writable()?;
+        let (redis, keys) = self.writable()?;
         let mut del = redis::cmd("DEL");
-        del.arg(source::record_key(prefix, tenant));
+        del.arg(keys.tenant_record(tenant));
         let mut srem = redis::cmd("SREM");
-        srem.arg(source::index_key(prefix)).arg(tenant);
+        srem.arg(keys.tenant_index()).arg(tenant);
         let existed = matches!(
             redis.query(vec![del]).await.map_err(internal)?.first(),
             Some(Value::Int(1))
@@ -235,9 +232,9 @@ impl Directory {
                 all.sort_by(|a, b| a.0.cmp(&b.0));
                 Ok(all)
             }
-            Source::Redis { redis, prefix } => {
+            Source::Redis { redis, keys } => {
                 let mut members = redis::cmd("SMEMBERS");
-                members.arg(source::index_key(prefix));
+                members.arg(keys.tenant_index());
                 let names: Vec<String> =
                     match redis.query(vec![members]).await.map_err(internal)?.pop() {
                         Some(v) => redis::from_redis_value(v).map_err(internal)?,
@@ -247,7 +244,7 @@ impl Directory {
                 // Pipelined in modest chunks: this shares the connection
                 // (and its deadline) with the checks.
                 for chunk in names.chunks(LIST_CHUNK) {
-                    let reads = chunk.iter().map(|t| source::read_record(prefix, t));
+                    let reads = chunk.iter().map(|t| source::read_record(keys, t));
                     let replies = redis.query(reads.collect()).await.map_err(internal)?;
                     for (name, reply) in chunk.iter().zip(replies) {
                         match source::parse_hash(Some(reply)) {

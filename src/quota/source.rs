@@ -1,9 +1,9 @@
 //! Sources of truth for tenants' plans: the config file, a Redis hash per
 //! tenant, or a PostgreSQL query.
 //!
-//! Redis layout (prefix `qd` by default): `qd:tenant:{<tenant>}` is a hash
-//! with field `plan` and one field `limit:<policy>.<rule>.<parameter>` per
-//! override; the set `qd:tenants` lists the tenants, for `tenant list`.
+//! Redis layout: [`Keys::tenant_record`] is a hash with field `plan` and one
+//! field `limit:<policy>.<rule>.<parameter>` per override; the set
+//! [`Keys::tenant_index`] lists the tenants, for `tenant list`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use tokio::sync::Mutex;
 use crate::backend::redis::RedisBackend;
 use crate::config::Overrides;
 use crate::config::{PostgresConfig, TenantRecord, flatten};
-use crate::keys;
+use crate::keys::Keys;
 
 /// Why a source could not answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -34,7 +34,7 @@ pub enum Source {
     File(ArcSwap<HashMap<String, TenantRecord>>),
     Redis {
         redis: RedisBackend,
-        prefix: String,
+        keys: Keys,
     },
     Postgres(Postgres),
 }
@@ -52,9 +52,9 @@ impl Source {
     pub async fn lookup(&self, tenant: &str) -> Result<Option<TenantRecord>, SourceError> {
         match self {
             Source::File(tenants) => Ok(tenants.load().get(tenant).cloned()),
-            Source::Redis { redis, prefix } => {
+            Source::Redis { redis, keys } => {
                 let reply = redis
-                    .query(vec![read_record(prefix, tenant)])
+                    .query(vec![read_record(keys, tenant)])
                     .await
                     .map_err(redis_error)?;
                 parse_hash(reply.into_iter().next())
@@ -68,33 +68,23 @@ fn redis_error(e: redis::RedisError) -> SourceError {
     SourceError::Unavailable(format!("Redis: {e}"))
 }
 
-/// `<prefix>:tenant:{<tenant>}`.
-pub fn record_key(prefix: &str, tenant: &str) -> String {
-    format!("{prefix}:tenant:{{{}}}", keys::encode(tenant))
-}
-
 /// Reads a record (see [`parse_hash`]).
-pub fn read_record(prefix: &str, tenant: &str) -> redis::Cmd {
+pub fn read_record(keys: &Keys, tenant: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("HGETALL");
-    cmd.arg(record_key(prefix, tenant));
+    cmd.arg(keys.tenant_record(tenant));
     cmd
 }
 
 /// Replaces a record atomically (`lua/tenant_set.lua`).
-pub fn write_record(prefix: &str, tenant: &str, record: &TenantRecord) -> redis::Cmd {
+pub fn write_record(keys: &Keys, tenant: &str, record: &TenantRecord) -> redis::Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(include_str!("../../lua/tenant_set.lua"))
         .arg(1)
-        .arg(record_key(prefix, tenant));
+        .arg(keys.tenant_record(tenant));
     for (f, v) in hash_fields(record) {
         cmd.arg(f).arg(v);
     }
     cmd
-}
-
-/// `<prefix>:tenants`.
-pub fn index_key(prefix: &str) -> String {
-    format!("{prefix}:tenants")
 }
 
 /// The Redis hash fields of a record.

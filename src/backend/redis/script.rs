@@ -12,7 +12,7 @@ use redis::{Cmd, Value};
 
 use crate::backend::job::{Job, Outcome};
 use crate::keys::{self, Keys};
-use crate::limiter::{Policy, Verdict};
+use crate::limiter::{Policy, RuleKind, Verdict};
 use crate::protocol::Lookup;
 
 /// The script's source; its SHA1 is what EVALSHA names.
@@ -28,6 +28,34 @@ pub const SOURCE: &str = concat!(
 pub fn sha() -> &'static str {
     static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SHA.get_or_init(|| redis::Script::new(SOURCE).get_hash().to_owned())
+}
+
+/// Operation codes, `lua/batch.lua`'s `OP_*`.
+pub mod op {
+    pub const CHECK: u64 = 1;
+    pub const CACHE_GET: u64 = 2;
+    pub const CACHE_SET: u64 = 3;
+    pub const CACHE_DEL: u64 = 4;
+    pub const CHECK_GET: u64 = 5;
+}
+
+/// Rule kind codes, `lua/limiter.lua`'s `KIND_*`.
+pub mod kind {
+    pub const TOKEN_BUCKET: u64 = 1;
+    pub const FIXED_WINDOW: u64 = 2;
+    pub const SLIDING_WINDOW: u64 = 3;
+}
+
+/// A rule as the script reads it: `[kind code, a, b]`.
+fn rule_args(rule: &RuleKind) -> [u64; 3] {
+    match *rule {
+        RuleKind::TokenBucket {
+            capacity,
+            interval_us,
+        } => [kind::TOKEN_BUCKET, capacity, interval_us],
+        RuleKind::FixedWindow { limit, window_us } => [kind::FIXED_WINDOW, limit, window_us],
+        RuleKind::SlidingWindow { limit, window_us } => [kind::SLIDING_WINDOW, limit, window_us],
+    }
 }
 
 /// The index of `p` in `policies`, adding it if new.
@@ -69,16 +97,25 @@ pub fn command<'a>(
         match job {
             Job::Check(c) => {
                 names.extend(c.state_keys(keys));
-                args.push(packed([1, index_of(&mut policies, &c.policy), c.cost]));
+                args.push(packed([
+                    op::CHECK,
+                    index_of(&mut policies, &c.policy),
+                    c.cost,
+                ]));
             }
             Job::Get { args: g, .. } => {
                 entry_keys(&mut names, &g.tenant, &g.key);
-                args.push(packed([2, g.fill_ms]));
+                args.push(packed([op::CACHE_GET, g.fill_ms]));
             }
             Job::Set(s) => {
                 entry_keys(&mut names, &s.tenant, &s.key);
                 names.extend(s.tags.iter().map(|t| keys.tag(&s.tenant, t)));
-                args.push(packed([3, s.ttl_ms, s.stale_ms, s.tags.len() as u64]));
+                args.push(packed([
+                    op::CACHE_SET,
+                    s.ttl_ms,
+                    s.stale_ms,
+                    s.tags.len() as u64,
+                ]));
                 args.push(s.value.to_vec());
                 args.extend(s.tags.iter().map(|t| keys::encode(t).into_bytes()));
             }
@@ -88,18 +125,22 @@ pub fn command<'a>(
                 }
                 names.extend(d.tags.iter().map(|t| keys.tag(&d.tenant, t)));
                 args.push(packed([
-                    4,
+                    op::CACHE_DEL,
                     d.keys.len() as u64,
                     d.tags.len() as u64,
                     u64::from(d.fill_only),
                 ]));
                 args.extend(d.tags.iter().map(|t| keys::encode(t).into_bytes()));
+                if !d.tags.is_empty() {
+                    let m = Keys::lock_markers();
+                    args.extend([m.entry, m.fill, m.refresh].map(|m| m.as_bytes().to_vec()));
+                }
             }
             Job::CheckGet(c, g) => {
                 names.extend(c.state_keys(keys));
                 entry_keys(&mut names, &g.tenant, &g.key);
                 args.push(packed([
-                    5,
+                    op::CHECK_GET,
                     index_of(&mut policies, &c.policy),
                     c.cost,
                     g.fill_ms,
@@ -123,7 +164,7 @@ pub fn command<'a>(
     };
     cmd.arg(policies.len());
     for p in &policies {
-        let rules = p.rules.iter().flat_map(|r| r.kind.script_args());
+        let rules = p.rules.iter().flat_map(|r| rule_args(&r.kind));
         cmd.arg(packed(std::iter::once(p.rules.len() as u64).chain(rules)));
     }
     cmd.arg(args);
@@ -199,4 +240,47 @@ fn lookup(n: &[u64], values: &mut impl Iterator<Item = Option<Bytes>>) -> Option
         fill: n[4] == 1,
         degraded: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `local <PREFIX><NAME> = <n>` line of the script.
+    fn lua_codes(prefix: &str) -> Vec<(String, u64)> {
+        SOURCE
+            .lines()
+            .filter_map(|l| l.strip_prefix("local ")?.strip_prefix(prefix))
+            .filter_map(|l| {
+                let (name, n) = l.split_once(" = ")?;
+                Some((name.to_owned(), n.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn named(codes: &[(&str, u64)]) -> Vec<(String, u64)> {
+        codes.iter().map(|&(n, c)| (n.to_owned(), c)).collect()
+    }
+
+    #[test]
+    fn lua_and_rust_agree_on_every_code() {
+        assert_eq!(
+            lua_codes("OP_"),
+            named(&[
+                ("CHECK", op::CHECK),
+                ("CACHE_GET", op::CACHE_GET),
+                ("CACHE_SET", op::CACHE_SET),
+                ("CACHE_DEL", op::CACHE_DEL),
+                ("CHECK_GET", op::CHECK_GET),
+            ])
+        );
+        assert_eq!(
+            lua_codes("KIND_"),
+            named(&[
+                ("TOKEN_BUCKET", kind::TOKEN_BUCKET),
+                ("FIXED_WINDOW", kind::FIXED_WINDOW),
+                ("SLIDING_WINDOW", kind::SLIDING_WINDOW),
+            ])
+        );
+    }
 }

@@ -1,0 +1,50 @@
+//! The batch script refuses what it does not know: an unknown operation
+//! code or rule kind fails the whole call (answered by failure mode),
+//! instead of running as some other operation.
+
+mod common;
+
+use common::Redis;
+use quotad::backend::redis::script;
+
+fn packed(values: &[f64]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+async fn eval(
+    redis: &Redis,
+    keys: &[&str],
+    args: Vec<Vec<u8>>,
+) -> redis::RedisResult<redis::Value> {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script::SOURCE).arg(keys.len()).arg(keys).arg(args);
+    cmd.query_async(&mut conn).await
+}
+
+#[tokio::test]
+async fn unknown_codes_are_script_errors() {
+    let redis = Redis::start();
+    // Time, no policy, then one operation with code 9.
+    let e = eval(
+        &redis,
+        &[],
+        vec![b"".to_vec(), b"0".to_vec(), packed(&[9.0])],
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("unknown operation code 9"), "{e}");
+    // A check under a policy of one rule of kind 7.
+    let policy = packed(&[1.0, 7.0, 10.0, 1000.0]);
+    let check = packed(&[script::op::CHECK as f64, 0.0, 1.0]);
+    let e = eval(
+        &redis,
+        &["qd:{t}:l:p:r:k"],
+        vec![b"".to_vec(), b"1".to_vec(), policy, check],
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("unknown rule kind 7"), "{e}");
+    assert_eq!(redis.cli(&["DBSIZE"]), "0", "nothing was written");
+}
