@@ -24,6 +24,10 @@ pub enum Error {
     Forbidden(String),
     #[error("quotad is shutting down")]
     ShuttingDown,
+    /// An admin op could not reach the tenants' source or Redis: an
+    /// outage, not a bug; retry later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -39,6 +43,7 @@ impl Error {
             Error::Overloaded(_) => "overloaded",
             Error::Forbidden(_) => "forbidden",
             Error::ShuttingDown => "shutting_down",
+            Error::Unavailable(_) => "unavailable",
             Error::Internal(_) => "internal",
         }
     }

@@ -94,6 +94,7 @@ counters! {
     errors_overloaded,
     errors_forbidden,
     errors_shutting_down,
+    errors_unavailable,
     errors_internal,
 }
 
@@ -128,6 +129,7 @@ impl Stats {
             Error::Overloaded(_) => &c.errors_overloaded,
             Error::Forbidden(_) => &c.errors_forbidden,
             Error::ShuttingDown => &c.errors_shutting_down,
+            Error::Unavailable(_) => &c.errors_unavailable,
             Error::Internal(_) => &c.errors_internal,
         };
         counter.fetch_add(1, Relaxed);

@@ -300,6 +300,10 @@ fn replies() -> Vec<(&'static str, Reply)> {
             "error_reply_overloaded",
             Reply::err(7, Error::Overloaded("shard mailbox full")),
         ),
+        (
+            "error_reply_unavailable",
+            Reply::err(15, Error::Unavailable("Redis: Redis timed out".into())),
+        ),
     ]
 }
 

@@ -146,6 +146,8 @@ export class TooLarge extends ServerError {}
 export class Overloaded extends ServerError {}
 export class Forbidden extends ServerError {}
 export class ShuttingDown extends ServerError {}
+/** `unavailable`: an admin op could not reach the tenants' source or Redis (an outage); retry later. */
+export class SourceUnavailable extends ServerError {}
 export class ServerInternalError extends ServerError {}
 export function serverError(error: unknown): ServerError;
 export function connectionError(error: unknown): ConnectionLost;

@@ -176,7 +176,7 @@ impl Directory {
     pub async fn get(&self, tenant: &str) -> Result<Option<TenantRecord>, Error> {
         self.source.lookup(tenant).await.map_err(|e| match e {
             SourceError::BadRecord(m) => Error::bad_request(m),
-            SourceError::Unavailable(m) => Error::Internal(m),
+            SourceError::Unavailable(m) => Error::Unavailable(m),
         })
     }
 
@@ -198,8 +198,8 @@ impl Directory {
         // The record's key and the index may live in different Cluster
         // slots, so this is two steps; the record (what lookups read) first.
         let write = source::write_record(keys, tenant, record);
-        redis.query(vec![write]).await.map_err(internal)?;
-        redis.query(vec![sadd]).await.map_err(internal)?;
+        redis.query(vec![write]).await.map_err(unavailable)?;
+        redis.query(vec![sadd]).await.map_err(unavailable)?;
         self.changed(redis, tenant).await;
         Ok(())
     }
@@ -212,10 +212,10 @@ impl Directory {
         let mut srem = redis::cmd("SREM");
         srem.arg(keys.tenant_index()).arg(tenant);
         let existed = matches!(
-            redis.query(vec![del]).await.map_err(internal)?.first(),
+            redis.query(vec![del]).await.map_err(unavailable)?.first(),
             Some(Value::Int(1))
         );
-        redis.query(vec![srem]).await.map_err(internal)?;
+        redis.query(vec![srem]).await.map_err(unavailable)?;
         self.changed(redis, tenant).await;
         Ok(existed)
     }
@@ -236,7 +236,7 @@ impl Directory {
                 let mut members = redis::cmd("SMEMBERS");
                 members.arg(keys.tenant_index());
                 let names: Vec<String> =
-                    match redis.query(vec![members]).await.map_err(internal)?.pop() {
+                    match redis.query(vec![members]).await.map_err(unavailable)?.pop() {
                         Some(v) => redis::from_redis_value(v).map_err(internal)?,
                         None => Vec::new(),
                     };
@@ -245,7 +245,7 @@ impl Directory {
                 // (and its deadline) with the checks.
                 for chunk in names.chunks(LIST_CHUNK) {
                     let reads = chunk.iter().map(|t| source::read_record(keys, t));
-                    let replies = redis.query(reads.collect()).await.map_err(internal)?;
+                    let replies = redis.query(reads.collect()).await.map_err(unavailable)?;
                     for (name, reply) in chunk.iter().zip(replies) {
                         match source::parse_hash(Some(reply)) {
                             Ok(Some(record)) => all.push((name.clone(), record)),
@@ -307,6 +307,12 @@ impl Directory {
     }
 }
 
+/// Redis did not answer (down, slow, failing over).
+fn unavailable(e: impl std::fmt::Display) -> Error {
+    Error::Unavailable(format!("Redis: {e}"))
+}
+
+/// Redis answered something no command of ours returns.
 fn internal(e: impl std::fmt::Display) -> Error {
     Error::Internal(format!("Redis: {e}"))
 }

@@ -41,6 +41,8 @@ export class TooLarge extends ServerError {}
 export class Overloaded extends ServerError {}
 export class Forbidden extends ServerError {}
 export class ShuttingDown extends ServerError {}
+/** An admin op could not reach the tenants' source or Redis: an outage; retry later. */
+export class SourceUnavailable extends ServerError {}
 export class ServerInternalError extends ServerError {}
 
 const BY_CODE = {
@@ -51,6 +53,7 @@ const BY_CODE = {
   overloaded: Overloaded,
   forbidden: Forbidden,
   shutting_down: ShuttingDown,
+  unavailable: SourceUnavailable,
   internal: ServerInternalError,
 };
 

@@ -88,3 +88,15 @@ test('a fillOnly delete is sent as the daemon encodes it', () => {
   assert.equal(encodeFrame(req).toString('hex'), golden.hex);
   assert.equal('fill_only' in cacheDel('acme', { keys: ['GET /items?page=2'] }), false); // sent only when true
 });
+
+test('every error code in the fixture has its own error class', async () => {
+  const { serverError, ServerError, SourceUnavailable } = await import('../src/errors.js');
+  const errors = frames.filter((f) => f.name.startsWith('error_reply_')).map((f) => f.value.error);
+  assert.ok(errors.some((e) => e.code === 'unavailable'));
+  for (const e of errors) {
+    const err = serverError(e);
+    assert.notEqual(err.constructor, ServerError, e.code);
+    assert.equal(err.code, e.code);
+  }
+  assert.ok(serverError({ code: 'unavailable', message: 'Redis: down' }) instanceof SourceUnavailable);
+});

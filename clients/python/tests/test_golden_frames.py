@@ -70,3 +70,15 @@ def test_non_map_body_is_a_violation() -> None:
         decode_body(b"\x93\x01\x02\x03")  # an array
     with pytest.raises(ProtocolViolation):
         decode_body(b"\xc1")
+
+
+def test_every_error_code_has_its_exception(golden_frames: list[dict[str, Any]]) -> None:
+    from quotad import SourceUnavailable
+    from quotad.errors import ServerError, server_error
+
+    errors = [f["value"]["error"] for f in golden_frames if f["name"].startswith("error_reply_")]
+    assert "unavailable" in {e["code"] for e in errors}
+    for e in errors:
+        exc = server_error(e)
+        assert type(exc) is not ServerError and exc.code == e["code"], e
+    assert isinstance(server_error({"code": "unavailable", "message": "Redis: down"}), SourceUnavailable)

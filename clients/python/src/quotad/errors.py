@@ -93,6 +93,13 @@ class ShuttingDown(ServerError):
     code = "shutting_down"
 
 
+class SourceUnavailable(ServerError):
+    """``unavailable``: an admin op could not reach the tenants' source or
+    Redis (an outage, not a bug); retry later."""
+
+    code = "unavailable"
+
+
 class ServerInternalError(ServerError):
     """``internal``: a bug in the daemon."""
 
@@ -109,6 +116,7 @@ _BY_CODE: dict[str, type[ServerError]] = {
         Overloaded,
         Forbidden,
         ShuttingDown,
+        SourceUnavailable,
         ServerInternalError,
     )
 }

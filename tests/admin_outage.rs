@@ -1,0 +1,51 @@
+//! An admin op that cannot reach Redis answers `unavailable` (an outage,
+//! retry later), not `internal` (a bug), and works again once Redis is back.
+
+mod common;
+
+use common::{Daemon, Redis, redis_table};
+use quotad::client::ClientError;
+use quotad::config::TenantRecord;
+
+#[tokio::test]
+async fn tenant_ops_answer_unavailable_while_redis_is_down() {
+    let mut redis = Redis::start();
+    let d = Daemon::start(&format!(
+        "{}[quota]\nsource = \"redis\"\n[policies.default]\nrules = [{{ name = \"r\", kind = \"fixed_window\", limit = 5, window_ms = 1000 }}]\n",
+        redis_table(&redis)
+    ));
+    let c = d.client().await;
+    let record = TenantRecord {
+        plan: "default".into(),
+        limits: Default::default(),
+    };
+    c.tenant_set("acme", record.clone()).await.unwrap();
+    redis.kill();
+    for result in [
+        c.tenant_set("acme", record.clone()).await.map(drop),
+        c.tenant_get("acme").await.map(drop),
+        c.tenant_list().await.map(drop),
+        c.tenant_delete("acme").await.map(drop),
+    ] {
+        match result {
+            Err(ClientError::Server { code, .. }) => assert_eq!(code, "unavailable"),
+            other => panic!("expected `unavailable`, got {other:?}"),
+        }
+    }
+    let stats = c.stats().await.unwrap();
+    assert!(
+        format!("{stats:?}").contains("errors_unavailable"),
+        "{stats:?}"
+    );
+    redis.restart();
+    common::wait_until("Redis to be back", || redis.cli(&["PING"]) == "PONG");
+    let mut back = false;
+    for _ in 0..100 {
+        if c.tenant_set("acme", record.clone()).await.is_ok() {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(back, "tenant set works again once Redis is back");
+}
