@@ -83,20 +83,44 @@ pub(crate) fn compile_policy(name: &str, p: &PolicyConfig) -> Result<Policy, Con
     })
 }
 
+/// The configured kinds, by name, with the fields each one takes.
+const KINDS: [(&str, &[&str]); 4] = [
+    ("token_bucket", &["capacity", "refill_per_sec"]),
+    ("fixed_window", &["limit", "window_ms"]),
+    ("sliding_window", &["limit", "window_ms"]),
+    ("daily_quota", &["limit"]),
+];
+
 fn compile_rule(at: &str, r: &RuleConfig) -> Result<RuleKind, ConfigError> {
-    let (needs, kind): (&[&str], _) = match r.kind.as_str() {
-        "token_bucket" => (&["capacity", "refill_per_sec"], 0),
-        "fixed_window" => (&["limit", "window_ms"], 1),
-        "sliding_window" => (&["limit", "window_ms"], 2),
-        "daily_quota" => (&["limit"], 3),
-        other => {
-            return Err(invalid(
-                format!("{at}.kind"),
-                format!(
-                    "unknown kind `{other}` (token_bucket, sliding_window, fixed_window, daily_quota)"
-                ),
-            ));
-        }
+    check_fields(at, r)?;
+    let limit = || limit_of(at, "limit", r.limit.unwrap_or(0));
+    let window = || window_of(at, r.window_ms.unwrap_or(0));
+    Ok(match r.kind.as_str() {
+        "token_bucket" => token_bucket(at, r)?,
+        "fixed_window" => RuleKind::FixedWindow {
+            limit: limit()?,
+            window_us: window()?,
+        },
+        "sliding_window" => RuleKind::SlidingWindow {
+            limit: limit()?,
+            window_us: window()?,
+        },
+        _ => RuleKind::FixedWindow {
+            limit: limit()?,
+            window_us: DAY_US,
+        },
+    })
+}
+
+/// Refuses an unknown kind, and a field the kind needs but lacks or does
+/// not take.
+fn check_fields(at: &str, r: &RuleConfig) -> Result<(), ConfigError> {
+    let Some((_, needs)) = KINDS.iter().find(|(name, _)| *name == r.kind) else {
+        let names: Vec<&str> = KINDS.iter().map(|(name, _)| *name).collect();
+        return Err(invalid(
+            format!("{at}.kind"),
+            format!("unknown kind `{}` ({})", r.kind, names.join(", ")),
+        ));
     };
     for (field, present) in [
         ("capacity", r.capacity.is_some()),
@@ -104,77 +128,59 @@ fn compile_rule(at: &str, r: &RuleConfig) -> Result<RuleKind, ConfigError> {
         ("limit", r.limit.is_some()),
         ("window_ms", r.window_ms.is_some()),
     ] {
-        match (needs.contains(&field), present) {
-            (true, false) => {
-                return Err(invalid(
-                    format!("{at}.{field}"),
-                    format!("{} needs it", r.kind),
-                ));
-            }
-            (false, true) => {
-                return Err(invalid(
-                    format!("{at}.{field}"),
-                    format!("does not apply to {}", r.kind),
-                ));
-            }
-            _ => {}
-        }
+        let why = match (needs.contains(&field), present) {
+            (true, false) => format!("{} needs it", r.kind),
+            (false, true) => format!("does not apply to {}", r.kind),
+            _ => continue,
+        };
+        return Err(invalid(format!("{at}.{field}"), why));
     }
-    let limit_of = |field: &str, v: u64| {
-        if (1..=MAX_LIMIT).contains(&v) {
-            Ok(v)
-        } else {
-            Err(invalid(
-                format!("{at}.{field}"),
-                format!("must be within 1..={MAX_LIMIT}"),
-            ))
-        }
-    };
-    let window_of = |v: u64| {
-        if (1..=MAX_SPAN_US / 1000).contains(&v) {
-            Ok(v * 1000)
-        } else {
-            Err(invalid(
-                format!("{at}.window_ms"),
-                "must be at least 1 and at most ~31 years",
-            ))
-        }
-    };
-    Ok(match kind {
-        0 => {
-            let capacity = limit_of("capacity", r.capacity.unwrap_or(0))?;
-            let rate = r.refill_per_sec.unwrap_or(0.0);
-            if !(rate.is_finite() && rate > 0.0 && rate <= 1e6) {
-                return Err(invalid(
-                    format!("{at}.refill_per_sec"),
-                    "must be > 0 and <= 1000000",
-                ));
-            }
-            let interval_us = ((1e6 / rate).round() as u64).max(1);
-            if capacity.saturating_mul(interval_us) > MAX_SPAN_US {
-                return Err(invalid(
-                    format!("{at}.capacity"),
-                    "capacity / refill_per_sec must be under ~31 years",
-                ));
-            }
-            RuleKind::TokenBucket {
-                capacity,
-                interval_us,
-            }
-        }
-        1 => RuleKind::FixedWindow {
-            limit: limit_of("limit", r.limit.unwrap_or(0))?,
-            window_us: window_of(r.window_ms.unwrap_or(0))?,
-        },
-        2 => RuleKind::SlidingWindow {
-            limit: limit_of("limit", r.limit.unwrap_or(0))?,
-            window_us: window_of(r.window_ms.unwrap_or(0))?,
-        },
-        _ => RuleKind::FixedWindow {
-            limit: limit_of("limit", r.limit.unwrap_or(0))?,
-            window_us: DAY_US,
-        },
+    Ok(())
+}
+
+fn token_bucket(at: &str, r: &RuleConfig) -> Result<RuleKind, ConfigError> {
+    let capacity = limit_of(at, "capacity", r.capacity.unwrap_or(0))?;
+    let rate = r.refill_per_sec.unwrap_or(0.0);
+    if !(rate.is_finite() && rate > 0.0 && rate <= 1e6) {
+        return Err(invalid(
+            format!("{at}.refill_per_sec"),
+            "must be > 0 and <= 1000000",
+        ));
+    }
+    let interval_us = ((1e6 / rate).round() as u64).max(1);
+    if capacity.saturating_mul(interval_us) > MAX_SPAN_US {
+        return Err(invalid(
+            format!("{at}.capacity"),
+            "capacity / refill_per_sec must be under ~31 years",
+        ));
+    }
+    Ok(RuleKind::TokenBucket {
+        capacity,
+        interval_us,
     })
+}
+
+fn limit_of(at: &str, field: &str, v: u64) -> Result<u64, ConfigError> {
+    if (1..=MAX_LIMIT).contains(&v) {
+        Ok(v)
+    } else {
+        Err(invalid(
+            format!("{at}.{field}"),
+            format!("must be within 1..={MAX_LIMIT}"),
+        ))
+    }
+}
+
+/// A window in ms, as µs.
+fn window_of(at: &str, v: u64) -> Result<u64, ConfigError> {
+    if (1..=MAX_SPAN_US / 1000).contains(&v) {
+        Ok(v * 1000)
+    } else {
+        Err(invalid(
+            format!("{at}.window_ms"),
+            "must be at least 1 and at most ~31 years",
+        ))
+    }
 }
 
 impl RuleConfig {

@@ -58,17 +58,6 @@ fn rule_args(rule: &RuleKind) -> [u64; 3] {
     }
 }
 
-/// The index of `p` in `policies`, adding it if new.
-fn index_of<'a>(policies: &mut Vec<&'a Arc<Policy>>, p: &'a Arc<Policy>) -> u64 {
-    match policies.iter().position(|q| Arc::ptr_eq(q, p)) {
-        Some(i) => i as u64,
-        None => {
-            policies.push(p);
-            (policies.len() - 1) as u64
-        }
-    }
-}
-
 fn packed(values: impl IntoIterator<Item = u64>) -> Vec<u8> {
     values
         .into_iter()
@@ -84,69 +73,14 @@ pub fn command<'a>(
     now_us: Option<u64>,
     by_source: bool,
 ) -> Cmd {
-    // Each distinct policy goes once; checks refer to it by index.
-    let mut policies: Vec<&Arc<Policy>> = Vec::new();
-    let mut names: Vec<String> = Vec::new();
-    let mut args: Vec<Vec<u8>> = Vec::new();
-    let entry_keys = |names: &mut Vec<String>, tenant: &str, key: &str| {
-        names.push(keys.entry(tenant, key));
-        names.push(keys.fill_lock(tenant, key));
-        names.push(keys.refresh_lock(tenant, key));
+    let mut call = Call {
+        keys,
+        policies: Vec::new(),
+        names: Vec::new(),
+        args: Vec::new(),
     };
     for job in jobs {
-        match job {
-            Job::Check(c) => {
-                names.extend(c.state_keys(keys));
-                args.push(packed([
-                    op::CHECK,
-                    index_of(&mut policies, &c.policy),
-                    c.cost,
-                ]));
-            }
-            Job::Get { args: g, .. } => {
-                entry_keys(&mut names, &g.tenant, &g.key);
-                args.push(packed([op::CACHE_GET, g.fill_ms]));
-            }
-            Job::Set(s) => {
-                entry_keys(&mut names, &s.tenant, &s.key);
-                names.extend(s.tags.iter().map(|t| keys.tag(&s.tenant, t)));
-                args.push(packed([
-                    op::CACHE_SET,
-                    s.ttl_ms,
-                    s.stale_ms,
-                    s.tags.len() as u64,
-                ]));
-                args.push(s.value.to_vec());
-                args.extend(s.tags.iter().map(|t| keys::encode(t).into_bytes()));
-            }
-            Job::Del(d) => {
-                for k in &d.keys {
-                    entry_keys(&mut names, &d.tenant, k);
-                }
-                names.extend(d.tags.iter().map(|t| keys.tag(&d.tenant, t)));
-                args.push(packed([
-                    op::CACHE_DEL,
-                    d.keys.len() as u64,
-                    d.tags.len() as u64,
-                    u64::from(d.fill_only),
-                ]));
-                args.extend(d.tags.iter().map(|t| keys::encode(t).into_bytes()));
-                if !d.tags.is_empty() {
-                    let m = Keys::lock_markers();
-                    args.extend([m.entry, m.fill, m.refresh].map(|m| m.as_bytes().to_vec()));
-                }
-            }
-            Job::CheckGet(c, g) => {
-                names.extend(c.state_keys(keys));
-                entry_keys(&mut names, &g.tenant, &g.key);
-                args.push(packed([
-                    op::CHECK_GET,
-                    index_of(&mut policies, &c.policy),
-                    c.cost,
-                    g.fill_ms,
-                ]));
-            }
-        }
+        call.add(job);
     }
     let mut cmd = if by_source {
         let mut c = redis::cmd("EVAL");
@@ -157,18 +91,103 @@ pub fn command<'a>(
         c.arg(sha());
         c
     };
-    cmd.arg(names.len()).arg(names);
+    cmd.arg(call.names.len()).arg(call.names);
     match now_us {
         Some(t) => cmd.arg(t),
         None => cmd.arg(""),
     };
-    cmd.arg(policies.len());
-    for p in &policies {
+    cmd.arg(call.policies.len());
+    for p in &call.policies {
         let rules = p.rules.iter().flat_map(|r| rule_args(&r.kind));
         cmd.arg(packed(std::iter::once(p.rules.len() as u64).chain(rules)));
     }
-    cmd.arg(args);
+    cmd.arg(call.args);
     cmd
+}
+
+/// A script call being built: its KEYS and operation ARGV.
+struct Call<'a> {
+    keys: &'a Keys,
+    /// Each distinct policy goes once; checks refer to it by index.
+    policies: Vec<&'a Arc<Policy>>,
+    names: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl<'a> Call<'a> {
+    /// Appends one job's keys and arguments (see `lua/batch.lua`).
+    fn add(&mut self, job: &'a Job) {
+        let keys = self.keys;
+        match job {
+            Job::Check(c) => {
+                self.names.extend(c.state_keys(keys));
+                let policy = self.policy(&c.policy);
+                self.args.push(packed([op::CHECK, policy, c.cost]));
+            }
+            Job::Get { args: g, .. } => {
+                self.entry(&g.tenant, &g.key);
+                self.args.push(packed([op::CACHE_GET, g.fill_ms]));
+            }
+            Job::Set(s) => {
+                self.entry(&s.tenant, &s.key);
+                self.names
+                    .extend(s.tags.iter().map(|t| keys.tag(&s.tenant, t)));
+                let header = [op::CACHE_SET, s.ttl_ms, s.stale_ms, s.tags.len() as u64];
+                self.args.push(packed(header));
+                self.args.push(s.value.to_vec());
+                self.tag_names(&s.tags);
+            }
+            Job::Del(d) => {
+                for k in &d.keys {
+                    self.entry(&d.tenant, k);
+                }
+                self.names
+                    .extend(d.tags.iter().map(|t| keys.tag(&d.tenant, t)));
+                let (entries, tags) = (d.keys.len() as u64, d.tags.len() as u64);
+                let header = [op::CACHE_DEL, entries, tags, u64::from(d.fill_only)];
+                self.args.push(packed(header));
+                self.tag_names(&d.tags);
+                if !d.tags.is_empty() {
+                    let m = Keys::lock_markers();
+                    let markers = [m.entry, m.fill, m.refresh];
+                    self.args.extend(markers.map(|m| m.as_bytes().to_vec()));
+                }
+            }
+            Job::CheckGet(c, g) => {
+                self.names.extend(c.state_keys(keys));
+                self.entry(&g.tenant, &g.key);
+                let policy = self.policy(&c.policy);
+                self.args
+                    .push(packed([op::CHECK_GET, policy, c.cost, g.fill_ms]));
+            }
+        }
+    }
+
+    /// The index of `p` among the call's policies, adding it if new.
+    fn policy(&mut self, p: &'a Arc<Policy>) -> u64 {
+        match self.policies.iter().position(|q| Arc::ptr_eq(q, p)) {
+            Some(i) => i as u64,
+            None => {
+                self.policies.push(p);
+                (self.policies.len() - 1) as u64
+            }
+        }
+    }
+
+    /// A cache entry's keys: the entry, its fill lock, its refresh lock.
+    fn entry(&mut self, tenant: &str, key: &str) {
+        let keys = self.keys;
+        self.names.extend([
+            keys.entry(tenant, key),
+            keys.fill_lock(tenant, key),
+            keys.refresh_lock(tenant, key),
+        ]);
+    }
+
+    fn tag_names(&mut self, tags: &[String]) {
+        self.args
+            .extend(tags.iter().map(|t| keys::encode(t).into_bytes()));
+    }
 }
 
 /// Reads the script's reply for `jobs`; `None` if it is not the shape the
