@@ -420,9 +420,11 @@ async fn the_tag_index_stays_bounded_under_100k_short_lived_sets() {
         peak <= bound,
         "tag index grew to {peak}, more than the live entries ({bound})"
     );
-    common::wait_until("the entries and their tags to expire", || {
-        redis.cli(&["DBSIZE"]) == "0"
-    });
+    common::wait_until_blocking(
+        "the entries and their tags to expire",
+        common::STARTUP,
+        || redis.cli(&["DBSIZE"]) == "0",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,7 +463,9 @@ async fn redis_lost_means_degraded_misses_and_no_op_writes_then_recovery() {
         );
     }
     redis.restart();
-    common::wait_until("Redis to be back", || redis.cli(&["PING"]) == "PONG");
+    common::wait_until_blocking("Redis to be back", common::STARTUP, || {
+        redis.cli(&["PING"]) == "PONG"
+    });
     let start = Instant::now();
     loop {
         if !c

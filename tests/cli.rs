@@ -104,7 +104,9 @@ fn quotad_socket_places_the_daemon_and_finds_it() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    common::wait_until("the socket at $QUOTAD_SOCKET", || socket.exists());
+    common::wait_until_blocking("the socket at $QUOTAD_SOCKET", common::STARTUP, || {
+        socket.exists()
+    });
     let out = Command::new(QUOTAD)
         .args(["check", "--tenant", "t", "--key", "k"])
         .env("QUOTAD_SOCKET", &socket)

@@ -100,7 +100,9 @@ fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
     std::fs::copy(&config, &config_copy).unwrap();
     let socket = d.socket();
     d.signal(libc::SIGKILL);
-    common::wait_until("quotad to die", || Raw::try_connect(&socket).is_none());
+    common::wait_until_blocking("quotad to die", common::STARTUP, || {
+        Raw::try_connect(&socket).is_none()
+    });
     assert!(exists(&socket), "SIGKILL leaves the socket file");
     drop(d);
     std::fs::create_dir_all(&dir).unwrap();
@@ -113,7 +115,9 @@ fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
         .arg(&config_copy)
         .spawn()
         .unwrap();
-    common::wait_until("the new quotad", || Raw::try_connect(&socket).is_some());
+    common::wait_until_blocking("the new quotad", common::STARTUP, || {
+        Raw::try_connect(&socket).is_some()
+    });
     unsafe { libc::kill(again.id() as i32, libc::SIGTERM) };
     assert!(again.wait().unwrap().success());
 }
@@ -166,7 +170,9 @@ fn sighup_reloads_policies_on_open_connections_and_keeps_them_on_a_bad_file() {
     )
     .unwrap();
     d.signal(libc::SIGHUP);
-    common::wait_until("the reload", || d.log_contains("reloaded policies"));
+    common::wait_until_blocking("the reload", common::STARTUP, || {
+        d.log_contains("reloaded policies")
+    });
     assert_eq!(
         check(&mut c, "b")["limit"],
         7,
@@ -179,7 +185,9 @@ fn sighup_reloads_policies_on_open_connections_and_keeps_them_on_a_bad_file() {
     )
     .unwrap();
     d.signal(libc::SIGHUP);
-    common::wait_until("the failed reload", || d.log_contains("reload failed"));
+    common::wait_until_blocking("the failed reload", common::STARTUP, || {
+        d.log_contains("reload failed")
+    });
     assert_eq!(
         check(&mut c, "c")["limit"],
         7,

@@ -107,7 +107,9 @@ big = {{ plan = "pro", limits = {{ "api.burst.capacity" = 5000 }} }}
     )
     .unwrap();
     d.signal(libc::SIGHUP);
-    common::wait_until("the reload", || d.log_contains("reloaded policies"));
+    common::wait_until_blocking("the reload", common::STARTUP, || {
+        d.log_contains("reloaded policies")
+    });
     assert_eq!(limit(&c, "acme", Some("api")).await, 10);
 }
 

@@ -22,7 +22,9 @@ async fn quotad_follows_a_failover_to_the_promoted_replica() {
         assert_eq!(d.remaining, left);
     }
     // Let the writes reach the replica, then lose the master.
-    common::wait_until("replication", || set.replica.cli(&["DBSIZE"]) == "1");
+    common::wait_until_blocking("replication", common::STARTUP, || {
+        set.replica.cli(&["DBSIZE"]) == "1"
+    });
     let old = set.master.port.to_string();
     set.master.kill();
 
