@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Daemon, MASTER_NAME, SentinelSet};
+use common::{Daemon, MASTER_NAME, STARTUP, SentinelSet, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotad_follows_a_failover_to_the_promoted_replica() {
@@ -22,28 +22,20 @@ async fn quotad_follows_a_failover_to_the_promoted_replica() {
         assert_eq!(d.remaining, left);
     }
     // Let the writes reach the replica, then lose the master.
-    common::wait_until_blocking("replication", common::STARTUP, || {
+    wait_until("replication", STARTUP, async || {
         set.replica.cli(&["DBSIZE"]) == "1"
-    });
+    })
+    .await;
     let old = set.master.port.to_string();
     set.master.kill();
 
-    let start = Instant::now();
-    loop {
-        let d = c.check("other", "k", None, 1).await.unwrap();
-        if !d.degraded {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no Redis decision after the failover"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    println!(
-        "Redis decisions resumed {:?} after the master died",
-        start.elapsed()
-    );
+    let took = wait_until(
+        "a Redis decision after the failover",
+        Duration::from_secs(30),
+        async || !c.check("other", "k", None, 1).await.unwrap().degraded,
+    )
+    .await;
+    println!("Redis decisions resumed {took:?} after the master died");
     assert_ne!(set.master_port(), old);
     assert_eq!(set.master_port(), set.replica.port.to_string());
     // The state written before the failover is still enforced.
