@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Postgres, QUOTAD, Redis, redis_table};
+use common::{Daemon, Postgres, QUOTAD, Redis, STARTUP, counters, redis_table, wait_until};
 use futures::future::join_all;
 use quotad::client::Client;
 
@@ -50,10 +50,6 @@ fn cli(d: &Daemon, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-async fn counters(c: &Client) -> std::collections::BTreeMap<String, u64> {
-    c.stats().await.unwrap().counters.unwrap()
 }
 
 #[tokio::test]
@@ -107,9 +103,10 @@ big = {{ plan = "pro", limits = {{ "api.burst.capacity" = 5000 }} }}
     )
     .unwrap();
     d.signal(libc::SIGHUP);
-    common::wait_until_blocking("the reload", common::STARTUP, || {
+    wait_until("the reload", STARTUP, async || {
         d.log_contains("reloaded policies")
-    });
+    })
+    .await;
     assert_eq!(limit(&c, "acme", Some("api")).await, 10);
 }
 
@@ -144,14 +141,12 @@ async fn the_redis_source_is_managed_with_quotad_tenant_and_changes_apply_at_onc
     // At once on the daemon that made the change, and (by announcement,
     // despite a 60 s cache TTL) on the other one.
     assert_eq!(limit(&ca, "acme", Some("api")).await, 2000);
-    let start = Instant::now();
-    while limit(&cb, "acme", Some("api")).await != 2000 {
-        assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "the other daemon kept the old plan"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the other daemon to take the new plan",
+        Duration::from_secs(2),
+        async || limit(&cb, "acme", Some("api")).await == 2000,
+    )
+    .await;
     // The documented Redis layout.
     assert_eq!(redis.cli(&["HGET", "qd:tenant:{acme}", "plan"]), "pro");
     assert_eq!(
@@ -213,13 +208,12 @@ async fn a_plan_changed_in_postgres_is_enforced_after_the_cache_ttl() {
     pg.psql("UPDATE quotad_tenants SET plan = 'free' WHERE tenant = 'acme'");
     let changed = Instant::now();
     assert_eq!(limit(&c, "acme", Some("api")).await, 1000, "still cached");
-    while limit(&c, "acme", Some("api")).await != 10 {
-        assert!(
-            changed.elapsed() < Duration::from_millis(2500),
-            "not enforced after the TTL"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "the change to be enforced after the TTL",
+        Duration::from_millis(2500).saturating_sub(changed.elapsed()),
+        async || limit(&c, "acme", Some("api")).await == 10,
+    )
+    .await;
     println!(
         "the change was enforced {:?} after the update (TTL 1 s)",
         changed.elapsed()
@@ -272,6 +266,7 @@ async fn with_postgres_down_the_last_known_plans_stay_in_force() {
     while start.elapsed() < Duration::from_millis(1500) {
         // Well past the TTL: every check is answered, under the known plan.
         assert_eq!(limit(&c, "acme", Some("api")).await, 1000);
+        // Time passing (five TTLs) is what is under test; this paces it.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // ... from the stale entry, never waiting for another failing lookup.
@@ -293,11 +288,10 @@ async fn with_postgres_down_the_last_known_plans_stay_in_force() {
     // Back up: lookups succeed again by themselves.
     pg.restart();
     pg.psql("UPDATE quotad_tenants SET plan = 'free' WHERE tenant = 'acme'");
-    let start = Instant::now();
-    while limit(&c, "acme", Some("api")).await != 10 {
-        assert!(start.elapsed() < Duration::from_secs(5), "no recovery");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("lookups to recover", Duration::from_secs(5), async || {
+        limit(&c, "acme", Some("api")).await == 10
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
