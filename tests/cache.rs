@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Daemon, Redis, redis_table};
+use common::{Daemon, Redis, STARTUP, counters, redis_table, wait_until};
 use futures::future::join_all;
 use quotad::client::Client;
 use quotad::protocol::{CacheSetArgs, CheckArgs, Lookup};
@@ -77,6 +77,7 @@ async fn round_trip_expiry_overwrite_and_delete_by_key_and_tag() {
                 .value
                 .is_some()
         );
+        // The 150 ms TTL passing is what is under test.
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert!(
             c.cache_get("acme", "short", 0)
@@ -201,7 +202,7 @@ async fn check_get_reads_the_cache_only_when_the_check_allows() {
         hits,
         "denied requests read nothing"
     );
-    let stats = c.stats().await.unwrap().counters.unwrap();
+    let stats = counters(&c).await;
     assert_eq!(stats["requests_check_get"], 5);
 }
 
@@ -223,7 +224,7 @@ async fn stampede(
         async move {
             let l = c.cache_get("acme", "cold", fill_ms).await.unwrap();
             if let (true, Some(work)) = (l.fill, work) {
-                tokio::time::sleep(work).await;
+                tokio::time::sleep(work).await; // the filler computing
                 c.cache_set(set("acme", "cold", "computed once", 60_000, &[]))
                     .await
                     .unwrap();
@@ -250,7 +251,7 @@ async fn one_filler_among_a_hundred_missers_on_two_daemons() {
     }
     println!("all 100 answered in {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(2));
-    let stats = a.client().await.stats().await.unwrap().counters.unwrap();
+    let stats = counters(&a.client().await).await;
     assert!(stats["cache_fill_waits"] > 0);
 }
 
@@ -310,14 +311,10 @@ async fn a_filler_that_gives_up_releases_the_others_at_once() {
                 tokio::spawn(async move { c.cache_get("acme", "k", 10_000).await })
             })
             .collect();
-        let held = Instant::now();
-        while waiting.stats().await.unwrap().counters.unwrap()["cache_fill_waits"] < 5 {
-            assert!(
-                held.elapsed() < Duration::from_secs(10),
-                "{backend}: never held"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until("the callers to be held", STARTUP, async || {
+            counters(&waiting).await["cache_fill_waits"] >= 5
+        })
+        .await;
         let started = Instant::now();
         assert_eq!(filler.cache_release_fill("acme", &["k"]).await.unwrap(), 1);
         for w in waiters {
@@ -333,7 +330,7 @@ async fn a_filler_that_gives_up_releases_the_others_at_once() {
             "{backend}: held {:?}",
             started.elapsed()
         );
-        let stats = waiting.stats().await.unwrap().counters.unwrap();
+        let stats = counters(&waiting).await;
         assert_eq!(stats["cache_fill_abandoned"], 5, "{backend}");
         assert_eq!(stats["cache_fill_timeouts"], 0, "{backend}");
         filler
@@ -354,6 +351,7 @@ async fn stale_while_revalidate_names_one_refresher_per_stale_period() {
         s.stale_ms = 5_000;
         c.cache_set(s.clone()).await.unwrap();
         for round in ["v1", "v2"] {
+            // The 150 ms TTL passing (into the stale period) is under test.
             tokio::time::sleep(Duration::from_millis(250)).await;
             let gets = (0..50).map(|_| {
                 let c = c.clone();
@@ -420,11 +418,12 @@ async fn the_tag_index_stays_bounded_under_100k_short_lived_sets() {
         peak <= bound,
         "tag index grew to {peak}, more than the live entries ({bound})"
     );
-    common::wait_until_blocking(
+    wait_until(
         "the entries and their tags to expire",
-        common::STARTUP,
-        || redis.cli(&["DBSIZE"]) == "0",
-    );
+        STARTUP,
+        async || redis.cli(&["DBSIZE"]) == "0",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,21 +462,16 @@ async fn redis_lost_means_degraded_misses_and_no_op_writes_then_recovery() {
         );
     }
     redis.restart();
-    common::wait_until_blocking("Redis to be back", common::STARTUP, || {
-        redis.cli(&["PING"]) == "PONG"
-    });
-    let start = Instant::now();
-    loop {
-        if !c
-            .cache_set(set("acme", "k", "back", 60_000, &[]))
-            .await
-            .unwrap()
-        {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "no recovery");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "a set that is not degraded",
+        Duration::from_secs(10),
+        async || {
+            !c.cache_set(set("acme", "k", "back", 60_000, &[]))
+                .await
+                .unwrap()
+        },
+    )
+    .await;
     assert_eq!(
         value(&c.cache_get("acme", "k", 0).await.unwrap()),
         Some(&b"back"[..])
@@ -495,7 +489,10 @@ async fn sigterm_releases_callers_waiting_on_a_fill() {
             tokio::spawn(async move { c.cache_get("acme", "slow", 20_000).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until("the callers to be held", STARTUP, async || {
+        counters(&c).await["cache_fill_waits"] >= 5
+    })
+    .await;
     let started = Instant::now();
     d.signal(libc::SIGTERM);
     for w in waiters {
