@@ -5,9 +5,8 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
-use std::time::Duration;
 
-use common::{Daemon, QUOTAD, Raw, Redis, code, exists, redis_table};
+use common::{Daemon, QUOTAD, Raw, Redis, STARTUP, code, exists, redis_table, wait_until_blocking};
 use serde_json::json;
 
 const POLICY: &str = r#"
@@ -17,7 +16,7 @@ rules = [{ name = "burst", kind = "token_bucket", capacity = 2, refill_per_sec =
 
 #[test]
 fn sigterm_answers_in_flight_requests_refuses_new_ones_and_removes_the_socket() {
-    let redis = Redis::start_with(0, &["--enable-debug-command", "yes"]);
+    let redis = Redis::start();
     let d = Daemon::start(&format!(
         "[redis]\nurl = {:?}\ntimeout_ms = 3000\n{POLICY}",
         redis.url()
@@ -26,39 +25,36 @@ fn sigterm_answers_in_flight_requests_refuses_new_ones_and_removes_the_socket() 
     c.send(json!({"id": 1, "op": "check", "tenant": "t", "key": "warm"}));
     assert_eq!(c.recv().unwrap()["degraded"], false);
 
-    // Freeze Redis so that the next requests are in flight for a while.
-    let sleeper = std::thread::spawn({
-        let r = redis.socket();
-        move || {
-            Command::new("redis-cli")
-                .arg("-s")
-                .arg(r)
-                .args(["DEBUG", "SLEEP", "0.6"])
-                .output()
-        }
-    });
-    std::thread::sleep(Duration::from_millis(100));
+    // Freeze Redis: the next requests stay in flight until it resumes.
+    redis.pause();
     for id in 10..60 {
         c.send(json!({"id": id, "op": "check", "tenant": format!("t{id}"), "key": "k"}));
     }
-    std::thread::sleep(Duration::from_millis(100));
+    let mut stats = Raw::connect(&d.socket());
+    wait_until_blocking("the checks to be in flight", STARTUP, || {
+        stats.counters()["requests_check"] == 51
+    });
+    drop(stats);
     d.signal(libc::SIGTERM);
-    std::thread::sleep(Duration::from_millis(100));
-    // New requests on an open connection are refused while it drains...
-    c.send(json!({"id": 99, "op": "hello"}));
-    // ...and new connections cannot even find the socket.
-    assert!(!exists(&d.socket()), "the socket file must go at once");
+    // "At once": while those are still in flight, new connections cannot
+    // even find the socket...
+    wait_until_blocking("the socket file to go", STARTUP, || !exists(&d.socket()));
+    // ...and new requests on an open connection are refused. (Only a
+    // `hello` can be answered while Redis is frozen.)
+    let mut id = 100;
+    wait_until_blocking("a new request to be refused", STARTUP, || {
+        id += 1;
+        c.send(json!({"id": id, "op": "hello"}));
+        let r = c.recv().unwrap();
+        assert_eq!(r["id"], id, "{r}");
+        code(&r) == Some("shutting_down")
+    });
+    redis.resume();
 
-    let mut replies = Vec::new();
-    while let Some(r) = c.recv() {
-        replies.push(r);
-    }
-    let refused: Vec<_> = replies.iter().filter(|r| r["id"] == 99).collect();
-    assert_eq!(refused.len(), 1);
-    assert_eq!(code(refused[0]), Some("shutting_down"));
-    let answered: Vec<_> = replies.iter().filter(|r| r["id"] != 99).collect();
+    let answered: Vec<_> = std::iter::from_fn(|| c.recv()).collect();
     assert_eq!(answered.len(), 50, "every in-flight request is answered");
     for r in answered {
+        assert!((10..60).contains(&r["id"].as_u64().unwrap()), "{r}");
         assert_eq!(
             (r["allowed"].as_bool(), r["degraded"].as_bool()),
             (Some(true), Some(false)),
@@ -68,7 +64,6 @@ fn sigterm_answers_in_flight_requests_refuses_new_ones_and_removes_the_socket() 
     let mut d = d;
     let status = d.wait_exit();
     assert!(status.success(), "exit status {status:?}");
-    sleeper.join().unwrap().unwrap();
 }
 
 #[test]
@@ -100,7 +95,7 @@ fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
     std::fs::copy(&config, &config_copy).unwrap();
     let socket = d.socket();
     d.signal(libc::SIGKILL);
-    common::wait_until_blocking("quotad to die", common::STARTUP, || {
+    wait_until_blocking("quotad to die", STARTUP, || {
         Raw::try_connect(&socket).is_none()
     });
     assert!(exists(&socket), "SIGKILL leaves the socket file");
@@ -115,7 +110,7 @@ fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
         .arg(&config_copy)
         .spawn()
         .unwrap();
-    common::wait_until_blocking("the new quotad", common::STARTUP, || {
+    wait_until_blocking("the new quotad", STARTUP, || {
         Raw::try_connect(&socket).is_some()
     });
     unsafe { libc::kill(again.id() as i32, libc::SIGTERM) };
@@ -170,7 +165,7 @@ fn sighup_reloads_policies_on_open_connections_and_keeps_them_on_a_bad_file() {
     )
     .unwrap();
     d.signal(libc::SIGHUP);
-    common::wait_until_blocking("the reload", common::STARTUP, || {
+    wait_until_blocking("the reload", STARTUP, || {
         d.log_contains("reloaded policies")
     });
     assert_eq!(
@@ -185,7 +180,7 @@ fn sighup_reloads_policies_on_open_connections_and_keeps_them_on_a_bad_file() {
     )
     .unwrap();
     d.signal(libc::SIGHUP);
-    common::wait_until_blocking("the failed reload", common::STARTUP, || {
+    wait_until_blocking("the failed reload", STARTUP, || {
         d.log_contains("reload failed")
     });
     assert_eq!(
