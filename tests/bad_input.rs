@@ -520,7 +520,7 @@ fn connections_over_the_limit_are_told_overloaded() {
     assert_eq!(code(&c.recv().unwrap()), Some("overloaded"));
     assert!(c.closed());
     drop(a);
-    common::wait_until_blocking("a connection slot", common::STARTUP, || {
+    common::wait_until_blocking("a connection slot", common::SOON, || {
         let mut n = Raw::connect(&d.socket());
         n.send(json!({"id": 1, "op": "hello"}));
         n.recv().is_some_and(|r| r["ok"] == true)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Daemon, Redis, STARTUP, counters, redis_table, wait_until};
+use common::{Daemon, Redis, SOON, counters, redis_table, wait_until};
 use futures::future::join_all;
 use quotad::client::Client;
 use quotad::protocol::{CacheSetArgs, CheckArgs, Lookup};
@@ -311,7 +311,7 @@ async fn a_filler_that_gives_up_releases_the_others_at_once() {
                 tokio::spawn(async move { c.cache_get("acme", "k", 10_000).await })
             })
             .collect();
-        wait_until("the callers to be held", STARTUP, async || {
+        wait_until("the callers to be held", SOON, async || {
             counters(&waiting).await["cache_fill_waits"] >= 5
         })
         .await;
@@ -418,11 +418,9 @@ async fn the_tag_index_stays_bounded_under_100k_short_lived_sets() {
         peak <= bound,
         "tag index grew to {peak}, more than the live entries ({bound})"
     );
-    wait_until(
-        "the entries and their tags to expire",
-        STARTUP,
-        async || redis.cli(&["DBSIZE"]) == "0",
-    )
+    wait_until("the entries and their tags to expire", SOON, async || {
+        redis.cli(&["DBSIZE"]) == "0"
+    })
     .await;
 }
 
@@ -489,7 +487,7 @@ async fn sigterm_releases_callers_waiting_on_a_fill() {
             tokio::spawn(async move { c.cache_get("acme", "slow", 20_000).await })
         })
         .collect();
-    wait_until("the callers to be held", STARTUP, async || {
+    wait_until("the callers to be held", SOON, async || {
         counters(&c).await["cache_fill_waits"] >= 5
     })
     .await;

@@ -104,7 +104,7 @@ fn quotad_socket_places_the_daemon_and_finds_it() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    common::wait_until_blocking("the socket at $QUOTAD_SOCKET", common::STARTUP, || {
+    common::wait_until_blocking("the socket at $QUOTAD_SOCKET", common::SOON, || {
         socket.exists()
     });
     let out = Command::new(QUOTAD)

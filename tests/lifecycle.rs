@@ -6,7 +6,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use common::{Daemon, QUOTAD, Raw, Redis, STARTUP, code, exists, redis_table, wait_until_blocking};
+use common::{Daemon, QUOTAD, Raw, Redis, SOON, code, exists, redis_table, wait_until_blocking};
 use serde_json::json;
 
 const POLICY: &str = r#"
@@ -31,18 +31,18 @@ fn sigterm_answers_in_flight_requests_refuses_new_ones_and_removes_the_socket() 
         c.send(json!({"id": id, "op": "check", "tenant": format!("t{id}"), "key": "k"}));
     }
     let mut stats = Raw::connect(&d.socket());
-    wait_until_blocking("the checks to be in flight", STARTUP, || {
+    wait_until_blocking("the checks to be in flight", SOON, || {
         stats.counters()["requests_check"] == 51
     });
     drop(stats);
     d.signal(libc::SIGTERM);
     // "At once": while those are still in flight, new connections cannot
     // even find the socket...
-    wait_until_blocking("the socket file to go", STARTUP, || !exists(&d.socket()));
+    wait_until_blocking("the socket file to go", SOON, || !exists(&d.socket()));
     // ...and new requests on an open connection are refused. (Only a
     // `hello` can be answered while Redis is frozen.)
     let mut id = 100;
-    wait_until_blocking("a new request to be refused", STARTUP, || {
+    wait_until_blocking("a new request to be refused", SOON, || {
         id += 1;
         c.send(json!({"id": id, "op": "hello"}));
         let r = c.recv().unwrap();
@@ -95,7 +95,7 @@ fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
     std::fs::copy(&config, &config_copy).unwrap();
     let socket = d.socket();
     d.signal(libc::SIGKILL);
-    wait_until_blocking("quotad to die", STARTUP, || {
+    wait_until_blocking("quotad to die", SOON, || {
         Raw::try_connect(&socket).is_none()
     });
     assert!(exists(&socket), "SIGKILL leaves the socket file");
@@ -110,7 +110,7 @@ fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
         .arg(&config_copy)
         .spawn()
         .unwrap();
-    wait_until_blocking("the new quotad", STARTUP, || {
+    wait_until_blocking("the new quotad", SOON, || {
         Raw::try_connect(&socket).is_some()
     });
     unsafe { libc::kill(again.id() as i32, libc::SIGTERM) };
@@ -165,9 +165,7 @@ fn sighup_reloads_policies_on_open_connections_and_keeps_them_on_a_bad_file() {
     )
     .unwrap();
     d.signal(libc::SIGHUP);
-    wait_until_blocking("the reload", STARTUP, || {
-        d.log_contains("reloaded policies")
-    });
+    wait_until_blocking("the reload", SOON, || d.log_contains("reloaded policies"));
     assert_eq!(
         check(&mut c, "b")["limit"],
         7,
@@ -180,7 +178,7 @@ fn sighup_reloads_policies_on_open_connections_and_keeps_them_on_a_bad_file() {
     )
     .unwrap();
     d.signal(libc::SIGHUP);
-    wait_until_blocking("the failed reload", STARTUP, || {
+    wait_until_blocking("the failed reload", SOON, || {
         d.log_contains("reload failed")
     });
     assert_eq!(

@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Postgres, QUOTAD, Redis, STARTUP, counters, redis_table, wait_until};
+use common::{Daemon, Postgres, QUOTAD, Redis, SOON, counters, redis_table, wait_until};
 use futures::future::join_all;
 use quotad::client::Client;
 
@@ -103,7 +103,7 @@ big = {{ plan = "pro", limits = {{ "api.burst.capacity" = 5000 }} }}
     )
     .unwrap();
     d.signal(libc::SIGHUP);
-    wait_until("the reload", STARTUP, async || {
+    wait_until("the reload", SOON, async || {
         d.log_contains("reloaded policies")
     })
     .await;

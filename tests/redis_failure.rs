@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    Daemon, Raw, Redis, STARTUP, code, counters, redis_table, wait_until, wait_until_blocking,
+    Daemon, Raw, Redis, SOON, code, counters, redis_table, wait_until, wait_until_blocking,
 };
 use quotad::client::Client;
 
@@ -93,7 +93,7 @@ async fn until_redis_decides(client: &Client) -> Duration {
 /// Waits until the load has carried 500 checks to Redis, so that the
 /// fault that follows comes under load.
 async fn until_under_load(client: &Client) {
-    wait_until("the load to reach Redis", STARTUP, async || {
+    wait_until("the load to reach Redis", SOON, async || {
         counters(client).await["batched_checks"] >= 500
     })
     .await;
@@ -155,7 +155,7 @@ async fn script_flush_mid_run_reaches_no_client() {
             let reloads = counters(&probe).await["script_reloads"];
             assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
             // Each flush is met, and mended, while the load runs.
-            wait_until("the script to be reloaded", STARTUP, async || {
+            wait_until("the script to be reloaded", SOON, async || {
                 counters(&probe).await["script_reloads"] > reloads
             })
             .await;
@@ -230,7 +230,7 @@ fn a_full_shard_queue_answers_overloaded_instead_of_growing() {
     }
     // Every check reaches its shard (queued or refused) while Redis hangs.
     let mut stats = Raw::connect(&d.socket());
-    wait_until_blocking("the 200 checks to be routed", STARTUP, || {
+    wait_until_blocking("the 200 checks to be routed", SOON, || {
         stats.counters()["requests_check"] == 200
     });
     redis.resume();

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Daemon, MASTER_NAME, STARTUP, SentinelSet, wait_until};
+use common::{Daemon, MASTER_NAME, SOON, SentinelSet, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotad_follows_a_failover_to_the_promoted_replica() {
@@ -22,7 +22,7 @@ async fn quotad_follows_a_failover_to_the_promoted_replica() {
         assert_eq!(d.remaining, left);
     }
     // Let the writes reach the replica, then lose the master.
-    wait_until("replication", STARTUP, async || {
+    wait_until("replication", SOON, async || {
         set.replica.cli(&["DBSIZE"]) == "1"
     })
     .await;

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use super::{Redis, STARTUP, require, wait_until_blocking};
+use super::{Redis, SOON, require, wait_until_blocking};
 
 pub struct Cluster {
     pub nodes: Vec<Redis>,
@@ -36,7 +36,7 @@ impl Cluster {
             String::from_utf8_lossy(&out.stdout)
         );
         for n in &nodes {
-            wait_until_blocking("the cluster to be ok", STARTUP, || {
+            wait_until_blocking("the cluster to be ok", SOON, || {
                 n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
             });
         }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use quotad::client::{Client, ClientOptions, FailureMode};
 use tempfile::TempDir;
 
-use super::{STARTUP, exists, wait_until_blocking};
+use super::{SOON, exists, wait_until_blocking};
 
 pub const QUOTAD: &str = env!("CARGO_BIN_EXE_quotad");
 
@@ -54,7 +54,7 @@ impl Daemon {
     /// Waits until quotad listens (panics, with its log, if it exited).
     fn wait_ready(&mut self) {
         let sock = self.socket();
-        wait_until_blocking("quotad's socket", STARTUP, || {
+        wait_until_blocking("quotad's socket", SOON, || {
             if let Ok(Some(status)) = self.child.try_wait() {
                 // Its whole log: the reader ends at the pipe's end.
                 if let Some(reader) = self.reader.take() {
@@ -127,7 +127,7 @@ impl Daemon {
     /// Waits (at most 10 s) for quotad to exit.
     pub fn wait_exit(&mut self) -> ExitStatus {
         let mut status = None;
-        wait_until_blocking("quotad to exit", STARTUP, || {
+        wait_until_blocking("quotad to exit", SOON, || {
             status = self.child.try_wait().unwrap();
             status.is_some()
         });

@@ -25,7 +25,7 @@ pub use self::{
     raw::{Raw, code},
     redis::{Redis, redis_table},
     sentinel::{MASTER_NAME, SentinelSet},
-    wait::{STARTUP, wait_until, wait_until_blocking},
+    wait::{SOON, wait_until, wait_until_blocking},
 };
 
 /// The path of an installed `program`.

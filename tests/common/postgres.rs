@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 
 use tempfile::TempDir;
 
-use super::{STARTUP, free_port, wait_until_blocking};
+use super::{SOON, free_port, wait_until_blocking};
 
 pub struct Postgres {
     child: Option<Child>,
@@ -71,7 +71,7 @@ impl Postgres {
             .spawn()
             .expect("starting postgres");
         self.child = Some(child);
-        wait_until_blocking("PostgreSQL", STARTUP, || self.psql("SELECT 1") == "1");
+        wait_until_blocking("PostgreSQL", SOON, || self.psql("SELECT 1") == "1");
     }
 
     /// A libpq connection string for quotad.

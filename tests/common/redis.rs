@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 
 use tempfile::TempDir;
 
-use super::{STARTUP, require, wait_until_blocking};
+use super::{SOON, require, wait_until_blocking};
 
 pub struct Redis {
     child: Option<Child>,
@@ -53,7 +53,7 @@ impl Redis {
             .stderr(Stdio::null());
         self.child = Some(cmd.spawn().expect("starting redis-server"));
         let sock = self.socket();
-        wait_until_blocking("redis-server", STARTUP, || {
+        wait_until_blocking("redis-server", SOON, || {
             std::os::unix::net::UnixStream::connect(&sock).is_ok() && self.cli(&["PING"]) == "PONG"
         });
     }

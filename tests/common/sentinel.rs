@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 
 use tempfile::TempDir;
 
-use super::{Redis, STARTUP, free_port, require, wait_until_blocking};
+use super::{Redis, SOON, free_port, require, wait_until_blocking};
 
 /// The name the Sentinels monitor the master under.
 pub const MASTER_NAME: &str = "quotad-test";
@@ -26,7 +26,7 @@ impl SentinelSet {
             free_port(),
             &["--replicaof", "127.0.0.1", &master.port.to_string()],
         );
-        wait_until_blocking("the replica to sync", STARTUP, || {
+        wait_until_blocking("the replica to sync", SOON, || {
             replica
                 .cli(&["INFO", "replication"])
                 .contains("master_link_status:up")
@@ -38,7 +38,7 @@ impl SentinelSet {
             sentinels,
         };
         for &(_, _, port) in &set.sentinels {
-            wait_until_blocking("the sentinels to see the replica", STARTUP, || {
+            wait_until_blocking("the sentinels to see the replica", SOON, || {
                 tcp_cli(port, &["SENTINEL", "REPLICAS", MASTER_NAME])
                     .contains(&set.replica.port.to_string())
             });
