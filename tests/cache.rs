@@ -43,6 +43,8 @@ fn daemons() -> Vec<(&'static str, Daemon, Option<Redis>)> {
     ]
 }
 
+/// On both backends: a value comes back as set, with its TTL, is
+/// overwritten, expires, and is deleted by key or by its current tags.
 #[tokio::test]
 async fn round_trip_expiry_overwrite_and_delete_by_key_and_tag() {
     for (backend, d, _redis) in daemons() {
@@ -119,6 +121,8 @@ async fn round_trip_expiry_overwrite_and_delete_by_key_and_tag() {
     }
 }
 
+/// On both backends, no tenant reads or deletes another's entries,
+/// whatever separators or braces the strings hold.
 #[tokio::test]
 async fn tenants_never_see_each_others_entries_whatever_the_strings() {
     for (backend, d, redis) in daemons() {
@@ -167,6 +171,8 @@ async fn tenants_never_see_each_others_entries_whatever_the_strings() {
     }
 }
 
+/// `check_get` returns the cached value when the check allows, and a
+/// denied one reads nothing from Redis and carries no cache fields.
 #[tokio::test]
 async fn check_get_reads_the_cache_only_when_the_check_allows() {
     let redis = Redis::start();
@@ -237,6 +243,8 @@ async fn stampede(
     (fills, lookups.into_iter().filter(|l| !l.fill).collect())
 }
 
+/// Of 100 concurrent misses on one key across two quotads, exactly one is
+/// told to fill and the 99 others get its value, within 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_filler_among_a_hundred_missers_on_two_daemons() {
     let redis = Redis::start();
@@ -255,6 +263,8 @@ async fn one_filler_among_a_hundred_missers_on_two_daemons() {
     assert!(stats["cache_fill_waits"] > 0);
 }
 
+/// The memory backend also names exactly one filler among 50 misses and
+/// hands its value to the others.
 #[tokio::test]
 async fn one_filler_on_the_memory_backend_too() {
     let d = Daemon::start(POLICY);
@@ -267,6 +277,8 @@ async fn one_filler_on_the_memory_backend_too() {
     );
 }
 
+/// On both backends, callers held for a filler that never sets are let go
+/// with a plain miss at their `fill_ms`, not before and not much after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filler_that_never_sets_releases_the_others_at_the_deadline() {
     for (backend, d, _redis) in daemons() {
@@ -343,6 +355,8 @@ async fn a_filler_that_gives_up_releases_the_others_at_once() {
     }
 }
 
+/// On both backends, 50 reads of a stale entry all get the stale value
+/// and exactly one is told to refresh, in each stale period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_while_revalidate_names_one_refresher_per_stale_period() {
     for (backend, d, _redis) in daemons() {
@@ -378,6 +392,8 @@ async fn stale_while_revalidate_names_one_refresher_per_stale_period() {
     }
 }
 
+/// Under 100k short-lived tagged sets a tag's index holds about the live
+/// entries only, and everything expires from Redis afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tag_index_stays_bounded_under_100k_short_lived_sets() {
     let redis = Redis::start();
@@ -424,6 +440,8 @@ async fn the_tag_index_stays_bounded_under_100k_short_lived_sets() {
     .await;
 }
 
+/// With Redis gone every cache op answers at once, degraded (misses,
+/// no-op writes); once it is back, writes and reads work again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_lost_means_degraded_misses_and_no_op_writes_then_recovery() {
     let mut redis = Redis::start();
@@ -476,6 +494,8 @@ async fn redis_lost_means_degraded_misses_and_no_op_writes_then_recovery() {
     );
 }
 
+/// SIGTERM answers the callers held for a fill (a plain miss) instead of
+/// dropping them, and quotad exits cleanly within 3 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_releases_callers_waiting_on_a_fill() {
     let mut d = Daemon::start(POLICY);

@@ -26,6 +26,8 @@ fn options(failure_mode: FailureMode) -> ClientOptions {
     }
 }
 
+/// 200 concurrent calls on one client are exact (50 allowed) and use one
+/// connection.
 #[tokio::test]
 async fn many_concurrent_calls_share_one_connection() {
     let d = Daemon::start(POLICY);
@@ -42,6 +44,8 @@ async fn many_concurrent_calls_share_one_connection() {
     assert_eq!(stats["connections_total"], 1);
 }
 
+/// With quotad gone, `FailureMode::Open` answers allowed and degraded
+/// within the timeout; after a restart the client reconnects by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_sidecar_fails_open_within_the_timeout_then_reconnects() {
     let mut d = Daemon::start(POLICY);
@@ -69,6 +73,8 @@ async fn a_lost_sidecar_fails_open_within_the_timeout_then_reconnects() {
     .await;
 }
 
+/// With no quotad, `FailureMode::Closed` denies and `FailureMode::Error`
+/// raises; `Client::connect` fails at once.
 #[tokio::test]
 async fn the_failure_mode_can_deny_or_raise() {
     let dir = tempfile::tempdir().unwrap();
@@ -90,6 +96,9 @@ async fn the_failure_mode_can_deny_or_raise() {
     );
 }
 
+/// The client refuses bad values itself (empty names, nothing to delete,
+/// a zero TTL): none reaches quotad. Server-side errors still come back
+/// as errors.
 #[tokio::test]
 async fn bad_values_are_refused_before_anything_is_sent() {
     let d = Daemon::start(POLICY);

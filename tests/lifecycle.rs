@@ -14,6 +14,8 @@ const POLICY: &str = r#"
 rules = [{ name = "burst", kind = "token_bucket", capacity = 2, refill_per_sec = 0.001 }]
 "#;
 
+/// SIGTERM removes the socket file at once, refuses new requests with
+/// `shutting_down`, answers every request in flight, and exits 0.
 #[test]
 fn sigterm_answers_in_flight_requests_refuses_new_ones_and_removes_the_socket() {
     let redis = Redis::start();
@@ -66,6 +68,8 @@ fn sigterm_answers_in_flight_requests_refuses_new_ones_and_removes_the_socket() 
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// A second quotad refuses a socket someone listens on, but replaces a
+/// stale socket file left by a killed one.
 #[test]
 fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
     let d = Daemon::start(POLICY);
@@ -117,6 +121,8 @@ fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
     assert!(again.wait().unwrap().success());
 }
 
+/// quotad refuses to start over a regular file at its socket path, and
+/// leaves the file alone.
 #[test]
 fn a_regular_file_at_the_socket_path_is_never_deleted() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,6 +145,7 @@ fn a_regular_file_at_the_socket_path_is_never_deleted() {
     assert_eq!(std::fs::read_to_string(&socket).unwrap(), "precious");
 }
 
+/// The socket file gets `socket_mode`.
 #[test]
 fn the_socket_file_gets_the_configured_mode() {
     let d = Daemon::start(&format!("socket_mode = 0o600\n{POLICY}"));
@@ -146,6 +153,8 @@ fn the_socket_file_gets_the_configured_mode() {
     assert_eq!(mode, 0o600);
 }
 
+/// SIGHUP applies changed policies to open connections, and a bad file
+/// keeps the running ones.
 #[test]
 fn sighup_reloads_policies_on_open_connections_and_keeps_them_on_a_bad_file() {
     let d = Daemon::start(POLICY);
@@ -188,6 +197,8 @@ fn sighup_reloads_policies_on_open_connections_and_keeps_them_on_a_bad_file() {
     );
 }
 
+/// quotad starts and answers with Redis down, logging that Redis is not
+/// answering yet.
 #[test]
 fn redis_down_at_start_does_not_stop_quotad_from_starting() {
     let mut redis = Redis::start();
@@ -202,6 +213,8 @@ fn redis_down_at_start_does_not_stop_quotad_from_starting() {
     assert!(d.log_contains("Redis not answering yet"));
 }
 
+/// The Lua script is loaded once at start, so the first check is one
+/// EVALSHA with no NOSCRIPT fallback.
 #[test]
 fn the_script_is_loaded_before_the_first_request() {
     let redis = Redis::start();

@@ -52,6 +52,8 @@ fn cli(d: &Daemon, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// With the `file` source, tenants get their plan's limits, their own
+/// overrides and their plan's default policy; SIGHUP re-reads the plans.
 #[tokio::test]
 async fn plans_from_the_config_file_give_tenants_their_own_limits() {
     let d = Daemon::start(&format!(
@@ -110,6 +112,8 @@ big = {{ plan = "pro", limits = {{ "api.burst.capacity" = 5000 }} }}
     assert_eq!(limit(&c, "acme", Some("api")).await, 10);
 }
 
+/// `quotad tenant` manages the `redis` source in its documented layout, a
+/// change applies at once on every quotad, and bad records are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_source_is_managed_with_quotad_tenant_and_changes_apply_at_once_everywhere() {
     let redis = Redis::start();
@@ -192,6 +196,8 @@ fn postgres_config(redis: &Redis, pg: &Postgres, ttl_ms: u64) -> String {
     )
 }
 
+/// A plan changed in PostgreSQL is enforced once the cache TTL has passed
+/// (within 2.5 s of a 1 s TTL); until then the cached plan holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plan_changed_in_postgres_is_enforced_after_the_cache_ttl() {
     let (redis, pg) = (Redis::start(), Postgres::start());
@@ -220,6 +226,8 @@ async fn a_plan_changed_in_postgres_is_enforced_after_the_cache_ttl() {
     );
 }
 
+/// 1,000 concurrent checks of a tenant not cached make one source lookup
+/// and one Redis-level miss; the next check hits the local level.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_checks_for_a_cold_tenant_make_one_lookup() {
     let (redis, pg) = (Redis::start(), Postgres::start());
@@ -252,6 +260,8 @@ async fn a_thousand_concurrent_checks_for_a_cold_tenant_make_one_lookup() {
     assert_eq!(later["quota_local_hits"] - after["quota_local_hits"], 1);
 }
 
+/// With PostgreSQL down, known tenants keep their plans past the TTL
+/// without waiting on lookups, new ones get the default, and it recovers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_postgres_down_the_last_known_plans_stay_in_force() {
     let (redis, mut pg) = (Redis::start(), Postgres::start());
@@ -294,6 +304,8 @@ async fn with_postgres_down_the_last_known_plans_stay_in_force() {
     .await;
 }
 
+/// Bad records and an SQL-injecting tenant name get the default plan,
+/// counted and logged; `tenant get` still shows the source's record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_records_and_hostile_tenant_names_fall_back_to_the_default_plan() {
     let (redis, pg) = (Redis::start(), Postgres::start());
@@ -325,6 +337,8 @@ async fn bad_records_and_hostile_tenant_names_fall_back_to_the_default_plan() {
     assert!(out.contains("plan=platinum"), "{out}");
 }
 
+/// Admin ops are `forbidden` to a user not in `admin.allowed_uids`; other
+/// ops are unaffected.
 #[tokio::test]
 async fn admin_ops_are_refused_to_users_not_allowed() {
     let d = Daemon::start(&format!(

@@ -99,6 +99,8 @@ async fn until_under_load(client: &Client) {
     .await;
 }
 
+/// Redis killed under load: every check is answered, degraded ones within
+/// the deadline, and decisions return to Redis after its restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_under_load_fails_open_within_the_deadline_then_recovers() {
     let mut redis = Redis::start();
@@ -122,6 +124,8 @@ async fn redis_killed_under_load_fails_open_within_the_deadline_then_recovers() 
     assert_eq!(stats["breaker_open"], 0);
 }
 
+/// A frozen Redis costs each check at most the deadline, and decisions
+/// return to Redis once it resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_redis_costs_each_request_at_most_the_deadline() {
     let redis = Redis::start();
@@ -143,6 +147,8 @@ async fn a_hung_redis_costs_each_request_at_most_the_deadline() {
     println!("Redis decisions resumed {took:?} after the pause ended");
 }
 
+/// SCRIPT FLUSH under load is mended by reloading the script: no error
+/// and no degraded answer reaches a client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn script_flush_mid_run_reaches_no_client() {
     let redis = Redis::start();
@@ -173,6 +179,8 @@ async fn script_flush_mid_run_reaches_no_client() {
     assert!(stats["script_reloads"] >= 5, "{stats:?}");
 }
 
+/// With Redis down from the start, each policy's failure mode answers:
+/// open allows, closed denies with its retry-after, local enforces.
 #[tokio::test]
 async fn redis_down_from_the_start_is_answered_by_failure_mode() {
     let mut redis = Redis::start();
@@ -213,6 +221,8 @@ rules = [{{ name = "r", kind = "token_bucket", capacity = 2, refill_per_sec = 0.
     assert_eq!(local.iter().filter(|a| **a).count(), 2, "{local:?}");
 }
 
+/// With Redis frozen, a shard's full queues answer `overloaded` instead of
+/// growing; what was queued is decided, and the shard is fine afterwards.
 #[test]
 fn a_full_shard_queue_answers_overloaded_instead_of_growing() {
     let redis = Redis::start();

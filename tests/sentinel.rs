@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use common::{Daemon, MASTER_NAME, SOON, SentinelSet, wait_until};
 
+/// After the master dies, quotad finds the replica Sentinel promotes and
+/// enforces the state written before the failover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotad_follows_a_failover_to_the_promoted_replica() {
     let mut set = SentinelSet::start();
