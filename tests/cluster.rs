@@ -120,6 +120,7 @@ async fn the_cache_works_across_the_masters() {
     let mut stale = set("tenant-2".into(), "s", 5_000);
     stale.ttl_ms = 50;
     c.cache_set(stale).await.unwrap();
+    // The 50 ms TTL passing (into the stale period) is under test.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let l = c.cache_get("tenant-2", "s", 0).await.unwrap();
     assert!(l.stale && l.refresh, "{l:?}");
