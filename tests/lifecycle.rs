@@ -72,7 +72,7 @@ fn sigterm_answers_in_flight_requests_refuses_new_ones_and_removes_the_socket() 
 /// stale socket file left by a killed one.
 #[test]
 fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
-    let d = Daemon::start(POLICY);
+    let mut d = Daemon::start(POLICY);
     // A second quotad on the same socket refuses to start.
     let out = Command::new(QUOTAD)
         .arg("serve")
@@ -92,33 +92,19 @@ fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
     );
 
     // Kill it hard: the socket file stays behind, stale.
-    let config = d.config_path();
-    let dir = config.parent().unwrap().to_owned();
-    let keep = tempfile::tempdir().unwrap();
-    let config_copy = keep.path().join("quotad.toml");
-    std::fs::copy(&config, &config_copy).unwrap();
-    let socket = d.socket();
-    d.signal(libc::SIGKILL);
-    wait_until_blocking("quotad to die", SOON, || {
-        Raw::try_connect(&socket).is_none()
-    });
-    assert!(exists(&socket), "SIGKILL leaves the socket file");
-    drop(d);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::os::unix::net::UnixListener::bind(&socket)
-        .map(drop)
-        .unwrap();
-    let mut again = Command::new(QUOTAD)
-        .arg("serve")
-        .arg("--config")
-        .arg(&config_copy)
-        .spawn()
-        .unwrap();
-    wait_until_blocking("the new quotad", SOON, || {
-        Raw::try_connect(&socket).is_some()
-    });
-    unsafe { libc::kill(again.id() as i32, libc::SIGTERM) };
-    assert!(again.wait().unwrap().success());
+    d.kill();
+    assert!(exists(&d.socket()), "SIGKILL leaves the socket file");
+    assert!(Raw::try_connect(&d.socket()).is_none(), "nobody listens");
+    // Waits for the ready log line: SIGTERM before it (the signal handler
+    // is installed after the bind) would kill the new quotad outright.
+    d.restart();
+    assert!(d.log_contains("removing stale socket file"));
+    let mut c = Raw::connect(&d.socket());
+    c.send(json!({"id": 1, "op": "hello"}));
+    assert_eq!(c.recv().unwrap()["ok"], true, "the new quotad serves");
+    drop(c);
+    let status = d.terminate();
+    assert!(status.success(), "exit status {status:?}");
 }
 
 /// quotad refuses to start over a regular file at its socket path, and
