@@ -29,6 +29,8 @@ fn assert_fatal(d: &Daemon, frame_or_bytes: impl FnOnce(&mut Raw), want: &str) {
     assert!(raw.closed(), "the connection must be closed");
 }
 
+/// Malformed, oversized and cut-off frames each get a fatal error and
+/// close their own connection only: a healthy one keeps being served.
 #[test]
 fn malformed_or_oversized_frames_close_only_their_connection() {
     let d = Daemon::start(CONFIG);
@@ -87,6 +89,9 @@ fn malformed_or_oversized_frames_close_only_their_connection() {
     );
 }
 
+/// Each bad field fails its own request with the documented code and
+/// message on a connection that stays served; values at the limits pass
+/// and unknown fields are ignored.
 #[test]
 fn bad_fields_fail_only_their_request() {
     let d = Daemon::start(CONFIG);
@@ -460,6 +465,8 @@ fn mutated_requests_never_hang_crash_or_spill_over() {
     }
 }
 
+/// Tenants and keys made of separators, braces, globs or CRLF never share
+/// state, and every Redis key they make has exactly one well-formed hash tag.
 #[test]
 fn hostile_tenants_and_keys_stay_in_their_own_namespace() {
     let redis = Redis::start();
@@ -507,6 +514,8 @@ fn hostile_tenants_and_keys_stay_in_their_own_namespace() {
     }
 }
 
+/// A connection over `max_connections` is told `overloaded` and closed, and
+/// a slot that frees up is given to the next one.
 #[test]
 fn connections_over_the_limit_are_told_overloaded() {
     let d = Daemon::start(&format!("max_connections = 2\n{CONFIG}"));
@@ -520,7 +529,7 @@ fn connections_over_the_limit_are_told_overloaded() {
     assert_eq!(code(&c.recv().unwrap()), Some("overloaded"));
     assert!(c.closed());
     drop(a);
-    common::wait_until("a connection slot", || {
+    common::wait_until_blocking("a connection slot", common::SOON, || {
         let mut n = Raw::connect(&d.socket());
         n.send(json!({"id": 1, "op": "hello"}));
         n.recv().is_some_and(|r| r["ok"] == true)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Daemon, Redis, redis_table};
+use common::{Daemon, Redis, SOON, counters, redis_table, wait_until};
 use futures::future::join_all;
 use quotad::client::Client;
 use quotad::protocol::{CacheSetArgs, CheckArgs, Lookup};
@@ -43,6 +43,8 @@ fn daemons() -> Vec<(&'static str, Daemon, Option<Redis>)> {
     ]
 }
 
+/// On both backends: a value comes back as set, with its TTL, is
+/// overwritten, expires, and is deleted by key or by its current tags.
 #[tokio::test]
 async fn round_trip_expiry_overwrite_and_delete_by_key_and_tag() {
     for (backend, d, _redis) in daemons() {
@@ -77,6 +79,7 @@ async fn round_trip_expiry_overwrite_and_delete_by_key_and_tag() {
                 .value
                 .is_some()
         );
+        // The 150 ms TTL passing is what is under test.
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert!(
             c.cache_get("acme", "short", 0)
@@ -118,6 +121,8 @@ async fn round_trip_expiry_overwrite_and_delete_by_key_and_tag() {
     }
 }
 
+/// On both backends, no tenant reads or deletes another's entries,
+/// whatever separators or braces the strings hold.
 #[tokio::test]
 async fn tenants_never_see_each_others_entries_whatever_the_strings() {
     for (backend, d, redis) in daemons() {
@@ -166,6 +171,8 @@ async fn tenants_never_see_each_others_entries_whatever_the_strings() {
     }
 }
 
+/// `check_get` returns the cached value when the check allows, and a
+/// denied one reads nothing from Redis and carries no cache fields.
 #[tokio::test]
 async fn check_get_reads_the_cache_only_when_the_check_allows() {
     let redis = Redis::start();
@@ -201,7 +208,7 @@ async fn check_get_reads_the_cache_only_when_the_check_allows() {
         hits,
         "denied requests read nothing"
     );
-    let stats = c.stats().await.unwrap().counters.unwrap();
+    let stats = counters(&c).await;
     assert_eq!(stats["requests_check_get"], 5);
 }
 
@@ -223,7 +230,7 @@ async fn stampede(
         async move {
             let l = c.cache_get("acme", "cold", fill_ms).await.unwrap();
             if let (true, Some(work)) = (l.fill, work) {
-                tokio::time::sleep(work).await;
+                tokio::time::sleep(work).await; // the filler computing
                 c.cache_set(set("acme", "cold", "computed once", 60_000, &[]))
                     .await
                     .unwrap();
@@ -236,6 +243,8 @@ async fn stampede(
     (fills, lookups.into_iter().filter(|l| !l.fill).collect())
 }
 
+/// Of 100 concurrent misses on one key across two quotads, exactly one is
+/// told to fill and the 99 others get its value, within 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_filler_among_a_hundred_missers_on_two_daemons() {
     let redis = Redis::start();
@@ -250,10 +259,12 @@ async fn one_filler_among_a_hundred_missers_on_two_daemons() {
     }
     println!("all 100 answered in {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(2));
-    let stats = a.client().await.stats().await.unwrap().counters.unwrap();
+    let stats = counters(&a.client().await).await;
     assert!(stats["cache_fill_waits"] > 0);
 }
 
+/// The memory backend also names exactly one filler among 50 misses and
+/// hands its value to the others.
 #[tokio::test]
 async fn one_filler_on_the_memory_backend_too() {
     let d = Daemon::start(POLICY);
@@ -266,6 +277,8 @@ async fn one_filler_on_the_memory_backend_too() {
     );
 }
 
+/// On both backends, callers held for a filler that never sets are let go
+/// with a plain miss at their `fill_ms`, not before and not much after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filler_that_never_sets_releases_the_others_at_the_deadline() {
     for (backend, d, _redis) in daemons() {
@@ -310,14 +323,10 @@ async fn a_filler_that_gives_up_releases_the_others_at_once() {
                 tokio::spawn(async move { c.cache_get("acme", "k", 10_000).await })
             })
             .collect();
-        let held = Instant::now();
-        while waiting.stats().await.unwrap().counters.unwrap()["cache_fill_waits"] < 5 {
-            assert!(
-                held.elapsed() < Duration::from_secs(10),
-                "{backend}: never held"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until("the callers to be held", SOON, async || {
+            counters(&waiting).await["cache_fill_waits"] >= 5
+        })
+        .await;
         let started = Instant::now();
         assert_eq!(filler.cache_release_fill("acme", &["k"]).await.unwrap(), 1);
         for w in waiters {
@@ -333,7 +342,7 @@ async fn a_filler_that_gives_up_releases_the_others_at_once() {
             "{backend}: held {:?}",
             started.elapsed()
         );
-        let stats = waiting.stats().await.unwrap().counters.unwrap();
+        let stats = counters(&waiting).await;
         assert_eq!(stats["cache_fill_abandoned"], 5, "{backend}");
         assert_eq!(stats["cache_fill_timeouts"], 0, "{backend}");
         filler
@@ -346,6 +355,8 @@ async fn a_filler_that_gives_up_releases_the_others_at_once() {
     }
 }
 
+/// On both backends, 50 reads of a stale entry all get the stale value
+/// and exactly one is told to refresh, in each stale period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_while_revalidate_names_one_refresher_per_stale_period() {
     for (backend, d, _redis) in daemons() {
@@ -354,6 +365,7 @@ async fn stale_while_revalidate_names_one_refresher_per_stale_period() {
         s.stale_ms = 5_000;
         c.cache_set(s.clone()).await.unwrap();
         for round in ["v1", "v2"] {
+            // The 150 ms TTL passing (into the stale period) is under test.
             tokio::time::sleep(Duration::from_millis(250)).await;
             let gets = (0..50).map(|_| {
                 let c = c.clone();
@@ -380,6 +392,8 @@ async fn stale_while_revalidate_names_one_refresher_per_stale_period() {
     }
 }
 
+/// Under 100k short-lived tagged sets a tag's index holds about the live
+/// entries only, and everything expires from Redis afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tag_index_stays_bounded_under_100k_short_lived_sets() {
     let redis = Redis::start();
@@ -420,11 +434,14 @@ async fn the_tag_index_stays_bounded_under_100k_short_lived_sets() {
         peak <= bound,
         "tag index grew to {peak}, more than the live entries ({bound})"
     );
-    common::wait_until("the entries and their tags to expire", || {
+    wait_until("the entries and their tags to expire", SOON, async || {
         redis.cli(&["DBSIZE"]) == "0"
-    });
+    })
+    .await;
 }
 
+/// With Redis gone every cache op answers at once, degraded (misses,
+/// no-op writes); once it is back, writes and reads work again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_lost_means_degraded_misses_and_no_op_writes_then_recovery() {
     let mut redis = Redis::start();
@@ -461,25 +478,24 @@ async fn redis_lost_means_degraded_misses_and_no_op_writes_then_recovery() {
         );
     }
     redis.restart();
-    common::wait_until("Redis to be back", || redis.cli(&["PING"]) == "PONG");
-    let start = Instant::now();
-    loop {
-        if !c
-            .cache_set(set("acme", "k", "back", 60_000, &[]))
-            .await
-            .unwrap()
-        {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "no recovery");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "a set that is not degraded",
+        Duration::from_secs(10),
+        async || {
+            !c.cache_set(set("acme", "k", "back", 60_000, &[]))
+                .await
+                .unwrap()
+        },
+    )
+    .await;
     assert_eq!(
         value(&c.cache_get("acme", "k", 0).await.unwrap()),
         Some(&b"back"[..])
     );
 }
 
+/// SIGTERM answers the callers held for a fill (a plain miss) instead of
+/// dropping them, and quotad exits cleanly within 3 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_releases_callers_waiting_on_a_fill() {
     let mut d = Daemon::start(POLICY);
@@ -491,7 +507,10 @@ async fn sigterm_releases_callers_waiting_on_a_fill() {
             tokio::spawn(async move { c.cache_get("acme", "slow", 20_000).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until("the callers to be held", SOON, async || {
+        counters(&c).await["cache_fill_waits"] >= 5
+    })
+    .await;
     let started = Instant::now();
     d.signal(libc::SIGTERM);
     for w in waiters {

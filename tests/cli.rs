@@ -22,6 +22,8 @@ fn check(d: &Daemon, extra: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `quotad check` prints the decision and exits 0 allowed, 1 denied, 2 on
+/// an error; the config file can name the socket.
 #[test]
 fn check_prints_the_decision_and_exits_by_it() {
     let d = Daemon::start(
@@ -55,6 +57,7 @@ fn check_prints_the_decision_and_exits_by_it() {
     assert_eq!(out.status.code(), Some(0));
 }
 
+/// `quotad check` with no daemon at the socket exits 2, saying so.
 #[test]
 fn check_without_a_daemon_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -67,6 +70,7 @@ fn check_without_a_daemon_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("connecting to"));
 }
 
+/// `quotad --version` prints the package version.
 #[test]
 fn version_names_the_package_version() {
     let out = Command::new(QUOTAD).arg("--version").output().unwrap();
@@ -76,6 +80,7 @@ fn version_names_the_package_version() {
     );
 }
 
+/// `quotad serve` with an invalid config exits 2 and names the bad field.
 #[test]
 fn an_invalid_config_names_the_field_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -91,6 +96,7 @@ fn an_invalid_config_names_the_field_and_exits_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("redis.timeout_ms"));
 }
 
+/// `$QUOTAD_SOCKET` sets where `serve` listens and where `check` connects.
 #[test]
 fn quotad_socket_places_the_daemon_and_finds_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -104,7 +110,9 @@ fn quotad_socket_places_the_daemon_and_finds_it() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    common::wait_until("the socket at $QUOTAD_SOCKET", || socket.exists());
+    common::wait_until_blocking("the socket at $QUOTAD_SOCKET", common::SOON, || {
+        socket.exists()
+    });
     let out = Command::new(QUOTAD)
         .args(["check", "--tenant", "t", "--key", "k"])
         .env("QUOTAD_SOCKET", &socket)

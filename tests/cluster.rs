@@ -6,6 +6,8 @@ mod common;
 use common::{Cluster, Daemon};
 use futures::future::join_all;
 
+/// On a 3-master Redis Cluster checks stay exact (one hot key, and 300
+/// tenants at once), spread over every master, with batches split by slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checks_are_exact_and_spread_over_all_three_masters() {
     let cluster = Cluster::start();
@@ -61,6 +63,8 @@ async fn checks_are_exact_and_spread_over_all_three_masters() {
     assert_eq!(stats["degraded"], 0);
 }
 
+/// On a Redis Cluster, cache sets, gets, `check_get`, deletes by tag and
+/// stale refreshes work for tenants on every master.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_works_across_the_masters() {
     let cluster = Cluster::start();
@@ -116,6 +120,7 @@ async fn the_cache_works_across_the_masters() {
     let mut stale = set("tenant-2".into(), "s", 5_000);
     stale.ttl_ms = 50;
     c.cache_set(stale).await.unwrap();
+    // The 50 ms TTL passing (into the stale period) is under test.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let l = c.cache_get("tenant-2", "s", 0).await.unwrap();
     assert!(l.stale && l.refresh, "{l:?}");

@@ -31,12 +31,14 @@ async fn allowed_of_200(daemons: &[&Daemon]) -> usize {
         .count()
 }
 
+/// The memory backend allows exactly 50 of 200 concurrent checks.
 #[tokio::test]
 async fn memory_backend_allows_exactly_the_limit() {
     let d = Daemon::start(POLICY);
     assert_eq!(allowed_of_200(&[&d]).await, 50);
 }
 
+/// The Redis backend allows exactly 50 of 200 concurrent checks, then none.
 #[tokio::test]
 async fn redis_backend_allows_exactly_the_limit() {
     let redis = Redis::start();
@@ -46,6 +48,8 @@ async fn redis_backend_allows_exactly_the_limit() {
     assert_eq!(allowed_of_200(&[&d]).await, 0);
 }
 
+/// Two quotads sharing one Redis allow exactly 50 of 200 checks between
+/// them.
 #[tokio::test]
 async fn two_daemons_sharing_one_redis_allow_exactly_the_limit() {
     let redis = Redis::start();

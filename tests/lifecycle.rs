@@ -5,9 +5,8 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
-use std::time::Duration;
 
-use common::{Daemon, QUOTAD, Raw, Redis, code, exists, redis_table};
+use common::{Daemon, QUOTAD, Raw, Redis, SOON, code, exists, redis_table, wait_until_blocking};
 use serde_json::json;
 
 const POLICY: &str = r#"
@@ -15,9 +14,11 @@ const POLICY: &str = r#"
 rules = [{ name = "burst", kind = "token_bucket", capacity = 2, refill_per_sec = 0.001 }]
 "#;
 
+/// SIGTERM removes the socket file at once, refuses new requests with
+/// `shutting_down`, answers every request in flight, and exits 0.
 #[test]
 fn sigterm_answers_in_flight_requests_refuses_new_ones_and_removes_the_socket() {
-    let redis = Redis::start_with(0, &["--enable-debug-command", "yes"]);
+    let redis = Redis::start();
     let d = Daemon::start(&format!(
         "[redis]\nurl = {:?}\ntimeout_ms = 3000\n{POLICY}",
         redis.url()
@@ -26,39 +27,36 @@ fn sigterm_answers_in_flight_requests_refuses_new_ones_and_removes_the_socket() 
     c.send(json!({"id": 1, "op": "check", "tenant": "t", "key": "warm"}));
     assert_eq!(c.recv().unwrap()["degraded"], false);
 
-    // Freeze Redis so that the next requests are in flight for a while.
-    let sleeper = std::thread::spawn({
-        let r = redis.socket();
-        move || {
-            Command::new("redis-cli")
-                .arg("-s")
-                .arg(r)
-                .args(["DEBUG", "SLEEP", "0.6"])
-                .output()
-        }
-    });
-    std::thread::sleep(Duration::from_millis(100));
+    // Freeze Redis: the next requests stay in flight until it resumes.
+    redis.pause();
     for id in 10..60 {
         c.send(json!({"id": id, "op": "check", "tenant": format!("t{id}"), "key": "k"}));
     }
-    std::thread::sleep(Duration::from_millis(100));
+    let mut stats = Raw::connect(&d.socket());
+    wait_until_blocking("the checks to be in flight", SOON, || {
+        stats.counters()["requests_check"] == 51
+    });
+    drop(stats);
     d.signal(libc::SIGTERM);
-    std::thread::sleep(Duration::from_millis(100));
-    // New requests on an open connection are refused while it drains...
-    c.send(json!({"id": 99, "op": "hello"}));
-    // ...and new connections cannot even find the socket.
-    assert!(!exists(&d.socket()), "the socket file must go at once");
+    // "At once": while those are still in flight, new connections cannot
+    // even find the socket...
+    wait_until_blocking("the socket file to go", SOON, || !exists(&d.socket()));
+    // ...and new requests on an open connection are refused. (Only a
+    // `hello` can be answered while Redis is frozen.)
+    let mut id = 100;
+    wait_until_blocking("a new request to be refused", SOON, || {
+        id += 1;
+        c.send(json!({"id": id, "op": "hello"}));
+        let r = c.recv().unwrap();
+        assert_eq!(r["id"], id, "{r}");
+        code(&r) == Some("shutting_down")
+    });
+    redis.resume();
 
-    let mut replies = Vec::new();
-    while let Some(r) = c.recv() {
-        replies.push(r);
-    }
-    let refused: Vec<_> = replies.iter().filter(|r| r["id"] == 99).collect();
-    assert_eq!(refused.len(), 1);
-    assert_eq!(code(refused[0]), Some("shutting_down"));
-    let answered: Vec<_> = replies.iter().filter(|r| r["id"] != 99).collect();
+    let answered: Vec<_> = std::iter::from_fn(|| c.recv()).collect();
     assert_eq!(answered.len(), 50, "every in-flight request is answered");
     for r in answered {
+        assert!((10..60).contains(&r["id"].as_u64().unwrap()), "{r}");
         assert_eq!(
             (r["allowed"].as_bool(), r["degraded"].as_bool()),
             (Some(true), Some(false)),
@@ -68,12 +66,13 @@ fn sigterm_answers_in_flight_requests_refuses_new_ones_and_removes_the_socket() 
     let mut d = d;
     let status = d.wait_exit();
     assert!(status.success(), "exit status {status:?}");
-    sleeper.join().unwrap().unwrap();
 }
 
+/// A second quotad refuses a socket someone listens on, but replaces a
+/// stale socket file left by a killed one.
 #[test]
 fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
-    let d = Daemon::start(POLICY);
+    let mut d = Daemon::start(POLICY);
     // A second quotad on the same socket refuses to start.
     let out = Command::new(QUOTAD)
         .arg("serve")
@@ -93,31 +92,23 @@ fn a_stale_socket_file_is_replaced_but_a_live_one_is_refused() {
     );
 
     // Kill it hard: the socket file stays behind, stale.
-    let config = d.config_path();
-    let dir = config.parent().unwrap().to_owned();
-    let keep = tempfile::tempdir().unwrap();
-    let config_copy = keep.path().join("quotad.toml");
-    std::fs::copy(&config, &config_copy).unwrap();
-    let socket = d.socket();
-    d.signal(libc::SIGKILL);
-    common::wait_until("quotad to die", || Raw::try_connect(&socket).is_none());
-    assert!(exists(&socket), "SIGKILL leaves the socket file");
-    drop(d);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::os::unix::net::UnixListener::bind(&socket)
-        .map(drop)
-        .unwrap();
-    let mut again = Command::new(QUOTAD)
-        .arg("serve")
-        .arg("--config")
-        .arg(&config_copy)
-        .spawn()
-        .unwrap();
-    common::wait_until("the new quotad", || Raw::try_connect(&socket).is_some());
-    unsafe { libc::kill(again.id() as i32, libc::SIGTERM) };
-    assert!(again.wait().unwrap().success());
+    d.kill();
+    assert!(exists(&d.socket()), "SIGKILL leaves the socket file");
+    assert!(Raw::try_connect(&d.socket()).is_none(), "nobody listens");
+    // Waits for the ready log line: SIGTERM before it (the signal handler
+    // is installed after the bind) would kill the new quotad outright.
+    d.restart();
+    assert!(d.log_contains("removing stale socket file"));
+    let mut c = Raw::connect(&d.socket());
+    c.send(json!({"id": 1, "op": "hello"}));
+    assert_eq!(c.recv().unwrap()["ok"], true, "the new quotad serves");
+    drop(c);
+    let status = d.terminate();
+    assert!(status.success(), "exit status {status:?}");
 }
 
+/// quotad refuses to start over a regular file at its socket path, and
+/// leaves the file alone.
 #[test]
 fn a_regular_file_at_the_socket_path_is_never_deleted() {
     let dir = tempfile::tempdir().unwrap();
@@ -140,6 +131,7 @@ fn a_regular_file_at_the_socket_path_is_never_deleted() {
     assert_eq!(std::fs::read_to_string(&socket).unwrap(), "precious");
 }
 
+/// The socket file gets `socket_mode`.
 #[test]
 fn the_socket_file_gets_the_configured_mode() {
     let d = Daemon::start(&format!("socket_mode = 0o600\n{POLICY}"));
@@ -147,6 +139,8 @@ fn the_socket_file_gets_the_configured_mode() {
     assert_eq!(mode, 0o600);
 }
 
+/// SIGHUP applies changed policies to open connections, and a bad file
+/// keeps the running ones.
 #[test]
 fn sighup_reloads_policies_on_open_connections_and_keeps_them_on_a_bad_file() {
     let d = Daemon::start(POLICY);
@@ -166,7 +160,7 @@ fn sighup_reloads_policies_on_open_connections_and_keeps_them_on_a_bad_file() {
     )
     .unwrap();
     d.signal(libc::SIGHUP);
-    common::wait_until("the reload", || d.log_contains("reloaded policies"));
+    wait_until_blocking("the reload", SOON, || d.log_contains("reloaded policies"));
     assert_eq!(
         check(&mut c, "b")["limit"],
         7,
@@ -179,7 +173,9 @@ fn sighup_reloads_policies_on_open_connections_and_keeps_them_on_a_bad_file() {
     )
     .unwrap();
     d.signal(libc::SIGHUP);
-    common::wait_until("the failed reload", || d.log_contains("reload failed"));
+    wait_until_blocking("the failed reload", SOON, || {
+        d.log_contains("reload failed")
+    });
     assert_eq!(
         check(&mut c, "c")["limit"],
         7,
@@ -187,6 +183,8 @@ fn sighup_reloads_policies_on_open_connections_and_keeps_them_on_a_bad_file() {
     );
 }
 
+/// quotad starts and answers with Redis down, logging that Redis is not
+/// answering yet.
 #[test]
 fn redis_down_at_start_does_not_stop_quotad_from_starting() {
     let mut redis = Redis::start();
@@ -201,6 +199,8 @@ fn redis_down_at_start_does_not_stop_quotad_from_starting() {
     assert!(d.log_contains("Redis not answering yet"));
 }
 
+/// The Lua script is loaded once at start, so the first check is one
+/// EVALSHA with no NOSCRIPT fallback.
 #[test]
 fn the_script_is_loaded_before_the_first_request() {
     let redis = Redis::start();

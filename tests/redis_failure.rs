@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Redis, redis_table};
+use common::{
+    Daemon, Raw, Redis, SOON, code, counters, redis_table, wait_until, wait_until_blocking,
+};
 use quotad::client::Client;
 
 const POLICY: &str = r#"
@@ -78,72 +80,92 @@ fn assert_degraded_within_the_deadline(tally: &Tally) {
     );
 }
 
+/// How long until Redis decides checks again (at most 10 s).
 async fn until_redis_decides(client: &Client) -> Duration {
-    let start = Instant::now();
-    loop {
-        let d = client.check("probe", "k", None, 1).await.unwrap();
-        if !d.degraded {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "Redis decisions did not resume"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "Redis decisions to resume",
+        Duration::from_secs(10),
+        async || !client.check("probe", "k", None, 1).await.unwrap().degraded,
+    )
+    .await
 }
 
+/// Waits until the load has carried 500 checks to Redis, so that the
+/// fault that follows comes under load.
+async fn until_under_load(client: &Client) {
+    wait_until("the load to reach Redis", SOON, async || {
+        counters(client).await["batched_checks"] >= 500
+    })
+    .await;
+}
+
+/// Redis killed under load: every check is answered, degraded ones within
+/// the deadline, and decisions return to Redis after its restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_under_load_fails_open_within_the_deadline_then_recovers() {
     let mut redis = Redis::start();
     let d = Daemon::start(&format!("{}{POLICY}", redis_table(&redis)));
+    let probe = d.client().await;
     let stop = Arc::new(AtomicBool::new(false));
     let (tally, ()) = tokio::join!(load(&d, stop.clone()), async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        until_under_load(&probe).await;
         redis.kill();
+        // The outage under test: 700 ms of load with Redis gone.
         tokio::time::sleep(Duration::from_millis(700)).await;
         stop.store(true, Ordering::Relaxed);
     });
     assert_degraded_within_the_deadline(&tally);
 
     redis.restart();
-    let client = d.client().await;
-    let took = until_redis_decides(&client).await;
+    let took = until_redis_decides(&probe).await;
     println!("Redis decisions resumed {took:?} after the restart");
-    let stats = client.stats().await.unwrap().counters.unwrap();
+    let stats = counters(&probe).await;
     assert!(stats["breaker_trips"] >= 1);
     assert_eq!(stats["breaker_open"], 0);
 }
 
+/// A frozen Redis costs each check at most the deadline, and decisions
+/// return to Redis once it resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_redis_costs_each_request_at_most_the_deadline() {
     let redis = Redis::start();
     let d = Daemon::start(&format!("{}{POLICY}", redis_table(&redis)));
+    let probe = d.client().await;
     let stop = Arc::new(AtomicBool::new(false));
-    let (tally, ()) = tokio::join!(load(&d, stop.clone()), async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let (tally, took) = tokio::join!(load(&d, stop.clone()), async {
+        until_under_load(&probe).await;
         redis.pause();
+        // The hang under test: 600 ms, six deadlines.
         tokio::time::sleep(Duration::from_millis(600)).await;
         redis.resume();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The load goes on through the recovery.
+        let took = until_redis_decides(&probe).await;
         stop.store(true, Ordering::Relaxed);
+        took
     });
     assert_degraded_within_the_deadline(&tally);
-    let took = until_redis_decides(&d.client().await).await;
     println!("Redis decisions resumed {took:?} after the pause ended");
 }
 
+/// SCRIPT FLUSH under load is mended by reloading the script: no error
+/// and no degraded answer reaches a client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn script_flush_mid_run_reaches_no_client() {
     let redis = Redis::start();
     let d = Daemon::start(&format!("{}{POLICY}", redis_table(&redis)));
+    let probe = d.client().await;
     let stop = Arc::new(AtomicBool::new(false));
     let (tally, ()) = tokio::join!(load(&d, stop.clone()), async {
+        until_under_load(&probe).await;
         for _ in 0..5 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            let reloads = counters(&probe).await["script_reloads"];
             assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
+            // Each flush is met, and mended, while the load runs.
+            wait_until("the script to be reloaded", SOON, async || {
+                counters(&probe).await["script_reloads"] > reloads
+            })
+            .await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
         stop.store(true, Ordering::Relaxed);
     });
     println!("{tally:?}");
@@ -153,10 +175,12 @@ async fn script_flush_mid_run_reaches_no_client() {
         tally.errors.first()
     );
     assert_eq!(tally.degraded, 0, "a flush must not degrade any answer");
-    let stats = d.client().await.stats().await.unwrap().counters.unwrap();
+    let stats = counters(&probe).await;
     assert!(stats["script_reloads"] >= 5, "{stats:?}");
 }
 
+/// With Redis down from the start, each policy's failure mode answers:
+/// open allows, closed denies with its retry-after, local enforces.
 #[tokio::test]
 async fn redis_down_from_the_start_is_answered_by_failure_mode() {
     let mut redis = Redis::start();
@@ -197,6 +221,8 @@ rules = [{{ name = "r", kind = "token_bucket", capacity = 2, refill_per_sec = 0.
     assert_eq!(local.iter().filter(|a| **a).count(), 2, "{local:?}");
 }
 
+/// With Redis frozen, a shard's full queues answer `overloaded` instead of
+/// growing; what was queued is decided, and the shard is fine afterwards.
 #[test]
 fn a_full_shard_queue_answers_overloaded_instead_of_growing() {
     let redis = Redis::start();
@@ -205,14 +231,18 @@ fn a_full_shard_queue_answers_overloaded_instead_of_growing() {
          [redis]\nurl = {:?}\ntimeout_ms = 2000\n{POLICY}",
         redis.url()
     ));
-    let mut c = common::Raw::connect(&d.socket());
+    let mut c = Raw::connect(&d.socket());
     redis.pause();
     for id in 1..=200u64 {
         c.send(
             serde_json::json!({"id": id, "op": "check", "tenant": "t", "key": format!("k{id}")}),
         );
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Every check reaches its shard (queued or refused) while Redis hangs.
+    let mut stats = Raw::connect(&d.socket());
+    wait_until_blocking("the 200 checks to be routed", SOON, || {
+        stats.counters()["requests_check"] == 200
+    });
     redis.resume();
     let mut overloaded = 0;
     let mut decided = 0;
@@ -220,7 +250,7 @@ fn a_full_shard_queue_answers_overloaded_instead_of_growing() {
         let r = c
             .recv()
             .unwrap_or_else(|| panic!("unanswered: {:?}", d.stderr.lock().unwrap()));
-        match common::code(&r) {
+        match code(&r) {
             Some("overloaded") => overloaded += 1,
             None => decided += 1,
             Some(other) => panic!("unexpected {other}: {r}"),

@@ -101,6 +101,7 @@ fn check(policy: &Arc<Policy>, s: &Step) -> Check {
     }
 }
 
+/// The memory limiter decides every step of every golden table as pinned.
 #[test]
 fn memory_backend_matches_every_table() {
     for (name, table, policy) in tables() {
@@ -116,6 +117,8 @@ fn memory_backend_matches_every_table() {
     }
 }
 
+/// The Lua scripts in a real Redis decide every golden table as pinned,
+/// steps at one instant as one batch, and every key they write expires.
 #[tokio::test]
 async fn redis_backend_matches_every_table_in_batches() {
     let redis = common::Redis::start();

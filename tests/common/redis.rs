@@ -1,0 +1,129 @@
+//! A `redis-server` of our own: on a Unix socket in a temp dir (and a TCP
+//! port if asked), no persistence. Dropping it kills it (SIGKILL).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use tempfile::TempDir;
+
+use super::{SOON, require, wait_until_blocking};
+
+pub struct Redis {
+    child: Option<Child>,
+    dir: TempDir,
+    pub port: u16,
+}
+
+impl Redis {
+    /// A Redis listening on a Unix socket only.
+    pub fn start() -> Redis {
+        Redis::start_with(0, &[])
+    }
+
+    /// A Redis on `port` (0: none) and a Unix socket, with extra arguments.
+    pub fn start_with(port: u16, extra: &[&str]) -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Redis {
+            child: None,
+            dir,
+            port,
+        };
+        r.spawn(extra);
+        r
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis+unix://{}", self.socket().display())
+    }
+
+    fn spawn(&mut self, extra: &[&str]) {
+        let mut cmd = Command::new(require("redis-server"));
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--unixsocket")
+            .arg(self.socket())
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.child = Some(cmd.spawn().expect("starting redis-server"));
+        let sock = self.socket();
+        wait_until_blocking("redis-server", SOON, || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok() && self.cli(&["PING"]) == "PONG"
+        });
+    }
+
+    /// Kills Redis at once (SIGKILL): no goodbye to its clients.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(self.socket());
+    }
+
+    /// Freezes Redis (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    /// Starts Redis again on the same socket and port, empty, and waits
+    /// until it answers `PING`.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn(&[]);
+    }
+
+    /// Runs a command through `redis-cli`; returns its trimmed output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(require("redis-cli"))
+            .arg("-s")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .expect("running redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Calls of a command since start (from `INFO commandstats`).
+    pub fn calls(&self, command: &str) -> u64 {
+        let info = self.cli(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `[redis]` table for `redis`, with a short deadline.
+pub fn redis_table(redis: &Redis) -> String {
+    format!(
+        "[redis]\nurl = {:?}\ntimeout_ms = 100\nprobe_interval_ms = 50\n",
+        redis.url()
+    )
+}
