@@ -4,6 +4,10 @@
 //!     cargo bench --bench loadgen -- [--workload check,check_get,cache_get,tenants]
 //!         [--seconds 5] [--concurrency 1,16,64,256] [--connections 4]
 //!         [--value-bytes 1024] [--shards 0] [--batches 2] [--threads 1]
+//!         [--quotad PATH]
+//!
+//! `--quotad` runs another quotad binary (say, a build of an older commit)
+//! instead of this one's, to compare two builds on the same machine.
 //!
 //! For each workload and concurrency (requests in flight), two closed-loop
 //! phases, quotad then baseline:
@@ -143,6 +147,7 @@ fn main() {
     let mut connections = 4usize;
     let mut threads = 1usize;
     let mut value_bytes = 1024usize;
+    let mut binary = std::path::PathBuf::from(env!("CARGO_BIN_EXE_quotad"));
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().expect("a value");
@@ -155,6 +160,7 @@ fn main() {
             "--connections" => connections = value().parse().unwrap(),
             "--threads" => threads = value().parse().unwrap(),
             "--value-bytes" => value_bytes = value().parse().unwrap(),
+            "--quotad" => binary = value().into(),
             _ => {} // cargo passes --bench
         }
     }
@@ -186,7 +192,7 @@ fn main() {
     );
     std::fs::write(dir.path().join("quotad.toml"), &config).unwrap();
     wait(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-    let mut quotad = Command::new(env!("CARGO_BIN_EXE_quotad"))
+    let mut quotad = Command::new(&binary)
         .arg("serve")
         .arg("--config")
         .arg(dir.path().join("quotad.toml"))
