@@ -10,7 +10,8 @@
 //
 // From the repo root, after `cargo build --release` and `npm ci` in clients/node:
 //   node clients/node/bench/bench.js [--seconds 5] [--concurrency 1,16,64] [--repeat 3]
-//   (--quotad-connections N spreads the quotad calls over N clients)
+//   (--quotad-connections N spreads the quotad calls over N clients;
+//   --quotad-backend memory runs quotad on its in-process backend)
 //
 // Each repeat runs every system in turn, so that the ratios of one repeat
 // are measured under the same machine load; the summary gives each ratio's
@@ -127,7 +128,9 @@ async function main() {
     await waitFor(accepts, 'redis-server');
     admin = new Redis({ port });
     const sock = path.join(tmp, 'quotad.sock');
-    fs.writeFileSync(path.join(tmp, 'quotad.toml'), `[server]\nsocket = "${sock}"\n\n[redis]\nurl = "redis://127.0.0.1:${port}"\ntimeout_ms = 1000\n\n[policies.bench]\nrules = [{ name = "burst", kind = "token_bucket", capacity = ${CAPACITY}, refill_per_sec = ${CAPACITY} }]\n`);
+    // --quotad-backend memory: quotad decides in process, so that its Redis round trips do not pace the client.
+    const redisTable = arg('quotad-backend', 'redis') === 'memory' ? '' : `[redis]\nurl = "redis://127.0.0.1:${port}"\ntimeout_ms = 1000\n\n`;
+    fs.writeFileSync(path.join(tmp, 'quotad.toml'), `[server]\nsocket = "${sock}"\n\n${redisTable}[policies.bench]\nrules = [{ name = "burst", kind = "token_bucket", capacity = ${CAPACITY}, refill_per_sec = ${CAPACITY} }]\n`);
     quotadProc = spawn(bin, ['serve', '--config', path.join(tmp, 'quotad.toml')], { stdio: 'ignore' });
     await waitFor(() => fs.existsSync(sock), 'quotad');
 

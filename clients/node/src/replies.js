@@ -14,16 +14,19 @@ const BOOL_FIELDS = (1 << OK) | (1 << ALLOWED) | (1 << DEGRADED) | (1 << HIT) | 
 const DECISION_FIELDS = (1 << ALLOWED) | (1 << LIMIT) | (1 << REMAINING) | (1 << RESET_MS) | (1 << RETRY_AFTER_MS) | (1 << DEGRADED) | (1 << RULE);
 const UNKNOWN = -1;
 
-// A key is found by (length, first byte, last byte), then compared in full.
+// A key is found by (length, first byte) in a table, then compared in full.
 const KEY_BYTES = KEYS.map((k) => Buffer.from(k));
-const KEY_INDEX = new Map(KEY_BYTES.map((b, i) => [b.length * 65536 + b[0] * 256 + b[b.length - 1], i]));
+const KEY_TABLE = new Int8Array(32 * 256).fill(UNKNOWN);
+KEY_BYTES.forEach((b, i) => {
+  if (KEY_TABLE[(b.length << 8) | b[0]] !== UNKNOWN) throw new Error(`keys ${KEYS[i]} and ${KEYS[KEY_TABLE[(b.length << 8) | b[0]]]} collide`);
+  KEY_TABLE[(b.length << 8) | b[0]] = i;
+});
 
 function keyAt(buf, pos, len) {
-  if (len === 0) return UNKNOWN;
-  const i = KEY_INDEX.get(len * 65536 + buf[pos] * 256 + buf[pos + len - 1]);
-  if (i === undefined) return UNKNOWN;
+  const i = KEY_TABLE[(len << 8) | buf[pos]];
+  if (i === UNKNOWN) return UNKNOWN;
   const k = KEY_BYTES[i];
-  for (let j = 1; j < len - 1; j++) if (buf[pos + j] !== k[j]) return UNKNOWN;
+  for (let j = 1; j < len; j++) if (buf[pos + j] !== k[j]) return UNKNOWN;
   return i;
 }
 
