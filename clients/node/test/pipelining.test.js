@@ -1,10 +1,13 @@
 // 100k checks pipelined on one connection to a daemon that answers out of
-// order: every reply reaches the call it answers.
+// order: every reply reaches the call it answers. And the hot path's answers
+// to replies it cannot read in place (errors, mistyped fields) or that never come.
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
-import { Client, FrameReader, decodeBody, encodeFrame } from '../src/index.js';
+import {
+  Client, FrameReader, Overloaded, ProtocolViolation, RequestTimedOut, decodeBody, encodeFrame,
+} from '../src/index.js';
 import { tempDir } from './daemons.js';
 
 const CALLS = 100_000;
@@ -70,6 +73,51 @@ test('100k pipelined checks answered out of order each get their own reply', asy
     assert.equal(c.conn.pending.size, 0);
   } finally {
     c.close();
+    fake.close();
+  }
+});
+
+/** A fake quotad answering each check by its key: 'ok', 'overloaded', 'mistyped' or 'silent' (no answer). */
+async function scriptedServer() {
+  const server = net.createServer((s) => {
+    const frames = new FrameReader();
+    s.on('data', (chunk) => {
+      for (const body of frames.push(chunk)) {
+        const { id, key } = decodeBody(body);
+        const decision = { allowed: true, limit: 10, remaining: 9, reset_ms: 100, retry_after_ms: 0, degraded: false, rule: 'burst' };
+        if (key === 'ok') s.write(encodeFrame({ id, ok: true, ...decision }));
+        if (key === 'overloaded') s.write(encodeFrame({ id, ok: false, error: { code: 'overloaded', message: 'shard mailbox full' } }));
+        if (key === 'mistyped') s.write(encodeFrame({ id, ok: true, ...decision, remaining: 'nine' }));
+      }
+    });
+  });
+  const sock = path.join(tempDir('scripted'), 'scripted.sock');
+  await new Promise((r) => server.listen(sock, r));
+  return { sock, close: () => server.close() };
+}
+
+test('hot-path checks map error replies, bad replies and silence as the failure mode says', async () => {
+  const fake = await scriptedServer();
+  const raising = new Client(fake.sock, { timeoutMs: 200, failureMode: 'raise', onWarn: () => {} });
+  const open = new Client(fake.sock, { timeoutMs: 200, onWarn: () => {} });
+  try {
+    for (const c of [raising, open]) assert.equal((await c.check('t', 'ok')).rule, 'burst'); // connected
+    const t0 = Date.now();
+    const [ok, overloaded, mistyped, silent] = await Promise.allSettled(['ok', 'overloaded', 'mistyped', 'silent'].map((k) => raising.check('t', k)));
+    assert.equal(ok.value.degraded, false);
+    assert.ok(overloaded.reason instanceof Overloaded, String(overloaded.reason));
+    assert.ok(mistyped.reason instanceof ProtocolViolation, String(mistyped.reason));
+    assert.ok(silent.reason instanceof RequestTimedOut, String(silent.reason));
+    assert.ok(Date.now() - t0 >= 150, 'the silent call waited for its deadline');
+    const answers = await Promise.all(['ok', 'overloaded', 'mistyped', 'silent'].map((k) => open.check('t', k)));
+    assert.deepEqual(answers.map((d) => [d.allowed, d.degraded]), [[true, false], [true, true], [true, true], [true, true]]);
+    for (const c of [raising, open]) {
+      assert.equal(c.inFlight, 0);
+      assert.equal(c.conn.error, null, 'one bad reply does not break the connection');
+    }
+  } finally {
+    raising.close();
+    open.close();
     fake.close();
   }
 });
