@@ -60,9 +60,12 @@ class _Connection:
     def __init__(self, sock: socket.socket, opts: ClientOptions) -> None:
         self._sock = sock
         self._opts = opts
-        self._lock = threading.Lock()  # guards _pending and _error
-        self._write_lock = threading.Lock()  # one frame at a time on the socket
-        self._writable = select.poll()  # used under _write_lock
+        self._lock = threading.Lock()  # guards _pending, _error, _queued and _writing
+        # One thread writes at a time; frames of calls made meanwhile are
+        # queued, and it sends them all in its next write (one send, not one each).
+        self._writing = False
+        self._queued: list[bytes] = []
+        self._writable = select.poll()  # used by the writing thread
         self._writable.register(sock, select.POLLOUT)
         self._slots = threading.BoundedSemaphore(opts.max_pending)
         self._pending: dict[int, _Waiter] = {}
@@ -105,28 +108,50 @@ class _Connection:
             self._slots.release()
 
     def _write(self, frame: bytes, deadline: float) -> None:
-        """Writes the whole frame, giving up at ``deadline`` (RequestTimedOut).
+        """Writes the frame, or queues it for the thread writing now; RequestTimedOut at ``deadline``.
 
-        ``send`` may take only part of the frame: the rest goes out as quotad
-        reads. A frame cut short (at the deadline, or by an error) leaves the
-        stream unusable; after an error the reader still delivers what quotad
-        says before it closes (see :meth:`_write_failed`).
+        The writing thread sends what was queued while it wrote, in one
+        send, until nothing is left (each batch within its own deadline:
+        frames it could not send by then are dropped, and their calls time
+        out waiting for the reply). ``send`` may take only part of a batch:
+        the rest goes out as quotad reads. A batch cut short (at the
+        deadline, or by an error) leaves the stream unusable; after an error
+        the reader still delivers what quotad says before it closes (see
+        :meth:`_write_failed`).
         """
-        if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise RequestTimedOut("quotad is not reading its socket")
-        view = memoryview(frame)
+        with self._lock:
+            if self._writing:
+                self._queued.append(frame)
+                return
+            self._writing = True
+        data = frame
+        try:
+            while True:
+                self._send_all(data, deadline)
+                with self._lock:
+                    if not self._queued:
+                        self._writing = False
+                        return
+                    queued, self._queued = self._queued, []
+                data = queued[0] if len(queued) == 1 else b"".join(queued)
+        except BaseException:
+            with self._lock:
+                self._writing = False
+                self._queued = []
+            raise
+
+    def _send_all(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
         try:
             while view:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._writable.poll(remaining * 1000):
-                    if len(view) < len(frame):
+                    if len(view) < len(data):
                         self._write_failed(ConnectionLost("a request was cut short: quotad is not reading"))
                     raise RequestTimedOut("quotad is not reading its socket")
                 view = view[self._sock.send(view) :]
         except OSError as e:
             self._write_failed(ConnectionLost(f"writing to quotad failed: {e}"))
-        finally:
-            self._write_lock.release()
 
     def _write_failed(self, err: QuotadError) -> None:
         """A failed (maybe partial) write leaves the stream unusable for requests.
