@@ -19,6 +19,8 @@ import { defaultSocketPath } from './path.js';
 const FAILURE_MODES = new Set(['open', 'closed', 'raise']);
 /** Bytes a connection buffers for writing before new calls wait for quotad to read. */
 const WRITE_BUFFER_BYTES = 4 << 20;
+/** Calls in the deadline queue before answered ones are dropped from anywhere in it, not just its front. */
+const QUEUE_COMPACT_MIN = 1024;
 
 // What a call resolves to: the reply map, or the result of a hot op.
 const REPLY = 0;
@@ -113,6 +115,7 @@ class Connection {
     // made: one timer, at the oldest live deadline, serves them all.
     this.queue = [];
     this.head = 0;
+    this.compactAt = QUEUE_COMPACT_MIN;
     this.sweeper = null;
     this.sweepNow = () => this.sweep();
     this.drain = null; // { promise, resolve } shared by every call waiting for the write buffer
@@ -250,7 +253,11 @@ class Connection {
     if (this.head < this.queue.length) this.arm(this.queue[this.head].deadline - now);
   }
 
-  /** Drops answered calls from the front of the queue (replies mostly come in order). */
+  /**
+   * Drops answered calls from the front of the queue (replies mostly come in
+   * order), and all of them once the queue has doubled: one call that stays
+   * unanswered until its deadline does not keep every call made since.
+   */
   trimQueue() {
     const queue = this.queue;
     let h = this.head;
@@ -258,7 +265,11 @@ class Connection {
     if (h === queue.length) {
       queue.length = 0;
       h = 0;
-    } else if (h > 1024 && h * 2 > queue.length) {
+    } else if (queue.length - h > this.compactAt) {
+      this.queue = queue.slice(h).filter((call) => !call.done);
+      this.compactAt = Math.max(QUEUE_COMPACT_MIN, 2 * this.queue.length);
+      h = 0;
+    } else if (h > QUEUE_COMPACT_MIN && h * 2 > queue.length) {
       this.queue = queue.slice(h);
       h = 0;
     }

@@ -6,7 +6,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import {
-  Client, FrameReader, Overloaded, ProtocolViolation, RequestTimedOut, decodeBody, encodeFrame,
+  Client, ConnectionLost, FrameReader, Overloaded, ProtocolViolation, RequestTimedOut, decodeBody, encodeFrame,
 } from '../src/index.js';
 import { tempDir } from './daemons.js';
 
@@ -111,6 +111,18 @@ test('hot-path checks map error replies, bad replies and silence as the failure 
     assert.ok(Date.now() - t0 >= 150, 'the silent call waited for its deadline');
     const answers = await Promise.all(['ok', 'overloaded', 'mistyped', 'silent'].map((k) => open.check('t', k)));
     assert.deepEqual(answers.map((d) => [d.allowed, d.degraded]), [[true, false], [true, true], [true, true], [true, true]]);
+    // One call unanswered until its deadline while thousands are answered: the deadline queue stays small.
+    const hanging = new Client(fake.sock, { timeoutMs: 5000, failureMode: 'raise', onWarn: () => {} });
+    try {
+      await hanging.check('t', 'ok'); // connected: the silent call below is in the deadline queue
+      const silence = hanging.check('t', 'silent');
+      for (let round = 0; round < 20; round++) await Promise.all(Array.from({ length: 500 }, () => hanging.check('t', 'ok')));
+      assert.ok(hanging.conn.queue.length - hanging.conn.head < 2100, String(hanging.conn.queue.length - hanging.conn.head));
+      hanging.close();
+      await assert.rejects(silence, ConnectionLost);
+    } finally {
+      hanging.close();
+    }
     for (const c of [raising, open]) {
       assert.equal(c.inFlight, 0);
       assert.equal(c.conn.error, null, 'one bad reply does not break the connection');
