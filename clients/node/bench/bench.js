@@ -9,8 +9,14 @@
 //   evalsha-autopipe the same with enableAutoPipelining (one write per tick)
 //
 // From the repo root, after `cargo build --release` and `npm ci` in clients/node:
-//   node clients/node/bench/bench.js [--seconds 5] [--concurrency 1,16,64]
-//   (--quotad-connections N spreads the quotad calls over N clients)
+//   node clients/node/bench/bench.js [--seconds 5] [--concurrency 1,16,64] [--repeat 3]
+//   (--quotad-connections N spreads the quotad calls over N clients;
+//   --quotad-backend memory runs quotad on its in-process backend)
+//
+// Each repeat runs every system in turn, so that the ratios of one repeat
+// are measured under the same machine load; the summary gives each ratio's
+// median and range over the repeats. Client CPU is process.cpuUsage() of
+// this process per check.
 
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -122,7 +128,9 @@ async function main() {
     await waitFor(accepts, 'redis-server');
     admin = new Redis({ port });
     const sock = path.join(tmp, 'quotad.sock');
-    fs.writeFileSync(path.join(tmp, 'quotad.toml'), `[server]\nsocket = "${sock}"\n\n[redis]\nurl = "redis://127.0.0.1:${port}"\ntimeout_ms = 1000\n\n[policies.bench]\nrules = [{ name = "burst", kind = "token_bucket", capacity = ${CAPACITY}, refill_per_sec = ${CAPACITY} }]\n`);
+    // --quotad-backend memory: quotad decides in process, so that its Redis round trips do not pace the client.
+    const redisTable = arg('quotad-backend', 'redis') === 'memory' ? '' : `[redis]\nurl = "redis://127.0.0.1:${port}"\ntimeout_ms = 1000\n\n`;
+    fs.writeFileSync(path.join(tmp, 'quotad.toml'), `[server]\nsocket = "${sock}"\n\n${redisTable}[policies.bench]\nrules = [{ name = "burst", kind = "token_bucket", capacity = ${CAPACITY}, refill_per_sec = ${CAPACITY} }]\n`);
     quotadProc = spawn(bin, ['serve', '--config', path.join(tmp, 'quotad.toml')], { stdio: 'ignore' });
     await waitFor(() => fs.existsSync(sock), 'quotad');
 
@@ -145,7 +153,9 @@ async function main() {
     console.log(`# ${new Date().toISOString().slice(0, 16)}, ${os.cpus().length} CPUs, Node ${process.version}, redis-server ${redisVersion}, ${seconds} s per run`);
     console.log('| system | in flight | checks/s | p50 µs | p99 µs | Redis CPU µs/check | client CPU µs/check | quotad CPU µs/check |');
     console.log('|---|---|---|---|---|---|---|---|');
-    const rates = {};
+    const repeats = Number(arg('repeat', '1'));
+    const results = {}; // `${name}/${c}` -> [{ rate, cpu }] one per repeat
+    for (let rep = 0; rep < repeats; rep++) {
     for (const c of levels) {
       for (const name of only) {
         const r0 = await redisCpuSeconds(admin);
@@ -156,14 +166,23 @@ async function main() {
         const c1 = process.cpuUsage(c0);
         const q1 = procCpuSeconds(quotadProc.pid);
         const total = (done * (seconds + warmup)) / seconds; // CPU deltas include the warm-up
-        rates[`${name}/${c}`] = done / wall;
+        const cpu = (c1.user + c1.system) / total;
+        (results[`${name}/${c}`] ??= []).push({ rate: done / wall, cpu });
         const qcpu = name === 'quotad' ? (((q1 - q0) / total) * 1e6).toFixed(1) : '—';
-        console.log(`| ${name} | ${c} | ${(done / wall).toFixed(0)} | ${p50.toFixed(0)} | ${p99.toFixed(0)} | ${(((r1 - r0) / total) * 1e6).toFixed(1)} | ${(((c1.user + c1.system) / total)).toFixed(1)} | ${qcpu} |`);
+        console.log(`| ${name} | ${c} | ${(done / wall).toFixed(0)} | ${p50.toFixed(0)} | ${p99.toFixed(0)} | ${(((r1 - r0) / total) * 1e6).toFixed(1)} | ${cpu.toFixed(2)} | ${qcpu} |`);
       }
     }
+    }
+    const spread = (xs) => {
+      const s = [...xs].sort((a, b) => a - b);
+      return `${s[Math.floor(s.length / 2)].toFixed(2)}x (${s[0].toFixed(2)}–${s[s.length - 1].toFixed(2)})`;
+    };
     for (const c of levels) {
       for (const base of ['evalsha', 'evalsha-autopipe']) {
-        if (rates[`quotad/${c}`] && rates[`${base}/${c}`]) console.log(`# ${c} in flight: quotad / ${base} = ${(rates[`quotad/${c}`] / rates[`${base}/${c}`]).toFixed(2)}x`);
+        const q = results[`quotad/${c}`];
+        const b = results[`${base}/${c}`];
+        if (!q || !b) continue;
+        console.log(`# ${c} in flight, quotad / ${base}, median (range) over ${q.length}: checks/s ${spread(q.map((r, i) => r.rate / b[i].rate))}, client CPU per check ${spread(q.map((r, i) => r.cpu / b[i].cpu))}`);
       }
     }
   } finally {

@@ -1,6 +1,9 @@
 // The quotad client: one Unix socket connection, requests pipelined on it
-// and matched to replies by id, in any order. Frames written in the same
-// tick go out in one write (cork/uncork).
+// and matched to replies by id, in any order. The frames of one tick go out
+// in one write. The hot ops (check, checkGet, cacheLookup) are written from
+// templates straight into the connection's buffer and their replies read
+// field by field (templates.js, replies.js); a call then costs one object
+// and one promise, and calls with the default timeout share one timer.
 
 import net from 'node:net';
 import {
@@ -8,12 +11,52 @@ import {
 } from './errors.js';
 import { DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_REPLY_BYTES, FrameReader, decodeBody, encodeFrame } from './codec.js';
 import { Decision, Lookup, UNAVAILABLE_MISS, parseCheckGet, parseHello, parseStats } from './models.js';
+import { ReplyFields, checkGetOf, decisionOf, lookupOf, readReply, replyId } from './replies.js';
 import * as build from './requests.js';
+import { FrameWriter, writeCacheGet, writeCheck, writeCheckGet } from './templates.js';
 import { defaultSocketPath } from './path.js';
 
 const FAILURE_MODES = new Set(['open', 'closed', 'raise']);
 /** Bytes a connection buffers for writing before new calls wait for quotad to read. */
 const WRITE_BUFFER_BYTES = 4 << 20;
+/** Calls in the deadline queue before answered ones are dropped from anywhere in it, not just its front. */
+const QUEUE_COMPACT_MIN = 1024;
+
+// What a call resolves to: the reply map, or the result of a hot op.
+const REPLY = 0;
+const CHECK = 1;
+const LOOKUP = 2;
+const CHECK_GET = 3;
+
+/** The result of a call of `kind` whose reply is `reply` (a decoded map with ok: true). */
+function parsed(kind, reply) {
+  if (kind === CHECK) return Decision.fromReply(reply);
+  if (kind === LOOKUP) return Lookup.fromReply(reply);
+  if (kind === CHECK_GET) return parseCheckGet(reply);
+  return reply;
+}
+
+/** The same from the fields read in place, or null when the reply needs the general decoder. */
+function leanParsed(kind, fields, buf) {
+  if (kind === CHECK) return decisionOf(fields);
+  if (kind === LOOKUP) return lookupOf(fields, buf);
+  return checkGetOf(fields, buf);
+}
+
+/**
+ * What a call of `kind` that failed with `err` resolves to: the failure
+ * mode's answer for a transient error; otherwise (or with failureMode
+ * 'raise', or for a plain call) it throws `err`.
+ */
+function failedAnswer(kind, err, options) {
+  if (kind === REPLY || !isTransient(err) || options.failureMode === 'raise') throw err;
+  if (kind === LOOKUP) return UNAVAILABLE_MISS;
+  const decision = options.failureMode === 'open'
+    ? new Decision({ allowed: true, limit: 0, remaining: 0, resetMs: 0, retryAfterMs: 0, degraded: true, rule: '' })
+    : new Decision({ allowed: false, limit: 0, remaining: 0, resetMs: 0, retryAfterMs: options.closedRetryAfterMs, degraded: true, rule: '' });
+  if (kind === CHECK) return decision;
+  return { decision, lookup: decision.allowed ? UNAVAILABLE_MISS : null };
+}
 
 /** Exponential reconnect delay with jitter, reset by a successful connect. */
 class Backoff {
@@ -31,16 +74,51 @@ class Backoff {
   succeeded() { this.delay = 0; this.next = 0; }
 }
 
+/** One request in flight. */
+class Call {
+  constructor(id, kind, timeoutMs, deadline) {
+    this.id = id;
+    this.kind = kind;
+    this.timeoutMs = timeoutMs;
+    this.deadline = deadline; // performance.now() ms, for calls in the shared deadline queue
+    this.resolve = null;
+    this.reject = null;
+    this.timer = null; // a call's own timer, when it is not in the queue
+    this.done = false;
+  }
+}
+
+// The one promise executor, so that a call allocates no closure for it.
+let capturedResolve = null;
+let capturedReject = null;
+function capture(resolve, reject) {
+  capturedResolve = resolve;
+  capturedReject = reject;
+}
+
+const FIELDS = new ReplyFields(); // JS is single-threaded: one reader for every connection
+
 /** One connected socket and its calls in flight. */
 class Connection {
-  constructor(socket, maxReplyBytes, onWarn) {
+  constructor(socket, options, releaseSlot) {
     this.socket = socket;
-    this.pending = new Map(); // id -> { resolve, reject, timer }
+    this.options = options;
+    this.releaseSlot = releaseSlot;
+    this.pending = new Map(); // id -> Call
     this.error = null;
-    this.frames = new FrameReader(maxReplyBytes);
-    this.corked = false;
+    this.frames = new FrameReader(options.maxReplyBytes);
+    this.out = new FrameWriter(); // frames not yet handed to the socket
+    this.flushScheduled = false;
+    this.flushNow = () => this.flush();
+    this.onFrame = (buf, start, end) => this.frame(buf, start, end);
+    // Calls with the client's default timeout expire in the order they were
+    // made: one timer, at the oldest live deadline, serves them all.
+    this.queue = [];
+    this.head = 0;
+    this.compactAt = QUEUE_COMPACT_MIN;
+    this.sweeper = null;
+    this.sweepNow = () => this.sweep();
     this.drain = null; // { promise, resolve } shared by every call waiting for the write buffer
-    this.onWarn = onWarn;
     socket.on('data', (chunk) => this.onData(chunk));
     socket.on('error', (e) => this.fail(new ConnectionLost(`quotad connection failed: ${e.message}`)));
     // quotad sends nothing more once it has closed its side: fail now, not when our side closes too.
@@ -48,45 +126,154 @@ class Connection {
     socket.on('close', () => this.fail(new ConnectionLost('quotad closed the connection')));
   }
 
+  /** Bytes written and not yet sent by the socket. */
+  get backlog() {
+    return this.out.pending + this.socket.writableLength;
+  }
+
   onData(chunk) {
     try {
-      for (const body of this.frames.push(chunk)) {
-        const reply = decodeBody(body);
-        if (reply.id === 0 && reply.ok === false) {
-          // Connection-level error (frame too large, too many connections):
-          // the daemon closes; every call in flight fails with it.
-          throw connectionError(reply.error);
-        }
-        const call = this.pending.get(reply.id);
-        if (call !== undefined) {
-          this.pending.delete(reply.id);
-          clearTimeout(call.timer);
-          call.resolve(reply);
-        } // else the caller gave up (timed out) already
-      }
+      this.frames.feed(chunk, this.onFrame);
     } catch (e) {
       this.fail(e);
     }
+    this.trimQueue();
   }
 
-  send(id, frame, timeoutMs) {
-    if (this.error !== null) return Promise.reject(this.error); // nothing would ever answer
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.pending.delete(id);
-        reject(new RequestTimedOut(`no reply from quotad within ${timeoutMs} ms`));
-      }, timeoutMs);
-      this.pending.set(id, { resolve, reject, timer });
-      if (!this.corked) {
-        this.corked = true;
-        this.socket.cork();
-        process.nextTick(() => {
-          this.corked = false;
-          this.socket.uncork();
-        });
+  frame(buf, start, end) {
+    const id = replyId(buf, start, end);
+    let call;
+    if (id > 0) {
+      call = this.pending.get(id);
+      if (call === undefined) return; // the caller gave up (timed out) already
+      if (call.kind !== REPLY && readReply(buf, start, end, FIELDS)) {
+        const value = leanParsed(call.kind, FIELDS, buf);
+        if (value !== null) {
+          this.settled(call);
+          call.resolve(value);
+          return;
+        }
       }
-      this.socket.write(frame);
-    });
+    }
+    const reply = decodeBody(buf.subarray(start, end));
+    if (reply.id === 0 && reply.ok === false) {
+      // Connection-level error (frame too large, too many connections):
+      // the daemon closes; every call in flight fails with it.
+      throw connectionError(reply.error);
+    }
+    call ??= this.pending.get(reply.id);
+    if (call === undefined) return;
+    this.settled(call);
+    if (reply.ok !== true) {
+      this.failCall(call, serverError(reply.error));
+      return;
+    }
+    let value;
+    try {
+      value = parsed(call.kind, reply);
+    } catch (e) {
+      this.failCall(call, e);
+      return;
+    }
+    call.resolve(value);
+  }
+
+  /** Registers call `id`, whose frame is already in `out`; resolves to its result. */
+  register(id, kind, timeoutMs, ordered) {
+    const call = new Call(id, kind, timeoutMs, ordered ? performance.now() + timeoutMs : 0);
+    const promise = new Promise(capture);
+    call.resolve = capturedResolve;
+    call.reject = capturedReject;
+    this.pending.set(id, call);
+    if (ordered) {
+      this.queue.push(call);
+      if (this.sweeper === null) this.arm(timeoutMs);
+    } else {
+      call.timer = setTimeout(expire, timeoutMs, this, call);
+    }
+    if (!this.flushScheduled) {
+      this.flushScheduled = true;
+      process.nextTick(this.flushNow);
+    }
+    return promise;
+  }
+
+  /** Sends a frame encoded elsewhere; the call's slot is released when it settles. */
+  send(id, frame, kind, timeoutMs) {
+    if (this.error !== null) { // nothing would ever answer
+      this.releaseSlot();
+      return Promise.reject(this.error);
+    }
+    this.out.append(frame);
+    return this.register(id, kind, timeoutMs, false);
+  }
+
+  flush() {
+    this.flushScheduled = false;
+    if (this.error === null && this.out.pending > 0) this.socket.write(this.out.take());
+  }
+
+  /** The call is answered (or given up): out of the books, its slot free. */
+  settled(call) {
+    this.pending.delete(call.id);
+    call.done = true;
+    if (call.timer !== null) clearTimeout(call.timer);
+    this.releaseSlot();
+  }
+
+  failCall(call, err) {
+    let value;
+    try {
+      value = failedAnswer(call.kind, err, this.options);
+    } catch (e) {
+      call.reject(e);
+      return;
+    }
+    call.resolve(value);
+  }
+
+  arm(delayMs) {
+    this.sweeper = setTimeout(this.sweepNow, Math.max(1, delayMs));
+    this.sweeper.unref(); // the socket keeps the process alive while calls are in flight
+  }
+
+  sweep() {
+    this.sweeper = null;
+    const now = performance.now();
+    const queue = this.queue;
+    let h = this.head;
+    for (; h < queue.length; h++) {
+      const call = queue[h];
+      if (call.done) continue;
+      if (call.deadline > now) break;
+      expire(this, call);
+    }
+    this.head = h;
+    this.trimQueue();
+    if (this.head < this.queue.length) this.arm(this.queue[this.head].deadline - now);
+  }
+
+  /**
+   * Drops answered calls from the front of the queue (replies mostly come in
+   * order), and all of them once the queue has doubled: one call that stays
+   * unanswered until its deadline does not keep every call made since.
+   */
+  trimQueue() {
+    const queue = this.queue;
+    let h = this.head;
+    while (h < queue.length && queue[h].done) h++;
+    if (h === queue.length) {
+      queue.length = 0;
+      h = 0;
+    } else if (queue.length - h > this.compactAt) {
+      this.queue = queue.slice(h).filter((call) => !call.done);
+      this.compactAt = Math.max(QUEUE_COMPACT_MIN, 2 * this.queue.length);
+      h = 0;
+    } else if (h > QUEUE_COMPACT_MIN && h * 2 > queue.length) {
+      this.queue = queue.slice(h);
+      h = 0;
+    }
+    this.head = h;
   }
 
   /**
@@ -111,16 +298,25 @@ class Connection {
   fail(err, quiet = false) {
     if (this.error !== null) return;
     this.error = err;
-    if (!quiet) this.onWarn(`quotad connection lost: ${err.message}`);
+    if (!quiet) this.options.onWarn(`quotad connection lost: ${err.message}`);
     this.drain?.resolve();
+    if (this.sweeper !== null) clearTimeout(this.sweeper);
+    this.sweeper = null;
+    this.queue = [];
+    this.head = 0;
     const pending = this.pending;
     this.pending = new Map();
     for (const call of pending.values()) {
-      clearTimeout(call.timer);
-      call.reject(err);
+      this.settled(call);
+      this.failCall(call, err);
     }
     this.socket.destroy();
   }
+}
+
+function expire(conn, call) {
+  conn.settled(call);
+  conn.failCall(call, new RequestTimedOut(`no reply from quotad within ${call.timeoutMs} ms`));
 }
 
 /**
@@ -176,24 +372,32 @@ export class Client {
   }
 
   /** May this request go ahead? `cost: 0` peeks without charging. */
-  async check(tenant, key, opts = {}) {
-    const req = build.check(tenant, key, opts);
+  check(tenant, key, opts = {}) {
+    const conn = this.#writable();
+    if (conn === null) return this.#slow(CHECK, () => build.check(tenant, key, opts), this.options.timeoutMs);
+    const id = this.#id();
     try {
-      return Decision.fromReply(await this.call(req));
+      writeCheck(conn.out, id, tenant, key, opts, this.options.maxFrameBytes);
     } catch (e) {
-      return this.#unavailableDecision(e);
+      return Promise.reject(e);
     }
+    this.inFlight++;
+    return conn.register(id, CHECK, this.options.timeoutMs, true);
   }
 
   /** A cache read with everything the daemon said (stale, refresh, fill, ...). */
-  async cacheLookup(tenant, key, opts = {}) {
-    const req = build.cacheGet(tenant, key, opts);
+  cacheLookup(tenant, key, opts = {}) {
+    const timeoutMs = this.#timeout(opts.fillMs);
+    const conn = this.#writable();
+    if (conn === null) return this.#slow(LOOKUP, () => build.cacheGet(tenant, key, opts), timeoutMs);
+    const id = this.#id();
     try {
-      return Lookup.fromReply(await this.call(req, this.#timeout(opts.fillMs)));
+      writeCacheGet(conn.out, id, tenant, key, opts, this.options.maxFrameBytes);
     } catch (e) {
-      this.#softFail(e);
-      return UNAVAILABLE_MISS;
+      return Promise.reject(e);
     }
+    this.inFlight++;
+    return conn.register(id, LOOKUP, timeoutMs, timeoutMs === this.options.timeoutMs);
   }
 
   /** The cached bytes, or null on a miss (or when the daemon is unavailable). */
@@ -231,14 +435,18 @@ export class Client {
   }
 
   /** A check and, only if it allows, a read of `cacheKey`, in one request. */
-  async checkGet(tenant, key, cacheKey, opts = {}) {
-    const req = build.checkGet(tenant, key, cacheKey, opts);
+  checkGet(tenant, key, cacheKey, opts = {}) {
+    const timeoutMs = this.#timeout(opts.fillMs);
+    const conn = this.#writable();
+    if (conn === null) return this.#slow(CHECK_GET, () => build.checkGet(tenant, key, cacheKey, opts), timeoutMs);
+    const id = this.#id();
     try {
-      return parseCheckGet(await this.call(req, this.#timeout(opts.fillMs)));
+      writeCheckGet(conn.out, id, tenant, key, cacheKey, opts, this.options.maxFrameBytes);
     } catch (e) {
-      const decision = this.#unavailableDecision(e);
-      return { decision, lookup: decision.allowed ? UNAVAILABLE_MISS : null };
+      return Promise.reject(e);
     }
+    this.inFlight++;
+    return conn.register(id, CHECK_GET, timeoutMs, timeoutMs === this.options.timeoutMs);
   }
 
   // -- plumbing --------------------------------------------------------------
@@ -249,9 +457,37 @@ export class Client {
    * QuotadUnavailable when no reply came.
    */
   async call(request, timeoutMs = this.options.timeoutMs) {
+    return this.#general(request, REPLY, timeoutMs);
+  }
+
+  /**
+   * The connection a hot op can write to right now (connected, a slot free,
+   * the write buffer not full), else null: the op takes the general path.
+   */
+  #writable() {
+    const conn = this.conn;
+    if (conn === null || conn.error !== null || this.inFlight >= this.options.maxPending) return null;
+    return conn.backlog <= WRITE_BUFFER_BYTES ? conn : null;
+  }
+
+  #id() {
     const id = this.nextId;
     // Past 2^53 `id + 1` is `id` again: wrap long before (no call waits that long).
     this.nextId = id === Number.MAX_SAFE_INTEGER ? 1 : id + 1;
+    return id;
+  }
+
+  /** A hot op on the general path (connecting, waiting for a slot or the write buffer). */
+  async #slow(kind, request, timeoutMs) {
+    try {
+      return await this.#general(request(), kind, timeoutMs);
+    } catch (e) {
+      return failedAnswer(kind, e, this.options);
+    }
+  }
+
+  async #general(request, kind, timeoutMs) {
+    const id = this.#id();
     request.id = id;
     const frame = encodeFrame(request);
     if (frame.length - 4 > this.options.maxFrameBytes) {
@@ -260,28 +496,24 @@ export class Client {
     const deadline = Date.now() + timeoutMs;
     if (this.inFlight < this.options.maxPending) this.inFlight++;
     else await this.#slot(deadline); // handed over by the call that frees it
-    let reply;
+    let conn;
     try {
-      reply = await this.#exchange(id, frame, deadline);
-    } finally {
-      this.#releaseSlot();
-    }
-    if (reply.ok !== true) throw serverError(reply.error);
-    return reply;
-  }
-
-  /** Writes the frame on a live connection (connecting if need be) and waits for its reply. */
-  async #exchange(id, frame, deadline) {
-    for (let retried = false; ; retried = true) {
-      let conn = this.conn;
-      if (conn === null || conn.error !== null) conn = await this.#connect(deadline);
       // Bounded write buffer: while quotad reads slower than we write, wait for it.
-      while (conn.error === null && conn.socket.writableLength > WRITE_BUFFER_BYTES) {
-        await withDeadline(conn.drained(), deadline, () => new RequestTimedOut('quotad is not reading its socket'));
+      for (let retried = false; ; retried = true) {
+        conn = this.conn;
+        if (conn === null || conn.error !== null) conn = await this.#connect(deadline);
+        if (conn.backlog > WRITE_BUFFER_BYTES) conn.flush(); // so that the socket can report 'drain'
+        while (conn.error === null && conn.socket.writableLength > WRITE_BUFFER_BYTES) {
+          await withDeadline(conn.drained(), deadline, () => new RequestTimedOut('quotad is not reading its socket'));
+        }
+        // A connection that failed while we waited never got this request: use a new one (once).
+        if (conn.error === null || retried) break;
       }
-      // A connection that failed while we waited never got this request: use a new one (once).
-      if (conn.error === null || retried) return conn.send(id, frame, Math.max(1, deadline - Date.now()));
+    } catch (e) {
+      this.#releaseSlot();
+      throw e;
     }
+    return conn.send(id, frame, kind, Math.max(1, deadline - Date.now())); // releases the slot when settled
   }
 
   /** Closes the connection; later calls fail as unavailable. */
@@ -295,16 +527,6 @@ export class Client {
   #timeout(fillMs) {
     // A held cache read may legitimately take fillMs longer.
     return this.options.timeoutMs + (typeof fillMs === 'number' && fillMs > 0 ? fillMs : 0);
-  }
-
-  #unavailableDecision(err) {
-    if (!isTransient(err) || this.options.failureMode === 'raise') throw err;
-    if (this.options.failureMode === 'open') {
-      return new Decision({ allowed: true, limit: 0, remaining: 0, resetMs: 0, retryAfterMs: 0, degraded: true, rule: '' });
-    }
-    return new Decision({
-      allowed: false, limit: 0, remaining: 0, resetMs: 0, retryAfterMs: this.options.closedRetryAfterMs, degraded: true, rule: '',
-    });
   }
 
   #softFail(err) {
@@ -367,7 +589,7 @@ export class Client {
           this.down = false;
           this.options.onWarn(`reconnected to quotad at ${this.socketPath}`);
         }
-        const conn = new Connection(socket, this.options.maxReplyBytes, this.options.onWarn);
+        const conn = new Connection(socket, this.options, () => this.#releaseSlot());
         if (this.closed) conn.fail(new ConnectionLost('the client was closed'), true);
         else this.conn = conn;
         resolve(conn);

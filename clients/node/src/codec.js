@@ -69,17 +69,23 @@ export class FrameReader {
 
   /** Adds received bytes; returns the bodies of the frames now complete. */
   push(chunk) {
-    let buf = this.buf ? Buffer.concat([this.buf, chunk]) : chunk;
     const bodies = [];
+    this.feed(chunk, (buf, start, end) => bodies.push(buf.subarray(start, end)));
+    return bodies;
+  }
+
+  /** Adds received bytes; calls `onFrame(buf, start, end)` for each frame body now complete, in order. */
+  feed(chunk, onFrame) {
+    const buf = this.buf ? Buffer.concat([this.buf, chunk]) : chunk;
+    this.buf = null;
     let pos = 0;
     while (buf.length - pos >= 4) {
       const n = buf.readUInt32BE(pos);
       if (n > this.max) throw new ProtocolViolation(`a ${n}-byte frame (the limit is ${this.max})`);
       if (buf.length - pos - 4 < n) break;
-      bodies.push(buf.subarray(pos + 4, pos + 4 + n));
+      onFrame(buf, pos + 4, pos + 4 + n);
       pos += 4 + n;
     }
-    this.buf = pos === buf.length ? null : buf.subarray(pos);
-    return bodies;
+    if (pos !== buf.length) this.buf = buf.subarray(pos);
   }
 }

@@ -6,7 +6,7 @@ import { InvalidArgument } from './errors.js';
 
 const U64_MAX = (1n << 64n) - 1n;
 
-function text(name, value) {
+export function text(name, value) {
   if (typeof value !== 'string') throw new InvalidArgument(`${name} must be a string, not ${describe(value)}`);
   if (value.length === 0) throw new InvalidArgument(`${name} must not be empty`);
   if (!value.isWellFormed()) throw new InvalidArgument(`${name} is not valid UTF-16 text (a lone surrogate)`);
@@ -44,16 +44,21 @@ function describe(v) {
   return typeof v === 'object' ? v.constructor?.name ?? 'an object' : typeof v === 'number' || typeof v === 'bigint' ? String(v) : `a ${typeof v}`;
 }
 
+/** A check's cost (default 1). */
+export const costValue = (value) => uint('cost', value ?? 1);
+
+/** A cache read's fill_ms; 0 (no single-flight) when not given. */
+export const fillMsValue = (value) => (value === undefined || value === null ? 0 : uint('fillMs', value));
+
 function checkFields(req, tenant, key, opts) {
   req.tenant = text('tenant', tenant);
   req.key = text('key', key);
   if (opts.policy !== undefined && opts.policy !== null) req.policy = text('policy', opts.policy);
-  req.cost = uint('cost', opts.cost ?? 1);
+  req.cost = costValue(opts.cost);
 }
 
 function fillMs(req, value) {
-  if (value === undefined || value === null) return;
-  const v = uint('fillMs', value);
+  const v = fillMsValue(value);
   if (v) req.fill_ms = v;
 }
 

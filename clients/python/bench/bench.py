@@ -10,6 +10,9 @@ Against one redis-server on TCP loopback, started here, with a quotad
            (a correct atomic GCRA token bucket; a connection per in-flight call)
   limits   the `limits` library, MovingWindowRateLimiter on its async Redis
            storage (implementation="redispy")
+  quotad-sync   the thread-safe sync Client, one thread per call in flight
+  evalsha-sync  sync redis-py (hiredis), the same EVALSHA, one thread per call
+                in flight (a pooled connection each)
 
 Run from the repo root after `cargo build --release`:
 
@@ -17,7 +20,11 @@ Run from the repo root after `cargo build --release`:
   clients/python/.venv/bin/python clients/python/bench/bench.py
 
 Reports checks/s, latency p50/p99, and CPU per check of Redis and of this
-process. Every key stays far from its limit, so every check is allowed.
+process (``time.process_time``). Every key stays far from its limit, so every
+check is allowed. With ``--repeat N`` every system runs in turn N times, and
+the summary gives each ratio to quotad's (checks/s, client CPU per check) as
+its median and range over the repeats: the systems of one repeat ran under
+the same machine load.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,7 +48,7 @@ from statistics import quantiles
 import redis
 import redis.asyncio as aredis
 
-from quotad import AsyncClient
+from quotad import AsyncClient, Client
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -49,6 +57,7 @@ CAPACITY = 1_000_000  # tokens; refilled at CAPACITY per second: never denied
 TENANTS, KEYS = 100, 100
 
 Check = Callable[[str, str], Awaitable[bool]]
+SyncCheck = Callable[[str, str], bool]
 
 
 def free_port() -> int:
@@ -108,12 +117,46 @@ async def run(check: Check, concurrency: int, seconds: float, warmup: float) -> 
     return done, latencies, wall
 
 
+def run_threads(check: SyncCheck, concurrency: int, seconds: float, warmup: float) -> tuple[int, list[float], float]:
+    """As :func:`run`, with ``concurrency`` threads each calling a sync check in a loop."""
+    names = [(f"tenant{t}", f"user:{k}") for t in range(TENANTS) for k in range(KEYS)]
+    latencies: list[float] = []
+    counts = [0] * concurrency
+    state = {"measuring": False, "stop": False}
+
+    def worker(w: int) -> None:
+        rng = random.Random(w)
+        while not state["stop"]:
+            tenant, key = names[rng.randrange(len(names))]
+            t0 = time.perf_counter()
+            if not check(tenant, key):
+                raise RuntimeError("a check was denied: the benchmark keys should never be")
+            if state["measuring"]:
+                latencies.append((time.perf_counter() - t0) * 1e6)
+                counts[w] += 1
+
+    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    time.sleep(warmup)
+    state["measuring"] = True
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    state["measuring"] = False
+    wall = time.perf_counter() - t0
+    state["stop"] = True
+    for t in threads:
+        t.join()
+    return sum(counts), latencies, wall
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--only", default="quotad,evalsha,limits")
+    ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--quotad-bin", default=str(REPO / "target" / "release" / "quotad"))
     args = ap.parse_args()
     if not Path(args.quotad_bin).is_file():
@@ -156,7 +199,17 @@ async def main() -> None:
             res = await ar.evalsha(sha, 1, f"bench:{{{tenant}}}:{key}", CAPACITY, interval_us, 1)
             return res[0] == 1
 
+        qs = Client(str(sock), timeout=5.0)
+        sr = redis.Redis(port=port, max_connections=256)
+
+        def quotad_sync_check(tenant: str, key: str) -> bool:
+            return qs.check(tenant, key, "bench").allowed
+
+        def evalsha_sync_check(tenant: str, key: str) -> bool:
+            return bool(sr.evalsha(sha, 1, f"bench:{{{tenant}}}:{key}", CAPACITY, interval_us, 1)[0] == 1)
+
         systems: dict[str, Check] = {"quotad": quotad_check, "evalsha": evalsha_check}
+        sync_systems: dict[str, SyncCheck] = {"quotad-sync": quotad_sync_check, "evalsha-sync": evalsha_sync_check}
         if "limits" in args.only:
             from limits import RateLimitItemPerSecond
             from limits.aio.storage import RedisStorage
@@ -177,24 +230,37 @@ async def main() -> None:
               f"redis-server {sync_redis.info('server')['redis_version']}, {args.seconds:g} s per run")
         print("| system | in flight | checks/s | p50 µs | p99 µs | Redis CPU µs/check | client CPU µs/check | quotad CPU µs/check |")
         print("|---|---|---|---|---|---|---|---|")
-        results: dict[tuple[str, int], float] = {}
-        for c in (int(x) for x in args.concurrency.split(",")):
-            for name in args.only.split(","):
-                r0, p0, q0 = redis_cpu_seconds(sync_redis), time.process_time(), proc_cpu_seconds(quotad_proc.pid)
-                done, lat, wall = await run(systems[name], c, args.seconds, args.warmup)
-                r1, p1, q1 = redis_cpu_seconds(sync_redis), time.process_time(), proc_cpu_seconds(quotad_proc.pid)
-                # CPU deltas include the warm-up: divide by every check done since r0, estimated by rate.
-                total = done * (args.seconds + args.warmup) / args.seconds
-                p50, p99 = _pct(lat, 50), _pct(lat, 99)
-                results[(name, c)] = done / wall
-                qcpu = f"{(q1 - q0) / total * 1e6:.1f}" if name == "quotad" else "—"
-                print(f"| {name} | {c} | {done / wall:.0f} | {p50:.0f} | {p99:.0f} | "
-                      f"{(r1 - r0) / total * 1e6:.1f} | {(p1 - p0) / total * 1e6:.1f} | {qcpu} |", flush=True)
-        for c in (int(x) for x in args.concurrency.split(",")):
-            if ("quotad", c) in results and ("evalsha", c) in results:
-                print(f"# {c} in flight: quotad / evalsha = {results[('quotad', c)] / results[('evalsha', c)]:.2f}x")
+        results: dict[tuple[str, int], list[tuple[float, float]]] = {}  # -> (checks/s, client CPU s/check) per repeat
+        levels = [int(x) for x in args.concurrency.split(",")]
+        for _ in range(args.repeat):
+            for c in levels:
+                for name in args.only.split(","):
+                    r0, p0, q0 = redis_cpu_seconds(sync_redis), time.process_time(), proc_cpu_seconds(quotad_proc.pid)
+                    if name in sync_systems:
+                        done, lat, wall = run_threads(sync_systems[name], c, args.seconds, args.warmup)
+                    else:
+                        done, lat, wall = await run(systems[name], c, args.seconds, args.warmup)
+                    r1, p1, q1 = redis_cpu_seconds(sync_redis), time.process_time(), proc_cpu_seconds(quotad_proc.pid)
+                    # CPU deltas include the warm-up: divide by every check done since r0, estimated by rate.
+                    total = done * (args.seconds + args.warmup) / args.seconds
+                    p50, p99 = _pct(lat, 50), _pct(lat, 99)
+                    results.setdefault((name, c), []).append((done / wall, (p1 - p0) / total))
+                    qcpu = f"{(q1 - q0) / total * 1e6:.1f}" if name.startswith("quotad") else "—"
+                    print(f"| {name} | {c} | {done / wall:.0f} | {p50:.0f} | {p99:.0f} | "
+                          f"{(r1 - r0) / total * 1e6:.1f} | {(p1 - p0) / total * 1e6:.2f} | {qcpu} |", flush=True)
+        for c in levels:
+            for ours, base in (("quotad", "evalsha"), ("quotad", "limits"), ("quotad-sync", "evalsha-sync"),
+                               ("quotad-sync", "evalsha")):
+                if (ours, c) in results and (base, c) in results:
+                    pairs = list(zip(results[(ours, c)], results[(base, c)]))
+                    rate = _spread([o[0] / b[0] for o, b in pairs])
+                    cpu = _spread([o[1] / b[1] for o, b in pairs])
+                    print(f"# {c} in flight, {ours} / {base}, median (range) over {len(pairs)}: "
+                          f"checks/s {rate}, client CPU per check {cpu}")
         await q.close()
         await ar.aclose()
+        qs.close()
+        sr.close()
     finally:
         if quotad_proc is not None:
             quotad_proc.send_signal(signal.SIGTERM)
@@ -209,6 +275,11 @@ def _pings(r: redis.Redis) -> bool:
         return bool(r.ping())
     except redis.ConnectionError:
         return False
+
+
+def _spread(ratios: list[float]) -> str:
+    s = sorted(ratios)
+    return f"{s[len(s) // 2]:.2f}x ({s[0]:.2f}–{s[-1]:.2f})"
 
 
 def _pct(values: list[float], p: int) -> float:

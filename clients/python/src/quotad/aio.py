@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from . import _requests
+from . import _requests, _templates
 from ._codec import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_REPLY_BYTES, FrameReader, decode_body, request_frame
 from ._common import ClientOptions, FailureMode
 from .errors import (
@@ -274,17 +274,19 @@ class AsyncClient:
 
     async def check(self, tenant: str, key: str, policy: str | None = None, cost: int = 1) -> Decision:
         """May this request go ahead? ``cost=0`` peeks without charging."""
-        req = _requests.check(tenant, key, policy, cost)
+        req_id = next(self._ids)
+        frame = _templates.check(req_id, tenant, key, policy, cost, self._opts.max_frame_bytes)
         try:
-            return Decision.from_reply(await self.call(req))
+            return Decision.from_reply(await self._send(req_id, frame, None))
         except TRANSIENT as e:
             return self._opts.unavailable_decision(e)
 
     async def cache_lookup(self, tenant: str, key: str, fill_ms: int | None = None) -> Lookup:
         """A cache read with everything the daemon said (stale, refresh, fill, ...)."""
-        req = _requests.cache_get(tenant, key, fill_ms)
+        req_id = next(self._ids)
+        frame = _templates.cache_get(req_id, tenant, key, fill_ms, self._opts.max_frame_bytes)
         try:
-            return Lookup.from_reply(await self.call(req, _requests.timeout(self._opts.timeout, fill_ms)))
+            return Lookup.from_reply(await self._send(req_id, frame, _requests.timeout(self._opts.timeout, fill_ms)))
         except TRANSIENT as e:
             self._opts.soft_fail(e)
             return UNAVAILABLE_MISS
@@ -347,9 +349,10 @@ class AsyncClient:
         fill_ms: int | None = None,
     ) -> CheckGet:
         """A check and, only if it allows, a read of ``cache_key``, in one request."""
-        req = _requests.check_get(tenant, key, cache_key, policy, cost, fill_ms)
+        req_id = next(self._ids)
+        frame = _templates.check_get(req_id, tenant, key, cache_key, policy, cost, fill_ms, self._opts.max_frame_bytes)
         try:
-            reply = await self.call(req, _requests.timeout(self._opts.timeout, fill_ms))
+            reply = await self._send(req_id, frame, _requests.timeout(self._opts.timeout, fill_ms))
             return CheckGet.from_reply(reply)
         except TRANSIENT as e:
             decision = self._opts.unavailable_decision(e)
@@ -363,17 +366,26 @@ class AsyncClient:
         Raises :class:`~quotad.errors.ServerError` for an error reply and
         :class:`~quotad.errors.QuotadUnavailable` when no reply came.
         """
+        req_id = next(self._ids)
+        return await self._send(req_id, request_frame(request, req_id, self._opts.max_frame_bytes), timeout)
+
+    async def _send(self, req_id: int, frame: bytes, timeout: float | None) -> Reply:
+        """Sends call ``req_id``'s frame and returns the reply map (as :meth:`call` does).
+
+        ``timeout`` None is the client's default: such calls share one timer.
+        """
         ordered = timeout is None
         if timeout is None:
             timeout = self._opts.timeout
-        req_id = next(self._ids)
-        frame = request_frame(request, req_id, self._opts.max_frame_bytes)
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._bind(loop)
         deadline = loop.time() + timeout
         slots = self._slots  # released to the same loop's slots even if the client moves meanwhile
-        await slots.take(loop, deadline)
+        if slots.in_flight < slots.limit:
+            slots.in_flight += 1  # the common case of slots.take, without a coroutine
+        else:
+            await slots.take(loop, deadline)
         try:
             proto = self._proto
             if proto is None or proto.error is not None:
@@ -387,7 +399,7 @@ class AsyncClient:
                 except asyncio.TimeoutError:
                     raise RequestTimedOut("quotad is not reading its socket") from None
                 ordered = False
-            fut = proto.send(req_id, frame, deadline - loop.time(), ordered)
+            fut = proto.send(req_id, frame, timeout if ordered else deadline - loop.time(), ordered)
             try:
                 reply = await fut
             finally:

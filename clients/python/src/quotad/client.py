@@ -15,10 +15,11 @@ import select
 import socket
 import threading
 import time
+from _thread import allocate_lock as _allocate_lock
 from collections.abc import Iterable
 from typing import Any
 
-from . import _requests
+from . import _requests, _templates
 from ._codec import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_REPLY_BYTES, FrameReader, decode_body, request_frame
 from ._common import ClientOptions, FailureMode
 from .errors import (
@@ -38,12 +39,19 @@ _RECV_BYTES = 256 << 10
 
 
 class _Waiter:
-    __slots__ = ("event", "reply", "error")
+    """One call's reply slot. A plain lock, held from the start, is the signal:
+    the reader releases it once (threading.Event costs a Condition and more)."""
+
+    __slots__ = ("done", "reply", "error")
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self.done = _allocate_lock()
+        self.done.acquire()
         self.reply: dict[str, Any] | None = None
         self.error: QuotadError | None = None
+
+    def answer(self) -> None:
+        self.done.release()
 
 
 class _Connection:
@@ -52,9 +60,12 @@ class _Connection:
     def __init__(self, sock: socket.socket, opts: ClientOptions) -> None:
         self._sock = sock
         self._opts = opts
-        self._lock = threading.Lock()  # guards _pending and _error
-        self._write_lock = threading.Lock()  # one frame at a time on the socket
-        self._writable = select.poll()  # used under _write_lock
+        self._lock = threading.Lock()  # guards _pending, _error, _queued and _writing
+        # One thread writes at a time; frames of calls made meanwhile are
+        # queued, and it sends them all in its next write (one send, not one each).
+        self._writing = False
+        self._queued: list[bytes] = []
+        self._writable = select.poll()  # used by the writing thread
         self._writable.register(sock, select.POLLOUT)
         self._slots = threading.BoundedSemaphore(opts.max_pending)
         self._pending: dict[int, _Waiter] = {}
@@ -82,10 +93,10 @@ class _Connection:
                 with self._lock:
                     self._pending.pop(req_id, None)
                 raise
-            if not waiter.event.wait(max(0.0, deadline - time.monotonic())):
+            if not waiter.done.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 with self._lock:
                     self._pending.pop(req_id, None)
-                if not waiter.event.is_set():
+                if waiter.reply is None and waiter.error is None:
                     if self._error is not None:  # the write failed and the daemon never closed
                         self.close(self._error)
                     raise RequestTimedOut("no reply from quotad within the call's timeout")
@@ -97,28 +108,50 @@ class _Connection:
             self._slots.release()
 
     def _write(self, frame: bytes, deadline: float) -> None:
-        """Writes the whole frame, giving up at ``deadline`` (RequestTimedOut).
+        """Writes the frame, or queues it for the thread writing now; RequestTimedOut at ``deadline``.
 
-        ``send`` may take only part of the frame: the rest goes out as quotad
-        reads. A frame cut short (at the deadline, or by an error) leaves the
-        stream unusable; after an error the reader still delivers what quotad
-        says before it closes (see :meth:`_write_failed`).
+        The writing thread sends what was queued while it wrote, in one
+        send, until nothing is left (each batch within its own deadline:
+        frames it could not send by then are dropped, and their calls time
+        out waiting for the reply). ``send`` may take only part of a batch:
+        the rest goes out as quotad reads. A batch cut short (at the
+        deadline, or by an error) leaves the stream unusable; after an error
+        the reader still delivers what quotad says before it closes (see
+        :meth:`_write_failed`).
         """
-        if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise RequestTimedOut("quotad is not reading its socket")
-        view = memoryview(frame)
+        with self._lock:
+            if self._writing:
+                self._queued.append(frame)
+                return
+            self._writing = True
+        data = frame
+        try:
+            while True:
+                self._send_all(data, deadline)
+                with self._lock:
+                    if not self._queued:
+                        self._writing = False
+                        return
+                    queued, self._queued = self._queued, []
+                data = queued[0] if len(queued) == 1 else b"".join(queued)
+        except BaseException:
+            with self._lock:
+                self._writing = False
+                self._queued = []
+            raise
+
+    def _send_all(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
         try:
             while view:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._writable.poll(remaining * 1000):
-                    if len(view) < len(frame):
+                    if len(view) < len(data):
                         self._write_failed(ConnectionLost("a request was cut short: quotad is not reading"))
                     raise RequestTimedOut("quotad is not reading its socket")
                 view = view[self._sock.send(view) :]
         except OSError as e:
             self._write_failed(ConnectionLost(f"writing to quotad failed: {e}"))
-        finally:
-            self._write_lock.release()
 
     def _write_failed(self, err: QuotadError) -> None:
         """A failed (maybe partial) write leaves the stream unusable for requests.
@@ -146,7 +179,7 @@ class _Connection:
             pending, self._pending = self._pending, {}
         for waiter in pending.values():
             waiter.error = err
-            waiter.event.set()
+            waiter.answer()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader
         except OSError:
@@ -193,7 +226,7 @@ class _Connection:
             waiter = self._pending.pop(req_id, None) if isinstance(req_id, int) else None
         if waiter is not None:  # else the caller gave up (timed out) already
             waiter.reply = reply
-            waiter.event.set()
+            waiter.answer()
 
 
 class Client:
@@ -254,17 +287,19 @@ class Client:
 
     def check(self, tenant: str, key: str, policy: str | None = None, cost: int = 1) -> Decision:
         """May this request go ahead? ``cost=0`` peeks without charging."""
-        req = _requests.check(tenant, key, policy, cost)
+        req_id = next(self._ids)
+        frame = _templates.check(req_id, tenant, key, policy, cost, self._opts.max_frame_bytes)
         try:
-            return Decision.from_reply(self.call(req))
+            return Decision.from_reply(self._send(req_id, frame, None))
         except TRANSIENT as e:
             return self._opts.unavailable_decision(e)
 
     def cache_lookup(self, tenant: str, key: str, fill_ms: int | None = None) -> Lookup:
         """A cache read with everything the daemon said (stale, refresh, fill, ...)."""
-        req = _requests.cache_get(tenant, key, fill_ms)
+        req_id = next(self._ids)
+        frame = _templates.cache_get(req_id, tenant, key, fill_ms, self._opts.max_frame_bytes)
         try:
-            return Lookup.from_reply(self.call(req, _requests.timeout(self._opts.timeout, fill_ms)))
+            return Lookup.from_reply(self._send(req_id, frame, _requests.timeout(self._opts.timeout, fill_ms)))
         except TRANSIENT as e:
             self._opts.soft_fail(e)
             return UNAVAILABLE_MISS
@@ -327,9 +362,10 @@ class Client:
         fill_ms: int | None = None,
     ) -> CheckGet:
         """A check and, only if it allows, a read of ``cache_key``, in one request."""
-        req = _requests.check_get(tenant, key, cache_key, policy, cost, fill_ms)
+        req_id = next(self._ids)
+        frame = _templates.check_get(req_id, tenant, key, cache_key, policy, cost, fill_ms, self._opts.max_frame_bytes)
         try:
-            return CheckGet.from_reply(self.call(req, _requests.timeout(self._opts.timeout, fill_ms)))
+            return CheckGet.from_reply(self._send(req_id, frame, _requests.timeout(self._opts.timeout, fill_ms)))
         except TRANSIENT as e:
             decision = self._opts.unavailable_decision(e)
             return CheckGet(decision, UNAVAILABLE_MISS if decision.allowed else None)
@@ -343,7 +379,10 @@ class Client:
         :class:`~quotad.errors.QuotadUnavailable` when no reply came.
         """
         req_id = next(self._ids)
-        frame = request_frame(request, req_id, self._opts.max_frame_bytes)
+        return self._send(req_id, request_frame(request, req_id, self._opts.max_frame_bytes), timeout)
+
+    def _send(self, req_id: int, frame: bytes, timeout: float | None) -> dict[str, Any]:
+        """Sends call ``req_id``'s frame and returns the reply map (as :meth:`call` does)."""
         # One deadline for the whole call: connecting, waiting for a slot, writing, the reply.
         deadline = time.monotonic() + (self._opts.timeout if timeout is None else timeout)
         conn = self._connection(deadline)

@@ -8,6 +8,10 @@ from typing import Any
 from .errors import ProtocolViolation
 
 
+_new = object.__new__
+_setattr = object.__setattr__
+
+
 def _ceil_seconds(ms: int) -> int:
     return -(-ms // 1000)
 
@@ -63,24 +67,29 @@ class Decision:
 
     @classmethod
     def from_reply(cls, r: dict[str, Any]) -> Decision:
-        # The hot path of every check: one type test per field, no helpers.
+        # The hot path of every check: one type test per field, no helpers,
+        # and the frozen instance's fields set in one go (not one
+        # object.__setattr__ each, as the generated __init__ does).
         try:
-            d = cls(
-                r["allowed"], r["limit"], r["remaining"], r["reset_ms"],
-                r["retry_after_ms"], r["degraded"], r["rule"],
-            )
+            allowed, limit, remaining = r["allowed"], r["limit"], r["remaining"]
+            reset_ms, retry_after_ms, degraded, rule = r["reset_ms"], r["retry_after_ms"], r["degraded"], r["rule"]
         except KeyError as e:
             raise ProtocolViolation(f"a check reply without {e}") from None
         if not (
-            type(d.allowed) is bool
-            and type(d.degraded) is bool
-            and type(d.limit) is int
-            and type(d.remaining) is int
-            and type(d.reset_ms) is int
-            and type(d.retry_after_ms) is int
-            and type(d.rule) is str
+            type(allowed) is bool
+            and type(degraded) is bool
+            and type(limit) is int
+            and type(remaining) is int
+            and type(reset_ms) is int
+            and type(retry_after_ms) is int
+            and type(rule) is str
         ):
             raise ProtocolViolation(f"a check reply with mistyped fields: {r!r}")
+        d = _new(cls)
+        _setattr(d, "__dict__", {
+            "allowed": allowed, "limit": limit, "remaining": remaining, "reset_ms": reset_ms,
+            "retry_after_ms": retry_after_ms, "degraded": degraded, "rule": rule,
+        })
         return d
 
 
