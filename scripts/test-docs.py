@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,7 +76,6 @@ class Block:
     lang: str
     marker: str
     code: str
-    parts: list[int] = field(default_factory=list)
 
     @property
     def where(self) -> str:
@@ -299,7 +298,7 @@ class Session:
             except subprocess.TimeoutExpired:
                 raise Failure(f"{block.where}: `{command}` still running after {BLOCK_TIMEOUT} s") from None
             actual = out.stdout.decode(errors="replace").rstrip("\n").splitlines()
-            want = [e for e in expected]
+            want = list(expected)
             while want and not want[-1].strip():
                 want.pop()
             if not matches(want, actual):
