@@ -381,12 +381,12 @@ def main() -> int:
                     for unit in units:
                         session.run(unit)
                 finally:
+                    total += session.ran
                     try:
                         session.close()
                     except Failure as e:
                         print(f"test-docs: FAIL {e}", file=sys.stderr)
                         failed += 1
-                total += session.ran
                 print(f"test-docs: {path}: {session.ran} blocks ok ({time.monotonic() - t:.1f} s)")
         except Failure as e:
             print(f"test-docs: FAIL {e}", file=sys.stderr)
