@@ -15,7 +15,8 @@ a marker, an HTML comment on the line before it (an unmarked one fails the test)
   <!-- doctest: fragment -->    an excerpt, not a whole program: not run
   <!-- doctest: skip: <why> --> not run, for the reason given (the test does it itself)
 
-A sh block with `$ ` prompts is a transcript: each command's stdout must match
+A block whose client warns that it cannot reach quotad (and so fails open)
+fails. A sh block with `$ ` prompts is a transcript: each command's stdout must match
 the lines under it, where `...` matches any text (numbers that vary).
 
 The setting is a fresh copy of the repo (the files git knows, as in a clone),
@@ -280,6 +281,9 @@ class Session:
         text = (out.stdout + out.stderr).decode(errors="replace")
         if out.returncode != 0:
             raise Failure(f"{block.where}: exited {out.returncode}\n--- block:\n{block.code}--- output:\n{text}")
+        # The clients fail open, silently but for this warning: a block must reach its daemon.
+        if re.search(r"cannot reach quotad|quotad connection lost", text):
+            raise Failure(f"{block.where}: reached no quotad\n--- output:\n{text}")
         return text
 
     def _transcript(self, block: Block, code: str) -> None:
