@@ -23,3 +23,9 @@ cargo test --locked
 if [ -x scripts/test-clients.sh ]; then
   scripts/test-clients.sh
 fi
+# The READMEs' code blocks, run as a new user would; then the clients
+# installed from their npm tarball and Python wheel.
+echo "== READMEs"
+python3 scripts/test-docs.py
+echo "== Packages"
+scripts/test-packages.sh

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use quotad::client::Client;
+use quotad::client::{Client, ClientError};
 use quotad::clock::Clock;
 use quotad::config::Config;
 use quotad::config::TenantRecord;
@@ -17,7 +17,11 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "quotad",
     version,
-    about = "Rate-limiting sidecar: MessagePack over a Unix socket, decided in Redis"
+    about = "Rate-limiting and caching sidecar: MessagePack over a Unix socket, decided in Redis",
+    long_about = "Rate-limiting and caching sidecar. Applications ask it, over a local Unix \
+socket, whether a caller may go ahead and whether a response is already cached; it \
+answers atomically from Redis (or from memory), so every process shares the same limits \
+and the same cache. `quotad serve` runs it; `check` and `tenant` talk to a running one."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -35,10 +39,13 @@ enum Command {
         #[arg(long, env = "QUOTAD_SOCKET")]
         socket: Option<PathBuf>,
     },
-    /// Ask a running quotad for one decision. Exit status: 0 allowed, 1 denied, 2 error.
+    /// Ask a running quotad for one decision. Exit status: 0 allowed, 1 denied,
+    /// 2 error, 3 degraded (decided by the failure mode, not by Redis).
     Check {
+        /// The tenant the caller belongs to (its plan sets the limits).
         #[arg(long)]
         tenant: String,
+        /// Who is limited within the tenant (a user, an API key, an IP).
         #[arg(long)]
         key: String,
         /// The policy (default: the one named `default`).
@@ -47,6 +54,9 @@ enum Command {
         /// Units to charge; 0 peeks without charging.
         #[arg(long, default_value_t = 1)]
         cost: u64,
+        /// Exit by the decision (0 or 1) even when it is degraded, instead of 3.
+        #[arg(long)]
+        allow_degraded: bool,
         #[command(flatten)]
         at: Socket,
     },
@@ -66,6 +76,8 @@ struct Socket {
     /// The daemon's socket (default: the config's, else the default path).
     #[arg(long, env = "QUOTAD_SOCKET", global = true)]
     socket: Option<PathBuf>,
+    /// The daemon's config file: gives the socket (unless --socket) and,
+    /// after an unknown policy, the policies there are.
     #[arg(long, env = "QUOTAD_CONFIG", global = true)]
     config: Option<PathBuf>,
 }
@@ -73,18 +85,28 @@ struct Socket {
 #[derive(Subcommand)]
 enum TenantCommand {
     /// Show a tenant's plan and own limits, as the source has them.
-    Get { tenant: String },
+    Get {
+        /// The tenant.
+        tenant: String,
+    },
     /// Put a tenant on a plan, with limits of its own
     /// (`--limit api.burst.capacity=5000`, repeatable). Takes effect at once.
     Set {
+        /// The tenant.
         tenant: String,
+        /// One of the config's `[plans.<name>]`.
         #[arg(long)]
         plan: String,
-        #[arg(long = "limit", value_parser = parse_limit)]
+        /// A limit of the tenant's own, `<policy>.<rule>.<parameter>=<number>`
+        /// (repeatable); overrides the plan's.
+        #[arg(long = "limit", value_name = "POLICY.RULE.PARAMETER=NUMBER", value_parser = parse_limit)]
         limits: Vec<(String, f64)>,
     },
     /// Remove a tenant's record: it falls back to the default plan.
-    Delete { tenant: String },
+    Delete {
+        /// The tenant.
+        tenant: String,
+    },
     /// List the tenants the source knows.
     List,
 }
@@ -123,14 +145,31 @@ fn main() -> ExitCode {
             key,
             policy,
             cost,
+            allow_degraded,
             at,
-        } => one_shot(check(tenant, key, policy, cost, at)),
+        } => one_shot(check(tenant, key, policy, cost, allow_degraded, at)),
         Command::Tenant { command, at } => one_shot(tenant(command, at)),
     };
     result.unwrap_or_else(|e| {
-        eprintln!("quotad: {e:#}");
+        eprintln!("quotad: {}", render(&e));
         ExitCode::from(2)
     })
+}
+
+/// The error and its causes, `: `-separated, leaving out a cause that its
+/// parent's message already ends with (an I/O error wrapped with its text).
+fn render(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -194,14 +233,17 @@ fn one_shot(f: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result
         .block_on(f)
 }
 
-async fn connect(at: Socket) -> anyhow::Result<Client> {
-    let socket = match at.socket {
-        Some(s) => s,
+async fn connect(at: &Socket) -> anyhow::Result<Client> {
+    let socket = match &at.socket {
+        Some(s) => s.clone(),
         None => load(at.config.as_ref())?.server.socket,
     };
-    Client::connect(&socket)
-        .await
-        .with_context(|| format!("connecting to {}", socket.display()))
+    Client::connect(&socket).await.map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\nIs quotad running? Start it with `quotad serve`, or give its socket \
+             with --socket or QUOTAD_SOCKET."
+        )
+    })
 }
 
 async fn check(
@@ -209,23 +251,65 @@ async fn check(
     key: String,
     policy: Option<String>,
     cost: u64,
+    allow_degraded: bool,
     at: Socket,
 ) -> anyhow::Result<ExitCode> {
-    let client = connect(at).await?;
-    let d = client.check(&tenant, &key, policy.as_deref(), cost).await?;
+    let client = connect(&at).await?;
+    let d = client
+        .check(&tenant, &key, policy.as_deref(), cost)
+        .await
+        .map_err(|e| match &e {
+            ClientError::Server { code, .. } if code == "unknown_policy" => {
+                anyhow::anyhow!("{e}; {}", known_policies(&at))
+            }
+            _ => e.into(),
+        })?;
     println!(
         "allowed={} limit={} remaining={} reset_ms={} retry_after_ms={} rule={} degraded={}",
         d.allowed, d.limit, d.remaining, d.reset_ms, d.retry_after_ms, d.rule, d.degraded
     );
-    Ok(if d.allowed {
+    Ok(if d.degraded && !allow_degraded {
+        eprintln!(
+            "quotad: degraded: decided by the policy's failure mode, not by the backend \
+             (see quotad's log); exit status 3 (--allow-degraded: exit by the decision)"
+        );
+        ExitCode::from(3)
+    } else if d.allowed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
 }
 
+/// After an unknown policy: the policies the config file defines, or how
+/// to list them (the daemon's reply does not).
+fn known_policies(at: &Socket) -> String {
+    let Some(path) = &at.config else {
+        return "pass one of the daemon's policies with --policy (--config <its file> lists them)"
+            .to_owned();
+    };
+    // The file was read and validated already (it gave the socket, unless
+    // --socket did): its `[policies]` table's keys are the names.
+    let table: Option<toml::Table> = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse().ok());
+    let names: Vec<String> = table
+        .as_ref()
+        .and_then(|t| t.get("policies")?.as_table())
+        .map(|p| p.keys().map(|n| format!("`{n}`")).collect())
+        .unwrap_or_default();
+    if names.is_empty() {
+        return format!("{} defines no policies", path.display());
+    }
+    format!(
+        "{} defines {}: pass one with --policy",
+        path.display(),
+        names.join(", ")
+    )
+}
+
 async fn tenant(command: TenantCommand, at: Socket) -> anyhow::Result<ExitCode> {
-    let client = connect(at).await?;
+    let client = connect(&at).await?;
     let show = |tenant: &str, plan: &str, limits: &std::collections::BTreeMap<String, f64>| {
         let limits: Vec<String> = limits.iter().map(|(k, v)| format!(" {k}={v}")).collect();
         println!("{tenant} plan={plan}{}", limits.concat());
@@ -244,10 +328,14 @@ async fn tenant(command: TenantCommand, at: Socket) -> anyhow::Result<ExitCode> 
                 plan,
                 limits: limits.into_iter().collect(),
             };
-            client.tenant_set(&tenant, record).await?;
+            client.tenant_set(&tenant, record.clone()).await?;
+            print!("set: ");
+            show(&tenant, &record.plan, &record.limits);
         }
         TenantCommand::Delete { tenant } => {
-            if !client.tenant_delete(&tenant).await? {
+            if client.tenant_delete(&tenant).await? {
+                println!("deleted: {tenant} is on the default plan");
+            } else {
                 println!("{tenant} had no record");
             }
         }
@@ -258,4 +346,27 @@ async fn tenant(command: TenantCommand, at: Socket) -> anyhow::Result<ExitCode> 
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// `--help` explains every flag and argument of every subcommand.
+    #[test]
+    fn every_argument_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" {
+                    assert!(arg.get_help().is_some(), "{path} {id} has no help text");
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        super::Cli::command().debug_assert();
+        walk(&super::Cli::command(), "quotad");
+    }
 }

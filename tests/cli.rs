@@ -1,5 +1,6 @@
 //! The command line: `quotad check` against a running daemon (exit status
-//! 0 allowed, 1 denied, 2 error) and `quotad --version`.
+//! 0 allowed, 1 denied, 2 error, 3 degraded), `quotad tenant`, the messages
+//! that say what went wrong and what to do, and `quotad --help`/`--version`.
 
 mod common;
 
@@ -67,7 +68,135 @@ fn check_without_a_daemon_is_a_clear_error() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("connecting to"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach quotad: ") && err.contains("none.sock: No such file"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "Is quotad running? Start it with `quotad serve`, or give its socket with --socket or QUOTAD_SOCKET."
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_degraded_answer_exits_3_unless_allowed() {
+    // Redis is not there: every check is answered by the failure mode.
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&format!(
+        "[redis]\nurl = \"redis+unix://{}/absent.sock\"\ntimeout_ms = 50\n\
+         [policies.default]\nfailure_mode = \"open\"\n\
+         rules = [{{ name = \"r\", kind = \"fixed_window\", limit = 5, window_ms = 60000 }}]\n",
+        dir.path().display()
+    ));
+    let (code, out, err) = check(&d, &[]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(
+        out.contains("allowed=true") && out.contains("degraded=true"),
+        "{out}"
+    );
+    assert!(
+        err.contains("degraded: decided by the policy's failure mode"),
+        "{err}"
+    );
+    let (code, out, _) = check(&d, &["--allow-degraded"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn an_unknown_policy_lists_the_config_s_policies() {
+    let d = Daemon::start(
+        "[policies.api]\nrules = [{ name = \"r\", kind = \"fixed_window\", limit = 5, window_ms = 60000 }]\n\
+         [policies.writes]\nrules = [{ name = \"r\", kind = \"fixed_window\", limit = 5, window_ms = 60000 }]\n",
+    );
+    let out = Command::new(QUOTAD)
+        .args(["check", "--tenant", "t", "--key", "k", "--config"])
+        .arg(d.config_path())
+        .env("QUOTAD_SOCKET", "")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown policy `default`"), "{err}");
+    assert!(
+        err.contains("quotad.toml defines `api`, `writes`: pass one with --policy"),
+        "{err}"
+    );
+    // Without the file, the hint says how to list them.
+    let (_, _, err) = check(&d, &["--policy", "nope"]);
+    assert!(
+        err.contains("unknown policy `nope`; pass one of the daemon's policies with --policy"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_config_file_names_its_cause_once() {
+    for command in [&["serve"][..], &["check", "--tenant", "t", "--key", "k"]] {
+        let out = Command::new(QUOTAD)
+            .args(command)
+            .args(["--config", "/nonexistent/quotad.toml"])
+            .env_remove("QUOTAD_SOCKET")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.trim(),
+            "quotad: cannot read config file /nonexistent/quotad.toml: No such file or directory (os error 2)"
+        );
+    }
+}
+
+#[test]
+fn tenant_set_and_delete_say_what_they_did() {
+    let redis = common::Redis::start();
+    let d = Daemon::start(&format!(
+        "{}[quota]\nsource = \"redis\"\n\
+         [policies.api]\nrules = [{{ name = \"burst\", kind = \"token_bucket\", capacity = 10, refill_per_sec = 1 }}]\n\
+         [plans.pro]\n",
+        common::redis_table(&redis)
+    ));
+    let tenant = |args: &[&str]| {
+        let out = Command::new(QUOTAD)
+            .arg("tenant")
+            .args(args)
+            .arg("--socket")
+            .arg(d.socket())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(
+        tenant(&[
+            "set",
+            "acme",
+            "--plan",
+            "pro",
+            "--limit",
+            "api.burst.capacity=50"
+        ]),
+        "set: acme plan=pro api.burst.capacity=50\n"
+    );
+    assert_eq!(
+        tenant(&["delete", "acme"]),
+        "deleted: acme is on the default plan\n"
+    );
+    assert_eq!(tenant(&["delete", "acme"]), "acme had no record\n");
+}
+
+#[test]
+fn the_top_level_help_names_the_cache() {
+    for flag in ["-h", "--help"] {
+        let out = Command::new(QUOTAD).arg(flag).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("Rate-limiting and caching sidecar"), "{help}");
+    }
+    let out = Command::new(QUOTAD).arg("--help").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("whether a response is already cached"));
 }
 
 /// `quotad --version` prints the package version.

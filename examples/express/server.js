@@ -6,7 +6,8 @@
 //   drops them with invalidate(), and costs 5 units through a per-route limit.
 //
 // quotad runs separately (`cargo run --release -- serve` in the repo root);
-// set QUOTAD_SOCKET if its socket is not at the default path.
+// set QUOTAD_SOCKET if its socket is not at the default path. Run with
+// `npm install && npm start` here (README.md).
 
 import path from 'node:path';
 import express from 'express';
@@ -57,4 +58,13 @@ app.post('/notes', quotad({ client, cost: 5 }), async (req, res) => {
 });
 
 const port = Number(process.env.PORT ?? 3000);
-app.listen(port, '127.0.0.1', () => console.log(`notes on http://127.0.0.1:${port} (quotad at ${client.socketPath})`));
+const server = app.listen(port, '127.0.0.1', () => console.log(`notes on http://127.0.0.1:${port} (quotad at ${client.socketPath})`));
+
+// `npm start` execs node (package.json), so SIGTERM and Ctrl-C reach this
+// process: finish the requests in flight, then exit.
+for (const signal of ['SIGTERM', 'SIGINT']) {
+  process.once(signal, () => {
+    server.close();
+    client.close();
+  });
+}

@@ -18,8 +18,12 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request, Response
 
 from quotad import AsyncClient, identity
+from quotad.cached import cached
 from quotad.fastapi import RateLimit
 from quotad.starlette import QuotadMiddleware, ResponseCache, context, invalidate
+
+
+PRICES = {"B2": 100}
 
 
 def build_app(client: AsyncClient, calls: Counter[str]) -> FastAPI:
@@ -66,6 +70,20 @@ def build_app(client: AsyncClient, calls: Counter[str]) -> FastAPI:
     async def whoami(request: Request) -> dict[str, str]:
         ctx = context(request)
         return {"tenant": ctx.tenant, "key": ctx.key}
+
+    @cached(client, tenant="prices", ttl_ms=60_000)
+    async def price(sku: str) -> dict[str, object]:
+        calls["price"] += 1
+        return {"sku": sku, "cents": PRICES[sku]}
+
+    @app.get("/items-priced/{sku}")  # under /items: the ResponseCache would store it
+    async def priced(sku: str) -> dict[str, object]:
+        return await price(sku)
+
+    @app.put("/items-priced/{sku}")
+    async def set_price(sku: str, cents: int) -> dict[str, bool]:
+        PRICES[sku] = cents
+        return {"invalidated": await price.invalidate(sku)}
 
     @app.get("/login", dependencies=[Depends(RateLimit(client, policy="tiny"))])
     async def login() -> dict[str, bool]:
@@ -194,6 +212,20 @@ def test_uncacheable_responses_are_not_stored(http: httpx.Client, h: dict[str, s
         for _ in range(2):
             assert http.get(path, headers=h).headers["x-cache"] == "miss"
         assert calls[counter] == before + 2
+
+
+def test_a_route_using_cached_is_not_stored_so_its_invalidate_shows(
+    http: httpx.Client, h: dict[str, str], calls: Counter[str]
+) -> None:
+    first = http.get("/items-priced/B2", headers=h)
+    assert first.json() == {"sku": "B2", "cents": 100} and first.headers["x-cache"] == "miss"
+    again = http.get("/items-priced/B2", headers=h)
+    assert again.headers["x-cache"] == "miss", "the page was stored"
+    assert again.json() == first.json() and calls["price"] == 1  # @cached served it
+    assert http.put("/items-priced/B2?cents=250", headers=h).json() == {"invalidated": True}
+    after = http.get("/items-priced/B2", headers=h)
+    assert after.json() == {"sku": "B2", "cents": 250} and after.headers["x-cache"] == "miss"
+    assert calls["price"] == 2
 
 
 def test_route_dependency_applies_its_own_policy(http: httpx.Client, h: dict[str, str], calls: Counter[str]) -> None:

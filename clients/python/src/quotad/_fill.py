@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Iterable
@@ -17,6 +18,20 @@ log = logging.getLogger("quotad")
 
 # The stores and releases under way: the event loop keeps only weak references to tasks.
 _ending: set[asyncio.Task[None]] = set()
+
+
+class CachedCalls:
+    """Whether a ``@cached`` function ran while the middleware computed a response."""
+
+    seen = False
+
+
+#: Set by the middleware around the app while it computes a response it may
+#: store; ``@cached`` marks it. Such a response is not stored: it would keep
+#: the function's old value after ``fn.invalidate(...)`` dropped it (and the
+#: function's entry, not the page, is then the cache). A task the app starts
+#: copies the context, and so shares the same object.
+cached_calls: contextvars.ContextVar[CachedCalls | None] = contextvars.ContextVar("quotad_cached_calls", default=None)
 
 
 async def serve_or_fill(

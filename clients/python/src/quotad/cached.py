@@ -16,6 +16,11 @@ across processes and hosts; Python's ``hash()`` (randomized per process)
 is never used. Arguments must be JSON-like (str, int, float, bool, None,
 bytes, lists, tuples, dicts with str keys); pass ``key=`` for anything else.
 Results are stored with ``dumps`` (JSON by default).
+
+A response that called a ``@cached`` function is not stored by the ASGI
+middleware's ``ResponseCache``: ``invalidate`` drops the function's entry,
+which would not drop a page built from it. The function's entry still
+saves the work.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from ._fill import serve_or_fill
+from ._fill import cached_calls, serve_or_fill
 from .aio import AsyncClient
 from .models import Lookup
 
@@ -105,6 +110,9 @@ class CachedFunction(Generic[P, R]):
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         key = self.cache_key(*args, **kwargs)
+        calls = cached_calls.get()
+        if calls is not None:  # within a response the middleware would cache: it won't
+            calls.seen = True
         lookup = await self._client.cache_lookup(self._tenant, key, self._fill_ms)
         result: R
 

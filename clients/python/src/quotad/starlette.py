@@ -36,7 +36,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import identity
-from ._fill import serve_or_fill
+from ._fill import CachedCalls, cached_calls, serve_or_fill
 from .aio import AsyncClient
 from .identity import Extractor
 from .models import Decision, Lookup
@@ -142,7 +142,8 @@ class ResponseCache:
 
     Only ``200`` responses without ``Set-Cookie`` and without
     ``Cache-Control: no-store``/``private`` are stored, and only up to
-    ``max_body_bytes``.
+    ``max_body_bytes``; nor are those of routes that called a ``@cached``
+    function (its ``invalidate`` could not drop them).
     """
 
     ttl_ms: int = 30_000
@@ -281,8 +282,15 @@ class QuotadMiddleware:
 
         async def compute() -> bytes | None:
             recorder = _Recorder(send, decision, rule.max_body_bytes)
-            await self.app(scope, receive, recorder.send)
-            return recorder.entry() if recorder.cacheable else None
+            calls = CachedCalls()
+            token = cached_calls.set(calls)
+            try:
+                await self.app(scope, receive, recorder.send)
+            finally:
+                cached_calls.reset(token)
+            # A route that uses @cached is not stored: invalidating the
+            # function's entry would leave this page with the old value.
+            return recorder.entry() if recorder.cacheable and not calls.seen else None
 
         await serve_or_fill(
             self.client, tenant, cache_key, lookup, serve, compute,
