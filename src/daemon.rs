@@ -84,12 +84,12 @@ impl Daemon {
     /// serves anyway, deciding by failure mode until Redis answers.
     pub async fn warm_up(&self) {
         if let Some(redis) = &self.redis {
-            if redis.warm_up(Duration::from_secs(1)).await {
-                tracing::info!("Redis connected, script loaded");
-            } else {
-                tracing::warn!(
-                    "Redis not answering yet: deciding by each policy's failure mode until it does"
-                );
+            match redis.warm_up(Duration::from_secs(1)).await {
+                Ok(()) => tracing::info!("Redis at {} connected, script loaded", redis.target()),
+                Err(e) => tracing::warn!(
+                    "Redis at {} not answering ({e}): deciding by each policy's failure mode until it answers; is redis-server running there?",
+                    redis.target()
+                ),
             }
         }
     }

@@ -183,8 +183,8 @@ fn sighup_reloads_policies_on_open_connections_and_keeps_them_on_a_bad_file() {
     );
 }
 
-/// quotad starts and answers with Redis down, logging that Redis is not
-/// answering yet.
+/// quotad starts and answers with Redis down, logging where Redis should
+/// be, why it does not answer, and what quotad does meanwhile.
 #[test]
 fn redis_down_at_start_does_not_stop_quotad_from_starting() {
     let mut redis = Redis::start();
@@ -196,7 +196,15 @@ fn redis_down_at_start_does_not_stop_quotad_from_starting() {
     let r = c.recv().unwrap();
     assert_eq!(r["backend"], "redis");
     assert_eq!(r["protocol"], 1);
-    assert!(d.log_contains("Redis not answering yet"));
+    let at = format!("Redis at {} not answering (", redis.socket().display());
+    let line = d
+        .log_line(&at)
+        .expect("the start-up line names the address");
+    assert!(line.contains("No such file or directory"), "{line}");
+    assert!(
+        line.contains("deciding by each policy's failure mode"),
+        "{line}"
+    );
 }
 
 /// The Lua script is loaded once at start, so the first check is one
@@ -205,7 +213,10 @@ fn redis_down_at_start_does_not_stop_quotad_from_starting() {
 fn the_script_is_loaded_before_the_first_request() {
     let redis = Redis::start();
     let d = Daemon::start(&format!("{}{POLICY}", redis_table(&redis)));
-    assert!(d.log_contains("Redis connected, script loaded"));
+    assert!(d.log_contains(&format!(
+        "Redis at {} connected, script loaded",
+        redis.socket().display()
+    )));
     assert_eq!(redis.calls("script|load"), 1);
     let mut c = Raw::connect(&d.socket());
     c.send(json!({"id": 1, "op": "check", "tenant": "t", "key": "k"}));

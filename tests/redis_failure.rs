@@ -122,6 +122,18 @@ async fn redis_killed_under_load_fails_open_within_the_deadline_then_recovers() 
     let stats = counters(&probe).await;
     assert!(stats["breaker_trips"] >= 1);
     assert_eq!(stats["breaker_open"], 0);
+    // The outage was logged with where Redis is, why it failed, and what
+    // quotad did meanwhile; and its end.
+    let at = format!("Redis at {}", redis.socket().display());
+    let open = d
+        .log_line(&format!("{at} unreachable: circuit breaker open"))
+        .unwrap();
+    assert!(
+        open.contains("deciding by each policy's failure mode"),
+        "{open}"
+    );
+    assert!(d.log_contains(&format!("{at}: ")), "the cause, once");
+    assert!(d.log_contains("Redis answers again: circuit breaker closed"));
 }
 
 /// A frozen Redis costs each check at most the deadline, and decisions

@@ -48,6 +48,25 @@ fn default_probe_ms() -> u64 {
 }
 
 impl RedisConfig {
+    /// Where Redis is, for log lines: addresses only, never credentials.
+    pub fn target(&self) -> String {
+        let addr = |url: &str| match redis::Client::open(url) {
+            Ok(c) => c.get_connection_info().addr().to_string(),
+            Err(_) => "an unparsable address".into(),
+        };
+        let all = |urls: &[String]| urls.iter().map(|u| addr(u)).collect::<Vec<_>>().join(", ");
+        match (&self.url, &self.master_name) {
+            (Some(url), _) => addr(url),
+            (None, Some(master)) => {
+                format!(
+                    "master `{master}` of the Sentinels {}",
+                    all(&self.sentinels)
+                )
+            }
+            (None, None) => format!("the Cluster of {}", all(&self.cluster)),
+        }
+    }
+
     /// Refuses a table that names no Redis (or several), an address that
     /// does not parse, and values outside their bounds.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {

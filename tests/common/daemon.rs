@@ -135,11 +135,13 @@ impl Daemon {
     }
 
     pub fn log_contains(&self, needle: &str) -> bool {
-        self.stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
+        self.log_line(needle).is_some()
+    }
+
+    /// The first log line containing `needle`.
+    pub fn log_line(&self, needle: &str) -> Option<String> {
+        let log = self.stderr.lock().unwrap();
+        log.iter().find(|l| l.contains(needle)).cloned()
     }
 }
 

@@ -53,10 +53,6 @@ impl Breaker {
                 .breaker_trips
                 .fetch_add(1, Ordering::Relaxed);
             self.stats.counters.breaker_open.store(1, Ordering::Relaxed);
-            tracing::warn!(
-                failures = n,
-                "Redis unreachable: circuit breaker open, answering by failure mode"
-            );
             return true;
         }
         false

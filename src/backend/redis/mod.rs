@@ -60,6 +60,8 @@ pub struct RedisBackend {
 
 struct Inner {
     conn: Conn,
+    /// Where Redis is, for log lines.
+    target: String,
     keys: Keys,
     breaker: Arc<Breaker>,
     timeout: Duration,
@@ -81,6 +83,7 @@ impl RedisBackend {
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 conn: Conn::new(cfg)?,
+                target: cfg.target(),
                 keys: Keys::new(&cfg.prefix),
                 breaker: Arc::new(Breaker::new(cfg.breaker_failures, stats.clone())),
                 timeout: Duration::from_millis(cfg.timeout_ms),
@@ -301,39 +304,59 @@ impl RedisBackend {
         let inner = &*self.inner;
         Stats::add(&inner.stats.counters.redis_errors, 1);
         if inner.breaker.record_failure() {
+            tracing::warn!(
+                "Redis at {} unreachable: circuit breaker open, deciding by each policy's failure mode and probing every {:?} until it answers",
+                inner.target,
+                inner.probe_interval
+            );
             let this = self.clone();
             let breaker = inner.breaker.clone();
+            let mut said = false;
             tokio::spawn(breaker.probe_until_closed(
                 inner.probe_interval,
                 inner.stop.clone(),
                 move || {
                     let this = this.clone();
-                    async move { this.ping().await }
+                    // The cause, once per outage (not once per probe).
+                    let say = !std::mem::replace(&mut said, true);
+                    async move {
+                        let answer = this.ping().await;
+                        if let (Err(e), true) = (&answer, say) {
+                            tracing::warn!("Redis at {}: {e}", this.inner.target);
+                        }
+                        answer.is_ok()
+                    }
                 },
             ));
         }
     }
 
     /// Connects and loads the script, so that the first requests pay for
-    /// neither. False if Redis did not manage within `limit`.
-    pub async fn warm_up(&self, limit: Duration) -> bool {
+    /// neither. The error says why Redis did not manage within `limit`.
+    pub async fn warm_up(&self, limit: Duration) -> Result<(), String> {
         let mut load = redis::cmd("SCRIPT");
         load.arg("LOAD").arg(script::SOURCE);
-        let run = self.inner.conn.run(vec![load]);
-        matches!(
-            tokio::time::timeout(limit, run).await.as_deref(),
-            Ok([Ok(_)])
-        )
+        self.answer(load, limit).await
     }
 
-    /// True if Redis answers a PING within the deadline.
-    pub async fn ping(&self) -> bool {
-        let ping = self.inner.conn.run(vec![redis::cmd("PING")]);
-        matches!(
-            tokio::time::timeout(self.inner.timeout, ping)
-                .await
-                .as_deref(),
-            Ok([Ok(_)])
-        )
+    /// Whether Redis answers a PING within the deadline, and why not.
+    pub async fn ping(&self) -> Result<(), String> {
+        self.answer(redis::cmd("PING"), self.inner.timeout).await
+    }
+
+    async fn answer(&self, cmd: redis::Cmd, limit: Duration) -> Result<(), String> {
+        match tokio::time::timeout(limit, self.inner.conn.run(vec![cmd])).await {
+            Ok(results) => match results.into_iter().next() {
+                Some(Ok(_)) => Ok(()),
+                Some(Err(e)) => Err(e.to_string()),
+                None => Err("no reply".into()),
+            },
+            Err(_) => Err(format!("no answer within {limit:?}")),
+        }
+    }
+
+    /// Where Redis is (addresses only), for log lines.
+    pub fn target(&self) -> &str {
+        &self.inner.target
     }
 }
