@@ -3,16 +3,21 @@
 -- EVALSHA, so a whole batch is decided atomically and a later operation
 -- sees the writes of an earlier one.
 --
+-- KEYS[1 .. N]: the call's distinct rule state keys (checks of the same
+-- tenant, policy and key share theirs); then the cache operations' keys.
 -- ARGV[1]: the time in µs since the Unix epoch for the rate-limit rules, or
 --          "" to take it from Redis TIME, the one clock every sidecar shares
 --          (tests pin it; cache expiry always follows Redis's own clock).
--- ARGV[2]: P, the number of policies; ARGV[3 .. 2+P]: one policy each, as
---          packed little-endian doubles: the rule count, then per rule
---          kind, a, b: 1 token bucket (capacity, µs per unit), 2 fixed
---          window (limit, window µs), 3 sliding window (limit, window µs).
+-- ARGV[2]: N. ARGV[3]: P, the number of policies; ARGV[4 .. 3+P]: one
+--          policy each, as packed little-endian doubles: the rule count,
+--          then per rule kind, a, b: 1 token bucket (capacity, µs per
+--          unit), 2 fixed window (limit, window µs), 3 sliding window
+--          (limit, window µs).
 -- Then the operations, in order. Each starts with one ARGV of packed
--- doubles, its header, and takes its keys from KEYS in order:
---   1 check      header 1, policy index, cost         keys: one state key per rule
+-- doubles, its header; a check names its first state key's index (its
+-- rules' keys follow it), a cache operation takes its keys from the rest
+-- of KEYS in order:
+--   1 check      header 1, policy index, cost, first   (its state keys)
 --   2 cache_get  header 2, fill_ms                     keys: entry, fill lock, refresh lock
 --   3 cache_set  header 3, ttl_ms, stale_ms, tags      keys: entry, fill lock, refresh lock,
 --                then ARGV: the value, the tag names        then one per tag
@@ -20,8 +25,8 @@
 --                then ARGV: the tag names and, with        per entry, then one per tag
 --                tags, the entry, fill and refresh
 --                markers of key names (see cache_del)
---   5 check_get  header 5, policy index, cost, fill_ms keys: one per rule, then entry,
---                                                          fill lock, refresh lock
+--   5 check_get  header 5, policy index, cost,         keys: entry, fill lock, refresh lock
+--                fill_ms, first
 -- Returns an array: first one string of packed doubles holding every
 -- operation's result in order (check: allowed, rule, remaining, reset_ms,
 -- retry_after_ms; cache_get: hit, ttl_ms, stale, refresh, fill; cache_set:
@@ -57,26 +62,27 @@ local function clock_ms()
   return redis_now_ms
 end
 
-local npolicies = tonumber(ARGV[2])
+local nstates = tonumber(ARGV[2])
+load_states(nstates)
+
+local npolicies = tonumber(ARGV[3])
 local policies = {}
 for p = 1, npolicies do
-  local spec = ARGV[2 + p]
+  local spec = ARGV[3 + p]
   local fields = {}
   for i = 1, #spec / 8 do fields[i] = unpack('<d', spec, (i - 1) * 8 + 1) end
   policies[p] = fields
 end
 
 local out, values = {}, {}
-local ai, ki = 3 + npolicies, 1
+local ai, ki = 4 + npolicies, nstates + 1
 while ai <= #ARGV do
   local h = ARGV[ai]
   ai = ai + 1
   local op = unpack('<d', h)
   if op == OP_CHECK then
-    local _, pi, cost = unpack('<ddd', h)
-    local spec = policies[pi + 1]
-    out[#out + 1] = pack('<ddddd', check(spec, ki, cost, now))
-    ki = ki + spec[1]
+    local _, pi, cost, first = unpack('<dddd', h)
+    out[#out + 1] = pack('<ddddd', check(policies[pi + 1], first, cost, now))
   elseif op == OP_CACHE_GET then
     local _, fill_ms = unpack('<dd', h)
     local hit, ttl, stale, refresh, fill, v = cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms)
@@ -118,11 +124,9 @@ while ai <= #ARGV do
     if fill_only == 1 then n = release_fills(entries) else n = cache_del(entries, tagkeys, tagnames, marks, clock_ms()) end
     out[#out + 1] = pack('<d', n)
   elseif op == OP_CHECK_GET then
-    local _, pi, cost, fill_ms = unpack('<dddd', h)
-    local spec = policies[pi + 1]
-    local allowed, rule, remaining, reset, retry = check(spec, ki, cost, now)
+    local _, pi, cost, fill_ms, first = unpack('<ddddd', h)
+    local allowed, rule, remaining, reset, retry = check(policies[pi + 1], first, cost, now)
     out[#out + 1] = pack('<ddddd', allowed, rule, remaining, reset, retry)
-    ki = ki + spec[1]
     if allowed == 1 then
       local hit, ttl, stale, refresh, fill, v = cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms)
       out[#out + 1] = pack('<ddddd', hit, ttl, stale, refresh, fill)
@@ -135,6 +139,8 @@ while ai <= #ARGV do
     error('quotad: unknown operation code ' .. tostring(op))
   end
 end
+
+store_states(nstates, now)
 
 local reply = {table.concat(out)}
 for i = 1, #values do reply[i + 1] = values[i] end

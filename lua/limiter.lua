@@ -16,6 +16,7 @@
 -- alone); a later check in the same script sees the earlier one's writes.
 
 local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
+local list_unpack = unpack -- Lua's own, before struct's takes the name
 local pack, unpack = struct.pack, struct.unpack
 local call = redis.call
 
@@ -132,31 +133,63 @@ local function eval(kind, a, b, s1, s2, s3, now, cost)
   return f(a, b, s1, s2, s3, now, cost)
 end
 
+-- The batch's rule states, by index into KEYS (the first `n` KEYS are the
+-- call's distinct state keys): read with one MGET when the call starts,
+-- changed in place by each check in order, and written back once per
+-- changed key when it ends. So a later check of the same key sees the
+-- earlier one's charge, and a hot key costs one read and one write per
+-- batch, however many of its checks the batch carries.
+local S1, S2, S3, SH = {}, {}, {}, {} -- state fields, then the horizon
+local DIRTY, MOVED = {}, {} -- changed; its expiry must move
+local function load_states(n)
+  if n == 0 then return end
+  local vals = call('MGET', list_unpack(KEYS, 1, n))
+  for i = 1, n do
+    local v = vals[i]
+    if v and #v == 32 then
+      S1[i], S2[i], S3[i], SH[i] = unpack('<dddd', v)
+    else
+      SH[i] = 0
+    end
+  end
+end
+
+local function store_states(n, now)
+  for i = 1, n do
+    if DIRTY[i] then
+      local v = pack('<dddd', S1[i], S2[i], S3[i], SH[i])
+      if MOVED[i] then
+        call('SET', KEYS[i], v, 'PX', ceil((SH[i] - now) / 1000))
+      else
+        call('SET', KEYS[i], v, 'KEEPTTL')
+      end
+    end
+  end
+end
+
 -- Decides one check over the rules of `spec` ({nrules, kind, a, b, ...}),
--- whose state keys are KEYS[ki .. ki + nrules - 1], and charges it if
+-- whose states are at KEYS[first .. first + nrules - 1], and charges it if
 -- every rule allows. Returns allowed (1/0), the deciding rule (0-based),
 -- remaining, reset_ms, retry_after_ms.
-local R = {} -- per rule: 1 allowed, 2 remaining, 3 reset, 4 retry, 5-7 next state, 8 expires, 9 horizon
-local function check(spec, ki, cost, now)
+local R = {} -- per rule: 1 allowed, 2 remaining, 3 reset, 4 retry, 5-7 next state, 8 expires
+local function check(spec, first, cost, now)
   local n = spec[1]
   local all = true
   for r = 1, n do
-    local o = (r - 1) * 9
-    local v = call('GET', KEYS[ki + r - 1])
-    local s1, s2, s3, horizon
-    if v and #v == 32 then s1, s2, s3, horizon = unpack('<dddd', v) end
+    local o = (r - 1) * 8
+    local k = first + r - 1
     local f = 2 + (r - 1) * 3
     local ok, rem, reset, retry, n1, n2, n3, exp =
-      eval(spec[f], spec[f + 1], spec[f + 2], s1, s2, s3, now, cost)
+      eval(spec[f], spec[f + 1], spec[f + 2], S1[k], S2[k], S3[k], now, cost)
     R[o + 1], R[o + 2], R[o + 3], R[o + 4] = ok, rem, reset, retry
-    R[o + 5], R[o + 6], R[o + 7], R[o + 8], R[o + 9] = n1, n2, n3, exp, horizon or 0
+    R[o + 5], R[o + 6], R[o + 7], R[o + 8] = n1, n2, n3, exp
     if not ok then all = false end
   end
   -- Allowed: the rule with the fewest units left decides. Denied: the rule
   -- needing the longest wait decides. Ties go to the earlier rule.
   local best = 0
   for r = 1, n - 1 do
-    local x, y = r * 9, best * 9
+    local x, y = r * 8, best * 8
     if all then
       if R[x + 2] < R[y + 2] then best = r end
     elseif (not R[x + 1]) and (R[y + 1] or R[x + 4] > R[y + 4]) then
@@ -165,20 +198,18 @@ local function check(spec, ki, cost, now)
   end
   if all and cost > 0 then
     for r = 0, n - 1 do
-      local o = r * 9
-      local key = KEYS[ki + r]
+      local o = r * 8
+      local k = first + r
+      S1[k], S2[k], S3[k] = R[o + 5], R[o + 6], R[o + 7]
       local needed = R[o + 8] + MARGIN_US
-      local horizon = R[o + 9]
-      if horizon >= needed then
-        call('SET', key, pack('<dddd', R[o + 5], R[o + 6], R[o + 7], horizon), 'KEEPTTL')
-      else
-        horizon = needed + SLACK_US
-        call('SET', key, pack('<dddd', R[o + 5], R[o + 6], R[o + 7], horizon),
-          'PX', ceil((horizon - now) / 1000))
+      if SH[k] < needed then
+        SH[k] = needed + SLACK_US
+        MOVED[k] = true
       end
+      DIRTY[k] = true
     end
   end
-  local b = best * 9
+  local b = best * 8
   local allowed = 0
   if all then allowed = 1 end
   return allowed, best, R[b + 2], ceil(R[b + 3] / 1000), ceil(R[b + 4] / 1000)

@@ -26,22 +26,24 @@ async fn eval(
 #[tokio::test]
 async fn unknown_codes_are_script_errors() {
     let redis = Redis::start();
-    // Time, no policy, then one operation with code 9.
+    // Time, no state keys, no policy, then one operation with code 9.
+    let none = || b"0".to_vec();
     let e = eval(
         &redis,
         &[],
-        vec![b"".to_vec(), b"0".to_vec(), packed(&[9.0])],
+        vec![b"".to_vec(), none(), none(), packed(&[9.0])],
     )
     .await
     .unwrap_err();
     assert!(e.to_string().contains("unknown operation code 9"), "{e}");
-    // A check under a policy of one rule of kind 7.
+    // A check (policy 0, cost 1, state key 1) under a policy of one rule
+    // of kind 7.
     let policy = packed(&[1.0, 7.0, 10.0, 1000.0]);
-    let check = packed(&[script::op::CHECK as f64, 0.0, 1.0]);
+    let check = packed(&[script::op::CHECK as f64, 0.0, 1.0, 1.0]);
     let e = eval(
         &redis,
         &["qd:{t}:l:p:r:k"],
-        vec![b"".to_vec(), b"1".to_vec(), policy, check],
+        vec![b"".to_vec(), b"1".to_vec(), b"1".to_vec(), policy, check],
     )
     .await
     .unwrap_err();

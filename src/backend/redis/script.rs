@@ -5,6 +5,7 @@
 //! the script reads with `struct.unpack`: cheaper for Redis than parsing
 //! decimal strings, and Redis CPU is what batching is meant to save.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use redis::{Cmd, Value};
 
 use crate::backend::job::{Job, Outcome};
 use crate::keys::{self, Keys};
-use crate::limiter::{Policy, RuleKind, Verdict};
+use crate::limiter::{Check, Policy, RuleKind, Verdict};
 use crate::protocol::Lookup;
 
 /// The script's source; its SHA1 is what EVALSHA names.
@@ -76,6 +77,8 @@ pub fn command<'a>(
     let mut call = Call {
         keys,
         policies: Vec::new(),
+        states: Vec::new(),
+        state_index: HashMap::new(),
         names: Vec::new(),
         args: Vec::new(),
     };
@@ -91,12 +94,15 @@ pub fn command<'a>(
         c.arg(sha());
         c
     };
-    cmd.arg(call.names.len()).arg(call.names);
+    let nstates = call.states.len();
+    cmd.arg(nstates + call.names.len())
+        .arg(call.states)
+        .arg(call.names);
     match now_us {
         Some(t) => cmd.arg(t),
         None => cmd.arg(""),
     };
-    cmd.arg(call.policies.len());
+    cmd.arg(nstates).arg(call.policies.len());
     for p in &call.policies {
         let rules = p.rules.iter().flat_map(|r| rule_args(&r.kind));
         cmd.arg(packed(std::iter::once(p.rules.len() as u64).chain(rules)));
@@ -110,6 +116,12 @@ struct Call<'a> {
     keys: &'a Keys,
     /// Each distinct policy goes once; checks refer to it by index.
     policies: Vec<&'a Arc<Policy>>,
+    /// The distinct rule state keys (the first KEYS), each once: checks
+    /// of the same tenant, policy and key refer to the same ones.
+    states: Vec<String>,
+    /// A check's first state key -> its 1-based index in KEYS.
+    state_index: HashMap<String, usize>,
+    /// The cache operations' keys, after the state keys.
     names: Vec<String>,
     args: Vec<Vec<u8>>,
 }
@@ -120,9 +132,9 @@ impl<'a> Call<'a> {
         let keys = self.keys;
         match job {
             Job::Check(c) => {
-                self.names.extend(c.state_keys(keys));
+                let first = self.state_keys(c);
                 let policy = self.policy(&c.policy);
-                self.args.push(packed([op::CHECK, policy, c.cost]));
+                self.args.push(packed([op::CHECK, policy, c.cost, first]));
             }
             Job::Get { args: g, .. } => {
                 self.entry(&g.tenant, &g.key);
@@ -154,13 +166,26 @@ impl<'a> Call<'a> {
                 }
             }
             Job::CheckGet(c, g) => {
-                self.names.extend(c.state_keys(keys));
+                let first = self.state_keys(c);
                 self.entry(&g.tenant, &g.key);
                 let policy = self.policy(&c.policy);
-                self.args
-                    .push(packed([op::CHECK_GET, policy, c.cost, g.fill_ms]));
+                let header = [op::CHECK_GET, policy, c.cost, g.fill_ms, first];
+                self.args.push(packed(header));
             }
         }
+    }
+
+    /// The KEYS index of the check's first state key, adding its keys if
+    /// no earlier check of the call has them. The same policy name means
+    /// the same rules, hence the same keys, whatever a plan changed.
+    fn state_keys(&mut self, c: &Check) -> u64 {
+        let names = c.state_keys(self.keys);
+        let next = self.states.len() + 1;
+        let first = *self.state_index.entry(names[0].clone()).or_insert(next);
+        if first == next {
+            self.states.extend(names);
+        }
+        first as u64
     }
 
     /// The index of `p` among the call's policies, adding it if new.
