@@ -43,11 +43,16 @@ wait_port() {
 }
 
 [ -x "$QUOTAD_BIN" ] || fail "no quotad at $QUOTAD_BIN (cargo build, or set QUOTAD_BIN)"
-"$QUOTAD_BIN" serve --socket "$tmp/quotad.sock" 2>"$tmp/quotad.log" &
-pids+=($!)
-for _ in $(seq 100); do [ -S "$tmp/quotad.sock" ] && break; sleep 0.05; done
-[ -S "$tmp/quotad.sock" ] || fail "quotad did not start: $(cat "$tmp/quotad.log")"
-export QUOTAD_SOCKET="$tmp/quotad.sock"
+# A fresh daemon (empty cache) per example: both apps cache `GET /notes`
+# under the same canonical key, so one must not see the other's entries.
+start_quotad() {
+  "$QUOTAD_BIN" serve --socket "$tmp/$1.sock" 2>"$tmp/$1.log" &
+  pids+=($!)
+  for _ in $(seq 100); do [ -S "$tmp/$1.sock" ] && break; sleep 0.05; done
+  [ -S "$tmp/$1.sock" ] || fail "quotad did not start: $(cat "$tmp/$1.log")"
+  export QUOTAD_SOCKET="$tmp/$1.sock"
+}
+start_quotad quotad-node
 start=$SECONDS
 
 # --- Node ---------------------------------------------------------------------
@@ -122,6 +127,7 @@ step 300 "pip install the wheel with [fastapi]" "$tmp/venv/bin/pip" install -q -
 where=$(cd "$tmp" && "$tmp/venv/bin/python" -c 'import quotad; print(quotad.__file__)')
 case "$where" in "$tmp/venv/"*) ;; *) fail "quotad imported from $where, not the venv" ;; esac
 
+start_quotad quotad-python
 port=$(free_port)
 (cd "$tmp" && exec setsid "$tmp/venv/bin/uvicorn" --app-dir "$root/examples/fastapi" app:app --port "$port" >"$tmp/uvicorn.log" 2>&1) &
 uv_pid=$!
