@@ -43,3 +43,4 @@ pub mod server;
 pub mod shard;
 pub mod shutdown;
 pub mod stats;
+pub mod tls;

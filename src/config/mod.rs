@@ -17,6 +17,7 @@ mod plans;
 mod policy;
 mod quota;
 mod redis;
+mod secret;
 mod server;
 
 pub use admin::AdminConfig;
@@ -24,8 +25,9 @@ pub use cache::CacheConfig;
 use plans::tenant_records;
 pub use plans::{DEFAULT_PLAN, PlanConfig, Plans, TenantConfig, TenantRecord, flatten};
 pub use policy::{Overrides, Policies, PolicyConfig, RuleConfig};
-pub use quota::{PostgresConfig, QuotaConfig, SourceKind};
+pub use quota::{PgSslMode, PostgresConfig, QuotaConfig, SourceKind};
 pub use redis::RedisConfig;
+pub use secret::{Secret, SecretSource, mask_url};
 pub use server::ServerConfig;
 
 /// A validated configuration.
@@ -117,8 +119,15 @@ impl Config {
             })
         };
         let mut config = Config::from_toml(&read(path)?)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if let Some(r) = &mut config.redis {
+            r.resolve_paths(dir);
+        }
+        if let Some(pg) = config.quota.as_mut().and_then(|q| q.postgres.as_mut()) {
+            pg.resolve_paths(dir);
+        }
         if let Some(file) = config.quota.as_ref().and_then(|q| q.tenants_file.clone()) {
-            let file = path.parent().unwrap_or(Path::new(".")).join(file);
+            let file = dir.join(file);
             let tenants: TenantsFile = toml::from_str(&read(&file)?)
                 .map_err(|e| ConfigError::Parse(format!("{}: {e}", file.display())))?;
             config.tenants = Arc::new(tenant_records(&tenants.tenants, &config.plans)?);

@@ -15,8 +15,11 @@ use tokio::sync::Mutex;
 
 use crate::backend::redis::RedisBackend;
 use crate::config::Overrides;
-use crate::config::{PostgresConfig, TenantRecord, flatten};
+use crate::config::{ConfigError, PgSslMode, PostgresConfig, TenantRecord, flatten};
 use crate::keys::Keys;
+use crate::tls::AcceptAnyCertificate;
+use rustls::ClientConfig;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// Why a source could not answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -168,9 +171,10 @@ impl Postgres {
             return Ok(c.clone());
         }
         let pg = |e: tokio_postgres::Error| SourceError::Unavailable(format!("PostgreSQL: {e}"));
-        let (client, connection) = tokio_postgres::connect(&self.config.url, tokio_postgres::NoTls)
-            .await
-            .map_err(pg)?;
+        let (settings, tls) = self
+            .settings()
+            .map_err(|e| SourceError::Unavailable(e.to_string()))?;
+        let (client, connection) = settings.connect(tls).await.map_err(pg)?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %e, "PostgreSQL connection lost");
@@ -180,6 +184,29 @@ impl Postgres {
         let c = Arc::new((client, statement));
         *slot = Some(c.clone());
         Ok(c)
+    }
+
+    /// The connection settings, with the password as its file (or
+    /// variable) has it now, and the TLS connector `sslmode` asks for.
+    fn settings(&self) -> Result<(tokio_postgres::Config, MakeRustlsConnect), ConfigError> {
+        let (mut settings, mode) = self.config.connection()?;
+        if let Some(pw) = self.config.password_source().read()? {
+            settings.password(pw.expose());
+        }
+        let tls = match mode {
+            PgSslMode::VerifyFull => ClientConfig::builder()
+                .with_root_certificates(crate::tls::root_store(
+                    "quota.postgres.tls_ca_file",
+                    self.config.tls_ca_file.as_deref(),
+                )?)
+                .with_no_client_auth(),
+            // As libpq: encrypted when asked, the certificate unchecked.
+            PgSslMode::Require | PgSslMode::Prefer | PgSslMode::Disable => ClientConfig::builder()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate::default()))
+                .with_no_client_auth(),
+        };
+        Ok((settings, MakeRustlsConnect::new(tls)))
     }
 
     async fn lookup(&self, tenant: &str) -> Result<Option<TenantRecord>, SourceError> {

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use breaker::Breaker;
 use conn::Conn;
-pub use conn::pubsub;
+pub use conn::{SetupError, pubsub, trust_anchors};
 use read::Read;
 
 use crate::backend::job::{Job, Outcome};
@@ -77,7 +77,7 @@ impl RedisBackend {
         clock: Clock,
         stats: Arc<Stats>,
         stop: CancellationToken,
-    ) -> RedisResult<Self> {
+    ) -> Result<Self, SetupError> {
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 conn: Conn::new(cfg)?,
@@ -90,6 +90,12 @@ impl RedisBackend {
                 stop,
             }),
         })
+    }
+
+    /// Reads the password files again (SIGHUP); true if one changed, and
+    /// later round trips then connect with it.
+    pub fn reload_secrets(&self) -> Result<bool, SetupError> {
+        self.inner.conn.reload_secrets()
     }
 
     /// The deadline of a round trip that starts now.
@@ -315,15 +321,17 @@ impl RedisBackend {
     }
 
     /// Connects and loads the script, so that the first requests pay for
-    /// neither. False if Redis did not manage within `limit`.
-    pub async fn warm_up(&self, limit: Duration) -> bool {
+    /// neither. The error if Redis did not manage within `limit` (`None`:
+    /// it did not answer in time).
+    pub async fn warm_up(&self, limit: Duration) -> Result<(), Option<RedisError>> {
         let mut load = redis::cmd("SCRIPT");
         load.arg("LOAD").arg(script::SOURCE);
         let run = self.inner.conn.run(vec![load]);
-        matches!(
-            tokio::time::timeout(limit, run).await.as_deref(),
-            Ok([Ok(_)])
-        )
+        match tokio::time::timeout(limit, run).await.as_deref() {
+            Ok([Ok(_)]) => Ok(()),
+            Ok([Err(e), ..]) => Err(Some(e.clone())),
+            _ => Err(None),
+        }
     }
 
     /// True if Redis answers a PING within the deadline.
