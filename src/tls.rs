@@ -76,6 +76,17 @@ pub fn certificate_rejected(e: &dyn std::fmt::Display) -> Option<String> {
     Some(text[at..].to_owned())
 }
 
+/// The reason, if `e` is a TLS handshake that failed on either side (our
+/// check of the server's certificate, or the server's alert, e.g. it
+/// wanted a client certificate).
+pub fn handshake_failed(e: &dyn std::fmt::Display) -> Option<String> {
+    let text = e.to_string();
+    let at = text
+        .find("invalid peer certificate")
+        .or_else(|| text.find("received fatal alert"))?;
+    Some(text[at..].to_owned())
+}
+
 /// A verifier that accepts every certificate (PostgreSQL `sslmode=require`
 /// and `prefer`, which encrypt without checking, as libpq does).
 #[derive(Debug)]

@@ -147,6 +147,18 @@ pub fn parse_hash(reply: Option<Value>) -> Result<Option<TenantRecord>, SourceEr
     Ok(Some(TenantRecord { plan, limits }))
 }
 
+/// A tokio-postgres error with its causes: its own text leaves out why,
+/// e.g. why a TLS handshake failed.
+fn pg_error(e: tokio_postgres::Error) -> SourceError {
+    let mut message = format!("PostgreSQL: {e}");
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        message += &format!(": {c}");
+        cause = c.source();
+    }
+    SourceError::Unavailable(message)
+}
+
 /// A PostgreSQL source: one connection, made (again) on demand.
 pub struct Postgres {
     config: PostgresConfig,
@@ -170,17 +182,16 @@ impl Postgres {
         if let Some(c) = slot.as_ref().filter(|c| !c.0.is_closed()) {
             return Ok(c.clone());
         }
-        let pg = |e: tokio_postgres::Error| SourceError::Unavailable(format!("PostgreSQL: {e}"));
         let (settings, tls) = self
             .settings()
             .map_err(|e| SourceError::Unavailable(e.to_string()))?;
-        let (client, connection) = settings.connect(tls).await.map_err(pg)?;
+        let (client, connection) = settings.connect(tls).await.map_err(pg_error)?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %e, "PostgreSQL connection lost");
             }
         });
-        let statement = client.prepare(&self.config.query).await.map_err(pg)?;
+        let statement = client.prepare(&self.config.query).await.map_err(pg_error)?;
         let c = Arc::new((client, statement));
         *slot = Some(c.clone());
         Ok(c)
@@ -212,10 +223,7 @@ impl Postgres {
     async fn lookup(&self, tenant: &str) -> Result<Option<TenantRecord>, SourceError> {
         let query = async {
             let c = self.connection().await?;
-            let rows =
-                c.0.query(&c.1, &[&tenant])
-                    .await
-                    .map_err(|e| SourceError::Unavailable(format!("PostgreSQL: {e}")))?;
+            let rows = c.0.query(&c.1, &[&tenant]).await.map_err(pg_error)?;
             let Some(row) = rows.first() else {
                 return Ok(None);
             };

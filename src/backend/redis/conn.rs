@@ -111,23 +111,23 @@ impl Conn {
     }
 
     /// Logs, once until the next success, a failure that will not pass by
-    /// itself: credentials refused or a certificate not trusted. The log
+    /// itself: credentials refused or a TLS handshake failed. The log
     /// names the user and where the password came from, never the password.
     fn report(&self, e: &RedisError) {
         let auth = e.kind() == ErrorKind::AuthenticationFailed
             || e.code()
                 .is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH" || c == "NOPERM");
-        let cert = crate::tls::certificate_rejected(e);
-        if !(auth || cert.is_some()) || self.reported.swap(true, Ordering::Relaxed) {
+        let tls = crate::tls::handshake_failed(e);
+        if !(auth || tls.is_some()) || self.reported.swap(true, Ordering::Relaxed) {
             return;
         }
         let cfg = &self.cfg;
-        if let Some(reason) = cert {
+        if let Some(reason) = tls {
             tracing::error!(
                 redis = %cfg.addresses(),
                 ca = %trust_anchors(cfg),
                 reason,
-                "Redis TLS: the server's certificate is not trusted; answering by failure mode"
+                "Redis TLS handshake failed; answering by failure mode"
             );
         } else {
             tracing::error!(
