@@ -41,7 +41,7 @@ fn acl_user(redis: &Redis, password: &str) {
         "resetpass",
         &pass,
         "~qd:*",
-        "&*",
+        "&qd:*",
         "+@all",
     ]);
     assert_eq!(out, "OK");

@@ -156,6 +156,16 @@ async fn mutual_tls_works_with_the_client_certificate_and_is_refused_without() {
 }
 
 #[tokio::test]
+async fn tls_insecure_checks_no_certificate_and_says_so() {
+    let certs = Certs::generate();
+    let (_redis, port) = tls::redis(&certs, false, &[]);
+    let url = format!("url = \"rediss://127.0.0.1:{port}\"\ntls_insecure = true");
+    let d = Daemon::start(&redis_table(&certs, &url, &[]));
+    checks_reach_redis(&d, 3).await;
+    assert!(d.log_contains("the Redis server's certificate is NOT checked"));
+}
+
+#[tokio::test]
 async fn a_tls_cluster_decides_in_redis() {
     let certs = Certs::generate();
     let cluster = tls::Cluster::start(&certs);
