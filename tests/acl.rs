@@ -277,3 +277,38 @@ fn a_bad_secret_setting_is_refused_without_showing_the_secret() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_tls_cluster_with_an_acl_user_and_a_rotated_password() {
+    let certs = tls::Certs::generate();
+    let cluster = tls::Cluster::start(&certs);
+    for (node, _) in &cluster.nodes {
+        acl_user(node, SECRET);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pw");
+    std::fs::write(&file, WRONG).unwrap();
+    let body = format!(
+        "[redis]\ncluster = {:?}\ntls_ca_file = {}\nusername = \"quotad\"\npassword_file = {:?}\n\
+         timeout_ms = 500\nprobe_interval_ms = 50\n{POLICIES}",
+        cluster.urls(),
+        certs.toml("ca.crt"),
+        file.display().to_string()
+    );
+    let d = Daemon::start(&body);
+    let r = check(&d, None).await;
+    assert!(r.allowed && r.degraded, "{r:?}");
+    common::wait_until("the refusal logged", || {
+        d.log_contains("Redis refused quotad's credentials")
+    });
+    std::fs::write(&file, SECRET).unwrap();
+    d.signal(libc::SIGHUP);
+    until_decided_by_redis(&d, "the cluster deciding with the right password").await;
+    let client = d.client().await;
+    for i in 0..30 {
+        let r = client.check(&format!("t{i}"), "k", None, 1).await.unwrap();
+        assert!(!r.degraded, "{r:?}");
+    }
+    let replies = ask_everything(&d);
+    assert_never_shown(&d, &replies, &[SECRET, WRONG]);
+}

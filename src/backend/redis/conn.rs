@@ -114,11 +114,9 @@ impl Conn {
     /// itself: credentials refused or a TLS handshake failed. The log
     /// names the user and where the password came from, never the password.
     fn report(&self, e: &RedisError) {
-        let auth = e.kind() == ErrorKind::AuthenticationFailed
-            || e.code()
-                .is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH" || c == "NOPERM");
         let tls = crate::tls::handshake_failed(e);
-        if !(auth || tls.is_some()) || self.reported.swap(true, Ordering::Relaxed) {
+        if !(refused_credentials(e) || tls.is_some()) || self.reported.swap(true, Ordering::Relaxed)
+        {
             return;
         }
         let cfg = &self.cfg;
@@ -139,6 +137,14 @@ impl Conn {
             );
         }
     }
+}
+
+/// Redis refused the user or password. A Cluster wraps the error of its
+/// first connections in an I/O error that keeps only its text.
+fn refused_credentials(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::AuthenticationFailed
+        || e.code().is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH")
+        || e.to_string().contains("AuthenticationFailed")
 }
 
 /// The current passwords of the master and of the sentinels.
