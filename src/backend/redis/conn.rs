@@ -3,9 +3,8 @@
 //! commands, one result each".
 
 use std::sync::Arc;
-use std::time::Duration;
-
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use futures::future::join_all;
@@ -105,7 +104,11 @@ impl Conn {
         let results = self.topology.load_full().run(cmds).await;
         match results.iter().find_map(|r| r.as_ref().err()) {
             Some(e) => self.report(e),
-            None => self.reported.store(false, Ordering::Relaxed),
+            // Read first: shards share this flag, and nearly every round trip succeeds.
+            None if self.reported.load(Ordering::Relaxed) => {
+                self.reported.store(false, Ordering::Relaxed)
+            }
+            None => {}
         }
         results
     }
@@ -132,6 +135,7 @@ impl Conn {
                 redis = %cfg.addresses(),
                 user = cfg.username.as_deref().unwrap_or("default"),
                 password = password_origin(cfg.password_source()),
+                sentinel_password = password_origin(cfg.sentinel_password_source()),
                 error = %e,
                 "Redis refused quotad's credentials; answering by failure mode (fix the password and send SIGHUP)"
             );
@@ -390,7 +394,7 @@ impl Sentinel {
             return Ok((*m).clone()); // another round trip looked it up meanwhile
         }
         let master = client.async_get_client().await?;
-        tracing::info!(master = ?master.get_connection_info().addr(), "Sentinel names the Redis master");
+        tracing::info!(master = %master.get_connection_info().addr(), "Sentinel names the Redis master");
         let cm = ConnectionManager::new_lazy_with_config(master, self.config.clone())?;
         self.master.store(Some(Arc::new(cm.clone())));
         Ok(cm)
