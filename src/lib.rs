@@ -22,8 +22,8 @@
 //! policies and their math), [`quota`] (tenants' plans at their source of
 //! truth), [`admin`] (the `tenant_*` ops), [`keys`] (state key names),
 //! [`clock`], [`error`] (wire error codes), [`stats`], [`shutdown`]
-//! (signals), [`daemon`] (everything assembled) and [`client`] (a Rust
-//! client).
+//! (signals), [`tls`] (rustls for Redis and PostgreSQL), [`daemon`]
+//! (everything assembled) and [`client`] (a Rust client).
 
 pub mod admin;
 pub mod backend;

@@ -154,19 +154,29 @@ impl Certs {
 /// A Redis that speaks TLS on a port (and plain text on its Unix socket,
 /// for [`Redis::cli`]).
 pub fn redis(certs: &Certs, auth_clients: bool, extra: &[&str]) -> (Redis, u16) {
-    let port = free_port();
+    redis_on(free_port(), certs, auth_clients, extra)
+}
+
+fn redis_on(port: u16, certs: &Certs, auth_clients: bool, extra: &[&str]) -> (Redis, u16) {
     let mut args = certs.redis_args(port, auth_clients);
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     (Redis::start_with(0, &args), port)
 }
 
-/// A free port whose Cluster bus port (port + 10000) is free too.
+/// A free port in 20000..45000 whose Cluster bus port (port + 10000) is
+/// free too, never handed out twice by this test binary.
 fn cluster_port() -> u16 {
+    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut taken = TAKEN.lock().unwrap();
+    let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
     loop {
         let p = 20000 + free_port() % 25000;
-        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if free(p) && free(p + 10000) {
+        let clash = taken
+            .iter()
+            .any(|&q| q == p || q + 10000 == p || q == p + 10000);
+        if !clash && free(p) && free(p + 10000) {
+            taken.push(p);
             return p;
         }
     }
@@ -181,7 +191,8 @@ impl Cluster {
     pub fn start(certs: &Certs) -> Cluster {
         let nodes: Vec<(Redis, u16)> = (0..3)
             .map(|_| {
-                redis(
+                redis_on(
+                    cluster_port(),
                     certs,
                     false,
                     &[
