@@ -185,18 +185,15 @@ async fn a_tls_cluster_decides_in_redis() {
     assert!(log.contains("not trusted with tls_ca_file"), "{log}");
 }
 
-#[tokio::test]
-async fn sentinels_and_their_master_over_tls() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_and_their_master_over_tls_through_a_failover() {
     let certs = Certs::generate();
-    let set = tls::Sentinels::start(&certs, None);
+    let mut set = tls::Sentinels::start(&certs, None);
     let addrs = format!(
         "sentinels = {:?}\nmaster_name = {:?}",
         set.urls(),
         common::MASTER_NAME
     );
-    let d = Daemon::start(&redis_table(&certs, &addrs, &[("tls_ca_file", "ca.crt")]));
-    checks_reach_redis(&d, 10).await;
-    assert!(set.master.0.cli(&["DBSIZE"]).parse::<u64>().unwrap() >= 10);
     let (status, log) = start_fails(&redis_table(
         &certs,
         &addrs,
@@ -204,4 +201,28 @@ async fn sentinels_and_their_master_over_tls() {
     ));
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(log.contains("not trusted with tls_ca_file"), "{log}");
+
+    let d = Daemon::start(&redis_table(&certs, &addrs, &[("tls_ca_file", "ca.crt")]));
+    checks_reach_redis(&d, 10).await;
+    assert!(set.master.0.cli(&["DBSIZE"]).parse::<u64>().unwrap() >= 10);
+    // The master dies: Sentinel promotes the replica, and quotad finds it
+    // (over TLS) by itself.
+    common::wait_until("replication", || {
+        set.replica.0.cli(&["DBSIZE"]) == set.master.0.cli(&["DBSIZE"])
+    });
+    let replica_port = set.replica.1.to_string();
+    let before: u64 = set.replica.0.cli(&["DBSIZE"]).parse().unwrap();
+    set.master.0.kill();
+    let client = d.client().await;
+    let start = Instant::now();
+    while client.check("after", "k", None, 1).await.unwrap().degraded {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no Redis decision after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(set.master_port(&certs), replica_port);
+    // The decision was written to the promoted replica.
+    assert!(set.replica.0.cli(&["DBSIZE"]).parse::<u64>().unwrap() > before);
 }

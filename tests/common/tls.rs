@@ -324,6 +324,14 @@ impl Sentinels {
             .map(|(_, _, p)| format!("rediss://127.0.0.1:{p}"))
             .collect()
     }
+
+    /// The master's TLS port, as the first Sentinel sees it (a set without
+    /// a Sentinel password).
+    pub fn master_port(&self, certs: &Certs) -> String {
+        let ask = ["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME];
+        let out = certs.cli(self.sentinels[0].2, &ask);
+        out.lines().nth(1).unwrap_or_default().to_owned()
+    }
 }
 
 impl Drop for Sentinels {
