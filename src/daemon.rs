@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::redis::RedisBackend;
+use crate::backend::redis::{RedisBackend, SetupError, trust_anchors};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::connection::ConnLimits;
@@ -21,8 +21,11 @@ use crate::stats::Stats;
 pub enum StartError {
     #[error(transparent)]
     Bind(#[from] BindError),
-    #[error("invalid Redis settings: {0}")]
-    Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Redis(#[from] SetupError),
+    /// The Redis server's certificate failed this side's check at start.
+    #[error("Redis TLS: the server's certificate is not trusted with {anchors}: {reason}")]
+    Certificate { anchors: String, reason: String },
 }
 
 pub struct Daemon {
@@ -81,17 +84,30 @@ impl Daemon {
 
     /// Gives Redis up to a second to connect and load the script before
     /// requests are served (they queue meanwhile). If it cannot, quotad
-    /// serves anyway, deciding by failure mode until Redis answers.
-    pub async fn warm_up(&self) {
-        if let Some(redis) = &self.redis {
-            match redis.warm_up(Duration::from_secs(1)).await {
-                Ok(()) => tracing::info!("Redis at {} connected, script loaded", redis.target()),
-                Err(e) => tracing::warn!(
-                    "Redis at {} not answering ({e}): deciding by each policy's failure mode until it answers; is redis-server running there?",
+    /// serves anyway, deciding by failure mode until Redis answers; but a
+    /// server certificate this side does not trust fails the start, as no
+    /// wait would mend it.
+    pub async fn warm_up(&self) -> Result<(), StartError> {
+        let (Some(redis), Some(cfg)) = (&self.redis, &self.config.redis) else {
+            return Ok(());
+        };
+        match redis.warm_up(Duration::from_secs(1)).await {
+            Ok(()) => tracing::info!("Redis at {} connected, script loaded", redis.target()),
+            Err(e) => {
+                if let Some(reason) = e.as_ref().and_then(|e| crate::tls::certificate_rejected(e)) {
+                    return Err(StartError::Certificate {
+                        anchors: trust_anchors(cfg),
+                        reason,
+                    });
+                }
+                let error = e.map_or("no answer within 1 s".into(), |e| e.to_string());
+                tracing::warn!(
+                    "Redis at {} not answering ({error}): deciding by each policy's failure mode until it answers; is redis-server running there?",
                     redis.target()
-                ),
+                );
             }
         }
+        Ok(())
     }
 
     pub fn socket(&self) -> &Path {
@@ -128,15 +144,29 @@ impl Daemon {
         loop {
             tokio::select! {
                 _ = &mut server => break,
-                Some(()) = reload.recv() => match &config_path {
-                    Some(path) => reload_from(&mut self.config, &self.router, path).await,
-                    None => tracing::warn!("SIGHUP: no config file was given, nothing to reload"),
-                },
+                Some(()) = reload.recv() => {
+                    reload_secrets(self.redis.as_ref());
+                    match &config_path {
+                        Some(path) => reload_from(&mut self.config, &self.router, path).await,
+                        None => tracing::warn!("SIGHUP: no config file was given, nothing to reload"),
+                    }
+                }
             }
         }
         self.router.shards().stop().await;
         self.background.cancel();
         tracing::info!("stopped");
+    }
+}
+
+/// SIGHUP: the Redis passwords are read again from their files (or
+/// variables); one that cannot be read keeps the running one.
+fn reload_secrets(redis: Option<&RedisBackend>) {
+    let Some(redis) = redis else { return };
+    match redis.reload_secrets() {
+        Ok(true) => tracing::info!("reload: a Redis password changed; reconnecting with it"),
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, "reload: keeping the running Redis password"),
     }
 }
 

@@ -22,8 +22,8 @@
 //! policies and their math), [`quota`] (tenants' plans at their source of
 //! truth), [`admin`] (the `tenant_*` ops), [`keys`] (state key names),
 //! [`clock`], [`error`] (wire error codes), [`stats`], [`shutdown`]
-//! (signals), [`daemon`] (everything assembled) and [`client`] (a Rust
-//! client).
+//! (signals), [`tls`] (rustls for Redis and PostgreSQL), [`daemon`]
+//! (everything assembled) and [`client`] (a Rust client).
 
 pub mod admin;
 pub mod backend;
@@ -43,3 +43,4 @@ pub mod server;
 pub mod shard;
 pub mod shutdown;
 pub mod stats;
+pub mod tls;

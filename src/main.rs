@@ -137,6 +137,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    quotad::tls::install_provider();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config, socket } => serve(config, socket).map(|()| ExitCode::SUCCESS),
@@ -199,14 +200,10 @@ fn serve(path: Option<PathBuf>, socket: Option<PathBuf>) -> anyhow::Result<()> {
 async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let backend = match &config.redis {
         None => "memory".to_owned(),
-        Some(r) => match &r.url {
-            Some(url) => redact(url),
-            None if r.cluster.is_empty() => format!("sentinel {}", r.sentinels.join(",")),
-            None => format!("cluster {}", r.cluster.join(",")),
-        },
+        Some(r) => r.addresses(),
     };
     let daemon = Daemon::start(config, Clock::System)?;
-    daemon.warm_up().await;
+    daemon.warm_up().await?;
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
     quotad::shutdown::listen(shutdown.clone(), reload_tx).context("installing signal handlers")?;
@@ -215,14 +212,6 @@ async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     daemon.run(shutdown, reload_rx, path).await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     Ok(())
-}
-
-/// A Redis URL without its password, for the log.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
-        _ => url.to_owned(),
-    }
 }
 
 /// Runs one client command on a small runtime of its own.

@@ -196,10 +196,9 @@ fn redis_down_at_start_does_not_stop_quotad_from_starting() {
     let r = c.recv().unwrap();
     assert_eq!(r["backend"], "redis");
     assert_eq!(r["protocol"], 1);
-    let at = format!("Redis at {} not answering (", redis.socket().display());
-    let line = d
-        .log_line(&at)
-        .expect("the start-up line names the address");
+    let line = d.log_line(" not answering (").expect("a start-up line");
+    let at = format!("Redis at redis+unix://{}", redis.socket().display());
+    assert!(line.contains(&at), "{line}");
     assert!(line.contains("No such file or directory"), "{line}");
     assert!(
         line.contains("deciding by each policy's failure mode"),
@@ -214,7 +213,7 @@ fn the_script_is_loaded_before_the_first_request() {
     let redis = Redis::start();
     let d = Daemon::start(&format!("{}{POLICY}", redis_table(&redis)));
     assert!(d.log_contains(&format!(
-        "Redis at {} connected, script loaded",
+        "Redis at redis+unix://{} connected, script loaded",
         redis.socket().display()
     )));
     assert_eq!(redis.calls("script|load"), 1);

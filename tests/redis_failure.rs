@@ -124,7 +124,7 @@ async fn redis_killed_under_load_fails_open_within_the_deadline_then_recovers() 
     assert_eq!(stats["breaker_open"], 0);
     // The outage was logged with where Redis is, why it failed, and what
     // quotad did meanwhile; and its end.
-    let at = format!("Redis at {}", redis.socket().display());
+    let at = format!("Redis at redis+unix://{}", redis.socket().display());
     let open = d
         .log_line(&format!("{at} unreachable: circuit breaker open"))
         .unwrap();

@@ -17,6 +17,7 @@ mod plans;
 mod policy;
 mod quota;
 mod redis;
+mod secret;
 mod server;
 
 pub use admin::AdminConfig;
@@ -24,8 +25,9 @@ pub use cache::CacheConfig;
 use plans::tenant_records;
 pub use plans::{DEFAULT_PLAN, PlanConfig, Plans, TenantConfig, TenantRecord, flatten};
 pub use policy::{Overrides, Policies, PolicyConfig, RuleConfig};
-pub use quota::{PostgresConfig, QuotaConfig, SourceKind};
+pub use quota::{PgSslMode, PostgresConfig, QuotaConfig, SourceKind};
 pub use redis::RedisConfig;
+pub use secret::{Secret, SecretSource, mask_url};
 pub use server::ServerConfig;
 
 /// A validated configuration.
@@ -117,8 +119,15 @@ impl Config {
             })
         };
         let mut config = Config::from_toml(&read(path)?)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if let Some(r) = &mut config.redis {
+            r.resolve_paths(dir);
+        }
+        if let Some(pg) = config.quota.as_mut().and_then(|q| q.postgres.as_mut()) {
+            pg.resolve_paths(dir);
+        }
         if let Some(file) = config.quota.as_ref().and_then(|q| q.tenants_file.clone()) {
-            let file = path.parent().unwrap_or(Path::new(".")).join(file);
+            let file = dir.join(file);
             let tenants: TenantsFile = toml::from_str(&read(&file)?)
                 .map_err(|e| ConfigError::Parse(format!("{}: {e}", file.display())))?;
             config.tenants = Arc::new(tenant_records(&tenants.tenants, &config.plans)?);
@@ -261,5 +270,67 @@ mod tests {
         assert!(rule("{name='a', kind='fixed_window', limit=0, window_ms=5}").contains("limit"));
         assert!(err("[policies.p]\nrules = []").contains("policies.p.rules"));
         assert!(err("[policies.p]\nfailure_mode='maybe'\nrules=[]").contains("maybe"));
+    }
+
+    #[test]
+    fn tls_and_secret_mistakes_name_their_field() {
+        let redis = |t: &str| err(&format!("[redis]\n{t}"));
+        let tls = "url = 'rediss://h:6380'\n";
+        assert!(
+            redis("url = 'redis://h'\ntls_ca_file = 'ca.pem'")
+                .contains("`redis.tls_ca_file`: needs `rediss://`")
+        );
+        assert!(redis(&format!("{tls}tls_cert_file = 'c.pem'")).contains("give both or neither"));
+        assert!(
+            redis(&format!("{tls}tls_insecure = true\ntls_ca_file = 'ca.pem'"))
+                .contains("redis.tls_insecure")
+        );
+        assert!(redis("url = 'rediss://h/#insecure'").contains("tls_insecure = true"));
+        let mixed = "cluster = ['rediss://a:1', 'redis://b:1']";
+        assert!(redis(mixed).contains("every address is `rediss://`"));
+        assert!(
+            redis("url = 'redis://h'\npassword = 'a'\npassword_env = 'B'")
+                .contains("give only one of")
+        );
+        assert!(
+            redis("url = 'redis://h'\nusername = 'u'")
+                .contains("`redis.username`: needs a password")
+        );
+        assert!(
+            redis("url = 'redis://h'\nsentinel_password = 'a'").contains("goes with `sentinels`")
+        );
+        let twice = redis("url = 'redis://u:hunter2@h'\npassword_file = 'pw'");
+        assert!(
+            twice.contains("give it in one place") && !twice.contains("hunter2"),
+            "{twice}"
+        );
+        let bad_url = redis("url = 'redis://u:hunter2@h:notaport'");
+        assert!(
+            bad_url.contains("redis://u:***@h:notaport") && !bad_url.contains("hunter2"),
+            "{bad_url}"
+        );
+        // A config dump shows no password.
+        let c =
+            Config::from_toml("[redis]\nurl = 'redis://h'\nusername = 'u'\npassword = 'hunter2'")
+                .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+
+        let pg = |url: &str, more: &str| {
+            err(&format!(
+                "[quota]\nsource = 'postgres'\n[quota.postgres]\nurl = '{url}'\n{more}"
+            ))
+        };
+        assert!(pg("host=h sslmode=verify-ca", "").contains("use verify-full"));
+        assert!(
+            pg("host=h sslmode=require", "tls_ca_file = 'ca.pem'")
+                .contains("quota.postgres.tls_ca_file")
+        );
+        assert!(pg("postgres://u:pw@h/db", "password_file = 'pw'").contains("in one place"));
+        let ok = Config::from_toml(
+            "[quota]\nsource = 'postgres'\n[quota.postgres]\nurl = 'postgres://u@h/db?sslmode=verify-full'\ntls_ca_file = 'ca.pem'",
+        )
+        .unwrap();
+        let (_, mode) = ok.quota.unwrap().postgres.unwrap().connection().unwrap();
+        assert_eq!(mode, PgSslMode::VerifyFull);
     }
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::secret::{SecretSource, relative_to};
 use super::{ConfigError, in_range, invalid};
 
 /// `[quota]`: where tenants' plans come from. Without it, every tenant is
@@ -60,6 +61,91 @@ pub struct PostgresConfig {
     /// the second. No row: the tenant is unknown (`default` plan).
     #[serde(default = "default_query")]
     pub query: String,
+    /// `sslmode=verify-full`: the CA certificates (PEM) that sign the
+    /// server's; default: the system's roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// The password, read from this file (or variable) at each connection
+    /// instead of being written in `url`.
+    pub password_file: Option<PathBuf>,
+    pub password_env: Option<String>,
+}
+
+/// `sslmode` of the connection string, as libpq has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgSslMode {
+    Disable,
+    /// TLS if the server offers it, else plain; the certificate unchecked.
+    Prefer,
+    /// TLS, the certificate unchecked.
+    Require,
+    /// TLS, the certificate checked against the CA and the host name.
+    VerifyFull,
+}
+
+impl PostgresConfig {
+    /// The connection settings for tokio-postgres (which knows `sslmode`
+    /// only up to `require`: `verify-full` is passed on as `require`, and
+    /// the certificate check is done by quotad's TLS connector), and the
+    /// mode asked for. The password is not set here.
+    pub fn connection(&self) -> Result<(tokio_postgres::Config, PgSslMode), ConfigError> {
+        let field = "quota.postgres.url";
+        let mut verify_full = false;
+        let mut url = self.url.clone();
+        for mode in ["verify-full", "verify-ca"] {
+            let given = format!("sslmode={mode}");
+            if let Some(at) = url.find(&given) {
+                if mode == "verify-ca" {
+                    return Err(invalid(
+                        field,
+                        "sslmode=verify-ca is not supported: use verify-full",
+                    ));
+                }
+                verify_full = true;
+                url.replace_range(at..at + given.len(), "sslmode=require");
+            }
+        }
+        let config: tokio_postgres::Config =
+            url.parse().map_err(|e| invalid(field, format!("{e}")))?;
+        let mode = match config.get_ssl_mode() {
+            _ if verify_full => PgSslMode::VerifyFull,
+            tokio_postgres::config::SslMode::Disable => PgSslMode::Disable,
+            tokio_postgres::config::SslMode::Require => PgSslMode::Require,
+            _ => PgSslMode::Prefer,
+        };
+        Ok((config, mode))
+    }
+
+    pub fn password_source(&self) -> SecretSource<'_> {
+        SecretSource {
+            field: "quota.postgres.password",
+            inline: None,
+            file: self.password_file.as_deref(),
+            env: self.password_env.as_deref(),
+        }
+    }
+
+    pub(super) fn resolve_paths(&mut self, dir: &std::path::Path) {
+        relative_to(dir, &mut self.tls_ca_file);
+        relative_to(dir, &mut self.password_file);
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let (config, mode) = self.connection()?;
+        self.password_source().validate()?;
+        if self.password_source().is_given() && config.get_password().is_some() {
+            return Err(invalid(
+                "quota.postgres.password_file",
+                "the connection string has a password already: give it in one place",
+            ));
+        }
+        if self.tls_ca_file.is_some() && mode != PgSslMode::VerifyFull {
+            return Err(invalid(
+                "quota.postgres.tls_ca_file",
+                "is used only with `sslmode=verify-full` in the connection string",
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_query() -> String {
@@ -86,6 +172,9 @@ impl QuotaConfig {
         };
         if q.source == SourceKind::Redis && !has_redis {
             return Err(invalid("quota.source", "`redis` needs a [redis] table"));
+        }
+        if let Some(pg) = &q.postgres {
+            pg.validate()?;
         }
         if q.source == SourceKind::Postgres && q.postgres.is_none() {
             return Err(invalid(

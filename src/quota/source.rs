@@ -15,8 +15,11 @@ use tokio::sync::Mutex;
 
 use crate::backend::redis::RedisBackend;
 use crate::config::Overrides;
-use crate::config::{PostgresConfig, TenantRecord, flatten};
+use crate::config::{ConfigError, PgSslMode, PostgresConfig, TenantRecord, flatten};
 use crate::keys::Keys;
+use crate::tls::AcceptAnyCertificate;
+use rustls::ClientConfig;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// Why a source could not answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -144,6 +147,18 @@ pub fn parse_hash(reply: Option<Value>) -> Result<Option<TenantRecord>, SourceEr
     Ok(Some(TenantRecord { plan, limits }))
 }
 
+/// A tokio-postgres error with its causes: its own text leaves out why,
+/// e.g. why a TLS handshake failed.
+fn pg_error(e: tokio_postgres::Error) -> SourceError {
+    let mut message = format!("PostgreSQL: {e}");
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        message += &format!(": {c}");
+        cause = c.source();
+    }
+    SourceError::Unavailable(message)
+}
+
 /// A PostgreSQL source: one connection, made (again) on demand.
 pub struct Postgres {
     config: PostgresConfig,
@@ -167,28 +182,48 @@ impl Postgres {
         if let Some(c) = slot.as_ref().filter(|c| !c.0.is_closed()) {
             return Ok(c.clone());
         }
-        let pg = |e: tokio_postgres::Error| SourceError::Unavailable(format!("PostgreSQL: {e}"));
-        let (client, connection) = tokio_postgres::connect(&self.config.url, tokio_postgres::NoTls)
-            .await
-            .map_err(pg)?;
+        let (settings, tls) = self
+            .settings()
+            .map_err(|e| SourceError::Unavailable(e.to_string()))?;
+        let (client, connection) = settings.connect(tls).await.map_err(pg_error)?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %e, "PostgreSQL connection lost");
             }
         });
-        let statement = client.prepare(&self.config.query).await.map_err(pg)?;
+        let statement = client.prepare(&self.config.query).await.map_err(pg_error)?;
         let c = Arc::new((client, statement));
         *slot = Some(c.clone());
         Ok(c)
     }
 
+    /// The connection settings, with the password as its file (or
+    /// variable) has it now, and the TLS connector `sslmode` asks for.
+    fn settings(&self) -> Result<(tokio_postgres::Config, MakeRustlsConnect), ConfigError> {
+        let (mut settings, mode) = self.config.connection()?;
+        if let Some(pw) = self.config.password_source().read()? {
+            settings.password(pw.expose());
+        }
+        let tls = match mode {
+            PgSslMode::VerifyFull => ClientConfig::builder()
+                .with_root_certificates(crate::tls::root_store(
+                    "quota.postgres.tls_ca_file",
+                    self.config.tls_ca_file.as_deref(),
+                )?)
+                .with_no_client_auth(),
+            // As libpq: encrypted when asked, the certificate unchecked.
+            PgSslMode::Require | PgSslMode::Prefer | PgSslMode::Disable => ClientConfig::builder()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate::default()))
+                .with_no_client_auth(),
+        };
+        Ok((settings, MakeRustlsConnect::new(tls)))
+    }
+
     async fn lookup(&self, tenant: &str) -> Result<Option<TenantRecord>, SourceError> {
         let query = async {
             let c = self.connection().await?;
-            let rows =
-                c.0.query(&c.1, &[&tenant])
-                    .await
-                    .map_err(|e| SourceError::Unavailable(format!("PostgreSQL: {e}")))?;
+            let rows = c.0.query(&c.1, &[&tenant]).await.map_err(pg_error)?;
             let Some(row) = rows.first() else {
                 return Ok(None);
             };

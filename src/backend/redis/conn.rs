@@ -3,20 +3,37 @@
 //! commands, one result each".
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use futures::future::join_all;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::sentinel::{SentinelClient, SentinelServerType};
-use redis::{Cmd, ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{
+    Client, ClientTlsConfig, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo,
+    RedisError, RedisResult, ServerErrorKind, TlsCertificates, TlsMode, Value,
+};
 use tokio::sync::{Mutex, OnceCell};
 
-use crate::config::RedisConfig;
+use crate::config::{ConfigError, RedisConfig, Secret, SecretSource};
 
-pub enum Conn {
+/// The connection, rebuilt when a password file changes (SIGHUP).
+pub struct Conn {
+    cfg: RedisConfig,
+    topology: ArcSwap<Topology>,
+    /// The passwords the topology was built with (master, sentinels).
+    secrets: std::sync::Mutex<Secrets>,
+    /// An authentication or certificate failure has been logged since the
+    /// last success: log it once, not per round trip.
+    reported: AtomicBool,
+}
+
+type Secrets = (Option<Secret>, Option<Secret>);
+
+enum Topology {
     /// One Redis (multiplexed, reconnecting by itself).
     Single(ConnectionManager),
     /// Redis Cluster; connected on first use, so quotad starts (and fails
@@ -32,9 +49,198 @@ pub struct Sentinel {
     config: ConnectionManagerConfig,
 }
 
+/// Why the Redis connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A password or certificate file (or variable) that cannot be read.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("invalid Redis settings: {0}")]
+    Redis(#[from] RedisError),
+}
+
 impl Conn {
-    /// Prepares the connection without waiting for Redis to be up.
-    pub fn new(cfg: &RedisConfig) -> RedisResult<Conn> {
+    /// Prepares the connection without waiting for Redis to be up; reads
+    /// the password and certificate files.
+    pub fn new(cfg: &RedisConfig) -> Result<Conn, SetupError> {
+        let secrets = read_secrets(cfg)?;
+        if cfg.tls_insecure {
+            tracing::warn!(
+                "redis.tls_insecure = true: the Redis server's certificate is NOT checked; \
+                 anyone on the path can read and change quotad's traffic"
+            );
+        }
+        Ok(Conn {
+            topology: ArcSwap::from_pointee(Topology::new(cfg, &secrets)?),
+            cfg: cfg.clone(),
+            secrets: std::sync::Mutex::new(secrets),
+            reported: AtomicBool::new(false),
+        })
+    }
+
+    /// Reads the password files (or variables) again; if a password
+    /// changed, later round trips use a new connection made with it.
+    /// True if one changed.
+    pub fn reload_secrets(&self) -> Result<bool, SetupError> {
+        let fresh = read_secrets(&self.cfg)?;
+        let mut current = self.secrets.lock().unwrap_or_else(|e| e.into_inner());
+        if *current == fresh {
+            return Ok(false);
+        }
+        self.topology
+            .store(Arc::new(Topology::new(&self.cfg, &fresh)?));
+        *current = fresh;
+        self.reported.store(false, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// True when keys of different slots may live on different servers.
+    pub fn is_cluster(&self) -> bool {
+        matches!(**self.topology.load(), Topology::Cluster(_))
+    }
+
+    /// Runs `cmds`, one result each (a transport failure fails them all).
+    pub async fn run(&self, cmds: Vec<Cmd>) -> Vec<RedisResult<Value>> {
+        let results = self.topology.load_full().run(cmds).await;
+        match results.iter().find_map(|r| r.as_ref().err()) {
+            Some(e) => self.report(e),
+            // Read first: shards share this flag, and nearly every round trip succeeds.
+            None if self.reported.load(Ordering::Relaxed) => {
+                self.reported.store(false, Ordering::Relaxed)
+            }
+            None => {}
+        }
+        results
+    }
+
+    /// Logs, once until the next success, a failure that will not pass by
+    /// itself: credentials refused or a TLS handshake failed. The log
+    /// names the user and where the password came from, never the password.
+    fn report(&self, e: &RedisError) {
+        let tls = crate::tls::handshake_failed(e);
+        if !(refused_credentials(e) || tls.is_some()) || self.reported.swap(true, Ordering::Relaxed)
+        {
+            return;
+        }
+        let cfg = &self.cfg;
+        if let Some(reason) = tls {
+            tracing::error!(
+                redis = %cfg.addresses(),
+                ca = %trust_anchors(cfg),
+                reason,
+                "Redis TLS handshake failed; answering by failure mode"
+            );
+        } else {
+            tracing::error!(
+                redis = %cfg.addresses(),
+                user = cfg.username.as_deref().unwrap_or("default"),
+                password = password_origin(cfg.password_source()),
+                sentinel_password = password_origin(cfg.sentinel_password_source()),
+                error = %e,
+                "Redis refused quotad's credentials; answering by failure mode (fix the password and send SIGHUP)"
+            );
+        }
+    }
+}
+
+/// Redis refused the user or password. A Cluster wraps the error of its
+/// first connections in an I/O error that keeps only its text.
+fn refused_credentials(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::AuthenticationFailed
+        || e.code().is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH")
+        || e.to_string().contains("AuthenticationFailed")
+}
+
+/// The current passwords of the master and of the sentinels.
+fn read_secrets(cfg: &RedisConfig) -> Result<Secrets, ConfigError> {
+    Ok((
+        cfg.password_source().read()?,
+        cfg.sentinel_password_source().read()?,
+    ))
+}
+
+/// Where a password comes from, for the log (the file or variable name).
+fn password_origin(src: SecretSource<'_>) -> String {
+    match (src.inline, src.file, src.env) {
+        (Some(_), _, _) => "inline".into(),
+        (_, Some(f), _) => format!("file {}", f.display()),
+        (_, _, Some(v)) => format!("environment variable {v}"),
+        _ => "none".into(),
+    }
+}
+
+/// What the server's certificate is checked against, for messages.
+pub fn trust_anchors(cfg: &RedisConfig) -> String {
+    match &cfg.tls_ca_file {
+        Some(f) => format!("tls_ca_file {}", f.display()),
+        None => "the system's root certificates".into(),
+    }
+}
+
+/// The certificates of `[redis]`: its CA and client certificate files.
+fn certificates(cfg: &RedisConfig) -> Result<Option<TlsCertificates>, ConfigError> {
+    if !cfg.uses_tls() || cfg.tls_insecure {
+        return Ok(None);
+    }
+    let root_cert = match &cfg.tls_ca_file {
+        Some(f) => Some(crate::tls::read_certs("redis.tls_ca_file", f)?),
+        None => None,
+    };
+    let client_tls = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        (Some(cert), Some(key)) => Some(ClientTlsConfig {
+            client_cert: crate::tls::read_certs("redis.tls_cert_file", cert)?,
+            client_key: crate::tls::read_key("redis.tls_key_file", key)?,
+        }),
+        _ => None,
+    };
+    Ok(Some(TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
+}
+
+/// The connection info of `url` with `[redis]`'s user, password and TLS
+/// settings.
+fn connection_info(
+    cfg: &RedisConfig,
+    url: &str,
+    password: Option<&Secret>,
+) -> RedisResult<ConnectionInfo> {
+    let mut info = url.into_connection_info()?;
+    if let Some(pw) = password {
+        let mut redis = info.redis_settings().clone().set_password(pw.expose());
+        if let Some(user) = &cfg.username {
+            redis = redis.set_username(user);
+        }
+        info = info.set_redis_settings(redis);
+    }
+    if let ConnectionAddr::TcpTls { host, port, .. } = info.addr().clone()
+        && cfg.tls_insecure
+    {
+        info = info.set_addr(ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: true,
+            tls_params: None,
+        });
+    }
+    Ok(info)
+}
+
+/// A client for one address (a standalone Redis, a Cluster node).
+fn client(cfg: &RedisConfig, url: &str, password: Option<&Secret>) -> Result<Client, SetupError> {
+    let info = connection_info(cfg, url, password)?;
+    Ok(match certificates(cfg)? {
+        Some(certs) => Client::build_with_tls(info, certs)?,
+        None => Client::open(info)?,
+    })
+}
+
+impl Topology {
+    fn new(
+        cfg: &RedisConfig,
+        (password, sentinel_password): &Secrets,
+    ) -> Result<Topology, SetupError> {
         let timeout = Duration::from_millis(cfg.timeout_ms);
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(timeout))
@@ -42,38 +248,43 @@ impl Conn {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(cfg.probe_interval_ms));
         if let Some(url) = &cfg.url {
-            let client = redis::Client::open(url.as_str())?;
-            return Ok(Conn::Single(ConnectionManager::new_lazy_with_config(
-                client,
+            return Ok(Topology::Single(ConnectionManager::new_lazy_with_config(
+                client(cfg, url, password.as_ref())?,
                 manager_config,
             )?));
         }
         if !cfg.sentinels.is_empty() {
-            return Ok(Conn::Sentinel(Box::new(Sentinel {
-                client: Mutex::new(sentinel_client(cfg)?),
+            return Ok(Topology::Sentinel(Box::new(Sentinel {
+                client: Mutex::new(sentinel_client(
+                    cfg,
+                    password.as_ref(),
+                    sentinel_password.as_ref(),
+                )?),
                 master: ArcSwapOption::empty(),
                 config: manager_config,
             })));
         }
-        let client = ClusterClient::builder(cfg.cluster.iter().map(String::as_str))
+        let nodes = (cfg.cluster.iter())
+            .map(|u| connection_info(cfg, u, password.as_ref()))
+            .collect::<RedisResult<Vec<_>>>()?;
+        let mut builder = ClusterClient::builder(nodes)
             .connection_timeout(timeout)
             .response_timeout(timeout)
-            .retries(1)
-            .build()?;
-        Ok(Conn::Cluster(Box::new((client, OnceCell::new()))))
+            .retries(1);
+        if let Some(certs) = certificates(cfg)? {
+            builder = builder.certs(certs);
+        }
+        Ok(Topology::Cluster(Box::new((
+            builder.build()?,
+            OnceCell::new(),
+        ))))
     }
 
-    /// True when keys of different slots may live on different servers.
-    pub fn is_cluster(&self) -> bool {
-        matches!(self, Conn::Cluster(_))
-    }
-
-    /// Runs `cmds`, one result each (a transport failure fails them all).
-    pub async fn run(&self, cmds: Vec<Cmd>) -> Vec<RedisResult<Value>> {
+    async fn run(&self, cmds: Vec<Cmd>) -> Vec<RedisResult<Value>> {
         let n = cmds.len();
         match self {
-            Conn::Single(cm) => pipeline(cm, cmds).await,
-            Conn::Cluster(cluster) => {
+            Topology::Single(cm) => pipeline(cm, cmds).await,
+            Topology::Cluster(cluster) => {
                 let (client, cell) = &**cluster;
                 let conn = match cell.get_or_try_init(|| client.get_async_connection()).await {
                     Ok(c) => c,
@@ -85,7 +296,7 @@ impl Conn {
                 }))
                 .await
             }
-            Conn::Sentinel(s) => {
+            Topology::Sentinel(s) => {
                 let master = match s.master().await {
                     Ok(m) => m,
                     Err(e) => return vec![Err(e); n],
@@ -104,22 +315,70 @@ impl Conn {
     }
 }
 
-fn sentinel_client(cfg: &RedisConfig) -> RedisResult<SentinelClient> {
-    SentinelClient::build(
-        cfg.sentinels.iter().map(String::as_str).collect(),
+/// The sentinels' client: the sentinels and the master it names are
+/// reached the same way (TLS or not), each with its own credentials.
+fn sentinel_client(
+    cfg: &RedisConfig,
+    password: Option<&Secret>,
+    sentinel_password: Option<&Secret>,
+) -> Result<SentinelClient, SetupError> {
+    let addrs = (cfg.sentinels.iter())
+        .map(|u| Ok(u.as_str().into_connection_info()?.addr().clone()))
+        .collect::<RedisResult<Vec<_>>>()?;
+    let mut b = SentinelClientBuilder::new(
+        addrs,
         cfg.master_name.clone().unwrap_or_default(),
-        None,
         SentinelServerType::Master,
-    )
+    )?;
+    if cfg.uses_tls() {
+        let mode = match cfg.tls_insecure {
+            true => TlsMode::Insecure,
+            false => TlsMode::Secure,
+        };
+        b = b
+            .set_client_to_sentinel_tls_mode(mode)
+            .set_client_to_redis_tls_mode(mode);
+        if let Some(certs) = certificates(cfg)? {
+            b = b
+                .set_client_to_sentinel_certificates(certs.clone())
+                .set_client_to_redis_certificates(certs);
+        }
+    }
+    if let Some(pw) = password {
+        b = b.set_client_to_redis_password(pw.expose());
+        if let Some(user) = &cfg.username {
+            b = b.set_client_to_redis_username(user);
+        }
+    }
+    if let Some(pw) = sentinel_password {
+        b = b.set_client_to_sentinel_password(pw.expose());
+        if let Some(user) = &cfg.sentinel_username {
+            b = b.set_client_to_sentinel_username(user);
+        }
+    }
+    Ok(b.build()?)
 }
 
 /// A pub/sub connection to the configured Redis (in a Cluster, the first
 /// seed node: PUBLISH reaches every node).
 pub async fn pubsub(cfg: &RedisConfig) -> RedisResult<redis::aio::PubSub> {
+    let setup = |e: SetupError| match e {
+        SetupError::Redis(e) => e,
+        SetupError::Config(e) => RedisError::from((
+            ErrorKind::InvalidClientConfig,
+            "Redis settings",
+            e.to_string(),
+        )),
+    };
+    let (password, sentinel_password) = read_secrets(cfg).map_err(|e| setup(e.into()))?;
     let client = match (&cfg.url, cfg.cluster.first()) {
-        (Some(url), _) => redis::Client::open(url.as_str())?,
-        (None, Some(node)) => redis::Client::open(node.as_str())?,
-        (None, None) => sentinel_client(cfg)?.async_get_client().await?,
+        (Some(url), _) | (None, Some(url)) => client(cfg, url, password.as_ref()).map_err(setup)?,
+        (None, None) => {
+            sentinel_client(cfg, password.as_ref(), sentinel_password.as_ref())
+                .map_err(setup)?
+                .async_get_client()
+                .await?
+        }
     };
     client.get_async_pubsub().await
 }
@@ -135,7 +394,7 @@ impl Sentinel {
             return Ok((*m).clone()); // another round trip looked it up meanwhile
         }
         let master = client.async_get_client().await?;
-        tracing::info!(master = ?master.get_connection_info().addr(), "Sentinel names the Redis master");
+        tracing::info!(master = %master.get_connection_info().addr(), "Sentinel names the Redis master");
         let cm = ConnectionManager::new_lazy_with_config(master, self.config.clone())?;
         self.master.store(Some(Arc::new(cm.clone())));
         Ok(cm)

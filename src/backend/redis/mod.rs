@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use breaker::Breaker;
 use conn::Conn;
-pub use conn::pubsub;
+pub use conn::{SetupError, pubsub, trust_anchors};
 use read::Read;
 
 use crate::backend::job::{Job, Outcome};
@@ -79,11 +79,11 @@ impl RedisBackend {
         clock: Clock,
         stats: Arc<Stats>,
         stop: CancellationToken,
-    ) -> RedisResult<Self> {
+    ) -> Result<Self, SetupError> {
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 conn: Conn::new(cfg)?,
-                target: cfg.target(),
+                target: cfg.addresses(),
                 keys: Keys::new(&cfg.prefix),
                 breaker: Arc::new(Breaker::new(cfg.breaker_failures, stats.clone())),
                 timeout: Duration::from_millis(cfg.timeout_ms),
@@ -93,6 +93,12 @@ impl RedisBackend {
                 stop,
             }),
         })
+    }
+
+    /// Reads the password files again (SIGHUP); true if one changed, and
+    /// later round trips then connect with it.
+    pub fn reload_secrets(&self) -> Result<bool, SetupError> {
+        self.inner.conn.reload_secrets()
     }
 
     /// The deadline of a round trip that starts now.
@@ -332,11 +338,17 @@ impl RedisBackend {
     }
 
     /// Connects and loads the script, so that the first requests pay for
-    /// neither. The error says why Redis did not manage within `limit`.
-    pub async fn warm_up(&self, limit: Duration) -> Result<(), String> {
+    /// neither. The error if Redis did not manage within `limit` (`None`:
+    /// it did not answer in time).
+    pub async fn warm_up(&self, limit: Duration) -> Result<(), Option<RedisError>> {
         let mut load = redis::cmd("SCRIPT");
         load.arg("LOAD").arg(script::SOURCE);
-        self.answer(load, limit).await
+        let run = self.inner.conn.run(vec![load]);
+        match tokio::time::timeout(limit, run).await.as_deref() {
+            Ok([Ok(_)]) => Ok(()),
+            Ok([Err(e), ..]) => Err(Some(e.clone())),
+            _ => Err(None),
+        }
     }
 
     /// Whether Redis answers a PING within the deadline, and why not.

@@ -1,0 +1,314 @@
+//! An ACL user whose password quotad reads from a file: it works, a wrong
+//! one is an outage answered by the failure mode (the log names the user,
+//! never the password), and a rotated file takes effect on SIGHUP without
+//! a restart. The same for a Sentinel set that requires a password, over
+//! TLS. Every log line, error reply and `hello`/`stats` answer of these
+//! runs is searched for the passwords' bytes.
+
+mod common;
+#[path = "common/tls.rs"]
+mod tls;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Daemon, Raw, Redis};
+use quotad::limiter::Decision;
+
+const SECRET: &str = "s3cret-Pa55-9f1e";
+const WRONG: &str = "wr0ng-Pa55-77ab";
+const ROTATED: &str = "r0tated-Pa55-c3d2";
+
+const POLICIES: &str = r#"
+[policies.default]
+rules = [{ name = "burst", kind = "token_bucket", capacity = 1000, refill_per_sec = 1 }]
+
+[policies.login]
+failure_mode = "closed"
+rules = [{ name = "burst", kind = "token_bucket", capacity = 1000, refill_per_sec = 1 }]
+
+[quota]
+source = "redis"
+"#;
+
+fn acl_user(redis: &Redis, password: &str) {
+    let pass = format!(">{password}");
+    let out = redis.cli(&[
+        "ACL",
+        "SETUSER",
+        "quotad",
+        "on",
+        "resetpass",
+        &pass,
+        "~qd:*",
+        "&qd:*",
+        "+@all",
+    ]);
+    assert_eq!(out, "OK");
+}
+
+fn config(redis: &Redis, password_file: &Path) -> String {
+    format!(
+        "[redis]\nurl = {:?}\nusername = \"quotad\"\npassword_file = {:?}\n\
+         timeout_ms = 200\nprobe_interval_ms = 50\n{POLICIES}",
+        redis.url(),
+        password_file.display().to_string()
+    )
+}
+
+async fn check(d: &Daemon, policy: Option<&str>) -> Decision {
+    d.client()
+        .await
+        .check("acme", "k", policy, 1)
+        .await
+        .unwrap()
+}
+
+/// Waits (at most 10 s) until checks are decided by Redis again.
+async fn until_decided_by_redis(d: &Daemon, what: &str) {
+    let start = std::time::Instant::now();
+    while check(d, None).await.degraded {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn log_count(d: &Daemon, needle: &str) -> usize {
+    d.stderr
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// Everything quotad said over `raw`, and in its log, has none of `secrets`.
+fn assert_never_shown(d: &Daemon, replies: &[serde_json::Value], secrets: &[&str]) {
+    let log = d.stderr.lock().unwrap().clone();
+    assert!(!log.is_empty());
+    for s in secrets {
+        for line in &log {
+            assert!(!line.contains(s), "a log line shows a password: {line}");
+        }
+        for r in replies {
+            assert!(!r.to_string().contains(s), "a reply shows a password: {r}");
+        }
+    }
+}
+
+/// `hello`, `stats` and a `tenant_get` (whose failure is an error reply
+/// that quotes Redis), as raw JSON.
+fn ask_everything(d: &Daemon) -> Vec<serde_json::Value> {
+    let mut raw = Raw::connect(&d.socket());
+    let ops = [
+        serde_json::json!({"id": 1, "op": "hello"}),
+        serde_json::json!({"id": 2, "op": "stats"}),
+        serde_json::json!({"id": 3, "op": "tenant_get", "tenant": "acme"}),
+    ];
+    ops.into_iter()
+        .map(|op| {
+            raw.send(op);
+            raw.recv().expect("a reply")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_acl_user_with_a_password_file_wrong_password_and_rotation() {
+    let redis = Redis::start();
+    acl_user(&redis, SECRET);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("redis-password");
+    std::fs::write(&file, format!("{WRONG}\n")).unwrap();
+    let d = Daemon::start(&config(&redis, &file));
+
+    // Wrong password: an outage, answered by each policy's failure mode.
+    let open = check(&d, None).await;
+    assert!(open.allowed && open.degraded, "{open:?}");
+    let closed = check(&d, Some("login")).await;
+    assert!(!closed.allowed && closed.degraded, "{closed:?}");
+    common::wait_until_blocking("the refusal logged", common::SOON, || {
+        d.log_contains("Redis refused quotad's credentials")
+    });
+    let refusal: Vec<String> = (d.stderr.lock().unwrap().iter())
+        .filter(|l| l.contains("Redis refused quotad's credentials"))
+        .cloned()
+        .collect();
+    assert_eq!(refusal.len(), 1, "logged once: {refusal:?}");
+    assert!(refusal[0].contains("user=\"quotad\""), "{}", refusal[0]);
+    assert!(
+        refusal[0].contains(&file.display().to_string()),
+        "{}",
+        refusal[0]
+    );
+    let mut replies = ask_everything(&d);
+    assert_eq!(replies[2]["error"]["code"], "unavailable", "{}", replies[2]);
+
+    // The right password in the file, SIGHUP: Redis decides again, no restart.
+    let pid = d.pid();
+    std::fs::write(&file, SECRET).unwrap();
+    d.signal(libc::SIGHUP);
+    until_decided_by_redis(&d, "checks decided by Redis again").await;
+    assert_eq!(log_count(&d, "a Redis password changed"), 1);
+    assert!(redis.cli(&["DBSIZE"]).parse::<u64>().unwrap() > 0);
+
+    // Rotation: the server's password changes, then the file, then SIGHUP;
+    // connections made afterwards use the new one.
+    acl_user(&redis, ROTATED);
+    std::fs::write(&file, ROTATED).unwrap();
+    d.signal(libc::SIGHUP);
+    common::wait_until_blocking("the new password taken", common::SOON, || {
+        log_count(&d, "a Redis password changed") == 2
+    });
+    redis.cli(&["CLIENT", "KILL", "USER", "quotad"]);
+    until_decided_by_redis(&d, "checks decided by Redis after the rotation").await;
+    assert_eq!(d.pid(), pid);
+    let r = check(&d, Some("login")).await;
+    assert!(r.allowed && !r.degraded, "{r:?}");
+    replies.extend(ask_everything(&d));
+    assert_eq!(replies[5]["ok"], true, "{}", replies[5]);
+
+    // An unreadable file at SIGHUP keeps the running password.
+    std::fs::remove_file(&file).unwrap();
+    d.signal(libc::SIGHUP);
+    common::wait_until_blocking("the unreadable file logged", common::SOON, || {
+        d.log_contains("keeping the running Redis password")
+    });
+    assert!(!check(&d, None).await.degraded);
+
+    assert_never_shown(&d, &replies, &[SECRET, WRONG, ROTATED]);
+}
+
+#[tokio::test]
+async fn a_password_in_the_url_is_masked() {
+    // Inline in a URL (TCP, so the URL carries user info): masked in the log.
+    let port = common::free_port();
+    let tcp = Redis::start_with(port, &[]);
+    acl_user(&tcp, SECRET);
+    let body = format!(
+        "[redis]\nurl = \"redis://quotad:{SECRET}@127.0.0.1:{port}\"\ntimeout_ms = 200\n{POLICIES}"
+    );
+    let d = Daemon::start(&body);
+    assert!(!check(&d, None).await.degraded);
+    assert!(d.log_contains(&format!("redis://quotad:***@127.0.0.1:{port}")));
+    let replies = ask_everything(&d);
+    assert_never_shown(&d, &replies, &[SECRET]);
+}
+
+#[tokio::test]
+async fn sentinels_with_a_password_and_an_acl_user_on_the_master_over_tls() {
+    let certs = tls::Certs::generate();
+    let set = tls::Sentinels::start(&certs, Some(ROTATED));
+    acl_user(&set.master.0, SECRET);
+    let dir = tempfile::tempdir().unwrap();
+    let (master_pw, sentinel_pw) = (dir.path().join("master"), dir.path().join("sentinel"));
+    std::fs::write(&master_pw, SECRET).unwrap();
+    std::fs::write(&sentinel_pw, ROTATED).unwrap();
+    let body = format!(
+        "[redis]\nsentinels = {:?}\nmaster_name = {:?}\ntls_ca_file = {}\n\
+         username = \"quotad\"\npassword_file = {:?}\nsentinel_password_file = {:?}\n\
+         timeout_ms = 500\nprobe_interval_ms = 50\n{POLICIES}",
+        set.urls(),
+        common::MASTER_NAME,
+        certs.toml("ca.crt"),
+        master_pw.display().to_string(),
+        sentinel_pw.display().to_string(),
+    );
+    let d = Daemon::start(&body);
+    let r = check(&d, None).await;
+    assert!(
+        r.allowed && !r.degraded,
+        "{r:?}: {:?}",
+        d.stderr.lock().unwrap()
+    );
+    let replies = ask_everything(&d);
+    assert_eq!(replies[2]["ok"], true, "{}", replies[2]);
+    assert!(set.master.0.cli(&["DBSIZE"]).parse::<u64>().unwrap() > 0);
+    assert_never_shown(&d, &replies, &[SECRET, ROTATED]);
+}
+
+#[test]
+fn a_bad_secret_setting_is_refused_without_showing_the_secret() {
+    // Written twice (URL and password_file): refused at start; the error
+    // masks the URL's password.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pw");
+    std::fs::write(&file, SECRET).unwrap();
+    let config = dir.path().join("quotad.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\nurl = \"redis://quotad:{SECRET}@127.0.0.1:1\"\npassword_file = {:?}\n",
+            file.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::QUOTAD)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("give it in one place"), "{err}");
+    assert!(!err.contains(SECRET), "{err}");
+    // A password file that is missing names the file.
+    std::fs::write(
+        &config,
+        "[redis]\nurl = \"redis://127.0.0.1:1\"\nusername = \"quotad\"\npassword_file = \"missing\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::QUOTAD)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let missing = dir.path().join("missing");
+    assert!(
+        err.contains(&format!(
+            "`redis.password_file`: cannot read {}",
+            missing.display()
+        )),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_tls_cluster_with_an_acl_user_and_a_rotated_password() {
+    let certs = tls::Certs::generate();
+    let cluster = tls::Cluster::start(&certs);
+    for (node, _) in &cluster.nodes {
+        acl_user(node, SECRET);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pw");
+    std::fs::write(&file, WRONG).unwrap();
+    let body = format!(
+        "[redis]\ncluster = {:?}\ntls_ca_file = {}\nusername = \"quotad\"\npassword_file = {:?}\n\
+         timeout_ms = 500\nprobe_interval_ms = 50\n{POLICIES}",
+        cluster.urls(),
+        certs.toml("ca.crt"),
+        file.display().to_string()
+    );
+    let d = Daemon::start(&body);
+    let r = check(&d, None).await;
+    assert!(r.allowed && r.degraded, "{r:?}");
+    common::wait_until_blocking("the refusal logged", common::SOON, || {
+        d.log_contains("Redis refused quotad's credentials")
+    });
+    std::fs::write(&file, SECRET).unwrap();
+    d.signal(libc::SIGHUP);
+    until_decided_by_redis(&d, "the cluster deciding with the right password").await;
+    let client = d.client().await;
+    for i in 0..30 {
+        let r = client.check(&format!("t{i}"), "k", None, 1).await.unwrap();
+        assert!(!r.degraded, "{r:?}");
+    }
+    let replies = ask_everything(&d);
+    assert_never_shown(&d, &replies, &[SECRET, WRONG]);
+}
