@@ -1,7 +1,7 @@
 //! Load generator: quotad side by side with the baseline a user would
 //! otherwise write, in one run, against one Redis on loopback.
 //!
-//!     cargo bench --bench loadgen -- [--workload check,check_get,cache_get,tenants]
+//!     cargo bench --bench loadgen -- [--workload check,hot_key,cold_key,check_get,cache_get,tenants]
 //!         [--seconds 5] [--concurrency 1,16,64,256] [--connections 4]
 //!         [--value-bytes 1024] [--shards 0] [--batches 2] [--threads 1]
 //!         [--quotad PATH]
@@ -15,6 +15,9 @@
 //! - `check`: quotad `check`s through the real daemon (release build) over
 //!   its Unix socket, with the Rust client; the baseline runs, per request,
 //!   its own EVALSHA of the same token-bucket Lua (one check per call).
+//! - `hot_key`: the same, every check on one tenant-wide key.
+//! - `cold_key`: the same over 1,000 tenants x 10,000 keys, so most checks
+//!   find no live state (as with per-IP limits).
 //! - `check_get`: quotad `check_get`s (limit, then cache, one hop); the
 //!   baseline, per request, one EVALSHA for the limit and then one GET for
 //!   the cache, as the article's middleware does.
@@ -26,7 +29,8 @@
 //!
 //! The baseline uses redis-rs multiplexed ConnectionManagers (which already
 //! pipeline concurrent commands). Both spread their requests over the same
-//! number of connections and run on one single-threaded tokio runtime (like
+//! number of connections (and the baseline runs once more on a single
+//! multiplexed connection, its strongest form, when that differs) and run on one single-threaded tokio runtime (like
 //! one asyncio or Node worker). Every cache read hits a value of
 //! `--value-bytes`. Reported: requests/s, latency p50/p99, Redis CPU per
 //! request (from `INFO cpu`), quotad's own CPU per request (from /proc),
@@ -62,9 +66,14 @@ default.burst.capacity = 500000000
 /// Tenants of the `tenants` workload.
 const MANY_TENANTS: usize = 10_000;
 
+/// The `cold_key` workload's spread.
+const COLD: (usize, usize) = (1_000, 10_000);
+
 #[derive(Clone, Copy, PartialEq)]
 enum Workload {
     Check,
+    HotKey,
+    ColdKey,
     CheckGet,
     CacheGet,
     Tenants,
@@ -74,6 +83,8 @@ impl Workload {
     fn parse(s: &str) -> Workload {
         match s {
             "check" => Workload::Check,
+            "hot_key" => Workload::HotKey,
+            "cold_key" => Workload::ColdKey,
             "check_get" => Workload::CheckGet,
             "cache_get" => Workload::CacheGet,
             "tenants" => Workload::Tenants,
@@ -84,6 +95,8 @@ impl Workload {
     fn name(self) -> &'static str {
         match self {
             Workload::Check => "check",
+            Workload::HotKey => "hot_key",
+            Workload::ColdKey => "cold_key",
             Workload::CheckGet => "check_get",
             Workload::CacheGet => "cache_get",
             Workload::Tenants => "tenants",
@@ -94,13 +107,15 @@ impl Workload {
     fn spread(self) -> (usize, usize) {
         match self {
             Workload::Tenants => (MANY_TENANTS, 1),
+            Workload::HotKey => (1, 1),
+            Workload::ColdKey => COLD,
             _ => (TENANTS, KEYS_PER_TENANT),
         }
     }
 
     fn baseline(self) -> &'static str {
         match self {
-            Workload::Check => "EVALSHA per request",
+            Workload::Check | Workload::HotKey | Workload::ColdKey => "EVALSHA per request",
             Workload::CheckGet => "EVALSHA then GET per request",
             Workload::CacheGet => "GET per request",
             Workload::Tenants => "the same checks from 1 tenant",
@@ -138,6 +153,8 @@ fn main() {
     let mut levels = vec![1usize, 16, 64, 256];
     let mut workloads = vec![
         Workload::Check,
+        Workload::HotKey,
+        Workload::ColdKey,
         Workload::CheckGet,
         Workload::CacheGet,
         Workload::Tenants,
@@ -238,9 +255,9 @@ fn main() {
         println!("`{}` (baseline: {}):", w.name(), w.baseline());
         println!();
         println!(
-            "| in flight | quotad req/s | baseline req/s | ratio | quotad p50 / p99 (µs) | baseline p50 / p99 (µs) | Redis CPU/req quotad / baseline (µs) | quotad CPU/req (µs) | client CPU/req quotad / baseline (µs) | ops per batch | batch time (µs) |"
+            "| in flight | quotad req/s | baseline req/s | ratio | quotad p50 / p99 (µs) | baseline p50 / p99 (µs) | Redis CPU/req quotad / baseline (µs) | quotad CPU/req (µs) | client CPU/req quotad / baseline (µs) | ops per batch | batch time (µs) | baseline on 1 connection: req/s, ratio, Redis CPU/req (µs) |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
         for &c in &levels {
             let conns = connections.min(c);
             let before = rt.block_on(bench.batch_counters());
@@ -250,8 +267,20 @@ fn main() {
             let per_batch = (after.1 - before.1) as f64 / batches;
             let batch_us = (after.2 - before.2) as f64 / batches;
             let b = rt.block_on(bench.run_baseline(w, c, conns));
+            let one = match (conns, w) {
+                (1, _) | (_, Workload::Tenants) => "(same)".to_owned(),
+                _ => {
+                    let b1 = rt.block_on(bench.run_baseline(w, c, 1));
+                    format!(
+                        "{:.0}, {:.2}x, {:.1}",
+                        b1.rate(),
+                        q.rate() / b1.rate(),
+                        b1.redis_cpu_us
+                    )
+                }
+            };
             println!(
-                "| {c} | {:.0} | {:.0} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} ({:.2}x) | {:.1} | {:.1} / {:.1} | {per_batch:.1} | {batch_us:.0} |",
+                "| {c} | {:.0} | {:.0} | {:.2}x | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} ({:.2}x) | {:.1} | {:.1} / {:.1} | {per_batch:.1} | {batch_us:.0} | {one} |",
                 q.rate(),
                 b.rate(),
                 q.rate() / b.rate(),
@@ -361,7 +390,10 @@ impl Bench {
                 let client = client.clone();
                 async move {
                     match w {
-                        Workload::Check | Workload::Tenants => {
+                        Workload::Check
+                        | Workload::HotKey
+                        | Workload::ColdKey
+                        | Workload::Tenants => {
                             let d = client.check(&tenant, &key, None, 1).await.unwrap();
                             assert!(d.allowed && !d.degraded);
                         }
@@ -410,7 +442,7 @@ impl Bench {
         measure(
             self,
             inflight,
-            (TENANTS, KEYS_PER_TENANT),
+            w.spread(),
             None,
             move |task| {
                 let (cm, policy, keys) = (cms[task % conns].clone(), policy.clone(), keys.clone());
@@ -431,7 +463,7 @@ impl Bench {
                             let outcome = script::outcomes(reply, std::iter::once(&job)).unwrap();
                             assert!(matches!(outcome[0], Outcome::Decided(v) if v.allowed));
                         }
-                        if w != Workload::Check {
+                        if matches!(w, Workload::CheckGet | Workload::CacheGet) {
                             let v: Option<Vec<u8>> = redis::cmd("GET")
                                 .arg(&cache)
                                 .query_async(&mut cm)
