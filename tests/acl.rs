@@ -246,13 +246,17 @@ fn a_bad_secret_setting_is_refused_without_showing_the_secret() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(common::QUOTAD)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let refused = || {
+        let out = std::process::Command::new(common::QUOTAD)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        err
+    };
+    let err = refused();
     assert!(err.contains("give it in one place"), "{err}");
     assert!(!err.contains(SECRET), "{err}");
     // A password file that is missing names the file.
@@ -261,13 +265,7 @@ fn a_bad_secret_setting_is_refused_without_showing_the_secret() {
         "[redis]\nurl = \"redis://127.0.0.1:1\"\nusername = \"quotad\"\npassword_file = \"missing\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(common::QUOTAD)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = refused();
     let missing = dir.path().join("missing");
     assert!(
         err.contains(&format!(

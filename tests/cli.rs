@@ -160,13 +160,7 @@ fn tenant_set_and_delete_say_what_they_did() {
         common::redis_table(&redis)
     ));
     let tenant = |args: &[&str]| {
-        let out = Command::new(QUOTAD)
-            .arg("tenant")
-            .args(args)
-            .arg("--socket")
-            .arg(d.socket())
-            .output()
-            .unwrap();
+        let out = d.tenant_cli(args);
         assert!(out.status.success(), "{out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };

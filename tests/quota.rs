@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Postgres, QUOTAD, Redis, SOON, counters, redis_table, wait_until};
+use common::{Daemon, Postgres, Redis, SOON, counters, redis_table, wait_until};
 use futures::future::join_all;
 use quotad::client::Client;
 
@@ -38,13 +37,7 @@ async fn limit(c: &Client, tenant: &str, policy: Option<&str>) -> u64 {
 }
 
 fn cli(d: &Daemon, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(QUOTAD)
-        .arg("tenant")
-        .args(args)
-        .arg("--socket")
-        .arg(d.socket())
-        .output()
-        .unwrap();
+    let out = d.tenant_cli(args);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

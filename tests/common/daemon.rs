@@ -134,6 +134,17 @@ impl Daemon {
         status.unwrap()
     }
 
+    /// Runs `quotad tenant <args>` against this daemon's socket.
+    pub fn tenant_cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(QUOTAD)
+            .arg("tenant")
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()
+            .unwrap()
+    }
+
     pub fn log_contains(&self, needle: &str) -> bool {
         self.log_line(needle).is_some()
     }
