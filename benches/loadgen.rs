@@ -439,42 +439,36 @@ impl Bench {
             .unwrap();
         let policy = self.policy.clone();
         let keys = Arc::new(Keys::new("bench"));
-        measure(
-            self,
-            inflight,
-            w.spread(),
-            None,
-            move |task| {
-                let (cm, policy, keys) = (cms[task % conns].clone(), policy.clone(), keys.clone());
-                move |tenant: String, key: String| {
-                    let mut cm = cm.clone();
-                    let cache = baseline_cache_key(&tenant, &key);
-                    let job = Job::Check(Check {
-                        policy: policy.clone(),
-                        tenant,
-                        key,
-                        cost: 1,
-                    });
-                    let cmd = (w != Workload::CacheGet)
-                        .then(|| script::command(std::iter::once(&job), &keys, None, false));
-                    async move {
-                        if let Some(cmd) = cmd {
-                            let reply: redis::Value = cmd.query_async(&mut cm).await.unwrap();
-                            let outcome = script::outcomes(reply, std::iter::once(&job)).unwrap();
-                            assert!(matches!(outcome[0], Outcome::Decided(v) if v.allowed));
-                        }
-                        if matches!(w, Workload::CheckGet | Workload::CacheGet) {
-                            let v: Option<Vec<u8>> = redis::cmd("GET")
-                                .arg(&cache)
-                                .query_async(&mut cm)
-                                .await
-                                .unwrap();
-                            assert!(v.is_some());
-                        }
+        measure(self, inflight, w.spread(), None, move |task| {
+            let (cm, policy, keys) = (cms[task % conns].clone(), policy.clone(), keys.clone());
+            move |tenant: String, key: String| {
+                let mut cm = cm.clone();
+                let cache = baseline_cache_key(&tenant, &key);
+                let job = Job::Check(Check {
+                    policy: policy.clone(),
+                    tenant,
+                    key,
+                    cost: 1,
+                });
+                let cmd = (w != Workload::CacheGet)
+                    .then(|| script::command(std::iter::once(&job), &keys, None, false));
+                async move {
+                    if let Some(cmd) = cmd {
+                        let reply: redis::Value = cmd.query_async(&mut cm).await.unwrap();
+                        let outcome = script::outcomes(reply, std::iter::once(&job)).unwrap();
+                        assert!(matches!(outcome[0], Outcome::Decided(v) if v.allowed));
+                    }
+                    if matches!(w, Workload::CheckGet | Workload::CacheGet) {
+                        let v: Option<Vec<u8>> = redis::cmd("GET")
+                            .arg(&cache)
+                            .query_async(&mut cm)
+                            .await
+                            .unwrap();
+                        assert!(v.is_some());
                     }
                 }
-            },
-        )
+            }
+        })
         .await
     }
 

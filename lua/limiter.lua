@@ -141,15 +141,18 @@ end
 -- batch, however many of its checks the batch carries.
 local S1, S2, S3, SH = {}, {}, {}, {} -- state fields, then the horizon
 local DIRTY, MOVED = {}, {} -- changed; its expiry must move
+local MGET_CHUNK = 1000 -- keys per MGET: Lua's unpack has a stack limit
 local function load_states(n)
-  if n == 0 then return end
-  local vals = call('MGET', list_unpack(KEYS, 1, n))
-  for i = 1, n do
-    local v = vals[i]
-    if v and #v == 32 then
-      S1[i], S2[i], S3[i], SH[i] = unpack('<dddd', v)
-    else
-      SH[i] = 0
+  for from = 1, n, MGET_CHUNK do
+    local to = min(from + MGET_CHUNK - 1, n)
+    local vals = call('MGET', list_unpack(KEYS, from, to))
+    for i = from, to do
+      local v = vals[i - from + 1]
+      if v and #v == 32 then
+        S1[i], S2[i], S3[i], SH[i] = unpack('<dddd', v)
+      else
+        SH[i] = 0
+      end
     end
   end
 end

@@ -50,3 +50,57 @@ async fn unknown_codes_are_script_errors() {
     assert!(e.to_string().contains("unknown rule kind 7"), "{e}");
     assert_eq!(redis.cli(&["DBSIZE"]), "0", "nothing was written");
 }
+
+/// A batch larger than Lua's unpack limit (~8,000 values) still decides:
+/// the script reads its state keys in chunks.
+#[tokio::test]
+async fn a_batch_of_nine_thousand_state_keys_decides() {
+    use std::sync::Arc;
+
+    use quotad::backend::{Job, Outcome, RedisBackend};
+    use quotad::clock::Clock;
+    use quotad::config::Config;
+    use quotad::limiter::Check;
+    use quotad::stats::Stats;
+    use tokio_util::sync::CancellationToken;
+
+    let redis = Redis::start();
+    let config = Config::from_toml(&format!(
+        "{}[policies.three]\nrules = [\n  {{ name = \"a\", kind = \"fixed_window\", limit = 5, window_ms = 60000 }},\n  {{ name = \"b\", kind = \"sliding_window\", limit = 5, window_ms = 60000 }},\n  {{ name = \"c\", kind = \"token_bucket\", capacity = 5, refill_per_sec = 1 }},\n]\n",
+        common::redis_table(&redis)
+    ))
+    .unwrap();
+    let policy = config
+        .plans
+        .default_plan()
+        .get(Some("three"))
+        .unwrap()
+        .clone();
+    let backend = RedisBackend::new(
+        config.redis.as_ref().unwrap(),
+        Clock::default(),
+        Arc::new(Stats::default()),
+        CancellationToken::new(),
+    )
+    .unwrap();
+    let jobs: Vec<Job> = (0..3000)
+        .map(|i| {
+            Job::Check(Check {
+                policy: policy.clone(),
+                tenant: format!("t{}", i % 7),
+                key: format!("k{i}"),
+                cost: 1,
+            })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let outcomes = backend.run(&jobs, deadline).await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Some(Outcome::Decided(v)) if v.allowed && v.remaining == 4)),
+        "{:?}",
+        outcomes.iter().find(|o| o.is_none())
+    );
+    assert_eq!(redis.cli(&["DBSIZE"]), "9000");
+}
