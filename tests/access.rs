@@ -30,9 +30,14 @@ fn start(rules: &str) -> Daemon {
 /// Runs `quotad <args> --socket <d's>` as `nobody`: exit status, stdout,
 /// stderr.
 fn as_nobody(d: &Daemon, args: &[&str]) -> (i32, String, String) {
+    run_as(d, NOBODY, NOBODY, args)
+}
+
+/// Runs `quotad <args> --socket <d's>` as `uid` with primary group `gid`.
+fn run_as(d: &Daemon, uid: u32, gid: u32, args: &[&str]) -> (i32, String, String) {
     let out = Command::new("setpriv")
-        .arg(format!("--reuid={NOBODY}"))
-        .arg(format!("--regid={NOBODY}"))
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
         .arg("--clear-groups")
         .arg(QUOTAD)
         .args(args)
@@ -62,7 +67,8 @@ fn log_count(d: &Daemon, needle: &str) -> usize {
 }
 
 /// A uid no rule matches is refused at connect (`forbidden`, `id` 0, then
-/// end of stream), root included when it is not listed; refusals are
+/// end of stream), root included when it is not listed, unless its primary
+/// group is listed; refusals are
 /// counted each time and logged once per uid per minute.
 #[test]
 fn a_peer_no_rule_matches_is_refused_at_connect() {
@@ -77,6 +83,14 @@ fn a_peer_no_rule_matches_is_refused_at_connect() {
             "{err}"
         );
     }
+    // The same uid with a listed primary group is admitted.
+    let (status, out, err) = run_as(
+        &d,
+        NOBODY,
+        4243,
+        &["check", "--tenant", "acme", "--key", "k"],
+    );
+    assert_eq!(status, 0, "{out}{err}");
     // Root is not special: the raw refusal.
     let mut root = Raw::connect(&d.socket());
     let reply = root.recv().expect("the refusal");
