@@ -1,6 +1,6 @@
 //! The admin ops (`tenant_get`, `tenant_set`, `tenant_delete`,
-//! `tenant_list`): who may use them, and running them against the tenants'
-//! source of truth through the [`Directory`].
+//! `tenant_list`), run against the tenants' source of truth through the
+//! [`Directory`]. Who may use them is [`crate::access`]'s to decide.
 //!
 //! Each runs in its own task, since it waits on the source; a change makes
 //! the tenant's shard look its record up again.
@@ -17,8 +17,6 @@ use crate::reply::ReplyTo;
 use crate::shard::Shards;
 
 pub struct Admin {
-    /// Unix users allowed to use admin ops.
-    uids: ArcSwap<Vec<u32>>,
     /// `None`: no `[quota]` source, every tenant on the `default` plan.
     directory: Option<Arc<Directory>>,
     /// Shared with the shards; a reload swaps it.
@@ -28,29 +26,19 @@ pub struct Admin {
 
 impl Admin {
     pub fn new(
-        cfg: &Config,
         directory: Option<Arc<Directory>>,
         plans: Arc<ArcSwap<Plans>>,
         shards: Arc<Shards>,
     ) -> Self {
         Admin {
-            uids: ArcSwap::from_pointee(cfg.admin.allowed_uids.clone()),
             directory,
             plans,
             shards,
         }
     }
 
-    /// Starts `op` for the peer `peer_uid`, answering through `reply`; a
-    /// peer outside `admin.allowed_uids` is refused at once.
-    pub fn run(&self, op: AdminOp, peer_uid: Option<u32>, reply: ReplyTo) -> Result<(), Error> {
-        if !peer_uid.is_some_and(|uid| self.uids.load().contains(&uid)) {
-            reply.cancel();
-            return Err(Error::Forbidden(format!(
-                "`{}` is for the users in `admin.allowed_uids` only",
-                op.kind().name()
-            )));
-        }
+    /// Starts `op`, answering through `reply`.
+    pub fn run(&self, op: AdminOp, reply: ReplyTo) {
         let Some(directory) = self.directory.clone() else {
             reply.send(match op {
                 AdminOp::TenantGet(_) => Ok(Body::Tenant {
@@ -61,19 +49,17 @@ impl Admin {
                     "no `[quota]` source: every tenant is on the default plan",
                 )),
             });
-            return Ok(());
+            return;
         };
         let plans = self.plans.clone();
         let shards = self.shards.clone();
         tokio::spawn(async move {
             reply.send(execute(op, &directory, &plans.load(), &shards).await);
         });
-        Ok(())
     }
 
-    /// A reload's new admins and source settings.
+    /// A reload's new source settings.
     pub fn reload(&self, config: &Config) {
-        self.uids.store(Arc::new(config.admin.allowed_uids.clone()));
         if let Some(dir) = &self.directory {
             dir.reload(config);
         }

@@ -8,12 +8,18 @@
 //! the size limit, or one that is not a MessagePack map, gets an error
 //! reply with `id` 0; then the connection's in-flight requests are answered
 //! and it is closed. Other connections never notice.
+//!
+//! A peer the `[[access]]` rules do not admit gets `forbidden` with `id` 0
+//! at connect, and is closed; so is one that a reload stops admitting, at
+//! its next request.
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use futures::{SinkExt, StreamExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::codec::{
@@ -21,6 +27,7 @@ use tokio_util::codec::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{Peer, PeerGrant};
 use crate::config::Limits;
 use crate::error::Error;
 use crate::protocol::{self, DecodeError, Reply};
@@ -84,15 +91,26 @@ pub async fn serve(
     limits: ConnLimits,
     shutdown: CancellationToken,
 ) {
-    // Admin ops are for allowed users only: who is on the other end?
-    let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
+    // Who is on the other end decides what it may use.
+    let cred = stream.peer_cred().ok();
+    let peer = Peer {
+        uid: cred.map(|c| c.uid()),
+        gid: cred.map(|c| c.gid()),
+    };
+    let grant = match router.access().admit(peer) {
+        Ok(grant) => grant,
+        Err(e) => {
+            router.stats().error(&e);
+            return refuse(stream, Reply::err(0, e)).await;
+        }
+    };
     let (rd, wr) = stream.into_split();
     let mut frames = FramedRead::new(rd, FrameCodec::new(limits.max_frame_bytes));
     let mut sink = FramedWrite::new(wr, FrameCodec::new(limits.max_frame_bytes));
     let (replies, mut answers) = mpsc::unbounded_channel();
     let mut conn = Conn {
         router: &router,
-        peer_uid,
+        grant,
         limits,
         replies,
         in_flight: 0,
@@ -150,7 +168,8 @@ pub async fn serve(
 /// A connection's request side.
 struct Conn<'a> {
     router: &'a Arc<Router>,
-    peer_uid: Option<u32>,
+    /// What the peer may use; refreshed after a reload.
+    grant: PeerGrant,
     limits: ConnLimits,
     /// Where shards send this connection's answers.
     replies: Replies,
@@ -183,13 +202,20 @@ impl Conn<'_> {
         };
         Ok(match protocol::decode(&buf, &self.limits.request) {
             Ok(req) if self.draining => Some(Reply::err(req.id, Error::ShuttingDown)),
-            Ok(req) => match self.router.route(req, &self.replies, self.peer_uid) {
-                Routed::Ready(reply) => Some(reply),
-                Routed::Pending => {
-                    self.in_flight += 1;
-                    None
+            Ok(req) => {
+                if let Err(e) = self.router.access().refresh(&mut self.grant) {
+                    // A reload no longer admits the peer: as at connect.
+                    self.reading = false;
+                    return Ok(Some(Reply::err(0, e)));
                 }
-            },
+                match self.router.route(req, &self.replies, &self.grant) {
+                    Routed::Ready(reply) => Some(reply),
+                    Routed::Pending => {
+                        self.in_flight += 1;
+                        None
+                    }
+                }
+            }
             Err(DecodeError::Request { id, error }) => Some(Reply::err(id, error)),
             Err(DecodeError::Fatal(error)) => {
                 self.reading = false;
@@ -197,6 +223,22 @@ impl Conn<'_> {
             }
         })
     }
+}
+
+/// Turns a peer away with `reply`, then end of stream. What it sent
+/// meanwhile is read and dropped (for a second at most), so it reads the
+/// reply rather than a connection reset.
+async fn refuse(stream: UnixStream, reply: Reply) {
+    let (mut rd, wr) = stream.into_split();
+    let mut sink = FramedWrite::new(wr, FrameCodec::new(0));
+    let _ = tokio::time::timeout(Duration::from_secs(1), async move {
+        sink.send(&reply).await?;
+        drop(sink); // shuts our side down
+        let mut scratch = [0u8; 4096];
+        while rd.read(&mut scratch).await? > 0 {}
+        io::Result::Ok(())
+    })
+    .await;
 }
 
 /// Buffers one reply (`feed` flushes only past a high-water mark).

@@ -197,4 +197,5 @@ async fn reload_from(current: &mut Config, router: &Router, path: &Path) {
     current.plans = new.plans;
     current.tenants = new.tenants;
     current.admin = new.admin;
+    current.access = new.access;
 }

@@ -20,11 +20,13 @@
 //!
 //! Around it: [`config`] (the TOML file, validated), [`limiter`] (rules,
 //! policies and their math), [`quota`] (tenants' plans at their source of
-//! truth), [`admin`] (the `tenant_*` ops), [`keys`] (state key names),
+//! truth), [`access`] (who may use which tenants, by peer credentials),
+//! [`admin`] (the `tenant_*` ops), [`keys`] (state key names),
 //! [`clock`], [`error`] (wire error codes), [`stats`], [`shutdown`]
 //! (signals), [`tls`] (rustls for Redis and PostgreSQL), [`daemon`]
 //! (everything assembled) and [`client`] (a Rust client).
 
+pub mod access;
 pub mod admin;
 pub mod backend;
 pub mod client;

@@ -61,7 +61,8 @@ enum Command {
         at: Socket,
     },
     /// Tenants' plans, through the running daemon (admin ops: for the users
-    /// in `admin.allowed_uids`). `set` and `delete` need the `redis` source.
+    /// in `admin.allowed_uids`, or those an `[[access]]` rule grants
+    /// `admin = true`). `set` and `delete` need the `redis` source.
     Tenant {
         #[command(subcommand)]
         command: TenantCommand,

@@ -1,11 +1,13 @@
 //! From a decoded request to whoever answers it: `hello` and `stats` here,
 //! on the spot; a tenant's op to the shard that owns the tenant; an admin
-//! op to the [`Admin`] side.
+//! op to the [`Admin`] side; either of the last two only if the
+//! connection's [`PeerGrant`] allows it.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::access::{Access, PeerGrant};
 use crate::admin::Admin;
 use crate::backend::redis::RedisBackend;
 use crate::clock::Clock;
@@ -21,6 +23,7 @@ pub struct Router {
     /// Every plan's policies, shared with the shards and the admin side.
     plans: Arc<ArcSwap<Plans>>,
     admin: Admin,
+    access: Access,
     stats: Arc<Stats>,
     backend: &'static str,
 }
@@ -51,11 +54,12 @@ impl Router {
             clock,
             stats.clone(),
         ));
-        let admin = Admin::new(cfg, directory, plans.clone(), shards.clone());
+        let admin = Admin::new(directory, plans.clone(), shards.clone());
         Router {
             shards,
             plans,
             admin,
+            access: Access::new(cfg, stats.clone()),
             stats,
             backend,
         }
@@ -69,20 +73,31 @@ impl Router {
         &self.shards
     }
 
-    /// Routes one request. `peer_uid` is the connected process's user (for
-    /// admin ops).
-    pub fn route(&self, req: Request, replies: &Replies, peer_uid: Option<u32>) -> Routed {
+    pub fn access(&self) -> &Access {
+        &self.access
+    }
+
+    /// Routes one request of a connection that `grant` describes.
+    pub fn route(&self, req: Request, replies: &Replies, grant: &PeerGrant) -> Routed {
         let id = req.id;
         let sent = match req.op {
             Op::Local(op) => return Routed::Ready(Reply::ok(id, self.local(op))),
             Op::Shard(op) => {
                 self.count(&op);
+                if !grant.covers(op.tenant()) {
+                    let e = self.access.refuse_tenant(grant, op.tenant());
+                    return Routed::Ready(Reply::err(id, e));
+                }
                 self.shards.send(op, ReplyTo::new(id, replies.clone()))
             }
             Op::Admin(op) => {
                 Stats::add(&self.stats.counters.requests_admin, 1);
-                self.admin
-                    .run(op, peer_uid, ReplyTo::new(id, replies.clone()))
+                if !grant.admin() {
+                    let e = self.access.refuse_admin(grant, op.kind().name());
+                    return Routed::Ready(Reply::err(id, e));
+                }
+                self.admin.run(op, ReplyTo::new(id, replies.clone()));
+                Ok(())
             }
         };
         match sent {
@@ -125,9 +140,11 @@ impl Router {
     }
 
     /// Swaps in a reloaded config: plans (shared with the shards and the
-    /// admin side), admins and source settings; then the shards recompile.
+    /// admin side), access rules, admins and source settings; then the
+    /// shards recompile.
     pub async fn reload(&self, config: &Config) {
         self.plans.store(config.plans.clone());
+        self.access.reload(config);
         self.admin.reload(config);
         self.shards.reload().await;
     }

@@ -37,6 +37,12 @@ counters! {
     requests_stats,
     /// Admin ops (`tenant_*`), allowed or not.
     requests_admin,
+    /// `forbidden` answers by reason: a peer no `[[access]]` rule admits
+    /// (at connect, or at its next request after a reload), a tenant its
+    /// rules do not grant, an admin op it may not use.
+    forbidden_connect,
+    forbidden_tenant,
+    forbidden_admin,
     /// `check` answers that allowed / denied.
     allowed,
     denied,

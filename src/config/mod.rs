@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+mod access;
 mod admin;
 mod cache;
 mod plans;
@@ -20,6 +21,7 @@ mod redis;
 mod secret;
 mod server;
 
+pub use access::{AccessConfig, AccessRules, Grant, TenantSet};
 pub use admin::AdminConfig;
 pub use cache::CacheConfig;
 use plans::tenant_records;
@@ -40,6 +42,8 @@ pub struct Config {
     /// `None`: every tenant is on the `default` plan.
     pub quota: Option<QuotaConfig>,
     pub admin: AdminConfig,
+    /// `[[access]]`, compiled (empty: no tables).
+    pub access: Arc<AccessRules>,
     /// The policies of every plan.
     pub plans: Arc<Plans>,
     /// The `file` source's tenants.
@@ -56,8 +60,9 @@ struct ConfigFile {
     #[serde(default)]
     cache: CacheConfig,
     quota: Option<QuotaConfig>,
+    admin: Option<AdminConfig>,
     #[serde(default)]
-    admin: AdminConfig,
+    access: Vec<AccessConfig>,
     #[serde(default)]
     policies: BTreeMap<String, PolicyConfig>,
     #[serde(default)]
@@ -165,6 +170,13 @@ impl Config {
             file.redis.is_some(),
             !file.tenants.is_empty(),
         )?;
+        let access = AccessRules::compile(&file.access)?;
+        if access.is_configured() && file.admin.is_some() {
+            return Err(invalid(
+                "admin",
+                "with `[[access]]` tables, admin ops are granted by `admin = true` in a rule: remove `[admin]`",
+            ));
+        }
         let plans = Plans::compile(&file.policies, &file.plans)?;
         let tenants = tenant_records(&file.tenants, &plans)?;
         Ok(Config {
@@ -172,7 +184,8 @@ impl Config {
             redis: file.redis,
             cache: file.cache,
             quota: file.quota,
-            admin: file.admin,
+            admin: file.admin.unwrap_or_default(),
+            access: Arc::new(access),
             plans: Arc::new(plans),
             tenants: Arc::new(tenants),
         })
@@ -270,6 +283,11 @@ mod tests {
         assert!(rule("{name='a', kind='fixed_window', limit=0, window_ms=5}").contains("limit"));
         assert!(err("[policies.p]\nrules = []").contains("policies.p.rules"));
         assert!(err("[policies.p]\nfailure_mode='maybe'\nrules=[]").contains("maybe"));
+        let both = err("[admin]\nallowed_uids = [1]\n[[access]]\nuids = [1]\ntenants = ['*']");
+        assert!(
+            both.contains("`admin`") && both.contains("admin = true"),
+            "{both}"
+        );
     }
 
     #[test]
