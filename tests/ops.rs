@@ -357,3 +357,32 @@ fn systemd_hears_ready_watchdog_reloading_and_stopping() {
     notify.wait_for("STOPPING=1", 1);
     assert!(notify.find("STOPPING=1")[0] > ready[1]);
 }
+
+/// `systemd-analyze verify` accepts both units (with `ExecStart=` pointing
+/// at this build), and the packaged config loads.
+#[test]
+fn the_systemd_units_verify_and_the_packaged_config_loads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    quotad::config::Config::load(&root.join("systemd/quotad.toml")).expect("systemd/quotad.toml");
+    let Some(analyze) = ["/usr/bin/systemd-analyze", "/bin/systemd-analyze"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+    else {
+        println!("SKIPPED: systemd-analyze is not installed (apt-get install systemd)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for unit in ["quotad.service", "quotad.socket"] {
+        let text = std::fs::read_to_string(root.join("systemd").join(unit)).unwrap();
+        let text = text.replace("/usr/local/bin/quotad", QUOTAD);
+        std::fs::write(dir.path().join(unit), text).unwrap();
+    }
+    let out = Command::new(analyze)
+        .arg("verify")
+        .arg(dir.path().join("quotad.service"))
+        .arg(dir.path().join("quotad.socket"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "{err}");
+}
