@@ -329,13 +329,21 @@ async fn stats(json: bool, at: Socket) -> anyhow::Result<ExitCode> {
     let reply = connect(&at).await?.stats().await?;
     let counters = reply.counters.unwrap_or_default();
     if json {
-        let out = serde_json::json!({
-            "uptime_ms": reply.uptime_ms,
-            "backend": reply.backend,
-            "shards": reply.shards,
-            "counters": counters,
-        });
-        println!("{out}");
+        /// Fields in this order whatever serde_json's features.
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            uptime_ms: Option<u64>,
+            backend: Option<&'a str>,
+            shards: Option<u64>,
+            counters: &'a std::collections::BTreeMap<String, u64>,
+        }
+        let out = Out {
+            uptime_ms: reply.uptime_ms,
+            backend: reply.backend.as_deref(),
+            shards: reply.shards,
+            counters: &counters,
+        };
+        println!("{}", serde_json::to_string(&out)?);
     } else {
         println!(
             "uptime_ms={} backend={} shards={}",
