@@ -250,11 +250,16 @@ fn one_shot(f: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result
         .block_on(f)
 }
 
-async fn connect(at: &Socket) -> anyhow::Result<Client> {
-    let socket = match &at.socket {
+/// `--socket`, else the config's socket.
+fn socket_path(at: &Socket) -> anyhow::Result<PathBuf> {
+    Ok(match &at.socket {
         Some(s) => s.clone(),
         None => load(at.config.as_ref())?.server.socket,
-    };
+    })
+}
+
+async fn connect(at: &Socket) -> anyhow::Result<Client> {
+    let socket = socket_path(at)?;
     Client::connect(&socket).await.map_err(|e| {
         anyhow::anyhow!(
             "{e}\nIs quotad running? Start it with `quotad serve`, or give its socket \
@@ -360,7 +365,7 @@ async fn stats(json: bool, at: Socket) -> anyhow::Result<ExitCode> {
 }
 
 async fn health(live: bool, at: Socket) -> anyhow::Result<ExitCode> {
-    // A config that cannot be read is an error (exit 2) like an absent daemon.
+    socket_path(&at)?; // a bad config is an error of its own (exit 2 too)
     let stats = match connect(&at).await {
         Ok(client) => client.stats().await.map_err(anyhow::Error::from),
         Err(e) => Err(e),

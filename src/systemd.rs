@@ -9,7 +9,7 @@ use std::os::unix::net::UnixListener;
 use sd_notify::NotifyState;
 
 /// The listening Unix socket systemd passed to this process (fd 3), if it
-/// passed one; `LISTEN_PID`/`LISTEN_FDS` are cleared so that they never
+/// passed one; `LISTEN_PID`/`LISTEN_FDS`/`LISTEN_FDNAMES` are cleared so that they never
 /// reach a child.
 ///
 /// # Safety
@@ -17,31 +17,33 @@ use sd_notify::NotifyState;
 /// Edits the environment: call it before any other thread exists.
 pub unsafe fn take_listener() -> io::Result<Option<UnixListener>> {
     // SAFETY: the caller's promise.
-    let fds = unsafe { sd_notify::listen_fds_and_unset_env() }?;
+    let mut fds = unsafe {
+        std::env::remove_var("LISTEN_FDNAMES");
+        sd_notify::listen_fds_and_unset_env()
+    }?;
     let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
     let n = fds.len();
-    let mut fds = fds;
-    let fd = match (n, fds.next()) {
-        (0, _) | (_, None) => return Ok(None),
-        (1, Some(fd)) => fd,
-        _ => {
+    let fd = match fds.next() {
+        None => return Ok(None),
+        Some(_) if n > 1 => {
             return Err(invalid(format!(
-                "socket activation passed {n} sockets; quotad listens on one (one ListenStream= in quotad.socket)"
+                "systemd passed {n} sockets; quotad listens on one (one ListenStream= in quotad.socket)"
             )));
         }
+        Some(fd) => fd,
     };
     // SAFETY: systemd passed fd 3 for this process to own (LISTEN_PID).
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     if !is_listening(&fd) {
         return Err(invalid(
-            "socket activation passed a socket that is not listening for connections (quotad.socket needs ListenStream=, not ListenDatagram=)".into(),
+            "systemd passed a socket that is not listening for connections (quotad.socket needs ListenStream=, not ListenDatagram=)".into(),
         ));
     }
     let listener = UnixListener::from(fd);
     // Fails on a socket of another family (a TCP port in ListenStream=).
     listener.local_addr().map_err(|e| {
         invalid(format!(
-            "socket activation passed a socket quotad cannot use (ListenStream= must be a path): {e}"
+            "systemd passed a socket quotad cannot use (ListenStream= must be a path): {e}"
         ))
     })?;
     listener.set_nonblocking(true)?;

@@ -175,17 +175,26 @@ fn terminate(child: &mut Child) {
     assert!(status.unwrap().success(), "{status:?}");
 }
 
-/// Under `systemd-socket-activate`, quotad serves on the socket it
-/// inherits (not on its config's path) and leaves that file at exit.
-#[test]
-fn socket_activation_serves_the_inherited_socket_and_leaves_it() {
-    let Some(activate) = [
+/// systemd-socket-activate's path; `None`, saying the test is skipped,
+/// without it.
+fn socket_activate() -> Option<&'static str> {
+    let found = [
         "/usr/bin/systemd-socket-activate",
         "/bin/systemd-socket-activate",
     ]
     .into_iter()
-    .find(|p| Path::new(p).is_file()) else {
+    .find(|p| Path::new(p).is_file());
+    if found.is_none() {
         println!("SKIPPED: systemd-socket-activate is not installed (apt-get install systemd)");
+    }
+    found
+}
+
+/// Under `systemd-socket-activate`, quotad serves on the socket it
+/// inherits (not on its config's path) and leaves that file at exit.
+#[test]
+fn socket_activation_serves_the_inherited_socket_and_leaves_it() {
+    let Some(activate) = socket_activate() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -385,4 +394,36 @@ fn the_systemd_units_verify_and_the_packaged_config_loads() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.trim().is_empty(), "{err}");
+}
+
+/// Handed two sockets, quotad refuses to start and says why.
+#[test]
+fn socket_activation_with_two_sockets_is_refused() {
+    let Some(activate) = socket_activate() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let child = Command::new(activate)
+        .arg("-l")
+        .arg(&a)
+        .arg("-l")
+        .arg(&b)
+        .arg(QUOTAD)
+        .arg("serve")
+        .arg("--config")
+        .arg(config(dir.path(), &dir.path().join("configured.sock")))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until_blocking("the activation socket", SOON, || a.exists());
+    let _first = UnixStream::connect(&a).unwrap(); // makes it exec quotad
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("quotad: socket activation: systemd passed 2 sockets; quotad listens on one"),
+        "{err}"
+    );
 }
