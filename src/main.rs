@@ -70,8 +70,9 @@ enum Command {
         at: Socket,
     },
     /// Is a running quotad healthy? Exit status: 0 it answers and Redis is
-    /// up, 1 it answers but Redis is down (its circuit breaker is open:
-    /// decisions follow each policy's failure mode), 2 it cannot be reached.
+    /// up (or not used), 1 it answers but Redis is down (its circuit breaker
+    /// is open: decisions follow each policy's failure mode), 2 it cannot be
+    /// reached.
     Health {
         /// Liveness only: exit 0 whenever quotad answers, Redis up or not.
         #[arg(long)]
