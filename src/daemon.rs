@@ -16,6 +16,7 @@ use crate::quota::Directory;
 use crate::router::Router;
 use crate::server::{self, BindError, Listener, ServerLimits};
 use crate::stats::Stats;
+use crate::systemd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -40,7 +41,13 @@ pub struct Daemon {
 impl Daemon {
     /// Binds the socket and starts the shards. Redis need not be up: until
     /// it answers, checks are decided by each policy's failure mode.
-    pub fn start(config: Config, clock: Clock) -> Result<Daemon, StartError> {
+    /// `inherited`: a listening socket from systemd (socket activation),
+    /// served instead of binding `server.socket`.
+    pub fn start(
+        config: Config,
+        clock: Clock,
+        inherited: Option<std::os::unix::net::UnixListener>,
+    ) -> Result<Daemon, StartError> {
         let stats = Arc::new(Stats::default());
         let background = CancellationToken::new();
         let redis = match &config.redis {
@@ -52,7 +59,10 @@ impl Daemon {
             )?),
             None => None,
         };
-        let listener = Listener::bind(&config.server.socket, config.server.socket_mode)?;
+        let listener = match inherited {
+            Some(l) => Listener::inherit(l)?,
+            None => Listener::bind(&config.server.socket, config.server.socket_mode)?,
+        };
         let directory = Directory::new(&config, redis.clone(), stats.clone());
         let router = Arc::new(Router::start(
             &config,
@@ -137,6 +147,7 @@ impl Daemon {
         let draining = shutdown.clone();
         tokio::spawn(async move {
             draining.cancelled().await;
+            systemd::stopping();
             router.shards().release_waiters().await;
         });
         let server = server::run(self.listener, self.router.clone(), limits, shutdown);
@@ -145,11 +156,13 @@ impl Daemon {
             tokio::select! {
                 _ = &mut server => break,
                 Some(()) = reload.recv() => {
+                    systemd::reloading();
                     reload_secrets(self.redis.as_ref());
                     match &config_path {
                         Some(path) => reload_from(&mut self.config, &self.router, path).await,
                         None => tracing::warn!("SIGHUP: no config file was given, nothing to reload"),
                     }
+                    systemd::ready();
                 }
             }
         }

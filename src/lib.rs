@@ -45,4 +45,5 @@ pub mod server;
 pub mod shard;
 pub mod shutdown;
 pub mod stats;
+pub mod systemd;
 pub mod tls;

@@ -1,5 +1,6 @@
 //! The `quotad` command: `serve` runs the daemon, `check` asks it once,
-//! `tenant` manages tenants' plans through it.
+//! `tenant` manages tenants' plans through it, `stats` and `health` look
+//! inside it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,6 +58,25 @@ enum Command {
         /// Exit by the decision (0 or 1) even when it is degraded, instead of 3.
         #[arg(long)]
         allow_degraded: bool,
+        #[command(flatten)]
+        at: Socket,
+    },
+    /// Print a running quotad's counters (see docs/protocol.md, `stats`).
+    Stats {
+        /// Print them as one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        at: Socket,
+    },
+    /// Is a running quotad healthy? Exit status: 0 it answers and Redis is
+    /// up (or not used), 1 it answers but Redis is down (its circuit breaker
+    /// is open: decisions follow each policy's failure mode), 2 it cannot be
+    /// reached.
+    Health {
+        /// Liveness only: exit 0 whenever quotad answers, Redis up or not.
+        #[arg(long)]
+        live: bool,
         #[command(flatten)]
         at: Socket,
     },
@@ -151,6 +171,8 @@ fn main() -> ExitCode {
             at,
         } => one_shot(check(tenant, key, policy, cost, allow_degraded, at)),
         Command::Tenant { command, at } => one_shot(tenant(command, at)),
+        Command::Stats { json, at } => one_shot(stats(json, at)),
+        Command::Health { live, at } => one_shot(health(live, at)),
     };
     result.unwrap_or_else(|e| {
         eprintln!("quotad: {}", render(&e));
@@ -182,6 +204,8 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 }
 
 fn serve(path: Option<PathBuf>, socket: Option<PathBuf>) -> anyhow::Result<()> {
+    // SAFETY: no other thread exists yet (the runtime starts below).
+    let inherited = unsafe { quotad::systemd::take_listener() }.context("socket activation")?;
     let mut config = load(path.as_ref())?;
     if let Some(socket) = socket {
         config.server.socket = socket;
@@ -195,23 +219,28 @@ fn serve(path: Option<PathBuf>, socket: Option<PathBuf>) -> anyhow::Result<()> {
             .enable_all()
             .build()?,
     };
-    runtime.block_on(run(config, path))
+    runtime.block_on(run(config, path, inherited))
 }
 
-async fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+async fn run(
+    config: Config,
+    path: Option<PathBuf>,
+    inherited: Option<std::os::unix::net::UnixListener>,
+) -> anyhow::Result<()> {
     let backend = match &config.redis {
         None => "memory".to_owned(),
         Some(r) => r.addresses(),
     };
-    let daemon = Daemon::start(config, Clock::System)?;
+    let activated = inherited.is_some();
+    let daemon = Daemon::start(config, Clock::System, inherited)?;
     daemon.warm_up().await?;
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
     quotad::shutdown::listen(shutdown.clone(), reload_tx).context("installing signal handlers")?;
-    tracing::info!(socket = %daemon.socket().display(), backend, version = env!("CARGO_PKG_VERSION"), "quotad ready");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(socket = %daemon.socket().display(), activated, backend, version = env!("CARGO_PKG_VERSION"), "quotad ready");
+    quotad::systemd::ready();
+    quotad::systemd::spawn_watchdog();
     daemon.run(shutdown, reload_rx, path).await;
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     Ok(())
 }
 
@@ -223,11 +252,16 @@ fn one_shot(f: impl Future<Output = anyhow::Result<ExitCode>>) -> anyhow::Result
         .block_on(f)
 }
 
-async fn connect(at: &Socket) -> anyhow::Result<Client> {
-    let socket = match &at.socket {
+/// `--socket`, else the config's socket.
+fn socket_path(at: &Socket) -> anyhow::Result<PathBuf> {
+    Ok(match &at.socket {
         Some(s) => s.clone(),
         None => load(at.config.as_ref())?.server.socket,
-    };
+    })
+}
+
+async fn connect(at: &Socket) -> anyhow::Result<Client> {
+    let socket = socket_path(at)?;
     Client::connect(&socket).await.map_err(|e| {
         anyhow::anyhow!(
             "{e}\nIs quotad running? Start it with `quotad serve`, or give its socket \
@@ -296,6 +330,67 @@ fn known_policies(at: &Socket) -> String {
         path.display(),
         names.join(", ")
     )
+}
+
+async fn stats(json: bool, at: Socket) -> anyhow::Result<ExitCode> {
+    let reply = connect(&at).await?.stats().await?;
+    let counters = reply.counters.unwrap_or_default();
+    if json {
+        /// Fields in this order whatever serde_json's features.
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            uptime_ms: Option<u64>,
+            backend: Option<&'a str>,
+            shards: Option<u64>,
+            counters: &'a std::collections::BTreeMap<String, u64>,
+        }
+        let out = Out {
+            uptime_ms: reply.uptime_ms,
+            backend: reply.backend.as_deref(),
+            shards: reply.shards,
+            counters: &counters,
+        };
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!(
+            "uptime_ms={} backend={} shards={}",
+            reply.uptime_ms.unwrap_or_default(),
+            reply.backend.as_deref().unwrap_or("?"),
+            reply.shards.unwrap_or_default()
+        );
+        let width = counters.keys().map(String::len).max().unwrap_or(0);
+        for (name, value) in &counters {
+            println!("{name:<width$}  {value:>12}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn health(live: bool, at: Socket) -> anyhow::Result<ExitCode> {
+    socket_path(&at)?; // a bad config is an error of its own (exit 2 too)
+    let stats = match connect(&at).await {
+        Ok(client) => client.stats().await.map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
+    let (backend, counters) = match stats {
+        Ok(reply) => (reply.backend, reply.counters.unwrap_or_default()),
+        Err(e) => {
+            println!("unreachable: {}", render(&e));
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if counters.get("breaker_open").is_some_and(|&open| open != 0) {
+        println!(
+            "degraded: quotad answers, but Redis does not (circuit breaker open): \
+             decisions follow each policy's failure mode"
+        );
+        return Ok(ExitCode::from(u8::from(!live)));
+    }
+    match backend.as_deref() {
+        Some("redis") => println!("ok: quotad answers and Redis is up"),
+        _ => println!("ok: quotad answers (in-memory backend)"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn tenant(command: TenantCommand, at: Socket) -> anyhow::Result<ExitCode> {

@@ -1,6 +1,7 @@
 //! The socket file's whole life: bind (refusing to steal a live socket),
 //! set its mode, accept until shutdown, bound the connections, wait for
-//! them to finish, and remove the file.
+//! them to finish, and remove the file. A socket systemd passed (socket
+//! activation) is systemd's: its file is left in place.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -36,8 +37,9 @@ pub enum BindError {
 pub struct Listener {
     listener: UnixListener,
     path: PathBuf,
-    /// (device, inode) of the file we created.
-    identity: (u64, u64),
+    /// (device, inode) of the file we created; `None` for an inherited
+    /// socket, whose file is not ours to remove.
+    identity: Option<(u64, u64)>,
 }
 
 impl Listener {
@@ -72,7 +74,27 @@ impl Listener {
         Ok(Listener {
             listener,
             path: path.to_owned(),
-            identity: (meta.dev(), meta.ino()),
+            identity: Some((meta.dev(), meta.ino())),
+        })
+    }
+
+    /// Serves on a socket inherited from systemd (already bound, with
+    /// systemd's mode and owner), and leaves its file at exit.
+    pub fn inherit(listener: std::os::unix::net::UnixListener) -> Result<Listener, BindError> {
+        let addr = listener.local_addr();
+        let path = addr
+            .as_ref()
+            .ok()
+            .and_then(|a| a.as_pathname())
+            .map_or_else(|| PathBuf::from("(inherited socket)"), Path::to_owned);
+        let listener = UnixListener::from_std(listener).map_err(|source| BindError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Listener {
+            listener,
+            path,
+            identity: None,
         })
     }
 
@@ -83,7 +105,8 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        let ours = std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
+        let ours =
+            std::fs::metadata(&self.path).is_ok_and(|m| Some((m.dev(), m.ino())) == self.identity);
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }

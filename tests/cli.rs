@@ -134,7 +134,12 @@ fn an_unknown_policy_lists_the_config_s_policies() {
 
 #[test]
 fn a_missing_config_file_names_its_cause_once() {
-    for command in [&["serve"][..], &["check", "--tenant", "t", "--key", "k"]] {
+    for command in [
+        &["serve"][..],
+        &["check", "--tenant", "t", "--key", "k"],
+        &["stats"],
+        &["health"],
+    ] {
         let out = Command::new(QUOTAD)
             .args(command)
             .args(["--config", "/nonexistent/quotad.toml"])
