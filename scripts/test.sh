@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for tool in redis-server redis-cli redis-sentinel psql; do
+# systemd-socket-activate and systemd-analyze (package systemd) run the
+# socket-activation and unit tests; no systemd needs to be running.
+for tool in redis-server redis-cli redis-sentinel psql systemd-socket-activate; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
@@ -16,7 +18,7 @@ if ((${#missing[@]})); then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y \
-    redis-server redis-sentinel postgresql postgresql-client
+    redis-server redis-sentinel postgresql postgresql-client systemd
 fi
 
 cargo test --locked
