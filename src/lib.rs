@@ -23,7 +23,8 @@
 //! truth), [`access`] (who may use which tenants, by peer credentials),
 //! [`admin`] (the `tenant_*` ops), [`keys`] (state key names),
 //! [`clock`], [`error`] (wire error codes), [`stats`], [`shutdown`]
-//! (signals), [`tls`] (rustls for Redis and PostgreSQL), [`daemon`]
+//! (signals), [`systemd`] (socket activation, readiness and watchdog),
+//! [`tls`] (rustls for Redis and PostgreSQL), [`daemon`]
 //! (everything assembled) and [`client`] (a Rust client).
 
 pub mod access;
