@@ -24,7 +24,7 @@ pub use self::{
     postgres::Postgres,
     raw::{Raw, code},
     redis::{Redis, redis_table},
-    sentinel::{MASTER_NAME, SentinelSet},
+    sentinel::{MASTER_NAME, SentinelSet, spawn_sentinel},
     wait::{SOON, wait_until, wait_until_blocking},
 };
 

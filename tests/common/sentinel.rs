@@ -80,14 +80,18 @@ fn sentinel(master_port: u16) -> (Child, TempDir, u16) {
         ),
     )
     .unwrap();
-    let child = Command::new(require("redis-server"))
-        .arg(&conf)
+    (spawn_sentinel(&conf), dir, port)
+}
+
+/// `redis-server <conf> --sentinel`, quiet.
+pub fn spawn_sentinel(conf: &std::path::Path) -> Child {
+    Command::new(require("redis-server"))
+        .arg(conf)
         .arg("--sentinel")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("starting redis-server --sentinel");
-    (child, dir, port)
+        .expect("starting redis-server --sentinel")
 }
 
 impl Drop for SentinelSet {

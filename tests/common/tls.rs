@@ -6,11 +6,11 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use tempfile::TempDir;
 
-use crate::common::{MASTER_NAME, Redis, SOON, free_port, wait_until_blocking};
+use crate::common::{MASTER_NAME, Redis, SOON, free_port, spawn_sentinel, wait_until_blocking};
 
 /// `ca.crt`, `server.{crt,key}` and `client.{crt,key}` signed by it, and
 /// `other-ca.crt`, a CA that signed nothing here. The server certificate
@@ -290,14 +290,7 @@ impl Sentinels {
                     ),
                 )
                 .unwrap();
-                let child = Command::new("redis-server")
-                    .arg(&conf)
-                    .arg("--sentinel")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("starting redis-server --sentinel");
-                (child, dir, port)
+                (spawn_sentinel(&conf), dir, port)
             })
             .collect();
         let set = Sentinels {
