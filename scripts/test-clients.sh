@@ -57,6 +57,8 @@ fi
   "$python" -m mypy
   "$python" -m pytest -q -p no:cacheprovider
 )
+# docs/protocol.md, checked against the same binary on both backends.
+scripts/test-conformance.sh "$python"
 
 # --- Node -------------------------------------------------------------------
 echo "== Node client"
