@@ -59,6 +59,8 @@ fi
 )
 # docs/protocol.md, checked against the same binary on both backends.
 scripts/test-conformance.sh "$python"
+# Faults injected under load, in the reduced form (docs/reliability.md).
+"$python" scripts/chaos.py --seconds 1.5
 
 # --- Node -------------------------------------------------------------------
 echo "== Node client"
