@@ -57,6 +57,10 @@ fi
   "$python" -m mypy
   "$python" -m pytest -q -p no:cacheprovider
 )
+# docs/protocol.md, checked against the same binary on both backends.
+scripts/test-conformance.sh "$python"
+# Faults injected under load, in the reduced form (docs/reliability.md).
+"$python" scripts/chaos.py --seconds 1.5
 
 # --- Node -------------------------------------------------------------------
 echo "== Node client"

@@ -25,7 +25,9 @@ use crate::error::Error;
 
 /// Nesting allowed in a request. Requests need 2 (a map holding a list of
 /// strings); the bound keeps a hostile frame from exhausting the stack.
-const MAX_DEPTH: usize = 16;
+/// docs/protocol.md allows 16 levels (the request map counting as one);
+/// rmp_serde refuses a frame that reaches its limit, hence 17.
+const MAX_DEPTH: usize = 17;
 
 /// Why a frame did not become a request.
 #[derive(Debug, Clone, PartialEq)]
