@@ -22,7 +22,7 @@
 //! policies and their math), [`quota`] (tenants' plans at their source of
 //! truth), [`access`] (who may use which tenants, by peer credentials),
 //! [`admin`] (the `tenant_*` ops), [`keys`] (state key names),
-//! [`clock`], [`error`] (wire error codes), [`stats`], [`shutdown`]
+//! [`clock`], [`error`] (wire error codes), [`stats`], [`metrics`] (Prometheus), [`shutdown`]
 //! (signals), [`tls`] (rustls for Redis and PostgreSQL), [`daemon`]
 //! (everything assembled) and [`client`] (a Rust client).
 
@@ -37,6 +37,7 @@ pub mod daemon;
 pub mod error;
 pub mod keys;
 pub mod limiter;
+pub mod metrics;
 pub mod protocol;
 pub mod quota;
 pub mod reply;

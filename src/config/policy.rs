@@ -9,6 +9,7 @@ use serde::Deserialize;
 use super::{ConfigError, IDENT_RULE, invalid, is_ident};
 use crate::error::Error;
 use crate::limiter::{DAY_US, FailureMode, Policy, Rule, RuleKind};
+use crate::metrics::PolicyMetrics;
 
 /// Largest `limit` or `capacity`, and largest rule span in µs: they keep the
 /// script's arithmetic exact in Lua's doubles.
@@ -75,7 +76,9 @@ pub(crate) fn compile_policy(name: &str, p: &PolicyConfig) -> Result<Policy, Con
             kind: compile_rule(&at, r)?,
         });
     }
+    let names: Vec<&str> = rules.iter().map(|r| &*r.name).collect();
     Ok(Policy {
+        metrics: PolicyMetrics::new(name, &names),
         name: name.into(),
         rules,
         failure_mode: p.failure_mode,

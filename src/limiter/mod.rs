@@ -66,6 +66,7 @@ pub struct Policy {
     pub failure_mode: FailureMode,
     /// `retry_after_ms` of a `closed` failure answer.
     pub closed_retry_after_ms: u64,
+    pub metrics: crate::metrics::PolicyMetrics,
 }
 
 impl Policy {
@@ -83,6 +84,7 @@ impl Policy {
             }],
             failure_mode: FailureMode::Open,
             closed_retry_after_ms: 1000,
+            metrics: crate::metrics::PolicyMetrics::new("p", &["r"]),
         }
     }
 
