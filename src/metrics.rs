@@ -46,6 +46,8 @@ pub struct Metrics {
     pub round_trip: Histogram,
     pub batch_ops: Histogram,
     in_flight: Gauge,
+    /// Jobs queued in shards for a Redis round trip, all shards together.
+    pub shard_queued: Gauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -123,9 +125,16 @@ impl Metrics {
             "Requests handed to shards and not answered yet",
             in_flight.clone(),
         );
+        let shard_queued = Gauge::default();
+        r.register(
+            "shard_queue_depth",
+            "Jobs queued in shards for their next Redis round trip, all shards together",
+            shard_queued.clone(),
+        );
         Metrics {
             registry: r,
             in_flight,
+            shard_queued,
             checks,
             rejections,
             daily_hits,

@@ -255,6 +255,8 @@ async fn counters_move_by_exactly_what_the_checks_did() {
     })
     .await;
     let m4 = scrape(port);
+    assert_eq!(m4["quotad_shard_queue_depth"], 0.0, "all answered");
+    assert_eq!(m4["quotad_requests_in_flight"], 0.0, "all answered");
     assert_eq!(delta(&m3, &m4, &checks("api", "degraded")), degraded);
     let open = "quotad_degraded_decisions_total{failure_mode=\"open\"}";
     assert_eq!(delta(&m3, &m4, open), degraded);
@@ -305,6 +307,40 @@ async fn only_get_metrics_is_served() {
     assert_eq!(m["quotad_batch_ops_count"], 0.0);
     assert_eq!(m["quotad_connections_open"], 1.0);
     assert_eq!(m["quotad_requests_in_flight"], 0.0);
+    assert_eq!(m["quotad_shard_queue_depth"], 0.0);
     assert_eq!(http(port, "GET / HTTP/1.1\r\n\r\n").0, 404);
     assert_eq!(http(port, "POST /metrics HTTP/1.1\r\n\r\n").0, 405);
+}
+
+/// Redis frozen: requests wait in flight, and past the round trips a shard
+/// may have out (2), in its queue; both gauges fall back to 0.
+#[tokio::test]
+async fn gauges_show_requests_waiting_for_redis() {
+    let redis = Redis::start();
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "shards = 1\n[redis]\nurl = {:?}\ntimeout_ms = 3000\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n{POLICIES}",
+        redis.url()
+    ));
+    let c = std::sync::Arc::new(d.client().await);
+    check(&c, "api", "warm").await;
+    redis.pause();
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move { check(&c, "api", &format!("k{i}")).await })
+        })
+        .collect();
+    wait_until("10 in flight, 8 queued", SOON, async || {
+        let m = scrape(port);
+        m["quotad_requests_in_flight"] == 10.0 && m["quotad_shard_queue_depth"] == 8.0
+    })
+    .await;
+    redis.resume();
+    for t in tasks {
+        assert!(!t.await.unwrap().degraded);
+    }
+    let m = scrape(port);
+    assert_eq!(m["quotad_requests_in_flight"], 0.0);
+    assert_eq!(m["quotad_shard_queue_depth"], 0.0);
 }
