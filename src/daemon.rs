@@ -228,9 +228,10 @@ async fn reload_from(current: &mut Config, router: &Router, path: &Path) {
         || new.cache != current.cache
         || new.quota != current.quota
         || new.metrics != current.metrics
+        || new.log != current.log
     {
         tracing::warn!(
-            "reload: changes to [server], [redis], [cache], [quota] and [metrics] take effect only after a restart"
+            "reload: changes to [server], [redis], [cache], [quota], [metrics] and [log] take effect only after a restart"
         );
     }
     tracing::info!(

@@ -14,6 +14,7 @@ use serde::Deserialize;
 mod access;
 mod admin;
 mod cache;
+mod log;
 mod metrics;
 mod plans;
 mod policy;
@@ -25,6 +26,7 @@ mod server;
 pub use access::{AccessConfig, AccessRules, Grant, TenantSet};
 pub use admin::AdminConfig;
 pub use cache::CacheConfig;
+pub use log::{LogConfig, LogFormat};
 pub use metrics::MetricsConfig;
 use plans::tenant_records;
 pub use plans::{DEFAULT_PLAN, PlanConfig, Plans, TenantConfig, TenantRecord, flatten};
@@ -46,6 +48,7 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `None`: no metrics endpoint.
     pub metrics: Option<MetricsConfig>,
+    pub log: LogConfig,
     /// `[[access]]`, compiled (empty: no tables).
     pub access: Arc<AccessRules>,
     /// The policies of every plan.
@@ -66,6 +69,8 @@ struct ConfigFile {
     quota: Option<QuotaConfig>,
     admin: Option<AdminConfig>,
     metrics: Option<MetricsConfig>,
+    #[serde(default)]
+    log: LogConfig,
     #[serde(default)]
     access: Vec<AccessConfig>,
     #[serde(default)]
@@ -194,6 +199,7 @@ impl Config {
             quota: file.quota,
             admin: file.admin.unwrap_or_default(),
             metrics: file.metrics,
+            log: file.log,
             access: Arc::new(access),
             plans: Arc::new(plans),
             tenants: Arc::new(tenants),
@@ -293,6 +299,7 @@ mod tests {
         assert!(err("[policies.p]\nrules = []").contains("policies.p.rules"));
         assert!(err("[metrics]\nlisten = '127.0.0.1:0'").contains("metrics.listen"));
         assert!(err("[metrics]\nlisten = 'localhost'").contains("listen"));
+        assert!(err("[log]\nformat = 'xml'").contains("unknown variant `xml`"));
         assert!(err("[policies.p]\nfailure_mode='maybe'\nrules=[]").contains("maybe"));
         let both = err("[admin]\nallowed_uids = [1]\n[[access]]\nuids = [1]\ntenants = ['*']");
         assert!(
