@@ -344,3 +344,93 @@ async fn gauges_show_requests_waiting_for_redis() {
     assert_eq!(m["quotad_requests_in_flight"], 0.0);
     assert_eq!(m["quotad_shard_queue_depth"], 0.0);
 }
+
+/// Every `quotad_*` name in `text`.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("quotad_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// Every `uid` in the dashboard is the datasource variable.
+fn assert_uids_are_variables(v: &serde_json::Value) {
+    match v {
+        serde_json::Value::Object(o) => {
+            if let Some(uid) = o.get("uid") {
+                assert_eq!(uid, "${datasource}", "a hard-coded uid: {o:?}");
+            }
+            o.values().for_each(assert_uids_are_variables);
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(assert_uids_are_variables),
+        _ => {}
+    }
+}
+
+/// The dashboard and the alerts query only metrics a live quotad exports;
+/// the dashboard imports anywhere (a datasource variable, no fixed uid);
+/// the pod example's config is valid.
+#[tokio::test]
+async fn dashboard_and_alerts_use_only_exported_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let redis = Redis::start();
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "{}[metrics]\nlisten = \"127.0.0.1:{port}\"\n{POLICIES}",
+        redis_table(&redis)
+    ));
+    let c = d.client().await;
+    check(&c, "api", "k").await;
+    let exported: std::collections::BTreeSet<String> = scrape(port)
+        .keys()
+        .map(|series| series.split('{').next().unwrap().to_owned())
+        .collect();
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/quotad.json")).expect("the dashboard is JSON");
+    assert!(dashboard.get("uid").is_none(), "a fixed dashboard uid");
+    assert_uids_are_variables(&dashboard);
+    let vars = dashboard["templating"]["list"].as_array().unwrap();
+    assert!(
+        vars.iter().any(|v| v["type"] == "datasource"
+            && v["name"] == "datasource"
+            && v["query"] == "prometheus"),
+        "no datasource variable"
+    );
+    let mut queried = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{} has no query", panel["title"]);
+        for t in targets {
+            queried.extend(metric_names(t["expr"].as_str().unwrap()));
+        }
+    }
+    queried.extend(metric_names(&read("deploy/prometheus/alerts.yml")));
+    assert!(queried.len() > 20, "{queried:?}");
+    for name in &queried {
+        assert!(
+            exported.contains(name),
+            "{name} is queried but not exported: {exported:?}"
+        );
+    }
+
+    let pod = read("deploy/kubernetes/sidecar.yaml");
+    let toml: String = pod
+        .split("quotad.toml: |\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .take_while(|l| l.starts_with("    "))
+        .map(|l| format!("{}\n", &l[4..]))
+        .collect();
+    let config = quotad::config::Config::from_toml(&toml).unwrap();
+    assert!(config.metrics.is_some());
+}
