@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::limiter::{DAY_US, Decision, FailureMode, Policy, RuleKind};
+use crate::limiter::{DAY_US, Decision, FailureMode, Policy, Rule, RuleKind};
 use crate::stats::Stats;
 
 type Labels = Vec<(&'static str, String)>;
@@ -181,6 +181,8 @@ pub struct PolicyMetrics {
     rejections: Vec<Counter>,
     daily_hits: Counter,
     tokens: Counter,
+    /// The policy has a token bucket (its allowed checks take tokens).
+    has_bucket: bool,
 }
 
 /// Handles are not part of what a policy is.
@@ -191,7 +193,7 @@ impl PartialEq for PolicyMetrics {
 }
 
 impl PolicyMetrics {
-    pub fn new(policy: &str, rules: &[&str]) -> PolicyMetrics {
+    pub fn new(policy: &str, rules: &[Rule]) -> PolicyMetrics {
         let m = metrics();
         let p = || ("policy", policy.to_string());
         let outcomes = ["within_limit", "near_limit", "over_limit", "degraded"].map(|o| {
@@ -202,7 +204,7 @@ impl PolicyMetrics {
             .iter()
             .map(|r| {
                 m.rejections
-                    .get_or_create_owned(&vec![p(), ("rule", r.to_string())])
+                    .get_or_create_owned(&vec![p(), ("rule", r.name.to_string())])
             })
             .collect();
         PolicyMetrics {
@@ -210,6 +212,9 @@ impl PolicyMetrics {
             rejections,
             daily_hits: m.daily_hits.get_or_create_owned(&vec![p()]),
             tokens: m.tokens.get_or_create_owned(&vec![p()]),
+            has_bucket: rules
+                .iter()
+                .any(|r| matches!(r.kind, RuleKind::TokenBucket { .. })),
         }
     }
 
@@ -230,11 +235,7 @@ impl PolicyMetrics {
             return;
         }
         if d.allowed {
-            if policy
-                .rules
-                .iter()
-                .any(|r| matches!(r.kind, RuleKind::TokenBucket { .. }))
-            {
+            if m.has_bucket {
                 m.tokens.inc_by(cost);
             }
         } else if let Some(i) = policy.rules.iter().position(|r| r.name == d.rule) {

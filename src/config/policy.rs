@@ -76,9 +76,8 @@ pub(crate) fn compile_policy(name: &str, p: &PolicyConfig) -> Result<Policy, Con
             kind: compile_rule(&at, r)?,
         });
     }
-    let names: Vec<&str> = rules.iter().map(|r| &*r.name).collect();
     Ok(Policy {
-        metrics: PolicyMetrics::new(name, &names),
+        metrics: PolicyMetrics::new(name, &rules),
         name: name.into(),
         rules,
         failure_mode: p.failure_mode,
