@@ -12,6 +12,7 @@ use crate::backend::redis::{RedisBackend, SetupError, trust_anchors};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::connection::ConnLimits;
+use crate::metrics;
 use crate::quota::Directory;
 use crate::router::Router;
 use crate::server::{self, BindError, Listener, ServerLimits};
@@ -24,6 +25,11 @@ pub enum StartError {
     Bind(#[from] BindError),
     #[error(transparent)]
     Redis(#[from] SetupError),
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     /// The Redis server's certificate failed this side's check at start.
     #[error("Redis TLS: the server's certificate is not trusted with {anchors}: {reason}")]
     Certificate { anchors: String, reason: String },
@@ -34,6 +40,9 @@ pub struct Daemon {
     listener: Listener,
     router: Arc<Router>,
     redis: Option<RedisBackend>,
+    /// The bound `[metrics]` endpoint, served once the daemon runs.
+    metrics: Option<std::net::TcpListener>,
+    stats: Arc<Stats>,
     /// Stops background tasks (the breaker's prober) once the daemon ends.
     background: CancellationToken,
 }
@@ -63,13 +72,17 @@ impl Daemon {
             Some(l) => Listener::inherit(l)?,
             None => Listener::bind(&config.server.socket, config.server.socket_mode)?,
         };
+        let metrics = match &config.metrics {
+            Some(m) => Some(bind_metrics(m.listen)?),
+            None => None,
+        };
         let directory = Directory::new(&config, redis.clone(), stats.clone());
         let router = Arc::new(Router::start(
             &config,
             redis.clone(),
             directory.clone(),
             clock,
-            stats,
+            stats.clone(),
         ));
         if let (Some(dir), Some(redis)) = (&directory, &config.redis)
             && dir.announces_changes()
@@ -88,6 +101,8 @@ impl Daemon {
             listener,
             router,
             redis,
+            metrics,
+            stats,
             background,
         })
     }
@@ -143,6 +158,15 @@ impl Daemon {
                 request: self.config.limits(),
             },
         };
+        if let Some(l) = self.metrics.take() {
+            match tokio::net::TcpListener::from_std(l) {
+                Ok(l) => {
+                    let stop = self.background.clone();
+                    tokio::spawn(metrics::serve(l, self.stats.clone(), stop));
+                }
+                Err(e) => tracing::error!(error = %e, "metrics endpoint not served"),
+            }
+        }
         let router = self.router.clone();
         let draining = shutdown.clone();
         tokio::spawn(async move {
@@ -172,6 +196,14 @@ impl Daemon {
     }
 }
 
+fn bind_metrics(addr: std::net::SocketAddr) -> Result<std::net::TcpListener, StartError> {
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|source| StartError::Metrics { addr, source })?;
+    tracing::info!("metrics at http://{addr}/metrics");
+    Ok(listener)
+}
+
 /// SIGHUP: the Redis passwords are read again from their files (or
 /// variables); one that cannot be read keeps the running one.
 fn reload_secrets(redis: Option<&RedisBackend>) {
@@ -195,9 +227,11 @@ async fn reload_from(current: &mut Config, router: &Router, path: &Path) {
         || new.redis != current.redis
         || new.cache != current.cache
         || new.quota != current.quota
+        || new.metrics != current.metrics
+        || new.log != current.log
     {
         tracing::warn!(
-            "reload: changes to [server], [redis], [cache] and [quota] take effect only after a restart"
+            "reload: changes to [server], [redis], [cache], [quota], [metrics] and [log] take effect only after a restart"
         );
     }
     tracing::info!(

@@ -22,9 +22,9 @@
 //! policies and their math), [`quota`] (tenants' plans at their source of
 //! truth), [`access`] (who may use which tenants, by peer credentials),
 //! [`admin`] (the `tenant_*` ops), [`keys`] (state key names),
-//! [`clock`], [`error`] (wire error codes), [`stats`], [`shutdown`]
-//! (signals), [`systemd`] (socket activation, readiness and watchdog),
-//! [`tls`] (rustls for Redis and PostgreSQL), [`daemon`]
+//! [`clock`], [`error`] (wire error codes), [`stats`], [`metrics`]
+//! (Prometheus), [`shutdown`] (signals), [`systemd`] (socket activation,
+//! readiness and watchdog), [`tls`] (rustls for Redis and PostgreSQL), [`daemon`]
 //! (everything assembled) and [`client`] (a Rust client).
 
 pub mod access;
@@ -38,6 +38,7 @@ pub mod daemon;
 pub mod error;
 pub mod keys;
 pub mod limiter;
+pub mod metrics;
 pub mod protocol;
 pub mod quota;
 pub mod reply;

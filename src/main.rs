@@ -9,8 +9,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use quotad::client::{Client, ClientError};
 use quotad::clock::Clock;
-use quotad::config::Config;
 use quotad::config::TenantRecord;
+use quotad::config::{Config, LogFormat};
 use quotad::daemon::Daemon;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +39,9 @@ enum Command {
         /// Listen here instead of at the config's `server.socket`.
         #[arg(long, env = "QUOTAD_SOCKET")]
         socket: Option<PathBuf>,
+        /// The log's format, instead of the config's `log.format` (default human).
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
     },
     /// Ask a running quotad for one decision. Exit status: 0 allowed, 1 denied,
     /// 2 error, 3 degraded (decided by the failure mode, not by Redis).
@@ -151,17 +154,17 @@ fn main() -> ExitCode {
             unsafe { std::env::remove_var(var) };
         }
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     quotad::tls::install_provider();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        init_log(LogFormat::Human);
+    }
     let result = match cli.command {
-        Command::Serve { config, socket } => serve(config, socket).map(|()| ExitCode::SUCCESS),
+        Command::Serve {
+            config,
+            socket,
+            log_format,
+        } => serve(config, socket, log_format).map(|()| ExitCode::SUCCESS),
         Command::Check {
             tenant,
             key,
@@ -203,10 +206,31 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     })
 }
 
-fn serve(path: Option<PathBuf>, socket: Option<PathBuf>) -> anyhow::Result<()> {
+/// The log on stderr, at `RUST_LOG`'s level (default `info`).
+fn init_log(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => log
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => log.json().with_current_span(false).init(),
+    }
+}
+
+fn serve(
+    path: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+) -> anyhow::Result<()> {
     // SAFETY: no other thread exists yet (the runtime starts below).
     let inherited = unsafe { quotad::systemd::take_listener() }.context("socket activation")?;
+    // The config says how to log, so a config error is only printed.
     let mut config = load(path.as_ref())?;
+    init_log(log_format.unwrap_or(config.log.format));
     if let Some(socket) = socket {
         config.server.socket = socket;
     }

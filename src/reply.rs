@@ -9,6 +9,7 @@
 use tokio::sync::mpsc;
 
 use crate::error::Error;
+use crate::metrics::Timer;
 use crate::protocol::{Body, Reply};
 
 /// The reply channel of one connection.
@@ -19,11 +20,22 @@ pub type Replies = mpsc::UnboundedSender<Reply>;
 pub struct ReplyTo {
     id: u64,
     tx: Option<Replies>,
+    timer: Option<Timer>,
 }
 
 impl ReplyTo {
     pub fn new(id: u64, tx: Replies) -> Self {
-        ReplyTo { id, tx: Some(tx) }
+        ReplyTo {
+            id,
+            tx: Some(tx),
+            timer: None,
+        }
+    }
+
+    /// Observes the request's latency when it is answered.
+    pub fn timed(mut self, timer: Timer) -> Self {
+        self.timer = Some(timer);
+        self
     }
 
     /// Gives up on answering through this sender (the caller answers).
@@ -34,6 +46,9 @@ impl ReplyTo {
     pub fn send(mut self, body: Result<Body, Error>) {
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(Reply { id: self.id, body });
+        }
+        if let Some(t) = self.timer.take() {
+            t.observe();
         }
     }
 }

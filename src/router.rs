@@ -12,6 +12,7 @@ use crate::admin::Admin;
 use crate::backend::redis::RedisBackend;
 use crate::clock::Clock;
 use crate::config::{Config, Plans};
+use crate::metrics::Timer;
 use crate::protocol::{Body, Hello, LocalOp, Op, Reply, Request, ShardOp, Stats as StatsBody};
 use crate::quota::Directory;
 use crate::reply::{Replies, ReplyTo};
@@ -83,12 +84,13 @@ impl Router {
         let sent = match req.op {
             Op::Local(op) => return Routed::Ready(Reply::ok(id, self.local(op))),
             Op::Shard(op) => {
-                self.count(&op);
+                let timer = Timer::start(self.count(&op));
                 if !grant.covers(op.tenant()) {
                     let e = self.access.refuse_tenant(grant, op.tenant());
                     return Routed::Ready(Reply::err(id, e));
                 }
-                self.shards.send(op, ReplyTo::new(id, replies.clone()))
+                self.shards
+                    .send(op, ReplyTo::new(id, replies.clone()).timed(timer))
             }
             Op::Admin(op) => {
                 Stats::add(&self.stats.counters.requests_admin, 1);
@@ -127,16 +129,18 @@ impl Router {
         }
     }
 
-    fn count(&self, op: &ShardOp) {
+    /// Counts a request; returns its op's index in [`crate::metrics::TIMED_OPS`].
+    fn count(&self, op: &ShardOp) -> usize {
         let c = &self.stats.counters;
-        let counter = match op {
-            ShardOp::Check(_) => &c.requests_check,
-            ShardOp::CheckGet(..) => &c.requests_check_get,
-            ShardOp::CacheGet(_) => &c.requests_cache_get,
-            ShardOp::CacheSet(_) => &c.requests_cache_set,
-            ShardOp::CacheDel(_) => &c.requests_cache_del,
+        let (counter, index) = match op {
+            ShardOp::Check(_) => (&c.requests_check, 0),
+            ShardOp::CheckGet(..) => (&c.requests_check_get, 1),
+            ShardOp::CacheGet(_) => (&c.requests_cache_get, 2),
+            ShardOp::CacheSet(_) => (&c.requests_cache_set, 3),
+            ShardOp::CacheDel(_) => (&c.requests_cache_del, 4),
         };
         Stats::add(counter, 1);
+        index
     }
 
     /// Swaps in a reloaded config: plans (shared with the shards and the

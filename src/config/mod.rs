@@ -14,6 +14,8 @@ use serde::Deserialize;
 mod access;
 mod admin;
 mod cache;
+mod log;
+mod metrics;
 mod plans;
 mod policy;
 mod quota;
@@ -24,6 +26,8 @@ mod server;
 pub use access::{AccessConfig, AccessRules, Grant, TenantSet};
 pub use admin::AdminConfig;
 pub use cache::CacheConfig;
+pub use log::{LogConfig, LogFormat};
+pub use metrics::MetricsConfig;
 use plans::tenant_records;
 pub use plans::{DEFAULT_PLAN, PlanConfig, Plans, TenantConfig, TenantRecord, flatten};
 pub use policy::{Overrides, Policies, PolicyConfig, RuleConfig};
@@ -42,6 +46,9 @@ pub struct Config {
     /// `None`: every tenant is on the `default` plan.
     pub quota: Option<QuotaConfig>,
     pub admin: AdminConfig,
+    /// `None`: no metrics endpoint.
+    pub metrics: Option<MetricsConfig>,
+    pub log: LogConfig,
     /// `[[access]]`, compiled (empty: no tables).
     pub access: Arc<AccessRules>,
     /// The policies of every plan.
@@ -61,6 +68,9 @@ struct ConfigFile {
     cache: CacheConfig,
     quota: Option<QuotaConfig>,
     admin: Option<AdminConfig>,
+    metrics: Option<MetricsConfig>,
+    #[serde(default)]
+    log: LogConfig,
     #[serde(default)]
     access: Vec<AccessConfig>,
     #[serde(default)]
@@ -165,6 +175,9 @@ impl Config {
             r.validate()?;
         }
         file.cache.validate(file.server.max_frame_bytes)?;
+        if let Some(m) = &file.metrics {
+            m.validate()?;
+        }
         QuotaConfig::validate(
             file.quota.as_ref(),
             file.redis.is_some(),
@@ -185,6 +198,8 @@ impl Config {
             cache: file.cache,
             quota: file.quota,
             admin: file.admin.unwrap_or_default(),
+            metrics: file.metrics,
+            log: file.log,
             access: Arc::new(access),
             plans: Arc::new(plans),
             tenants: Arc::new(tenants),
@@ -282,6 +297,9 @@ mod tests {
         assert!(rule("{name='a:b', kind='daily_quota', limit=5}").contains("rules[0].name"));
         assert!(rule("{name='a', kind='fixed_window', limit=0, window_ms=5}").contains("limit"));
         assert!(err("[policies.p]\nrules = []").contains("policies.p.rules"));
+        assert!(err("[metrics]\nlisten = '127.0.0.1:0'").contains("metrics.listen"));
+        assert!(err("[metrics]\nlisten = 'localhost'").contains("listen"));
+        assert!(err("[log]\nformat = 'xml'").contains("unknown variant `xml`"));
         assert!(err("[policies.p]\nfailure_mode='maybe'\nrules=[]").contains("maybe"));
         let both = err("[admin]\nallowed_uids = [1]\n[[access]]\nuids = [1]\ntenants = ['*']");
         assert!(

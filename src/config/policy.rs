@@ -9,6 +9,7 @@ use serde::Deserialize;
 use super::{ConfigError, IDENT_RULE, invalid, is_ident};
 use crate::error::Error;
 use crate::limiter::{DAY_US, FailureMode, Policy, Rule, RuleKind};
+use crate::metrics::PolicyMetrics;
 
 /// Largest `limit` or `capacity`, and largest rule span in µs: they keep the
 /// script's arithmetic exact in Lua's doubles.
@@ -76,6 +77,7 @@ pub(crate) fn compile_policy(name: &str, p: &PolicyConfig) -> Result<Policy, Con
         });
     }
     Ok(Policy {
+        metrics: PolicyMetrics::new(name, &rules),
         name: name.into(),
         rules,
         failure_mode: p.failure_mode,

@@ -66,21 +66,24 @@ pub struct Policy {
     pub failure_mode: FailureMode,
     /// `retry_after_ms` of a `closed` failure answer.
     pub closed_retry_after_ms: u64,
+    pub metrics: crate::metrics::PolicyMetrics,
 }
 
 impl Policy {
     /// A policy `p` of one rule `r`: one unit per fixed second.
     #[cfg(test)]
     pub fn one_per_second() -> Policy {
+        let rules = vec![Rule {
+            name: "r".into(),
+            kind: RuleKind::FixedWindow {
+                limit: 1,
+                window_us: 1_000_000,
+            },
+        }];
         Policy {
             name: "p".into(),
-            rules: vec![Rule {
-                name: "r".into(),
-                kind: RuleKind::FixedWindow {
-                    limit: 1,
-                    window_us: 1_000_000,
-                },
-            }],
+            metrics: crate::metrics::PolicyMetrics::new("p", &rules),
+            rules,
             failure_mode: FailureMode::Open,
             closed_retry_after_ms: 1000,
         }

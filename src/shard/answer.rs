@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use super::Shard;
 use crate::backend::{Job, Outcome};
 use crate::limiter::{Check, Decision, FailureMode};
+use crate::metrics::{PolicyMetrics, metrics};
 use crate::protocol::{Body, Lookup};
 use crate::reply::ReplyTo;
 use crate::stats::Stats;
@@ -33,6 +34,11 @@ impl Shard {
             Some(body) => body,
             None => self.fail(&job),
         };
+        if let (Job::Check(c) | Job::CheckGet(c, _), Body::Decision(d) | Body::CheckLookup(d, _)) =
+            (&job, &body)
+        {
+            PolicyMetrics::count(&c.policy, d, c.cost);
+        }
         self.learn(&job, &body);
         if let Some(reply) = reply {
             self.answer(&job, body, reply, ctx);
@@ -61,6 +67,7 @@ impl Shard {
 
     /// The decision when Redis cannot decide.
     fn failure_decision(&mut self, check: &Check) -> Decision {
+        metrics().degraded(check.policy.failure_mode).inc();
         match check.policy.failure_mode {
             FailureMode::Open | FailureMode::Closed => Decision::failed(&check.policy),
             FailureMode::Local => {

@@ -10,6 +10,8 @@
 
 use std::collections::VecDeque;
 
+use crate::metrics::metrics;
+
 /// What an item adds to a batch's weight.
 pub trait Weighted {
     fn weight(&self) -> usize;
@@ -44,6 +46,7 @@ impl<T: Weighted> Batcher<T> {
             return Err(item);
         }
         self.queue.push_back(item);
+        metrics().shard_queued.inc();
         Ok(self.next())
     }
 
@@ -55,6 +58,7 @@ impl<T: Weighted> Batcher<T> {
 
     /// Removes everything queued (at shutdown).
     pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
+        metrics().shard_queued.dec_by(self.queue.len() as i64);
         self.queue.drain(..)
     }
 
@@ -73,6 +77,7 @@ impl<T: Weighted> Batcher<T> {
             }
             n += 1;
         }
+        metrics().shard_queued.dec_by(n as i64);
         Some(self.queue.drain(..n).collect())
     }
 }

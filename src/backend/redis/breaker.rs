@@ -6,9 +6,9 @@
 //! background prober pings Redis every `probe_interval` until it answers,
 //! which closes the breaker again. Lock-free: shards only read an atomic.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +20,9 @@ pub struct Breaker {
     failures: AtomicU32,
     threshold: u32,
     stats: Arc<Stats>,
+    /// While open: when it opened, and the `degraded` count then (the
+    /// outage's log line at its end says how long and how many).
+    outage: Mutex<Option<(Instant, u64)>>,
 }
 
 impl Breaker {
@@ -29,6 +32,7 @@ impl Breaker {
             failures: AtomicU32::new(0),
             threshold,
             stats,
+            outage: Mutex::new(None),
         }
     }
 
@@ -53,6 +57,8 @@ impl Breaker {
                 .breaker_trips
                 .fetch_add(1, Ordering::Relaxed);
             self.stats.counters.breaker_open.store(1, Ordering::Relaxed);
+            let degraded = self.stats.counters.degraded.load(Ordering::Relaxed);
+            *self.outage.lock().unwrap() = Some((Instant::now(), degraded));
             return true;
         }
         false
@@ -62,7 +68,19 @@ impl Breaker {
         self.failures.store(0, Ordering::Relaxed);
         self.open.store(false, Ordering::Release);
         self.stats.counters.breaker_open.store(0, Ordering::Relaxed);
-        tracing::info!("Redis answers again: circuit breaker closed");
+        let (since, degraded_before) = self
+            .outage
+            .lock()
+            .unwrap()
+            .take()
+            .unwrap_or((Instant::now(), 0));
+        let degraded = self.stats.counters.degraded.load(Ordering::Relaxed) - degraded_before;
+        let outage_ms = since.elapsed().as_millis() as u64;
+        tracing::info!(
+            outage_ms,
+            degraded,
+            "Redis answers again: circuit breaker closed after {outage_ms} ms, {degraded} answers degraded meanwhile"
+        );
     }
 
     /// Probes with `probe` every `interval` until it succeeds (then closes

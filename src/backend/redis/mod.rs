@@ -29,6 +29,7 @@ use crate::backend::job::{Job, Outcome};
 use crate::clock::Clock;
 use crate::config::RedisConfig;
 use crate::keys::{self, Keys};
+use crate::metrics::metrics;
 use crate::protocol::CacheGetArgs;
 use crate::stats::Stats;
 
@@ -135,10 +136,11 @@ impl RedisBackend {
                 self.failed();
             }
         }
-        Stats::add(
-            &inner.stats.counters.round_trip_us,
-            started.elapsed().as_micros() as u64,
-        );
+        let took = started.elapsed();
+        Stats::add(&inner.stats.counters.round_trip_us, took.as_micros() as u64);
+        let m = metrics();
+        m.round_trip.observe(took.as_secs_f64());
+        m.batch_ops.observe(jobs.len() as f64);
         out
     }
 

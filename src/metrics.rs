@@ -1,0 +1,445 @@
+//! Prometheus metrics (`[metrics] listen`), in the text exposition format.
+//!
+//! One registry per process, created on first use: policies compile their
+//! counter handles from it (see [`PolicyMetrics`]), so a handle is an
+//! `Arc` to an atomic looked up once per config load, never per request,
+//! and a SIGHUP reload that recompiles a policy gets the same counters
+//! back. The `stats` counters ([`Stats`]) are read at scrape time.
+//! Labels are policy, rule, op, level and failure mode: all bounded by the
+//! config or the code, never a tenant or a key.
+
+use std::sync::{Arc, LazyLock};
+use std::time::Instant;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::limiter::{DAY_US, Decision, FailureMode, Policy, Rule, RuleKind};
+use crate::stats::Stats;
+
+type Labels = Vec<(&'static str, String)>;
+type Counters = Family<Labels, Counter>;
+
+/// Request ops with a latency histogram, in [`Metrics::latency`] order.
+pub const TIMED_OPS: [&str; 5] = ["check", "check_get", "cache_get", "cache_set", "cache_del"];
+
+pub struct Metrics {
+    registry: Registry,
+    checks: Counters,
+    rejections: Counters,
+    daily_hits: Counters,
+    tokens: Counters,
+    pub over_limit_local: Counter,
+    /// Degraded check decisions by failure mode: open, closed, local.
+    pub degraded: [Counter; 3],
+    /// Request latency (seconds) by op, in [`TIMED_OPS`] order.
+    pub latency: Vec<Histogram>,
+    pub round_trip: Histogram,
+    pub batch_ops: Histogram,
+    in_flight: Gauge,
+    /// Jobs queued in shards for a Redis round trip, all shards together.
+    pub shard_queued: Gauge,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut r = Registry::with_prefix("quotad");
+        let checks = Counters::default();
+        r.register(
+            "checks",
+            "Checks answered, by policy and outcome (within_limit, near_limit: allowed with at least 80% used, over_limit, degraded)",
+            checks.clone(),
+        );
+        let rejections = Counters::default();
+        r.register(
+            "rate_limiter_rejections",
+            "Checks denied, by policy and the rule that denied (degraded answers excluded)",
+            rejections.clone(),
+        );
+        let daily_hits = Counters::default();
+        r.register(
+            "daily_quota_hits",
+            "Checks denied by a daily quota rule",
+            daily_hits.clone(),
+        );
+        let tokens = Counters::default();
+        r.register(
+            "token_bucket_consumed",
+            "Tokens taken from a policy's token buckets by allowed checks",
+            tokens.clone(),
+        );
+        let over_limit_local = Counter::default();
+        r.register(
+            "over_limit_local",
+            "Denials answered from a shard's over-limit memory, without Redis",
+            over_limit_local.clone(),
+        );
+        let degraded_family = Counters::default();
+        r.register(
+            "degraded_decisions",
+            "Check decisions made by failure mode because Redis could not decide",
+            degraded_family.clone(),
+        );
+        let degraded = ["open", "closed", "local"]
+            .map(|m| degraded_family.get_or_create_owned(&vec![("failure_mode", m.into())]));
+        let latency_family = Family::<Labels, Histogram>::new_with_constructor(seconds_histogram);
+        r.register(
+            "request_duration_seconds",
+            "Time from a request's dispatch to its answer, by op",
+            latency_family.clone(),
+        );
+        let latency = TIMED_OPS
+            .iter()
+            .map(|op| latency_family.get_or_create_owned(&vec![("op", op.to_string())]))
+            .collect();
+        let round_trip = seconds_histogram();
+        r.register(
+            "redis_round_trip_seconds",
+            "Duration of one Redis round trip (a batch)",
+            round_trip.clone(),
+        );
+        let batch_ops = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        r.register(
+            "batch_ops",
+            "Operations carried by one Redis round trip",
+            batch_ops.clone(),
+        );
+        let in_flight = Gauge::default();
+        r.register(
+            "requests_in_flight",
+            "Requests handed to shards and not answered yet",
+            in_flight.clone(),
+        );
+        let shard_queued = Gauge::default();
+        r.register(
+            "shard_queue_depth",
+            "Jobs queued in shards for their next Redis round trip, all shards together",
+            shard_queued.clone(),
+        );
+        Metrics {
+            registry: r,
+            in_flight,
+            shard_queued,
+            checks,
+            rejections,
+            daily_hits,
+            tokens,
+            over_limit_local,
+            degraded,
+            latency,
+            round_trip,
+            batch_ops,
+        }
+    }
+
+    pub fn degraded(&self, mode: FailureMode) -> &Counter {
+        &self.degraded[match mode {
+            FailureMode::Open => 0,
+            FailureMode::Closed => 1,
+            FailureMode::Local => 2,
+        }]
+    }
+
+    /// The whole exposition: the registry, then the `stats` counters.
+    pub fn encode(&self, stats: &Arc<Stats>) -> String {
+        let mut out = String::new();
+        let mut scrape = Registry::with_prefix("quotad");
+        scrape.register_collector(Box::new(StatsCollector(stats.clone())));
+        encode_registry(&mut out, &self.registry).expect("writing to a String");
+        encode_registry(&mut out, &scrape).expect("writing to a String");
+        encode_eof(&mut out).expect("writing to a String");
+        out
+    }
+}
+
+/// 50 µs to ~3.3 s.
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 17))
+}
+
+/// One policy's counter handles, created when it compiles.
+#[derive(Debug, Clone)]
+pub struct PolicyMetrics {
+    /// within_limit, near_limit, over_limit, degraded.
+    outcomes: [Counter; 4],
+    /// By rule, in the policy's rule order.
+    rejections: Vec<Counter>,
+    daily_hits: Counter,
+    tokens: Counter,
+    /// The policy has a token bucket (its allowed checks take tokens).
+    has_bucket: bool,
+}
+
+/// Handles are not part of what a policy is.
+impl PartialEq for PolicyMetrics {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl PolicyMetrics {
+    pub fn new(policy: &str, rules: &[Rule]) -> PolicyMetrics {
+        let m = metrics();
+        let p = || ("policy", policy.to_string());
+        let outcomes = ["within_limit", "near_limit", "over_limit", "degraded"].map(|o| {
+            m.checks
+                .get_or_create_owned(&vec![p(), ("outcome", o.into())])
+        });
+        let rejections = rules
+            .iter()
+            .map(|r| {
+                m.rejections
+                    .get_or_create_owned(&vec![p(), ("rule", r.name.to_string())])
+            })
+            .collect();
+        PolicyMetrics {
+            outcomes,
+            rejections,
+            daily_hits: m.daily_hits.get_or_create_owned(&vec![p()]),
+            tokens: m.tokens.get_or_create_owned(&vec![p()]),
+            has_bucket: rules
+                .iter()
+                .any(|r| matches!(r.kind, RuleKind::TokenBucket { .. })),
+        }
+    }
+
+    /// Counts one check's answer.
+    pub fn count(policy: &Policy, d: &Decision, cost: u64) {
+        let m = &policy.metrics;
+        let outcome = if d.degraded {
+            3
+        } else if !d.allowed {
+            2
+        } else if d.remaining.saturating_mul(5) <= d.limit {
+            1
+        } else {
+            0
+        };
+        m.outcomes[outcome].inc();
+        if d.degraded {
+            return;
+        }
+        if d.allowed {
+            if m.has_bucket {
+                m.tokens.inc_by(cost);
+            }
+        } else if let Some(i) = policy.rules.iter().position(|r| r.name == d.rule) {
+            m.rejections[i].inc();
+            // `daily_quota` compiles to a day-long fixed window.
+            if let RuleKind::FixedWindow {
+                window_us: DAY_US, ..
+            } = policy.rules[i].kind
+            {
+                m.daily_hits.inc();
+            }
+        }
+    }
+}
+
+/// A request handed to a shard: in flight until dropped; its latency is
+/// observed when it is answered.
+#[derive(Debug)]
+pub struct Timer {
+    started: Instant,
+    histogram: &'static Histogram,
+}
+
+impl Timer {
+    pub fn start(op: usize) -> Timer {
+        let m = metrics();
+        m.in_flight.inc();
+        Timer {
+            started: Instant::now(),
+            histogram: &m.latency[op],
+        }
+    }
+
+    pub fn observe(self) {
+        self.histogram.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        metrics().in_flight.dec();
+    }
+}
+
+/// The `stats` counters that are also metrics, read at scrape time.
+#[derive(Debug)]
+struct StatsCollector(Arc<Stats>);
+
+impl Collector for StatsCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.0.counters;
+        let counters = [
+            (
+                "redis_down_events",
+                "Times Redis became unreachable (circuit breaker opened)",
+                &c.breaker_trips,
+            ),
+            (
+                "cache_hits",
+                "Cache reads answered with a fresh value",
+                &c.cache_hits,
+            ),
+            (
+                "cache_stale_hits",
+                "Cache reads answered with a stale value",
+                &c.cache_stale_hits,
+            ),
+            (
+                "cache_misses",
+                "Cache reads that found nothing",
+                &c.cache_misses,
+            ),
+            (
+                "cache_fills",
+                "Cache misses told to fill the entry",
+                &c.cache_fills,
+            ),
+            (
+                "cache_fill_waits",
+                "Cache reads that waited for another caller's fill",
+                &c.cache_fill_waits,
+            ),
+            (
+                "cache_invalidations",
+                "Cache entries deleted by cache_del (by key or tag)",
+                &c.cache_deleted,
+            ),
+            ("connections", "Connections accepted", &c.connections_total),
+            (
+                "redis_errors",
+                "Redis round trips that failed",
+                &c.redis_errors,
+            ),
+            (
+                "redis_timeouts",
+                "Redis round trips that passed their deadline",
+                &c.redis_timeouts,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let m = ConstCounter::new(v.load(Relaxed));
+            m.encode(e.encode_descriptor(name, help, None, m.metric_type())?)?;
+        }
+        let gauges = [
+            (
+                "datastore_partitioned",
+                "1 while Redis is unreachable (circuit breaker open)",
+                &c.breaker_open,
+            ),
+            (
+                "connections_open",
+                "Connections open now",
+                &c.connections_open,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let m = ConstGauge::new(v.load(Relaxed) as i64);
+            m.encode(e.encode_descriptor(name, help, None, m.metric_type())?)?;
+        }
+        let levels = [
+            (
+                "tenant_quota_cache_hits",
+                "Tenant quota lookups found in a cache level",
+                [&c.quota_local_hits, &c.quota_redis_hits],
+            ),
+            (
+                "tenant_quota_cache_misses",
+                "Tenant quota lookups not found in a cache level",
+                [&c.quota_local_misses, &c.quota_redis_misses],
+            ),
+        ];
+        for (name, help, [local, redis]) in levels {
+            let mut f = e.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (level, v) in [("local", local), ("redis", redis)] {
+                let m = ConstCounter::new(v.load(Relaxed));
+                m.encode(f.encode_family(&[("level", level)])?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `stop`.
+pub async fn serve(listener: TcpListener, stats: Arc<Stats>, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(10), respond(stream, &stats))
+                    .await;
+        });
+    }
+}
+
+/// One request per connection: the request head is read (to 8 KiB), the
+/// answer sent, the connection closed.
+async fn respond(mut s: TcpStream, stats: &Arc<Stats>) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await?;
+        if n == 0 || head.len() + n > 8192 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (parts.next(), parts.next());
+    let path = path.map(|p| p.split(|&b| b == b'?').next().unwrap_or_default());
+    let (status, kind, body) = match (method, path) {
+        (Some(b"GET"), Some(b"/metrics")) => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics().encode(stats),
+        ),
+        (Some(b"GET"), _) => (
+            "404 Not Found",
+            "text/plain",
+            "only /metrics is served\n".into(),
+        ),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(reply.as_bytes()).await?;
+    s.shutdown().await
+}
