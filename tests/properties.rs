@@ -46,8 +46,13 @@ fn check_args(l: &Limits) -> impl Strategy<Value = CheckArgs> + use<> {
         })
 }
 
+/// Distinct strings, in generated order: `decode` drops repeats.
 fn strings(max_items: usize, max_bytes: usize) -> impl Strategy<Value = Vec<String>> {
-    proptest::collection::vec(text(max_bytes), 0..=max_items.min(8))
+    proptest::collection::vec(text(max_bytes), 0..=max_items.min(8)).prop_map(|mut items| {
+        let mut seen = std::collections::HashSet::new();
+        items.retain(|s| seen.insert(s.clone()));
+        items
+    })
 }
 
 /// A request `decode` must accept: every op, fields within the limits.
