@@ -431,9 +431,11 @@ impl Bench {
         for _ in 0..conns {
             cms.push(self.connect().await);
         }
-        let _: String = redis::cmd("SCRIPT")
+        // The same batch code quotad runs, one check per call.
+        let _: String = redis::cmd("FUNCTION")
             .arg("LOAD")
-            .arg(script::SOURCE)
+            .arg("REPLACE")
+            .arg(&script::lua().library)
             .query_async(&mut cms[0].clone())
             .await
             .unwrap();
@@ -450,8 +452,9 @@ impl Bench {
                     key,
                     cost: 1,
                 });
-                let cmd = (w != Workload::CacheGet)
-                    .then(|| script::command(std::iter::once(&job), &keys, None, false));
+                let cmd = (w != Workload::CacheGet).then(|| {
+                    script::command(std::iter::once(&job), &keys, None, script::Via::Function)
+                });
                 async move {
                     if let Some(cmd) = cmd {
                         let reply: redis::Value = cmd.query_async(&mut cm).await.unwrap();

@@ -79,7 +79,8 @@ def main() -> None:
         os.path.join(ROOT, "lua", f) for f in ("limiter.lua", "cache.lua", "batch.lua")
     ]
     c = Conn(port)
-    sha = c.call("SCRIPT", "LOAD", "\n".join(open(f).read() for f in files)).decode()
+    body = "\n".join(open(f).read() for f in files)
+    sha = c.call("SCRIPT", "LOAD", body + "\nreturn batch(KEYS, ARGV)\n").decode()
     policy = doubles(1, 1, 1e9, 1)  # one token bucket: capacity 1e9, 1 µs per unit
     c.call("CONFIG", "RESETSTAT")
     cpu = lambda: sum(float(info(c, "cpu")[k]) for k in ("used_cpu_user", "used_cpu_sys"))

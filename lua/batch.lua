@@ -1,7 +1,11 @@
--- batch.lua: one Redis round trip's worth of quotad operations. Redis runs
--- limiter.lua, cache.lua and this file as one script (in that order), by
--- EVALSHA, so a whole batch is decided atomically and a later operation
--- sees the writes of an earlier one.
+-- batch.lua: one Redis round trip's worth of quotad operations, `batch`.
+-- limiter.lua, cache.lua and this file (in that order) are one function
+-- library, whose one function src/backend/redis/script.rs registers and
+-- calls with FCALL; where Redis has no functions (before 7.0) they are one
+-- script that calls it, run by EVALSHA. Either way Redis runs a call alone,
+-- so a whole batch is decided atomically and a later operation sees the
+-- writes of an earlier one. A library is loaded once, so its functions and
+-- tables are made once, not at every call as a script's are.
 --
 -- KEYS[1 .. N]: the call's distinct rule state keys (checks of the same
 -- tenant, policy and key share theirs); then the cache operations' keys.
@@ -47,101 +51,104 @@ local OP_CACHE_SET = 3
 local OP_CACHE_DEL = 4
 local OP_CHECK_GET = 5
 
-local now = tonumber(ARGV[1])
-if not now then
-  local t = call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-
-local redis_now_ms
-local function clock_ms()
-  if not redis_now_ms then
+local function batch(KEYS, ARGV)
+  bind()
+  local now = tonumber(ARGV[1])
+  if not now then
     local t = call('TIME')
-    redis_now_ms = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   end
-  return redis_now_ms
-end
 
-local nstates = tonumber(ARGV[2])
-load_states(nstates)
+  local redis_now_ms
+  local function clock_ms()
+    if not redis_now_ms then
+      local t = call('TIME')
+      redis_now_ms = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+    end
+    return redis_now_ms
+  end
 
-local npolicies = tonumber(ARGV[3])
-local policies = {}
-for p = 1, npolicies do
-  local spec = ARGV[3 + p]
-  local fields = {}
-  for i = 1, #spec / 8 do fields[i] = unpack('<d', spec, (i - 1) * 8 + 1) end
-  policies[p] = fields
-end
+  local nstates = tonumber(ARGV[2])
+  load_states(KEYS, nstates)
 
-local out, values = {}, {}
-local ai, ki = 4 + npolicies, nstates + 1
-while ai <= #ARGV do
-  local h = ARGV[ai]
-  ai = ai + 1
-  local op = unpack('<d', h)
-  if op == OP_CHECK then
-    local _, pi, cost, first = unpack('<dddd', h)
-    out[#out + 1] = pack('<ddddd', check(policies[pi + 1], first, cost, now))
-  elseif op == OP_CACHE_GET then
-    local _, fill_ms = unpack('<dd', h)
-    local hit, ttl, stale, refresh, fill, v = cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms)
-    out[#out + 1] = pack('<ddddd', hit, ttl, stale, refresh, fill)
-    if v then values[#values + 1] = v end
-    ki = ki + 3
-  elseif op == OP_CACHE_SET then
-    local _, ttl, stale, ntags = unpack('<dddd', h)
-    local value = ARGV[ai]
-    local tagkeys, tagnames = {}, {}
-    for i = 1, ntags do
-      tagkeys[i] = KEYS[ki + 2 + i]
-      tagnames[i] = ARGV[ai + i]
-    end
-    ai = ai + 1 + ntags
-    cache_set(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], value, ttl, stale, tagkeys, tagnames, clock_ms())
-    out[#out + 1] = pack('<d', 1)
-    ki = ki + 3 + ntags
-  elseif op == OP_CACHE_DEL then
-    local _, nentries, ntags, fill_only = unpack('<dddd', h)
-    local entries, tagkeys, tagnames = {}, {}, {}
-    for i = 1, nentries do
-      local k = ki + (i - 1) * 3
-      entries[i] = {KEYS[k], KEYS[k + 1], KEYS[k + 2]}
-    end
-    ki = ki + nentries * 3
-    for i = 1, ntags do
-      tagkeys[i] = KEYS[ki + i - 1]
-      tagnames[i] = ARGV[ai + i - 1]
-    end
-    ai = ai + ntags
-    ki = ki + ntags
-    local marks
-    if ntags > 0 then
-      marks = {ARGV[ai], ARGV[ai + 1], ARGV[ai + 2]}
-      ai = ai + 3
-    end
-    local n
-    if fill_only == 1 then n = release_fills(entries) else n = cache_del(entries, tagkeys, tagnames, marks, clock_ms()) end
-    out[#out + 1] = pack('<d', n)
-  elseif op == OP_CHECK_GET then
-    local _, pi, cost, fill_ms, first = unpack('<ddddd', h)
-    local allowed, rule, remaining, reset, retry = check(policies[pi + 1], first, cost, now)
-    out[#out + 1] = pack('<ddddd', allowed, rule, remaining, reset, retry)
-    if allowed == 1 then
+  local npolicies = tonumber(ARGV[3])
+  local policies = {}
+  for p = 1, npolicies do
+    local spec = ARGV[3 + p]
+    local fields = {}
+    for i = 1, #spec / 8 do fields[i] = unpack('<d', spec, (i - 1) * 8 + 1) end
+    policies[p] = fields
+  end
+
+  local out, values = {}, {}
+  local ai, ki = 4 + npolicies, nstates + 1
+  while ai <= #ARGV do
+    local h = ARGV[ai]
+    ai = ai + 1
+    local op = unpack('<d', h)
+    if op == OP_CHECK then
+      local _, pi, cost, first = unpack('<dddd', h)
+      out[#out + 1] = pack('<ddddd', check(policies[pi + 1], first, cost, now))
+    elseif op == OP_CACHE_GET then
+      local _, fill_ms = unpack('<dd', h)
       local hit, ttl, stale, refresh, fill, v = cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms)
       out[#out + 1] = pack('<ddddd', hit, ttl, stale, refresh, fill)
       if v then values[#values + 1] = v end
+      ki = ki + 3
+    elseif op == OP_CACHE_SET then
+      local _, ttl, stale, ntags = unpack('<dddd', h)
+      local value = ARGV[ai]
+      local tagkeys, tagnames = {}, {}
+      for i = 1, ntags do
+        tagkeys[i] = KEYS[ki + 2 + i]
+        tagnames[i] = ARGV[ai + i]
+      end
+      ai = ai + 1 + ntags
+      cache_set(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], value, ttl, stale, tagkeys, tagnames, clock_ms())
+      out[#out + 1] = pack('<d', 1)
+      ki = ki + 3 + ntags
+    elseif op == OP_CACHE_DEL then
+      local _, nentries, ntags, fill_only = unpack('<dddd', h)
+      local entries, tagkeys, tagnames = {}, {}, {}
+      for i = 1, nentries do
+        local k = ki + (i - 1) * 3
+        entries[i] = {KEYS[k], KEYS[k + 1], KEYS[k + 2]}
+      end
+      ki = ki + nentries * 3
+      for i = 1, ntags do
+        tagkeys[i] = KEYS[ki + i - 1]
+        tagnames[i] = ARGV[ai + i - 1]
+      end
+      ai = ai + ntags
+      ki = ki + ntags
+      local marks
+      if ntags > 0 then
+        marks = {ARGV[ai], ARGV[ai + 1], ARGV[ai + 2]}
+        ai = ai + 3
+      end
+      local n
+      if fill_only == 1 then n = release_fills(entries) else n = cache_del(entries, tagkeys, tagnames, marks, clock_ms()) end
+      out[#out + 1] = pack('<d', n)
+    elseif op == OP_CHECK_GET then
+      local _, pi, cost, fill_ms, first = unpack('<ddddd', h)
+      local allowed, rule, remaining, reset, retry = check(policies[pi + 1], first, cost, now)
+      out[#out + 1] = pack('<ddddd', allowed, rule, remaining, reset, retry)
+      if allowed == 1 then
+        local hit, ttl, stale, refresh, fill, v = cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms)
+        out[#out + 1] = pack('<ddddd', hit, ttl, stale, refresh, fill)
+        if v then values[#values + 1] = v end
+      else
+        out[#out + 1] = pack('<ddddd', 0, 0, 0, 0, 0)
+      end
+      ki = ki + 3
     else
-      out[#out + 1] = pack('<ddddd', 0, 0, 0, 0, 0)
+      error('quotad: unknown operation code ' .. tostring(op))
     end
-    ki = ki + 3
-  else
-    error('quotad: unknown operation code ' .. tostring(op))
   end
+
+  store_states(KEYS, nstates, now)
+
+  local reply = {table.concat(out)}
+  for i = 1, #values do reply[i + 1] = values[i] end
+  return reply
 end
-
-store_states(nstates, now)
-
-local reply = {table.concat(out)}
-for i = 1, #values do reply[i + 1] = values[i] end
-return reply

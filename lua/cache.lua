@@ -1,6 +1,5 @@
--- cache.lua: the response cache, as functions for batch.lua (the three
--- files in lua/ are sent to Redis as one script; batch.lua has the
--- KEYS/ARGV contract).
+-- cache.lua: the response cache, as functions for batch.lua (see
+-- limiter.lua for how the three files in lua/ reach Redis).
 --
 -- An entry is a hash <prefix>:{<tenant>}:c:<key> with fields v (the value),
 -- s (its stale_ms) and g (its tags, encoded, space-separated). It expires

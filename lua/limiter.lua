@@ -1,6 +1,6 @@
 -- limiter.lua: the rate-limit rules, as functions for batch.lua (the three
--- files in lua/ are sent to Redis as one script; batch.lua has the
--- KEYS/ARGV contract).
+-- files in lua/ are one Redis function library, or one script where Redis
+-- has no functions; batch.lua has the KEYS/ARGV contract).
 --
 -- A rule's state is 4 packed little-endian doubles in a string key:
 -- token bucket: tat; fixed window: window, count; sliding window: window,
@@ -15,10 +15,19 @@
 -- only if every rule allows, with nothing interleaved (Redis runs a script
 -- alone); a later check in the same script sees the earlier one's writes.
 
-local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
-local list_unpack = unpack -- Lua's own, before struct's takes the name
-local pack, unpack = struct.pack, struct.unpack
-local call = redis.call
+-- Redis's and Lua's globals, bound at the first call: a library being
+-- loaded may not read them.
+local list_unpack, floor, ceil, max, min, call, pack
+local function bind_globals()
+  list_unpack, floor, ceil, max, min = unpack, math.floor, math.ceil, math.max, math.min
+  call, pack = redis.call, struct.pack
+end
+local unpack -- struct's, from here on
+local function bind()
+  if unpack then return end
+  bind_globals()
+  unpack = struct.unpack
+end
 
 local MARGIN_US = 1000000 -- a state outlives the moment it stops mattering by this
 local SLACK_US = 30000000 -- when the expiry must move, it moves this much further
@@ -58,14 +67,21 @@ local KIND_SLIDING_WINDOW = 3
 
 -- Each kind returns allowed, remaining, reset_us, retry_us, s1, s2, s3,
 -- expires_us; `a` and `b` are the kind's two parameters (see batch.lua).
+-- The paths every allowed check takes do their arithmetic inline (`x - x %
+-- 1` is floor(x), exactly, for the integers below 2^52 used here): a call
+-- to a math function costs Redis more than the arithmetic itself.
 
 -- GCRA: s1 is when the bucket would be full again; a unit is b µs.
-local function token_bucket(a, b, s1, s2, s3, now, cost)
-  local c1 = max(cost, 1)
+local function token_bucket(a, b, s1, now, cost)
+  local c1 = cost
+  if c1 < 1 then c1 = 1 end
   local ct = a * b
-  local tat = max(s1 or 0, now)
-  local used = min(tat - now, ct)
-  local avail = floor((ct - used) / b)
+  local tat = s1 or 0
+  if tat < now then tat = now end
+  local used = tat - now
+  if used > ct then used = ct end
+  local q = (ct - used) / b
+  local avail = q - q % 1
   if avail >= c1 then
     local next_tat = tat + cost * b
     return true, avail - cost, next_tat - now, 0, next_tat, 0, 0, next_tat
@@ -74,9 +90,11 @@ local function token_bucket(a, b, s1, s2, s3, now, cost)
 end
 
 -- At most a units per aligned window of b µs: s1 the window, s2 its count.
-local function fixed_window(a, b, s1, s2, s3, now, cost)
-  local c1 = max(cost, 1)
-  local win = floor(now / b)
+local function fixed_window(a, b, s1, s2, now, cost)
+  local c1 = cost
+  if c1 < 1 then c1 = 1 end
+  local q = now / b
+  local win = q - q % 1
   local fin = (win + 1) * b
   local count = 0
   if s1 == win then count = s2 end
@@ -94,8 +112,10 @@ end
 -- At most a units in any b µs: s1 the window, s2 its count, s3 the
 -- previous window's, weighted by how much of it still overlaps.
 local function sliding_window(a, b, s1, s2, s3, now, cost)
-  local c1 = max(cost, 1)
-  local win = floor(now / b)
+  local c1 = cost
+  if c1 < 1 then c1 = 1 end
+  local q = now / b
+  local win = q - q % 1
   local start = win * b
   local e = now - start
   local cur, prev = 0, 0
@@ -104,7 +124,9 @@ local function sliding_window(a, b, s1, s2, s3, now, cost)
   elseif s1 == win - 1 then
     prev = s2
   end
-  local avail = sliding_avail(a, b, cur, prev, e)
+  local x = a - (prev * (b - e) / b + cur)
+  local avail = x - x % 1
+  if avail < 0 then avail = 0 end
   local allowed = avail >= c1
   local used, remaining, retry = cur, avail, 0
   if allowed then
@@ -121,16 +143,19 @@ local function sliding_window(a, b, s1, s2, s3, now, cost)
   return allowed, remaining, reset, retry, win, used, prev, start + 2 * b
 end
 
-local KINDS = {
-  [KIND_TOKEN_BUCKET] = token_bucket,
-  [KIND_FIXED_WINDOW] = fixed_window,
-  [KIND_SLIDING_WINDOW] = sliding_window,
-}
-
 local function eval(kind, a, b, s1, s2, s3, now, cost)
-  local f = KINDS[kind]
-  if not f then error('quotad: unknown rule kind ' .. tostring(kind)) end
-  return f(a, b, s1, s2, s3, now, cost)
+  if kind == KIND_TOKEN_BUCKET then return token_bucket(a, b, s1, now, cost) end
+  if kind == KIND_FIXED_WINDOW then return fixed_window(a, b, s1, s2, now, cost) end
+  if kind == KIND_SLIDING_WINDOW then return sliding_window(a, b, s1, s2, s3, now, cost) end
+  error('quotad: unknown rule kind ' .. tostring(kind))
+end
+
+-- µs to whole ms, rounded up.
+local function ms(us)
+  local q = us / 1000
+  local c = q - q % 1
+  if c < q then return c + 1 end
+  return c
 end
 
 -- The batch's rule states, by index into KEYS (the first `n` KEYS are the
@@ -142,32 +167,47 @@ end
 local S1, S2, S3, SH = {}, {}, {}, {} -- state fields, then the horizon
 local DIRTY, MOVED = {}, {} -- changed; its expiry must move
 local MGET_CHUNK = 1000 -- keys per MGET: Lua's unpack has a stack limit
-local function load_states(n)
+-- A library keeps these tables from call to call: every entry a call uses
+-- is set here first.
+local function load_states(keys, n)
   for from = 1, n, MGET_CHUNK do
     local to = min(from + MGET_CHUNK - 1, n)
-    local vals = call('MGET', list_unpack(KEYS, from, to))
+    local vals = call('MGET', list_unpack(keys, from, to))
     for i = from, to do
       local v = vals[i - from + 1]
       if v and #v == 32 then
         S1[i], S2[i], S3[i], SH[i] = unpack('<dddd', v)
       else
-        SH[i] = 0
+        S1[i], S2[i], S3[i], SH[i] = nil, nil, nil, 0
+      end
+      DIRTY[i], MOVED[i] = false, false
+    end
+  end
+end
+
+local function store_states(keys, n, now)
+  for i = 1, n do
+    if DIRTY[i] then
+      local v = pack('<dddd', S1[i], S2[i], S3[i], SH[i])
+      if MOVED[i] then
+        call('SET', keys[i], v, 'PX', ceil((SH[i] - now) / 1000))
+      else
+        call('SET', keys[i], v, 'KEEPTTL')
       end
     end
   end
 end
 
-local function store_states(n, now)
-  for i = 1, n do
-    if DIRTY[i] then
-      local v = pack('<dddd', S1[i], S2[i], S3[i], SH[i])
-      if MOVED[i] then
-        call('SET', KEYS[i], v, 'PX', ceil((SH[i] - now) / 1000))
-      else
-        call('SET', KEYS[i], v, 'KEEPTTL')
-      end
-    end
+-- Charges a rule: its state at KEYS[k] becomes n1, n2, n3, needed until
+-- `expires`.
+local function charge(k, n1, n2, n3, expires)
+  S1[k], S2[k], S3[k] = n1, n2, n3
+  local needed = expires + MARGIN_US
+  if SH[k] < needed then
+    SH[k] = needed + SLACK_US
+    MOVED[k] = true
   end
+  DIRTY[k] = true
 end
 
 -- Decides one check over the rules of `spec` ({nrules, kind, a, b, ...}),
@@ -177,6 +217,14 @@ end
 local R = {} -- per rule: 1 allowed, 2 remaining, 3 reset, 4 retry, 5-7 next state, 8 expires
 local function check(spec, first, cost, now)
   local n = spec[1]
+  if n == 1 then -- most policies: no rule to choose between
+    local k = first
+    local ok, rem, reset, retry, n1, n2, n3, exp =
+      eval(spec[2], spec[3], spec[4], S1[k], S2[k], S3[k], now, cost)
+    if not ok then return 0, 0, rem, ms(reset), ms(retry) end
+    if cost > 0 then charge(k, n1, n2, n3, exp) end
+    return 1, 0, rem, ms(reset), 0
+  end
   local all = true
   for r = 1, n do
     local o = (r - 1) * 8
@@ -202,18 +250,11 @@ local function check(spec, first, cost, now)
   if all and cost > 0 then
     for r = 0, n - 1 do
       local o = r * 8
-      local k = first + r
-      S1[k], S2[k], S3[k] = R[o + 5], R[o + 6], R[o + 7]
-      local needed = R[o + 8] + MARGIN_US
-      if SH[k] < needed then
-        SH[k] = needed + SLACK_US
-        MOVED[k] = true
-      end
-      DIRTY[k] = true
+      charge(first + r, R[o + 5], R[o + 6], R[o + 7], R[o + 8])
     end
   end
   local b = best * 8
   local allowed = 0
   if all then allowed = 1 end
-  return allowed, best, R[b + 2], ceil(R[b + 3] / 1000), ceil(R[b + 4] / 1000)
+  return allowed, best, R[b + 2], ms(R[b + 3]), ms(R[b + 4])
 end

@@ -8,7 +8,7 @@ Usage: chaos.py [--seconds S] [--quotad BIN]   (S: load per fault, default 2)
 Starts its own redis-server (on a temporary Unix socket) and quotad (Redis
 backend, `timeout_ms` 100). Faults: the Redis process killed and restarted,
 Redis paused (SIGSTOP/SIGCONT for 0.5 s), `CLIENT KILL TYPE normal`,
-`SCRIPT FLUSH`, `DEBUG SLEEP 0.5`, and quotad itself killed and restarted by
+`FUNCTION FLUSH`, `DEBUG SLEEP 0.5`, and quotad itself killed and restarted by
 this script (the clients reconnect and resend what was lost). Not covered:
 a Sentinel failover (tests/sentinel.rs tests one) and a Cluster failover.
 
@@ -116,7 +116,7 @@ FAULTS = [
     ("redis killed + restarted", kill_restart_redis),
     ("redis SIGSTOP 0.5 s", pause_redis),
     ("CLIENT KILL TYPE normal", lambda w: w.redis_cli("CLIENT", "KILL", "TYPE", "normal")),
-    ("SCRIPT FLUSH", lambda w: w.redis_cli("SCRIPT", "FLUSH")),
+    ("FUNCTION FLUSH", lambda w: w.redis_cli("FUNCTION", "FLUSH")),
     ("DEBUG SLEEP 0.5", lambda w: w.redis_cli("DEBUG", "SLEEP", "0.5")),
     ("quotad killed + restarted", kill_restart_quotad),
 ]

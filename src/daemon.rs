@@ -117,7 +117,7 @@ impl Daemon {
             return Ok(());
         };
         match redis.warm_up(Duration::from_secs(1)).await {
-            Ok(()) => tracing::info!("Redis at {} connected, script loaded", redis.target()),
+            Ok(()) => tracing::info!("Redis at {} connected, batch code loaded", redis.target()),
             Err(e) => {
                 if let Some(reason) = e.as_ref().and_then(|e| crate::tls::certificate_rejected(e)) {
                     return Err(StartError::Certificate {

@@ -32,8 +32,13 @@ source = "redis"
 "#;
 
 fn acl_user(redis: &Redis, password: &str) {
+    acl_user_with(redis, password, &[]);
+}
+
+/// The `quotad` user with every command on its keys, less `denied`.
+fn acl_user_with(redis: &Redis, password: &str, denied: &[&str]) {
     let pass = format!(">{password}");
-    let out = redis.cli(&[
+    let mut args = vec![
         "ACL",
         "SETUSER",
         "quotad",
@@ -43,8 +48,9 @@ fn acl_user(redis: &Redis, password: &str) {
         "~qd:*",
         "&qd:*",
         "+@all",
-    ]);
-    assert_eq!(out, "OK");
+    ];
+    args.extend(denied);
+    assert_eq!(redis.cli(&args), "OK");
 }
 
 fn config(redis: &Redis, password_file: &Path) -> String {
@@ -114,6 +120,26 @@ fn ask_everything(d: &Daemon) -> Vec<serde_json::Value> {
             raw.recv().expect("a reply")
         })
         .collect()
+}
+
+/// A user who may not use functions (like any user of a Redis before 7.0,
+/// which has none) is served by the same batch code, run as a script.
+#[tokio::test]
+async fn a_user_without_functions_is_served_by_the_script() {
+    let redis = Redis::start();
+    acl_user_with(&redis, SECRET, &["-function", "-fcall", "-fcall_ro"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("redis-password");
+    std::fs::write(&file, SECRET).unwrap();
+    let d = Daemon::start(&config(&redis, &file));
+    for _ in 0..3 {
+        let decided = check(&d, None).await;
+        assert!(decided.allowed && !decided.degraded, "{decided:?}");
+    }
+    assert_eq!(redis.calls("fcall"), 0);
+    assert_eq!(redis.calls("function|load"), 0);
+    assert!(redis.calls("evalsha") >= 3, "checks ran as a script");
+    assert_eq!(log_count(&d, "keeps no functions"), 1, "said once");
 }
 
 #[tokio::test]

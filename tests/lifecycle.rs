@@ -206,20 +206,20 @@ fn redis_down_at_start_does_not_stop_quotad_from_starting() {
     );
 }
 
-/// The Lua script is loaded once at start, so the first check is one
-/// EVALSHA with no NOSCRIPT fallback.
+/// The batch code is loaded once at start, so the first check is one
+/// FCALL with no reload.
 #[test]
-fn the_script_is_loaded_before_the_first_request() {
+fn the_batch_code_is_loaded_before_the_first_request() {
     let redis = Redis::start();
     let d = Daemon::start(&format!("{}{POLICY}", redis_table(&redis)));
     assert!(d.log_contains(&format!(
-        "Redis at redis+unix://{} connected, script loaded",
+        "Redis at redis+unix://{} connected, batch code loaded",
         redis.socket().display()
     )));
-    assert_eq!(redis.calls("script|load"), 1);
+    assert_eq!(redis.calls("function|load"), 1);
     let mut c = Raw::connect(&d.socket());
     c.send(json!({"id": 1, "op": "check", "tenant": "t", "key": "k"}));
     assert_eq!(c.recv().unwrap()["allowed"], true);
-    assert_eq!(redis.calls("evalsha"), 1);
-    assert_eq!(redis.calls("eval"), 0, "no NOSCRIPT fallback was needed");
+    assert_eq!(redis.calls("fcall"), 1);
+    assert_eq!(redis.calls("function|load"), 1, "no reload was needed");
 }

@@ -159,10 +159,10 @@ async fn a_hung_redis_costs_each_request_at_most_the_deadline() {
     println!("Redis decisions resumed {took:?} after the pause ended");
 }
 
-/// SCRIPT FLUSH under load is mended by reloading the script: no error
-/// and no degraded answer reaches a client.
+/// FUNCTION FLUSH under load is mended by reloading the batch code: no
+/// error and no degraded answer reaches a client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn script_flush_mid_run_reaches_no_client() {
+async fn function_flush_mid_run_reaches_no_client() {
     let redis = Redis::start();
     let d = Daemon::start(&format!("{}{POLICY}", redis_table(&redis)));
     let probe = d.client().await;
@@ -171,9 +171,9 @@ async fn script_flush_mid_run_reaches_no_client() {
         until_under_load(&probe).await;
         for _ in 0..5 {
             let reloads = counters(&probe).await["script_reloads"];
-            assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
+            assert_eq!(redis.cli(&["FUNCTION", "FLUSH"]), "OK");
             // Each flush is met, and mended, while the load runs.
-            wait_until("the script to be reloaded", SOON, async || {
+            wait_until("the batch code to be reloaded", SOON, async || {
                 counters(&probe).await["script_reloads"] > reloads
             })
             .await;

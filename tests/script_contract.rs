@@ -1,6 +1,8 @@
-//! The batch script refuses what it does not know: an unknown operation
-//! code or rule kind fails the whole call (answered by failure mode),
-//! instead of running as some other operation.
+//! The batch code refuses what it does not know, in both of the forms
+//! Redis keeps it in: an unknown operation code or rule kind fails the
+//! whole call (answered by failure mode), instead of running as some other
+//! operation. And a function library, which keeps its tables from call to
+//! call, never lets one call see another's state.
 
 mod common;
 
@@ -11,20 +13,39 @@ fn packed(values: &[f64]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// Runs the batch code as a script (EVAL), or as a function (FCALL).
 async fn eval(
     redis: &Redis,
     keys: &[&str],
     args: Vec<Vec<u8>>,
+    function: bool,
 ) -> redis::RedisResult<redis::Value> {
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(script::SOURCE).arg(keys.len()).arg(keys).arg(args);
+    let lua = script::lua();
+    let mut cmd = if function {
+        let _: String = redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(&lua.library)
+            .query_async(&mut conn)
+            .await?;
+        redis::cmd("FCALL").arg(&lua.function).clone()
+    } else {
+        redis::cmd("EVAL").arg(&lua.script).clone()
+    };
+    cmd.arg(keys.len()).arg(keys).arg(args);
     cmd.query_async(&mut conn).await
 }
 
 #[tokio::test]
-async fn unknown_codes_are_script_errors() {
+async fn unknown_codes_are_errors_of_the_script_and_the_function() {
+    for function in [false, true] {
+        unknown_codes_are_errors(function).await;
+    }
+}
+
+async fn unknown_codes_are_errors(function: bool) {
     let redis = Redis::start();
     // Time, no state keys, no policy, then one operation with code 9.
     let none = || b"0".to_vec();
@@ -32,6 +53,7 @@ async fn unknown_codes_are_script_errors() {
         &redis,
         &[],
         vec![b"".to_vec(), none(), none(), packed(&[9.0])],
+        function,
     )
     .await
     .unwrap_err();
@@ -44,11 +66,44 @@ async fn unknown_codes_are_script_errors() {
         &redis,
         &["qd:{t}:l:p:r:k"],
         vec![b"".to_vec(), b"1".to_vec(), b"1".to_vec(), policy, check],
+        function,
     )
     .await
     .unwrap_err();
     assert!(e.to_string().contains("unknown rule kind 7"), "{e}");
     assert_eq!(redis.cli(&["DBSIZE"]), "0", "nothing was written");
+}
+
+/// One call spends a whole bucket; the next call's first state key, of
+/// another bucket, is new: the function's tables, kept from the first
+/// call, must not lend it the first call's state.
+#[tokio::test]
+async fn a_call_never_sees_the_state_of_the_call_before() {
+    let redis = Redis::start();
+    let policy = || packed(&[1.0, script::kind::TOKEN_BUCKET as f64, 5.0, 1e6]);
+    let check = |cost: f64| packed(&[script::op::CHECK as f64, 0.0, cost, 1.0]);
+    let args = |cost| {
+        vec![
+            b"".to_vec(),
+            b"1".to_vec(),
+            b"1".to_vec(),
+            policy(),
+            check(cost),
+        ]
+    };
+    let remaining = |v: redis::Value| {
+        let redis::Value::Array(items) = v else {
+            panic!("{v:?}")
+        };
+        let redis::Value::BulkString(header) = &items[0] else {
+            panic!("{items:?}")
+        };
+        f64::from_le_bytes(header[16..24].try_into().unwrap())
+    };
+    let first = eval(&redis, &["qd:{t}:l:p:r:a"], args(5.0), true).await;
+    assert_eq!(remaining(first.unwrap()), 0.0);
+    let second = eval(&redis, &["qd:{t}:l:p:r:b"], args(1.0), true).await;
+    assert_eq!(remaining(second.unwrap()), 4.0, "a fresh bucket");
 }
 
 /// A batch larger than Lua's unpack limit (~8,000 values) still decides:
@@ -67,7 +122,8 @@ async fn a_batch_of_nine_thousand_state_keys_decides() {
     let redis = Redis::start();
     let config = Config::from_toml(&format!(
         "{}[policies.three]\nrules = [\n  {{ name = \"a\", kind = \"fixed_window\", limit = 5, window_ms = 60000 }},\n  {{ name = \"b\", kind = \"sliding_window\", limit = 5, window_ms = 60000 }},\n  {{ name = \"c\", kind = \"token_bucket\", capacity = 5, refill_per_sec = 1 }},\n]\n",
-        common::redis_table(&redis)
+        // A call this big may take longer than the tests' usual deadline.
+        common::redis_table(&redis).replace("timeout_ms = 100", "timeout_ms = 5000")
     ))
     .unwrap();
     let policy = config

@@ -1,12 +1,13 @@
 //! The Redis backend: one pipelined round trip decides a whole batch.
 //!
-//! A batch becomes one batch-script call (`lua/`) per Redis Cluster slot group
-//! (on a single Redis, where slots do not matter, the whole batch is one
-//! call), all sent together. Every round trip has a deadline. A call that
-//! Redis refused with NOSCRIPT (it restarted, failed over, or was flushed)
-//! did not run, so it is sent once more as EVAL, which also reloads the
-//! script; any other failure leaves the outcome unknown and is never
-//! retried: those checks are answered by their policy's failure mode.
+//! A batch becomes one call of the batch code (`lua/`, see [`script`]) per
+//! Redis Cluster slot group (on a single Redis, where slots do not matter,
+//! the whole batch is one call), all sent together. Every round trip has a
+//! deadline. A call that Redis refused because it lacks the code (it
+//! restarted, failed over, or was flushed) did not run, so the code is
+//! loaded and the call sent once more; any other failure leaves the
+//! outcome unknown and is never retried: those checks are answered by
+//! their policy's failure mode.
 
 mod breaker;
 mod conn;
@@ -14,6 +15,7 @@ mod read;
 pub mod script;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::{ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
@@ -24,6 +26,7 @@ pub use breaker::Breaker;
 use conn::Conn;
 pub use conn::{SetupError, pubsub, trust_anchors};
 use read::Read;
+use script::Via;
 
 use crate::backend::job::{Job, Outcome};
 use crate::clock::Clock;
@@ -71,6 +74,8 @@ struct Inner {
     stats: Arc<Stats>,
     /// Stops the breaker's prober at shutdown.
     stop: CancellationToken,
+    /// Redis keeps function libraries (7.0+); false once it said it does not.
+    functions: AtomicBool,
 }
 
 impl RedisBackend {
@@ -92,6 +97,7 @@ impl RedisBackend {
                 clock,
                 stats,
                 stop,
+                functions: AtomicBool::new(true),
             }),
         })
     }
@@ -180,42 +186,50 @@ impl RedisBackend {
         ok
     }
 
-    /// One pipelined round trip: one script call per slot group (one in
-    /// all on a single Redis) and two commands per plain read. Script calls
-    /// refused with NOSCRIPT go once more, as EVAL. Returns each entry's
-    /// result by job index (`None`: it failed).
+    /// One pipelined round trip: one call of the batch code per slot group
+    /// (one in all on a single Redis) and two commands per plain read.
+    /// Calls refused for want of the code go once more, after loading it.
+    /// Returns each entry's result by job index (`None`: it failed).
     async fn round(&self, round: Round<'_>, now: Option<u64>) -> Vec<(usize, Option<Done>)> {
         let inner = &*self.inner;
         let groups = self.groups(&round.scripts);
-        let call = |group: &Vec<usize>, by_source| {
+        let call = |group: &Vec<usize>, via| {
             script::command(
                 group.iter().map(|&g| round.scripts[g].1),
                 &inner.keys,
                 now,
-                by_source,
+                via,
             )
         };
-        let mut cmds: Vec<redis::Cmd> = groups.iter().map(|g| call(g, false)).collect();
+        let via = if inner.functions.load(Ordering::Relaxed) {
+            Via::Function
+        } else {
+            Via::Sha
+        };
+        let mut cmds: Vec<redis::Cmd> = groups.iter().map(|g| call(g, via)).collect();
         for (_, args, poll) in &round.reads {
             cmds.extend(read::commands(&inner.keys, args, *poll));
         }
         Stats::add(&inner.stats.counters.script_calls, groups.len() as u64);
         let mut results = inner.conn.run(cmds).await;
-        let noscript: Vec<usize> = (0..groups.len())
-            .filter(|&i| matches!(&results[i], Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)))
+        let missing: Vec<usize> = (0..groups.len())
+            .filter(|&i| matches!(&results[i], Err(e) if not_loaded(e, via)))
             .collect();
-        if !noscript.is_empty() {
+        if !missing.is_empty() {
             Stats::add(&inner.stats.counters.script_reloads, 1);
             tracing::info!(
-                calls = noscript.len(),
-                "script not in Redis yet (first use, restart, failover or flush): loading"
+                calls = missing.len(),
+                "batch code not in Redis yet (first use, restart, failover or flush): loading"
             );
-            let again = inner
-                .conn
-                .run(noscript.iter().map(|&i| call(&groups[i], true)).collect())
-                .await;
-            for (i, r) in noscript.into_iter().zip(again) {
-                results[i] = r;
+            let again = match via {
+                Via::Function => self.load().await.ok(),
+                _ => Some(Via::Source),
+            };
+            if let Some(again) = again {
+                let cmds = missing.iter().map(|&i| call(&groups[i], again)).collect();
+                for (i, r) in missing.into_iter().zip(inner.conn.run(cmds).await) {
+                    results[i] = r;
+                }
             }
         }
         let mut results = results.into_iter();
@@ -339,17 +353,42 @@ impl RedisBackend {
         }
     }
 
-    /// Connects and loads the script, so that the first requests pay for
-    /// neither. The error if Redis did not manage within `limit` (`None`:
-    /// it did not answer in time).
+    /// Connects and loads the batch code, so that the first requests pay
+    /// for neither. The error if Redis did not manage within `limit`
+    /// (`None`: it did not answer in time).
     pub async fn warm_up(&self, limit: Duration) -> Result<(), Option<RedisError>> {
-        let mut load = redis::cmd("SCRIPT");
-        load.arg("LOAD").arg(script::SOURCE);
-        let run = self.inner.conn.run(vec![load]);
-        match tokio::time::timeout(limit, run).await.as_deref() {
-            Ok([Ok(_)]) => Ok(()),
-            Ok([Err(e), ..]) => Err(Some(e.clone())),
-            _ => Err(None),
+        let load = async {
+            if self.load().await? == Via::Function {
+                return Ok(());
+            }
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(&script::lua().script);
+            self.inner.conn.run(vec![load]).await.remove(0).map(drop)
+        };
+        match tokio::time::timeout(limit, load).await {
+            Ok(r) => r.map_err(Some),
+            Err(_) => Err(None),
+        }
+    }
+
+    /// Loads the function library: `Via::Function` once loaded, or
+    /// `Via::Source` when Redis keeps no functions (before 7.0, or not for
+    /// this ACL user), and from then on the code runs as a script.
+    async fn load(&self) -> RedisResult<Via> {
+        let mut load = redis::cmd("FUNCTION");
+        load.arg("LOAD").arg("REPLACE").arg(&script::lua().library);
+        match self.inner.conn.run(vec![load]).await.remove(0) {
+            Ok(_) => Ok(Via::Function),
+            Err(e) if no_functions(&e) => {
+                if self.inner.functions.swap(false, Ordering::Relaxed) {
+                    tracing::info!(
+                        "Redis at {} keeps no functions ({e}): running the batch code as a script",
+                        self.inner.target
+                    );
+                }
+                Ok(Via::Source)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -373,4 +412,25 @@ impl RedisBackend {
     pub fn target(&self) -> &str {
         &self.inner.target
     }
+}
+
+/// Whether a call made `via` did not run for want of the batch code in
+/// Redis (first use, a restart, failover or flush), so that it may be sent
+/// again once the code is there.
+fn not_loaded(e: &RedisError, via: Via) -> bool {
+    match via {
+        Via::Function => {
+            e.detail()
+                .is_some_and(|d| d.starts_with("Function not found"))
+                || no_functions(e)
+        }
+        _ => e.kind() == ErrorKind::Server(ServerErrorKind::NoScript),
+    }
+}
+
+/// Whether Redis refused a function command as such: one it does not
+/// know, or one this ACL user may not run.
+fn no_functions(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm)
+        || e.detail().is_some_and(|d| d.starts_with("unknown command"))
 }

@@ -1,12 +1,18 @@
-//! The batch script (`lua/limiter.lua`, `lua/cache.lua` and `lua/batch.lua`,
-//! sent as one) as Redis commands: jobs in, outcomes out.
+//! The batch code (`lua/limiter.lua`, `lua/cache.lua` and `lua/batch.lua`,
+//! which define one Lua function, `batch`) as Redis commands: jobs in,
+//! outcomes out.
+//!
+//! Redis 7 keeps it as a function library (FUNCTION LOAD, then FCALL): the
+//! library's functions and tables are made once when it loads, where a
+//! script (EVALSHA) makes them again at every call, which costs Redis more
+//! than a small batch's own work. Older Redis runs it as a script.
 //!
 //! Numbers travel as packed little-endian doubles (exact below 2^53), which
 //! the script reads with `struct.unpack`: cheaper for Redis than parsing
 //! decimal strings, and Redis CPU is what batching is meant to save.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use redis::{Cmd, Value};
@@ -16,8 +22,8 @@ use crate::keys::{self, Keys};
 use crate::limiter::{Check, Policy, RuleKind, Verdict};
 use crate::protocol::Lookup;
 
-/// The script's source; its SHA1 is what EVALSHA names.
-pub const SOURCE: &str = concat!(
+/// The three files in order: they define `batch` and call nothing.
+const BODY: &str = concat!(
     include_str!("../../../lua/limiter.lua"),
     "\n",
     include_str!("../../../lua/cache.lua"),
@@ -25,10 +31,47 @@ pub const SOURCE: &str = concat!(
     include_str!("../../../lua/batch.lua"),
 );
 
-/// The script's SHA1, computed once.
-pub fn sha() -> &'static str {
-    static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SHA.get_or_init(|| redis::Script::new(SOURCE).get_hash().to_owned())
+/// The batch code in both of the forms Redis can keep it in. Names carry
+/// the code's hash, so quotads of different versions sharing one Redis
+/// each call their own.
+pub struct Lua {
+    /// The function library, for FUNCTION LOAD REPLACE.
+    pub library: String,
+    /// The name FCALL calls.
+    pub function: String,
+    /// The script, for EVAL; its SHA1 is what EVALSHA names.
+    pub script: String,
+    pub sha: String,
+}
+
+/// Built once.
+pub fn lua() -> &'static Lua {
+    static LUA: OnceLock<Lua> = OnceLock::new();
+    LUA.get_or_init(|| {
+        let hash = redis::Script::new(BODY).get_hash().to_owned();
+        let id = &hash[..16];
+        let function = format!("quotad_batch_{id}");
+        let script = format!("{BODY}\nreturn batch(KEYS, ARGV)\n");
+        Lua {
+            library: format!(
+                "#!lua name=quotad_{id}\n{BODY}\nredis.register_function('{function}', batch)\n"
+            ),
+            sha: redis::Script::new(&script).get_hash().to_owned(),
+            function,
+            script,
+        }
+    })
+}
+
+/// How a call names the batch code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// FCALL of the loaded library's function.
+    Function,
+    /// EVALSHA of the cached script.
+    Sha,
+    /// EVAL of the script's source, which also caches it.
+    Source,
 }
 
 /// Operation codes, `lua/batch.lua`'s `OP_*`.
@@ -66,13 +109,12 @@ fn packed(values: impl IntoIterator<Item = u64>) -> Vec<u8> {
         .collect()
 }
 
-/// One script call running `jobs` in order. `by_source` sends the source
-/// (EVAL, which also caches it in Redis) instead of its SHA (EVALSHA).
+/// One call running `jobs` in order.
 pub fn command<'a>(
     jobs: impl Iterator<Item = &'a Job>,
     keys: &Keys,
     now_us: Option<u64>,
-    by_source: bool,
+    via: Via,
 ) -> Cmd {
     let mut call = Call {
         keys,
@@ -85,15 +127,14 @@ pub fn command<'a>(
     for job in jobs {
         call.add(job);
     }
-    let mut cmd = if by_source {
-        let mut c = redis::cmd("EVAL");
-        c.arg(SOURCE);
-        c
-    } else {
-        let mut c = redis::cmd("EVALSHA");
-        c.arg(sha());
-        c
+    let lua = lua();
+    let (name, code) = match via {
+        Via::Function => ("FCALL", &lua.function),
+        Via::Sha => ("EVALSHA", &lua.sha),
+        Via::Source => ("EVAL", &lua.script),
     };
+    let mut cmd = redis::cmd(name);
+    cmd.arg(code);
     let nstates = call.states.len();
     cmd.arg(nstates + call.names.len())
         .arg(call.states)
@@ -292,8 +333,7 @@ mod tests {
 
     /// Every `local <PREFIX><NAME> = <n>` line of the script.
     fn lua_codes(prefix: &str) -> Vec<(String, u64)> {
-        SOURCE
-            .lines()
+        BODY.lines()
             .filter_map(|l| l.strip_prefix("local ")?.strip_prefix(prefix))
             .filter_map(|l| {
                 let (name, n) = l.split_once(" = ")?;
