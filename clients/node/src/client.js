@@ -1,6 +1,6 @@
 // The quotad client: one Unix socket connection, requests pipelined on it
 // and matched to replies by id, in any order. The frames of one tick go out
-// in one write. The hot ops (check, checkGet, cacheLookup) are written from
+// in one write; every read lands in the connection's one read buffer. The hot ops (check, checkGet, cacheLookup) are written from
 // templates straight into the connection's buffer and their replies read
 // field by field (templates.js, replies.js); a call then costs one object
 // and one promise, and calls with the default timeout share one timer.
@@ -21,6 +21,8 @@ const FAILURE_MODES = new Set(['open', 'closed', 'raise']);
 const WRITE_BUFFER_BYTES = 4 << 20;
 /** Calls in the deadline queue before answered ones are dropped from anywhere in it, not just its front. */
 const QUEUE_COMPACT_MIN = 1024;
+/** Bytes of a connection's read buffer (reused by every read). */
+const READ_BUFFER_BYTES = 64 << 10;
 
 // What a call resolves to: the reply map, or the result of a hot op.
 const REPLY = 0;
@@ -100,8 +102,9 @@ const FIELDS = new ReplyFields(); // JS is single-threaded: one reader for every
 
 /** One connected socket and its calls in flight. */
 class Connection {
-  constructor(socket, options, releaseSlot) {
+  constructor(socket, readBuffer, options, releaseSlot) {
     this.socket = socket;
+    this.readBuffer = readBuffer; // every read lands here: see onRead
     this.options = options;
     this.releaseSlot = releaseSlot;
     this.pending = new Map(); // id -> Call
@@ -119,7 +122,6 @@ class Connection {
     this.sweeper = null;
     this.sweepNow = () => this.sweep();
     this.drain = null; // { promise, resolve } shared by every call waiting for the write buffer
-    socket.on('data', (chunk) => this.onData(chunk));
     socket.on('error', (e) => this.fail(new ConnectionLost(`quotad connection failed: ${e.message}`)));
     // quotad sends nothing more once it has closed its side: fail now, not when our side closes too.
     socket.on('end', () => this.fail(new ConnectionLost('quotad closed the connection')));
@@ -131,9 +133,10 @@ class Connection {
     return this.out.pending + this.socket.writableLength;
   }
 
-  onData(chunk) {
+  /** `n` bytes read into the read buffer (the socket's onread callback: no allocation, no stream events per read). */
+  onRead(n) {
     try {
-      this.frames.feed(chunk, this.onFrame);
+      this.frames.feed(this.readBuffer, this.onFrame, n);
     } catch (e) {
       this.fail(e);
     }
@@ -146,6 +149,14 @@ class Connection {
     if (id > 0) {
       call = this.pending.get(id);
       if (call === undefined) return; // the caller gave up (timed out) already
+    }
+    if (buf === this.readBuffer && call?.kind !== CHECK) {
+      // What the result keeps (a cached value, the general decoder's bin views) must outlive the next read.
+      buf = Buffer.from(buf.subarray(start, end));
+      end -= start;
+      start = 0;
+    }
+    if (call !== undefined) {
       if (call.kind !== REPLY && readReply(buf, start, end, FIELDS)) {
         const value = leanParsed(call.kind, FIELDS, buf);
         if (value !== null) {
@@ -578,7 +589,12 @@ export class Client {
 
   #open() {
     return new Promise((resolve, reject) => {
-      const socket = net.createConnection(this.socketPath);
+      let conn = null;
+      const readBuffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+      const socket = net.createConnection({
+        path: this.socketPath,
+        onread: { buffer: readBuffer, callback: (n) => conn.onRead(n) },
+      });
       const timer = setTimeout(() => socket.destroy(new Error('timed out')), this.options.connectTimeoutMs);
       socket.once('connect', () => {
         clearTimeout(timer);
@@ -589,7 +605,7 @@ export class Client {
           this.down = false;
           this.options.onWarn(`reconnected to quotad at ${this.socketPath}`);
         }
-        const conn = new Connection(socket, this.options, () => this.#releaseSlot());
+        conn = new Connection(socket, readBuffer, this.options, () => this.#releaseSlot());
         if (this.closed) conn.fail(new ConnectionLost('the client was closed'), true);
         else this.conn = conn;
         resolve(conn);

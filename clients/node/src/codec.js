@@ -60,32 +60,68 @@ function normalize(v) {
   return v;
 }
 
-/** Cuts a byte stream into frame bodies, holding at most one partial frame. */
+/**
+ * Cuts a byte stream into frame bodies. A frame cut across chunks is
+ * gathered in one buffer of its full size, allocated once its length is
+ * known (so a large reply read in many chunks is copied once, not once per
+ * chunk); nothing else is kept, so the caller may reuse a chunk once `feed`
+ * returns.
+ */
 export class FrameReader {
   constructor(maxFrameBytes = DEFAULT_MAX_REPLY_BYTES) {
     this.max = maxFrameBytes;
-    this.buf = null;
+    this.head = Buffer.alloc(4); // the length of a frame cut within its first 4 bytes
+    this.frame = null; // the frame being gathered, length prefix included
+    this.have = 0; // bytes of it gathered so far
   }
 
-  /** Adds received bytes; returns the bodies of the frames now complete. */
+  /** Adds received bytes; returns the bodies of the frames now complete (views of `chunk` where possible). */
   push(chunk) {
     const bodies = [];
     this.feed(chunk, (buf, start, end) => bodies.push(buf.subarray(start, end)));
     return bodies;
   }
 
-  /** Adds received bytes; calls `onFrame(buf, start, end)` for each frame body now complete, in order. */
-  feed(chunk, onFrame) {
-    const buf = this.buf ? Buffer.concat([this.buf, chunk]) : chunk;
-    this.buf = null;
+  /**
+   * Adds chunk[0, end); calls `onFrame(buf, start, end)` for each frame body
+   * now complete, in order. `buf` is `chunk` itself or a buffer of the
+   * reader's that it never writes again.
+   */
+  feed(chunk, onFrame, end = chunk.length) {
     let pos = 0;
-    while (buf.length - pos >= 4) {
-      const n = buf.readUInt32BE(pos);
-      if (n > this.max) throw new ProtocolViolation(`a ${n}-byte frame (the limit is ${this.max})`);
-      if (buf.length - pos - 4 < n) break;
-      onFrame(buf, pos + 4, pos + 4 + n);
+    if (this.have > 0) {
+      pos = this.#gather(chunk, 0, end);
+      const frame = this.frame;
+      if (frame === null || this.have < frame.length) return;
+      this.frame = null;
+      this.have = 0;
+      onFrame(frame, 4, frame.length);
+    }
+    while (end - pos >= 4) {
+      const n = this.#length(chunk.readUInt32BE(pos));
+      if (end - pos - 4 < n) break;
+      onFrame(chunk, pos + 4, pos + 4 + n);
       pos += 4 + n;
     }
-    if (pos !== buf.length) this.buf = buf.subarray(pos);
+    if (pos < end) this.#gather(chunk, pos, end);
+  }
+
+  #length(n) {
+    if (n > this.max) throw new ProtocolViolation(`a ${n}-byte frame (the limit is ${this.max})`);
+    return n;
+  }
+
+  /** Copies chunk[pos, end) into the frame being gathered, up to its end; returns the new pos. */
+  #gather(chunk, pos, end) {
+    if (this.frame === null) {
+      while (this.have < 4 && pos < end) this.head[this.have++] = chunk[pos++];
+      if (this.have < 4) return pos;
+      this.frame = Buffer.allocUnsafe(4 + this.#length(this.head.readUInt32BE(0)));
+      this.head.copy(this.frame);
+    }
+    const n = Math.min(this.frame.length - this.have, end - pos);
+    chunk.copy(this.frame, this.have, pos, pos + n);
+    this.have += n;
+    return pos + n;
   }
 }

@@ -19,6 +19,7 @@ export class FrameWriter {
     this.buf = Buffer.allocUnsafe(SLAB_BYTES);
     this.start = 0;
     this.pos = 0;
+    this.mark = 0; // where the frame being written begins
   }
 
   /** Bytes written and not yet taken. */
@@ -90,8 +91,12 @@ export class FrameWriter {
     }
   }
 
-  /** A str (well-formed text: the caller checked). Room for 5 + 3 * length bytes must be reserved. */
-  str(s) {
+  /**
+   * A str, from a string the caller found non-empty; one that is not
+   * well-formed (a lone surrogate) drops the frame being written and throws
+   * InvalidArgument, naming it `name`. Room for 5 + 3 * length bytes must be reserved.
+   */
+  str(s, name) {
     const buf = this.buf;
     const pos = this.pos;
     const len = s.length;
@@ -103,11 +108,15 @@ export class FrameWriter {
         if (c >= 0x80) break;
         buf[pos + 1 + i] = c;
       }
-      if (i === len) {
+      if (i === len) { // ASCII: well-formed
         buf[pos] = 0xa0 | len;
         this.pos = pos + 1 + len;
         return;
       }
+    }
+    if (!s.isWellFormed()) {
+      this.pos = this.mark;
+      text(name, s); // throws
     }
     const n = Buffer.byteLength(s, 'utf8');
     let head;
@@ -135,6 +144,7 @@ export class FrameWriter {
   begin(maxBody) {
     this.reserve(maxBody + 4);
     const mark = this.pos;
+    this.mark = mark;
     this.pos += 4;
     return mark;
   }
@@ -175,7 +185,7 @@ class PolicyPart {
       const w = new FrameWriter();
       w.reserve(16 + textBound(policy));
       w.raw(bytes(key('policy')));
-      w.str(policy);
+      w.str(policy, 'policy');
       w.raw(K_COST);
       this.bytes = Buffer.from(w.take());
     }
@@ -195,20 +205,25 @@ function policyPart(policy) {
   return part;
 }
 
+/** Refuses what `text` refuses but for well-formedness, which `str` checks as it writes. */
+function nonEmpty(name, value) {
+  if (typeof value !== 'string' || value.length === 0) text(name, value); // throws, saying why
+}
+
 function writeHead(w, id, fields, head, tenant, key) {
   w.buf[w.pos++] = 0x80 | fields;
   w.raw(K_ID);
   w.uint(id);
   w.raw(head);
-  w.str(tenant);
+  w.str(tenant, 'tenant');
   w.raw(K_KEY);
-  w.str(key);
+  w.str(key, 'key');
 }
 
-/** A check frame for call `id` (the arguments are checked first, as requests.check does). */
+/** A check frame for call `id`; the arguments are refused as requests.check refuses them, and a refused frame leaves nothing written. */
 export function writeCheck(w, id, tenant, key, opts, maxFrameBytes) {
-  text('tenant', tenant);
-  text('key', key);
+  nonEmpty('tenant', tenant);
+  nonEmpty('key', key);
   const policy = policyPart(opts.policy);
   const cost = costValue(opts.cost);
   const mark = w.begin(32 + textBound(tenant) + textBound(key) + policy.bytes.length);
@@ -219,18 +234,18 @@ export function writeCheck(w, id, tenant, key, opts, maxFrameBytes) {
 }
 
 export function writeCheckGet(w, id, tenant, key, cacheKey, opts, maxFrameBytes) {
-  text('tenant', tenant);
-  text('key', key);
+  nonEmpty('tenant', tenant);
+  nonEmpty('key', key);
   const policy = policyPart(opts.policy);
   const cost = costValue(opts.cost);
-  text('cacheKey', cacheKey);
+  nonEmpty('cacheKey', cacheKey);
   const fillMs = fillMsValue(opts.fillMs);
   const mark = w.begin(64 + textBound(tenant) + textBound(key) + textBound(cacheKey) + policy.bytes.length);
   writeHead(w, id, (policy.policy === null ? 6 : 7) + (fillMs ? 1 : 0), CHECK_GET_HEAD, tenant, key);
   w.raw(policy.bytes);
   w.uint(cost);
   w.raw(K_CACHE_KEY);
-  w.str(cacheKey);
+  w.str(cacheKey, 'cacheKey');
   if (fillMs) {
     w.raw(K_FILL_MS);
     w.uint(fillMs);
@@ -239,8 +254,8 @@ export function writeCheckGet(w, id, tenant, key, cacheKey, opts, maxFrameBytes)
 }
 
 export function writeCacheGet(w, id, tenant, key, opts, maxFrameBytes) {
-  text('tenant', tenant);
-  text('key', key);
+  nonEmpty('tenant', tenant);
+  nonEmpty('key', key);
   const fillMs = fillMsValue(opts.fillMs);
   const mark = w.begin(48 + textBound(tenant) + textBound(key));
   writeHead(w, id, fillMs ? 5 : 4, CACHE_GET_HEAD, tenant, key);

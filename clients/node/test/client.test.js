@@ -132,6 +132,21 @@ test('stale while revalidate: one refresher', async () => {
   assert.deepEqual([second.stale, second.refresh], [true, false]);
 });
 
+test('cached values stay intact while later replies arrive (the connection reuses its read buffer)', async () => {
+  const tenant = freshTenant();
+  const values = Array.from({ length: 40 }, (_, i) => Buffer.alloc(i === 7 ? 300_000 : 50 + i, i + 1)); // one spans many reads
+  for (let i = 0; i < values.length; i++) assert.equal(await client.cacheSet(tenant, `v${i}`, values[i], { ttlMs: 60_000 }), true);
+  const lookups = await Promise.all(values.map((_, i) => client.cacheLookup(tenant, `v${i}`)));
+  const viaCheckGet = await Promise.all(values.map((_, i) => client.checkGet(tenant, 'reader', `v${i}`, { policy: 'api', cost: 0 })));
+  // Many more replies through the same buffer.
+  await Promise.all(Array.from({ length: 500 }, (_, i) => client.check(tenant, `k${i}`, { policy: 'api', cost: 0 })));
+  await Promise.all(values.map((_, i) => client.cacheGet(tenant, `v${(i * 7) % values.length}`)));
+  for (let i = 0; i < values.length; i++) {
+    assert.ok(lookups[i].value.equals(values[i]), `cacheLookup v${i}`);
+    assert.ok(viaCheckGet[i].lookup.value.equals(values[i]), `checkGet v${i}`);
+  }
+});
+
 test('checkGet reads only when allowed', async () => {
   const tenant = freshTenant();
   await client.cacheSet(tenant, 'page', Buffer.from('P'), { ttlMs: 10_000 });

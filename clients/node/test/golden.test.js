@@ -61,8 +61,31 @@ test('frames split anywhere are reassembled', () => {
   }
 });
 
+test('a reader fed one reused buffer (as the client reads) keeps nothing that changes under it', () => {
+  const big = encodeFrame({ id: 1, ok: true, hit: true, value: Buffer.alloc(200_000, 7) });
+  const stream = Buffer.concat([...frames.map((f) => Buffer.from(f.hex, 'hex')), big, ...frames.map((f) => Buffer.from(f.hex, 'hex'))]);
+  for (const size of [1, 5, 64, 4096]) {
+    const chunk = Buffer.alloc(size);
+    const reader = new FrameReader();
+    const bodies = [];
+    for (let i = 0; i < stream.length; i += size) {
+      const n = stream.copy(chunk, 0, i, i + size);
+      // A body that is a view of `chunk` is valid until the next feed; one of the reader's own stays valid.
+      reader.feed(chunk, (buf, start, end) => bodies.push(buf === chunk ? Buffer.from(buf.subarray(start, end)) : buf.subarray(start, end)), n);
+      chunk.fill(0xc1); // what the next read would overwrite
+    }
+    const want = [];
+    new FrameReader().feed(stream, (buf, start, end) => want.push(buf.subarray(start, end)));
+    assert.equal(bodies.length, 2 * frames.length + 1, String(size));
+    bodies.forEach((b, i) => assert.ok(b.equals(want[i]), `chunk size ${size}, frame ${i}`));
+  }
+});
+
 test('oversized frames and non-map bodies are violations', () => {
   assert.throws(() => new FrameReader(16).push(Buffer.from([0, 0, 0, 17])), ProtocolViolation);
+  const split = new FrameReader(16);
+  split.push(Buffer.from([0, 0]));
+  assert.throws(() => split.push(Buffer.from([0, 17, 1])), ProtocolViolation); // the length cut across chunks
   assert.throws(() => decodeBody(Buffer.from([0x93, 1, 2, 3])), ProtocolViolation);
   assert.throws(() => decodeBody(Buffer.from([0xc1])), ProtocolViolation);
 });

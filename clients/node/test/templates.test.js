@@ -107,7 +107,15 @@ test('the templates refuse what the general builders refuse, and write nothing',
     assert.throws(() => writeCheck(w, 1, tenant, key, opts, MAX), InvalidArgument, JSON.stringify([tenant, key]));
     assert.throws(() => writeCheckGet(w, 1, tenant, key, 'c', opts, MAX), InvalidArgument);
     if (Object.keys(opts).length === 0) assert.throws(() => writeCacheGet(w, 1, tenant, key, opts, MAX), InvalidArgument);
+    assert.equal(w.pending, 0, `bytes left behind by ${JSON.stringify([tenant, key])}`);
   }
+  // A lone surrogate found while writing (after an ASCII tenant, in a long key) drops what was written of the frame.
+  writeCheck(w, 1, 't', 'k', {}, MAX);
+  const good = w.pending;
+  assert.throws(() => writeCheck(w, 2, 'tenant', `${'k'.repeat(40)}\ud800`, {}, MAX), InvalidArgument);
+  assert.throws(() => writeCheckGet(w, 2, 'tenant', 'key', `c\udfff`, {}, MAX), InvalidArgument);
+  assert.equal(w.pending, good);
+  w.take();
   assert.throws(() => writeCheckGet(w, 1, 't', 'k', '', {}, MAX), InvalidArgument);
   assert.throws(() => writeCacheGet(w, 1, 't', 'k', { fillMs: -1 }, MAX), InvalidArgument);
   // Over the frame limit: refused, and the bytes already written for it are dropped.
