@@ -88,7 +88,7 @@ async fn rediss_with_a_ca_file_decides_in_redis() {
     let d = Daemon::start(&redis_table(&certs, &url, &[("tls_ca_file", "ca.crt")]));
     checks_reach_redis(&d, 20).await;
     assert!(redis.cli(&["DBSIZE"]).parse::<u64>().unwrap() >= 20);
-    assert!(d.log_contains("connected, script loaded"));
+    assert!(d.log_contains("connected, batch code loaded"));
     // The same Redis by name (`localhost` is in the certificate too).
     let url = format!("url = \"rediss://localhost:{port}\"");
     let by_name = Daemon::start(&redis_table(&certs, &url, &[("tls_ca_file", "ca.crt")]));
