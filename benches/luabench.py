@@ -1,13 +1,14 @@
 """What one batch-script call costs Redis, per check, measured inside Redis.
 
-    python3 benches/luabench.py PORT N distinct|hot [CALLS] [LUA_FILES]
+    python3 benches/luabench.py PORT N distinct|hot [CALLS] [LUA_FILES] [fcall|evalsha]
 
-Loads the batch script (lua/limiter.lua, lua/cache.lua, lua/batch.lua, or
+Loads the batch code (lua/limiter.lua, lua/cache.lua, lua/batch.lua, or
 the comma-separated LUA_FILES, e.g. a variant under test) into the
-redis-server on 127.0.0.1:PORT and sends CALLS calls of N token-bucket
-checks each: `distinct` spreads them over 10,000 keys of 100 tenants,
-`hot` puts every check on one key. Prints the script's own time per check
-(`INFO commandstats`, usec of EVALSHA) and Redis's whole CPU per check
+redis-server on 127.0.0.1:PORT, as a function library called by FCALL (as
+quotad does on Redis 7) or as a script called by EVALSHA, and sends CALLS
+calls of N token-bucket checks each: `distinct` spreads them over 10,000
+keys of 100 tenants, `hot` puts every check on one key. Prints the call's
+own time per check (`INFO commandstats`) and Redis's whole CPU per check
 (`INFO cpu`). Standard library only; speaks RESP itself.
 """
 
@@ -75,12 +76,19 @@ def info(c: Conn, section: str) -> dict[str, str]:
 def main() -> None:
     port, n, spread = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     calls = int(sys.argv[4]) if len(sys.argv) > 4 else max(20_000 // n, 50)
-    files = sys.argv[5].split(",") if len(sys.argv) > 5 else [
+    files = sys.argv[5].split(",") if len(sys.argv) > 5 and sys.argv[5] else [
         os.path.join(ROOT, "lua", f) for f in ("limiter.lua", "cache.lua", "batch.lua")
     ]
+    form = sys.argv[6] if len(sys.argv) > 6 else "fcall"
     c = Conn(port)
     body = "\n".join(open(f).read() for f in files)
-    sha = c.call("SCRIPT", "LOAD", body + "\nreturn batch(KEYS, ARGV)\n").decode()
+    if form == "fcall":
+        library = "#!lua name=quotad_bench\n" + body + "\nredis.register_function('quotad_bench', batch)\n"
+        c.call("FUNCTION", "LOAD", "REPLACE", library)
+        command: tuple[str, ...] = ("FCALL", "quotad_bench")
+    else:
+        sha = c.call("SCRIPT", "LOAD", body + "\nreturn batch(KEYS, ARGV)\n").decode()
+        command = ("EVALSHA", sha)
     policy = doubles(1, 1, 1e9, 1)  # one token bucket: capacity 1e9, 1 µs per unit
     c.call("CONFIG", "RESETSTAT")
     cpu = lambda: sum(float(info(c, "cpu")[k]) for k in ("used_cpu_user", "used_cpu_sys"))
@@ -95,14 +103,14 @@ def main() -> None:
             if key not in index:
                 keys.append(key)
                 index[key] = len(keys)
-            ops.append(doubles(1, 0, 1, index[key]))  # check: policy 0, cost 1, first state key
-        pending.append(resp("EVALSHA", sha, len(keys), *keys, "", len(keys), 1, policy, *ops))
+            ops.append(doubles(0, 1, index[key]))  # check: policy 0, cost 1, first state key
+        pending.append(resp(*command, len(keys), *keys, "", len(keys), 1, policy, n, b"".join(ops)))
         if len(pending) == 16 or _ == calls - 1:
             c.s.sendall(b"".join(pending))
             for _r in pending:
                 assert isinstance(c.read(), list)
             pending = []
-    stats = dict(kv.split("=") for kv in info(c, "commandstats")["cmdstat_evalsha"].split(","))
+    stats = dict(kv.split("=") for kv in info(c, "commandstats")["cmdstat_" + command[0].lower()].split(","))
     ncalls, usec = int(stats["calls"]), int(stats["usec"])
     total = (cpu() - cpu0) * 1e6
     print(

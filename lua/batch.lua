@@ -17,11 +17,16 @@
 --          then per rule kind, a, b: 1 token bucket (capacity, µs per
 --          unit), 2 fixed window (limit, window µs), 3 sliding window
 --          (limit, window µs).
--- Then the operations, in order. Each starts with one ARGV of packed
--- doubles, its header; a check names its first state key's index (its
--- rules' keys follow it), a cache operation takes its keys from the rest
--- of KEYS in order:
---   1 check      header 1, policy index, cost, first   (its state keys)
+-- ARGV[4+P]: C, the number of plain checks; ARGV[5+P]: all C of them in
+--          one string of packed doubles, three per check: its policy's
+--          index, its cost, its first state key's index (its rules' keys
+--          follow it). One string rather than one ARGV each, since every
+--          ARGV costs Redis an object and Lua a string. The plain checks
+--          run first: they touch no key a cache operation does, so running
+--          them ahead of the rest decides nothing differently.
+-- Then the other operations, in order. Each starts with one ARGV of packed
+-- doubles, its header; a cache operation takes its keys from KEYS after the
+-- state keys, in order:
 --   2 cache_get  header 2, fill_ms                     keys: entry, fill lock, refresh lock
 --   3 cache_set  header 3, ttl_ms, stale_ms, tags      keys: entry, fill lock, refresh lock,
 --                then ARGV: the value, the tag names        then one per tag
@@ -31,12 +36,14 @@
 --                markers of key names (see cache_del)
 --   5 check_get  header 5, policy index, cost,         keys: entry, fill lock, refresh lock
 --                fill_ms, first
--- Returns an array: first one string of packed doubles holding every
--- operation's result in order (check: allowed, rule, remaining, reset_ms,
--- retry_after_ms; cache_get: hit, ttl_ms, stale, refresh, fill; cache_set:
--- 1; cache_del: deleted; check_get: the check's 5, then the cache_get's 5,
--- zeros when denied: a denied check_get reads nothing), then the value of
--- every hit, in order.
+-- Returns an array: first the integers of every result, the plain checks'
+-- in order, then the other operations' in order (check: allowed, rule,
+-- remaining, reset_ms, retry_after_ms; cache_get: hit, ttl_ms, stale,
+-- refresh, fill; cache_set: 1; cache_del: deleted; check_get: the check's
+-- 5, then the cache_get's 5, zeros when denied: a denied check_get reads
+-- nothing), then the value of every hit, in order. Integers, not packed
+-- doubles: Redis turns a Lua number into a reply integer for less than
+-- struct.pack costs.
 --
 -- A plain cache_get reads a fresh entry with HMGET and PTTL instead (much
 -- cheaper for Redis than through Lua); it comes here only when a lock is at
@@ -45,7 +52,6 @@
 -- Operation codes, as src/backend/redis/script.rs sends them (a unit test
 -- checks that both sides agree). An unknown code is an error: the whole
 -- call fails and its checks are answered by failure mode.
-local OP_CHECK = 1
 local OP_CACHE_GET = 2
 local OP_CACHE_SET = 3
 local OP_CACHE_DEL = 4
@@ -73,26 +79,28 @@ local function batch(KEYS, ARGV)
 
   local npolicies = tonumber(ARGV[3])
   local policies = {}
-  for p = 1, npolicies do
-    local spec = ARGV[3 + p]
-    local fields = {}
-    for i = 1, #spec / 8 do fields[i] = unpack('<d', spec, (i - 1) * 8 + 1) end
-    policies[p] = fields
+  for p = 1, npolicies do policies[p] = policy(ARGV[3 + p]) end
+
+  local out, no, values = {}, 0, {}
+  local nchecks, checks = tonumber(ARGV[4 + npolicies]), ARGV[5 + npolicies]
+  for at = 1, nchecks * 24, 24 do
+    local pi, cost, first = unpack('<ddd', checks, at)
+    out[no + 1], out[no + 2], out[no + 3], out[no + 4], out[no + 5] =
+      check(policies[pi + 1], first, cost, now)
+    no = no + 5
   end
 
-  local out, values = {}, {}
-  local ai, ki = 4 + npolicies, nstates + 1
+  local ai, ki = 6 + npolicies, nstates + 1
   while ai <= #ARGV do
     local h = ARGV[ai]
     ai = ai + 1
     local op = unpack('<d', h)
-    if op == OP_CHECK then
-      local _, pi, cost, first = unpack('<dddd', h)
-      out[#out + 1] = pack('<ddddd', check(policies[pi + 1], first, cost, now))
-    elseif op == OP_CACHE_GET then
+    if op == OP_CACHE_GET then
       local _, fill_ms = unpack('<dd', h)
-      local hit, ttl, stale, refresh, fill, v = cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms)
-      out[#out + 1] = pack('<ddddd', hit, ttl, stale, refresh, fill)
+      local v
+      out[no + 1], out[no + 2], out[no + 3], out[no + 4], out[no + 5], v =
+        cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms)
+      no = no + 5
       if v then values[#values + 1] = v end
       ki = ki + 3
     elseif op == OP_CACHE_SET then
@@ -105,7 +113,8 @@ local function batch(KEYS, ARGV)
       end
       ai = ai + 1 + ntags
       cache_set(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], value, ttl, stale, tagkeys, tagnames, clock_ms())
-      out[#out + 1] = pack('<d', 1)
+      no = no + 1
+      out[no] = 1
       ki = ki + 3 + ntags
     elseif op == OP_CACHE_DEL then
       local _, nentries, ntags, fill_only = unpack('<dddd', h)
@@ -126,20 +135,21 @@ local function batch(KEYS, ARGV)
         marks = {ARGV[ai], ARGV[ai + 1], ARGV[ai + 2]}
         ai = ai + 3
       end
-      local n
-      if fill_only == 1 then n = release_fills(entries) else n = cache_del(entries, tagkeys, tagnames, marks, clock_ms()) end
-      out[#out + 1] = pack('<d', n)
+      no = no + 1
+      if fill_only == 1 then out[no] = release_fills(entries) else out[no] = cache_del(entries, tagkeys, tagnames, marks, clock_ms()) end
     elseif op == OP_CHECK_GET then
       local _, pi, cost, fill_ms, first = unpack('<ddddd', h)
       local allowed, rule, remaining, reset, retry = check(policies[pi + 1], first, cost, now)
-      out[#out + 1] = pack('<ddddd', allowed, rule, remaining, reset, retry)
+      out[no + 1], out[no + 2], out[no + 3], out[no + 4], out[no + 5] = allowed, rule, remaining, reset, retry
       if allowed == 1 then
-        local hit, ttl, stale, refresh, fill, v = cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms)
-        out[#out + 1] = pack('<ddddd', hit, ttl, stale, refresh, fill)
+        local v
+        out[no + 6], out[no + 7], out[no + 8], out[no + 9], out[no + 10], v =
+          cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms)
         if v then values[#values + 1] = v end
       else
-        out[#out + 1] = pack('<ddddd', 0, 0, 0, 0, 0)
+        out[no + 6], out[no + 7], out[no + 8], out[no + 9], out[no + 10] = 0, 0, 0, 0, 0
       end
+      no = no + 10
       ki = ki + 3
     else
       error('quotad: unknown operation code ' .. tostring(op))
@@ -148,7 +158,6 @@ local function batch(KEYS, ARGV)
 
   store_states(KEYS, nstates, now)
 
-  local reply = {table.concat(out)}
-  for i = 1, #values do reply[i + 1] = values[i] end
-  return reply
+  for i = 1, #values do out[no + i] = values[i] end
+  return out
 end

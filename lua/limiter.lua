@@ -158,6 +158,21 @@ local function ms(us)
   return c
 end
 
+-- A policy's fields ({nrules, kind, a, b, ...}) from its packed form in
+-- ARGV, parsed once: a library keeps this table from call to call (a
+-- script starts each call with it empty). Bounded, since reloads may
+-- bring new forms.
+local POLICIES, NPOLICIES = {}, 0
+local function policy(spec)
+  local fields = POLICIES[spec]
+  if fields then return fields end
+  fields = {}
+  for i = 1, #spec / 8 do fields[i] = unpack('<d', spec, (i - 1) * 8 + 1) end
+  if NPOLICIES >= 1000 then POLICIES, NPOLICIES = {}, 0 end
+  POLICIES[spec], NPOLICIES = fields, NPOLICIES + 1
+  return fields
+end
+
 -- The batch's rule states, by index into KEYS (the first `n` KEYS are the
 -- call's distinct state keys): read with one MGET when the call starts,
 -- changed in place by each check in order, and written back once per

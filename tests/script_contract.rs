@@ -47,12 +47,13 @@ async fn unknown_codes_are_errors_of_the_script_and_the_function() {
 
 async fn unknown_codes_are_errors(function: bool) {
     let redis = Redis::start();
-    // Time, no state keys, no policy, then one operation with code 9.
+    // Time, no state keys, no policy, no plain check, then one operation
+    // with code 9.
     let none = || b"0".to_vec();
     let e = eval(
         &redis,
         &[],
-        vec![b"".to_vec(), none(), none(), packed(&[9.0])],
+        vec![b"".to_vec(), none(), none(), none(), vec![], packed(&[9.0])],
         function,
     )
     .await
@@ -61,11 +62,18 @@ async fn unknown_codes_are_errors(function: bool) {
     // A check (policy 0, cost 1, state key 1) under a policy of one rule
     // of kind 7.
     let policy = packed(&[1.0, 7.0, 10.0, 1000.0]);
-    let check = packed(&[script::op::CHECK as f64, 0.0, 1.0, 1.0]);
+    let check = packed(&[0.0, 1.0, 1.0]); // policy 0, cost 1, state key 1
     let e = eval(
         &redis,
         &["qd:{t}:l:p:r:k"],
-        vec![b"".to_vec(), b"1".to_vec(), b"1".to_vec(), policy, check],
+        vec![
+            b"".to_vec(),
+            b"1".to_vec(),
+            b"1".to_vec(),
+            policy,
+            b"1".to_vec(),
+            check,
+        ],
         function,
     )
     .await
@@ -81,13 +89,14 @@ async fn unknown_codes_are_errors(function: bool) {
 async fn a_call_never_sees_the_state_of_the_call_before() {
     let redis = Redis::start();
     let policy = || packed(&[1.0, script::kind::TOKEN_BUCKET as f64, 5.0, 1e6]);
-    let check = |cost: f64| packed(&[script::op::CHECK as f64, 0.0, cost, 1.0]);
+    let check = |cost: f64| packed(&[0.0, cost, 1.0]);
     let args = |cost| {
         vec![
             b"".to_vec(),
             b"1".to_vec(),
             b"1".to_vec(),
             policy(),
+            b"1".to_vec(),
             check(cost),
         ]
     };
@@ -95,15 +104,15 @@ async fn a_call_never_sees_the_state_of_the_call_before() {
         let redis::Value::Array(items) = v else {
             panic!("{v:?}")
         };
-        let redis::Value::BulkString(header) = &items[0] else {
+        let redis::Value::Int(remaining) = items[2] else {
             panic!("{items:?}")
         };
-        f64::from_le_bytes(header[16..24].try_into().unwrap())
+        remaining
     };
     let first = eval(&redis, &["qd:{t}:l:p:r:a"], args(5.0), true).await;
-    assert_eq!(remaining(first.unwrap()), 0.0);
+    assert_eq!(remaining(first.unwrap()), 0);
     let second = eval(&redis, &["qd:{t}:l:p:r:b"], args(1.0), true).await;
-    assert_eq!(remaining(second.unwrap()), 4.0, "a fresh bucket");
+    assert_eq!(remaining(second.unwrap()), 4, "a fresh bucket");
 }
 
 /// A batch larger than Lua's unpack limit (~8,000 values) still decides:

@@ -74,9 +74,9 @@ pub enum Via {
     Source,
 }
 
-/// Operation codes, `lua/batch.lua`'s `OP_*`.
+/// Operation codes, `lua/batch.lua`'s `OP_*` (plain checks have none:
+/// they travel together, ahead of the other operations).
 pub mod op {
-    pub const CHECK: u64 = 1;
     pub const CACHE_GET: u64 = 2;
     pub const CACHE_SET: u64 = 3;
     pub const CACHE_DEL: u64 = 4;
@@ -122,6 +122,8 @@ pub fn command<'a>(
         states: Vec::new(),
         state_index: HashMap::new(),
         names: Vec::new(),
+        checks: 0,
+        check_args: Vec::new(),
         args: Vec::new(),
     };
     for job in jobs {
@@ -148,7 +150,7 @@ pub fn command<'a>(
         let rules = p.rules.iter().flat_map(|r| rule_args(&r.kind));
         cmd.arg(packed(std::iter::once(p.rules.len() as u64).chain(rules)));
     }
-    cmd.arg(call.args);
+    cmd.arg(call.checks).arg(call.check_args).arg(call.args);
     cmd
 }
 
@@ -164,6 +166,10 @@ struct Call<'a> {
     state_index: HashMap<String, usize>,
     /// The cache operations' keys, after the state keys.
     names: Vec<String>,
+    /// The plain checks: how many, and their arguments in one string.
+    checks: usize,
+    check_args: Vec<u8>,
+    /// The other operations' arguments.
     args: Vec<Vec<u8>>,
 }
 
@@ -175,7 +181,10 @@ impl<'a> Call<'a> {
             Job::Check(c) => {
                 let first = self.state_keys(c);
                 let policy = self.policy(&c.policy);
-                self.args.push(packed([op::CHECK, policy, c.cost, first]));
+                for v in [policy, c.cost, first] {
+                    self.check_args.extend((v as f64).to_le_bytes());
+                }
+                self.checks += 1;
             }
             Job::Get { args: g, .. } => {
                 self.entry(&g.tenant, &g.key);
@@ -259,36 +268,50 @@ impl<'a> Call<'a> {
 /// Reads the script's reply for `jobs`; `None` if it is not the shape the
 /// script returns (then the caller answers by failure mode).
 pub fn outcomes<'a>(reply: Value, jobs: impl Iterator<Item = &'a Job>) -> Option<Vec<Outcome>> {
-    let Value::Array(items) = reply else {
+    let Value::Array(mut items) = reply else {
         return None;
     };
-    let mut items = items.into_iter();
-    let Some(Value::BulkString(header)) = items.next() else {
-        return None;
+    let jobs: Vec<&Job> = jobs.collect();
+    let width = |job: &Job| match job {
+        Job::Check(_) | Job::Get { .. } => 5,
+        Job::Set(_) | Job::Del(_) => 1,
+        Job::CheckGet(..) => 10,
     };
-    let mut nums = header
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as u64);
-    let mut values = items.map(|v| match v {
+    let ints: usize = jobs.iter().map(|j| width(j)).sum();
+    if items.len() < ints {
+        return None;
+    }
+    let mut values = items.split_off(ints).into_iter().map(|v| match v {
         Value::BulkString(b) => Some(Bytes::from(b)),
         _ => None,
     });
-    let mut take = |n: usize| -> Option<Vec<u64>> { (0..n).map(|_| nums.next()).collect() };
-    let mut out = Vec::new();
+    let nums = items
+        .into_iter()
+        .map(|v| match v {
+            Value::Int(i) => u64::try_from(i).ok(),
+            _ => None,
+        })
+        .collect::<Option<Vec<u64>>>()?;
+    // The plain checks' results come first, then the other operations'.
+    let checks = jobs.iter().filter(|j| matches!(j, Job::Check(_))).count();
+    let (mut check_at, mut other_at) = (0, 5 * checks);
+    let mut out = Vec::with_capacity(jobs.len());
     for job in jobs {
+        let at = match job {
+            Job::Check(_) => &mut check_at,
+            _ => &mut other_at,
+        };
+        let n = &nums[*at..*at + width(job)];
+        *at += width(job);
         let o = match job {
-            Job::Check(c) => Outcome::Decided(verdict(&take(5)?, c.policy.rules.len())?),
-            Job::Get { .. } => Outcome::Looked(lookup(&take(5)?, &mut values)?),
-            Job::Set(_) => {
-                take(1)?;
-                Outcome::Stored
-            }
-            Job::Del(_) => Outcome::Deleted(take(1)?[0]),
+            Job::Check(c) => Outcome::Decided(verdict(n, c.policy.rules.len())?),
+            Job::Get { .. } => Outcome::Looked(lookup(n, &mut values)?),
+            Job::Set(_) => Outcome::Stored,
+            Job::Del(_) => Outcome::Deleted(n[0]),
             Job::CheckGet(c, _) => {
-                let v = verdict(&take(5)?, c.policy.rules.len())?;
-                let l = take(5)?;
+                let v = verdict(&n[..5], c.policy.rules.len())?;
                 let l = if v.allowed {
-                    Some(lookup(&l, &mut values)?)
+                    Some(lookup(&n[5..], &mut values)?)
                 } else {
                     None
                 };
@@ -351,7 +374,6 @@ mod tests {
         assert_eq!(
             lua_codes("OP_"),
             named(&[
-                ("CHECK", op::CHECK),
                 ("CACHE_GET", op::CACHE_GET),
                 ("CACHE_SET", op::CACHE_SET),
                 ("CACHE_DEL", op::CACHE_DEL),
