@@ -16,7 +16,11 @@ a marker, an HTML comment on the line before it (an unmarked one fails the test)
   <!-- doctest: skip: <why> --> not run, for the reason given (the test does it itself)
 
 A block whose client warns that it cannot reach quotad (and so fails open)
-fails. A sh block with `$ ` prompts is a transcript: each command's stdout must match
+fails. So does one that names a policy (`policy=`, `policy:`, `"policy":`,
+`--policy`) that the daemon it talks to does not define: README.md's config
+when the block names its socket or `--config`, or when $QUOTAD_SOCKET is that
+socket; else the daemon without a config, whose only policy is `default`.
+A sh block with `$ ` prompts is a transcript: each command's stdout must match
 the lines under it, where `...` matches any text (numbers that vary).
 
 The setting is a fresh copy of the repo (the files git knows, as in a clone),
@@ -52,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +73,9 @@ LANGS = {"sh": "sh", "bash": "sh", "shell": "sh", "python": "python", "py": "pyt
          "js": "js", "javascript": "js", "toml": "toml"}
 MARKER = re.compile(r"<!--\s*doctest:\s*(run|continue|background|config|fragment|skip:\s*\S.*?)\s*-->")
 BLOCK_TIMEOUT = 300  # s: a block may install packages from the registries
+# A policy named in code: policy="api", policy: 'api', "policy": "api", --policy api.
+POLICY_NAME = re.compile(r"""\bpolicy["']?\s*[:=]\s*["']([^"']+)["']|--policy[= ]["']?([^\s"']+)""")
+BUILTIN_POLICIES = {"default"}  # `quotad serve` without a config
 
 
 @dataclass
@@ -212,6 +220,7 @@ class World:
             ["redis-server", "--port", "0", "--unixsocket", str(self.redis_sock), "--save", "",
              "--appendonly", "no", "--dir", str(self.tmp)], stdout=subprocess.DEVNULL))
         wait_for("redis-server", self.redis_sock.exists, 10)
+        self.policies = set(tomllib.loads(config).get("policies", {}))
         (self.copy / "quotad.toml").write_text(self.substitute(config))
         self._serve(["--config", "quotad.toml"], self.config_sock)
 
@@ -253,6 +262,7 @@ class Session:
         self.ran = 0
 
     def run(self, block: Block) -> None:
+        self._check_policies(block)
         code = self.world.substitute(block.code)
         if block.lang == "sh" and block.marker == "background":
             self._background(block, code)
@@ -272,6 +282,19 @@ class Session:
         else:
             raise Failure(f"{block.where}: cannot run a {block.lang} block")
         self.ran += 1
+
+    def _check_policies(self, block: Block) -> None:
+        """Fails on a policy the block names that the daemon it talks to does not define."""
+        named = {a or b for a, b in POLICY_NAME.findall(block.code)}
+        if ("/tmp/q/quotad.sock" in block.code or "--config" in block.code
+                or self.env.get("QUOTAD_SOCKET") == str(self.world.config_sock)):
+            defined, daemon = self.world.policies, "README.md's config (the `config` blocks)"
+        else:
+            defined, daemon = BUILTIN_POLICIES, "`quotad serve` without a config"
+        if undefined := sorted(named - defined):
+            raise Failure(f"{block.where}: {', '.join(f'`{n}`' for n in undefined)}: no such policy in "
+                          f"{daemon}, which this block talks to; it defines "
+                          + ", ".join(f"`{p}`" for p in sorted(defined)))
 
     def _check(self, block: Block, argv: list[str], cwd: Path) -> str:
         try:
