@@ -38,7 +38,8 @@ with a project of the user's next to it:
 Two daemons run: `quotad serve` without a config at the default path
 (XDG_RUNTIME_DIR is a private directory; restarted empty for each README),
 and `quotad serve --config quotad.toml` with README.md's config, its Redis
-being a redis-server of the test's own. In every block, `/tmp/q/quotad.sock` (that config's socket) and
+being a redis-server of the test's own (README.md's `serve` blocks
+start them in its place, as a user would). In every block, `/tmp/q/quotad.sock` (that config's socket) and
 `redis://127.0.0.1:6379` become the test's own paths, and `localhost:3000`
 and `localhost:8000` a free port ($PORT). `cargo run --release -- ARGS` and
 `quotad ARGS` run $QUOTAD_BIN (a stand-in `cargo` on PATH: no release
