@@ -10,13 +10,21 @@ a marker, an HTML comment on the line before it (an unmarked one fails the test)
   <!-- doctest: background -->  a server (sh): started, waited for on $PORT, then stopped
                                 with SIGTERM at the end of its README; it must exit, and
                                 leave no process behind, within 10 s
+  <!-- doctest: serve -->       a quotad (sh): like `background`, but waited for on its socket
+                                (the config's with `--config`, else the default path), which
+                                must be gone after SIGTERM; the test's own daemon on that
+                                socket stops for the README (and restarts after it)
   <!-- doctest: config -->      toml: part of the config the README's `quotad serve
                                 --config quotad.toml` runs with (README.md's blocks)
   <!-- doctest: fragment -->    an excerpt, not a whole program: not run
   <!-- doctest: skip: <why> --> not run, for the reason given (the test does it itself)
 
 A block whose client warns that it cannot reach quotad (and so fails open)
-fails. A sh block with `$ ` prompts is a transcript: each command's stdout must match
+fails. So does one that names a policy (`policy=`, `policy:`, `"policy":`,
+`--policy`) that the daemon it talks to does not define: README.md's config
+when the block names its socket or `--config`, or when $QUOTAD_SOCKET is that
+socket; else the daemon without a config, whose only policy is `default`.
+A sh block with `$ ` prompts is a transcript: each command's stdout must match
 the lines under it, where `...` matches any text (numbers that vary).
 
 The setting is a fresh copy of the repo (the files git knows, as in a clone),
@@ -30,7 +38,8 @@ with a project of the user's next to it:
 Two daemons run: `quotad serve` without a config at the default path
 (XDG_RUNTIME_DIR is a private directory; restarted empty for each README),
 and `quotad serve --config quotad.toml` with README.md's config, its Redis
-being a redis-server of the test's own. In every block, `/tmp/q/quotad.sock` (that config's socket) and
+being a redis-server of the test's own (README.md's `serve` blocks
+start them in its place, as a user would). In every block, `/tmp/q/quotad.sock` (that config's socket) and
 `redis://127.0.0.1:6379` become the test's own paths, and `localhost:3000`
 and `localhost:8000` a free port ($PORT). `cargo run --release -- ARGS` and
 `quotad ARGS` run $QUOTAD_BIN (a stand-in `cargo` on PATH: no release
@@ -52,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +76,11 @@ READMES = [
 ]
 LANGS = {"sh": "sh", "bash": "sh", "shell": "sh", "python": "python", "py": "python",
          "js": "js", "javascript": "js", "toml": "toml"}
-MARKER = re.compile(r"<!--\s*doctest:\s*(run|continue|background|config|fragment|skip:\s*\S.*?)\s*-->")
+MARKER = re.compile(r"<!--\s*doctest:\s*(run|continue|background|serve|config|fragment|skip:\s*\S.*?)\s*-->")
 BLOCK_TIMEOUT = 300  # s: a block may install packages from the registries
+# A policy named in code: policy="api", policy: 'api', "policy": "api", --policy api.
+POLICY_NAME = re.compile(r"""\bpolicy["']?\s*[:=]\s*["']([^"']+)["']|--policy[= ]["']?([^\s"']+)""")
+BUILTIN_POLICIES = {"default"}  # `quotad serve` without a config
 
 
 @dataclass
@@ -187,6 +200,7 @@ class World:
         self.config_sock = tmp / "q.sock"
         self.builtin_sock = run_dir / "quotad.sock"
         self.builtin: subprocess.Popen[bytes] | None = None
+        self.configured: subprocess.Popen[bytes] | None = None
 
     def _copy_repo(self) -> None:
         files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -212,16 +226,33 @@ class World:
             ["redis-server", "--port", "0", "--unixsocket", str(self.redis_sock), "--save", "",
              "--appendonly", "no", "--dir", str(self.tmp)], stdout=subprocess.DEVNULL))
         wait_for("redis-server", self.redis_sock.exists, 10)
+        self.policies = set(tomllib.loads(config).get("policies", {}))
         (self.copy / "quotad.toml").write_text(self.substitute(config))
-        self._serve(["--config", "quotad.toml"], self.config_sock)
+        self.start_configured()
 
-    def fresh_builtin(self) -> None:
-        """(Re)starts the daemon without a config: each README starts from an empty memory backend."""
-        if self.builtin is not None:
-            self.builtin.terminate()
-            self.builtin.wait(10)
-            self.procs.remove(self.builtin)
-        self.builtin = self._serve([], self.builtin_sock)
+    def start_configured(self) -> None:
+        self.configured = self._serve(["--config", "quotad.toml"], self.config_sock)
+
+    def stop_configured(self) -> None:
+        """Makes room on the config's socket for a README's own `quotad serve --config`."""
+        self._stop(self.configured)
+        self.configured = None
+
+    def fresh_builtin(self, start: bool = True) -> None:
+        """(Re)starts the daemon without a config: each README starts from an empty memory backend
+        (or, with start=False, from the one its own `serve` block starts)."""
+        self._stop(self.builtin)
+        self.builtin = self._serve([], self.builtin_sock) if start else None
+
+    def serve_socket(self, code: str) -> Path:
+        """Where a README's `quotad serve` block listens."""
+        return self.config_sock if "--config" in code else self.builtin_sock
+
+    def _stop(self, proc: subprocess.Popen[bytes] | None) -> None:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+            self.procs.remove(proc)
 
     def _serve(self, args: list[str], sock: Path) -> subprocess.Popen[bytes]:
         log = open(self.tmp / "quotad.log", "ab")
@@ -249,13 +280,17 @@ class Session:
         self.world = world
         self.path = path
         self.env = dict(world.env)
-        self.servers: list[tuple[Block, subprocess.Popen[bytes], Path]] = []
+        # Each server, and the socket it listens on (None: $PORT).
+        self.servers: list[tuple[Block, subprocess.Popen[bytes], Path, Path | None]] = []
         self.ran = 0
 
     def run(self, block: Block) -> None:
+        self._check_policies(block)
         code = self.world.substitute(block.code)
         if block.lang == "sh" and block.marker == "background":
-            self._background(block, code)
+            self._background(block, code, None)
+        elif block.lang == "sh" and block.marker == "serve":
+            self._background(block, code, self.world.serve_socket(code))
         elif block.lang == "sh" and re.search(r"^\$ ", code, re.M):
             self._transcript(block, code)
         elif block.lang == "sh":
@@ -272,6 +307,19 @@ class Session:
         else:
             raise Failure(f"{block.where}: cannot run a {block.lang} block")
         self.ran += 1
+
+    def _check_policies(self, block: Block) -> None:
+        """Fails on a policy the block names that the daemon it talks to does not define."""
+        named = {a or b for a, b in POLICY_NAME.findall(block.code)}
+        if ("/tmp/q/quotad.sock" in block.code or "--config" in block.code
+                or self.env.get("QUOTAD_SOCKET") == str(self.world.config_sock)):
+            defined, daemon = self.world.policies, "README.md's config (the `config` blocks)"
+        else:
+            defined, daemon = BUILTIN_POLICIES, "`quotad serve` without a config"
+        if undefined := sorted(named - defined):
+            raise Failure(f"{block.where}: {', '.join(f'`{n}`' for n in undefined)}: no such policy in "
+                          f"{daemon}, which this block talks to; it defines "
+                          + ", ".join(f"`{p}`" for p in sorted(defined)))
 
     def _check(self, block: Block, argv: list[str], cwd: Path) -> str:
         try:
@@ -310,20 +358,25 @@ class Session:
                               + "\n--- expected:\n" + "\n".join(want)
                               + "\n--- stderr:\n" + out.stderr.decode(errors="replace"))
 
-    def _background(self, block: Block, code: str) -> None:
+    def _background(self, block: Block, code: str, sock: Path | None) -> None:
         log = self.world.tmp / f"server{block.line}.log"
         proc = subprocess.Popen(["bash", "-c", code], cwd=self.world.copy, env=self.env,
                                 stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        self.servers.append((block, proc, log))
+        self.servers.append((block, proc, log, sock))
+        port = self.world.port
         try:
-            wait_for(f"{block.where} to listen on port {self.world.port}",
-                     lambda: listening(self.world.port), BLOCK_TIMEOUT, lambda: proc.poll() is None)
+            if sock is None:
+                wait_for(f"{block.where} to listen on port {port}", lambda: listening(port),
+                         BLOCK_TIMEOUT, lambda: proc.poll() is None)
+            else:
+                wait_for(f"{block.where} to listen on {sock}", sock.exists, BLOCK_TIMEOUT,
+                         lambda: proc.poll() is None)
         except Failure as e:
             raise Failure(f"{e}\n--- output:\n{log.read_text(errors='replace')}") from None
 
     def close(self) -> None:
         """Stops the README's servers as Ctrl-C would (the whole process group), with SIGTERM."""
-        for block, proc, log in self.servers:
+        for block, proc, log, sock in self.servers:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -335,8 +388,10 @@ class Session:
                 os.killpg(proc.pid, signal.SIGKILL)
                 raise Failure(f"{block.where}: a process was still running 10 s after SIGTERM\n"
                               f"--- output:\n{log.read_text(errors='replace')}")
-            if listening(self.world.port):
+            if sock is None and listening(self.world.port):
                 raise Failure(f"{block.where}: port {self.world.port} still listens after SIGTERM")
+            if sock is not None and sock.exists():
+                raise Failure(f"{block.where}: {sock} is still there after SIGTERM")
         self.servers.clear()
 
 
@@ -370,7 +425,6 @@ def main() -> int:
         try:
             world.start_daemons(config)
             for path in paths:
-                world.fresh_builtin()
                 session = Session(world, path)
                 units: list[Block] = []
                 for b in readmes[path]:
@@ -378,8 +432,13 @@ def main() -> int:
                         if not units or units[-1].lang != b.lang:
                             raise Failure(f"{b.where}: `continue` follows no {b.lang} block")
                         units[-1].code += b.code
-                    elif b.marker in ("run", "background"):
+                    elif b.marker in ("run", "background", "serve"):
                         units.append(Block(b.path, b.line, b.lang, b.marker, b.code))
+                # A README's own `quotad serve` takes the socket of the test's daemon.
+                served = {world.serve_socket(u.code) for u in units if u.marker == "serve"}
+                world.fresh_builtin(start=world.builtin_sock not in served)
+                if world.config_sock in served:
+                    world.stop_configured()
                 t = time.monotonic()
                 try:
                     for unit in units:
@@ -391,6 +450,8 @@ def main() -> int:
                     except Failure as e:
                         print(f"test-docs: FAIL {e}", file=sys.stderr)
                         failed += 1
+                    if world.configured is None:
+                        world.start_configured()
                 print(f"test-docs: {path}: {session.ran} blocks ok ({time.monotonic() - t:.1f} s)")
         except Failure as e:
             print(f"test-docs: FAIL {e}", file=sys.stderr)

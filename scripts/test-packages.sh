@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the clients the way a user gets them, outside the repo, and uses
 # them against a real quotad:
+# - Both packages ship the repo's LICENSE, unchanged.
 # - Node: `npm pack` clients/node, check the tarball's files and exports,
 #   `npm install <tarball>` into a temporary project (a real copy, not a
 #   symlink), and run a check; then examples/express's `npm start`, stopped
@@ -62,8 +63,9 @@ step 120 "npm pack" npm pack ./clients/node --pack-destination "$tmp"
 tgz="$tmp/quotad-$version.tgz"
 [ -f "$tgz" ] || fail "npm pack wrote no $tgz"
 files=$(tar -tzf "$tgz" | sort | tr '\n' ' ')
-want="package/README.md package/express.d.ts package/index.d.ts package/package.json $(cd clients/node && ls src/*.js | sed 's|^|package/|' | sort | tr '\n' ' ')"
+want="package/LICENSE package/README.md package/express.d.ts package/index.d.ts package/package.json $(cd clients/node && ls src/*.js | sed 's|^|package/|' | sort | tr '\n' ' ')"
 [ "$files" = "$(echo "$want" | tr ' ' '\n' | sort | grep . | tr '\n' ' ')" ] || fail "tarball files: $files; expected: $want"
+tar -xOzf "$tgz" package/LICENSE | cmp -s - LICENSE || fail "the tarball's LICENSE differs from the repo's LICENSE"
 
 mkdir "$tmp/app"
 echo '{ "name": "app", "private": true, "type": "module" }' >"$tmp/app/package.json"
@@ -122,6 +124,9 @@ pyversion=$(sed -n 's/^version = "\(.*\)"/\1/p' clients/python/pyproject.toml)
 wheel="$tmp/dist/quotad-$pyversion-py3-none-any.whl"
 [ -f "$wheel" ] || fail "no $wheel: $(ls "$tmp/dist")"
 python3 -m zipfile -l "$wheel" | grep -q 'quotad/py.typed' || fail "the wheel lacks quotad/py.typed"
+license="quotad-$pyversion.dist-info/licenses/LICENSE"
+python3 -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))' \
+  "$wheel" "$license" 2>/dev/null | cmp -s - LICENSE || fail "the wheel's $license is missing or differs from the repo's LICENSE"
 python3 -m venv "$tmp/venv"
 step 300 "pip install the wheel with [fastapi]" "$tmp/venv/bin/pip" install -q --disable-pip-version-check "$wheel[fastapi]"
 where=$(cd "$tmp" && "$tmp/venv/bin/python" -c 'import quotad; print(quotad.__file__)')

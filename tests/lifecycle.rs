@@ -6,7 +6,9 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use common::{Daemon, QUOTAD, Raw, Redis, SOON, code, exists, redis_table, wait_until_blocking};
+use common::{
+    Daemon, QUOTAD, Raw, Redis, SOON, code, exists, free_port, redis_table, wait_until_blocking,
+};
 use serde_json::json;
 
 const POLICY: &str = r#"
@@ -200,6 +202,34 @@ fn redis_down_at_start_does_not_stop_quotad_from_starting() {
     let at = format!("Redis at redis+unix://{}", redis.socket().display());
     assert!(line.contains(&at), "{line}");
     assert!(line.contains("No such file or directory"), "{line}");
+    assert!(
+        line.contains("deciding by each policy's failure mode"),
+        "{line}"
+    );
+}
+
+/// The same over TCP, the issue's case: a port nothing listens on is named
+/// with the OS's "Connection refused".
+#[test]
+fn redis_refusing_tcp_at_start_names_the_address_and_the_os_error() {
+    let port = free_port();
+    let table = format!("[redis]\nurl = \"redis://127.0.0.1:{port}\"\ntimeout_ms = 100\n");
+    let d = Daemon::start(&format!("{table}{POLICY}"));
+    let mut c = Raw::connect(&d.socket());
+    c.send(json!({"id": 1, "op": "check", "tenant": "t", "key": "k"}));
+    let r = c.recv().unwrap();
+    assert_eq!(
+        (r["allowed"].as_bool(), r["degraded"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let line = d.log_line(" not answering (").expect("a start-up line");
+    assert!(
+        line.contains(&format!(
+            "Redis at redis://127.0.0.1:{port} not answering ("
+        )),
+        "{line}"
+    );
+    assert!(line.contains("Connection refused"), "{line}");
     assert!(
         line.contains("deciding by each policy's failure mode"),
         "{line}"
