@@ -52,6 +52,8 @@ else
   fi
 fi
 "$python" -m pip install -q --disable-pip-version-check ${pip_user[@]+"${pip_user[@]}"} -e "clients/python[test]"
+# The tests include a live /metrics scrape read by prometheus_client's
+# OpenMetrics parser (tests/test_metrics.py; it is a [test] dependency).
 (
   cd clients/python
   "$python" -m mypy

@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 missing=()
 # systemd-socket-activate and systemd-analyze (package systemd) run the
 # socket-activation and unit tests; no systemd needs to be running.
-for tool in redis-server redis-cli redis-sentinel psql systemd-socket-activate; do
+# promtool (package prometheus) checks deploy/prometheus/alerts.yml and
+# runs its unit tests; only promtool is used.
+for tool in redis-server redis-cli redis-sentinel psql systemd-socket-activate promtool; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
@@ -18,7 +20,7 @@ if ((${#missing[@]})); then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y \
-    redis-server redis-sentinel postgresql postgresql-client systemd
+    redis-server redis-sentinel postgresql postgresql-client systemd prometheus
 fi
 
 cargo test --locked

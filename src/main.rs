@@ -75,7 +75,8 @@ enum Command {
     /// Is a running quotad healthy? Exit status: 0 it answers and Redis is
     /// up (or not used), 1 it answers but Redis is down (its circuit breaker
     /// is open: decisions follow each policy's failure mode), 2 it cannot be
-    /// reached.
+    /// reached. A slow Redis, or one that fails now and then with the
+    /// breaker still closed, gives 0: see docs/operations.md.
     Health {
         /// Liveness only: exit 0 whenever quotad answers, Redis up or not.
         #[arg(long)]

@@ -1,12 +1,16 @@
 //! Prometheus metrics (`[metrics] listen`), in the text exposition format.
 //!
 //! One registry per process, created on first use: policies compile their
-//! counter handles from it (see [`PolicyMetrics`]), so a handle is an
-//! `Arc` to an atomic looked up once per config load, never per request,
-//! and a SIGHUP reload that recompiles a policy gets the same counters
-//! back. The `stats` counters ([`Stats`]) are read at scrape time.
-//! Labels are policy, rule, op, level and failure mode: all bounded by the
-//! config or the code, never a tenant or a key.
+//! counter handles from it (see [`PolicyMetrics`]) and the router its
+//! latency histograms, so a handle is an `Arc` to an atomic looked up once
+//! per config load, never per request, and a SIGHUP reload that recompiles
+//! a policy gets the same counters back. The `stats` counters ([`Stats`])
+//! are read at scrape time. Labels are policy, rule, op, level and failure
+//! mode: all bounded by the config or the code, never a tenant or a key.
+//!
+//! This module knows label values and counters, not what a policy, a
+//! decision or an op is: those modules hold their handles and say what to
+//! count, so they import this one and it imports none of them.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
@@ -23,14 +27,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::limiter::{DAY_US, Decision, FailureMode, Policy, Rule, RuleKind};
 use crate::stats::Stats;
 
 type Labels = Vec<(&'static str, String)>;
 type Counters = Family<Labels, Counter>;
-
-/// Request ops with a latency histogram, in [`Metrics::latency`] order.
-pub const TIMED_OPS: [&str; 5] = ["check", "check_get", "cache_get", "cache_set", "cache_del"];
 
 pub struct Metrics {
     registry: Registry,
@@ -39,10 +39,10 @@ pub struct Metrics {
     daily_hits: Counters,
     tokens: Counters,
     pub over_limit_local: Counter,
-    /// Degraded check decisions by failure mode: open, closed, local.
-    pub degraded: [Counter; 3],
-    /// Request latency (seconds) by op, in [`TIMED_OPS`] order.
-    pub latency: Vec<Histogram>,
+    /// Degraded check decisions by failure mode.
+    degraded: Counters,
+    /// Request latency (seconds) by op.
+    latency: Family<Labels, Histogram>,
     pub round_trip: Histogram,
     pub batch_ops: Histogram,
     in_flight: Gauge,
@@ -89,24 +89,18 @@ impl Metrics {
             "Denials answered from a shard's over-limit memory, without Redis",
             over_limit_local.clone(),
         );
-        let degraded_family = Counters::default();
+        let degraded = Counters::default();
         r.register(
             "degraded_decisions",
             "Check decisions made by failure mode because Redis could not decide",
-            degraded_family.clone(),
+            degraded.clone(),
         );
-        let degraded = ["open", "closed", "local"]
-            .map(|m| degraded_family.get_or_create_owned(&vec![("failure_mode", m.into())]));
-        let latency_family = Family::<Labels, Histogram>::new_with_constructor(seconds_histogram);
+        let latency = Family::<Labels, Histogram>::new_with_constructor(seconds_histogram);
         r.register(
             "request_duration_seconds",
             "Time from a request's dispatch to its answer, by op",
-            latency_family.clone(),
+            latency.clone(),
         );
-        let latency = TIMED_OPS
-            .iter()
-            .map(|op| latency_family.get_or_create_owned(&vec![("op", op.to_string())]))
-            .collect();
         let round_trip = seconds_histogram();
         r.register(
             "redis_round_trip_seconds",
@@ -147,12 +141,10 @@ impl Metrics {
         }
     }
 
-    pub fn degraded(&self, mode: FailureMode) -> &Counter {
-        &self.degraded[match mode {
-            FailureMode::Open => 0,
-            FailureMode::Closed => 1,
-            FailureMode::Local => 2,
-        }]
+    /// The latency histogram of `op`'s requests (created, so exported, now).
+    pub fn request_duration(&self, op: &str) -> Histogram {
+        self.latency
+            .get_or_create_owned(&vec![("op", op.to_string())])
     }
 
     /// The whole exposition: the registry, then the `stats` counters.
@@ -181,8 +173,8 @@ pub struct PolicyMetrics {
     rejections: Vec<Counter>,
     daily_hits: Counter,
     tokens: Counter,
-    /// The policy has a token bucket (its allowed checks take tokens).
-    has_bucket: bool,
+    /// Of the policy's failure mode.
+    degraded_decisions: Counter,
 }
 
 /// Handles are not part of what a policy is.
@@ -192,8 +184,27 @@ impl PartialEq for PolicyMetrics {
     }
 }
 
+/// One check's answer, as its policy's counters see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Allowed; `near_limit`: with at least 80% used; `tokens` taken from
+    /// token buckets.
+    Allowed { near_limit: bool, tokens: u64 },
+    /// Denied by the rule at index `rule` (`None`: no rule of the policy
+    /// named it); `daily`: that rule is a daily quota.
+    Denied { rule: Option<usize>, daily: bool },
+    /// Answered by failure mode.
+    Degraded,
+}
+
 impl PolicyMetrics {
-    pub fn new(policy: &str, rules: &[Rule]) -> PolicyMetrics {
+    /// The handles of `policy`, whose rules are named `rules` (in order)
+    /// and whose failure mode is named `failure_mode`.
+    pub fn new<'a>(
+        policy: &str,
+        rules: impl IntoIterator<Item = &'a str>,
+        failure_mode: &str,
+    ) -> PolicyMetrics {
         let m = metrics();
         let p = || ("policy", policy.to_string());
         let outcomes = ["within_limit", "near_limit", "over_limit", "degraded"].map(|o| {
@@ -201,10 +212,10 @@ impl PolicyMetrics {
                 .get_or_create_owned(&vec![p(), ("outcome", o.into())])
         });
         let rejections = rules
-            .iter()
+            .into_iter()
             .map(|r| {
                 m.rejections
-                    .get_or_create_owned(&vec![p(), ("rule", r.name.to_string())])
+                    .get_or_create_owned(&vec![p(), ("rule", r.to_string())])
             })
             .collect();
         PolicyMetrics {
@@ -212,42 +223,39 @@ impl PolicyMetrics {
             rejections,
             daily_hits: m.daily_hits.get_or_create_owned(&vec![p()]),
             tokens: m.tokens.get_or_create_owned(&vec![p()]),
-            has_bucket: rules
-                .iter()
-                .any(|r| matches!(r.kind, RuleKind::TokenBucket { .. })),
+            degraded_decisions: m
+                .degraded
+                .get_or_create_owned(&vec![("failure_mode", failure_mode.to_string())]),
         }
     }
 
     /// Counts one check's answer.
-    pub fn count(policy: &Policy, d: &Decision, cost: u64) {
-        let m = &policy.metrics;
-        let outcome = if d.degraded {
-            3
-        } else if !d.allowed {
-            2
-        } else if d.remaining.saturating_mul(5) <= d.limit {
-            1
-        } else {
-            0
-        };
-        m.outcomes[outcome].inc();
-        if d.degraded {
-            return;
-        }
-        if d.allowed {
-            if m.has_bucket {
-                m.tokens.inc_by(cost);
+    pub fn count(&self, answer: Counted) {
+        match answer {
+            Counted::Allowed { near_limit, tokens } => {
+                self.outcomes[usize::from(near_limit)].inc();
+                if tokens > 0 {
+                    self.tokens.inc_by(tokens);
+                }
             }
-        } else if let Some(i) = policy.rules.iter().position(|r| r.name == d.rule) {
-            m.rejections[i].inc();
-            // `daily_quota` compiles to a day-long fixed window.
-            if let RuleKind::FixedWindow {
-                window_us: DAY_US, ..
-            } = policy.rules[i].kind
-            {
-                m.daily_hits.inc();
+            Counted::Denied { rule, daily } => {
+                self.outcomes[2].inc();
+                if let Some(i) = rule {
+                    self.rejections[i].inc();
+                }
+                if daily {
+                    self.daily_hits.inc();
+                }
+            }
+            Counted::Degraded => {
+                self.outcomes[3].inc();
             }
         }
+    }
+
+    /// Counts a decision made by the failure mode (Redis could not decide).
+    pub fn degraded_decision(&self) {
+        self.degraded_decisions.inc();
     }
 }
 
@@ -256,16 +264,16 @@ impl PolicyMetrics {
 #[derive(Debug)]
 pub struct Timer {
     started: Instant,
-    histogram: &'static Histogram,
+    histogram: Histogram,
 }
 
 impl Timer {
-    pub fn start(op: usize) -> Timer {
-        let m = metrics();
-        m.in_flight.inc();
+    /// Starts timing a request whose latency goes to `histogram`.
+    pub fn start(histogram: &Histogram) -> Timer {
+        metrics().in_flight.inc();
         Timer {
             started: Instant::now(),
-            histogram: &m.latency[op],
+            histogram: histogram.clone(),
         }
     }
 

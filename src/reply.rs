@@ -32,9 +32,9 @@ impl ReplyTo {
         }
     }
 
-    /// Observes the request's latency when it is answered.
-    pub fn timed(mut self, timer: Timer) -> Self {
-        self.timer = Some(timer);
+    /// Observes the request's latency when it is answered (if timed).
+    pub fn timed(mut self, timer: Option<Timer>) -> Self {
+        self.timer = timer;
         self
     }
 

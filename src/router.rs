@@ -12,8 +12,12 @@ use crate::admin::Admin;
 use crate::backend::redis::RedisBackend;
 use crate::clock::Clock;
 use crate::config::{Config, Plans};
-use crate::metrics::Timer;
-use crate::protocol::{Body, Hello, LocalOp, Op, Reply, Request, ShardOp, Stats as StatsBody};
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::metrics::{Timer, metrics};
+use crate::protocol::{
+    Answerer, Body, Hello, LocalOp, Op, OpKind, Reply, Request, ShardOp, Stats as StatsBody,
+};
 use crate::quota::Directory;
 use crate::reply::{Replies, ReplyTo};
 use crate::shard::Shards;
@@ -27,6 +31,8 @@ pub struct Router {
     access: Access,
     stats: Arc<Stats>,
     backend: &'static str,
+    /// Latency histograms by [`OpKind::index`], for the ops shards answer.
+    latency: [Option<Histogram>; OpKind::ALL.len()],
 }
 
 /// What a request becomes: an answer now, or one sent later to the
@@ -63,6 +69,9 @@ impl Router {
             access: Access::new(cfg, stats.clone()),
             stats,
             backend,
+            latency: OpKind::ALL.map(|k| {
+                (k.answerer() == Answerer::Shard).then(|| metrics().request_duration(k.name()))
+            }),
         }
     }
 
@@ -84,7 +93,8 @@ impl Router {
         let sent = match req.op {
             Op::Local(op) => return Routed::Ready(Reply::ok(id, self.local(op))),
             Op::Shard(op) => {
-                let timer = Timer::start(self.count(&op));
+                self.count(&op);
+                let timer = self.latency[op.kind().index()].as_ref().map(Timer::start);
                 if !grant.covers(op.tenant()) {
                     let e = self.access.refuse_tenant(grant, op.tenant());
                     return Routed::Ready(Reply::err(id, e));
@@ -129,18 +139,17 @@ impl Router {
         }
     }
 
-    /// Counts a request; returns its op's index in [`crate::metrics::TIMED_OPS`].
-    fn count(&self, op: &ShardOp) -> usize {
+    /// Counts a request in `stats`.
+    fn count(&self, op: &ShardOp) {
         let c = &self.stats.counters;
-        let (counter, index) = match op {
-            ShardOp::Check(_) => (&c.requests_check, 0),
-            ShardOp::CheckGet(..) => (&c.requests_check_get, 1),
-            ShardOp::CacheGet(_) => (&c.requests_cache_get, 2),
-            ShardOp::CacheSet(_) => (&c.requests_cache_set, 3),
-            ShardOp::CacheDel(_) => (&c.requests_cache_del, 4),
+        let counter = match op {
+            ShardOp::Check(_) => &c.requests_check,
+            ShardOp::CheckGet(..) => &c.requests_check_get,
+            ShardOp::CacheGet(_) => &c.requests_cache_get,
+            ShardOp::CacheSet(_) => &c.requests_cache_set,
+            ShardOp::CacheDel(_) => &c.requests_cache_del,
         };
         Stats::add(counter, 1);
-        index
     }
 
     /// Swaps in a reloaded config: plans (shared with the shards and the

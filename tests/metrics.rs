@@ -7,15 +7,25 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
-use common::{Daemon, Redis, SOON, free_port, redis_table, wait_until};
+use bytes::Bytes;
+use common::{Daemon, Postgres, Redis, SOON, free_port, redis_table, wait_until};
 use quotad::client::Client;
 use quotad::limiter::Decision;
+use quotad::protocol::CacheSetArgs;
 
+/// One policy per failure mode: `api` and `daily` open, `shut` closed,
+/// `inproc` local.
 const POLICIES: &str = r#"
 [policies.api]
 rules = [{ name = "burst", kind = "token_bucket", capacity = 5, refill_per_sec = 1 }]
 [policies.daily]
 rules = [{ name = "day", kind = "daily_quota", limit = 2 }]
+[policies.shut]
+failure_mode = "closed"
+rules = [{ name = "minute", kind = "fixed_window", limit = 100, window_ms = 60000 }]
+[policies.inproc]
+failure_mode = "local"
+rules = [{ name = "minute", kind = "fixed_window", limit = 100, window_ms = 60000 }]
 "#;
 
 /// Samples by name and labels as written (`name{a="x",b="y"}`).
@@ -228,7 +238,12 @@ async fn counters_move_by_exactly_what_the_checks_did() {
     let latency = "quotad_request_duration_seconds_count{op=\"check\"}";
     assert_eq!(delta(&m0, &m2, latency), 7.0);
     assert_eq!(delta(&m0, &m2, "quotad_batch_ops_sum"), 6.0);
-    assert!(delta(&m0, &m2, "quotad_redis_round_trip_seconds_count") >= 1.0);
+    // One check at a time: each went alone, in a round trip of its own.
+    assert_eq!(delta(&m0, &m2, "quotad_batch_ops_count"), 6.0);
+    assert_eq!(
+        delta(&m0, &m2, "quotad_redis_round_trip_seconds_count"),
+        6.0
+    );
 
     // A daily quota of 2: the third is denied by it.
     for expect in [true, true, false] {
@@ -269,6 +284,31 @@ async fn counters_move_by_exactly_what_the_checks_did() {
         ),
         0.0
     );
+    // The other failure modes, with the breaker open: `closed` denies and
+    // `local` decides in process, each answer degraded and counted under
+    // its own mode only.
+    for _ in 0..3 {
+        let dec = check(&c, "shut", "k").await;
+        assert!(dec.degraded && !dec.allowed, "{dec:?}");
+    }
+    for _ in 0..2 {
+        let dec = check(&c, "inproc", "k").await;
+        assert!(dec.degraded && dec.allowed, "{dec:?}");
+    }
+    let m5 = scrape(port);
+    let mode = |m: &str| format!("quotad_degraded_decisions_total{{failure_mode=\"{m}\"}}");
+    for (policy, failure_mode, n) in [("shut", "closed", 3.0), ("inproc", "local", 2.0)] {
+        assert_eq!(delta(&m4, &m5, &checks(policy, "degraded")), n, "{policy}");
+        assert_eq!(delta(&m4, &m5, &mode(failure_mode)), n, "{failure_mode}");
+        for o in ["within_limit", "near_limit", "over_limit"] {
+            assert_eq!(delta(&m4, &m5, &checks(policy, o)), 0.0, "{policy} {o}");
+        }
+        let rejected =
+            format!("quotad_rate_limiter_rejections_total{{policy=\"{policy}\",rule=\"minute\"}}");
+        assert_eq!(delta(&m4, &m5, &rejected), 0.0, "{policy}");
+    }
+    assert_eq!(delta(&m4, &m5, &mode("open")), 0.0);
+    assert_eq!(delta(&m4, &m5, &checks("api", "degraded")), 0.0);
 
     redis.restart();
     wait_until("the partition gauge to be 0", SOON, async || {
@@ -345,6 +385,115 @@ async fn gauges_show_requests_waiting_for_redis() {
     assert_eq!(m["quotad_shard_queue_depth"], 0.0);
 }
 
+/// Each cache read and write moves its counter by exactly one.
+#[tokio::test]
+async fn cache_counters_move_by_exactly_what_the_ops_did() {
+    let redis = Redis::start();
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "{}[metrics]\nlisten = \"127.0.0.1:{port}\"\n{POLICIES}",
+        redis_table(&redis)
+    ));
+    let c = d.client().await;
+    let m0 = scrape(port);
+    let set = CacheSetArgs {
+        tenant: "t".into(),
+        key: "a".into(),
+        value: Bytes::from_static(b"v"),
+        ttl_ms: 60_000,
+        stale_ms: 0,
+        tags: vec![],
+    };
+    assert!(!c.cache_set(set).await.unwrap(), "stored, not degraded");
+    assert_eq!(
+        c.cache_get("t", "a", 0).await.unwrap().value.as_deref(),
+        Some(&b"v"[..])
+    );
+    let miss = c.cache_get("t", "b", 0).await.unwrap();
+    assert!(miss.value.is_none() && !miss.fill, "{miss:?}");
+    let fill = c.cache_get("t", "c", 1000).await.unwrap();
+    assert!(fill.value.is_none() && fill.fill, "{fill:?}");
+    assert_eq!(c.cache_del("t", &["a"], &[]).await.unwrap(), 1);
+    let m1 = scrape(port);
+    for (name, n) in [
+        ("quotad_cache_hits_total", 1.0),
+        ("quotad_cache_stale_hits_total", 0.0),
+        ("quotad_cache_misses_total", 2.0),
+        ("quotad_cache_fills_total", 1.0),
+        ("quotad_cache_fill_waits_total", 0.0),
+        ("quotad_cache_invalidations_total", 1.0),
+        (
+            "quotad_request_duration_seconds_count{op=\"cache_set\"}",
+            1.0,
+        ),
+        (
+            "quotad_request_duration_seconds_count{op=\"cache_get\"}",
+            3.0,
+        ),
+        (
+            "quotad_request_duration_seconds_count{op=\"cache_del\"}",
+            1.0,
+        ),
+        ("quotad_request_duration_seconds_count{op=\"check\"}", 0.0),
+    ] {
+        assert_eq!(delta(&m0, &m1, name), n, "{name}");
+    }
+}
+
+/// Tenant quota lookups count per cache level: a cold tenant misses the
+/// local level and the Redis level (then PostgreSQL answers), its next
+/// check hits the local level; a second quotad misses locally and hits the
+/// Redis level the first one filled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_quota_cache_counters_move_per_level() {
+    let (redis, pg) = (Redis::start(), Postgres::start());
+    pg.psql(
+        "CREATE TABLE quotad_tenants (tenant text PRIMARY KEY, plan text NOT NULL, limits jsonb);
+         INSERT INTO quotad_tenants VALUES ('acme', 'pro', NULL);",
+    );
+    let config = |port: u16| {
+        format!(
+            "{}[metrics]\nlisten = \"127.0.0.1:{port}\"\n[quota]\nsource = \"postgres\"\ncache_ttl_ms = 60000\n[quota.postgres]\nurl = {:?}\n{POLICIES}[plans.pro]\n",
+            redis_table(&redis),
+            pg.url()
+        )
+    };
+    let level = |name: &str, level: &str| {
+        format!("quotad_tenant_quota_cache_{name}_total{{level=\"{level}\"}}")
+    };
+    let assert_moved = |before: &Samples, after: &Samples, expected: [f64; 4]| {
+        let series = [
+            level("misses", "local"),
+            level("hits", "local"),
+            level("misses", "redis"),
+            level("hits", "redis"),
+        ];
+        let moved = series.each_ref().map(|s| delta(before, after, s));
+        assert_eq!(moved, expected, "{series:?}");
+    };
+    let (port_a, port_b) = (free_port(), free_port());
+    let (a, b) = (
+        Daemon::start(&config(port_a)),
+        Daemon::start(&config(port_b)),
+    );
+    let (ca, cb) = (a.client().await, b.client().await);
+    let (a0, b0) = (scrape(port_a), scrape(port_b));
+    check(&ca, "api", "k").await; // tenant `t`: unknown to PostgreSQL
+    let a1 = scrape(port_a);
+    assert_moved(&a0, &a1, [1.0, 0.0, 1.0, 0.0]);
+    // `acme`, on the `pro` plan in PostgreSQL, decided by Redis each time.
+    let acme = async |c: &Client| {
+        let d = c.check("acme", "k", Some("api"), 1).await.unwrap();
+        assert!(d.allowed && !d.degraded, "{d:?}");
+    };
+    acme(&ca).await;
+    acme(&ca).await;
+    let a2 = scrape(port_a);
+    assert_moved(&a1, &a2, [1.0, 1.0, 1.0, 0.0]);
+    acme(&cb).await;
+    assert_moved(&b0, &scrape(port_b), [1.0, 0.0, 0.0, 1.0]);
+}
+
 /// Every `quotad_*` name in `text`.
 fn metric_names(text: &str) -> Vec<String> {
     let mut names = Vec::new();
@@ -358,6 +507,141 @@ fn metric_names(text: &str) -> Vec<String> {
         rest = &tail[end..];
     }
     names
+}
+
+/// Each exported series name with the labels its series carry, by label
+/// name: `quotad_checks_total` → {outcome: {within_limit, …}, policy: …}.
+type Exported = BTreeMap<String, BTreeMap<String, std::collections::BTreeSet<String>>>;
+
+fn exported(samples: &Samples) -> Exported {
+    let mut out = Exported::new();
+    for series in samples.keys() {
+        let (name, labels) = match series.split_once('{') {
+            Some((name, labels)) => (name, labels.strip_suffix('}').unwrap()),
+            None => (series.as_str(), ""),
+        };
+        let names = out.entry(name.to_owned()).or_default();
+        for label in split_labels(labels).into_iter().filter(|l| !l.is_empty()) {
+            let (k, v) = label.split_once('=').unwrap();
+            names
+                .entry(k.to_owned())
+                .or_default()
+                .insert(v.trim_matches('"').to_owned());
+        }
+    }
+    out
+}
+
+/// The `label="value"` matchers of each `quotad_*{…}` selector in `expr`
+/// (`=~`, `!=` and `!~` ones left out: they match patterns or absence).
+fn exact_matchers(expr: &str) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for name in metric_names(expr) {
+        let selector = format!("{name}{{");
+        for (at, _) in expr.match_indices(&selector) {
+            let inner = &expr[at + selector.len()..];
+            let inner = &inner[..inner.find('}').expect("a selector ends with }")];
+            for m in split_labels(inner) {
+                let Some((label, value)) = m.split_once('=') else {
+                    continue;
+                };
+                let (label, value) = (label.trim(), value.trim());
+                if label.ends_with('!') || value.starts_with('~') {
+                    continue;
+                }
+                out.push((
+                    name.clone(),
+                    label.to_owned(),
+                    value.trim_matches('"').to_owned(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The label names that `expr` groups or joins by (`by`, `without`, `on`,
+/// `ignoring`) or that `legend` shows (`{{label}}`).
+fn label_names(expr: &str, legend: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for keyword in ["by", "without", "on", "ignoring"] {
+        for (at, _) in expr.match_indices(keyword) {
+            let before = expr[..at].chars().next_back();
+            let after = expr[at + keyword.len()..].trim_start();
+            if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+                || !after.starts_with('(')
+            {
+                continue;
+            }
+            let list = &after[1..after.find(')').unwrap()];
+            out.extend(
+                list.split(',')
+                    .map(|l| l.trim().to_owned())
+                    .filter(|l| !l.is_empty()),
+            );
+        }
+    }
+    let mut rest = legend;
+    while let Some(at) = rest.find("{{") {
+        let end = rest[at..].find("}}").unwrap() + at;
+        out.push(rest[at + 2..end].trim().to_owned());
+        rest = &rest[end..];
+    }
+    out
+}
+
+/// Every matcher and grouping label of `expr` names a label that a series
+/// it queries has, with that value: a query of `outcome="within"` or of a
+/// `failure_mode` never exported would show an empty panel, not an error.
+/// `instance` and `job` come from the scrape, not from quotad.
+fn assert_labels_exported(expr: &str, legend: &str, exported: &Exported) {
+    let queried = metric_names(expr);
+    for (name, label, value) in exact_matchers(expr) {
+        let values = exported[&name].get(&label);
+        assert!(
+            values.is_some_and(|v| v.contains(&value)),
+            "{name}{{{label}=\"{value}\"}} is queried, but {name} has {label}: {values:?} in: {expr}"
+        );
+    }
+    for label in label_names(expr, legend) {
+        let has = |name: &String| exported[name].contains_key(&label);
+        assert!(
+            ["instance", "job"].contains(&label.as_str()) || queried.iter().any(has),
+            "{label} is used, but none of {queried:?} has it, in: {expr}"
+        );
+    }
+}
+
+/// `promtool check rules` and `promtool test rules` (the alerts' unit
+/// tests) where promtool is installed (Debian: `prometheus`).
+fn promtool_checks_the_alerts(root: &std::path::Path) {
+    let Ok(version) = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+    else {
+        println!("SKIPPED: promtool is not installed (apt-get install prometheus)");
+        return;
+    };
+    assert!(version.status.success());
+    for (args, dir) in [
+        (["check", "rules", "alerts.yml"], "deploy/prometheus"),
+        (
+            ["test", "rules", "alerts_test.yml"],
+            "tests/fixtures/prometheus",
+        ),
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(root.join(dir))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// Every `uid` in the dashboard is the datasource variable.
@@ -374,9 +658,10 @@ fn assert_uids_are_variables(v: &serde_json::Value) {
     }
 }
 
-/// The dashboard and the alerts query only metrics a live quotad exports;
-/// the dashboard imports anywhere (a datasource variable, no fixed uid);
-/// the pod example's config is valid.
+/// The dashboard and the alerts query only metrics, labels and label
+/// values a live quotad exports; promtool accepts the alerts and passes
+/// their unit tests; the dashboard imports anywhere (a datasource
+/// variable, no fixed uid); the pod example's config is valid.
 #[tokio::test]
 async fn dashboard_and_alerts_use_only_exported_metrics() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -389,10 +674,7 @@ async fn dashboard_and_alerts_use_only_exported_metrics() {
     ));
     let c = d.client().await;
     check(&c, "api", "k").await;
-    let exported: std::collections::BTreeSet<String> = scrape(port)
-        .keys()
-        .map(|series| series.split('{').next().unwrap().to_owned())
-        .collect();
+    let exported = exported(&scrape(port));
 
     let dashboard: serde_json::Value =
         serde_json::from_str(&read("deploy/grafana/quotad.json")).expect("the dashboard is JSON");
@@ -405,22 +687,39 @@ async fn dashboard_and_alerts_use_only_exported_metrics() {
             && v["query"] == "prometheus"),
         "no datasource variable"
     );
-    let mut queried = Vec::new();
+    let (mut queried, mut labelled) = (Vec::new(), Vec::new());
     for panel in dashboard["panels"].as_array().unwrap() {
         let targets = panel["targets"].as_array().unwrap();
         assert!(!targets.is_empty(), "{} has no query", panel["title"]);
         for t in targets {
-            queried.extend(metric_names(t["expr"].as_str().unwrap()));
+            let expr = t["expr"].as_str().unwrap();
+            queried.extend(metric_names(expr));
+            labelled.push((
+                expr.to_owned(),
+                t["legendFormat"].as_str().unwrap_or("").to_owned(),
+            ));
         }
     }
-    queried.extend(metric_names(&read("deploy/prometheus/alerts.yml")));
+    let alerts = read("deploy/prometheus/alerts.yml");
+    queried.extend(metric_names(&alerts));
+    labelled.push((alerts, String::new()));
     assert!(queried.len() > 20, "{queried:?}");
     for name in &queried {
         assert!(
-            exported.contains(name),
-            "{name} is queried but not exported: {exported:?}"
+            exported.contains_key(name),
+            "{name} is queried but not exported: {:?}",
+            exported.keys()
         );
     }
+    let matchers: usize = labelled.iter().map(|(e, _)| exact_matchers(e).len()).sum();
+    assert!(
+        matchers >= 3,
+        "the alerts match outcome=\"over_limit\" three times"
+    );
+    for (expr, legend) in &labelled {
+        assert_labels_exported(expr, legend, &exported);
+    }
+    promtool_checks_the_alerts(root);
 
     let pod = read("deploy/kubernetes/sidecar.yaml");
     let toml: String = pod

@@ -9,7 +9,6 @@ use serde::Deserialize;
 use super::{ConfigError, IDENT_RULE, invalid, is_ident};
 use crate::error::Error;
 use crate::limiter::{DAY_US, FailureMode, Policy, Rule, RuleKind};
-use crate::metrics::PolicyMetrics;
 
 /// Largest `limit` or `capacity`, and largest rule span in µs: they keep the
 /// script's arithmetic exact in Lua's doubles.
@@ -76,13 +75,12 @@ pub(crate) fn compile_policy(name: &str, p: &PolicyConfig) -> Result<Policy, Con
             kind: compile_rule(&at, r)?,
         });
     }
-    Ok(Policy {
-        metrics: PolicyMetrics::new(name, &rules),
-        name: name.into(),
+    Ok(Policy::new(
+        name,
         rules,
-        failure_mode: p.failure_mode,
-        closed_retry_after_ms: p.closed_retry_after_ms,
-    })
+        p.failure_mode,
+        p.closed_retry_after_ms,
+    ))
 }
 
 /// The configured kinds, by name, with the fields each one takes.

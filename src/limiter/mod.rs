@@ -9,6 +9,7 @@ pub mod algorithm;
 use std::sync::Arc;
 
 use crate::error::Error;
+use crate::metrics::{Counted, PolicyMetrics};
 use algorithm::{Eval, State, ceil_ms};
 
 /// Microseconds in one UTC day: a daily quota is a fixed window of one day,
@@ -58,6 +59,17 @@ pub enum FailureMode {
     Local,
 }
 
+impl FailureMode {
+    /// As configured, and as the `failure_mode` metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            FailureMode::Open => "open",
+            FailureMode::Closed => "closed",
+            FailureMode::Local => "local",
+        }
+    }
+}
+
 /// A list of rules decided together: if any denies, none is charged.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -66,10 +78,26 @@ pub struct Policy {
     pub failure_mode: FailureMode,
     /// `retry_after_ms` of a `closed` failure answer.
     pub closed_retry_after_ms: u64,
-    pub metrics: crate::metrics::PolicyMetrics,
+    /// Its counters, looked up once here rather than per check.
+    pub metrics: PolicyMetrics,
 }
 
 impl Policy {
+    pub fn new(
+        name: &str,
+        rules: Vec<Rule>,
+        failure_mode: FailureMode,
+        closed_retry_after_ms: u64,
+    ) -> Policy {
+        Policy {
+            metrics: PolicyMetrics::new(name, rules.iter().map(|r| &*r.name), failure_mode.name()),
+            name: name.into(),
+            rules,
+            failure_mode,
+            closed_retry_after_ms,
+        }
+    }
+
     /// A policy `p` of one rule `r`: one unit per fixed second.
     #[cfg(test)]
     pub fn one_per_second() -> Policy {
@@ -80,12 +108,41 @@ impl Policy {
                 window_us: 1_000_000,
             },
         }];
-        Policy {
-            name: "p".into(),
-            metrics: crate::metrics::PolicyMetrics::new("p", &rules),
-            rules,
-            failure_mode: FailureMode::Open,
-            closed_retry_after_ms: 1000,
+        Policy::new("p", rules, FailureMode::Open, 1000)
+    }
+
+    /// Counts one answer `d` to a check of `cost` in the policy's metrics.
+    pub fn count(&self, d: &Decision, cost: u64) {
+        self.metrics.count(self.counted(d, cost));
+    }
+
+    fn counted(&self, d: &Decision, cost: u64) -> Counted {
+        if d.degraded {
+            return Counted::Degraded;
+        }
+        if d.allowed {
+            let bucket = self
+                .rules
+                .iter()
+                .any(|r| matches!(r.kind, RuleKind::TokenBucket { .. }));
+            return Counted::Allowed {
+                near_limit: d.remaining.saturating_mul(5) <= d.limit,
+                tokens: if bucket { cost } else { 0 },
+            };
+        }
+        let rule = self.rules.iter().position(|r| r.name == d.rule);
+        Counted::Denied {
+            rule,
+            // `daily_quota` compiles to a day-long fixed window.
+            daily: rule.is_some_and(|i| {
+                matches!(
+                    self.rules[i].kind,
+                    RuleKind::FixedWindow {
+                        window_us: DAY_US,
+                        ..
+                    }
+                )
+            }),
         }
     }
 
@@ -228,5 +285,86 @@ impl Check {
             .iter()
             .map(|r| keys.rule(&self.tenant, &self.policy.name, &r.name, &self.key))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_counts_as_its_outcome_rule_and_tokens() {
+        let rule = |name: &str, kind| Rule {
+            name: name.into(),
+            kind,
+        };
+        let p = Policy::new(
+            "counted",
+            vec![
+                rule(
+                    "burst",
+                    RuleKind::TokenBucket {
+                        capacity: 10,
+                        interval_us: 1000,
+                    },
+                ),
+                rule(
+                    "day",
+                    RuleKind::FixedWindow {
+                        limit: 10,
+                        window_us: DAY_US,
+                    },
+                ),
+            ],
+            FailureMode::Closed,
+            1000,
+        );
+        let answer = |allowed, remaining, rule: &str, degraded| Decision {
+            allowed,
+            limit: 10,
+            remaining,
+            reset_ms: 0,
+            retry_after_ms: 0,
+            degraded,
+            rule: rule.into(),
+        };
+        let allowed = |near_limit| Counted::Allowed {
+            near_limit,
+            tokens: 3,
+        };
+        assert_eq!(
+            p.counted(&answer(true, 3, "burst", false), 3),
+            allowed(false)
+        );
+        assert_eq!(
+            p.counted(&answer(true, 2, "burst", false), 3),
+            allowed(true)
+        );
+        assert_eq!(
+            p.counted(&answer(false, 0, "burst", false), 3),
+            Counted::Denied {
+                rule: Some(0),
+                daily: false
+            }
+        );
+        assert_eq!(
+            p.counted(&answer(false, 0, "day", false), 3),
+            Counted::Denied {
+                rule: Some(1),
+                daily: true
+            }
+        );
+        assert_eq!(
+            p.counted(&answer(false, 0, "day", true), 3),
+            Counted::Degraded
+        );
+        let no_bucket = Policy::one_per_second();
+        assert_eq!(
+            no_bucket.counted(&answer(true, 9, "r", false), 1),
+            Counted::Allowed {
+                near_limit: false,
+                tokens: 0
+            }
+        );
     }
 }

@@ -445,6 +445,42 @@ mod tests {
         assert_eq!((id, e.as_str()), (0, "bad_request: missing field `id`"));
     }
 
+    /// A valid request of `kind`. The match is exhaustive, so a new op
+    /// cannot be added without a sample here, and so without this test.
+    fn sample(kind: OpKind) -> Vec<u8> {
+        use rmpv::Value;
+        let s = |v: &str| Value::from(v);
+        let mut fields = vec![(s("id"), Value::from(1)), (s("op"), s(kind.name()))];
+        let t = (s("tenant"), s("t"));
+        let k = (s("key"), s("k"));
+        fields.extend(match kind {
+            OpKind::Hello | OpKind::Stats | OpKind::TenantList => vec![],
+            OpKind::Check | OpKind::CacheGet => vec![t, k],
+            OpKind::CheckGet => vec![t, k, (s("cache_key"), s("c"))],
+            OpKind::CacheSet => vec![
+                t,
+                k,
+                (s("value"), Value::Binary(b"v".to_vec())),
+                (s("ttl_ms"), Value::from(10)),
+            ],
+            OpKind::CacheDel => vec![t, (s("keys"), Value::Array(vec![s("k")]))],
+            OpKind::TenantGet | OpKind::TenantDelete => vec![t],
+            OpKind::TenantSet => vec![t, (s("plan"), s("p"))],
+        });
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, &Value::Map(fields)).unwrap();
+        out
+    }
+
+    #[test]
+    fn every_kind_decodes_into_itself_for_its_answerer() {
+        for kind in OpKind::ALL {
+            let req = decode(&sample(kind), &LIMITS).unwrap_or_else(|e| panic!("{kind:?}: {e:?}"));
+            assert_eq!(req.op.kind(), kind);
+            assert_eq!(req.op.answerer(), kind.answerer(), "{kind:?}");
+        }
+    }
+
     #[test]
     fn only_a_non_map_or_malformed_frame_is_fatal() {
         for f in [

@@ -23,7 +23,7 @@ use crate::limiter::Decision;
 pub use decode::{DecodeError, decode};
 pub use encode::{encode_reply, encode_request};
 pub use fields::{ReplyFields, TenantFields, WireError};
-pub use op::{AdminOp, LocalOp, OPS, Op, OpKind, ShardOp};
+pub use op::{AdminOp, Answerer, LocalOp, OPS, Op, OpKind, ShardOp};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -3,59 +3,73 @@
 //! request's tenant ([`ShardOp`]), or the admin side ([`AdminOp`]). So no
 //! handler ever meets an op that is not its own.
 //!
-//! Every op's name is written once, in [`OpKind::name`]: `hello` lists
-//! [`OPS`], the decoder looks names up through [`OpKind::from_name`], and
-//! the compiler checks that each kind is decoded and named.
+//! Every op is written once, in the op table below: its kind, its name and
+//! who answers it. `hello` lists [`OPS`], the decoder looks names up
+//! through [`OpKind::from_name`] and must decode every kind (an exhaustive
+//! match), and per-op tables such as the latency histograms are indexed by
+//! [`OpKind::index`].
 
 use super::{CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs};
 use crate::config::TenantRecord;
 
-/// Every op, without its fields.
+/// The op table: each op's kind, its name on the wire and who answers it,
+/// written once. [`OpKind`], [`OpKind::ALL`], [`OpKind::name`] and
+/// [`OpKind::answerer`] are generated from it, so a kind cannot be added
+/// without being listed, named and given an answerer.
+macro_rules! op_table {
+    ($($kind:ident => $name:literal, $answerer:ident;)+) => {
+        /// Every op, without its fields.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum OpKind {
+            $($kind,)+
+        }
+
+        impl OpKind {
+            /// In the order `hello` lists them, which is also [`OpKind::index`] order.
+            pub const ALL: [OpKind; [$($name),+].len()] = [$(OpKind::$kind),+];
+
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(OpKind::$kind => $name,)+
+                }
+            }
+
+            /// Who answers the op (the [`Op`] variant it decodes into).
+            pub const fn answerer(self) -> Answerer {
+                match self {
+                    $(OpKind::$kind => Answerer::$answerer,)+
+                }
+            }
+        }
+    };
+}
+
+op_table! {
+    Hello => "hello", Local;
+    Check => "check", Shard;
+    CacheGet => "cache_get", Shard;
+    CacheSet => "cache_set", Shard;
+    CacheDel => "cache_del", Shard;
+    CheckGet => "check_get", Shard;
+    Stats => "stats", Local;
+    TenantGet => "tenant_get", Admin;
+    TenantSet => "tenant_set", Admin;
+    TenantDelete => "tenant_delete", Admin;
+    TenantList => "tenant_list", Admin;
+}
+
+/// Who answers an op: the variants of [`Op`], without their ops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpKind {
-    Hello,
-    Check,
-    CacheGet,
-    CacheSet,
-    CacheDel,
-    CheckGet,
-    Stats,
-    TenantGet,
-    TenantSet,
-    TenantDelete,
-    TenantList,
+pub enum Answerer {
+    Local,
+    Shard,
+    Admin,
 }
 
 impl OpKind {
-    /// In the order `hello` lists them.
-    pub const ALL: [OpKind; 11] = [
-        OpKind::Hello,
-        OpKind::Check,
-        OpKind::CacheGet,
-        OpKind::CacheSet,
-        OpKind::CacheDel,
-        OpKind::CheckGet,
-        OpKind::Stats,
-        OpKind::TenantGet,
-        OpKind::TenantSet,
-        OpKind::TenantDelete,
-        OpKind::TenantList,
-    ];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            OpKind::Hello => "hello",
-            OpKind::Check => "check",
-            OpKind::CacheGet => "cache_get",
-            OpKind::CacheSet => "cache_set",
-            OpKind::CacheDel => "cache_del",
-            OpKind::CheckGet => "check_get",
-            OpKind::Stats => "stats",
-            OpKind::TenantGet => "tenant_get",
-            OpKind::TenantSet => "tenant_set",
-            OpKind::TenantDelete => "tenant_delete",
-            OpKind::TenantList => "tenant_list",
-        }
+    /// The kind's place in [`OpKind::ALL`]: a table index for per-op data.
+    pub const fn index(self) -> usize {
+        self as usize
     }
 
     pub fn from_name(name: &str) -> Option<OpKind> {
@@ -115,6 +129,14 @@ pub enum AdminOp {
 }
 
 impl Op {
+    pub fn answerer(&self) -> Answerer {
+        match self {
+            Op::Local(_) => Answerer::Local,
+            Op::Shard(_) => Answerer::Shard,
+            Op::Admin(_) => Answerer::Admin,
+        }
+    }
+
     pub fn kind(&self) -> OpKind {
         match self {
             Op::Local(LocalOp::Hello) => OpKind::Hello,
@@ -195,5 +217,12 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), OPS.len());
         assert_eq!(OpKind::from_name("fly"), None);
+    }
+
+    #[test]
+    fn the_index_of_a_kind_is_its_place_in_all() {
+        for (i, kind) in OpKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind.index(), i, "{kind:?}");
+        }
     }
 }

@@ -13,7 +13,6 @@ use tokio::time::Instant;
 use super::Shard;
 use crate::backend::{Job, Outcome};
 use crate::limiter::{Check, Decision, FailureMode};
-use crate::metrics::{PolicyMetrics, metrics};
 use crate::protocol::{Body, Lookup};
 use crate::reply::ReplyTo;
 use crate::stats::Stats;
@@ -37,7 +36,7 @@ impl Shard {
         if let (Job::Check(c) | Job::CheckGet(c, _), Body::Decision(d) | Body::CheckLookup(d, _)) =
             (&job, &body)
         {
-            PolicyMetrics::count(&c.policy, d, c.cost);
+            c.policy.count(d, c.cost);
         }
         self.learn(&job, &body);
         if let Some(reply) = reply {
@@ -67,7 +66,7 @@ impl Shard {
 
     /// The decision when Redis cannot decide.
     fn failure_decision(&mut self, check: &Check) -> Decision {
-        metrics().degraded(check.policy.failure_mode).inc();
+        check.policy.metrics.degraded_decision();
         match check.policy.failure_mode {
             FailureMode::Open | FailureMode::Closed => Decision::failed(&check.policy),
             FailureMode::Local => {

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use crate::backend::{Backend, Job, MemoryBackend, Outcome, RedisBackend};
 use crate::config::Plans;
 use crate::error::Error;
-use crate::metrics::{PolicyMetrics, metrics};
+use crate::metrics::metrics;
 use crate::protocol::{Body, ShardOp};
 use crate::quota::Directory;
 use crate::reply::ReplyTo;
@@ -207,7 +207,7 @@ impl Shard {
         {
             Stats::add(&self.stats.counters.denied_locally, 1);
             metrics().over_limit_local.inc();
-            PolicyMetrics::count(&c.policy, &d, c.cost);
+            c.policy.count(&d, c.cost);
             let body = match job {
                 Job::CheckGet(..) => Body::CheckLookup(d, None),
                 _ => Body::Decision(d),
