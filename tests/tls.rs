@@ -155,6 +155,50 @@ async fn sentinels_and_their_master_with_mutual_tls() {
     assert!(set.master.cli(&["DBSIZE"]).parse::<u64>().unwrap() >= 10);
 }
 
+/// `tls_server_name`: a certificate only for `redis.test`, reached at
+/// 127.0.0.1, is checked against that name, by the checks and by the
+/// tenant-change subscription, with mutual TLS, and again after Redis
+/// restarts. Without the name, or with another, start-up fails.
+#[tokio::test]
+async fn tls_server_name_checks_the_certificate_against_that_name() {
+    let certs = Certs::generate_for("DNS:redis.test");
+    let mut redis = Redis::start_tls(&certs, true, &[]);
+    let url = format!("url = {:?}", redis.tcp_url());
+    let named = |name: &str| {
+        let table = redis_table(&certs, &format!("{url}\n{name}"), &MUTUAL);
+        table + "[quota]\nsource = \"redis\"\n"
+    };
+    let d = Daemon::start(&named("tls_server_name = \"redis.test\""));
+    checks_reach_redis(&d, 5).await;
+    let subscribed = || {
+        redis
+            .cli(&["PUBSUB", "CHANNELS"])
+            .contains("tenant-changes")
+    };
+    common::wait_until_blocking("the tenant-change subscription", SOON, subscribed);
+    redis.restart();
+    wait_until("checks decided by the restarted Redis", SOON, async || {
+        let r = d.client().await.check("again", "k", None, 1).await.unwrap();
+        !r.degraded
+    })
+    .await;
+
+    let ca = certs.path("ca.crt").display().to_string();
+    for (key, name) in [
+        ("", "127.0.0.1"),
+        ("tls_server_name = \"other.test\"", "other.test"),
+    ] {
+        let (status, log) = Daemon::start_fails(&named(key));
+        assert_eq!(status.code(), Some(2), "{log}");
+        let wanted = format!(
+            "Redis TLS: the server's certificate is not trusted with tls_ca_file {ca}: \
+             invalid peer certificate: certificate not valid for name \"{name}\"; \
+             certificate is only valid for DnsName(\"redis.test\")"
+        );
+        assert!(log.contains(&wanted), "{log}");
+    }
+}
+
 #[tokio::test]
 async fn tls_insecure_checks_no_certificate_and_says_so() {
     let certs = Certs::generate();

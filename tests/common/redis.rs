@@ -16,6 +16,8 @@ pub struct Redis {
     pub port: u16,
     /// The TLS port (0: none).
     pub tls_port: u16,
+    /// Extra `redis-server` arguments, kept for [`Redis::restart`].
+    args: Vec<String>,
 }
 
 impl Redis {
@@ -32,8 +34,9 @@ impl Redis {
             dir,
             port,
             tls_port: 0,
+            args: extra.iter().map(|s| s.to_string()).collect(),
         };
-        r.spawn(extra);
+        r.spawn();
         r
     }
 
@@ -78,7 +81,7 @@ impl Redis {
         format!("redis+unix://{}", self.socket().display())
     }
 
-    fn spawn(&mut self, extra: &[&str]) {
+    fn spawn(&mut self) {
         let mut cmd = Command::new(require("redis-server"));
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .arg("--unixsocket")
@@ -86,7 +89,7 @@ impl Redis {
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(self.dir.path())
-            .args(extra)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         self.child = Some(cmd.spawn().expect("starting redis-server"));
@@ -122,11 +125,11 @@ impl Redis {
         }
     }
 
-    /// Starts Redis again on the same socket and port, empty, and waits
-    /// until it answers `PING`.
+    /// Starts Redis again on the same socket and ports and with the same
+    /// arguments, empty, and waits until it answers `PING`.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn(&[]);
+        self.spawn();
     }
 
     /// Runs a command through `redis-cli`; returns its trimmed output.

@@ -20,6 +20,12 @@ pub struct Certs {
 
 impl Certs {
     pub fn generate() -> Certs {
+        Certs::generate_for("IP:127.0.0.1,DNS:localhost")
+    }
+
+    /// The same with a server certificate for `names` only (a
+    /// `subjectAltName`, e.g. `DNS:redis.test`).
+    pub fn generate_for(names: &str) -> Certs {
         let c = Certs {
             dir: Arc::new(tempfile::tempdir().unwrap()),
         };
@@ -27,7 +33,7 @@ impl Certs {
         c.ca("other-ca");
         c.leaf(
             "server",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+            &format!("subjectAltName={names}\nextendedKeyUsage=serverAuth,clientAuth\n"),
         );
         c.leaf("client", "extendedKeyUsage=clientAuth\n");
 
