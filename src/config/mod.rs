@@ -322,6 +322,11 @@ mod tests {
                 .contains("redis.tls_insecure")
         );
         assert!(redis("url = 'rediss://h/#insecure'").contains("tls_insecure = true"));
+        let named = "tls_server_name = 'redis.test'";
+        assert!(Config::from_toml(&format!("[redis]\n{tls}{named}")).is_ok());
+        assert!(redis(&format!("cluster = ['rediss://a:1']\n{named}")).contains("only with `url`"));
+        assert!(redis(&format!("url = 'redis://h'\n{named}")).contains("needs a `rediss://`"));
+        assert!(redis(&format!("{tls}tls_server_name = 'a b'")).contains("is not a DNS name"));
         let mixed = "cluster = ['rediss://a:1', 'redis://b:1']";
         assert!(redis(mixed).contains("every address is `rediss://`"));
         assert!(

@@ -57,6 +57,9 @@ pub struct RedisConfig {
     /// Accept any server certificate (warned about loudly at start).
     #[serde(default)]
     pub tls_insecure: bool,
+    /// The name the server's certificate must carry (and the SNI sent),
+    /// when `url` is an IP address or another name. Only with `url`.
+    pub tls_server_name: Option<String>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -215,6 +218,33 @@ impl RedisConfig {
         Ok(())
     }
 
+    fn validate_server_name(&self, name: &str, tls: usize) -> Result<(), ConfigError> {
+        let field = "redis.tls_server_name";
+        if self.url.is_none() {
+            return Err(invalid(
+                field,
+                "only with `url`: a Cluster's nodes and a Sentinel's master are reached \
+                 by the addresses they announce (see docs/config.md)",
+            ));
+        }
+        if tls == 0 {
+            return Err(invalid(field, "needs a `rediss://` address"));
+        }
+        if self.tls_insecure {
+            return Err(invalid(
+                field,
+                "`tls_insecure` checks no certificate, so the name would be unused",
+            ));
+        }
+        if rustls::pki_types::ServerName::try_from(name).is_err() {
+            return Err(invalid(
+                field,
+                format!("`{name}` is not a DNS name or an IP address"),
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_tls(&self) -> Result<(), ConfigError> {
         let tls = self
             .all_urls()
@@ -251,6 +281,9 @@ impl RedisConfig {
                 "redis.tls_cert_file",
                 "goes with `tls_key_file`: give both or neither",
             ));
+        }
+        if let Some(name) = &self.tls_server_name {
+            self.validate_server_name(name, tls)?;
         }
         if self.all_urls().any(|u| u.ends_with("#insecure")) {
             return Err(invalid(

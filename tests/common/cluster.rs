@@ -1,32 +1,44 @@
 //! A 3-master Redis Cluster on loopback TCP ports, made of [`Redis`]
-//! nodes; dropping it kills every node (SIGKILL).
+//! nodes, plain or TLS only (its bus too); dropping it kills every node
+//! (SIGKILL).
 
 use std::process::Command;
 
-use super::{Redis, SOON, require, wait_until_blocking};
+use super::{Certs, Redis, SOON, require, wait_until_blocking};
 
 pub struct Cluster {
     pub nodes: Vec<Redis>,
 }
 
+const NODE: [&str; 4] = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
+
 impl Cluster {
-    /// Starts the nodes, joins them with `redis-cli --cluster create` and
-    /// waits until each reports `cluster_state:ok`.
     pub fn start() -> Cluster {
-        let ports = cluster_ports(3);
-        let nodes: Vec<Redis> = ports
-            .iter()
-            .map(|&p| {
-                Redis::start_with(
-                    p,
-                    &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
-                )
-            })
+        let nodes = cluster_ports(3)
+            .into_iter()
+            .map(|p| Redis::start_with(p, &NODE))
             .collect();
-        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        Cluster::join(nodes, &[])
+    }
+
+    /// A Cluster over TLS only (`--tls-cluster yes`); clients must show a
+    /// certificate if `auth_clients`.
+    pub fn start_tls(certs: &Certs, auth_clients: bool) -> Cluster {
+        let nodes = cluster_ports(3)
+            .into_iter()
+            .map(|p| Redis::start_tls_on(p, certs, auth_clients, &NODE))
+            .collect();
+        Cluster::join(nodes, &certs.cli_args())
+    }
+
+    /// Joins the nodes with `redis-cli <cli_args> --cluster create` and
+    /// waits until each reports `cluster_state:ok`.
+    fn join(nodes: Vec<Redis>, cli_args: &[String]) -> Cluster {
+        let addrs = nodes.iter().map(|n| format!("127.0.0.1:{}", n.tcp_port()));
         let out = Command::new(require("redis-cli"))
+            .args(cli_args)
             .args(["--cluster", "create"])
-            .args(&addrs)
+            .args(addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .output()
             .expect("redis-cli --cluster create");
@@ -44,10 +56,7 @@ impl Cluster {
     }
 
     pub fn urls(&self) -> Vec<String> {
-        self.nodes
-            .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
-            .collect()
+        self.nodes.iter().map(Redis::tcp_url).collect()
     }
 }
 

@@ -24,6 +24,8 @@ pub struct Daemon {
     pub stderr: Log,
     /// Copies stderr into `stderr`; ends when quotad exits.
     reader: Option<JoinHandle<()>>,
+    /// Variables set in quotad's environment.
+    env: Vec<(String, String)>,
 }
 
 type Log = Arc<Mutex<Vec<String>>>;
@@ -33,6 +35,32 @@ impl Daemon {
     /// the socket: keys before `body`'s first table header are `[server]`
     /// keys. Returns once quotad listens.
     pub fn start(body: &str) -> Daemon {
+        Daemon::start_with_env(body, &[])
+    }
+
+    /// [`Daemon::start`] with these variables in quotad's environment.
+    pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Daemon {
+        let env: Vec<(String, String)> = (env.iter())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut d = Daemon::launch(body, env);
+        d.wait_ready();
+        d
+    }
+
+    /// Starts quotad with `body` (as [`Daemon::start`]) and expects it to
+    /// exit during start-up: its exit status and its log.
+    pub fn start_fails(body: &str) -> (ExitStatus, String) {
+        let mut d = Daemon::launch(body, vec![]);
+        let status = d.wait_exit();
+        if let Some(reader) = d.reader.take() {
+            let _ = reader.join(); // the whole log: the pipe has ended
+        }
+        let log = d.stderr.lock().unwrap().join("\n");
+        (status, log)
+    }
+
+    fn launch(body: &str, env: Vec<(String, String)>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("quotad.sock");
         let config = format!(
@@ -40,15 +68,14 @@ impl Daemon {
             socket.display().to_string()
         );
         std::fs::write(dir.path().join("quotad.toml"), config).unwrap();
-        let (child, stderr, reader) = launch(dir.path());
-        let mut d = Daemon {
+        let (child, stderr, reader) = launch(dir.path(), &env);
+        Daemon {
             child,
             dir,
             stderr,
             reader: Some(reader),
-        };
-        d.wait_ready();
-        d
+            env,
+        }
     }
 
     /// Waits until quotad listens (panics, with its log, if it exited).
@@ -84,7 +111,7 @@ impl Daemon {
     /// Starts quotad again (after [`Daemon::kill`]) with the same config
     /// and socket; returns once it listens.
     pub fn restart(&mut self) {
-        let (child, stderr, reader) = launch(self.dir.path());
+        let (child, stderr, reader) = launch(self.dir.path(), &self.env);
         self.child = child;
         self.stderr = stderr;
         self.reader = Some(reader);
@@ -156,14 +183,15 @@ impl Daemon {
     }
 }
 
-/// Starts `quotad serve` on `dir/quotad.toml`, with a thread collecting
-/// its log.
-fn launch(dir: &Path) -> (Child, Log, JoinHandle<()>) {
+/// Starts `quotad serve` on `dir/quotad.toml` with `env` added to its
+/// environment, and a thread collecting its log.
+fn launch(dir: &Path, env: &[(String, String)]) -> (Child, Log, JoinHandle<()>) {
     let mut child = Command::new(QUOTAD)
         .arg("serve")
         .arg("--config")
         .arg(dir.join("quotad.toml"))
         .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

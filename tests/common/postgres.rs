@@ -1,24 +1,44 @@
 //! A PostgreSQL server of our own (from Debian's packages): a fresh
-//! cluster in a temp dir, on a Unix socket only. As root, it runs as the
-//! `postgres` user. [`Postgres::stop`] shuts it down fast (SIGINT);
-//! dropping it kills it (SIGKILL).
+//! cluster in a temp dir, on a Unix socket only, or also on 127.0.0.1
+//! with TLS required. As root, it runs as the `postgres` user.
+//! [`Postgres::stop`] shuts it down fast (SIGINT); dropping it kills it
+//! (SIGKILL).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use tempfile::TempDir;
 
-use super::{SOON, free_port, wait_until_blocking};
+use super::{Certs, SOON, free_port, wait_until_blocking};
 
 pub struct Postgres {
     child: Option<Child>,
     dir: TempDir,
     pub port: u16,
+    /// Listening on 127.0.0.1 with TLS too.
+    tls: bool,
 }
 
+/// Over TCP: TLS and a password (scram) only, so a plain connection is
+/// refused; over the Unix socket: trusted, for [`Postgres::psql`].
+const TLS_HBA: &str = "local all all trust\n\
+                       hostssl all all 127.0.0.1/32 scram-sha-256\n\
+                       hostnossl all all 127.0.0.1/32 reject\n";
+
 impl Postgres {
-    /// Runs `initdb`, starts the server and waits until it answers.
     pub fn start() -> Postgres {
+        Postgres::start_with(None)
+    }
+
+    /// Also on 127.0.0.1:`port`, with `ssl = on` and `certs`' server
+    /// certificate (for `127.0.0.1` and `localhost`); TCP clients need TLS
+    /// and a password.
+    pub fn start_tls(certs: &Certs) -> Postgres {
+        Postgres::start_with(Some(certs))
+    }
+
+    /// Runs `initdb`, starts the server and waits until it answers.
+    fn start_with(tls: Option<&Certs>) -> Postgres {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
@@ -43,29 +63,41 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some(certs) = tls {
+            for name in ["server.crt", "server.key"] {
+                install(&data, name, &std::fs::read(certs.path(name)).unwrap());
+            }
+            install(&data, "pg_hba.conf", TLS_HBA.as_bytes());
+        }
         let mut pg = Postgres {
             child: None,
             dir,
             port: free_port(),
+            tls: tls.is_some(),
         };
         pg.spawn();
         pg
     }
 
     fn spawn(&mut self) {
-        let child = as_postgres(&postgres_bin("postgres"))
-            .arg("-D")
+        let mut cmd = as_postgres(&postgres_bin("postgres"));
+        cmd.arg("-D")
             .arg(self.dir.path().join("data"))
             .arg("-k")
             .arg(self.dir.path())
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-c",
-                "listen_addresses=",
-                "-c",
-                "fsync=off",
-            ])
+            .args(["-p", &self.port.to_string(), "-c", "fsync=off"]);
+        if self.tls {
+            cmd.args(["-c", "listen_addresses=127.0.0.1", "-c", "ssl=on"])
+                .args([
+                    "-c",
+                    "ssl_cert_file=server.crt",
+                    "-c",
+                    "ssl_key_file=server.key",
+                ]);
+        } else {
+            cmd.args(["-c", "listen_addresses="]);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -142,6 +174,23 @@ fn postgres_bin(name: &str) -> PathBuf {
         .expect("a PostgreSQL version")
         .join("bin")
         .join(name)
+}
+
+/// Writes the server's own copy of a file into its data directory:
+/// private, and owned by it (PostgreSQL wants its key so).
+fn install(data: &Path, name: &str, contents: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    let to = data.join(name);
+    std::fs::write(&to, contents).unwrap();
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if is_root() {
+        let status = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&to)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
 }
 
 fn is_root() -> bool {

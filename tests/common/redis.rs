@@ -1,17 +1,23 @@
 //! A `redis-server` of our own: on a Unix socket in a temp dir (and a TCP
-//! port if asked), no persistence. Dropping it kills it (SIGKILL).
+//! port if asked, plain or TLS only), no persistence. Dropping it kills it
+//! (SIGKILL).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use tempfile::TempDir;
 
-use super::{SOON, require, wait_until_blocking};
+use super::{Certs, SOON, free_port, require, wait_until_blocking};
 
 pub struct Redis {
     child: Option<Child>,
     dir: TempDir,
+    /// The plain TCP port (0: none).
     pub port: u16,
+    /// The TLS port (0: none).
+    pub tls_port: u16,
+    /// Extra `redis-server` arguments, kept for [`Redis::restart`].
+    args: Vec<String>,
 }
 
 impl Redis {
@@ -27,9 +33,44 @@ impl Redis {
             child: None,
             dir,
             port,
+            tls_port: 0,
+            args: extra.iter().map(|s| s.to_string()).collect(),
         };
-        r.spawn(extra);
+        r.spawn();
         r
+    }
+
+    /// A Redis that speaks only TLS over TCP (plain text on its Unix socket,
+    /// for [`Redis::cli`]); clients must show a certificate if `auth_clients`.
+    pub fn start_tls(certs: &Certs, auth_clients: bool, extra: &[&str]) -> Redis {
+        Redis::start_tls_on(free_port(), certs, auth_clients, extra)
+    }
+
+    /// [`Redis::start_tls`] on `tls_port`.
+    pub fn start_tls_on(tls_port: u16, certs: &Certs, auth_clients: bool, extra: &[&str]) -> Redis {
+        let mut args = certs.redis_args(tls_port, auth_clients);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut r = Redis::start_with(0, &args);
+        r.tls_port = tls_port;
+        r
+    }
+
+    /// The TCP port clients use: the TLS one if there is one.
+    pub fn tcp_port(&self) -> u16 {
+        if self.tls_port != 0 {
+            self.tls_port
+        } else {
+            self.port
+        }
+    }
+
+    /// `redis://` or `rediss://` (TLS) on [`Redis::tcp_port`].
+    pub fn tcp_url(&self) -> String {
+        match self.tls_port {
+            0 => format!("redis://127.0.0.1:{}", self.port),
+            p => format!("rediss://127.0.0.1:{p}"),
+        }
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -40,7 +81,7 @@ impl Redis {
         format!("redis+unix://{}", self.socket().display())
     }
 
-    fn spawn(&mut self, extra: &[&str]) {
+    fn spawn(&mut self) {
         let mut cmd = Command::new(require("redis-server"));
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .arg("--unixsocket")
@@ -48,7 +89,7 @@ impl Redis {
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(self.dir.path())
-            .args(extra)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         self.child = Some(cmd.spawn().expect("starting redis-server"));
@@ -84,11 +125,11 @@ impl Redis {
         }
     }
 
-    /// Starts Redis again on the same socket and port, empty, and waits
-    /// until it answers `PING`.
+    /// Starts Redis again on the same socket and ports and with the same
+    /// arguments, empty, and waits until it answers `PING`.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn(&[]);
+        self.spawn();
     }
 
     /// Runs a command through `redis-cli`; returns its trimmed output.

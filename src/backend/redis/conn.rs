@@ -18,6 +18,7 @@ use redis::{
 };
 use tokio::sync::{Mutex, OnceCell};
 
+use super::named::{Named, named_pubsub};
 use crate::config::{ConfigError, RedisConfig, Secret, SecretSource};
 
 /// The connection, rebuilt when a password file changes (SIGHUP).
@@ -36,6 +37,8 @@ type Secrets = (Option<Secret>, Option<Secret>);
 enum Topology {
     /// One Redis (multiplexed, reconnecting by itself).
     Single(ConnectionManager),
+    /// One Redis whose certificate is checked against `tls_server_name`.
+    Named(Box<Named>),
     /// Redis Cluster; connected on first use, so quotad starts (and fails
     /// open) while the cluster is still down.
     Cluster(Box<(ClusterClient, OnceCell<ClusterConnection>)>),
@@ -178,7 +181,7 @@ pub fn trust_anchors(cfg: &RedisConfig) -> String {
 }
 
 /// The certificates of `[redis]`: its CA and client certificate files.
-fn certificates(cfg: &RedisConfig) -> Result<Option<TlsCertificates>, ConfigError> {
+pub(super) fn certificates(cfg: &RedisConfig) -> Result<Option<TlsCertificates>, ConfigError> {
     if !cfg.uses_tls() || cfg.tls_insecure {
         return Ok(None);
     }
@@ -201,7 +204,7 @@ fn certificates(cfg: &RedisConfig) -> Result<Option<TlsCertificates>, ConfigErro
 
 /// The connection info of `url` with `[redis]`'s user, password and TLS
 /// settings.
-fn connection_info(
+pub(super) fn connection_info(
     cfg: &RedisConfig,
     url: &str,
     password: Option<&Secret>,
@@ -247,6 +250,10 @@ impl Topology {
             .set_connection_timeout(Some(timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(cfg.probe_interval_ms));
+        if let (Some(url), Some(name)) = (&cfg.url, &cfg.tls_server_name) {
+            let named = Named::new(cfg, name, url, password.as_ref(), timeout)?;
+            return Ok(Topology::Named(Box::new(named)));
+        }
         if let Some(url) = &cfg.url {
             return Ok(Topology::Single(ConnectionManager::new_lazy_with_config(
                 client(cfg, url, password.as_ref())?,
@@ -284,6 +291,7 @@ impl Topology {
         let n = cmds.len();
         match self {
             Topology::Single(cm) => pipeline(cm, cmds).await,
+            Topology::Named(named) => named.run(cmds).await,
             Topology::Cluster(cluster) => {
                 let (client, cell) = &**cluster;
                 let conn = match cell.get_or_try_init(|| client.get_async_connection()).await {
@@ -371,6 +379,9 @@ pub async fn pubsub(cfg: &RedisConfig) -> RedisResult<redis::aio::PubSub> {
         )),
     };
     let (password, sentinel_password) = read_secrets(cfg).map_err(|e| setup(e.into()))?;
+    if let (Some(url), Some(name)) = (&cfg.url, &cfg.tls_server_name) {
+        return named_pubsub(cfg, name, url, password.as_ref()).await;
+    }
     let client = match (&cfg.url, cfg.cluster.first()) {
         (Some(url), _) | (None, Some(url)) => client(cfg, url, password.as_ref()).map_err(setup)?,
         (None, None) => {
@@ -403,14 +414,18 @@ impl Sentinel {
 
 /// An error after which the master may have moved.
 fn master_lost(e: &RedisError) -> bool {
-    e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_timeout()
-        || e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+    connection_lost(e) || e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
 }
 
-async fn pipeline(cm: &ConnectionManager, cmds: Vec<Cmd>) -> Vec<RedisResult<Value>> {
+/// An error after which the connection is not to be used again.
+pub(super) fn connection_lost(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}
+
+pub(super) async fn pipeline<C>(conn: &C, cmds: Vec<Cmd>) -> Vec<RedisResult<Value>>
+where
+    C: redis::aio::ConnectionLike + Clone,
+{
     let n = cmds.len();
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
@@ -418,7 +433,7 @@ async fn pipeline(cm: &ConnectionManager, cmds: Vec<Cmd>) -> Vec<RedisResult<Val
         pipe.add_command(c);
     }
     match pipe
-        .query_async::<Vec<RedisResult<Value>>>(&mut cm.clone())
+        .query_async::<Vec<RedisResult<Value>>>(&mut conn.clone())
         .await
     {
         Ok(results) if results.len() == n => results,
