@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tests the Python and Node client shims against a real quotad and a real
 # Redis (each suite starts its own redis-server and quotad on temporary
-# sockets and stops them). Run from anywhere; needs python3 (3.10+), node
+# sockets and stops them). Run from anywhere; needs python3 (3.10+; the docs
+# test, scripts/test-docs.py, needs 3.11+ for tomllib, as Debian 12 has), node
 # (20+) with npm, and redis-server; installs the packages' dependencies from
 # PyPI and the npm registry.
 set -euo pipefail

@@ -49,6 +49,17 @@ fn http(port: u16, request: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// A daemon on `redis` with the test policies, serving metrics; and the
+/// metrics port.
+fn serving_metrics(redis: &Redis) -> (Daemon, u16) {
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "{}[metrics]\nlisten = \"127.0.0.1:{port}\"\n{POLICIES}",
+        redis_table(redis)
+    ));
+    (d, port)
+}
+
 fn scrape(port: u16) -> Samples {
     let (status, body) = http(port, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(status, 200, "{body}");
@@ -185,11 +196,7 @@ fn outcome(d: &Decision) -> &'static str {
 #[tokio::test]
 async fn counters_move_by_exactly_what_the_checks_did() {
     let mut redis = Redis::start();
-    let port = free_port();
-    let d = Daemon::start(&format!(
-        "{}[metrics]\nlisten = \"127.0.0.1:{port}\"\n{POLICIES}",
-        redis_table(&redis)
-    ));
+    let (d, port) = serving_metrics(&redis);
     let c = d.client().await;
     let m0 = scrape(port);
     assert_eq!(m0["quotad_datastore_partitioned"], 0.0);
@@ -389,11 +396,7 @@ async fn gauges_show_requests_waiting_for_redis() {
 #[tokio::test]
 async fn cache_counters_move_by_exactly_what_the_ops_did() {
     let redis = Redis::start();
-    let port = free_port();
-    let d = Daemon::start(&format!(
-        "{}[metrics]\nlisten = \"127.0.0.1:{port}\"\n{POLICIES}",
-        redis_table(&redis)
-    ));
+    let (d, port) = serving_metrics(&redis);
     let c = d.client().await;
     let m0 = scrape(port);
     let set = CacheSetArgs {
@@ -667,11 +670,7 @@ async fn dashboard_and_alerts_use_only_exported_metrics() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
     let redis = Redis::start();
-    let port = free_port();
-    let d = Daemon::start(&format!(
-        "{}[metrics]\nlisten = \"127.0.0.1:{port}\"\n{POLICIES}",
-        redis_table(&redis)
-    ));
+    let (d, port) = serving_metrics(&redis);
     let c = d.client().await;
     check(&c, "api", "k").await;
     let exported = exported(&scrape(port));
