@@ -74,7 +74,7 @@ impl Encoder<&Reply> for FrameCodec {
     fn encode(&mut self, reply: &Reply, dst: &mut BytesMut) -> io::Result<()> {
         let at = dst.len();
         dst.put_u32(0);
-        protocol::encode_reply(reply, &mut dst.writer());
+        protocol::encode_reply(reply, dst);
         let len = (dst.len() - at - 4) as u32;
         dst[at..at + 4].copy_from_slice(&len.to_be_bytes());
         Ok(())

@@ -40,14 +40,19 @@ pub enum DecodeError {
 
 /// Decodes one request frame (without its length prefix).
 pub fn decode(frame: &[u8], limits: &Limits) -> Result<Request, DecodeError> {
-    let mut de = rmp_serde::Deserializer::new(frame);
+    // Read in place: strings are borrowed from the frame rather than
+    // copied into the deserializer's own buffer first. The borrowing
+    // reader cannot say where it stopped, so trailing bytes are found by
+    // measuring the first value beforehand.
+    let whole = first_value_len(frame).is_none_or(|n| n == frame.len());
+    let mut de = rmp_serde::Deserializer::from_read_ref(frame);
     de.set_max_depth(MAX_DEPTH);
     let mut raw = RawRequest::deserialize(&mut de).map_err(|e| {
         DecodeError::Fatal(Error::bad_request(format!(
             "a frame must hold one MessagePack map with string keys: {e}"
         )))
     })?;
-    if !de.get_ref().is_empty() {
+    if !whole {
         return Err(DecodeError::Fatal(Error::bad_request(
             "trailing bytes after the request map",
         )));
@@ -61,6 +66,51 @@ pub fn decode(frame: &[u8], limits: &Limits) -> Result<Request, DecodeError> {
     };
     raw.into_request(id, limits)
         .map_err(|error| DecodeError::Request { id, error })
+}
+
+/// The length in bytes of the MessagePack value `b` starts with, or `None`
+/// if `b` holds no whole one. Iterative, so nesting costs no stack; a
+/// claimed element count past the bytes left fails at once.
+fn first_value_len(b: &[u8]) -> Option<usize> {
+    let (mut at, mut pending) = (0usize, 1usize);
+    let be = |at: usize, n: usize| -> Option<usize> {
+        let bytes = b.get(at..at + n)?;
+        Some(bytes.iter().fold(0usize, |v, &x| (v << 8) | x as usize))
+    };
+    while pending > 0 {
+        pending -= 1;
+        let m = *b.get(at)?;
+        at += 1;
+        // (header bytes, payload bytes, child values) after the marker.
+        let (head, payload, children) = match m {
+            0x00..=0x7f | 0xc0 | 0xc2 | 0xc3 | 0xe0..=0xff => (0, 0, 0),
+            0x80..=0x8f => (0, 0, 2 * (m & 0x0f) as usize),
+            0x90..=0x9f => (0, 0, (m & 0x0f) as usize),
+            0xa0..=0xbf => (0, (m & 0x1f) as usize, 0),
+            0xc4 | 0xd9 => (1, be(at, 1)?, 0),
+            0xc5 | 0xda => (2, be(at, 2)?, 0),
+            0xc6 | 0xdb => (4, be(at, 4)?, 0),
+            0xc7 => (2, be(at, 1)?, 0),
+            0xc8 => (3, be(at, 2)?, 0),
+            0xc9 => (5, be(at, 4)?, 0),
+            0xca => (0, 4, 0),
+            0xcb => (0, 8, 0),
+            0xcc..=0xcf => (0, 1 << (m - 0xcc), 0),
+            0xd0..=0xd3 => (0, 1 << (m - 0xd0), 0),
+            0xd4..=0xd8 => (0, 1 + (1 << (m - 0xd4)), 0),
+            0xdc => (2, 0, be(at, 2)?),
+            0xdd => (4, 0, be(at, 4)?),
+            0xde => (2, 0, 2 * be(at, 2)?),
+            0xdf => (4, 0, 2 * be(at, 4)?),
+            0xc1 => return None,
+        };
+        at = at.checked_add(head + payload)?;
+        pending = pending.checked_add(children)?;
+        if at > b.len() || pending > b.len() - at {
+            return None;
+        }
+    }
+    Some(at)
 }
 
 fn type_error(field: &str, wanted: &str, got: Option<&Field>) -> String {
@@ -494,10 +544,65 @@ mod tests {
                 "{f:?}"
             );
         }
-        let mut ok = frame(&serde_json::json!({"id": 1, "op": "hello"}));
+        let ok = frame(&serde_json::json!({"id": 1, "op": "hello"}));
         assert!(decode(&ok, &LIMITS).is_ok());
-        ok.push(0);
-        assert!(matches!(decode(&ok, &LIMITS), Err(DecodeError::Fatal(_))));
+        // Trailing bytes: a whole value, a cut one, one claiming more
+        // elements than there are bytes.
+        for tail in [
+            &[0x00][..],
+            &[0xcc],
+            &[0xd9, 0x05, b'a'],
+            &[0xdd, 0xff, 0xff, 0xff, 0xff],
+        ] {
+            let f = [&ok[..], tail].concat();
+            let e = decode(&f, &LIMITS);
+            assert!(
+                matches!(&e, Err(DecodeError::Fatal(e)) if e.to_string().contains("trailing bytes")),
+                "{tail:?}: {e:?}"
+            );
+        }
+    }
+
+    /// The measured length is where a full decoder stops, for values of
+    /// every marker.
+    #[test]
+    fn first_value_len_ends_where_the_value_does() {
+        use rmpv::Value;
+        let values = [
+            Value::Nil,
+            Value::from(true),
+            Value::from(5),
+            Value::from(-3),
+            Value::from(-100),
+            Value::from(300),
+            Value::from(70_000),
+            Value::from(u64::MAX),
+            Value::from(i64::MIN),
+            Value::from(1.5f32),
+            Value::from(2.5f64),
+            Value::from("x".repeat(31)),
+            Value::from("x".repeat(200)),
+            Value::from("x".repeat(70_000)),
+            Value::Binary(vec![1; 300]),
+            Value::Ext(3, vec![1; 1]),
+            Value::Ext(3, vec![1; 16]),
+            Value::Ext(3, vec![1; 17]),
+            Value::Array(vec![Value::from(1); 20]),
+            Value::Map(vec![
+                (Value::from("k"), Value::Array(vec![Value::Nil; 3]));
+                17
+            ]),
+        ];
+        for v in values {
+            let mut b = Vec::new();
+            rmpv::encode::write_value(&mut b, &v).unwrap();
+            assert_eq!(first_value_len(&b), Some(b.len()), "{v:?}");
+            assert_eq!(first_value_len(&b[..b.len() - 1]), None, "{v:?} cut");
+            b.push(0xc0);
+            assert_eq!(first_value_len(&b), Some(b.len() - 1), "{v:?} + nil");
+        }
+        assert_eq!(first_value_len(&[0xc1]), None);
+        assert_eq!(first_value_len(&[]), None);
     }
 
     #[test]

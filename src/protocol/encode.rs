@@ -2,11 +2,13 @@
 //!
 //! Each message is first listed as `(name, value)` pairs, so the map's
 //! length is exact and the field order fixed (the golden frames pin it).
+//! The pairs are written straight into the output buffer in the smallest
+//! MessagePack form of each value, as rmp does: a reply goes out for every
+//! request, and serde's generic path cost more than the rest of a check.
 
 use std::collections::BTreeMap;
 
-use serde::ser::{SerializeMap, SerializeSeq};
-use serde::{Serialize, Serializer};
+use bytes::BufMut;
 
 use super::{
     AdminOp, Body, CheckArgs, Lookup, OPS, Op, PROTOCOL_VERSION, Reply, Request, ShardOp,
@@ -32,86 +34,168 @@ enum Val<'a> {
     Error(&'a Error),
 }
 
-impl Serialize for Val<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+impl Val<'_> {
+    fn write(&self, out: &mut impl BufMut) {
         match self {
-            Val::Bool(b) => s.serialize_bool(*b),
-            Val::U64(n) => s.serialize_u64(*n),
-            Val::Str(v) => s.serialize_str(v),
-            Val::String(v) => s.serialize_str(v),
-            Val::Bin(v) => s.serialize_bytes(v),
-            Val::Strs(v) => v.serialize(s),
-            Val::Ops => OPS.serialize(s),
+            Val::Bool(b) => out.put_u8(if *b { 0xc3 } else { 0xc2 }),
+            Val::U64(n) => uint(out, *n),
+            Val::Str(v) => string(out, v),
+            Val::String(v) => string(out, v),
+            Val::Bin(v) => bin(out, v),
+            Val::Strs(v) => strs(out, v.iter().map(String::as_str), v.len()),
+            Val::Ops => strs(out, OPS.iter().copied(), OPS.len()),
             Val::Counters(c) => {
-                let mut m = s.serialize_map(Some(c.len()))?;
+                map_len(out, c.len());
                 for (k, v) in c.iter() {
-                    m.serialize_entry(k, v)?;
+                    string(out, k);
+                    uint(out, *v);
                 }
-                m.end()
             }
             Val::Numbers(n) => {
-                let mut m = s.serialize_map(Some(n.len()))?;
+                map_len(out, n.len());
                 for (k, v) in n.iter() {
-                    m.serialize_entry(k, &Number(*v))?;
+                    string(out, k);
+                    number(out, *v);
                 }
-                m.end()
             }
             Val::Tenants(all) => {
-                let mut seq = s.serialize_seq(Some(all.len()))?;
+                len(out, all.len(), 0x90, 0xdc);
                 for (tenant, r) in all.iter() {
-                    let fields = vec![
-                        ("tenant", Val::Str(tenant)),
-                        ("plan", Val::Str(&r.plan)),
-                        ("limits", Val::Numbers(&r.limits)),
-                    ];
-                    seq.serialize_element(&Map(fields))?;
+                    write_map(
+                        out,
+                        &[
+                            ("tenant", Val::Str(tenant)),
+                            ("plan", Val::Str(&r.plan)),
+                            ("limits", Val::Numbers(&r.limits)),
+                        ],
+                    );
                 }
-                seq.end()
             }
-            Val::Error(e) => {
-                let mut m = s.serialize_map(Some(2))?;
-                m.serialize_entry("code", e.code())?;
-                m.serialize_entry("message", &e.to_string())?;
-                m.end()
-            }
+            Val::Error(e) => write_map(
+                out,
+                &[
+                    ("code", Val::Str(e.code())),
+                    ("message", Val::String(e.to_string())),
+                ],
+            ),
         }
+    }
+}
+
+/// An array or map length: `fix` holds up to 15, then 16 or 32 bits.
+fn len(out: &mut impl BufMut, n: usize, fix: u8, marker16: u8) {
+    if n < 16 {
+        out.put_u8(fix | n as u8);
+    } else if let Ok(n) = u16::try_from(n) {
+        out.put_u8(marker16);
+        out.put_u16(n);
+    } else {
+        out.put_u8(marker16 + 1);
+        out.put_u32(n as u32);
+    }
+}
+
+fn map_len(out: &mut impl BufMut, n: usize) {
+    len(out, n, 0x80, 0xde);
+}
+
+fn uint(out: &mut impl BufMut, n: u64) {
+    match n {
+        0..=0x7f => out.put_u8(n as u8),
+        0x80..=0xff => {
+            out.put_u8(0xcc);
+            out.put_u8(n as u8);
+        }
+        0x100..=0xffff => {
+            out.put_u8(0xcd);
+            out.put_u16(n as u16);
+        }
+        0x1_0000..=0xffff_ffff => {
+            out.put_u8(0xce);
+            out.put_u32(n as u32);
+        }
+        _ => {
+            out.put_u8(0xcf);
+            out.put_u64(n);
+        }
+    }
+}
+
+/// A negative integer.
+fn negative(out: &mut impl BufMut, n: i64) {
+    if n >= -32 {
+        out.put_i8(n as i8);
+    } else if let Ok(n) = i8::try_from(n) {
+        out.put_u8(0xd0);
+        out.put_i8(n);
+    } else if let Ok(n) = i16::try_from(n) {
+        out.put_u8(0xd1);
+        out.put_i16(n);
+    } else if let Ok(n) = i32::try_from(n) {
+        out.put_u8(0xd2);
+        out.put_i32(n);
+    } else {
+        out.put_u8(0xd3);
+        out.put_i64(n);
+    }
+}
+
+/// A number on the wire: an integer when it is whole.
+fn number(out: &mut impl BufMut, n: f64) {
+    if n.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(&n) {
+        uint(out, n as u64)
+    } else if n.fract() == 0.0 && n >= i64::MIN as f64 && n < 0.0 {
+        negative(out, n as i64)
+    } else {
+        out.put_u8(0xcb);
+        out.put_f64(n);
+    }
+}
+
+/// A string or binary's length past the fixed forms: 8, 16 or 32 bits.
+fn sized(out: &mut impl BufMut, n: usize, marker8: u8) {
+    if let Ok(n) = u8::try_from(n) {
+        out.put_u8(marker8);
+        out.put_u8(n);
+    } else if let Ok(n) = u16::try_from(n) {
+        out.put_u8(marker8 + 1);
+        out.put_u16(n);
+    } else {
+        out.put_u8(marker8 + 2);
+        out.put_u32(n as u32);
+    }
+}
+
+fn string(out: &mut impl BufMut, s: &str) {
+    if s.len() < 32 {
+        out.put_u8(0xa0 | s.len() as u8);
+    } else {
+        sized(out, s.len(), 0xd9);
+    }
+    out.put_slice(s.as_bytes());
+}
+
+fn bin(out: &mut impl BufMut, b: &[u8]) {
+    sized(out, b.len(), 0xc4);
+    out.put_slice(b);
+}
+
+fn strs<'s>(out: &mut impl BufMut, all: impl Iterator<Item = &'s str>, n: usize) {
+    len(out, n, 0x90, 0xdc);
+    for s in all {
+        string(out, s);
+    }
+}
+
+fn write_map(out: &mut impl BufMut, fields: &[(&str, Val)]) {
+    map_len(out, fields.len());
+    for (k, v) in fields {
+        string(out, k);
+        v.write(out);
     }
 }
 
 type Fields<'a> = Vec<(&'static str, Val<'a>)>;
-
-/// A number on the wire: an integer when it is whole.
-struct Number(f64);
-
-impl Serialize for Number {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let n = self.0;
-        if n.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(&n) {
-            s.serialize_u64(n as u64)
-        } else if n.fract() == 0.0 && n >= i64::MIN as f64 && n < 0.0 {
-            s.serialize_i64(n as i64)
-        } else {
-            s.serialize_f64(n)
-        }
-    }
-}
-
-/// Fields written as a nested map.
-struct Map<'a>(Fields<'a>);
-
-impl Serialize for Map<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
-            m.serialize_entry(k, v)?;
-        }
-        m.end()
-    }
-}
-
-fn write_map<S: Serializer>(s: S, fields: Fields) -> Result<S::Ok, S::Error> {
-    Map(fields).serialize(s)
-}
 
 fn decision<'a>(f: &mut Fields<'a>, d: &'a Decision) {
     f.extend([
@@ -139,8 +223,8 @@ fn lookup<'a>(f: &mut Fields<'a>, l: &'a Lookup) {
     }
 }
 
-impl Serialize for Reply {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+impl Reply {
+    fn write(&self, out: &mut impl BufMut) {
         let mut f: Fields = Vec::with_capacity(16);
         f.push(("id", Val::U64(self.id)));
         f.push(("ok", Val::Bool(self.body.is_ok())));
@@ -188,12 +272,12 @@ impl Serialize for Reply {
             Ok(Body::Removed(existed)) => f.push(("deleted", Val::U64(u64::from(*existed)))),
             Ok(Body::Tenants(all)) => f.push(("tenants", Val::Tenants(all))),
         }
-        write_map(s, f)
+        write_map(out, &f)
     }
 }
 
-impl Serialize for Request {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+impl Request {
+    fn write(&self, out: &mut impl BufMut) {
         let mut f: Fields = Vec::with_capacity(10);
         f.push(("id", Val::U64(self.id)));
         f.push(("op", Val::Str(self.op.name())));
@@ -250,7 +334,7 @@ impl Serialize for Request {
             }
             Op::Admin(AdminOp::TenantList) => {}
         }
-        write_map(s, f)
+        write_map(out, &f)
     }
 }
 
@@ -262,17 +346,97 @@ fn check_fields<'a>(f: &mut Fields<'a>, c: &'a CheckArgs) {
     f.push(("cost", Val::U64(c.cost)));
 }
 
-/// Writes one reply, as a MessagePack map, to `out`.
-pub fn encode_reply(reply: &Reply, out: &mut impl std::io::Write) {
-    let mut ser = rmp_serde::Serializer::new(out);
-    reply
-        .serialize(&mut ser)
-        .expect("serializing into memory cannot fail");
+/// Appends one reply, as a MessagePack map, to `out`.
+pub fn encode_reply(reply: &Reply, out: &mut impl BufMut) {
+    reply.write(out);
 }
 
 /// Appends one request, as a MessagePack map, to `out`.
-pub fn encode_request(req: &Request, out: &mut Vec<u8>) {
-    let mut ser = rmp_serde::Serializer::new(out);
-    req.serialize(&mut ser)
-        .expect("serializing into memory cannot fail");
+pub fn encode_request(req: &Request, out: &mut impl BufMut) {
+    req.write(out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ours(v: Val) -> Vec<u8> {
+        let mut out = Vec::new();
+        v.write(&mut out);
+        out
+    }
+
+    /// Every form at and around each size boundary is the one rmp writes.
+    #[test]
+    fn each_value_is_written_as_rmp_writes_it() {
+        for n in [
+            0u64,
+            127,
+            128,
+            255,
+            256,
+            65535,
+            65536,
+            u32::MAX as u64,
+            u32::MAX as u64 + 1,
+            u64::MAX,
+        ] {
+            assert_eq!(ours(Val::U64(n)), rmp_serde::to_vec(&n).unwrap(), "{n}");
+        }
+        for b in [true, false] {
+            assert_eq!(ours(Val::Bool(b)), rmp_serde::to_vec(&b).unwrap());
+        }
+        for len in [0, 31, 32, 255, 256, 65535, 65536] {
+            let s = "x".repeat(len);
+            assert_eq!(
+                ours(Val::Str(&s)),
+                rmp_serde::to_vec(&s).unwrap(),
+                "str {len}"
+            );
+            let b: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut want = Vec::new();
+            rmpv::encode::write_value(&mut want, &rmpv::Value::Binary(b.clone())).unwrap();
+            assert_eq!(ours(Val::Bin(&b)), want, "bin {len}");
+        }
+        for len in [0, 15, 16, 65535, 65536] {
+            let v: Vec<String> = vec!["a".into(); len];
+            assert_eq!(
+                ours(Val::Strs(&v)),
+                rmp_serde::to_vec(&v).unwrap(),
+                "array {len}"
+            );
+            let m: BTreeMap<String, f64> = (0..len).map(|i| (i.to_string(), 1.0)).collect();
+            let want: BTreeMap<String, u64> = m.keys().map(|k| (k.clone(), 1)).collect();
+            assert_eq!(
+                ours(Val::Numbers(&m)),
+                rmp_serde::to_vec(&want).unwrap(),
+                "map {len}"
+            );
+        }
+        for n in [
+            -1i64,
+            -32,
+            -33,
+            -128,
+            -129,
+            -32768,
+            -32769,
+            i32::MIN as i64,
+            i32::MIN as i64 - 1,
+            i64::MIN,
+        ] {
+            let m = BTreeMap::from([("n".to_owned(), n as f64)]);
+            let want = BTreeMap::from([("n", n)]);
+            assert_eq!(
+                ours(Val::Numbers(&m)),
+                rmp_serde::to_vec(&want).unwrap(),
+                "{n}"
+            );
+        }
+        let m = BTreeMap::from([("n".to_owned(), 0.5)]);
+        assert_eq!(
+            ours(Val::Numbers(&m)),
+            rmp_serde::to_vec(&BTreeMap::from([("n", 0.5)])).unwrap()
+        );
+    }
 }
