@@ -44,18 +44,23 @@ pub struct ConnLimits {
 }
 
 /// The frame codec: a 4-byte big-endian length, then the body. Request
-/// bodies come out as bytes; replies are encoded straight into the write
-/// buffer.
-pub struct FrameCodec(LengthDelimitedCodec);
+/// bodies come out as bytes; a reply is written into a buffer kept from
+/// reply to reply, then copied into the write buffer whole (one copy, where
+/// writing each small piece into the `BytesMut` cost a call apiece).
+pub struct FrameCodec {
+    frames: LengthDelimitedCodec,
+    scratch: Vec<u8>,
+}
 
 impl FrameCodec {
     pub fn new(max_frame_bytes: usize) -> Self {
-        FrameCodec(
-            LengthDelimitedCodec::builder()
+        FrameCodec {
+            frames: LengthDelimitedCodec::builder()
                 .length_field_length(4)
                 .max_frame_length(max_frame_bytes)
                 .new_codec(),
-        )
+            scratch: Vec::new(),
+        }
     }
 }
 
@@ -64,7 +69,7 @@ impl Decoder for FrameCodec {
     type Error = io::Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> io::Result<Option<BytesMut>> {
-        self.0.decode(src)
+        self.frames.decode(src)
     }
 }
 
@@ -72,11 +77,15 @@ impl Encoder<&Reply> for FrameCodec {
     type Error = io::Error;
 
     fn encode(&mut self, reply: &Reply, dst: &mut BytesMut) -> io::Result<()> {
-        let at = dst.len();
-        dst.put_u32(0);
-        protocol::encode_reply(reply, dst);
-        let len = (dst.len() - at - 4) as u32;
-        dst[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        self.scratch.clear();
+        protocol::encode_reply(reply, &mut self.scratch);
+        dst.reserve(4 + self.scratch.len());
+        dst.put_u32(self.scratch.len() as u32);
+        dst.put_slice(&self.scratch);
+        // A huge reply (a big cached value) is not kept for the next one.
+        if self.scratch.capacity() > 64 << 10 {
+            self.scratch = Vec::new();
+        }
         Ok(())
     }
 }

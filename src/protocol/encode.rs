@@ -8,8 +8,6 @@
 
 use std::collections::BTreeMap;
 
-use bytes::BufMut;
-
 use super::{
     AdminOp, Body, CheckArgs, Lookup, OPS, Op, PROTOCOL_VERSION, Reply, Request, ShardOp,
     server_name,
@@ -35,9 +33,9 @@ enum Val<'a> {
 }
 
 impl Val<'_> {
-    fn write(&self, out: &mut impl BufMut) {
+    fn write(&self, out: &mut Vec<u8>) {
         match self {
-            Val::Bool(b) => out.put_u8(if *b { 0xc3 } else { 0xc2 }),
+            Val::Bool(b) => out.push(if *b { 0xc3 } else { 0xc2 }),
             Val::U64(n) => uint(out, *n),
             Val::Str(v) => string(out, v),
             Val::String(v) => string(out, v),
@@ -83,111 +81,111 @@ impl Val<'_> {
 }
 
 /// An array or map length: `fix` holds up to 15, then 16 or 32 bits.
-fn len(out: &mut impl BufMut, n: usize, fix: u8, marker16: u8) {
+fn len(out: &mut Vec<u8>, n: usize, fix: u8, marker16: u8) {
     if n < 16 {
-        out.put_u8(fix | n as u8);
+        out.push(fix | n as u8);
     } else if let Ok(n) = u16::try_from(n) {
-        out.put_u8(marker16);
-        out.put_u16(n);
+        out.push(marker16);
+        out.extend_from_slice(&n.to_be_bytes());
     } else {
-        out.put_u8(marker16 + 1);
-        out.put_u32(n as u32);
+        out.push(marker16 + 1);
+        out.extend_from_slice(&(n as u32).to_be_bytes());
     }
 }
 
-fn map_len(out: &mut impl BufMut, n: usize) {
+fn map_len(out: &mut Vec<u8>, n: usize) {
     len(out, n, 0x80, 0xde);
 }
 
-fn uint(out: &mut impl BufMut, n: u64) {
+fn uint(out: &mut Vec<u8>, n: u64) {
     match n {
-        0..=0x7f => out.put_u8(n as u8),
+        0..=0x7f => out.push(n as u8),
         0x80..=0xff => {
-            out.put_u8(0xcc);
-            out.put_u8(n as u8);
+            out.push(0xcc);
+            out.push(n as u8);
         }
         0x100..=0xffff => {
-            out.put_u8(0xcd);
-            out.put_u16(n as u16);
+            out.push(0xcd);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
         }
         0x1_0000..=0xffff_ffff => {
-            out.put_u8(0xce);
-            out.put_u32(n as u32);
+            out.push(0xce);
+            out.extend_from_slice(&(n as u32).to_be_bytes());
         }
         _ => {
-            out.put_u8(0xcf);
-            out.put_u64(n);
+            out.push(0xcf);
+            out.extend_from_slice(&n.to_be_bytes());
         }
     }
 }
 
 /// A negative integer.
-fn negative(out: &mut impl BufMut, n: i64) {
+fn negative(out: &mut Vec<u8>, n: i64) {
     if n >= -32 {
-        out.put_i8(n as i8);
+        out.push(n as i8 as u8);
     } else if let Ok(n) = i8::try_from(n) {
-        out.put_u8(0xd0);
-        out.put_i8(n);
+        out.push(0xd0);
+        out.push(n as u8);
     } else if let Ok(n) = i16::try_from(n) {
-        out.put_u8(0xd1);
-        out.put_i16(n);
+        out.push(0xd1);
+        out.extend_from_slice(&n.to_be_bytes());
     } else if let Ok(n) = i32::try_from(n) {
-        out.put_u8(0xd2);
-        out.put_i32(n);
+        out.push(0xd2);
+        out.extend_from_slice(&n.to_be_bytes());
     } else {
-        out.put_u8(0xd3);
-        out.put_i64(n);
+        out.push(0xd3);
+        out.extend_from_slice(&n.to_be_bytes());
     }
 }
 
 /// A number on the wire: an integer when it is whole.
-fn number(out: &mut impl BufMut, n: f64) {
+fn number(out: &mut Vec<u8>, n: f64) {
     if n.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(&n) {
         uint(out, n as u64)
     } else if n.fract() == 0.0 && n >= i64::MIN as f64 && n < 0.0 {
         negative(out, n as i64)
     } else {
-        out.put_u8(0xcb);
-        out.put_f64(n);
+        out.push(0xcb);
+        out.extend_from_slice(&n.to_be_bytes());
     }
 }
 
 /// A string or binary's length past the fixed forms: 8, 16 or 32 bits.
-fn sized(out: &mut impl BufMut, n: usize, marker8: u8) {
+fn sized(out: &mut Vec<u8>, n: usize, marker8: u8) {
     if let Ok(n) = u8::try_from(n) {
-        out.put_u8(marker8);
-        out.put_u8(n);
+        out.push(marker8);
+        out.push(n);
     } else if let Ok(n) = u16::try_from(n) {
-        out.put_u8(marker8 + 1);
-        out.put_u16(n);
+        out.push(marker8 + 1);
+        out.extend_from_slice(&n.to_be_bytes());
     } else {
-        out.put_u8(marker8 + 2);
-        out.put_u32(n as u32);
+        out.push(marker8 + 2);
+        out.extend_from_slice(&(n as u32).to_be_bytes());
     }
 }
 
-fn string(out: &mut impl BufMut, s: &str) {
+fn string(out: &mut Vec<u8>, s: &str) {
     if s.len() < 32 {
-        out.put_u8(0xa0 | s.len() as u8);
+        out.push(0xa0 | s.len() as u8);
     } else {
         sized(out, s.len(), 0xd9);
     }
-    out.put_slice(s.as_bytes());
+    out.extend_from_slice(s.as_bytes());
 }
 
-fn bin(out: &mut impl BufMut, b: &[u8]) {
+fn bin(out: &mut Vec<u8>, b: &[u8]) {
     sized(out, b.len(), 0xc4);
-    out.put_slice(b);
+    out.extend_from_slice(b);
 }
 
-fn strs<'s>(out: &mut impl BufMut, all: impl Iterator<Item = &'s str>, n: usize) {
+fn strs<'s>(out: &mut Vec<u8>, all: impl Iterator<Item = &'s str>, n: usize) {
     len(out, n, 0x90, 0xdc);
     for s in all {
         string(out, s);
     }
 }
 
-fn write_map(out: &mut impl BufMut, fields: &[(&str, Val)]) {
+fn write_map(out: &mut Vec<u8>, fields: &[(&str, Val)]) {
     map_len(out, fields.len());
     for (k, v) in fields {
         string(out, k);
@@ -224,7 +222,7 @@ fn lookup<'a>(f: &mut Fields<'a>, l: &'a Lookup) {
 }
 
 impl Reply {
-    fn write(&self, out: &mut impl BufMut) {
+    fn write(&self, out: &mut Vec<u8>) {
         let mut f: Fields = Vec::with_capacity(16);
         f.push(("id", Val::U64(self.id)));
         f.push(("ok", Val::Bool(self.body.is_ok())));
@@ -277,7 +275,7 @@ impl Reply {
 }
 
 impl Request {
-    fn write(&self, out: &mut impl BufMut) {
+    fn write(&self, out: &mut Vec<u8>) {
         let mut f: Fields = Vec::with_capacity(10);
         f.push(("id", Val::U64(self.id)));
         f.push(("op", Val::Str(self.op.name())));
@@ -347,12 +345,12 @@ fn check_fields<'a>(f: &mut Fields<'a>, c: &'a CheckArgs) {
 }
 
 /// Appends one reply, as a MessagePack map, to `out`.
-pub fn encode_reply(reply: &Reply, out: &mut impl BufMut) {
+pub fn encode_reply(reply: &Reply, out: &mut Vec<u8>) {
     reply.write(out);
 }
 
 /// Appends one request, as a MessagePack map, to `out`.
-pub fn encode_request(req: &Request, out: &mut impl BufMut) {
+pub fn encode_request(req: &Request, out: &mut Vec<u8>) {
     req.write(out);
 }
 
