@@ -48,3 +48,39 @@ async fn quotad_follows_a_failover_to_the_promoted_replica() {
         .collect();
     assert_eq!(after.iter().filter(|a| **a).count(), 2, "{after:?}");
 }
+
+/// A planned failover (`SENTINEL FAILOVER`) leaves the old master up and
+/// writable until Sentinel demotes it, some 10 s later. quotad asks
+/// Sentinel again every second, so its checks move to the promoted replica
+/// within seconds of the switch, not when the old master starts refusing
+/// writes (decisions made there meanwhile would be lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_failover_moves_the_checks_within_seconds() {
+    let set = SentinelSet::start();
+    let d = Daemon::start(&format!(
+        "[redis]\nsentinels = {:?}\nmaster_name = {MASTER_NAME:?}\ntimeout_ms = 200\nprobe_interval_ms = 100\n\
+         [policies.default]\nrules = [{{ name = \"n\", kind = \"token_bucket\", capacity = 1000000, refill_per_sec = 1000 }}]\n",
+        set.urls()
+    ));
+    let c = d.client().await;
+    assert!(!c.check("acme", "k", None, 1).await.unwrap().degraded);
+    let calls = |r: &common::Redis| {
+        let stats = r.cli(&["INFO", "commandstats"]);
+        (stats.lines())
+            .find_map(|l| l.strip_prefix("cmdstat_fcall:calls="))
+            .map_or(0, |v| v.split(',').next().unwrap().parse::<u64>().unwrap())
+    };
+    assert_eq!(calls(&set.replica), 0, "the replica decides nothing yet");
+    assert_eq!(set.cli(0, &["SENTINEL", "FAILOVER", MASTER_NAME]), "OK");
+    let took = wait_until(
+        "checks decided by the promoted replica",
+        Duration::from_secs(8),
+        async || {
+            c.check("acme", "k", None, 1).await.unwrap();
+            calls(&set.replica) > 0
+        },
+    )
+    .await;
+    println!("checks reached the promoted replica {took:?} after SENTINEL FAILOVER");
+    assert_eq!(set.master_port(), set.replica.port.to_string());
+}

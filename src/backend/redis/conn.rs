@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use futures::future::join_all;
@@ -42,14 +42,30 @@ enum Topology {
     /// Redis Cluster; connected on first use, so quotad starts (and fails
     /// open) while the cluster is still down.
     Cluster(Box<(ClusterClient, OnceCell<ClusterConnection>)>),
-    /// The master named by Sentinel, looked up again after errors.
-    Sentinel(Box<Sentinel>),
+    /// The master named by Sentinel, looked up again after errors and
+    /// every [`MASTER_RECHECK`].
+    Sentinel(Arc<Sentinel>),
 }
+
+/// How often Sentinel is asked again for the master while round trips
+/// succeed. A planned failover (`SENTINEL FAILOVER`) leaves the old master
+/// up and writable until Sentinel demotes it, about 10 s later: errors
+/// alone would notice only then, and the decisions made there meanwhile
+/// are lost when it resyncs from the new master.
+const MASTER_RECHECK: Duration = Duration::from_secs(1);
 
 pub struct Sentinel {
     client: Mutex<SentinelClient>,
-    master: ArcSwapOption<ConnectionManager>,
+    master: ArcSwapOption<Master>,
     config: ConnectionManagerConfig,
+    /// When Sentinel last named the master (or a recheck was claimed).
+    checked: std::sync::Mutex<Instant>,
+}
+
+/// The master's connection, and its address as Sentinel gave it.
+struct Master {
+    conn: ConnectionManager,
+    addr: String,
 }
 
 /// Why the Redis connection could not be set up.
@@ -261,7 +277,7 @@ impl Topology {
             )?));
         }
         if !cfg.sentinels.is_empty() {
-            return Ok(Topology::Sentinel(Box::new(Sentinel {
+            return Ok(Topology::Sentinel(Arc::new(Sentinel {
                 client: Mutex::new(sentinel_client(
                     cfg,
                     password.as_ref(),
@@ -269,6 +285,7 @@ impl Topology {
                 )?),
                 master: ArcSwapOption::empty(),
                 config: manager_config,
+                checked: std::sync::Mutex::new(Instant::now()),
             })));
         }
         let nodes = (cfg.cluster.iter())
@@ -309,6 +326,7 @@ impl Topology {
                     Ok(m) => m,
                     Err(e) => return vec![Err(e); n],
                 };
+                s.recheck_if_due();
                 let results = pipeline(&master, cmds).await;
                 if results
                     .iter()
@@ -398,17 +416,55 @@ impl Sentinel {
     /// The current master, asking Sentinel if it is not known.
     async fn master(&self) -> RedisResult<ConnectionManager> {
         if let Some(m) = self.master.load_full() {
-            return Ok((*m).clone());
+            return Ok(m.conn.clone());
         }
         let mut client = self.client.lock().await;
-        if let Some(m) = self.master.load_full() {
-            return Ok((*m).clone()); // another round trip looked it up meanwhile
+        match self.master.load_full() {
+            Some(m) => Ok(m.conn.clone()), // another round trip looked it up meanwhile
+            None => self.ask(&mut client).await,
         }
-        let master = client.async_get_client().await?;
-        tracing::info!(master = %master.get_connection_info().addr(), "Sentinel names the Redis master");
-        let cm = ConnectionManager::new_lazy_with_config(master, self.config.clone())?;
-        self.master.store(Some(Arc::new(cm.clone())));
-        Ok(cm)
+    }
+
+    /// Asks Sentinel which server is the master; keeps the connection if
+    /// it is the same one.
+    async fn ask(&self, client: &mut SentinelClient) -> RedisResult<ConnectionManager> {
+        let found = client.async_get_client().await?;
+        *self.checked.lock().unwrap() = Instant::now();
+        let addr = found.get_connection_info().addr().to_string();
+        if let Some(m) = self.master.load_full()
+            && m.addr == addr
+        {
+            return Ok(m.conn.clone());
+        }
+        tracing::info!(master = %addr, "Sentinel names the Redis master");
+        let conn = ConnectionManager::new_lazy_with_config(found, self.config.clone())?;
+        let master = Master {
+            conn: conn.clone(),
+            addr,
+        };
+        self.master.store(Some(Arc::new(master)));
+        Ok(conn)
+    }
+
+    /// Once [`MASTER_RECHECK`] has passed since Sentinel last answered,
+    /// asks it again in the background (round trips go on meanwhile). Its
+    /// failures are left to the round trips' own errors.
+    fn recheck_if_due(self: &Arc<Self>) {
+        {
+            let mut checked = self.checked.lock().unwrap();
+            if checked.elapsed() < MASTER_RECHECK {
+                return;
+            }
+            *checked = Instant::now(); // claimed: one recheck at a time
+        }
+        let s = self.clone();
+        tokio::spawn(async move {
+            if let Ok(mut client) = s.client.try_lock()
+                && let Err(e) = s.ask(&mut client).await
+            {
+                tracing::debug!(error = %e, "asking Sentinel for the master again failed");
+            }
+        });
     }
 }
 
