@@ -115,8 +115,15 @@ def test_killed_sidecar_fails_open_then_reconnects_sync(own_daemon: Quotad, tena
         assert r.decision.degraded and r.lookup is not None and r.lookup.degraded
 
         own_daemon.start()  # same socket path
+
+        def decided(c: Client) -> bool:
+            try:
+                return not c.check(tenant, "k", policy="api").degraded
+            except QuotadUnavailable:  # the "raise" client, until its backoff lets it reconnect
+                return False
+
         for c in (open_, closed, raising):
-            wait_until(lambda c=c: not c.check(tenant, "k", policy="api").degraded)  # type: ignore[misc]
+            wait_until(lambda c=c: decided(c))  # type: ignore[misc]
 
 
 async def test_killed_sidecar_fails_open_then_reconnects_async(own_daemon: Quotad, tenant: str) -> None:
