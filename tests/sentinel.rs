@@ -71,7 +71,14 @@ async fn a_planned_failover_moves_the_checks_within_seconds() {
             .map_or(0, |v| v.split(',').next().unwrap().parse::<u64>().unwrap())
     };
     assert_eq!(calls(&set.replica), 0, "the replica decides nothing yet");
-    assert_eq!(set.cli(0, &["SENTINEL", "FAILOVER", MASTER_NAME]), "OK");
+    // A Sentinel learns of the replica from the master's INFO, every 10 s:
+    // until then it refuses with NOGOODSLAVE.
+    wait_until(
+        "Sentinel to accept the failover",
+        Duration::from_secs(30),
+        async || set.cli(0, &["SENTINEL", "FAILOVER", MASTER_NAME]) == "OK",
+    )
+    .await;
     let took = wait_until(
         "checks decided by the promoted replica",
         Duration::from_secs(8),
