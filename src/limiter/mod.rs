@@ -80,6 +80,9 @@ pub struct Policy {
     pub closed_retry_after_ms: u64,
     /// Its counters, looked up once here rather than per check.
     pub metrics: PolicyMetrics,
+    /// It has a token bucket, so its allowed checks take tokens (found
+    /// once here rather than per check).
+    takes_tokens: bool,
 }
 
 impl Policy {
@@ -91,6 +94,7 @@ impl Policy {
     ) -> Policy {
         Policy {
             metrics: PolicyMetrics::new(name, rules.iter().map(|r| &*r.name), failure_mode.name()),
+            takes_tokens: (rules.iter()).any(|r| matches!(r.kind, RuleKind::TokenBucket { .. })),
             name: name.into(),
             rules,
             failure_mode,
@@ -121,13 +125,9 @@ impl Policy {
             return Counted::Degraded;
         }
         if d.allowed {
-            let bucket = self
-                .rules
-                .iter()
-                .any(|r| matches!(r.kind, RuleKind::TokenBucket { .. }));
             return Counted::Allowed {
                 near_limit: d.remaining.saturating_mul(5) <= d.limit,
-                tokens: if bucket { cost } else { 0 },
+                tokens: if self.takes_tokens { cost } else { 0 },
             };
         }
         let rule = self.rules.iter().position(|r| r.name == d.rule);

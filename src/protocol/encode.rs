@@ -57,7 +57,7 @@ impl Val<'_> {
                 }
             }
             Val::Tenants(all) => {
-                len(out, all.len(), 0x90, 0xdc);
+                array_len(out, all.len());
                 for (tenant, r) in all.iter() {
                     write_map(
                         out,
@@ -95,6 +95,10 @@ fn len(out: &mut Vec<u8>, n: usize, fix: u8, marker16: u8) {
 
 fn map_len(out: &mut Vec<u8>, n: usize) {
     len(out, n, 0x80, 0xde);
+}
+
+fn array_len(out: &mut Vec<u8>, n: usize) {
+    len(out, n, 0x90, 0xdc);
 }
 
 fn uint(out: &mut Vec<u8>, n: u64) {
@@ -179,7 +183,7 @@ fn bin(out: &mut Vec<u8>, b: &[u8]) {
 }
 
 fn strs<'s>(out: &mut Vec<u8>, all: impl Iterator<Item = &'s str>, n: usize) {
-    len(out, n, 0x90, 0xdc);
+    array_len(out, n);
     for s in all {
         string(out, s);
     }
