@@ -265,7 +265,7 @@ async fn sentinels_and_their_master_over_tls_through_a_failover() {
         async || !client.check("after", "k", None, 1).await.unwrap().degraded,
     )
     .await;
-    assert_eq!(set.master_port(), replica_port);
+    set.wait_for_master(&replica_port);
     // The decision was written to the promoted replica.
     assert!(set.replica.cli(&["DBSIZE"]).parse::<u64>().unwrap() > before);
 }

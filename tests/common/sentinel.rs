@@ -94,6 +94,15 @@ impl SentinelSet {
         out.lines().nth(1).unwrap_or_default().to_owned()
     }
 
+    /// Waits until the first Sentinel names the server on `port` as the
+    /// master: the Sentinels learn of a failover from the one that led it
+    /// within seconds, and quotad may well have asked another one first.
+    pub fn wait_for_master(&self, port: &str) {
+        wait_until_blocking("the first Sentinel to name the new master", SOON, || {
+            self.master_port() == port
+        });
+    }
+
     /// `redis-cli` against Sentinel `i` (with the TLS client certificate
     /// and the Sentinels' password, if any); its trimmed output.
     pub fn cli(&self, i: usize, args: &[&str]) -> String {
