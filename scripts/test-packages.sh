@@ -123,7 +123,10 @@ step 300 "python -m build" "$tmp/build-venv/bin/python" -m build --outdir "$tmp/
 pyversion=$(sed -n 's/^version = "\(.*\)"/\1/p' clients/python/pyproject.toml)
 wheel="$tmp/dist/quotad-$pyversion-py3-none-any.whl"
 [ -f "$wheel" ] || fail "no $wheel: $(ls "$tmp/dist")"
-python3 -m zipfile -l "$wheel" | grep -q 'quotad/py.typed' || fail "the wheel lacks quotad/py.typed"
+# Asked of zipfile itself: `zipfile -l | grep -q` fails under pipefail when
+# grep exits before the listing is written (BrokenPipeError).
+python3 -c 'import sys, zipfile; sys.exit("quotad/py.typed" not in zipfile.ZipFile(sys.argv[1]).namelist())' \
+  "$wheel" || fail "the wheel lacks quotad/py.typed"
 license="quotad-$pyversion.dist-info/licenses/LICENSE"
 python3 -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))' \
   "$wheel" "$license" 2>/dev/null | cmp -s - LICENSE || fail "the wheel's $license is missing or differs from the repo's LICENSE"
