@@ -313,8 +313,11 @@ async fn check(
             }
             _ => e.into(),
         })?;
+    // A lease (policies with concurrency rules) goes last, so scripts that
+    // read the other fields by position keep working.
+    let lease = d.lease.map(|l| format!(" lease={l}")).unwrap_or_default();
     println!(
-        "allowed={} limit={} remaining={} reset_ms={} retry_after_ms={} rule={} degraded={}",
+        "allowed={} limit={} remaining={} reset_ms={} retry_after_ms={} rule={} degraded={}{lease}",
         d.allowed, d.limit, d.remaining, d.reset_ms, d.retry_after_ms, d.rule, d.degraded
     );
     Ok(if d.degraded && !allow_degraded {
