@@ -34,6 +34,9 @@ class Decision:
     degraded: bool
     #: The deciding rule's name ("" when the client answered by itself).
     rule: str
+    #: The lease this check took (an allowed check of a policy with a
+    #: ``concurrency`` rule, cost >= 1); give it back with ``release``.
+    lease: str | None = None
 
     @property
     def retry_after(self) -> float:
@@ -70,11 +73,14 @@ class Decision:
         # The hot path of every check: one type test per field, no helpers,
         # and the frozen instance's fields set in one go (not one
         # object.__setattr__ each, as the generated __init__ does).
+        # Fields added within protocol v1 (``lease``; ``kind``, ``window_ms``,
+        # ``shadow_denied``, ``shadow_rule``) cost nothing here unless read.
         try:
             allowed, limit, remaining = r["allowed"], r["limit"], r["remaining"]
             reset_ms, retry_after_ms, degraded, rule = r["reset_ms"], r["retry_after_ms"], r["degraded"], r["rule"]
         except KeyError as e:
             raise ProtocolViolation(f"a check reply without {e}") from None
+        lease = r.get("lease")
         if not (
             type(allowed) is bool
             and type(degraded) is bool
@@ -83,12 +89,13 @@ class Decision:
             and type(reset_ms) is int
             and type(retry_after_ms) is int
             and type(rule) is str
+            and (lease is None or type(lease) is str)
         ):
             raise ProtocolViolation(f"a check reply with mistyped fields: {r!r}")
         d = _new(cls)
         _setattr(d, "__dict__", {
             "allowed": allowed, "limit": limit, "remaining": remaining, "reset_ms": reset_ms,
-            "retry_after_ms": retry_after_ms, "degraded": degraded, "rule": rule,
+            "retry_after_ms": retry_after_ms, "degraded": degraded, "rule": rule, "lease": lease,
         })
         return d
 
