@@ -37,6 +37,14 @@ class Decision:
     #: The lease this check took (an allowed check of a policy with a
     #: ``concurrency`` rule, cost >= 1); give it back with ``release``.
     lease: str | None = None
+    #: The deciding rule's kind, when the daemon reports it.
+    kind: str | None = None
+    #: The deciding rule's quota window in ms, when the daemon reports it.
+    window_ms: int | None = None
+    #: A shadow rule would have denied this allowed check.
+    shadow_denied: bool = False
+    #: That shadow rule.
+    shadow_rule: str | None = None
 
     @property
     def retry_after(self) -> float:
@@ -73,14 +81,15 @@ class Decision:
         # The hot path of every check: one type test per field, no helpers,
         # and the frozen instance's fields set in one go (not one
         # object.__setattr__ each, as the generated __init__ does).
-        # Fields added within protocol v1 (``lease``; ``kind``, ``window_ms``,
-        # ``shadow_denied``, ``shadow_rule``) cost nothing here unless read.
+        # Fields added within protocol v1 (``lease``, ``kind``, ``window_ms``,
+        # ``shadow_denied``, ``shadow_rule``) are read here too, one lookup each.
         try:
             allowed, limit, remaining = r["allowed"], r["limit"], r["remaining"]
             reset_ms, retry_after_ms, degraded, rule = r["reset_ms"], r["retry_after_ms"], r["degraded"], r["rule"]
         except KeyError as e:
             raise ProtocolViolation(f"a check reply without {e}") from None
-        lease = r.get("lease")
+        lease, kind, window_ms = r.get("lease"), r.get("kind"), r.get("window_ms")
+        shadow_denied, shadow_rule = r.get("shadow_denied", False), r.get("shadow_rule")
         if not (
             type(allowed) is bool
             and type(degraded) is bool
@@ -90,12 +99,17 @@ class Decision:
             and type(retry_after_ms) is int
             and type(rule) is str
             and (lease is None or type(lease) is str)
+            and (kind is None or type(kind) is str)
+            and (window_ms is None or (type(window_ms) is int and window_ms >= 0))
+            and type(shadow_denied) is bool
+            and (shadow_rule is None or type(shadow_rule) is str)
         ):
             raise ProtocolViolation(f"a check reply with mistyped fields: {r!r}")
         d = _new(cls)
         _setattr(d, "__dict__", {
             "allowed": allowed, "limit": limit, "remaining": remaining, "reset_ms": reset_ms,
             "retry_after_ms": retry_after_ms, "degraded": degraded, "rule": rule, "lease": lease,
+            "kind": kind, "window_ms": window_ms, "shadow_denied": shadow_denied, "shadow_rule": shadow_rule,
         })
         return d
 
