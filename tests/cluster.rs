@@ -155,7 +155,12 @@ async fn leases_are_exact_across_the_masters() {
                 .collect();
             assert_eq!(leases.len(), 3, "{tenant}");
             for lease in &leases {
-                assert!(clients[0].release(&tenant, "k", None, *lease).await.unwrap());
+                assert!(
+                    clients[0]
+                        .release(&tenant, "k", None, *lease)
+                        .await
+                        .unwrap()
+                );
             }
             let peek = clients[1].check(&tenant, "k", None, 0).await.unwrap();
             (peek.remaining, leases.len())

@@ -161,7 +161,8 @@ impl Client {
 
     /// Gives back the lease an allowed check took (`decision.lease`):
     /// true if it was still outstanding; false if it was released already,
-    /// expired, unknown, or quotad could not reach its backend.
+    /// expired, unknown, or quotad (or, unless the failure mode is
+    /// `Error`, the daemon itself) could not be asked.
     pub async fn release(
         &self,
         tenant: &str,
@@ -177,7 +178,9 @@ impl Client {
         };
         match self.call(ShardOp::Release(args).into()).await {
             Ok(reply) => reply.released.ok_or_else(|| missing("released")),
-            Err(e) if e.is_unreachable() => Ok(false),
+            Err(e) if e.is_unreachable() && self.options.failure_mode != FailureMode::Error => {
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }
