@@ -4,12 +4,12 @@
 --
 -- A rule's state is 4 packed little-endian doubles in a string key:
 -- token bucket: tat; fixed window: window, count; sliding window: window,
--- current, previous; then the key's expiry ("horizon"). A concurrency
--- rule's is a sorted set instead: member a lease id, score its expiry in
--- µs (see `leases` below). The key expires at
+-- current, previous; then the key's expiry ("horizon"). The key expires at
 -- the horizon, so idle state vanishes by itself; the expiry is only moved
 -- (with some slack) when the state needs it to be later, which spares most
--- writes the cost of setting an expiry. The arithmetic mirrors
+-- writes the cost of setting an expiry. A concurrency rule's state is a
+-- sorted set instead (member a lease id, score its expiry in µs), which
+-- expires with its latest lease (see `leases` below). The arithmetic mirrors
 -- src/limiter/algorithm.rs operation for operation; integers stay under
 -- 2^52, where doubles are exact. Times are microseconds.
 --
@@ -347,6 +347,8 @@ local function check_leased(keys, spec, first, cost, now, lease)
     R[o + 5], R[o + 6], R[o + 7], R[o + 8] = n1, n2, n3, exp
     if not ok then all = false end
   end
+  -- The deciding rule, chosen as `check` chooses it (written out again
+  -- rather than shared, so that `check` pays no call for it).
   local best = 0
   for r = 1, n - 1 do
     local x, y = r * 8, best * 8
@@ -361,7 +363,9 @@ local function check_leased(keys, spec, first, cost, now, lease)
       local o = r * 8
       local kind = spec[2 + r * 3]
       if kind == KIND_CONCURRENCY then
-        take_lease(keys[first + r], lease, now + spec[4 + r * 3], R[o + 7], now)
+        -- quotad sends a lease with every check of cost > 0 of such a
+        -- policy; a missing one must not take a slot nobody can release.
+        if lease ~= '' then take_lease(keys[first + r], lease, now + spec[4 + r * 3], R[o + 7], now) end
       else
         charge(first + r, R[o + 5], R[o + 6], R[o + 7], R[o + 8])
       end
