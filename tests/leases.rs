@@ -130,20 +130,29 @@ async fn two_daemons_on_one_redis_hold_exactly_the_limit() {
     holds_exactly_the_limit(&[&a, &b]).await;
 }
 
-/// A holder process that takes the only slot and dies without releasing
-/// it: the slot frees itself `lease_ms` after it was taken, not before.
+/// A holder process that takes the only slot and is killed (SIGKILL)
+/// while it holds it: the slot frees itself `lease_ms` after it was taken,
+/// not before.
 async fn a_dead_holders_lease_expires(d: &Daemon) {
     let lease_ms = 1500;
-    let holder = std::process::Command::new(QUOTAD)
-        .args(["check", "--tenant", "acme", "--key", "k", "--socket"])
-        .arg(d.socket())
-        .output()
+    // `quotad check` takes the lease; the shell then holds on until killed.
+    let script = format!(
+        "{QUOTAD} check --tenant acme --key k --socket '{}' && exec sleep 60",
+        d.socket().display()
+    );
+    let mut holder = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::null())
+        .spawn()
         .unwrap();
-    let taken = Instant::now();
-    let out = String::from_utf8_lossy(&holder.stdout);
-    assert!(holder.status.success(), "{out}");
-    assert!(out.contains(" lease="), "{out}");
     let c = d.client().await;
+    wait_until("the holder's lease", SOON, async || {
+        c.check("acme", "k", None, 0).await.unwrap().remaining == 0
+    })
+    .await;
+    let taken = Instant::now();
+    holder.kill().unwrap();
+    holder.wait().unwrap();
     let denied = c.check("acme", "k", None, 1).await.unwrap();
     assert!(!denied.allowed);
     assert!(
@@ -286,4 +295,68 @@ async fn failure_modes_apply_to_leases() {
     let reply = raw.recv().unwrap();
     assert_eq!(reply["released"], json!(false), "{reply}");
     assert_eq!(reply["degraded"], json!(true), "{reply}");
+}
+
+/// In a policy of a token bucket and a concurrency rule, through the
+/// daemon: a lease refusal charges no token, and a bucket denial takes no
+/// lease.
+async fn one_decision_for_both_rules(d: &Daemon) {
+    let c = d.client().await;
+    let check = async || c.check("acme", "both", None, 1).await.unwrap();
+    let a = check().await;
+    assert!(a.allowed && a.lease.is_some(), "{a:?}");
+    let refused = check().await;
+    assert!(
+        !refused.allowed && refused.rule.as_ref() == "inflight",
+        "{refused:?}"
+    );
+    assert!(
+        c.release("acme", "both", None, a.lease.unwrap())
+            .await
+            .unwrap()
+    );
+    // The refusal took no token: the bucket's second one is still there.
+    let b = check().await;
+    assert!(b.allowed && b.lease.is_some(), "{b:?}");
+    assert!(
+        c.release("acme", "both", None, b.lease.unwrap())
+            .await
+            .unwrap()
+    );
+    let empty = check().await;
+    assert!(
+        !empty.allowed && empty.rule.as_ref() == "burst",
+        "{empty:?}"
+    );
+    assert!(empty.lease.is_none());
+    // The bucket's denial took no slot: once a token is back, a check passes.
+    let waited = wait_until("a token", SOON, async || {
+        let d = check().await;
+        if let Some(lease) = d.lease {
+            assert!(c.release("acme", "both", None, lease).await.unwrap());
+        }
+        d.allowed
+    })
+    .await;
+    assert!(waited >= Duration::from_millis(100), "{waited:?}");
+}
+
+const BOTH: &str = r#"
+[policies.default]
+rules = [
+  { name = "burst", kind = "token_bucket", capacity = 2, refill_per_sec = 5 },
+  { name = "inflight", kind = "concurrency", limit = 1, lease_ms = 60000 },
+]
+"#;
+
+#[tokio::test]
+async fn one_decision_for_both_rules_in_memory() {
+    one_decision_for_both_rules(&Daemon::start(BOTH)).await;
+}
+
+#[tokio::test]
+async fn one_decision_for_both_rules_in_redis() {
+    let redis = Redis::start();
+    one_decision_for_both_rules(&Daemon::start(&format!("{}{BOTH}", redis_table(&redis)))).await;
+    assert_eq!(redis.cli(&["KEYS", "*:n:*"]), "", "no lease is left");
 }
