@@ -81,15 +81,11 @@ class Decision:
         # The hot path of every check: one type test per field, no helpers,
         # and the frozen instance's fields set in one go (not one
         # object.__setattr__ each, as the generated __init__ does).
-        # Fields added within protocol v1 (``lease``, ``kind``, ``window_ms``,
-        # ``shadow_denied``, ``shadow_rule``) are read here too, one lookup each.
         try:
             allowed, limit, remaining = r["allowed"], r["limit"], r["remaining"]
             reset_ms, retry_after_ms, degraded, rule = r["reset_ms"], r["retry_after_ms"], r["degraded"], r["rule"]
         except KeyError as e:
             raise ProtocolViolation(f"a check reply without {e}") from None
-        lease, kind, window_ms = r.get("lease"), r.get("kind"), r.get("window_ms")
-        shadow_denied, shadow_rule = r.get("shadow_denied", False), r.get("shadow_rule")
         if not (
             type(allowed) is bool
             and type(degraded) is bool
@@ -98,19 +94,35 @@ class Decision:
             and type(reset_ms) is int
             and type(retry_after_ms) is int
             and type(rule) is str
-            and (lease is None or type(lease) is str)
-            and (kind is None or type(kind) is str)
-            and (window_ms is None or (type(window_ms) is int and window_ms >= 0))
-            and type(shadow_denied) is bool
-            and (shadow_rule is None or type(shadow_rule) is str)
         ):
             raise ProtocolViolation(f"a check reply with mistyped fields: {r!r}")
+        # More than id, ok and the seven above: fields added within protocol
+        # v1 (or a check_get's lookup). Without them the instance keeps the
+        # class defaults (lease None, ...), so a plain reply pays nothing.
+        if len(r) <= 9:
+            fields = {
+                "allowed": allowed, "limit": limit, "remaining": remaining, "reset_ms": reset_ms,
+                "retry_after_ms": retry_after_ms, "degraded": degraded, "rule": rule,
+            }
+        else:
+            get = r.get
+            lease, kind, window_ms = get("lease"), get("kind"), get("window_ms")
+            shadow_denied, shadow_rule = get("shadow_denied", False), get("shadow_rule")
+            if not (
+                (lease is None or type(lease) is str)
+                and (kind is None or type(kind) is str)
+                and (window_ms is None or (type(window_ms) is int and window_ms >= 0))
+                and type(shadow_denied) is bool
+                and (shadow_rule is None or type(shadow_rule) is str)
+            ):
+                raise ProtocolViolation(f"a check reply with mistyped fields: {r!r}")
+            fields = {
+                "allowed": allowed, "limit": limit, "remaining": remaining, "reset_ms": reset_ms,
+                "retry_after_ms": retry_after_ms, "degraded": degraded, "rule": rule, "lease": lease,
+                "kind": kind, "window_ms": window_ms, "shadow_denied": shadow_denied, "shadow_rule": shadow_rule,
+            }
         d = _new(cls)
-        _setattr(d, "__dict__", {
-            "allowed": allowed, "limit": limit, "remaining": remaining, "reset_ms": reset_ms,
-            "retry_after_ms": retry_after_ms, "degraded": degraded, "rule": rule, "lease": lease,
-            "kind": kind, "window_ms": window_ms, "shadow_denied": shadow_denied, "shadow_rule": shadow_rule,
-        })
+        _setattr(d, "__dict__", fields)
         return d
 
 
