@@ -446,12 +446,7 @@ impl Bench {
             move |tenant: String, key: String| {
                 let mut cm = cm.clone();
                 let cache = baseline_cache_key(&tenant, &key);
-                let job = Job::Check(Check {
-                    policy: policy.clone(),
-                    tenant,
-                    key,
-                    cost: 1,
-                });
+                let job = Job::Check(Check::new(policy.clone(), tenant, key, 1));
                 let cmd = (w != Workload::CacheGet).then(|| {
                     script::command(std::iter::once(&job), &keys, None, script::Via::Function)
                 });

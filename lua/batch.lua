@@ -16,8 +16,9 @@
 --          policy each, as packed little-endian doubles: the rule count,
 --          then per rule kind, a, b: 1 token bucket (capacity, µs per
 --          unit), 2 fixed window (limit, window µs), 3 sliding window
---          (limit, window µs).
--- ARGV[4+P]: C, the number of plain checks; ARGV[5+P]: all C of them in
+--          (limit, window µs), 4 concurrency (limit, lease µs).
+-- ARGV[4+P]: C, the number of plain checks (those of policies without
+--          concurrency rules, which take no lease); ARGV[5+P]: all C of them in
 --          one string of packed doubles, three per check: its policy's
 --          index, its cost, its first state key's index (its rules' keys
 --          follow it). One string rather than one ARGV each, since every
@@ -35,13 +36,21 @@
 --                tags, the entry, fill and refresh
 --                markers of key names (see cache_del)
 --   5 check_get  header 5, policy index, cost,         keys: entry, fill lock, refresh lock
---                fill_ms, first
+--                fill_ms, first, and for a policy
+--                with concurrency rules a 6th value, 1:
+--                then ARGV: the lease ("" for a peek)
+--  10 check      header 10, policy index, cost, first  keys: none (its state keys are
+--     (leased)   (a policy with concurrency rules),        among the first N)
+--                then ARGV: the lease ("" for a peek)
+--  11 release    header 11, n                          keys: the policy's n concurrency
+--                then ARGV: the lease                      rules' state keys
 -- Returns an array: first the integers of every result, the plain checks'
 -- in order, then the other operations' in order (check: allowed, rule,
 -- remaining, reset_ms, retry_after_ms; cache_get: hit, ttl_ms, stale,
 -- refresh, fill; cache_set: 1; cache_del: deleted; check_get: the check's
 -- 5, then the cache_get's 5, zeros when denied: a denied check_get reads
--- nothing), then the value of every hit, in order. Integers, not packed
+-- nothing; leased check: the check's 5; release: 1 if the lease was still
+-- outstanding, else 0), then the value of every hit, in order. Integers, not packed
 -- doubles: Redis turns a Lua number into a reply integer for less than
 -- struct.pack costs.
 --
@@ -56,6 +65,8 @@ local OP_CACHE_GET = 2
 local OP_CACHE_SET = 3
 local OP_CACHE_DEL = 4
 local OP_CHECK_GET = 5
+local OP_CHECK_LEASE = 10
+local OP_RELEASE = 11
 
 local function batch(KEYS, ARGV)
   bind()
@@ -137,9 +148,28 @@ local function batch(KEYS, ARGV)
       end
       no = no + 1
       if fill_only == 1 then out[no] = release_fills(entries) else out[no] = cache_del(entries, tagkeys, tagnames, marks, clock_ms()) end
+    elseif op == OP_CHECK_LEASE then
+      local _, pi, cost, first = unpack('<dddd', h)
+      out[no + 1], out[no + 2], out[no + 3], out[no + 4], out[no + 5] =
+        check_leased(KEYS, policies[pi + 1], first, cost, now, ARGV[ai])
+      ai = ai + 1
+      no = no + 5
+    elseif op == OP_RELEASE then
+      local _, n = unpack('<dd', h)
+      no = no + 1
+      out[no] = release(KEYS, ki, n, ARGV[ai], now)
+      ai = ai + 1
+      ki = ki + n
     elseif op == OP_CHECK_GET then
       local _, pi, cost, fill_ms, first = unpack('<ddddd', h)
-      local allowed, rule, remaining, reset, retry = check(policies[pi + 1], first, cost, now)
+      local allowed, rule, remaining, reset, retry
+      if #h > 40 then -- a policy with concurrency rules: its lease follows
+        allowed, rule, remaining, reset, retry =
+          check_leased(KEYS, policies[pi + 1], first, cost, now, ARGV[ai])
+        ai = ai + 1
+      else
+        allowed, rule, remaining, reset, retry = check(policies[pi + 1], first, cost, now)
+      end
       out[no + 1], out[no + 2], out[no + 3], out[no + 4], out[no + 5] = allowed, rule, remaining, reset, retry
       if allowed == 1 then
         local v

@@ -7,7 +7,9 @@
 -- current, previous; then the key's expiry ("horizon"). The key expires at
 -- the horizon, so idle state vanishes by itself; the expiry is only moved
 -- (with some slack) when the state needs it to be later, which spares most
--- writes the cost of setting an expiry. The arithmetic mirrors
+-- writes the cost of setting an expiry. A concurrency rule's state is a
+-- sorted set instead (member a lease id, score its expiry in µs), which
+-- expires with its latest lease (see `leases` below). The arithmetic mirrors
 -- src/limiter/algorithm.rs operation for operation; integers stay under
 -- 2^52, where doubles are exact. Times are microseconds.
 --
@@ -64,6 +66,7 @@ end
 local KIND_TOKEN_BUCKET = 1
 local KIND_FIXED_WINDOW = 2
 local KIND_SLIDING_WINDOW = 3
+local KIND_CONCURRENCY = 4
 
 -- Each kind returns allowed, remaining, reset_us, retry_us, s1, s2, s3,
 -- expires_us; `a` and `b` are the kind's two parameters (see batch.lua).
@@ -143,11 +146,60 @@ local function sliding_window(a, b, s1, s2, s3, now, cost)
   return allowed, remaining, reset, retry, win, used, prev, start + 2 * b
 end
 
+-- At most a leases outstanding, each for b µs: s1 how many are out, s2
+-- the soonest expiry, s3 the latest (read by `leases`). One slot per
+-- allowed check whatever its cost; a peek (cost 0) takes none.
+local function concurrency(a, b, s1, s2, s3, now, cost)
+  if s1 < a then
+    local take = 0
+    if cost > 0 then take = 1 end
+    local upto = s3
+    if take == 1 then upto = max(s3, now + b) end
+    return true, a - s1 - take, max(upto - now, 0), 0, s1 + take, s2, upto, upto
+  end
+  return false, 0, max(s3 - now, 0), max(s2 - now, 1), s1, s2, s3, s3
+end
+
 local function eval(kind, a, b, s1, s2, s3, now, cost)
   if kind == KIND_TOKEN_BUCKET then return token_bucket(a, b, s1, now, cost) end
   if kind == KIND_FIXED_WINDOW then return fixed_window(a, b, s1, s2, now, cost) end
   if kind == KIND_SLIDING_WINDOW then return sliding_window(a, b, s1, s2, s3, now, cost) end
+  if kind == KIND_CONCURRENCY then return concurrency(a, b, s1, s2, s3, now, cost) end
   error('quotad: unknown rule kind ' .. tostring(kind))
+end
+
+-- A concurrency rule's sorted set at `key`, with its expired leases
+-- dropped: how many are out, the soonest and the latest expiry (0, 0, 0
+-- when none).
+local function leases(key, now)
+  call('ZREMRANGEBYSCORE', key, '-inf', now)
+  local n = call('ZCARD', key)
+  if n == 0 then return 0, 0, 0 end
+  local first = call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  local last = call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  return n, tonumber(first[2]), tonumber(last[2])
+end
+
+-- Takes `lease` in the sorted set at `key` until `expires`; the set lives
+-- until its latest lease expires (`latest`: the latest of the others).
+local function take_lease(key, lease, expires, latest, now)
+  call('ZADD', key, expires, lease)
+  call('PEXPIRE', key, ceil((max(expires, latest) - now + MARGIN_US) / 1000))
+end
+
+-- Gives `lease` back in the sorted sets at KEYS[from .. from + n - 1]:
+-- 1 if it was still outstanding in one of them, else 0 (released before,
+-- expired, or never taken).
+local function release(keys, from, n, lease, now)
+  local released = 0
+  for k = from, from + n - 1 do
+    local expires = call('ZSCORE', keys[k], lease)
+    if expires then
+      call('ZREM', keys[k], lease)
+      if tonumber(expires) > now then released = 1 end
+    end
+  end
+  return released
 end
 
 -- µs to whole ms, rounded up.
@@ -266,6 +318,57 @@ local function check(spec, first, cost, now)
     for r = 0, n - 1 do
       local o = r * 8
       charge(first + r, R[o + 5], R[o + 6], R[o + 7], R[o + 8])
+    end
+  end
+  local b = best * 8
+  local allowed = 0
+  if all then allowed = 1 end
+  return allowed, best, R[b + 2], ms(R[b + 3]), ms(R[b + 4])
+end
+
+-- `check` for a policy with concurrency rules, whose states at KEYS[k] are
+-- sorted sets of leases: decided like `check`, and if every rule allows
+-- and the cost is not 0, `lease` is taken in each concurrency rule and
+-- the other rules are charged. A policy without concurrency rules never
+-- comes here, so their checks pay nothing for it.
+local function check_leased(keys, spec, first, cost, now, lease)
+  local n = spec[1]
+  local all = true
+  for r = 1, n do
+    local o = (r - 1) * 8
+    local k = first + r - 1
+    local f = 2 + (r - 1) * 3
+    local kind = spec[f]
+    local s1, s2, s3 = S1[k], S2[k], S3[k]
+    if kind == KIND_CONCURRENCY then s1, s2, s3 = leases(keys[k], now) end
+    local ok, rem, reset, retry, n1, n2, n3, exp =
+      eval(kind, spec[f + 1], spec[f + 2], s1, s2, s3, now, cost)
+    R[o + 1], R[o + 2], R[o + 3], R[o + 4] = ok, rem, reset, retry
+    R[o + 5], R[o + 6], R[o + 7], R[o + 8] = n1, n2, n3, exp
+    if not ok then all = false end
+  end
+  -- The deciding rule, chosen as `check` chooses it (written out again
+  -- rather than shared, so that `check` pays no call for it).
+  local best = 0
+  for r = 1, n - 1 do
+    local x, y = r * 8, best * 8
+    if all then
+      if R[x + 2] < R[y + 2] then best = r end
+    elseif (not R[x + 1]) and (R[y + 1] or R[x + 4] > R[y + 4]) then
+      best = r
+    end
+  end
+  if all and cost > 0 then
+    for r = 0, n - 1 do
+      local o = r * 8
+      local kind = spec[2 + r * 3]
+      if kind == KIND_CONCURRENCY then
+        -- quotad sends a lease with every check of cost > 0 of such a
+        -- policy; a missing one must not take a slot nobody can release.
+        if lease ~= '' then take_lease(keys[first + r], lease, now + spec[4 + r * 3], R[o + 7], now) end
+      else
+        charge(first + r, R[o + 5], R[o + 6], R[o + 7], R[o + 8])
+      end
     end
   end
   local b = best * 8

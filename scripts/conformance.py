@@ -221,6 +221,62 @@ def check_cost_no_rule_allows_is_bad_request(path: str) -> None:
     expect_error(Conn(path), {"id": 1, "op": "check", "tenant": tenant("c"), "key": "k", "cost": 2**64 - 1}, "bad_request")
 
 
+# --- leases -----------------------------------------------------------------
+
+# A policy of one `concurrency` rule the server may have (scripts/
+# test-conformance.sh configures it); without it, only the answers that
+# need no lease are checked.
+LEASED = "conformance_concurrency"
+
+
+def release(t: str, lease: Any, **extra: Any) -> dict[str, Any]:
+    return {"op": "release", "tenant": t, "key": "k", "lease": lease, **extra}
+
+
+@check
+def release_of_no_lease_is_harmless_and_a_bad_lease_is_bad_request(path: str) -> None:
+    c = Conn(path)
+    hello = c.ok({"id": 1, "op": "hello"})
+    assert "release" in hello["ops"], f"`release` is not among the ops: {hello}"
+    t = tenant("release")
+    # Well formed, but nothing holds it: released false, an answer, not an error.
+    r = c.ok({**release(t, os.urandom(16).hex()), "id": 2})
+    assert r.get("released") is False and r.get("degraded") is False, r
+    for i, lease in enumerate(["", "zz", "A" * 32, "0" * 33, 7, None], start=3):
+        expect_error(c, {**release(t, lease), "id": i}, "bad_request")
+    ping(c)
+
+
+@check
+def a_lease_is_taken_by_an_allowed_check_and_released_exactly_once(path: str) -> None:
+    c = Conn(path)
+    t = tenant("lease")
+    req = {"op": "check", "tenant": t, "key": "k", "policy": LEASED}
+    first = c.ask({**req, "id": 1})
+    if first.get("ok") is False and error_code(first) == "unknown_policy":
+        return  # the server has no such policy: nothing more to check
+    assert_decision(first)
+    assert first["allowed"] and isinstance(first.get("lease"), str), f"no lease: {first}"
+    limit = first["limit"]
+    assert first["remaining"] == limit - 1, first
+    peek = c.ok({**req, "id": 2, "cost": 0})
+    assert "lease" not in peek and peek["remaining"] == limit - 1, f"a peek took a lease: {peek}"
+    held = [first["lease"]] + [c.ok({**req, "id": 10 + i})["lease"] for i in range(limit - 1)]
+    assert len(set(held)) == limit, held
+    full = c.ok({**req, "id": 3})
+    assert_decision(full)
+    assert not full["allowed"] and full["remaining"] == 0 and "lease" not in full, full
+    r = c.ok({**release(t, held[0], policy=LEASED), "id": 4})
+    assert r["released"] is True, r
+    again = c.ok({**release(t, held[0], policy=LEASED), "id": 5})
+    assert again["released"] is False, f"released twice: {again}"
+    # The freed slot is free at once (a denial of a concurrency rule is not remembered).
+    now = c.ok({**req, "id": 6})
+    assert now["allowed"] and "lease" in now, now
+    for i, lease in enumerate(held[1:] + [now["lease"]], start=20):
+        assert c.ok({**release(t, lease, policy=LEASED), "id": i})["released"] is True
+
+
 # --- the response cache -----------------------------------------------------
 
 
@@ -366,6 +422,9 @@ BAD_REQUESTS: list[dict[str, Any]] = [
     {"op": "check_get", "tenant": T, "key": "k"},
     {"op": "check_get", "tenant": T, "key": "k", "cache_key": ""},
     {"op": "check_get", "tenant": T, "key": "k", "cache_key": "c", "fill_ms": 2**40},
+    {"op": "release", "tenant": T, "key": "k"},
+    {"op": "release", "tenant": T, "lease": "0" * 32},
+    {"op": "release", "tenant": T, "key": "k", "lease": b"0" * 32},
 ]
 
 

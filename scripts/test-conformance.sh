@@ -33,7 +33,9 @@ pids+=($!)
 wait_for "$dir/redis-server.sock" $! redis-server
 
 policy='[policies.default]
-rules = [{ name = "burst", kind = "token_bucket", capacity = 20, refill_per_sec = 10 }, { name = "daily", kind = "daily_quota", limit = 1000 }]'
+rules = [{ name = "burst", kind = "token_bucket", capacity = 20, refill_per_sec = 10 }, { name = "daily", kind = "daily_quota", limit = 1000 }]
+[policies.conformance_concurrency]
+rules = [{ name = "inflight", kind = "concurrency", limit = 3, lease_ms = 60000 }]'
 # Tenant records from this file on the memory backend, from Redis on the
 # other: the admin ops are checked against both kinds of source.
 for backend in memory redis; do

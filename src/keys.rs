@@ -41,6 +41,20 @@ impl Keys {
         out
     }
 
+    /// `<prefix>:{<tenant>}:n:<policy>:<rule>:<key>`: the leases of one
+    /// concurrency rule (a sorted set, where other rules keep a string:
+    /// its own letter, so a rule that changes kind on a reload never meets
+    /// a key of the wrong type).
+    pub fn leases(&self, tenant: &str, policy: &str, rule: &str, key: &str) -> String {
+        let mut out = self.start(tenant, "n", policy.len() + rule.len() + key.len() + 2);
+        out.push_str(policy);
+        out.push(':');
+        out.push_str(rule);
+        out.push(':');
+        encode_into(&mut out, key);
+        out
+    }
+
     /// `<prefix>:{<tenant>}:c:<key>`: a cache entry.
     pub fn entry(&self, tenant: &str, key: &str) -> String {
         self.named(tenant, "c", key)

@@ -12,6 +12,7 @@ use quotad::clock::Clock;
 use quotad::config::TenantRecord;
 use quotad::config::{Config, LogFormat};
 use quotad::daemon::Daemon;
+use quotad::limiter::Lease;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -61,6 +62,25 @@ enum Command {
         /// Exit by the decision (0 or 1) even when it is degraded, instead of 3.
         #[arg(long)]
         allow_degraded: bool,
+        #[command(flatten)]
+        at: Socket,
+    },
+    /// Give back a lease that `check` printed (`lease=`, under a policy with
+    /// a concurrency rule). Exit status: 0 released, 1 it was not held
+    /// (released already, expired, unknown), 2 error.
+    Release {
+        /// The check's tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The check's key.
+        #[arg(long)]
+        key: String,
+        /// The check's policy (default: the one named `default`).
+        #[arg(long)]
+        policy: Option<String>,
+        /// The lease, as `check` printed it.
+        #[arg(long)]
+        lease: String,
         #[command(flatten)]
         at: Socket,
     },
@@ -174,6 +194,13 @@ fn main() -> ExitCode {
             allow_degraded,
             at,
         } => one_shot(check(tenant, key, policy, cost, allow_degraded, at)),
+        Command::Release {
+            tenant,
+            key,
+            policy,
+            lease,
+            at,
+        } => one_shot(release(tenant, key, policy, lease, at)),
         Command::Tenant { command, at } => one_shot(tenant(command, at)),
         Command::Stats { json, at } => one_shot(stats(json, at)),
         Command::Health { live, at } => one_shot(health(live, at)),
@@ -313,8 +340,11 @@ async fn check(
             }
             _ => e.into(),
         })?;
+    // A lease (policies with concurrency rules) goes last, so scripts that
+    // read the other fields by position keep working.
+    let lease = d.lease.map(|l| format!(" lease={l}")).unwrap_or_default();
     println!(
-        "allowed={} limit={} remaining={} reset_ms={} retry_after_ms={} rule={} degraded={}",
+        "allowed={} limit={} remaining={} reset_ms={} retry_after_ms={} rule={} degraded={}{lease}",
         d.allowed, d.limit, d.remaining, d.reset_ms, d.retry_after_ms, d.rule, d.degraded
     );
     Ok(if d.degraded && !allow_degraded {
@@ -324,6 +354,30 @@ async fn check(
         );
         ExitCode::from(3)
     } else if d.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn release(
+    tenant: String,
+    key: String,
+    policy: Option<String>,
+    lease: String,
+    at: Socket,
+) -> anyhow::Result<ExitCode> {
+    let Some(lease) = Lease::parse(&lease) else {
+        anyhow::bail!(
+            "`{lease}` is not a lease: give the 32 hex digits `quotad check` printed after lease="
+        );
+    };
+    let client = connect(&at).await?;
+    let released = client
+        .release(&tenant, &key, policy.as_deref(), lease)
+        .await?;
+    println!("released={released}");
+    Ok(if released {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -34,6 +34,7 @@ counters! {
     requests_cache_get,
     requests_cache_set,
     requests_cache_del,
+    requests_release,
     requests_stats,
     /// Admin ops (`tenant_*`), allowed or not.
     requests_admin,

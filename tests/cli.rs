@@ -261,3 +261,45 @@ fn quotad_socket_places_the_daemon_and_finds_it() {
     serve.kill().unwrap();
     serve.wait().unwrap();
 }
+
+/// `quotad check` prints the lease a concurrency rule took, and `quotad
+/// release` gives it back: exit 0 released, 1 not held (twice), 2 for a
+/// string that is not a lease.
+#[test]
+fn release_gives_back_the_lease_check_printed() {
+    let d = Daemon::start(
+        "[policies.default]\nrules = [{ name = \"inflight\", kind = \"concurrency\", limit = 1, lease_ms = 60000 }]\n",
+    );
+    let (code, out, _) = check(&d, &[]);
+    assert_eq!(code, 0, "{out}");
+    let lease = out
+        .trim()
+        .rsplit_once(" lease=")
+        .expect("a lease")
+        .1
+        .to_owned();
+    assert_eq!(check(&d, &[]).0, 1, "the one slot is taken");
+    let release = |lease: &str| {
+        let out = Command::new(QUOTAD)
+            .args([
+                "release", "--tenant", "acme", "--key", "user:1", "--lease", lease, "--socket",
+            ])
+            .arg(d.socket())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(
+        release(&lease),
+        (0, "released=true\n".into(), String::new())
+    );
+    assert_eq!(release(&lease).0, 1, "twice");
+    let (code, _, err) = release("nope");
+    assert_eq!(code, 2);
+    assert!(err.contains("is not a lease"), "{err}");
+    assert_eq!(check(&d, &[]).0, 0, "the slot is free again");
+}

@@ -129,3 +129,49 @@ async fn the_cache_works_across_the_masters() {
         assert!(keys > 0, "every master holds some of the entries");
     }
 }
+
+/// On a Redis Cluster, leases of a policy with a token bucket and a
+/// concurrency rule are taken and released for tenants on every master
+/// (the lease set shares its tenant's hash tag), exactly, in mixed batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_exact_across_the_masters() {
+    let cluster = Cluster::start();
+    let d = Daemon::start(&format!(
+        "[redis]\ncluster = {:?}\ntimeout_ms = 2000\n[policies.default]\nrules = [{{ name = \"n\", kind = \"token_bucket\", capacity = 1000, refill_per_sec = 1 }}, {{ name = \"inflight\", kind = \"concurrency\", limit = 3, lease_ms = 60000 }}]\n",
+        cluster.urls()
+    ));
+    let clients = join_all((0..4).map(|_| d.client())).await;
+    let per_tenant = join_all((0..60).map(|t| {
+        let clients = &clients;
+        async move {
+            let tenant = format!("tenant-{t}");
+            let checks = clients
+                .iter()
+                .flat_map(|c| (0..3).map(|_| c.check(&tenant, "k", None, 1)));
+            let leases: Vec<_> = join_all(checks)
+                .await
+                .into_iter()
+                .filter_map(|d| d.unwrap().lease)
+                .collect();
+            assert_eq!(leases.len(), 3, "{tenant}");
+            for lease in &leases {
+                assert!(
+                    clients[0]
+                        .release(&tenant, "k", None, *lease)
+                        .await
+                        .unwrap()
+                );
+            }
+            let peek = clients[1].check(&tenant, "k", None, 0).await.unwrap();
+            (peek.remaining, leases.len())
+        }
+    }))
+    .await;
+    assert!(per_tenant.iter().all(|&p| p == (3, 3)), "{per_tenant:?}");
+    let stats = clients[0].stats().await.unwrap().counters.unwrap();
+    assert_eq!(stats["degraded"], 0);
+    for node in &cluster.nodes {
+        let keys: u64 = node.cli(&["DBSIZE"]).parse().unwrap();
+        assert!(keys > 0, "every master holds some tenants' state");
+    }
+}

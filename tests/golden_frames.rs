@@ -11,10 +11,10 @@ use bytes::Bytes;
 use quotad::config::Config;
 use quotad::config::TenantRecord;
 use quotad::error::Error;
-use quotad::limiter::Decision;
+use quotad::limiter::{Decision, Lease};
 use quotad::protocol::{
     self, AdminOp, Body, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Hello, LocalOp,
-    Lookup, Op, Reply, ReplyFields, Request, ShardOp, Stats,
+    Lookup, Op, ReleaseArgs, Reply, ReplyFields, Request, ShardOp, Stats,
 };
 use serde_json::{Value, json};
 
@@ -119,7 +119,24 @@ fn requests() -> Vec<(&'static str, Request)> {
             req(12, AdminOp::TenantDelete("acme".into())),
         ),
         ("tenant_list_request", req(13, AdminOp::TenantList)),
+        (
+            "release_request",
+            req(
+                16,
+                ShardOp::Release(ReleaseArgs {
+                    tenant: "acme".into(),
+                    key: "user:42".into(),
+                    policy: Some("api".into()),
+                    lease: lease(),
+                }),
+            ),
+        ),
     ]
+}
+
+/// The lease of the pinned frames.
+fn lease() -> Lease {
+    Lease::parse("0123456789abcdef0123456789abcdef").unwrap()
 }
 
 fn pro_record() -> TenantRecord {
@@ -142,6 +159,7 @@ fn decision(allowed: bool, degraded: bool) -> Decision {
         retry_after_ms: if allowed { 0 } else { 200 },
         degraded,
         rule: "burst".into(),
+        lease: None,
     }
 }
 
@@ -304,6 +322,40 @@ fn replies() -> Vec<(&'static str, Reply)> {
             "error_reply_unavailable",
             Reply::err(15, Error::Unavailable("Redis: Redis timed out".into())),
         ),
+        (
+            "check_reply_allowed_lease",
+            ok(
+                2,
+                Body::Decision(Decision {
+                    limit: 20,
+                    remaining: 19,
+                    reset_ms: 30_000,
+                    rule: "inflight".into(),
+                    lease: Some(lease()),
+                    ..decision(true, false)
+                }),
+            ),
+        ),
+        (
+            "release_reply",
+            ok(
+                16,
+                Body::Released {
+                    released: true,
+                    degraded: false,
+                },
+            ),
+        ),
+        (
+            "release_reply_not_held",
+            ok(
+                16,
+                Body::Released {
+                    released: false,
+                    degraded: false,
+                },
+            ),
+        ),
     ]
 }
 
@@ -440,6 +492,11 @@ fn decoders_read_the_pinned_bytes_back() {
                 assert_eq!(fields.limits, record.map(|r| r.limits));
             }
             Ok(Body::Done) => assert!(fields.error.is_none()),
+            Ok(Body::Released { released, degraded }) => assert_eq!(
+                (fields.released, fields.degraded),
+                (Some(released), Some(degraded)),
+                "{name}"
+            ),
             Ok(Body::Removed(existed)) => assert_eq!(fields.deleted, Some(u64::from(existed))),
             Ok(Body::Tenants(all)) => {
                 let got: Vec<(String, String)> = fields

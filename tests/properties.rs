@@ -16,9 +16,10 @@ use common::{Daemon, Raw};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestRunner};
 use quotad::config::{Config, Limits, TenantRecord};
+use quotad::limiter::Lease;
 use quotad::protocol::{
     self, AdminOp, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, DecodeError, LocalOp, Op,
-    Request, ShardOp,
+    ReleaseArgs, Request, ShardOp,
 };
 use serde_json::json;
 
@@ -126,6 +127,15 @@ fn valid_request() -> impl Strategy<Value = Request> {
         (tenant.clone(), record).prop_map(|(t, r)| Op::Admin(AdminOp::TenantSet(t, r))),
         tenant.prop_map(|t| Op::Admin(AdminOp::TenantDelete(t))),
         Just(Op::Admin(AdminOp::TenantList)),
+        (check_args(&l), any::<[u8; 16]>()).prop_map(|(c, bits)| {
+            let hex: String = bits.iter().map(|b| format!("{b:02x}")).collect();
+            Op::Shard(ShardOp::Release(ReleaseArgs {
+                tenant: c.tenant,
+                key: c.key,
+                policy: c.policy,
+                lease: Lease::parse(&hex).unwrap(),
+            }))
+        }),
     ];
     (any::<u64>(), op).prop_map(|(id, op)| Request { id, op })
 }

@@ -150,12 +150,12 @@ async fn a_batch_of_nine_thousand_state_keys_decides() {
     .unwrap();
     let jobs: Vec<Job> = (0..3000)
         .map(|i| {
-            Job::Check(Check {
-                policy: policy.clone(),
-                tenant: format!("t{}", i % 7),
-                key: format!("k{i}"),
-                cost: 1,
-            })
+            Job::Check(Check::new(
+                policy.clone(),
+                format!("t{}", i % 7),
+                format!("k{i}"),
+                1,
+            ))
         })
         .collect();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -1,7 +1,9 @@
 //! The golden decision tables in `tests/vectors/` hold for both backends:
 //! the in-memory limiter and the `lua/` scripts in a real Redis, driven by
 //! the same pinned clock. Steps at the same instant go to Redis as one
-//! batch, so a table also proves a batch decides like a sequence.
+//! batch, so a table also proves a batch decides like a sequence. A step
+//! is a check, or (`release = <step>`) the release of the lease that
+//! step's check took.
 
 mod common;
 
@@ -14,7 +16,7 @@ use quotad::backend::{Job, Outcome};
 use quotad::clock::Clock;
 use quotad::config::Config;
 use quotad::keys::Keys;
-use quotad::limiter::{Check, Decision, Policy};
+use quotad::limiter::{Check, Decision, Lease, Policy, Release};
 use quotad::stats::Stats;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +38,12 @@ struct Step {
     key: String,
     #[serde(default = "t")]
     tenant: String,
-    expect: Expect,
+    /// A check's answer.
+    expect: Option<Expect>,
+    /// Instead of a check: release the lease of this step's check (a
+    /// fresh, unknown lease if it took none).
+    release: Option<usize>,
+    released: Option<bool>,
 }
 
 fn one() -> u64 {
@@ -93,11 +100,48 @@ fn tables() -> Vec<(String, Table, Arc<Policy>)> {
 }
 
 fn check(policy: &Arc<Policy>, s: &Step) -> Check {
-    Check {
-        policy: policy.clone(),
-        tenant: s.tenant.clone(),
-        key: s.key.clone(),
-        cost: s.cost,
+    Check::new(policy.clone(), s.tenant.clone(), s.key.clone(), s.cost)
+}
+
+/// Every step's job: checks first made, so a release can name the lease
+/// of an earlier step.
+fn jobs(policy: &Arc<Policy>, table: &Table) -> Vec<Job> {
+    let mut jobs: Vec<Job> = Vec::new();
+    for s in &table.step {
+        jobs.push(match s.release {
+            None => Job::Check(check(policy, s)),
+            Some(of) => {
+                let lease = match &jobs[of] {
+                    Job::Check(c) => c.lease,
+                    _ => panic!("step {of} is not a check"),
+                };
+                Job::Release(Release {
+                    policy: policy.clone(),
+                    tenant: s.tenant.clone(),
+                    key: s.key.clone(),
+                    lease: lease.unwrap_or_else(Lease::mint),
+                })
+            }
+        });
+    }
+    jobs
+}
+
+/// A step's outcome is the one its table pins: a decision (with a lease
+/// exactly when an allowed check of cost > 0 of a leased policy), or
+/// whether a release found its lease.
+fn verify(name: &str, i: usize, table: &Table, job: &Job, outcome: Outcome) {
+    let s = &table.step[i];
+    let at = format!("{name} step {i} ({})", table.description);
+    match (job, outcome) {
+        (Job::Check(c), Outcome::Decided(v)) => {
+            let d = c.decision(v, false);
+            assert_eq!(Some(Expect::from(&d)), s.expect, "{at}");
+            let leased = d.allowed && c.cost > 0 && c.policy.has_leases();
+            assert_eq!(d.lease.is_some(), leased, "{at}: lease");
+        }
+        (Job::Release(_), Outcome::Released(r)) => assert_eq!(Some(r), s.released, "{at}"),
+        (_, o) => panic!("{at}: {o:?}"),
     }
 }
 
@@ -107,12 +151,22 @@ fn memory_backend_matches_every_table() {
     for (name, table, policy) in tables() {
         let mut limiter = MemoryLimiter::new(1000);
         let keys = Keys::new("qd");
-        for (i, s) in table.step.iter().enumerate() {
-            let c = check(&policy, s);
+        for (i, (s, job)) in table.step.iter().zip(jobs(&policy, &table)).enumerate() {
             let now = (table.start_ms + s.at_ms) * 1000;
-            let v = limiter.check(&policy, &c.state_keys(&keys), now, s.cost);
-            let got = Expect::from(&Decision::from_verdict(&policy, v, false));
-            assert_eq!(got, s.expect, "{name} step {i} ({})", table.description);
+            let outcome = match &job {
+                Job::Check(c) => Outcome::Decided(limiter.check(
+                    &policy,
+                    &c.state_keys(&keys),
+                    now,
+                    c.cost,
+                    c.lease,
+                )),
+                Job::Release(r) => {
+                    Outcome::Released(limiter.release(&r.lease_keys(&keys), r.lease, now))
+                }
+                _ => unreachable!(),
+            };
+            verify(&name, i, &table, &job, outcome);
         }
     }
 }
@@ -133,29 +187,20 @@ async fn redis_backend_matches_every_table_in_batches() {
     .unwrap();
     for (name, table, policy) in tables() {
         redis.cli(&["FLUSHALL"]);
+        let all = jobs(&policy, &table);
         let mut i = 0;
         while i < table.step.len() {
             // All steps at one instant go as one batch.
             let at = table.step[i].at_ms;
             let n = table.step[i..].iter().take_while(|s| s.at_ms == at).count();
-            let steps = &table.step[i..i + n];
             clock.set_us((table.start_ms + at) * 1000);
-            let checks: Vec<Check> = steps.iter().map(|s| check(&policy, s)).collect();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            let jobs: Vec<Job> = checks.into_iter().map(Job::Check).collect();
-            let outcomes = backend.run(&jobs, deadline).await;
-            for (j, (s, o)) in steps.iter().zip(outcomes).enumerate() {
-                let Some(Outcome::Decided(v)) = o else {
-                    panic!("{name} step {}: Redis did not decide: {o:?}", i + j);
+            let outcomes = backend.run(&all[i..i + n], deadline).await;
+            for (j, o) in outcomes.into_iter().enumerate() {
+                let Some(o) = o else {
+                    panic!("{name} step {}: Redis did not decide", i + j);
                 };
-                let got = Expect::from(&Decision::from_verdict(&policy, v, false));
-                assert_eq!(
-                    got,
-                    s.expect,
-                    "{name} step {} ({})",
-                    i + j,
-                    table.description
-                );
+                verify(&name, i + j, &table, &all[i + j], o);
             }
             i += n;
         }

@@ -63,6 +63,18 @@ export class Decision {
   readonly retryAfterMs: number;
   readonly degraded: boolean;
   readonly rule: string;
+  /**
+   * The lease this check took (an allowed check of a policy with a
+   * `concurrency` rule, cost >= 1), else null. Give it back with `release`.
+   */
+  readonly lease: string | null;
+  /** The deciding rule's kind, when the daemon reports it. */
+  readonly kind: string | null;
+  /** The deciding rule's quota window in ms, when the daemon reports it. */
+  readonly windowMs: number | null;
+  /** A shadow rule would have denied this allowed check. */
+  readonly shadowDenied: boolean;
+  readonly shadowRule: string | null;
   /** Seconds to wait before retrying (0 when allowed). */
   readonly retryAfter: number;
   /** RateLimit-Limit, -Remaining, -Reset and (on a denial) Retry-After. */
@@ -113,6 +125,12 @@ export class Client {
   cacheSet(tenant: string, key: string, value: Bytes, options: CacheSetOptions): Promise<boolean>;
   cacheDelete(tenant: string, options: CacheDeleteOptions): Promise<number>;
   checkGet(tenant: string, key: string, cacheKey: string, options?: CheckOptions & CacheGetOptions): Promise<CheckGet>;
+  /**
+   * Gives back `decision.lease`, with the check's tenant, key and policy:
+   * true if it was still held; false if released already, expired, unknown,
+   * or quotad could not be asked (the slot then frees after `lease_ms`).
+   */
+  release(tenant: string, key: string, lease: string, options?: { policy?: string | null }): Promise<boolean>;
   /** One raw request map (its id is assigned); resolves to the raw reply map. */
   call(request: Record<string, unknown>, timeoutMs?: number): Promise<Record<string, unknown>>;
   close(): void;

@@ -1,6 +1,6 @@
 //! What a shard asks a backend to do, and what comes back.
 
-use crate::limiter::{Check, Decision, Verdict};
+use crate::limiter::{Check, Release, Verdict};
 use crate::protocol::{Body, CacheDelArgs, CacheGetArgs, CacheSetArgs, Lookup};
 
 /// One operation for a backend.
@@ -18,6 +18,8 @@ pub enum Job {
     Del(CacheDelArgs),
     /// A check, then (only if it allows) a cache read.
     CheckGet(Check, CacheGetArgs),
+    /// Gives a lease back (the policy has concurrency rules).
+    Release(Release),
 }
 
 /// A backend's answer to one [`Job`].
@@ -29,6 +31,8 @@ pub enum Outcome {
     Deleted(u64),
     /// The lookup is `None` when the check denied.
     CheckLooked(Verdict, Option<Lookup>),
+    /// Whether the lease was still outstanding.
+    Released(bool),
 }
 
 impl Outcome {
@@ -36,9 +40,7 @@ impl Outcome {
     /// fit the job (answered, like a failure, by failure mode).
     pub fn into_body(self, job: &Job) -> Option<Body> {
         Some(match (job, self) {
-            (Job::Check(c), Outcome::Decided(v)) => {
-                Body::Decision(Decision::from_verdict(&c.policy, v, false))
-            }
+            (Job::Check(c), Outcome::Decided(v)) => Body::Decision(c.decision(v, false)),
             (Job::Get { .. }, Outcome::Looked(l)) => Body::Lookup(l),
             (Job::Set(_), Outcome::Stored) => Body::Stored { degraded: false },
             (Job::Del(_), Outcome::Deleted(deleted)) => Body::Deleted {
@@ -46,8 +48,12 @@ impl Outcome {
                 degraded: false,
             },
             (Job::CheckGet(c, _), Outcome::CheckLooked(v, l)) => {
-                Body::CheckLookup(Decision::from_verdict(&c.policy, v, false), l)
+                Body::CheckLookup(c.decision(v, false), l)
             }
+            (Job::Release(_), Outcome::Released(released)) => Body::Released {
+                released,
+                degraded: false,
+            },
             _ => return None,
         })
     }
@@ -60,6 +66,7 @@ impl Job {
             Job::Get { args, .. } => &args.tenant,
             Job::Set(s) => &s.tenant,
             Job::Del(d) => &d.tenant,
+            Job::Release(r) => &r.tenant,
         }
     }
 

@@ -17,10 +17,10 @@ use arc_swap::ArcSwapOption;
 use tokio::time::Instant;
 
 use crate::config::TenantRecord;
-use crate::limiter::Decision;
+use crate::limiter::{Decision, Lease};
 use crate::protocol::{
-    AdminOp, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, LocalOp, Lookup, Op, ReplyFields,
-    Request, ShardOp, TenantFields,
+    AdminOp, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, LocalOp, Lookup, Op, ReleaseArgs,
+    ReplyFields, Request, ShardOp, TenantFields,
 };
 use connection::Connection;
 
@@ -156,6 +156,32 @@ impl Client {
         match self.call(ShardOp::Check(args).into()).await {
             Ok(reply) => reply.decision().ok_or_else(|| missing("decision")),
             Err(e) => self.failed_check(e),
+        }
+    }
+
+    /// Gives back the lease an allowed check took (`decision.lease`):
+    /// true if it was still outstanding; false if it was released already,
+    /// expired, unknown, or quotad (or, unless the failure mode is
+    /// `Error`, the daemon itself) could not be asked.
+    pub async fn release(
+        &self,
+        tenant: &str,
+        key: &str,
+        policy: Option<&str>,
+        lease: Lease,
+    ) -> Result<bool, ClientError> {
+        let args = ReleaseArgs {
+            tenant: nonempty("tenant", tenant)?,
+            key: nonempty("key", key)?,
+            policy: policy.map(str::to_owned),
+            lease,
+        };
+        match self.call(ShardOp::Release(args).into()).await {
+            Ok(reply) => reply.released.ok_or_else(|| missing("released")),
+            Err(e) if e.is_unreachable() && self.options.failure_mode != FailureMode::Error => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -382,6 +408,7 @@ impl Client {
             },
             degraded: true,
             rule: "".into(),
+            lease: None,
         })
     }
 }

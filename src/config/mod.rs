@@ -297,6 +297,18 @@ mod tests {
         assert!(rule("{name='a:b', kind='daily_quota', limit=5}").contains("rules[0].name"));
         assert!(rule("{name='a', kind='fixed_window', limit=0, window_ms=5}").contains("limit"));
         assert!(err("[policies.p]\nrules = []").contains("policies.p.rules"));
+        let leases = |r: &str| rule(&format!("{{name='c', kind='concurrency', {r}}}"));
+        assert!(leases("limit=5").contains("rules[0].lease_ms"));
+        assert!(leases("lease_ms=5").contains("rules[0].limit"));
+        assert!(leases("limit=0, lease_ms=5").contains("rules[0].limit"));
+        assert!(leases("limit=1000001, lease_ms=5").contains("1..=1000000"));
+        assert!(leases("limit=5, lease_ms=0").contains("rules[0].lease_ms"));
+        assert!(leases("limit=5, lease_ms=86400001").contains("one day"));
+        assert!(leases("limit=5, lease_ms=5, window_ms=9").contains("does not apply"));
+        assert!(
+            rule("{name='a', kind='fixed_window', limit=5, window_ms=9, lease_ms=9}")
+                .contains("rules[0].lease_ms")
+        );
         assert!(err("[metrics]\nlisten = '127.0.0.1:0'").contains("metrics.listen"));
         assert!(err("[metrics]\nlisten = 'localhost'").contains("listen"));
         assert!(err("[log]\nformat = 'xml'").contains("unknown variant `xml`"));

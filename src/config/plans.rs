@@ -288,6 +288,36 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_and_a_tenant_override_a_concurrency_rule() {
+        let p = plans(
+            "[policies.default]\nrules = [{ name = \"c\", kind = \"concurrency\", limit = 5, lease_ms = 1000 }]\n[plans.pro.limits]\ndefault.c.limit = 50\n",
+        )
+        .unwrap();
+        let record = TenantRecord {
+            plan: "pro".into(),
+            limits: [("default.c.lease_ms".to_owned(), 30_000.0)].into(),
+        };
+        let t = p.for_record(&record).unwrap();
+        assert_eq!(
+            t.get(None).unwrap().rules[0].kind,
+            RuleKind::Concurrency {
+                limit: 50,
+                lease_us: 30_000_000
+            }
+        );
+        let bad = TenantRecord {
+            plan: "pro".into(),
+            limits: [("default.c.lease_ms".to_owned(), 0.0)].into(),
+        };
+        assert!(
+            p.for_record(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("lease_ms")
+        );
+    }
+
+    #[test]
     fn bad_plans_and_records_say_what_is_wrong() {
         let e = |extra: &str| {
             plans(&format!("{POLICIES}\n{extra}"))

@@ -14,6 +14,12 @@ use crate::limiter::{DAY_US, FailureMode, Policy, Rule, RuleKind};
 /// script's arithmetic exact in Lua's doubles.
 const MAX_LIMIT: u64 = 1_000_000_000_000;
 const MAX_SPAN_US: u64 = 1_000_000_000_000_000;
+/// Largest concurrency `limit`: every outstanding lease is a member of a
+/// sorted set (or, in memory, an entry), so the bound is on memory.
+const MAX_LEASES: u64 = 1_000_000;
+/// Longest `lease_ms`: one day. A lease outliving its holder by more than
+/// that would keep a slot from everyone else for too long.
+const MAX_LEASE_MS: u64 = 86_400_000;
 
 /// `[policies.<name>]`: a list of rules decided as one.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -38,16 +44,21 @@ fn default_closed_retry_ms() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     pub name: String,
-    /// `token_bucket`, `sliding_window`, `fixed_window` or `daily_quota`.
+    /// `token_bucket`, `sliding_window`, `fixed_window`, `daily_quota` or
+    /// `concurrency`.
     pub kind: String,
     /// token_bucket: units the bucket holds.
     pub capacity: Option<u64>,
     /// token_bucket: units added per second (may be fractional).
     pub refill_per_sec: Option<f64>,
-    /// sliding_window, fixed_window, daily_quota: units per window.
+    /// sliding_window, fixed_window, daily_quota: units per window;
+    /// concurrency: leases outstanding at once (1 to 1,000,000).
     pub limit: Option<u64>,
     /// sliding_window, fixed_window: window length in ms.
     pub window_ms: Option<u64>,
+    /// concurrency: how long a lease lives if its holder never releases it,
+    /// in ms (1 to 86,400,000).
+    pub lease_ms: Option<u64>,
 }
 
 pub(crate) fn compile_policy(name: &str, p: &PolicyConfig) -> Result<Policy, ConfigError> {
@@ -84,11 +95,12 @@ pub(crate) fn compile_policy(name: &str, p: &PolicyConfig) -> Result<Policy, Con
 }
 
 /// The configured kinds, by name, with the fields each one takes.
-const KINDS: [(&str, &[&str]); 4] = [
+const KINDS: [(&str, &[&str]); 5] = [
     ("token_bucket", &["capacity", "refill_per_sec"]),
     ("fixed_window", &["limit", "window_ms"]),
     ("sliding_window", &["limit", "window_ms"]),
     ("daily_quota", &["limit"]),
+    ("concurrency", &["limit", "lease_ms"]),
 ];
 
 fn compile_rule(at: &str, r: &RuleConfig) -> Result<RuleKind, ConfigError> {
@@ -105,6 +117,7 @@ fn compile_rule(at: &str, r: &RuleConfig) -> Result<RuleKind, ConfigError> {
             limit: limit()?,
             window_us: window()?,
         },
+        "concurrency" => concurrency(at, r)?,
         _ => RuleKind::FixedWindow {
             limit: limit()?,
             window_us: DAY_US,
@@ -127,6 +140,7 @@ fn check_fields(at: &str, r: &RuleConfig) -> Result<(), ConfigError> {
         ("refill_per_sec", r.refill_per_sec.is_some()),
         ("limit", r.limit.is_some()),
         ("window_ms", r.window_ms.is_some()),
+        ("lease_ms", r.lease_ms.is_some()),
     ] {
         let why = match (needs.contains(&field), present) {
             (true, false) => format!("{} needs it", r.kind),
@@ -157,6 +171,27 @@ fn token_bucket(at: &str, r: &RuleConfig) -> Result<RuleKind, ConfigError> {
     Ok(RuleKind::TokenBucket {
         capacity,
         interval_us,
+    })
+}
+
+fn concurrency(at: &str, r: &RuleConfig) -> Result<RuleKind, ConfigError> {
+    let limit = r.limit.unwrap_or(0);
+    if !(1..=MAX_LEASES).contains(&limit) {
+        return Err(invalid(
+            format!("{at}.limit"),
+            format!("must be within 1..={MAX_LEASES}"),
+        ));
+    }
+    let lease_ms = r.lease_ms.unwrap_or(0);
+    if !(1..=MAX_LEASE_MS).contains(&lease_ms) {
+        return Err(invalid(
+            format!("{at}.lease_ms"),
+            format!("must be within 1..={MAX_LEASE_MS} (one day)"),
+        ));
+    }
+    Ok(RuleKind::Concurrency {
+        limit,
+        lease_us: lease_ms * 1000,
     })
 }
 
@@ -197,6 +232,7 @@ impl RuleConfig {
             "capacity" => self.capacity = Some(whole()?),
             "limit" => self.limit = Some(whole()?),
             "window_ms" => self.window_ms = Some(whole()?),
+            "lease_ms" => self.lease_ms = Some(whole()?),
             "refill_per_sec" => self.refill_per_sec = Some(value),
             other => return Err(format!("no rule parameter `{other}`")),
         }

@@ -10,7 +10,9 @@ use super::RuleKind;
 
 /// One rule's stored state for one key:
 /// token bucket `[tat, 0, 0]`, fixed window `[window, count, 0]`,
-/// sliding window `[window, current, previous]`.
+/// sliding window `[window, current, previous]`; a concurrency rule's is
+/// read from its leases, not stored: `[leases outstanding, soonest expiry,
+/// latest expiry]` (expiries absolute, 0 without leases).
 pub type State = [u64; 3];
 
 /// Kept this long past the moment a state stops mattering, so a state is
@@ -46,6 +48,41 @@ pub fn eval(kind: RuleKind, state: Option<State>, now: u64, cost: u64) -> Eval {
         }
         RuleKind::SlidingWindow { limit, window_us } => {
             sliding_window(limit, window_us, state, now, cost)
+        }
+        RuleKind::Concurrency { limit, lease_us } => concurrency(limit, lease_us, state, now, cost),
+    }
+}
+
+/// Leases outstanding (expired ones already dropped by the backend): one
+/// more fits while fewer than `limit` are out, whatever the cost, and an
+/// allowed check of cost > 0 takes it until `now + lease_us`. Denied, the
+/// retry is the soonest expiry (a release can free a slot sooner).
+fn concurrency(limit: u64, lease_us: u64, state: Option<State>, now: u64, cost: u64) -> Eval {
+    let [count, soonest, latest] = state.unwrap_or([0, 0, 0]);
+    let left = |t: u64| t.saturating_sub(now);
+    if count < limit {
+        let take = u64::from(cost > 0);
+        let until = if take == 1 {
+            latest.max(now + lease_us)
+        } else {
+            latest
+        };
+        Eval {
+            allowed: true,
+            remaining: limit - count - take,
+            reset_us: left(until),
+            retry_us: 0,
+            next: [count + take, soonest, until],
+            expires_us: until,
+        }
+    } else {
+        Eval {
+            allowed: false,
+            remaining: 0,
+            reset_us: left(latest),
+            retry_us: left(soonest).max(1),
+            next: [count, soonest, latest],
+            expires_us: latest,
         }
     }
 }
@@ -283,6 +320,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn concurrency_counts_leases_not_cost() {
+        let k = RuleKind::Concurrency {
+            limit: 2,
+            lease_us: 5 * S,
+        };
+        let first = eval(k, None, T0, 7);
+        assert!(first.allowed);
+        assert_eq!((first.remaining, first.reset_us), (1, 5 * S));
+        let peek = eval(k, Some([1, T0 + 5 * S, T0 + 5 * S]), T0 + S, 0);
+        assert_eq!(
+            (peek.allowed, peek.remaining, peek.reset_us),
+            (true, 1, 4 * S)
+        );
+        let full = eval(k, Some([2, T0 + 5 * S, T0 + 6 * S]), T0 + S, 1);
+        assert!(!full.allowed);
+        assert_eq!(
+            (full.remaining, full.retry_us, full.reset_us),
+            (0, 4 * S, 5 * S)
+        );
     }
 
     #[test]

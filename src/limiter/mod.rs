@@ -5,12 +5,14 @@
 //! `lua/limiter.lua`); the backends in [`crate::backend`] keep the state.
 
 pub mod algorithm;
+pub mod lease;
 
 use std::sync::Arc;
 
 use crate::error::Error;
 use crate::metrics::{Counted, PolicyMetrics};
 use algorithm::{Eval, State, ceil_ms};
+pub use lease::{Lease, Release};
 
 /// Microseconds in one UTC day: a daily quota is a fixed window of one day,
 /// and Unix time puts every day's window edge at 00:00 UTC.
@@ -27,6 +29,9 @@ pub enum RuleKind {
     /// At most `limit` units in any window of `window_us`, estimated from
     /// two aligned windows (O(1) memory).
     SlidingWindow { limit: u64, window_us: u64 },
+    /// At most `limit` leases outstanding at once; a lease that is never
+    /// released frees its slot `lease_us` after it was taken.
+    Concurrency { limit: u64, lease_us: u64 },
 }
 
 impl RuleKind {
@@ -34,8 +39,16 @@ impl RuleKind {
     pub fn limit(&self) -> u64 {
         match *self {
             RuleKind::TokenBucket { capacity, .. } => capacity,
-            RuleKind::FixedWindow { limit, .. } | RuleKind::SlidingWindow { limit, .. } => limit,
+            RuleKind::FixedWindow { limit, .. }
+            | RuleKind::SlidingWindow { limit, .. }
+            | RuleKind::Concurrency { limit, .. } => limit,
         }
+    }
+
+    /// Whether a cost can be too large for this rule: a concurrency rule
+    /// takes one slot per allowed check, whatever its cost.
+    fn counts_cost(&self) -> bool {
+        !matches!(self, RuleKind::Concurrency { .. })
     }
 }
 
@@ -83,6 +96,8 @@ pub struct Policy {
     /// It has a token bucket, so its allowed checks take tokens (found
     /// once here rather than per check).
     takes_tokens: bool,
+    /// It has a concurrency rule, so its allowed checks take a lease.
+    leases: bool,
 }
 
 impl Policy {
@@ -95,6 +110,7 @@ impl Policy {
         Policy {
             metrics: PolicyMetrics::new(name, rules.iter().map(|r| &*r.name), failure_mode.name()),
             takes_tokens: (rules.iter()).any(|r| matches!(r.kind, RuleKind::TokenBucket { .. })),
+            leases: (rules.iter()).any(|r| matches!(r.kind, RuleKind::Concurrency { .. })),
             name: name.into(),
             rules,
             failure_mode,
@@ -113,6 +129,11 @@ impl Policy {
             },
         }];
         Policy::new("p", rules, FailureMode::Open, 1000)
+    }
+
+    /// Whether its allowed checks take a lease (it has a concurrency rule).
+    pub fn has_leases(&self) -> bool {
+        self.leases
     }
 
     /// Counts one answer `d` to a check of `cost` in the policy's metrics.
@@ -148,7 +169,8 @@ impl Policy {
 
     /// Refuses a cost that some rule could never allow.
     pub fn check_cost(&self, cost: u64) -> Result<(), Error> {
-        match self.rules.iter().find(|r| cost > r.kind.limit()) {
+        let too_small = |r: &&Rule| r.kind.counts_cost() && cost > r.kind.limit();
+        match self.rules.iter().find(too_small) {
             Some(r) => Err(Error::bad_request(format!(
                 "cost {cost} exceeds rule `{}` of policy `{}`, which allows at most {}",
                 r.name,
@@ -181,6 +203,8 @@ pub struct Decision {
     pub retry_after_ms: u64,
     pub degraded: bool,
     pub rule: Arc<str>,
+    /// The lease an allowed check of a policy with concurrency rules took.
+    pub lease: Option<Lease>,
 }
 
 impl Decision {
@@ -194,10 +218,13 @@ impl Decision {
             retry_after_ms: v.retry_after_ms,
             degraded,
             rule: rule.name.clone(),
+            lease: None,
         }
     }
 
     /// The answer of the `open` or `closed` failure modes: no state known.
+    /// An `open` allow takes no lease: nothing counted it, so there is
+    /// nothing to give back.
     pub fn failed(policy: &Policy) -> Self {
         let allowed = policy.failure_mode != FailureMode::Closed;
         let rule = &policy.rules[0];
@@ -213,7 +240,15 @@ impl Decision {
             },
             degraded: true,
             rule: rule.name.clone(),
+            lease: None,
         }
+    }
+
+    /// Whether a denial can end sooner than its `retry_after_ms`: one by a
+    /// concurrency rule ends as soon as a holder releases its lease.
+    pub fn ends_early(&self, policy: &Policy) -> bool {
+        (policy.rules.iter())
+            .any(|r| r.name == self.rule && matches!(r.kind, RuleKind::Concurrency { .. }))
     }
 }
 
@@ -275,15 +310,39 @@ pub struct Check {
     pub tenant: String,
     pub key: String,
     pub cost: u64,
+    /// The lease this check takes if it is allowed: minted when its policy
+    /// has concurrency rules and the cost is not 0 (a peek takes none).
+    pub lease: Option<Lease>,
 }
 
 impl Check {
+    pub fn new(policy: Arc<Policy>, tenant: String, key: String, cost: u64) -> Check {
+        let lease = (policy.has_leases() && cost > 0).then(Lease::mint);
+        Check {
+            policy,
+            tenant,
+            key,
+            cost,
+            lease,
+        }
+    }
+
+    /// The answer for a backend's verdict on this check: an allowed one
+    /// carries the check's lease.
+    pub fn decision(&self, v: Verdict, degraded: bool) -> Decision {
+        let mut d = Decision::from_verdict(&self.policy, v, degraded);
+        d.lease = self.lease.filter(|_| v.allowed);
+        d
+    }
+
     /// The state key of each rule of the policy, in rule order.
     pub fn state_keys(&self, keys: &crate::keys::Keys) -> Vec<String> {
-        self.policy
-            .rules
-            .iter()
-            .map(|r| keys.rule(&self.tenant, &self.policy.name, &r.name, &self.key))
+        let (t, p, k) = (&self.tenant, &self.policy.name, &self.key);
+        (self.policy.rules.iter())
+            .map(|r| match r.kind {
+                RuleKind::Concurrency { .. } => keys.leases(t, p, &r.name, k),
+                _ => keys.rule(t, p, &r.name, k),
+            })
             .collect()
     }
 }
@@ -327,6 +386,7 @@ mod tests {
             retry_after_ms: 0,
             degraded,
             rule: rule.into(),
+            lease: None,
         };
         let allowed = |near_limit| Counted::Allowed {
             near_limit,

@@ -18,10 +18,12 @@ use bytes::Bytes;
 
 use super::loose::{Field, NAMES, number};
 use super::{
-    AdminOp, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, LocalOp, OpKind, Request, ShardOp,
+    AdminOp, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, LocalOp, OpKind, ReleaseArgs,
+    Request, ShardOp,
 };
 use crate::config::{Limits, TenantRecord};
 use crate::error::Error;
+use crate::limiter::Lease;
 
 /// Nesting allowed in a request. Requests need 2 (a map holding a list of
 /// strings); the bound keeps a hostile frame from exhausting the stack.
@@ -173,6 +175,7 @@ impl RawRequest {
             })
             .into(),
             OpKind::CacheSet => ShardOp::CacheSet(self.cache_set(l)?).into(),
+            OpKind::Release => ShardOp::Release(self.release(l)?).into(),
             OpKind::CacheDel => ShardOp::CacheDel(self.cache_del(l)?).into(),
             OpKind::TenantGet => {
                 AdminOp::TenantGet(self.string("tenant", l.max_tenant_bytes)?).into()
@@ -262,6 +265,30 @@ impl RawRequest {
                 }
             },
             cost: self.uint("cost", Some(1))?,
+        })
+    }
+
+    fn release(&mut self, l: &Limits) -> Result<ReleaseArgs, Error> {
+        let check = self.check(l)?;
+        let lease = match self.take("lease") {
+            Some(Field::Str(s)) => Lease::parse(&s).ok_or_else(|| {
+                Error::bad_request(
+                    "field `lease` must be a lease from a check reply (32 lowercase hex digits)",
+                )
+            })?,
+            other => {
+                return Err(Error::bad_request(type_error(
+                    "lease",
+                    "a string",
+                    other.as_ref(),
+                )));
+            }
+        };
+        Ok(ReleaseArgs {
+            tenant: check.tenant,
+            key: check.key,
+            policy: check.policy,
+            lease,
         })
     }
 
@@ -493,6 +520,18 @@ mod tests {
         assert_eq!(e, "unknown_op: unknown op `fly`");
         let (id, e) = error(serde_json::json!({"op": "hello"}));
         assert_eq!((id, e.as_str()), (0, "bad_request: missing field `id`"));
+        let release = |lease| serde_json::json!({"id": 3, "op": "release", "tenant": "t", "key": "k", "lease": lease});
+        let (id, e) = error(release(serde_json::json!("not a lease")));
+        assert_eq!(id, 3);
+        assert!(
+            e.starts_with("bad_request: field `lease` must be a lease"),
+            "{e}"
+        );
+        let (_, e) = error(release(serde_json::json!(7)));
+        assert_eq!(
+            e,
+            "bad_request: field `lease` must be a string, not an integer"
+        );
     }
 
     /// A valid request of `kind`. The match is exhaustive, so a new op
@@ -516,6 +555,7 @@ mod tests {
             OpKind::CacheDel => vec![t, (s("keys"), Value::Array(vec![s("k")]))],
             OpKind::TenantGet | OpKind::TenantDelete => vec![t],
             OpKind::TenantSet => vec![t, (s("plan"), s("p"))],
+            OpKind::Release => vec![t, k, (s("lease"), s(&"0".repeat(32)))],
         });
         let mut out = Vec::new();
         rmpv::encode::write_value(&mut out, &Value::Map(fields)).unwrap();

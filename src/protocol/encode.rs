@@ -209,6 +209,9 @@ fn decision<'a>(f: &mut Fields<'a>, d: &'a Decision) {
         ("degraded", Val::Bool(d.degraded)),
         ("rule", Val::Str(&d.rule)),
     ]);
+    if let Some(lease) = d.lease {
+        f.push(("lease", Val::String(lease.to_string())));
+    }
 }
 
 /// A lookup's fields (`degraded` is the caller's to write).
@@ -254,6 +257,10 @@ impl Reply {
                     lookup(&mut f, l);
                 }
             }
+            Ok(Body::Released { released, degraded }) => f.extend([
+                ("released", Val::Bool(*released)),
+                ("degraded", Val::Bool(*degraded)),
+            ]),
             Ok(Body::Stats(st)) => f.extend([
                 ("uptime_ms", Val::U64(st.uptime_ms)),
                 ("backend", Val::Str(st.backend)),
@@ -324,6 +331,13 @@ impl Request {
                 if d.fill_only {
                     f.push(("fill_only", Val::Bool(true)));
                 }
+            }
+            Op::Shard(ShardOp::Release(r)) => {
+                f.extend([("tenant", Val::Str(&r.tenant)), ("key", Val::Str(&r.key))]);
+                if let Some(p) = &r.policy {
+                    f.push(("policy", Val::Str(p)));
+                }
+                f.push(("lease", Val::String(r.lease.to_string())));
             }
             Op::Admin(AdminOp::TenantGet(t) | AdminOp::TenantDelete(t)) => {
                 f.push(("tenant", Val::Str(t)))

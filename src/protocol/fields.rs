@@ -8,7 +8,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::Lookup;
-use crate::limiter::Decision;
+use crate::limiter::{Decision, Lease};
 
 /// The `error` map of a failed reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +38,10 @@ pub struct ReplyFields {
     pub retry_after_ms: Option<u64>,
     pub degraded: Option<bool>,
     pub rule: Option<String>,
+    /// An allowed check of a policy with concurrency rules.
+    pub lease: Option<String>,
+    // release
+    pub released: Option<bool>,
     // cache
     pub hit: Option<bool>,
     pub value: Option<Bin>,
@@ -73,6 +77,7 @@ impl ReplyFields {
             retry_after_ms: self.retry_after_ms?,
             degraded: self.degraded?,
             rule: self.rule.as_deref()?.into(),
+            lease: self.lease.as_deref().and_then(Lease::parse),
         })
     }
 

@@ -12,7 +12,7 @@ use super::OPS;
 
 /// The request fields this build reads, in a fixed order (field and op
 /// names are borrowed, not allocated, when a frame is read).
-pub(super) const NAMES: [&str; 16] = [
+pub(super) const NAMES: [&str; 17] = [
     "id",
     "op",
     "tenant",
@@ -29,6 +29,7 @@ pub(super) const NAMES: [&str; 16] = [
     "fill_only",
     "plan",
     "limits",
+    "lease",
 ];
 
 /// Any MessagePack value, as far as a request needs to tell them apart.

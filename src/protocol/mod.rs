@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use crate::config::TenantRecord;
 use crate::error::Error;
-use crate::limiter::Decision;
+use crate::limiter::{Decision, Lease};
 
 pub use decode::{DecodeError, decode};
 pub use encode::{encode_reply, encode_request};
@@ -43,6 +43,16 @@ pub struct CheckArgs {
     pub policy: Option<String>,
     /// Units to charge; 0 peeks without charging.
     pub cost: u64,
+}
+
+/// `release`: the check's tenant, key and policy, and the lease it took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseArgs {
+    pub tenant: String,
+    pub key: String,
+    /// `None`: the tenant's default policy.
+    pub policy: Option<String>,
+    pub lease: Lease,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +108,12 @@ pub enum Body {
     },
     /// `check_get`: the decision, and the lookup when it allowed.
     CheckLookup(Decision, Option<Lookup>),
+    /// `release`: whether the lease was still outstanding (degraded: the
+    /// backend could not say, and nothing was released there).
+    Released {
+        released: bool,
+        degraded: bool,
+    },
     Stats(Stats),
     /// `tenant_get`: the record (`None`: unknown to the source).
     Tenant {

@@ -9,7 +9,7 @@
 //! match), and per-op tables such as the latency histograms are indexed by
 //! [`OpKind::index`].
 
-use super::{CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs};
+use super::{CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, ReleaseArgs};
 use crate::config::TenantRecord;
 
 /// The op table: each op's kind, its name on the wire and who answers it,
@@ -56,6 +56,7 @@ op_table! {
     TenantSet => "tenant_set", Admin;
     TenantDelete => "tenant_delete", Admin;
     TenantList => "tenant_list", Admin;
+    Release => "release", Shard;
 }
 
 /// Who answers an op: the variants of [`Op`], without their ops.
@@ -112,6 +113,8 @@ pub enum ShardOp {
     CacheDel(CacheDelArgs),
     /// A check, then (only if allowed) a cache read, in one round trip.
     CheckGet(CheckArgs, CacheGetArgs),
+    /// Gives back a lease a check took.
+    Release(ReleaseArgs),
 }
 
 /// Answered by the admin side, from the tenants' source of truth; only
@@ -159,6 +162,7 @@ impl ShardOp {
             ShardOp::CacheSet(_) => OpKind::CacheSet,
             ShardOp::CacheDel(_) => OpKind::CacheDel,
             ShardOp::CheckGet(..) => OpKind::CheckGet,
+            ShardOp::Release(_) => OpKind::Release,
         }
     }
 
@@ -169,6 +173,7 @@ impl ShardOp {
             ShardOp::CacheGet(a) => &a.tenant,
             ShardOp::CacheSet(a) => &a.tenant,
             ShardOp::CacheDel(a) => &a.tenant,
+            ShardOp::Release(a) => &a.tenant,
         }
     }
 }

@@ -11,8 +11,8 @@ use kameo::message::Context;
 use tokio::time::Instant;
 
 use super::Shard;
-use crate::backend::{Job, Outcome};
-use crate::limiter::{Check, Decision, FailureMode};
+use crate::backend::{Backend, Job, Outcome};
+use crate::limiter::{Check, Decision, FailureMode, Release};
 use crate::protocol::{Body, Lookup};
 use crate::reply::ReplyTo;
 use crate::stats::Stats;
@@ -29,10 +29,13 @@ impl Shard {
         if let Job::Get { args, poll: true } = &job {
             return self.polled(args, outcome);
         }
-        let body = match outcome.and_then(|o| o.into_body(&job)) {
+        let mut body = match outcome.and_then(|o| o.into_body(&job)) {
             Some(body) => body,
             None => self.fail(&job),
         };
+        if let (Job::Release(r), Body::Released { released, .. }) = (&job, &mut body) {
+            *released |= self.release_locally(r);
+        }
         if let (Job::Check(c) | Job::CheckGet(c, _), Body::Decision(d) | Body::CheckLookup(d, _)) =
             (&job, &body)
         {
@@ -61,7 +64,20 @@ impl Shard {
                 deleted: 0,
                 degraded: true,
             },
+            Job::Release(_) => Body::Released {
+                released: false,
+                degraded: true,
+            },
         }
+    }
+
+    /// Beside Redis, a `local` policy's leases may also have been taken by
+    /// the fallback limiter while Redis was down: those are given back
+    /// there too (always harmless: a lease is in one place or the other).
+    fn release_locally(&mut self, r: &Release) -> bool {
+        matches!(self.backend, Backend::Redis(_))
+            && r.policy.failure_mode == FailureMode::Local
+            && self.fallback.release(r)
     }
 
     /// The decision when Redis cannot decide.
@@ -69,9 +85,7 @@ impl Shard {
         check.policy.metrics.degraded_decision();
         match check.policy.failure_mode {
             FailureMode::Open | FailureMode::Closed => Decision::failed(&check.policy),
-            FailureMode::Local => {
-                Decision::from_verdict(&check.policy, self.fallback.limit(check), true)
-            }
+            FailureMode::Local => check.decision(self.fallback.limit(check), true),
         }
     }
 

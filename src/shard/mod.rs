@@ -34,7 +34,7 @@ use crate::backend::{Backend, Job, MemoryBackend, Outcome, RedisBackend};
 use crate::config::Plans;
 use crate::error::Error;
 use crate::metrics::metrics;
-use crate::protocol::{Body, ShardOp};
+use crate::protocol::{Body, CheckArgs, ShardOp};
 use crate::quota::Directory;
 use crate::reply::ReplyTo;
 use crate::stats::Stats;
@@ -152,15 +152,36 @@ impl Message<JobMsg> for Shard {
 
     async fn handle(&mut self, JobMsg(op, reply): JobMsg, ctx: &mut Context<Self, ()>) {
         match op {
-            ShardOp::Check(args) => self.resolve(PendingCheck { args, get: None }, reply, ctx),
-            ShardOp::CheckGet(args, get) => self.resolve(
-                PendingCheck {
+            ShardOp::Check(args) => {
+                let op = PendingCheck {
+                    args,
+                    get: None,
+                    release: None,
+                };
+                self.resolve(op, reply, ctx)
+            }
+            ShardOp::CheckGet(args, get) => {
+                let op = PendingCheck {
                     args,
                     get: Some(get),
-                },
-                reply,
-                ctx,
-            ),
+                    release: None,
+                };
+                self.resolve(op, reply, ctx)
+            }
+            ShardOp::Release(r) => {
+                let args = CheckArgs {
+                    tenant: r.tenant,
+                    key: r.key,
+                    policy: r.policy,
+                    cost: 0,
+                };
+                let op = PendingCheck {
+                    args,
+                    get: None,
+                    release: Some(r.lease),
+                };
+                self.resolve(op, reply, ctx)
+            }
             ShardOp::CacheGet(args) => self.start(Job::Get { args, poll: false }, reply, ctx),
             ShardOp::CacheSet(args) => self.start(Job::Set(args), reply, ctx),
             ShardOp::CacheDel(args) => self.start(Job::Del(args), reply, ctx),

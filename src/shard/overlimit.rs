@@ -46,12 +46,14 @@ impl OverLimit {
         }
     }
 
-    /// Remembers a denial from Redis.
+    /// Remembers a denial from Redis; not one by a concurrency rule, which
+    /// a release can end before its retry time.
     pub fn insert(&mut self, check: &Check, decision: &Decision, now: Instant) {
         if self.max_entries == 0
             || decision.allowed
             || decision.degraded
             || decision.retry_after_ms == 0
+            || decision.ends_early(&check.policy)
         {
             return;
         }
@@ -117,12 +119,12 @@ mod tests {
     use crate::limiter::Policy;
 
     fn check(tenant: &str, key: &str) -> Check {
-        Check {
-            policy: Arc::new(Policy::one_per_second()),
-            tenant: tenant.into(),
-            key: key.into(),
-            cost: 1,
-        }
+        Check::new(
+            Arc::new(Policy::one_per_second()),
+            tenant.into(),
+            key.into(),
+            1,
+        )
     }
 
     fn denied() -> Decision {
@@ -134,6 +136,7 @@ mod tests {
             retry_after_ms: 500,
             degraded: false,
             rule: "r".into(),
+            lease: None,
         }
     }
 

@@ -13,7 +13,8 @@ use crate::backend::Job;
 use crate::config::Policies;
 use crate::config::{Plans, TenantRecord};
 use crate::error::Error;
-use crate::limiter::Check;
+use crate::limiter::{Check, Lease, Release};
+use crate::protocol::Body;
 use crate::protocol::{CacheGetArgs, CheckArgs};
 use crate::quota::{Directory, Found as Looked, SourceError};
 use crate::reply::ReplyTo;
@@ -35,6 +36,9 @@ pub struct TenantLoaded {
 pub struct PendingCheck {
     pub args: CheckArgs,
     pub get: Option<CacheGetArgs>,
+    /// A `release` of this lease, under the same tenant, key and policy
+    /// (which it resolves the same way), rather than a check.
+    pub release: Option<Lease>,
 }
 
 /// A tenant's record changed: look it up again on its next request.
@@ -156,6 +160,25 @@ impl Shard {
         policies: &Policies,
         ctx: &Context<Self, ()>,
     ) {
+        if let Some(lease) = op.release {
+            return match policies.get(op.args.policy.as_deref()) {
+                // Nothing to give back: no rule of the policy takes a lease.
+                Ok(p) if !p.has_leases() => reply.send(Ok(Body::Released {
+                    released: false,
+                    degraded: false,
+                })),
+                Ok(p) => {
+                    let release = Release {
+                        policy: p.clone(),
+                        tenant: op.args.tenant,
+                        key: op.args.key,
+                        lease,
+                    };
+                    self.start(Job::Release(release), reply, ctx)
+                }
+                Err(e) => reply.send(Err(e)),
+            };
+        }
         match check(op.args, policies) {
             Ok(c) => {
                 let job = match op.get {
@@ -181,12 +204,7 @@ impl Shard {
 fn check(args: CheckArgs, policies: &Policies) -> Result<Check, Error> {
     let policy = policies.get(args.policy.as_deref())?.clone();
     policy.check_cost(args.cost)?;
-    Ok(Check {
-        policy,
-        tenant: args.tenant,
-        key: args.key,
-        cost: args.cost,
-    })
+    Ok(Check::new(policy, args.tenant, args.key, args.cost))
 }
 
 /// A tenant's policies: its plan with its own overrides, or the `default`

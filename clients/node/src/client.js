@@ -445,6 +445,22 @@ export class Client {
     }
   }
 
+  /**
+   * Gives back the lease a check took (`decision.lease`), with the check's
+   * tenant, key and `policy`. Resolves to true if it was still held; false if
+   * it was released already, expired, unknown, or quotad could not be asked
+   * (the slot then frees by itself after the rule's `lease_ms`).
+   */
+  async release(tenant, key, lease, opts = {}) {
+    const req = build.release(tenant, key, lease, opts);
+    try {
+      return (await this.call(req)).released === true;
+    } catch (e) {
+      this.#softFail(e);
+      return false;
+    }
+  }
+
   /** A check and, only if it allows, a read of `cacheKey`, in one request. */
   checkGet(tenant, key, cacheKey, opts = {}) {
     const timeoutMs = this.#timeout(opts.fillMs);

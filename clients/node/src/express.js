@@ -1,6 +1,9 @@
 // Express middleware: rate limiting (429 with a JSON body and RateLimit-* /
 // Retry-After headers, RateLimit-* on allowed responses too), and an
-// optional response cache for GETs through checkGet/cacheSet.
+// optional response cache for GETs through checkGet/cacheSet. Under a
+// policy with a `concurrency` rule, the lease an allowed check took is
+// released when the response is over: on 'finish' (sent, streamed or not,
+// after an error handler too) or 'close' (the client went away), once.
 //
 //   app.use(quotad({ client, tenant: header('x-tenant'), key: first(apiKey(), clientIp()), policy: 'api' }));
 //   app.get('/login', quotad({ client, policy: 'login' }), handler);   // per route
@@ -173,6 +176,7 @@ export function quotad(options) {
         res.status(429).json({ error: 'rate_limited', message: 'Too many requests; retry later.', retry_after: decision.retryAfter, limit: decision.limit, rule: decision.rule });
         return;
       }
+      if (decision.lease !== null) releaseWhenOver(res, client, t, k, opts.policy, decision.lease);
       const lookup = ctx.lookup;
       if (cacheKey === null || lookup === null || lookup.degraded) {
         if (cacheKey !== null) res.setHeader('x-cache', 'miss');
@@ -193,6 +197,25 @@ export function quotad(options) {
       next(e); // a bad value (e.g. an empty tenant from a custom extractor) is the app's error
     }
   };
+}
+
+/**
+ * Releases `lease` once the response is over: 'finish' (all of it handed to
+ * the OS) or 'close' (the connection went first), whichever comes first,
+ * and only then. Its failures are the daemon's to expire (`lease_ms`),
+ * never this request's error.
+ */
+function releaseWhenOver(res, client, tenant, key, policy, lease) {
+  let released = false;
+  const release = () => {
+    if (released) return;
+    released = true;
+    res.off('finish', release);
+    res.off('close', release);
+    client.release(tenant, key, lease, { policy }).catch(() => {});
+  };
+  res.once('finish', release);
+  res.once('close', release);
 }
 
 /**

@@ -11,9 +11,17 @@ function need(reply, field, type) {
   return v;
 }
 
+/** A field that may be absent (null), or else must have `type`. */
+function optional(reply, field, type) {
+  return reply[field] === undefined ? null : need(reply, field, type);
+}
+
 /** The answer to `check`: may this request go ahead? */
 export class Decision {
-  constructor({ allowed, limit, remaining, resetMs, retryAfterMs, degraded, rule }) {
+  constructor({
+    allowed, limit, remaining, resetMs, retryAfterMs, degraded, rule,
+    lease = null, kind = null, windowMs = null, shadowDenied = false, shadowRule = null,
+  }) {
     this.allowed = allowed;
     /** The deciding rule's limit. */
     this.limit = limit;
@@ -27,6 +35,19 @@ export class Decision {
     this.degraded = degraded;
     /** The deciding rule ('' when the client answered by itself). */
     this.rule = rule;
+    /**
+     * The lease this check took (an allowed check of a policy with a
+     * `concurrency` rule, cost >= 1), or null; give it back with `release`.
+     */
+    this.lease = lease;
+    /** The deciding rule's kind, when the daemon says (null otherwise). */
+    this.kind = kind;
+    /** The deciding rule's quota window in ms, when the daemon says (null otherwise). */
+    this.windowMs = windowMs;
+    /** A shadow rule would have denied this allowed check. */
+    this.shadowDenied = shadowDenied;
+    /** That shadow rule, or null. */
+    this.shadowRule = shadowRule;
   }
 
   /** Seconds to wait before retrying (0 when allowed). */
@@ -62,6 +83,11 @@ export class Decision {
       retryAfterMs: need(r, 'retry_after_ms', 'uint'),
       degraded: need(r, 'degraded', 'boolean'),
       rule: need(r, 'rule', 'string'),
+      lease: optional(r, 'lease', 'string'),
+      kind: optional(r, 'kind', 'string'),
+      windowMs: optional(r, 'window_ms', 'uint'),
+      shadowDenied: r.shadow_denied === true,
+      shadowRule: optional(r, 'shadow_rule', 'string'),
     });
   }
 }

@@ -7,23 +7,38 @@
 
 import { Decision, Lookup } from './models.js';
 
-const KEYS = ['id', 'ok', 'allowed', 'limit', 'remaining', 'reset_ms', 'retry_after_ms', 'degraded', 'rule', 'hit', 'value', 'ttl_ms', 'stale', 'refresh', 'fill'];
-const [ID, OK, ALLOWED, LIMIT, REMAINING, RESET_MS, RETRY_AFTER_MS, DEGRADED, RULE, HIT, VALUE, TTL_MS, STALE, REFRESH, FILL] = KEYS.map((_, i) => i);
-const UINT_FIELDS = (1 << ID) | (1 << LIMIT) | (1 << REMAINING) | (1 << RESET_MS) | (1 << RETRY_AFTER_MS) | (1 << TTL_MS);
-const BOOL_FIELDS = (1 << OK) | (1 << ALLOWED) | (1 << DEGRADED) | (1 << HIT) | (1 << STALE) | (1 << REFRESH) | (1 << FILL);
+// The check reply's fields added within protocol v1 (`kind`, `window_ms`,
+// `lease`, `shadow_denied`, `shadow_rule`) are read here too: a reply that
+// carries them stays on this path.
+const KEYS = [
+  'id', 'ok', 'allowed', 'limit', 'remaining', 'reset_ms', 'retry_after_ms', 'degraded', 'rule', 'hit', 'value', 'ttl_ms',
+  'stale', 'refresh', 'fill', 'kind', 'window_ms', 'lease', 'shadow_denied', 'shadow_rule',
+];
+const [
+  ID, OK, ALLOWED, LIMIT, REMAINING, RESET_MS, RETRY_AFTER_MS, DEGRADED, RULE, HIT, VALUE, TTL_MS, STALE, REFRESH, FILL,
+  KIND, WINDOW_MS, LEASE, SHADOW_DENIED, SHADOW_RULE,
+] = KEYS.map((_, i) => i);
+const UINT_FIELDS = (1 << ID) | (1 << LIMIT) | (1 << REMAINING) | (1 << RESET_MS) | (1 << RETRY_AFTER_MS) | (1 << TTL_MS) | (1 << WINDOW_MS);
+const BOOL_FIELDS = (1 << OK) | (1 << ALLOWED) | (1 << DEGRADED) | (1 << HIT) | (1 << STALE) | (1 << REFRESH) | (1 << FILL) | (1 << SHADOW_DENIED);
+/** Fields holding a str: kept as text (`rule`, `kind`, `shadow_rule` are names, and repeat). */
+const STR_FIELDS = (1 << RULE) | (1 << KIND) | (1 << LEASE) | (1 << SHADOW_RULE);
 const DECISION_FIELDS = (1 << ALLOWED) | (1 << LIMIT) | (1 << REMAINING) | (1 << RESET_MS) | (1 << RETRY_AFTER_MS) | (1 << DEGRADED) | (1 << RULE);
 const UNKNOWN = -1;
 
-// A key is found by (length, first byte) in a table, then compared in full.
+// A key is found by (length, first byte ^ last byte) in a table, then
+// compared in full.
 const KEY_BYTES = KEYS.map((k) => Buffer.from(k));
+const slot = (len, first, last) => (len << 8) | (first ^ last);
 const KEY_TABLE = new Int8Array(32 * 256).fill(UNKNOWN);
 KEY_BYTES.forEach((b, i) => {
-  if (KEY_TABLE[(b.length << 8) | b[0]] !== UNKNOWN) throw new Error(`keys ${KEYS[i]} and ${KEYS[KEY_TABLE[(b.length << 8) | b[0]]]} collide`);
-  KEY_TABLE[(b.length << 8) | b[0]] = i;
+  const at = slot(b.length, b[0], b[b.length - 1]);
+  if (KEY_TABLE[at] !== UNKNOWN) throw new Error(`keys ${KEYS[i]} and ${KEYS[KEY_TABLE[at]]} collide`);
+  KEY_TABLE[at] = i;
 });
 
 function keyAt(buf, pos, len) {
-  const i = KEY_TABLE[(len << 8) | buf[pos]];
+  if (len === 0 || len > 31) return UNKNOWN;
+  const i = KEY_TABLE[slot(len, buf[pos], buf[pos + len - 1])];
   if (i === UNKNOWN) return UNKNOWN;
   const k = KEY_BYTES[i];
   for (let j = 1; j < len; j++) if (buf[pos + j] !== k[j]) return UNKNOWN;
@@ -37,6 +52,7 @@ export class ReplyFields {
     this.ints = new Array(KEYS.length).fill(0);
     this.bools = new Array(KEYS.length).fill(false);
     this.rule = '';
+    this.strs = new Array(KEYS.length).fill('');
     this.valueStart = 0;
     this.valueEnd = 0;
   }
@@ -63,6 +79,12 @@ function ruleAt(buf, pos, len) {
   if (RULES.length >= RULES_KEPT) RULES.shift();
   RULES.push({ bytes: Buffer.from(buf.subarray(pos, pos + len)), text });
   return text;
+}
+
+/** An ASCII str's text, or null (left to the general decoder). */
+function asciiAt(buf, pos, len) {
+  for (let j = 0; j < len; j++) if (buf[pos + j] >= 0x80) return null;
+  return buf.latin1Slice(pos, pos + len);
 }
 
 /**
@@ -123,9 +145,9 @@ export function readReply(buf, pos, end, r) {
       }
       if (bit) r.ints[field] = v;
     } else if ((vh & 0xe0) === 0xa0 || vh === 0xd9 || vh === 0xc4) {
-      // fixstr, str8, bin8: the only other types these replies carry (a rule, a cached value)
+      // fixstr, str8, bin8: the only other types these replies carry (names, a lease, a cached value)
       const isBin = vh === 0xc4;
-      if (bit & ~(isBin ? 1 << VALUE : 1 << RULE)) return false;
+      if (bit & ~(isBin ? 1 << VALUE : STR_FIELDS)) return false;
       let len;
       if ((vh & 0xe0) === 0xa0) {
         len = vh & 0x1f;
@@ -140,6 +162,14 @@ export function readReply(buf, pos, end, r) {
         const rule = ruleAt(buf, pos, len);
         if (rule === null) return false;
         r.rule = rule;
+      } else if (field === LEASE) {
+        const lease = asciiAt(buf, pos, len);
+        if (lease === null) return false;
+        r.strs[LEASE] = lease;
+      } else if (field === KIND || field === SHADOW_RULE) {
+        const name = ruleAt(buf, pos, len);
+        if (name === null) return false;
+        r.strs[field] = name;
       } else if (field === VALUE) {
         r.valueStart = pos;
         r.valueEnd = pos + len;
@@ -191,6 +221,11 @@ export function decisionOf(r) {
     retryAfterMs: r.ints[RETRY_AFTER_MS],
     degraded: r.bools[DEGRADED],
     rule: r.rule,
+    lease: r.has(LEASE) ? r.strs[LEASE] : null,
+    kind: r.has(KIND) ? r.strs[KIND] : null,
+    windowMs: r.has(WINDOW_MS) ? r.ints[WINDOW_MS] : null,
+    shadowDenied: r.has(SHADOW_DENIED) && r.bools[SHADOW_DENIED],
+    shadowRule: r.has(SHADOW_RULE) ? r.strs[SHADOW_RULE] : null,
   });
 }
 

@@ -106,6 +106,13 @@ export function cacheDel(tenant, opts = {}) {
   return req;
 }
 
+export function release(tenant, key, lease, opts = {}) {
+  const req = { id: 0, op: 'release', tenant: text('tenant', tenant), key: text('key', key) };
+  if (opts.policy !== undefined && opts.policy !== null) req.policy = text('policy', opts.policy);
+  req.lease = text('lease', lease);
+  return req;
+}
+
 export function checkGet(tenant, key, cacheKey, opts = {}) {
   const req = { id: 0, op: 'check_get' };
   checkFields(req, tenant, key, opts);

@@ -5,7 +5,8 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { FrameReader, decodeBody, encodeFrame } from '../src/codec.js';
 import { ProtocolViolation } from '../src/errors.js';
-import { cacheDel } from '../src/requests.js';
+import { cacheDel, release } from '../src/requests.js';
+import { Decision } from '../src/models.js';
 import { REPO } from './daemons.js';
 
 const { frames } = JSON.parse(fs.readFileSync(path.join(REPO, 'tests', 'fixtures', 'frames.json'), 'utf8'));
@@ -110,6 +111,17 @@ test('a fillOnly delete is sent as the daemon encodes it', () => {
   req.id = 8; // as Client.call does
   assert.equal(encodeFrame(req).toString('hex'), golden.hex);
   assert.equal('fill_only' in cacheDel('acme', { keys: ['GET /items?page=2'] }), false); // sent only when true
+});
+
+test('a release is sent as the daemon encodes it, and a lease reply read', () => {
+  const golden = frames.find((f) => f.name === 'release_request');
+  const req = release('acme', 'user:42', '0123456789abcdef0123456789abcdef', { policy: 'api' });
+  req.id = 16;
+  assert.equal(encodeFrame(req).toString('hex'), golden.hex);
+  const reply = frames.find((f) => f.name === 'check_reply_allowed_lease');
+  const d = Decision.fromReply(decodeBody(Buffer.from(reply.hex, 'hex').subarray(4)));
+  assert.equal(d.lease, '0123456789abcdef0123456789abcdef');
+  assert.equal(d.rule, 'inflight');
 });
 
 test('every error code in the fixture has its own error class', async () => {

@@ -144,7 +144,30 @@ const REPLIES = [
   { id: 6, ok: true, hit: false, fill: false, degraded: true },
   { id: 9, ok: true, allowed: true, limit: 10, remaining: 9, reset_ms: 200, retry_after_ms: 0, degraded: false, rule: 'burst', hit: true, value: Buffer.from('v'), ttl_ms: 1, stale: false, refresh: false },
   { id: 9, ok: true, allowed: false, limit: 10, remaining: 0, reset_ms: 200, retry_after_ms: 200, degraded: false, rule: 'burst' },
+  // The fields added within protocol v1 stay on the fast path.
+  { id: 2, ok: true, allowed: true, limit: 20, remaining: 19, reset_ms: 30000, retry_after_ms: 0, degraded: false, rule: 'inflight', lease: '0123456789abcdef0123456789abcdef' },
+  {
+    id: 2, ok: true, allowed: true, limit: 20, remaining: 19, reset_ms: 30000, retry_after_ms: 0, degraded: false, rule: 'inflight',
+    kind: 'concurrency', window_ms: 0, lease: 'fedcba9876543210fedcba9876543210', shadow_denied: true, shadow_rule: 'daily',
+  },
+  { id: 9, ok: true, allowed: true, limit: 10, remaining: 9, reset_ms: 200, retry_after_ms: 0, degraded: false, rule: 'burst', kind: 'token_bucket', window_ms: 2000, hit: false, fill: false },
 ];
+
+test('a check reply with a lease and the other v1 additions is read in place', () => {
+  const fields = new ReplyFields();
+  const frame = encodeFrame(REPLIES[10]);
+  assert.ok(readReply(frame, 4, frame.length, fields));
+  const d = decisionOf(fields);
+  assert.equal(d.lease, 'fedcba9876543210fedcba9876543210');
+  assert.equal(d.kind, 'concurrency');
+  assert.equal(d.windowMs, 0);
+  assert.equal(d.shadowDenied, true);
+  assert.equal(d.shadowRule, 'daily');
+  const plain = encodeFrame(REPLIES[0]);
+  assert.ok(readReply(plain, 4, plain.length, fields));
+  const p = decisionOf(fields);
+  assert.deepStrictEqual([p.lease, p.kind, p.windowMs, p.shadowDenied, p.shadowRule], [null, null, null, false, null]);
+});
 
 test('replies read in place give the results of the general decoder', () => {
   const fields = new ReplyFields();
@@ -172,6 +195,8 @@ test('replies the in-place reader cannot vouch for are left to the general decod
     { id: 2, ok: true, allowed: true, limit: 1, remaining: 9, reset_ms: 200, retry_after_ms: 0, degraded: false, rule: 'règle' },
     { id: 2, ok: true, allowed: true, limit: 1, remaining: 9, reset_ms: 1.5, retry_after_ms: 0, degraded: false, rule: 'b' },
     { id: 5, ok: true, hit: true, value: 'text, not bin', degraded: false },
+    { id: 2, ok: true, allowed: true, limit: 1, remaining: 0, reset_ms: 1, retry_after_ms: 0, degraded: false, rule: 'b', lease: 7 },
+    { id: 2, ok: true, allowed: true, limit: 1, remaining: 0, reset_ms: 1, retry_after_ms: 0, degraded: false, rule: 'b', window_ms: 'soon' },
   ];
   for (const reply of unusual) {
     const frame = encodeFrame(reply);

@@ -82,3 +82,26 @@ def test_every_error_code_has_its_exception(golden_frames: list[dict[str, Any]])
         exc = server_error(e)
         assert type(exc) is not ServerError and exc.code == e["code"], e
     assert isinstance(server_error({"code": "unavailable", "message": "Redis: down"}), SourceUnavailable)
+
+
+def test_a_check_reply_with_a_lease_and_the_other_v1_additions_is_read(golden_frames: list[dict[str, Any]]) -> None:
+    from quotad import Decision, ProtocolViolation
+
+    golden = next(f for f in golden_frames if f["name"] == "check_reply_allowed_lease")
+    d = Decision.from_reply(decode_body(FrameReader().feed(bytes.fromhex(golden["hex"]))[0]))
+    assert d.allowed and d.lease == "0123456789abcdef0123456789abcdef" and d.rule == "inflight"
+    plain = next(f for f in golden_frames if f["name"] == "check_reply_allowed")
+    p = Decision.from_reply(decode_body(FrameReader().feed(bytes.fromhex(plain["hex"]))[0]))
+    assert (p.lease, p.kind, p.window_ms, p.shadow_denied, p.shadow_rule) == (None, None, None, False, None)
+    more = {**golden["value"], "kind": "concurrency", "window_ms": 0, "shadow_denied": True, "shadow_rule": "daily"}
+    m = Decision.from_reply(more)
+    assert (m.kind, m.window_ms, m.shadow_denied, m.shadow_rule) == ("concurrency", 0, True, "daily")
+    for bad in ({"lease": 7}, {"window_ms": -1}, {"shadow_denied": 1}, {"kind": b"x"}):
+        with pytest.raises(ProtocolViolation):
+            Decision.from_reply({**golden["value"], **bad})
+
+
+def test_release_is_sent_as_the_daemon_encodes_it(golden_frames: list[dict[str, Any]]) -> None:
+    golden = next(f for f in golden_frames if f["name"] == "release_request")
+    req = _requests.release("acme", "user:42", "0123456789abcdef0123456789abcdef", "api")
+    assert request_frame(req, 16, 1 << 20) == bytes.fromhex(golden["hex"])

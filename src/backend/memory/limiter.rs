@@ -5,11 +5,15 @@
 //! no lock. It is bounded: expired states are swept at most once a second,
 //! and when it is full of live states an arbitrary one is forgotten (that
 //! key is forgiven) rather than letting memory grow.
+//!
+//! A concurrency rule's leases live beside the states, by the same key
+//! name: each lease with its expiry, dropped when it expires or is released.
+//! A key holds at most its rule's `limit` of them (config bounds it).
 
 use std::collections::HashMap;
 
 use crate::limiter::algorithm::State;
-use crate::limiter::{Policy, Verdict, decide};
+use crate::limiter::{Lease, Policy, RuleKind, Verdict, decide};
 
 const SWEEP_EVERY_US: u64 = 1_000_000;
 
@@ -17,6 +21,8 @@ const SWEEP_EVERY_US: u64 = 1_000_000;
 pub struct MemoryLimiter {
     /// State key (the same name Redis would use) -> (state, expires at µs).
     states: HashMap<String, (State, u64)>,
+    /// State key of a concurrency rule -> its leases and their expiry (µs).
+    leases: HashMap<String, Vec<(Lease, u64)>>,
     max_entries: usize,
     next_sweep_us: u64,
 }
@@ -25,33 +31,91 @@ impl MemoryLimiter {
     pub fn new(max_entries: usize) -> Self {
         MemoryLimiter {
             states: HashMap::new(),
+            leases: HashMap::new(),
             max_entries: max_entries.max(1),
             next_sweep_us: 0,
         }
     }
 
     /// Decides one check; `keys` holds one state key per rule of `policy`.
-    pub fn check(&mut self, policy: &Policy, keys: &[String], now_us: u64, cost: u64) -> Verdict {
-        let states: Vec<Option<State>> = keys
-            .iter()
-            .map(|k| match self.states.get(k) {
-                Some(&(s, exp)) if exp > now_us => Some(s),
-                _ => None,
+    /// Allowed, it takes `lease` (if any) in every concurrency rule.
+    pub fn check(
+        &mut self,
+        policy: &Policy,
+        keys: &[String],
+        now_us: u64,
+        cost: u64,
+        lease: Option<Lease>,
+    ) -> Verdict {
+        let states: Vec<Option<State>> = (policy.rules.iter().zip(keys))
+            .map(|(rule, k)| match rule.kind {
+                RuleKind::Concurrency { .. } => self.outstanding(k, now_us),
+                _ => match self.states.get(k) {
+                    Some(&(s, exp)) if exp > now_us => Some(s),
+                    _ => None,
+                },
             })
             .collect();
         let (verdict, writes) = decide(policy, &states, now_us, cost);
-        for (key, (state, exp)) in keys.iter().zip(writes.into_iter().flatten()) {
-            self.store(key, state, exp, now_us);
+        let rules = policy.rules.iter().zip(keys);
+        for ((rule, key), (state, exp)) in rules.zip(writes.into_iter().flatten()) {
+            match (rule.kind, lease) {
+                (RuleKind::Concurrency { lease_us, .. }, Some(lease)) => {
+                    self.take(key, lease, now_us + lease_us, now_us)
+                }
+                (RuleKind::Concurrency { .. }, None) => {}
+                _ => self.store(key, state, exp, now_us),
+            }
         }
         verdict
     }
 
+    /// Gives `lease` back in each of `keys` (a policy's concurrency rules):
+    /// true if it was still outstanding in one of them.
+    pub fn release(&mut self, keys: &[String], lease: Lease, now_us: u64) -> bool {
+        let mut released = false;
+        for key in keys {
+            if let Some(held) = self.leases.get_mut(key) {
+                if let Some(i) = held.iter().position(|(l, _)| *l == lease) {
+                    released |= held.swap_remove(i).1 > now_us;
+                }
+                if held.is_empty() {
+                    self.leases.remove(key);
+                }
+            }
+        }
+        released
+    }
+
+    /// A concurrency rule's state: its live leases, dropping expired ones.
+    fn outstanding(&mut self, key: &str, now_us: u64) -> Option<State> {
+        let held = self.leases.get_mut(key)?;
+        held.retain(|&(_, exp)| exp > now_us);
+        if held.is_empty() {
+            self.leases.remove(key);
+            return None;
+        }
+        let soonest = held.iter().map(|&(_, e)| e).min().unwrap_or(0);
+        let latest = held.iter().map(|&(_, e)| e).max().unwrap_or(0);
+        Some([held.len() as u64, soonest, latest])
+    }
+
+    fn take(&mut self, key: &str, lease: Lease, exp: u64, now_us: u64) {
+        if let Some(held) = self.leases.get_mut(key) {
+            held.push((lease, exp));
+            return;
+        }
+        self.make_room(now_us);
+        self.leases.insert(key.to_owned(), vec![(lease, exp)]);
+    }
+
+    /// Keys held: rule states and lease sets.
     pub fn len(&self) -> usize {
-        self.states.len()
+        self.states.len() + self.leases.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.states.is_empty()
+        self.len() == 0
     }
 
     fn store(&mut self, key: &str, state: State, exp: u64, now_us: u64) {
@@ -59,23 +123,35 @@ impl MemoryLimiter {
             *slot = (state, exp);
             return;
         }
-        if self.states.len() >= self.max_entries {
-            if now_us >= self.next_sweep_us {
-                self.sweep(now_us);
-            }
-            if self.states.len() >= self.max_entries {
-                let victim = self.states.keys().next().cloned();
-                if let Some(v) = victim {
-                    self.states.remove(&v);
-                }
+        self.make_room(now_us);
+        self.states.insert(key.to_owned(), (state, exp));
+    }
+
+    /// Before a new key: sweeps when full, and if it is still full of live
+    /// keys, forgets an arbitrary one (that key is forgiven).
+    fn make_room(&mut self, now_us: u64) {
+        if self.len() < self.max_entries {
+            return;
+        }
+        if now_us >= self.next_sweep_us {
+            self.sweep(now_us);
+        }
+        if self.len() >= self.max_entries {
+            if let Some(v) = self.states.keys().next().cloned() {
+                self.states.remove(&v);
+            } else if let Some(v) = self.leases.keys().next().cloned() {
+                self.leases.remove(&v);
             }
         }
-        self.states.insert(key.to_owned(), (state, exp));
     }
 
     /// Drops every expired state (rate limited to once a second).
     pub fn sweep(&mut self, now_us: u64) {
         self.states.retain(|_, (_, exp)| *exp > now_us);
+        self.leases.retain(|_, held| {
+            held.retain(|&(_, exp)| exp > now_us);
+            !held.is_empty()
+        });
         self.next_sweep_us = now_us + SWEEP_EVERY_US;
     }
 }
@@ -89,7 +165,7 @@ mod tests {
         let mut m = MemoryLimiter::new(100);
         let p = Policy::one_per_second();
         for i in 0..1000 {
-            m.check(&p, &[format!("k{i}")], 5_000_000, 1);
+            m.check(&p, &[format!("k{i}")], 5_000_000, 1, None);
         }
         assert_eq!(m.len(), 100);
         m.sweep(60_000_000);

@@ -14,7 +14,7 @@ pub use limiter::MemoryLimiter;
 use super::{Job, Outcome};
 use crate::clock::Clock;
 use crate::keys::Keys;
-use crate::limiter::{Check, Verdict};
+use crate::limiter::{Check, Release, Verdict};
 
 pub struct MemoryBackend {
     limiter: MemoryLimiter,
@@ -50,6 +50,7 @@ impl MemoryBackend {
                 let l = v.allowed.then(|| self.cache.get(g, false, now_ms));
                 Outcome::CheckLooked(v, l)
             }
+            Job::Release(r) => Outcome::Released(self.release(r)),
         }
     }
 
@@ -57,6 +58,12 @@ impl MemoryBackend {
     pub fn limit(&mut self, c: &Check) -> Verdict {
         let keys = c.state_keys(&self.keys);
         self.limiter
-            .check(&c.policy, &keys, self.clock.now_us(), c.cost)
+            .check(&c.policy, &keys, self.clock.now_us(), c.cost, c.lease)
+    }
+
+    /// Gives a lease back: true if it was still outstanding.
+    pub fn release(&mut self, r: &Release) -> bool {
+        let keys = r.lease_keys(&self.keys);
+        self.limiter.release(&keys, r.lease, self.clock.now_us())
     }
 }

@@ -81,6 +81,9 @@ pub mod op {
     pub const CACHE_SET: u64 = 3;
     pub const CACHE_DEL: u64 = 4;
     pub const CHECK_GET: u64 = 5;
+    /// A check of a policy with concurrency rules (it takes a lease).
+    pub const CHECK_LEASE: u64 = 10;
+    pub const RELEASE: u64 = 11;
 }
 
 /// Rule kind codes, `lua/limiter.lua`'s `KIND_*`.
@@ -88,6 +91,7 @@ pub mod kind {
     pub const TOKEN_BUCKET: u64 = 1;
     pub const FIXED_WINDOW: u64 = 2;
     pub const SLIDING_WINDOW: u64 = 3;
+    pub const CONCURRENCY: u64 = 4;
 }
 
 /// A rule as the script reads it: `[kind code, a, b]`.
@@ -99,6 +103,7 @@ fn rule_args(rule: &RuleKind) -> [u64; 3] {
         } => [kind::TOKEN_BUCKET, capacity, interval_us],
         RuleKind::FixedWindow { limit, window_us } => [kind::FIXED_WINDOW, limit, window_us],
         RuleKind::SlidingWindow { limit, window_us } => [kind::SLIDING_WINDOW, limit, window_us],
+        RuleKind::Concurrency { limit, lease_us } => [kind::CONCURRENCY, limit, lease_us],
     }
 }
 
@@ -178,6 +183,13 @@ impl<'a> Call<'a> {
     fn add(&mut self, job: &'a Job) {
         let keys = self.keys;
         match job {
+            Job::Check(c) if c.policy.has_leases() => {
+                let first = self.state_keys(c);
+                let policy = self.policy(&c.policy);
+                self.args
+                    .push(packed([op::CHECK_LEASE, policy, c.cost, first]));
+                self.lease(c);
+            }
             Job::Check(c) => {
                 let first = self.state_keys(c);
                 let policy = self.policy(&c.policy);
@@ -220,9 +232,26 @@ impl<'a> Call<'a> {
                 self.entry(&g.tenant, &g.key);
                 let policy = self.policy(&c.policy);
                 let header = [op::CHECK_GET, policy, c.cost, g.fill_ms, first];
-                self.args.push(packed(header));
+                if c.policy.has_leases() {
+                    self.args.push(packed(header.into_iter().chain([1])));
+                    self.lease(c);
+                } else {
+                    self.args.push(packed(header));
+                }
+            }
+            Job::Release(r) => {
+                let names = r.lease_keys(keys);
+                self.args.push(packed([op::RELEASE, names.len() as u64]));
+                self.names.extend(names);
+                self.args.push(r.lease.to_string().into_bytes());
             }
         }
+    }
+
+    /// A leased check's lease ARGV: "" for a peek, which takes none.
+    fn lease(&mut self, c: &Check) {
+        let lease = c.lease.map(|l| l.to_string()).unwrap_or_default();
+        self.args.push(lease.into_bytes());
     }
 
     /// The KEYS index of the check's first state key, adding its keys if
@@ -274,9 +303,11 @@ pub fn outcomes<'a>(reply: Value, jobs: impl Iterator<Item = &'a Job>) -> Option
     let jobs: Vec<&Job> = jobs.collect();
     let width = |job: &Job| match job {
         Job::Check(_) | Job::Get { .. } => 5,
-        Job::Set(_) | Job::Del(_) => 1,
+        Job::Set(_) | Job::Del(_) | Job::Release(_) => 1,
         Job::CheckGet(..) => 10,
     };
+    // Plain checks travel ahead of the other operations (see `Call::add`).
+    let plain = |job: &Job| matches!(job, Job::Check(c) if !c.policy.has_leases());
     let ints: usize = jobs.iter().map(|j| width(j)).sum();
     if items.len() < ints {
         return None;
@@ -293,13 +324,14 @@ pub fn outcomes<'a>(reply: Value, jobs: impl Iterator<Item = &'a Job>) -> Option
         })
         .collect::<Option<Vec<u64>>>()?;
     // The plain checks' results come first, then the other operations'.
-    let checks = jobs.iter().filter(|j| matches!(j, Job::Check(_))).count();
+    let checks = jobs.iter().filter(|j| plain(j)).count();
     let (mut check_at, mut other_at) = (0, 5 * checks);
     let mut out = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let at = match job {
-            Job::Check(_) => &mut check_at,
-            _ => &mut other_at,
+        let at = if plain(job) {
+            &mut check_at
+        } else {
+            &mut other_at
         };
         let n = &nums[*at..*at + width(job)];
         *at += width(job);
@@ -308,6 +340,7 @@ pub fn outcomes<'a>(reply: Value, jobs: impl Iterator<Item = &'a Job>) -> Option
             Job::Get { .. } => Outcome::Looked(lookup(n, &mut values)?),
             Job::Set(_) => Outcome::Stored,
             Job::Del(_) => Outcome::Deleted(n[0]),
+            Job::Release(_) => Outcome::Released(n[0] == 1),
             Job::CheckGet(c, _) => {
                 let v = verdict(&n[..5], c.policy.rules.len())?;
                 let l = if v.allowed {
@@ -378,6 +411,8 @@ mod tests {
                 ("CACHE_SET", op::CACHE_SET),
                 ("CACHE_DEL", op::CACHE_DEL),
                 ("CHECK_GET", op::CHECK_GET),
+                ("CHECK_LEASE", op::CHECK_LEASE),
+                ("RELEASE", op::RELEASE),
             ])
         );
         assert_eq!(
@@ -386,7 +421,16 @@ mod tests {
                 ("TOKEN_BUCKET", kind::TOKEN_BUCKET),
                 ("FIXED_WINDOW", kind::FIXED_WINDOW),
                 ("SLIDING_WINDOW", kind::SLIDING_WINDOW),
+                ("CONCURRENCY", kind::CONCURRENCY),
             ])
         );
+        // Two names for one code would send one of them down the other's path.
+        for prefix in ["OP_", "KIND_"] {
+            let mut codes: Vec<u64> = lua_codes(prefix).into_iter().map(|(_, c)| c).collect();
+            codes.sort_unstable();
+            let n = codes.len();
+            codes.dedup();
+            assert_eq!(codes.len(), n, "two {prefix} names share a code");
+        }
     }
 }

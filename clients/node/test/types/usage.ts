@@ -13,6 +13,9 @@ async function main(): Promise<void> {
   const locks: number = await c.cacheDelete('acme', { keys: ['k'], fillOnly: true });
   const r = await c.checkGet('acme', 'u', 'GET /', { policy: 'api', fillMs: 100 });
   if (r.lookup?.hit) r.lookup.value?.length;
+  const lease: string | null = d.lease;
+  const freed: boolean = lease === null ? false : await c.release('acme', 'user:42', lease, { policy: 'api' });
+  void [freed, d.kind, d.windowMs, d.shadowDenied, d.shadowRule];
   const mw = quotad({ client: c, tenant: header('x-tenant'), key: first(apiKey(), clientIp()), cache: { ttlMs: 1000 } });
   void [h, retry, cached, stored, n, locks, mw, invalidate];
   try {

@@ -84,7 +84,12 @@ async def serve_or_fill(
 
 
 async def _end_fill(step: Callable[[], Awaitable[object]], what: str, tenant: str, key: str) -> None:
-    """Runs ``step`` (a store or a release) to its end, shielded from the request's cancellation.
+    """Runs ``step`` (a store or a release of the fill lock) to its end, whatever happens to the request."""
+    await finish_shielded(step, f"{what} the cache entry {key!r} of tenant {tenant!r}")
+
+
+async def finish_shielded(step: Callable[[], Awaitable[object]], what: str) -> None:
+    """Runs ``step`` to its end, shielded from the request's cancellation; logs its errors as "could not <what>".
 
     Under an anyio cancel scope (Starlette, FastAPI, ``anyio.fail_after``) a
     cancelled scope cancels every await in it again, this one included: a
@@ -96,10 +101,7 @@ async def _end_fill(step: Callable[[], Awaitable[object]], what: str, tenant: st
         try:
             await step()
         except Exception as e:
-            log.warning(
-                "could not %s the cache entry %r of tenant %r: %s", what, key, tenant, e,
-                exc_info=not isinstance(e, QuotadError),
-            )
+            log.warning("could not %s: %s", what, e, exc_info=not isinstance(e, QuotadError))
 
     task = asyncio.ensure_future(run())
     _ending.add(task)

@@ -137,6 +137,14 @@ def cache_del(
     return req
 
 
+def release(tenant: str, key: str, lease: str, policy: str | None) -> Request:
+    req: Request = {"id": 0, "op": "release", "tenant": _text("tenant", tenant), "key": _text("key", key)}
+    if policy is not None:
+        req["policy"] = _text("policy", policy)
+    req["lease"] = _text("lease", lease)
+    return req
+
+
 def check_get(
     tenant: str,
     key: str,

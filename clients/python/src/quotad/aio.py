@@ -339,6 +339,21 @@ class AsyncClient:
         deleted = reply.get("deleted")
         return deleted if isinstance(deleted, int) else 0
 
+    async def release(self, tenant: str, key: str, lease: str, policy: str | None = None) -> bool:
+        """Gives back the lease a check took (``Decision.lease``), with the check's tenant, key and policy.
+
+        True if it was still held; False if it was released already, expired,
+        unknown, or could not be asked (its slot then frees by itself after the
+        rule's ``lease_ms``). Release each lease once, however the request ends.
+        """
+        req = _requests.release(tenant, key, lease, policy)
+        try:
+            reply = await self.call(req)
+        except TRANSIENT as e:
+            self._opts.soft_fail(e)
+            return False
+        return reply.get("released") is True
+
     async def check_get(
         self,
         tenant: str,

@@ -12,19 +12,25 @@
 
 A denial raises ``HTTPException(429)`` with the ``RateLimit-*`` and
 ``Retry-After`` headers; an allowed request gets the ``RateLimit-*``
-headers on its response. Without explicit ``tenant``/``key``, the
+headers on its response. Under a policy with a ``concurrency`` rule the
+dependency holds the check's lease for the request and releases it exactly
+once when the request is done: it is a dependency with ``yield``, closed
+after the response is sent (a streamed body too), the handler raised, or
+the client went away; except with FastAPI 0.106 to 0.117, which close it
+before the response is sent. Without explicit ``tenant``/``key``, the
 dependency uses the ones :class:`~quotad.starlette.QuotadMiddleware`
 resolved for the request, if it is installed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import HTTPException, Request, Response
 
 from . import identity
 from .aio import AsyncClient
+from ._leases import HeldLease
 from .identity import Extractor
 from .models import Decision
 from .starlette import ANONYMOUS_KEY, DEFAULT_TENANT, QuotadContext
@@ -51,7 +57,7 @@ class RateLimit:
         # Per-route buckets within one policy: the key gets the route template.
         self._route = identity.route() if scope_to_route else None
 
-    async def __call__(self, request: Request, response: Response) -> Decision:
+    async def __call__(self, request: Request, response: Response) -> AsyncIterator[Decision]:
         ctx = request.scope.get("state", {}).get("quotad")
         ctx = ctx if isinstance(ctx, QuotadContext) else None
         # Like QuotadMiddleware's defaults: the default tenant, keyed by client IP.
@@ -68,7 +74,11 @@ class RateLimit:
                 headers=decision.headers(),
             )
         response.headers.update(decision.headers())
-        return decision
+        held = HeldLease(self.client, tenant, key, self.policy, decision.lease)
+        try:
+            yield decision
+        finally:
+            await held.release()
 
     @staticmethod
     async def _resolve(

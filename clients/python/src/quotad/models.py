@@ -34,6 +34,17 @@ class Decision:
     degraded: bool
     #: The deciding rule's name ("" when the client answered by itself).
     rule: str
+    #: The lease this check took (an allowed check of a policy with a
+    #: ``concurrency`` rule, cost >= 1); give it back with ``release``.
+    lease: str | None = None
+    #: The deciding rule's kind, when the daemon reports it.
+    kind: str | None = None
+    #: The deciding rule's quota window in ms, when the daemon reports it.
+    window_ms: int | None = None
+    #: A shadow rule would have denied this allowed check.
+    shadow_denied: bool = False
+    #: That shadow rule.
+    shadow_rule: str | None = None
 
     @property
     def retry_after(self) -> float:
@@ -85,11 +96,33 @@ class Decision:
             and type(rule) is str
         ):
             raise ProtocolViolation(f"a check reply with mistyped fields: {r!r}")
+        # More than id, ok and the seven above: fields added within protocol
+        # v1 (or a check_get's lookup). Without them the instance keeps the
+        # class defaults (lease None, ...), so a plain reply pays nothing.
+        if len(r) <= 9:
+            fields = {
+                "allowed": allowed, "limit": limit, "remaining": remaining, "reset_ms": reset_ms,
+                "retry_after_ms": retry_after_ms, "degraded": degraded, "rule": rule,
+            }
+        else:
+            get = r.get
+            lease, kind, window_ms = get("lease"), get("kind"), get("window_ms")
+            shadow_denied, shadow_rule = get("shadow_denied", False), get("shadow_rule")
+            if not (
+                (lease is None or type(lease) is str)
+                and (kind is None or type(kind) is str)
+                and (window_ms is None or (type(window_ms) is int and window_ms >= 0))
+                and type(shadow_denied) is bool
+                and (shadow_rule is None or type(shadow_rule) is str)
+            ):
+                raise ProtocolViolation(f"a check reply with mistyped fields: {r!r}")
+            fields = {
+                "allowed": allowed, "limit": limit, "remaining": remaining, "reset_ms": reset_ms,
+                "retry_after_ms": retry_after_ms, "degraded": degraded, "rule": rule, "lease": lease,
+                "kind": kind, "window_ms": window_ms, "shadow_denied": shadow_denied, "shadow_rule": shadow_rule,
+            }
         d = _new(cls)
-        _setattr(d, "__dict__", {
-            "allowed": allowed, "limit": limit, "remaining": remaining, "reset_ms": reset_ms,
-            "retry_after_ms": retry_after_ms, "degraded": degraded, "rule": rule,
-        })
+        _setattr(d, "__dict__", fields)
         return d
 
 

@@ -20,7 +20,11 @@ Every HTTP request is checked (a cached GET through ``check_get``, which
 also reads the cache in the same request). A denial is answered here with
 429, a JSON body and ``RateLimit-*`` / ``Retry-After`` headers; allowed
 responses get the ``RateLimit-*`` headers too. Handlers of writes call
-:func:`invalidate` to drop cached entries by tag.
+:func:`invalidate` to drop cached entries by tag. Under a policy with a
+``concurrency`` rule, the lease an allowed check took is released exactly
+once: as the response's last part goes out (the whole body, streamed or
+not, so the client's next request finds the slot free), or when the
+handler raised or the client went away.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import identity
 from ._fill import CachedCalls, cached_calls, serve_or_fill
+from ._leases import HeldLease
 from .aio import AsyncClient
 from .identity import Extractor
 from .models import Decision, Lookup
@@ -270,7 +275,30 @@ class QuotadMiddleware:
         if not decision.allowed:
             await self._send_denial(conn, decision, send)
             return
-        lookup = ctx.lookup
+        if decision.lease is None:
+            await self._respond(scope, receive, send, conn, ctx, cache_key)
+            return
+        held = HeldLease(self.client, tenant, key, policy, decision.lease)
+
+        async def send_releasing(message: Message) -> None:
+            # Given back as the response's last part goes out, not after: a
+            # client that sends its next request once this one is answered
+            # must find the slot free.
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                await held.release()
+            await send(message)
+
+        try:
+            await self._respond(scope, receive, send_releasing, conn, ctx, cache_key)
+        finally:
+            await held.release()  # no last part sent: an error, a disconnect, a cancellation
+
+    async def _respond(
+        self, scope: Scope, receive: Receive, send: Send, conn: HTTPConnection, ctx: QuotadContext, cache_key: str | None
+    ) -> None:
+        """An allowed request's response: from the app, or from (and into) the cache."""
+        decision, lookup, cache = ctx.decision, ctx.lookup, self.cache
+        assert decision is not None
         if cache is None or cache_key is None or lookup is None or lookup.degraded:
             extra = [(b"x-cache", b"miss")] if cache_key is not None else []
             await self.app(scope, receive, _with_headers(send, decision, extra))
@@ -293,7 +321,7 @@ class QuotadMiddleware:
             return recorder.entry() if recorder.cacheable and not calls.seen else None
 
         await serve_or_fill(
-            self.client, tenant, cache_key, lookup, serve, compute,
+            self.client, ctx.tenant, cache_key, lookup, serve, compute,
             ttl_ms=rule.ttl_ms, stale_ms=rule.stale_ms, tags=lambda: rule.tags_for(conn),
         )
 
