@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the fuzz targets (fuzz/: AFL++ through the `afl` crate, stable Rust)
 # and runs each from its committed corpus for SECONDS, the targets side by
-# side. Fails if a run finds a crash or a hang (an input still running after
-# AFL++'s 1 s re-check), or no new input at all (which would mean the
+# side. Fails if a run finds a crash or a hang (by AFL++'s default, an input
+# still running after 1 s), or no new input at all (which would mean the
 # coverage feedback is missing). See fuzz/README.md.
 # Installs Debian's afl++ if afl-fuzz is missing (apt-get, with sudo when
 # not root).
