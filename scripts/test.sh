@@ -10,8 +10,9 @@ missing=()
 # systemd-socket-activate and systemd-analyze (package systemd) run the
 # socket-activation and unit tests; no systemd needs to be running.
 # promtool (package prometheus) checks deploy/prometheus/alerts.yml and
-# runs its unit tests; only promtool is used.
-for tool in redis-server redis-cli redis-sentinel psql systemd-socket-activate promtool; do
+# runs its unit tests; only promtool is used. afl-fuzz (package afl++)
+# fuzzes the fuzz/ targets for a few seconds (scripts/test-fuzz.sh).
+for tool in redis-server redis-cli redis-sentinel psql systemd-socket-activate promtool afl-fuzz; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
@@ -20,10 +21,14 @@ if ((${#missing[@]})); then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y \
-    redis-server redis-sentinel postgresql postgresql-client systemd prometheus
+    redis-server redis-sentinel postgresql postgresql-client systemd prometheus afl++
 fi
 
 cargo test --locked
+# The fuzz targets: an instrumented build of their own (fuzz/), then a few
+# seconds of coverage-guided fuzzing each; a crash fails the suite.
+echo "== Fuzz targets"
+scripts/test-fuzz.sh 5
 if [ -x scripts/test-clients.sh ]; then
   scripts/test-clients.sh
 fi
