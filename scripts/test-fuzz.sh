@@ -28,7 +28,7 @@ runtime="${AFL_PATH:-/usr/lib/afl}/afl-compiler-rt.o"
 # plus comparison operands), without needing cargo-afl or an AFL++ build of
 # its own. An explicit --target keeps RUSTFLAGS off build scripts and proc
 # macros: they run in the compiler, not in the target, and stay plain.
-# Opt-levels and assertions are in fuzz/Cargo.toml's release profile.
+# Opt-levels and assertions are the root Cargo.toml's `fuzz` profile.
 host=$(rustc -vV | sed -n 's/^host: //p')
 export RUSTFLAGS="--cfg fuzzing -C passes=sancov-module \
   -C llvm-args=-sanitizer-coverage-level=3 \
@@ -36,8 +36,8 @@ export RUSTFLAGS="--cfg fuzzing -C passes=sancov-module \
   -C llvm-args=-sanitizer-coverage-prune-blocks=0 \
   -C llvm-args=-sanitizer-coverage-trace-compares \
   -C link-arg=$runtime ${RUSTFLAGS:-}"
-cargo build --locked --release --target "$host"
-bin="${CARGO_TARGET_DIR:-$PWD/target}/$host/release"
+cargo build --locked --profile fuzz -p quotad-fuzz --target "$host"
+bin="${CARGO_TARGET_DIR:-$PWD/../target}/$host/fuzz"
 
 # No TTY UI, no core_pattern or CPU governor demands (CI machines), no CPU
 # pinning (the targets run side by side).
