@@ -164,7 +164,13 @@ async fn a_hung_redis_costs_each_request_at_most_the_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn function_flush_mid_run_reaches_no_client() {
     let redis = Redis::start();
-    let d = Daemon::start(&format!("{}{POLICY}", redis_table(&redis)));
+    // A deadline of 2 s, not the harness's 100 ms: reloading the library
+    // and resending is what is tested, not whether a loaded 2-core machine
+    // does it within 100 ms (it did not once, at load average 6).
+    let d = Daemon::start(&format!(
+        "[redis]\nurl = {:?}\ntimeout_ms = 2000\nprobe_interval_ms = 50\n{POLICY}",
+        redis.url()
+    ));
     let probe = d.client().await;
     let stop = Arc::new(AtomicBool::new(false));
     let (tally, ()) = tokio::join!(load(&d, stop.clone()), async {
