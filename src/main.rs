@@ -1,4 +1,5 @@
-//! The `quotad` command: `serve` runs the daemon, `check` asks it once,
+//! The `quotad` command: `serve` runs the daemon, `check` asks it once
+//! (`usage` reports every rule without charging),
 //! `tenant` manages tenants' plans through it, `stats` and `health` look
 //! inside it.
 
@@ -61,6 +62,21 @@ enum Command {
         /// Exit by the decision (0 or 1) even when it is degraded, instead of 3.
         #[arg(long)]
         allow_degraded: bool,
+        #[command(flatten)]
+        at: Socket,
+    },
+    /// Print every rule of a policy as it stands for one key, one line per
+    /// rule, charging nothing. Exit status: 0, or 2 on error.
+    Usage {
+        /// The tenant the caller belongs to (its plan sets the limits).
+        #[arg(long)]
+        tenant: String,
+        /// Who is limited within the tenant.
+        #[arg(long)]
+        key: String,
+        /// The policy (default: the one named `default`).
+        #[arg(long)]
+        policy: Option<String>,
         #[command(flatten)]
         at: Socket,
     },
@@ -174,6 +190,12 @@ fn main() -> ExitCode {
             allow_degraded,
             at,
         } => one_shot(check(tenant, key, policy, cost, allow_degraded, at)),
+        Command::Usage {
+            tenant,
+            key,
+            policy,
+            at,
+        } => one_shot(usage(tenant, key, policy, at)),
         Command::Tenant { command, at } => one_shot(tenant(command, at)),
         Command::Stats { json, at } => one_shot(stats(json, at)),
         Command::Health { live, at } => one_shot(health(live, at)),
@@ -317,6 +339,9 @@ async fn check(
         "allowed={} limit={} remaining={} reset_ms={} retry_after_ms={} rule={} degraded={}",
         d.allowed, d.limit, d.remaining, d.reset_ms, d.retry_after_ms, d.rule, d.degraded
     );
+    if let Some(shadow) = &d.shadow_rule {
+        println!("shadow_denied=true shadow_rule={shadow}");
+    }
     Ok(if d.degraded && !allow_degraded {
         eprintln!(
             "quotad: degraded: decided by the policy's failure mode, not by the backend \
@@ -328,6 +353,31 @@ async fn check(
     } else {
         ExitCode::from(1)
     })
+}
+
+async fn usage(
+    tenant: String,
+    key: String,
+    policy: Option<String>,
+    at: Socket,
+) -> anyhow::Result<ExitCode> {
+    let client = connect(&at).await?;
+    let rules = client
+        .usage(&tenant, &key, policy.as_deref())
+        .await
+        .map_err(|e| match &e {
+            ClientError::Server { code, .. } if code == "unknown_policy" => {
+                anyhow::anyhow!("{e}; {}", known_policies(&at))
+            }
+            _ => e.into(),
+        })?;
+    for u in rules {
+        println!(
+            "rule={} kind={} limit={} used={} remaining={} reset_ms={} window_ms={}",
+            u.rule, u.kind, u.limit, u.used, u.remaining, u.reset_ms, u.window_ms
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// After an unknown policy: the policies the config file defines, or how

@@ -148,6 +148,7 @@ impl Router {
             ShardOp::CacheGet(_) => &c.requests_cache_get,
             ShardOp::CacheSet(_) => &c.requests_cache_set,
             ShardOp::CacheDel(_) => &c.requests_cache_del,
+            ShardOp::Usage(_) => &c.requests_usage,
         };
         Stats::add(counter, 1);
     }

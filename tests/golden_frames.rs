@@ -12,6 +12,7 @@ use quotad::config::Config;
 use quotad::config::TenantRecord;
 use quotad::error::Error;
 use quotad::limiter::Decision;
+use quotad::limiter::usage::RuleUsage;
 use quotad::protocol::{
     self, AdminOp, Body, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Hello, LocalOp,
     Lookup, Op, Reply, ReplyFields, Request, ShardOp, Stats,
@@ -119,6 +120,14 @@ fn requests() -> Vec<(&'static str, Request)> {
             req(12, AdminOp::TenantDelete("acme".into())),
         ),
         ("tenant_list_request", req(13, AdminOp::TenantList)),
+        (
+            "usage_request",
+            req(16, ShardOp::Usage(check_args(Some("api"), 0))),
+        ),
+        (
+            "usage_request_default_policy",
+            req(17, ShardOp::Usage(check_args(None, 0))),
+        ),
     ]
 }
 
@@ -142,7 +151,33 @@ fn decision(allowed: bool, degraded: bool) -> Decision {
         retry_after_ms: if allowed { 0 } else { 200 },
         degraded,
         rule: "burst".into(),
+        kind: "token_bucket",
+        window_ms: 2000,
+        shadow_rule: None,
     }
+}
+
+fn usage_lines() -> Vec<RuleUsage> {
+    vec![
+        RuleUsage {
+            rule: "burst".into(),
+            kind: "token_bucket",
+            limit: 10,
+            used: 3,
+            remaining: 7,
+            reset_ms: 600,
+            window_ms: 2000,
+        },
+        RuleUsage {
+            rule: "daily".into(),
+            kind: "daily_quota",
+            limit: 1000,
+            used: 412,
+            remaining: 588,
+            reset_ms: 40_000_000,
+            window_ms: 86_400_000,
+        },
+    ]
 }
 
 fn hit() -> Lookup {
@@ -172,6 +207,17 @@ fn replies() -> Vec<(&'static str, Reply)> {
             "check_reply_degraded",
             ok(u64::MAX, Body::Decision(decision(true, true))),
         ),
+        (
+            "check_reply_shadow_denied",
+            ok(
+                2,
+                Body::Decision(Decision {
+                    shadow_rule: Some("daily".into()),
+                    ..decision(true, false)
+                }),
+            ),
+        ),
+        ("usage_reply", ok(16, Body::Usage(usage_lines()))),
         (
             "stats_reply",
             ok(
@@ -452,6 +498,7 @@ fn decoders_read_the_pinned_bytes_back() {
                     all.into_iter().map(|(t, r)| (t, r.plan)).collect();
                 assert_eq!(got, want);
             }
+            Ok(Body::Usage(rules)) => assert_eq!(fields.usage(), Some(rules), "{name}"),
             Ok(Body::Stats(s)) => {
                 assert_eq!(fields.uptime_ms, Some(s.uptime_ms));
                 assert_eq!(fields.counters.unwrap().len(), s.counters.len());

@@ -1,6 +1,6 @@
 //! What a shard asks a backend to do, and what comes back.
 
-use crate::limiter::{Check, Decision, Verdict};
+use crate::limiter::{Check, Decision, Verdict, usage};
 use crate::protocol::{Body, CacheDelArgs, CacheGetArgs, CacheSetArgs, Lookup};
 
 /// One operation for a backend.
@@ -18,6 +18,8 @@ pub enum Job {
     Del(CacheDelArgs),
     /// A check, then (only if it allows) a cache read.
     CheckGet(Check, CacheGetArgs),
+    /// Every rule of the check's policy as it stands: charges nothing.
+    Usage(Check),
 }
 
 /// A backend's answer to one [`Job`].
@@ -29,6 +31,8 @@ pub enum Outcome {
     Deleted(u64),
     /// The lookup is `None` when the check denied.
     CheckLooked(Verdict, Option<Lookup>),
+    /// Per rule, in order: `(remaining, reset_ms)`.
+    Usage(Vec<(u64, u64)>),
 }
 
 impl Outcome {
@@ -48,6 +52,7 @@ impl Outcome {
             (Job::CheckGet(c, _), Outcome::CheckLooked(v, l)) => {
                 Body::CheckLookup(Decision::from_verdict(&c.policy, v, false), l)
             }
+            (Job::Usage(c), Outcome::Usage(u)) => Body::Usage(usage::lines(&c.policy, &u)?),
             _ => return None,
         })
     }
@@ -56,7 +61,7 @@ impl Outcome {
 impl Job {
     pub fn tenant(&self) -> &str {
         match self {
-            Job::Check(c) | Job::CheckGet(c, _) => &c.tenant,
+            Job::Check(c) | Job::CheckGet(c, _) | Job::Usage(c) => &c.tenant,
             Job::Get { args, .. } => &args.tenant,
             Job::Set(s) => &s.tenant,
             Job::Del(d) => &d.tenant,

@@ -19,10 +19,11 @@ use bytes::Bytes;
 use crate::config::TenantRecord;
 use crate::error::Error;
 use crate::limiter::Decision;
+use crate::limiter::usage::RuleUsage;
 
 pub use decode::{DecodeError, decode};
 pub use encode::{encode_reply, encode_request};
-pub use fields::{ReplyFields, TenantFields, WireError};
+pub use fields::{ReplyFields, TenantFields, UsageFields, WireError};
 pub use op::{AdminOp, Answerer, LocalOp, OPS, Op, OpKind, ShardOp};
 
 /// The protocol version this build speaks.
@@ -110,6 +111,8 @@ pub enum Body {
     Removed(bool),
     /// `tenant_list`.
     Tenants(Vec<(String, TenantRecord)>),
+    /// `usage`: every rule of the policy, in order.
+    Usage(Vec<RuleUsage>),
 }
 
 /// The answer to a cache read.

@@ -56,6 +56,7 @@ op_table! {
     TenantSet => "tenant_set", Admin;
     TenantDelete => "tenant_delete", Admin;
     TenantList => "tenant_list", Admin;
+    Usage => "usage", Shard;
 }
 
 /// Who answers an op: the variants of [`Op`], without their ops.
@@ -112,6 +113,9 @@ pub enum ShardOp {
     CacheDel(CacheDelArgs),
     /// A check, then (only if allowed) a cache read, in one round trip.
     CheckGet(CheckArgs, CacheGetArgs),
+    /// Every rule of the policy as it stands for the key (cost 0: nothing
+    /// is charged).
+    Usage(CheckArgs),
 }
 
 /// Answered by the admin side, from the tenants' source of truth; only
@@ -159,13 +163,14 @@ impl ShardOp {
             ShardOp::CacheSet(_) => OpKind::CacheSet,
             ShardOp::CacheDel(_) => OpKind::CacheDel,
             ShardOp::CheckGet(..) => OpKind::CheckGet,
+            ShardOp::Usage(_) => OpKind::Usage,
         }
     }
 
     /// The tenant whose shard answers.
     pub fn tenant(&self) -> &str {
         match self {
-            ShardOp::Check(a) | ShardOp::CheckGet(a, _) => &a.tenant,
+            ShardOp::Check(a) | ShardOp::CheckGet(a, _) | ShardOp::Usage(a) => &a.tenant,
             ShardOp::CacheGet(a) => &a.tenant,
             ShardOp::CacheSet(a) => &a.tenant,
             ShardOp::CacheDel(a) => &a.tenant,

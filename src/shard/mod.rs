@@ -43,7 +43,7 @@ use fills::Fills;
 pub use fills::ReleaseWaiters;
 use overlimit::OverLimit;
 pub use quota::Forget;
-use quota::PendingCheck;
+use quota::{PendingCheck, Then};
 pub use set::Shards;
 use tenants::Tenants;
 
@@ -152,11 +152,26 @@ impl Message<JobMsg> for Shard {
 
     async fn handle(&mut self, JobMsg(op, reply): JobMsg, ctx: &mut Context<Self, ()>) {
         match op {
-            ShardOp::Check(args) => self.resolve(PendingCheck { args, get: None }, reply, ctx),
+            ShardOp::Check(args) => self.resolve(
+                PendingCheck {
+                    args,
+                    then: Then::Check,
+                },
+                reply,
+                ctx,
+            ),
             ShardOp::CheckGet(args, get) => self.resolve(
                 PendingCheck {
                     args,
-                    get: Some(get),
+                    then: Then::Get(get),
+                },
+                reply,
+                ctx,
+            ),
+            ShardOp::Usage(args) => self.resolve(
+                PendingCheck {
+                    args,
+                    then: Then::Usage,
                 },
                 reply,
                 ctx,
@@ -286,6 +301,9 @@ impl Shard {
         if let Some(d) = d {
             let c = &self.stats.counters;
             Stats::add(if d.allowed { &c.allowed } else { &c.denied }, 1);
+            if d.shadow_rule.is_some() {
+                Stats::add(&c.shadow_denied, 1);
+            }
         }
         reply.send(Ok(body));
     }

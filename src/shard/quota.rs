@@ -29,12 +29,21 @@ pub struct TenantLoaded {
     epoch: u64,
 }
 
-/// A `check` (or, with `get`, a `check_get`) that needs its tenant's
-/// policies before it becomes a job.
+/// A `check`, `check_get` or `usage` that needs its tenant's policies
+/// before it becomes a job.
 #[derive(Debug)]
 pub struct PendingCheck {
     pub args: CheckArgs,
-    pub get: Option<CacheGetArgs>,
+    pub then: Then,
+}
+
+/// What a [`PendingCheck`] becomes.
+#[derive(Debug)]
+pub enum Then {
+    Check,
+    /// A `check_get`: the cache read after it.
+    Get(CacheGetArgs),
+    Usage,
 }
 
 /// A tenant's record changed: look it up again on its next request.
@@ -158,9 +167,10 @@ impl Shard {
     ) {
         match check(op.args, policies) {
             Ok(c) => {
-                let job = match op.get {
-                    None => Job::Check(c),
-                    Some(get) => Job::CheckGet(c, get),
+                let job = match op.then {
+                    Then::Check => Job::Check(c),
+                    Then::Get(get) => Job::CheckGet(c, get),
+                    Then::Usage => Job::Usage(c),
                 };
                 self.start(job, reply, ctx)
             }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use crate::limiter::algorithm::State;
-use crate::limiter::{Policy, Verdict, decide};
+use crate::limiter::{Policy, Verdict, decide, usage};
 
 const SWEEP_EVERY_US: u64 = 1_000_000;
 
@@ -32,18 +32,26 @@ impl MemoryLimiter {
 
     /// Decides one check; `keys` holds one state key per rule of `policy`.
     pub fn check(&mut self, policy: &Policy, keys: &[String], now_us: u64, cost: u64) -> Verdict {
-        let states: Vec<Option<State>> = keys
-            .iter()
-            .map(|k| match self.states.get(k) {
-                Some(&(s, exp)) if exp > now_us => Some(s),
-                _ => None,
-            })
-            .collect();
+        let states = self.states(keys, now_us);
         let (verdict, writes) = decide(policy, &states, now_us, cost);
         for (key, (state, exp)) in keys.iter().zip(writes.into_iter().flatten()) {
             self.store(key, state, exp, now_us);
         }
         verdict
+    }
+
+    /// Every rule's `(remaining, reset_ms)`, charging nothing.
+    pub fn usage(&self, policy: &Policy, keys: &[String], now_us: u64) -> Vec<(u64, u64)> {
+        usage(policy, &self.states(keys, now_us), now_us)
+    }
+
+    fn states(&self, keys: &[String], now_us: u64) -> Vec<Option<State>> {
+        keys.iter()
+            .map(|k| match self.states.get(k) {
+                Some(&(s, exp)) if exp > now_us => Some(s),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn len(&self) -> usize {

@@ -50,6 +50,10 @@ impl MemoryBackend {
                 let l = v.allowed.then(|| self.cache.get(g, false, now_ms));
                 Outcome::CheckLooked(v, l)
             }
+            Job::Usage(c) => {
+                let keys = c.state_keys(&self.keys);
+                Outcome::Usage(self.limiter.usage(&c.policy, &keys, self.clock.now_us()))
+            }
         }
     }
 

@@ -81,6 +81,7 @@ pub mod op {
     pub const CACHE_SET: u64 = 3;
     pub const CACHE_DEL: u64 = 4;
     pub const CHECK_GET: u64 = 5;
+    pub const USAGE: u64 = 6;
 }
 
 /// Rule kind codes, `lua/limiter.lua`'s `KIND_*`.
@@ -100,6 +101,22 @@ fn rule_args(rule: &RuleKind) -> [u64; 3] {
         RuleKind::FixedWindow { limit, window_us } => [kind::FIXED_WINDOW, limit, window_us],
         RuleKind::SlidingWindow { limit, window_us } => [kind::SLIDING_WINDOW, limit, window_us],
     }
+}
+
+/// A policy as the script reads it: the rule count, each rule's
+/// [`rule_args`], then, only for a policy with shadow rules, a bit mask of
+/// them (bit i: rule i), so other policies' arguments stay as they were.
+fn policy_args(p: &Policy) -> Vec<u8> {
+    let rules = p.rules.iter().flat_map(|r| rule_args(&r.kind));
+    let mask = (p.rules.iter().enumerate())
+        .filter(|(_, r)| r.shadow)
+        .fold(0, |m, (i, _)| m | 1 << i);
+    let shadow = p.shadow.then_some(mask);
+    packed(
+        std::iter::once(p.rules.len() as u64)
+            .chain(rules)
+            .chain(shadow),
+    )
 }
 
 fn packed(values: impl IntoIterator<Item = u64>) -> Vec<u8> {
@@ -147,8 +164,7 @@ pub fn command<'a>(
     };
     cmd.arg(nstates).arg(call.policies.len());
     for p in &call.policies {
-        let rules = p.rules.iter().flat_map(|r| rule_args(&r.kind));
-        cmd.arg(packed(std::iter::once(p.rules.len() as u64).chain(rules)));
+        cmd.arg(policy_args(p));
     }
     cmd.arg(call.checks).arg(call.check_args).arg(call.args);
     cmd
@@ -222,6 +238,11 @@ impl<'a> Call<'a> {
                 let header = [op::CHECK_GET, policy, c.cost, g.fill_ms, first];
                 self.args.push(packed(header));
             }
+            Job::Usage(c) => {
+                let first = self.state_keys(c);
+                let policy = self.policy(&c.policy);
+                self.args.push(packed([op::USAGE, policy, first]));
+            }
         }
     }
 
@@ -276,6 +297,7 @@ pub fn outcomes<'a>(reply: Value, jobs: impl Iterator<Item = &'a Job>) -> Option
         Job::Check(_) | Job::Get { .. } => 5,
         Job::Set(_) | Job::Del(_) => 1,
         Job::CheckGet(..) => 10,
+        Job::Usage(c) => 2 * c.policy.rules.len(),
     };
     let ints: usize = jobs.iter().map(|j| width(j)).sum();
     if items.len() < ints {
@@ -317,20 +339,25 @@ pub fn outcomes<'a>(reply: Value, jobs: impl Iterator<Item = &'a Job>) -> Option
                 };
                 Outcome::CheckLooked(v, l)
             }
+            Job::Usage(_) => Outcome::Usage(n.chunks(2).map(|r| (r[0], r[1])).collect()),
         };
         out.push(o);
     }
     Some(out)
 }
 
+/// A check's five integers. The first is 0 (denied), 1 (allowed) or 2 + i:
+/// allowed, but shadow rule i would have denied.
 fn verdict(n: &[u64], rules: usize) -> Option<Verdict> {
     let rule = n[1] as usize;
-    (rule < rules).then_some(Verdict {
-        allowed: n[0] == 1,
+    let shadow = n[0].checked_sub(2).map(|i| i as usize);
+    (rule < rules && shadow.is_none_or(|s| s < rules)).then_some(Verdict {
+        allowed: n[0] >= 1,
         rule,
         remaining: n[2],
         reset_ms: n[3],
         retry_after_ms: n[4],
+        shadow,
     })
 }
 
@@ -378,6 +405,7 @@ mod tests {
                 ("CACHE_SET", op::CACHE_SET),
                 ("CACHE_DEL", op::CACHE_DEL),
                 ("CHECK_GET", op::CHECK_GET),
+                ("USAGE", op::USAGE),
             ])
         );
         assert_eq!(
