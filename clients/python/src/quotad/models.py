@@ -6,14 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ProtocolViolation
+from .ratelimit_headers import ratelimit_headers
 
 
 _new = object.__new__
 _setattr = object.__setattr__
-
-
-def _ceil_seconds(ms: int) -> int:
-    return -(-ms // 1000)
 
 
 @dataclass(frozen=True)
@@ -34,6 +31,18 @@ class Decision:
     degraded: bool
     #: The deciding rule's name ("" when the client answered by itself).
     rule: str
+    #: The deciding rule's kind (``token_bucket``, ``fixed_window``,
+    #: ``sliding_window``, ``daily_quota``, ...; "" when unknown).
+    kind: str = ""
+    #: The deciding rule's quota window in ms (the IETF ``w``; 0 when none).
+    window_ms: int = 0
+    #: Allowed, but this shadow rule would have denied (None: no shadow denial).
+    shadow_rule: str | None = None
+
+    @property
+    def shadow_denied(self) -> bool:
+        """True when a shadow rule would have denied this allowed request."""
+        return self.shadow_rule is not None
 
     @property
     def retry_after(self) -> float:
@@ -45,25 +54,15 @@ class Decision:
         """Seconds until the deciding rule is full again."""
         return self.reset_ms / 1000.0
 
-    def headers(self) -> dict[str, str]:
-        """The standard rate-limit response headers for this decision.
+    def headers(self, *, legacy: bool = False) -> dict[str, str]:
+        """The rate-limit response headers for this decision.
 
-        ``RateLimit-Reset`` and ``Retry-After`` are whole seconds rounded up,
-        so a client that waits that long is never early. ``Retry-After`` is
-        only present on a denial. When this client answered by itself (the
-        daemon unavailable: ``degraded`` with no rule), no limit is known, so
-        only ``Retry-After`` (on a denial) is given.
+        ``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-
+        headers-11), ``Retry-After`` on a denial, and with ``legacy`` the
+        older ``RateLimit-Limit``/``-Remaining``/``-Reset`` trio; seconds are
+        rounded up. See :mod:`quotad.ratelimit_headers`.
         """
-        if self.degraded and not self.rule:
-            return {} if self.allowed else {"Retry-After": str(_ceil_seconds(self.retry_after_ms))}
-        headers = {
-            "RateLimit-Limit": str(self.limit),
-            "RateLimit-Remaining": str(self.remaining),
-            "RateLimit-Reset": str(_ceil_seconds(self.reset_ms)),
-        }
-        if not self.allowed:
-            headers["Retry-After"] = str(_ceil_seconds(self.retry_after_ms))
-        return headers
+        return ratelimit_headers(self, legacy=legacy)
 
     @classmethod
     def from_reply(cls, r: dict[str, Any]) -> Decision:
@@ -75,6 +74,8 @@ class Decision:
             reset_ms, retry_after_ms, degraded, rule = r["reset_ms"], r["retry_after_ms"], r["degraded"], r["rule"]
         except KeyError as e:
             raise ProtocolViolation(f"a check reply without {e}") from None
+        # Newer fields: an older quotad does not send them.
+        kind, window_ms, shadow_rule = r.get("kind", ""), r.get("window_ms", 0), r.get("shadow_rule")
         if not (
             type(allowed) is bool
             and type(degraded) is bool
@@ -83,12 +84,16 @@ class Decision:
             and type(reset_ms) is int
             and type(retry_after_ms) is int
             and type(rule) is str
+            and type(kind) is str
+            and type(window_ms) is int
+            and (shadow_rule is None or type(shadow_rule) is str)
         ):
             raise ProtocolViolation(f"a check reply with mistyped fields: {r!r}")
         d = _new(cls)
         _setattr(d, "__dict__", {
             "allowed": allowed, "limit": limit, "remaining": remaining, "reset_ms": reset_ms,
             "retry_after_ms": retry_after_ms, "degraded": degraded, "rule": rule,
+            "kind": kind, "window_ms": window_ms, "shadow_rule": shadow_rule,
         })
         return d
 
@@ -153,6 +158,49 @@ class CheckGet:
         decision = Decision.from_reply(r)
         lookup = Lookup.from_reply(r) if decision.allowed and "hit" in r else None
         return cls(decision, lookup)
+
+
+@dataclass(frozen=True)
+class RuleUsage:
+    """One rule of a ``usage`` answer: how much of it is used for the key."""
+
+    rule: str
+    kind: str
+    limit: int
+    #: ``limit - remaining``: units taken and not yet back.
+    used: int
+    #: Units one check could take now.
+    remaining: int
+    #: ms until the rule is full again (a fixed window: until it ends; a
+    #: daily quota: until the next 00:00 UTC).
+    reset_ms: int
+    #: The rule's quota window in ms (0: none).
+    window_ms: int
+
+    @classmethod
+    def from_reply(cls, r: object) -> RuleUsage:
+        if not isinstance(r, dict):
+            raise TypeError("rule")
+        return cls(
+            rule=_str(r["rule"]),
+            kind=_str(r["kind"]),
+            limit=_uint(r["limit"]),
+            used=_uint(r["used"]),
+            remaining=_uint(r["remaining"]),
+            reset_ms=_uint(r["reset_ms"]),
+            window_ms=_uint(r.get("window_ms", 0)),
+        )
+
+
+def usage_from_reply(r: dict[str, Any]) -> list[RuleUsage]:
+    """The rules of a ``usage`` reply, in the policy's order."""
+    try:
+        rules = r["rules"]
+        if not isinstance(rules, list):
+            raise TypeError("rules")
+        return [RuleUsage.from_reply(u) for u in rules]
+    except (KeyError, TypeError) as e:
+        raise ProtocolViolation(f"a usage reply without a valid {e}") from e
 
 
 @dataclass(frozen=True)
