@@ -160,7 +160,9 @@ local function batch(KEYS, ARGV)
     elseif op == OP_USAGE then
       local _, pi, first = unpack('<ddd', h)
       local spec = policies[pi + 1]
-      for r = 1, spec[1] do
+      local n = spec[1]
+      if n < 0 then n = -n end -- a policy with shadow rules (limiter.lua's `policy`)
+      for r = 1, n do
         local f, k = 2 + (r - 1) * 3, first + r - 1
         out[no + 1], out[no + 2] = usage(spec[f], spec[f + 1], spec[f + 2], S1[k], S2[k], S3[k], now)
         no = no + 2

@@ -175,7 +175,9 @@ end
 -- script starts each call with it empty). Bounded, since reloads may
 -- bring new forms. A policy with shadow rules ends with one more number,
 -- a bit mask of them (bit i: rule i + 1): `fields.shadow` then says, per
--- rule, whether it is shadow.
+-- rule, whether it is shadow, and its rule count is stored negated, so
+-- `check` finds it by the count test it makes anyway (other policies pay
+-- nothing for shadow rules).
 local POLICIES, NPOLICIES = {}, 0
 local function policy(spec)
   local fields = POLICIES[spec]
@@ -189,7 +191,7 @@ local function policy(spec)
       shadow[r] = mask % 2 == 1
       mask = (mask - mask % 2) / 2
     end
-    fields.shadow = shadow
+    fields.shadow, fields[1] = shadow, -n
   end
   if NPOLICIES >= 1000 then POLICIES, NPOLICIES = {}, 0 end
   POLICIES[spec], NPOLICIES = fields, NPOLICIES + 1
@@ -261,7 +263,7 @@ local R = {} -- per rule: 1 allowed, 2 remaining, 3 reset, 4 retry, 5-7 next sta
 -- have denied (the longest wait), or 1. The enforcing rules decide the
 -- numbers, or, when every rule is shadow, that shadow rule.
 local function check_shadow(spec, first, cost, now)
-  local n, sh = spec[1], spec.shadow
+  local n, sh = -spec[1], spec.shadow
   local all = true
   for r = 1, n do
     local o = (r - 1) * 8
@@ -318,7 +320,6 @@ local function check_shadow(spec, first, cost, now)
 end
 
 local function check(spec, first, cost, now)
-  if spec.shadow then return check_shadow(spec, first, cost, now) end
   local n = spec[1]
   if n == 1 then -- most policies: no rule to choose between
     local k = first
@@ -328,6 +329,7 @@ local function check(spec, first, cost, now)
     if cost > 0 then charge(k, n1, n2, n3, exp) end
     return 1, 0, rem, ms(reset), 0
   end
+  if n < 0 then return check_shadow(spec, first, cost, now) end
   local all = true
   for r = 1, n do
     local o = (r - 1) * 8
