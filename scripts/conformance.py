@@ -171,6 +171,8 @@ def stats_reports_counters(path: str) -> None:
     assert isinstance(counters, dict) and counters, r
     assert all(isinstance(k, str) and is_uint(v) for k, v in counters.items()), counters
     assert counters.get("requests_hello", 0) >= 1, counters
+    shadow = r["shadow_denials"]
+    assert isinstance(shadow, dict) and all(isinstance(k, str) and is_uint(v) and v > 0 for k, v in shadow.items()), r
 
 
 @check

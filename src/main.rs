@@ -410,6 +410,7 @@ fn known_policies(at: &Socket) -> String {
 async fn stats(json: bool, at: Socket) -> anyhow::Result<ExitCode> {
     let reply = connect(&at).await?.stats().await?;
     let counters = reply.counters.unwrap_or_default();
+    let shadow = reply.shadow_denials.unwrap_or_default();
     if json {
         /// Fields in this order whatever serde_json's features.
         #[derive(serde::Serialize)]
@@ -418,12 +419,14 @@ async fn stats(json: bool, at: Socket) -> anyhow::Result<ExitCode> {
             backend: Option<&'a str>,
             shards: Option<u64>,
             counters: &'a std::collections::BTreeMap<String, u64>,
+            shadow_denials: &'a std::collections::BTreeMap<String, u64>,
         }
         let out = Out {
             uptime_ms: reply.uptime_ms,
             backend: reply.backend.as_deref(),
             shards: reply.shards,
             counters: &counters,
+            shadow_denials: &shadow,
         };
         println!("{}", serde_json::to_string(&out)?);
     } else {
@@ -433,8 +436,16 @@ async fn stats(json: bool, at: Socket) -> anyhow::Result<ExitCode> {
             reply.backend.as_deref().unwrap_or("?"),
             reply.shards.unwrap_or_default()
         );
-        let width = counters.keys().map(String::len).max().unwrap_or(0);
-        for (name, value) in &counters {
+        // Shadow denials by rule, as `shadow_denied.<policy>.<rule>`.
+        let shadow: Vec<(String, u64)> = (shadow.into_iter())
+            .map(|(rule, n)| (format!("shadow_denied.{rule}"), n))
+            .collect();
+        let all = counters.iter().map(|(k, v)| (k.as_str(), *v));
+        let all: Vec<(&str, u64)> = all
+            .chain(shadow.iter().map(|(k, v)| (k.as_str(), *v)))
+            .collect();
+        let width = all.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        for (name, value) in all {
             println!("{name:<width$}  {value:>12}");
         }
     }

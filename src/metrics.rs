@@ -12,7 +12,8 @@
 //! decision or an op is: those modules hold their handles and say what to
 //! count, so they import this one and it imports none of them.
 
-use std::sync::{Arc, LazyLock};
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
 use prometheus_client::collector::Collector;
@@ -39,6 +40,10 @@ pub struct Metrics {
     daily_hits: Counters,
     tokens: Counters,
     shadow_denials: Counters,
+    /// The same counters by `<policy>.<rule>`, for `stats`: filled when a
+    /// policy compiles (a reload, a tenant's plan), read by `stats`; never
+    /// touched by a check.
+    shadow_by_rule: Mutex<BTreeMap<String, Counter>>,
     pub over_limit_local: Counter,
     /// Degraded check decisions by failure mode.
     degraded: Counters,
@@ -141,6 +146,7 @@ impl Metrics {
             daily_hits,
             tokens,
             shadow_denials,
+            shadow_by_rule: Mutex::default(),
             over_limit_local,
             degraded,
             latency,
@@ -153,6 +159,18 @@ impl Metrics {
     pub fn request_duration(&self, op: &str) -> Histogram {
         self.latency
             .get_or_create_owned(&vec![("op", op.to_string())])
+    }
+
+    /// Shadow denials by `<policy>.<rule>`, those above 0 (`stats`).
+    pub fn shadow_denials(&self) -> Vec<(String, u64)> {
+        let by_rule = self
+            .shadow_by_rule
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        (by_rule.iter())
+            .map(|(name, c)| (name.clone(), c.get()))
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 
     /// The whole exposition: the registry, then the `stats` counters.
@@ -232,10 +250,18 @@ impl PolicyMetrics {
                 .map(|r| family.get_or_create_owned(&vec![p(), ("rule", r.to_string())]))
                 .collect()
         };
+        let shadow_denials: Vec<Counter> = by_rule(&m.shadow_denials);
+        let mut index = m.shadow_by_rule.lock().unwrap_or_else(|e| e.into_inner());
+        for (r, c) in rules.iter().zip(&shadow_denials) {
+            index
+                .entry(format!("{policy}.{r}"))
+                .or_insert_with(|| c.clone());
+        }
+        drop(index);
         PolicyMetrics {
             outcomes,
             rejections: by_rule(&m.rejections),
-            shadow_denials: by_rule(&m.shadow_denials),
+            shadow_denials,
             daily_hits: m.daily_hits.get_or_create_owned(&vec![p()]),
             tokens: m.tokens.get_or_create_owned(&vec![p()]),
             degraded_decisions: m

@@ -134,6 +134,7 @@ impl Router {
                     backend: self.backend,
                     shards: self.shards.len() as u64,
                     counters: c.snapshot(),
+                    shadow_denials: crate::metrics::metrics().shadow_denials(),
                 })
             }
         }

@@ -231,6 +231,7 @@ fn replies() -> Vec<(&'static str, Reply)> {
                         ("allowed", 69_999),
                         ("denied", 1),
                     ],
+                    shadow_denials: vec![("api.daily".into(), 3)],
                 }),
             ),
         ),
@@ -502,6 +503,9 @@ fn decoders_read_the_pinned_bytes_back() {
             Ok(Body::Stats(s)) => {
                 assert_eq!(fields.uptime_ms, Some(s.uptime_ms));
                 assert_eq!(fields.counters.unwrap().len(), s.counters.len());
+                let shadow: Vec<(String, u64)> =
+                    fields.shadow_denials.unwrap().into_iter().collect();
+                assert_eq!(shadow, s.shadow_denials);
             }
             Err(e) => {
                 let w = fields.error.unwrap();

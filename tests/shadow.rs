@@ -95,6 +95,13 @@ async fn shadow_then_enforce(shadow: &str, backend: &str) {
     assert_eq!(metric(port, denials), 3.0, "{shadow}");
     let rejections = "quotad_rate_limiter_rejections_total{policy=\"api\",rule=\"daily\"}";
     assert_eq!(metric(port, rejections), 0.0, "{shadow}");
+    let by_rule = c.stats().await.unwrap().shadow_denials.unwrap_or_default();
+    assert_eq!(by_rule.get("api.daily"), Some(&3), "{shadow}: {by_rule:?}");
+    assert_eq!(
+        by_rule.get("api.burst"),
+        None,
+        "{shadow}: only counts above 0"
+    );
     // The shadow rule was not charged for what it would have denied.
     let usage = c.usage("acme", "k1", Some("api")).await.unwrap();
     assert_eq!(usage[1].used, LIMIT as u64, "{shadow}");

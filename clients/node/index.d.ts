@@ -122,6 +122,8 @@ export interface Stats {
   shards: number;
   /** Numbers; a counter past Number.MAX_SAFE_INTEGER is a bigint. */
   counters: Record<string, number | bigint>;
+  /** Checks a shadow rule would have denied, by `<policy>.<rule>` (those above 0). */
+  shadowDenials: Record<string, number | bigint>;
 }
 
 export class Client {

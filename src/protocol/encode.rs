@@ -27,6 +27,8 @@ enum Val<'a> {
     Strs(&'a [String]),
     Ops,
     Counters(&'a [(&'static str, u64)]),
+    /// Names to counts.
+    Tally(&'a [(String, u64)]),
     /// Names to numbers (whole numbers as integers).
     Numbers(&'a BTreeMap<String, f64>),
     Tenants(&'a [(String, TenantRecord)]),
@@ -45,6 +47,13 @@ impl Val<'_> {
             Val::Strs(v) => strs(out, v.iter().map(String::as_str), v.len()),
             Val::Ops => strs(out, OPS.iter().copied(), OPS.len()),
             Val::Counters(c) => {
+                map_len(out, c.len());
+                for (k, v) in c.iter() {
+                    string(out, k);
+                    uint(out, *v);
+                }
+            }
+            Val::Tally(c) => {
                 map_len(out, c.len());
                 for (k, v) in c.iter() {
                     string(out, k);
@@ -286,6 +295,7 @@ impl Reply {
                 ("backend", Val::Str(st.backend)),
                 ("shards", Val::U64(st.shards)),
                 ("counters", Val::Counters(&st.counters)),
+                ("shadow_denials", Val::Tally(&st.shadow_denials)),
             ]),
             Ok(Body::Tenant { source, record }) => {
                 f.push(("source", Val::Str(source)));

@@ -63,6 +63,8 @@ pub struct ReplyFields {
     pub uptime_ms: Option<u64>,
     pub shards: Option<u64>,
     pub counters: Option<BTreeMap<String, u64>>,
+    /// Shadow denials by `<policy>.<rule>`.
+    pub shadow_denials: Option<BTreeMap<String, u64>>,
 }
 
 impl ReplyFields {

@@ -155,6 +155,8 @@ pub struct Stats {
     pub backend: &'static str,
     pub shards: u64,
     pub counters: Vec<(&'static str, u64)>,
+    /// Shadow denials by `<policy>.<rule>` (only those above 0).
+    pub shadow_denials: Vec<(String, u64)>,
 }
 
 impl Reply {

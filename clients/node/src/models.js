@@ -154,5 +154,7 @@ export function parseHello(r) {
 
 export function parseStats(r) {
   if (typeof r.counters !== 'object' || r.counters === null) throw new ProtocolViolation('a stats reply without `counters`');
-  return { uptimeMs: need(r, 'uptime_ms', 'uint'), backend: need(r, 'backend', 'string'), shards: need(r, 'shards', 'uint'), counters: r.counters };
+  // shadowDenials: checks a shadow rule would have denied, by `<policy>.<rule>` (an older quotad has none).
+  const shadowDenials = typeof r.shadow_denials === 'object' && r.shadow_denials !== null ? r.shadow_denials : {};
+  return { uptimeMs: need(r, 'uptime_ms', 'uint'), backend: need(r, 'backend', 'string'), shards: need(r, 'shards', 'uint'), counters: r.counters, shadowDenials };
 }

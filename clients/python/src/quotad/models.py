@@ -229,18 +229,22 @@ class Stats:
     backend: str
     shards: int
     counters: dict[str, int] = field(default_factory=dict)
+    #: Checks a shadow rule would have denied, by ``<policy>.<rule>`` (those above 0).
+    shadow_denials: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_reply(cls, r: dict[str, Any]) -> Stats:
         try:
             counters = r["counters"]
-            if not isinstance(counters, dict):
+            shadow = r.get("shadow_denials", {})  # an older quotad has none
+            if not isinstance(counters, dict) or not isinstance(shadow, dict):
                 raise TypeError("counters")
             return cls(
                 uptime_ms=_uint(r["uptime_ms"]),
                 backend=_str(r["backend"]),
                 shards=_uint(r["shards"]),
                 counters={_str(k): _uint(v) for k, v in counters.items()},
+                shadow_denials={_str(k): _uint(v) for k, v in shadow.items()},
             )
         except (KeyError, TypeError) as e:
             raise ProtocolViolation(f"a stats reply without a valid {e}") from e
