@@ -74,8 +74,12 @@ class Decision:
             reset_ms, retry_after_ms, degraded, rule = r["reset_ms"], r["retry_after_ms"], r["degraded"], r["rule"]
         except KeyError as e:
             raise ProtocolViolation(f"a check reply without {e}") from None
-        # Newer fields: an older quotad does not send them.
-        kind, window_ms, shadow_rule = r.get("kind", ""), r.get("window_ms", 0), r.get("shadow_rule")
+        try:
+            kind, window_ms = r["kind"], r["window_ms"]
+        except KeyError:  # an older quotad does not send them
+            kind, window_ms = r.get("kind", ""), r.get("window_ms", 0)
+        # Only present on a shadow denial: `in` costs less than a .get() call.
+        shadow_rule = r["shadow_rule"] if "shadow_rule" in r else None
         if not (
             type(allowed) is bool
             and type(degraded) is bool
