@@ -123,7 +123,9 @@ step 300 "python -m build" "$tmp/build-venv/bin/python" -m build --outdir "$tmp/
 pyversion=$(sed -n 's/^version = "\(.*\)"/\1/p' clients/python/pyproject.toml)
 wheel="$tmp/dist/quotad-$pyversion-py3-none-any.whl"
 [ -f "$wheel" ] || fail "no $wheel: $(ls "$tmp/dist")"
-python3 -m zipfile -l "$wheel" | grep -q 'quotad/py.typed' || fail "the wheel lacks quotad/py.typed"
+# Not `grep -q`: it stops reading at the match, and the listing's writer then
+# dies of a broken pipe, which pipefail reports as a failure.
+python3 -m zipfile -l "$wheel" | grep 'quotad/py.typed' >/dev/null || fail "the wheel lacks quotad/py.typed"
 license="quotad-$pyversion.dist-info/licenses/LICENSE"
 python3 -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))' \
   "$wheel" "$license" 2>/dev/null | cmp -s - LICENSE || fail "the wheel's $license is missing or differs from the repo's LICENSE"
