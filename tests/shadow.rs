@@ -7,10 +7,12 @@
 
 mod common;
 
+use bytes::Bytes;
 use common::{
     Daemon, Redis, SOON, counters, free_port, http_get, redis_table, wait_until_blocking,
 };
 use quotad::client::Client;
+use quotad::protocol::{CacheSetArgs, CheckArgs};
 
 const LIMIT: usize = 5;
 
@@ -105,6 +107,31 @@ async fn shadow_then_enforce(shadow: &str, backend: &str) {
     // The shadow rule was not charged for what it would have denied.
     let usage = c.usage("acme", "k1", Some("api")).await.unwrap();
     assert_eq!(usage[1].used, LIMIT as u64, "{shadow}");
+    // A check_get a shadow rule would deny reads the cache like any allowed one.
+    let set = CacheSetArgs {
+        tenant: "acme".into(),
+        key: "GET /x".into(),
+        value: Bytes::from_static(b"cached"),
+        ttl_ms: 60_000,
+        stale_ms: 0,
+        tags: vec![],
+    };
+    c.cache_set(set).await.unwrap();
+    let args = CheckArgs {
+        tenant: "acme".into(),
+        key: "k1".into(),
+        policy: Some("api".into()),
+        cost: 1,
+    };
+    let (decision, lookup) = c.check_get(args, "GET /x", 0).await.unwrap();
+    assert!(
+        decision.allowed && decision.shadow_rule.as_deref() == Some("daily"),
+        "{shadow}: {decision:?}"
+    );
+    assert!(
+        lookup.is_some_and(|l| l.value.as_deref() == Some(b"cached".as_slice())),
+        "{shadow}: the hit, read"
+    );
 
     // Enforcing now: a fresh key is denied at exactly the same check, and
     // the shadowed key at once.
@@ -127,7 +154,7 @@ async fn shadow_then_enforce(shadow: &str, backend: &str) {
     assert!(enforced.iter().all(|(_, s)| s.is_none()), "{shadow}");
     assert_eq!(checks(&c, "k1", 1).await, [(false, None)], "{shadow}");
     assert_eq!(metric(port, rejections), 2.0, "{shadow}");
-    assert_eq!(metric(port, denials), 3.0, "{shadow}");
+    assert_eq!(metric(port, denials), 4.0, "{shadow}"); // with the check_get's
 }
 
 #[tokio::test]
