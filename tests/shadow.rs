@@ -104,6 +104,16 @@ async fn shadow_then_enforce(shadow: &str, backend: &str) {
         None,
         "{shadow}: only counts above 0"
     );
+    let out = std::process::Command::new(common::QUOTAD)
+        .args(["stats", "--socket"])
+        .arg(d.socket())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("shadow_denied.api.daily "));
+    assert!(line.is_some_and(|l| l.ends_with(" 3")), "{shadow}: {text}");
     // The shadow rule was not charged for what it would have denied.
     let usage = c.usage("acme", "k1", Some("api")).await.unwrap();
     assert_eq!(usage[1].used, LIMIT as u64, "{shadow}");
