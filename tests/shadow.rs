@@ -182,3 +182,62 @@ async fn a_shadow_rule_counts_then_denies_at_the_same_check_on_redis() {
         shadow_then_enforce(shadow, &redis_table(&redis)).await;
     }
 }
+
+/// A shadow concurrency rule through the daemon, on both backends: full,
+/// it lets the check through, names itself, is counted, and takes no slot
+/// (usage shows it), while the enforcing concurrency rule takes the lease;
+/// an enforcing refusal takes nothing; every lease comes back once.
+#[tokio::test]
+async fn a_full_shadow_concurrency_rule_takes_no_slot() {
+    let redis = Redis::start();
+    let policies = r#"
+[policies.uploads]
+rules = [
+  { name = "inflight", kind = "concurrency", limit = 3, lease_ms = 60000 },
+  { name = "trial", kind = "concurrency", limit = 1, lease_ms = 60000, shadow = true },
+]
+"#;
+    for backend in [redis_table(&redis), String::new()] {
+        let d = Daemon::start(&format!("{backend}{policies}"));
+        let c = d.client().await;
+        let used = async || -> Vec<u64> {
+            let u = c.usage("acme", "k", Some("uploads")).await.unwrap();
+            u.iter().map(|u| u.used).collect()
+        };
+        let mut held = Vec::new();
+        for i in 0..3 {
+            let d = c.check("acme", "k", Some("uploads"), 1).await.unwrap();
+            assert!(d.allowed && d.lease.is_some(), "{i}: {d:?}");
+            let named = (i > 0).then_some("trial");
+            assert_eq!(d.shadow_rule.as_deref(), named, "{i}: {d:?}");
+            assert_eq!(
+                (&*d.rule, d.kind, d.remaining),
+                ("inflight", "concurrency", 2 - i)
+            );
+            held.push(d.lease.unwrap());
+        }
+        assert_eq!(
+            used().await,
+            [3, 1],
+            "the shadow rule holds only the first lease"
+        );
+        let full = c.check("acme", "k", Some("uploads"), 1).await.unwrap();
+        assert!(!full.allowed && full.lease.is_none() && full.shadow_rule.is_none());
+        assert_eq!(used().await, [3, 1], "a refusal takes nothing");
+        let by_rule = c.stats().await.unwrap().shadow_denials.unwrap_or_default();
+        assert_eq!(by_rule.get("uploads.trial"), Some(&2), "{by_rule:?}");
+        for lease in held {
+            assert!(
+                c.release("acme", "k", Some("uploads"), lease)
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !c.release("acme", "k", Some("uploads"), lease)
+                    .await
+                    .unwrap()
+            );
+        }
+        assert_eq!(used().await, [0, 0]);
+    }
+}

@@ -97,6 +97,7 @@ def test_a_check_reply_with_a_lease_and_the_other_v1_additions_is_read(golden_fr
     every = next(f for f in golden_frames if f["name"] == "check_reply_allowed_lease_shadow_denied")
     m = Decision.from_reply(decode_body(FrameReader().feed(bytes.fromhex(every["hex"]))[0]))
     assert (m.lease, m.kind, m.window_ms, m.shadow_denied, m.shadow_rule) == (d.lease, "concurrency", 0, True, "daily")
+    assert list(every["value"])[9:] == ["kind", "window_ms", "lease", "shadow_denied", "shadow_rule"]
     for bad in ({"lease": 7}, {"window_ms": "0"}, {"shadow_rule": 1}, {"kind": b"x"}):
         with pytest.raises(ProtocolViolation):
             Decision.from_reply({**golden["value"], **bad})
