@@ -16,7 +16,9 @@
 --          policy each, as packed little-endian doubles: the rule count,
 --          then per rule kind, a, b: 1 token bucket (capacity, µs per
 --          unit), 2 fixed window (limit, window µs), 3 sliding window
---          (limit, window µs), 4 concurrency (limit, lease µs).
+--          (limit, window µs), 4 concurrency (limit, lease µs); then,
+--          only for a policy with shadow rules, a bit mask of them (see
+--          limiter.lua's `policy`).
 -- ARGV[4+P]: C, the number of plain checks (those of policies without
 --          concurrency rules, which take no lease); ARGV[5+P]: all C of them in
 --          one string of packed doubles, three per check: its policy's
@@ -24,7 +26,8 @@
 --          follow it). One string rather than one ARGV each, since every
 --          ARGV costs Redis an object and Lua a string. The plain checks
 --          run first: they touch no key a cache operation does, so running
---          them ahead of the rest decides nothing differently.
+--          them ahead of the rest decides nothing differently (a usage in
+--          the same batch, a concurrent request, sees their charges).
 -- Then the other operations, in order. Each starts with one ARGV of packed
 -- doubles, its header; a cache operation takes its keys from KEYS after the
 -- state keys, in order:
@@ -39,6 +42,8 @@
 --                fill_ms, first, and for a policy
 --                with concurrency rules a 6th value, 1:
 --                then ARGV: the lease ("" for a peek)
+--   6 usage      header 6, policy index, first         keys: none (its rules' state keys
+--                                                          are among the first N)
 --  10 check      header 10, policy index, cost, first  keys: none (its state keys are
 --     (leased)   (a policy with concurrency rules),        among the first N)
 --                then ARGV: the lease ("" for a peek)
@@ -46,7 +51,8 @@
 --                then ARGV: the lease                      rules' state keys
 -- Returns an array: first the integers of every result, the plain checks'
 -- in order, then the other operations' in order (check: allowed, rule,
--- remaining, reset_ms, retry_after_ms; cache_get: hit, ttl_ms, stale,
+-- remaining, reset_ms, retry_after_ms; usage: remaining, reset_ms per
+-- rule of its policy, charging nothing; cache_get: hit, ttl_ms, stale,
 -- refresh, fill; cache_set: 1; cache_del: deleted; check_get: the check's
 -- 5, then the cache_get's 5, zeros when denied: a denied check_get reads
 -- nothing; leased check: the check's 5; release: 1 if the lease was still
@@ -65,6 +71,7 @@ local OP_CACHE_GET = 2
 local OP_CACHE_SET = 3
 local OP_CACHE_DEL = 4
 local OP_CHECK_GET = 5
+local OP_USAGE = 6
 local OP_CHECK_LEASE = 10
 local OP_RELEASE = 11
 
@@ -171,7 +178,7 @@ local function batch(KEYS, ARGV)
         allowed, rule, remaining, reset, retry = check(policies[pi + 1], first, cost, now)
       end
       out[no + 1], out[no + 2], out[no + 3], out[no + 4], out[no + 5] = allowed, rule, remaining, reset, retry
-      if allowed == 1 then
+      if allowed >= 1 then
         local v
         out[no + 6], out[no + 7], out[no + 8], out[no + 9], out[no + 10], v =
           cache_get(KEYS[ki], KEYS[ki + 1], KEYS[ki + 2], fill_ms)
@@ -181,6 +188,19 @@ local function batch(KEYS, ARGV)
       end
       no = no + 10
       ki = ki + 3
+    elseif op == OP_USAGE then
+      local _, pi, first = unpack('<ddd', h)
+      local spec = policies[pi + 1]
+      local n = spec[1]
+      if n < 0 then n = -n end -- a policy with shadow rules (limiter.lua's `policy`)
+      for r = 1, n do
+        local f, k = 2 + (r - 1) * 3, first + r - 1
+        local s1, s2, s3 = S1[k], S2[k], S3[k]
+        -- a concurrency rule's state is its sorted set of leases
+        if spec[f] == KIND_CONCURRENCY then s1, s2, s3 = leases(KEYS[k], now) end
+        out[no + 1], out[no + 2] = usage(spec[f], spec[f + 1], spec[f + 2], s1, s2, s3, now)
+        no = no + 2
+      end
     else
       error('quotad: unknown operation code ' .. tostring(op))
     end

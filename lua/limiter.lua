@@ -210,16 +210,41 @@ local function ms(us)
   return c
 end
 
+-- One rule's usage without charging: remaining, reset_ms. A peek's numbers,
+-- except that a fixed window (a daily quota too) always resets at its
+-- window's end. Mirrors src/limiter/algorithm.rs's `usage`.
+local function usage(kind, a, b, s1, s2, s3, now)
+  local _, rem, reset = eval(kind, a, b, s1, s2, s3, now, 0)
+  if kind == KIND_FIXED_WINDOW then
+    local q = now / b
+    reset = (q - q % 1 + 1) * b - now
+  end
+  return rem, ms(reset)
+end
+
 -- A policy's fields ({nrules, kind, a, b, ...}) from its packed form in
 -- ARGV, parsed once: a library keeps this table from call to call (a
 -- script starts each call with it empty). Bounded, since reloads may
--- bring new forms.
+-- bring new forms. A policy with shadow rules ends with one more number,
+-- a bit mask of them (bit i: rule i + 1): `fields.shadow` then says, per
+-- rule, whether it is shadow, and its rule count is stored negated, so
+-- `check` finds it by the count test it makes anyway (other policies pay
+-- nothing for shadow rules).
 local POLICIES, NPOLICIES = {}, 0
 local function policy(spec)
   local fields = POLICIES[spec]
   if fields then return fields end
   fields = {}
   for i = 1, #spec / 8 do fields[i] = unpack('<d', spec, (i - 1) * 8 + 1) end
+  local n = fields[1]
+  if #fields > 1 + 3 * n then
+    local mask, shadow = fields[2 + 3 * n], {}
+    for r = 1, n do
+      shadow[r] = mask % 2 == 1
+      mask = (mask - mask % 2) / 2
+    end
+    fields.shadow, fields[1] = shadow, -n
+  end
   if NPOLICIES >= 1000 then POLICIES, NPOLICIES = {}, 0 end
   POLICIES[spec], NPOLICIES = fields, NPOLICIES + 1
   return fields
@@ -279,9 +304,73 @@ end
 
 -- Decides one check over the rules of `spec` ({nrules, kind, a, b, ...}),
 -- whose states are at KEYS[first .. first + nrules - 1], and charges it if
--- every rule allows. Returns allowed (1/0), the deciding rule (0-based),
--- remaining, reset_ms, retry_after_ms.
+-- every rule allows. Returns allowed (1/0, or 2 + i: see check_shadow),
+-- the deciding rule (0-based), remaining, reset_ms, retry_after_ms.
 local R = {} -- per rule: 1 allowed, 2 remaining, 3 reset, 4 retry, 5-7 next state, 8 expires
+
+-- A check of a policy with shadow rules (see src/limiter/mod.rs,
+-- `shadow_verdict`): only enforcing rules deny. When they allow, every
+-- rule that passes is charged (not a shadow rule that would deny), and
+-- the first result is 2 + the 0-based index of the shadow rule that would
+-- have denied (the longest wait), or 1. The enforcing rules decide the
+-- numbers, or, when every rule is shadow, that shadow rule.
+local function check_shadow(spec, first, cost, now)
+  local n, sh = -spec[1], spec.shadow
+  local all = true
+  for r = 1, n do
+    local o = (r - 1) * 8
+    local k = first + r - 1
+    local f = 2 + (r - 1) * 3
+    local ok, rem, reset, retry, n1, n2, n3, exp =
+      eval(spec[f], spec[f + 1], spec[f + 2], S1[k], S2[k], S3[k], now, cost)
+    R[o + 1], R[o + 2], R[o + 3], R[o + 4] = ok, rem, reset, retry
+    R[o + 5], R[o + 6], R[o + 7], R[o + 8] = n1, n2, n3, exp
+    if not ok and not sh[r] then all = false end
+  end
+  if not all then
+    local best
+    for r = 0, n - 1 do
+      local x = r * 8
+      if not sh[r + 1] then
+        if best == nil then
+          best = r
+        else
+          local y = best * 8
+          if (not R[x + 1]) and (R[y + 1] or R[x + 4] > R[y + 4]) then best = r end
+        end
+      end
+    end
+    local b = best * 8
+    return 0, best, R[b + 2], ms(R[b + 3]), ms(R[b + 4])
+  end
+  local shadow, best
+  for r = 0, n - 1 do
+    local x = r * 8
+    if sh[r + 1] then
+      if not R[x + 1] and (shadow == nil or R[x + 4] > R[shadow * 8 + 4]) then shadow = r end
+    elseif best == nil or R[x + 2] < R[best * 8 + 2] then
+      best = r
+    end
+  end
+  if best == nil then best = shadow end
+  if best == nil then
+    best = 0
+    for r = 1, n - 1 do
+      if R[r * 8 + 2] < R[best * 8 + 2] then best = r end
+    end
+  end
+  if cost > 0 then
+    for r = 0, n - 1 do
+      local o = r * 8
+      if R[o + 1] then charge(first + r, R[o + 5], R[o + 6], R[o + 7], R[o + 8]) end
+    end
+  end
+  local code = 1
+  if shadow then code = 2 + shadow end
+  local b = best * 8
+  return code, best, R[b + 2], ms(R[b + 3]), 0
+end
+
 local function check(spec, first, cost, now)
   local n = spec[1]
   if n == 1 then -- most policies: no rule to choose between
@@ -292,6 +381,7 @@ local function check(spec, first, cost, now)
     if cost > 0 then charge(k, n1, n2, n3, exp) end
     return 1, 0, rem, ms(reset), 0
   end
+  if n < 0 then return check_shadow(spec, first, cost, now) end
   local all = true
   for r = 1, n do
     local o = (r - 1) * 8
@@ -327,13 +417,16 @@ local function check(spec, first, cost, now)
 end
 
 -- `check` for a policy with concurrency rules, whose states at KEYS[k] are
--- sorted sets of leases: decided like `check`, and if every rule allows
--- and the cost is not 0, `lease` is taken in each concurrency rule and
--- the other rules are charged. A policy without concurrency rules never
--- comes here, so their checks pay nothing for it.
+-- sorted sets of leases: decided like `check` (like `check_shadow` for a
+-- policy with shadow rules), and if it allows and the cost is not 0,
+-- `lease` is taken in each concurrency rule that allows and the other
+-- rules that allow are charged (only a shadow rule can deny then: it
+-- takes nothing). A policy without concurrency rules never comes here, so
+-- their checks pay nothing for it.
 local function check_leased(keys, spec, first, cost, now, lease)
-  local n = spec[1]
-  local all = true
+  local n, sh = spec[1], spec.shadow
+  if n < 0 then n = -n end -- a policy with shadow rules (see `policy`)
+  local all = true -- every enforcing rule allows
   for r = 1, n do
     local o = (r - 1) * 8
     local k = first + r - 1
@@ -345,34 +438,51 @@ local function check_leased(keys, spec, first, cost, now, lease)
       eval(kind, spec[f + 1], spec[f + 2], s1, s2, s3, now, cost)
     R[o + 1], R[o + 2], R[o + 3], R[o + 4] = ok, rem, reset, retry
     R[o + 5], R[o + 6], R[o + 7], R[o + 8] = n1, n2, n3, exp
-    if not ok then all = false end
+    if not ok and not (sh and sh[r]) then all = false end
   end
-  -- The deciding rule, chosen as `check` chooses it (written out again
-  -- rather than shared, so that `check` pays no call for it).
-  local best = 0
-  for r = 1, n - 1 do
-    local x, y = r * 8, best * 8
-    if all then
-      if R[x + 2] < R[y + 2] then best = r end
-    elseif (not R[x + 1]) and (R[y + 1] or R[x + 4] > R[y + 4]) then
+  -- The deciding rule, chosen as `check` and `check_shadow` choose it
+  -- (written out again rather than shared, so that `check` pays no call
+  -- for it). Denied: the enforcing rule needing the longest wait. Allowed:
+  -- the enforcing rule with the fewest units left, else the shadow rule
+  -- that would have denied, else the rule with the fewest units left.
+  local best, shadow
+  for r = 0, n - 1 do
+    local x = r * 8
+    if sh and sh[r + 1] then
+      if all and not R[x + 1] and (shadow == nil or R[x + 4] > R[shadow * 8 + 4]) then shadow = r end
+    elseif best == nil then
       best = r
+    elseif all then
+      if R[x + 2] < R[best * 8 + 2] then best = r end
+    else
+      local y = best * 8
+      if (not R[x + 1]) and (R[y + 1] or R[x + 4] > R[y + 4]) then best = r end
+    end
+  end
+  if all and best == nil then best = shadow end
+  if best == nil then
+    best = 0
+    for r = 1, n - 1 do
+      if R[r * 8 + 2] < R[best * 8 + 2] then best = r end
     end
   end
   if all and cost > 0 then
     for r = 0, n - 1 do
       local o = r * 8
-      local kind = spec[2 + r * 3]
-      if kind == KIND_CONCURRENCY then
-        -- quotad sends a lease with every check of cost > 0 of such a
-        -- policy; a missing one must not take a slot nobody can release.
-        if lease ~= '' then take_lease(keys[first + r], lease, now + spec[4 + r * 3], R[o + 7], now) end
-      else
-        charge(first + r, R[o + 5], R[o + 6], R[o + 7], R[o + 8])
+      if R[o + 1] then
+        if spec[2 + r * 3] == KIND_CONCURRENCY then
+          -- quotad sends a lease with every check of cost > 0 of such a
+          -- policy; a missing one must not take a slot nobody can release.
+          if lease ~= '' then take_lease(keys[first + r], lease, now + spec[4 + r * 3], R[o + 7], now) end
+        else
+          charge(first + r, R[o + 5], R[o + 6], R[o + 7], R[o + 8])
+        end
       end
     end
   end
   local b = best * 8
-  local allowed = 0
-  if all then allowed = 1 end
-  return allowed, best, R[b + 2], ms(R[b + 3]), ms(R[b + 4])
+  if not all then return 0, best, R[b + 2], ms(R[b + 3]), ms(R[b + 4]) end
+  local code = 1
+  if shadow then code = 2 + shadow end
+  return code, best, R[b + 2], ms(R[b + 3]), 0
 end

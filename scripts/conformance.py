@@ -119,6 +119,13 @@ def assert_decision(r: dict[str, Any]) -> None:
         assert is_uint(r.get(f)), f"`{f}` must be an unsigned integer: {r}"
     assert isinstance(r.get("degraded"), bool) and isinstance(r.get("rule"), str), r
     assert r["degraded"] is False, f"the server answered degraded (is its Redis up?): {r}"
+    assert isinstance(r.get("kind"), str) and r["kind"], f"`kind` must be a string: {r}"
+    assert is_uint(r.get("window_ms")), f"`window_ms` must be an unsigned integer: {r}"
+    if r["kind"] == "daily_quota":
+        assert r["window_ms"] == 86_400_000, r
+    if "shadow_denied" in r:
+        assert r["shadow_denied"] is True and r["allowed"] is True, r
+        assert isinstance(r.get("shadow_rule"), str), r
     if r["allowed"]:
         assert r["retry_after_ms"] == 0, r
     else:
@@ -142,7 +149,7 @@ def hello_reports_protocol_server_backend_ops(path: str) -> None:
     assert r["backend"] in ("redis", "memory"), r
     ops = r["ops"]
     assert isinstance(ops, list) and all(isinstance(o, str) for o in ops), r
-    for op in ("hello", "check", "check_get", "cache_get", "cache_set", "cache_del", "stats"):
+    for op in ("hello", "check", "check_get", "cache_get", "cache_set", "cache_del", "stats", "usage"):
         assert op in ops, f"`{op}` missing from ops {ops}"
 
 
@@ -164,6 +171,8 @@ def stats_reports_counters(path: str) -> None:
     assert isinstance(counters, dict) and counters, r
     assert all(isinstance(k, str) and is_uint(v) for k, v in counters.items()), counters
     assert counters.get("requests_hello", 0) >= 1, counters
+    shadow = r["shadow_denials"]
+    assert isinstance(shadow, dict) and all(isinstance(k, str) and is_uint(v) and v > 0 for k, v in shadow.items()), r
 
 
 @check
@@ -266,6 +275,11 @@ def a_lease_is_taken_by_an_allowed_check_and_released_exactly_once(path: str) ->
     full = c.ok({**req, "id": 3})
     assert_decision(full)
     assert not full["allowed"] and full["remaining"] == 0 and "lease" not in full, full
+    assert full["kind"] == "concurrency" and full["window_ms"] == 0, full
+    # usage counts the leases outstanding, and takes none.
+    u = assert_usage(c.ok({"id": 7, "op": "usage", "tenant": t, "key": "k", "policy": LEASED}))[0]
+    assert (u["kind"], u["used"], u["remaining"], u["window_ms"]) == ("concurrency", limit, 0, 0), u
+    assert 0 < u["reset_ms"] <= full["reset_ms"], (u, full)
     r = c.ok({**release(t, held[0], policy=LEASED), "id": 4})
     assert r["released"] is True, r
     again = c.ok({**release(t, held[0], policy=LEASED), "id": 5})
@@ -275,6 +289,50 @@ def a_lease_is_taken_by_an_allowed_check_and_released_exactly_once(path: str) ->
     assert now["allowed"] and "lease" in now, now
     for i, lease in enumerate(held[1:] + [now["lease"]], start=20):
         assert c.ok({**release(t, lease, policy=LEASED), "id": i})["released"] is True
+# --- usage ------------------------------------------------------------------
+
+USAGE_FIELDS = ("limit", "used", "remaining", "reset_ms", "window_ms")
+
+
+def assert_usage(r: dict[str, Any]) -> list[dict[str, Any]]:
+    rules = r.get("rules")
+    assert isinstance(rules, list) and rules, f"`rules` must be a non-empty list: {r}"
+    for u in rules:
+        assert isinstance(u.get("rule"), str) and isinstance(u.get("kind"), str), u
+        for f in USAGE_FIELDS:
+            assert is_uint(u.get(f)), f"`{f}` must be an unsigned integer: {u}"
+        assert u["used"] + u["remaining"] == u["limit"], u
+    names = [u["rule"] for u in rules]
+    assert len(set(names)) == len(names), f"a rule named twice: {names}"
+    return rules
+
+
+@check
+def usage_reports_every_rule_and_charges_nothing(path: str) -> None:
+    c = Conn(path)
+    req = {"op": "usage", "tenant": tenant("usage"), "key": "user:1"}
+    first = assert_usage(c.ok({**req, "id": 1}))
+    again = assert_usage(c.ok({**req, "id": 2}))
+    assert [u["used"] for u in first] == [u["used"] for u in again] == [0] * len(first), (first, again)
+    checked = c.ok({"id": 3, "op": "check", "tenant": req["tenant"], "key": "user:1", "cost": 2})
+    assert_decision(checked)
+    after = assert_usage(c.ok({**req, "id": 4}))
+    assert checked["rule"] in [u["rule"] for u in after], (checked, after)
+    for u in after:
+        # A token bucket may have refilled a little; a daily quota is exact.
+        assert 0 <= u["used"] <= 2, u
+        if u["kind"] == "daily_quota":
+            assert u["used"] == 2 and 0 < u["reset_ms"] <= 86_400_000, u
+    decided = next(u for u in after if u["rule"] == checked["rule"])
+    assert decided["kind"] == checked["kind"] and decided["window_ms"] == checked["window_ms"], (decided, checked)
+    assert decided["limit"] == checked["limit"] and decided["remaining"] >= checked["remaining"], (decided, checked)
+
+
+@check
+def usage_unknown_policy_and_missing_key(path: str) -> None:
+    c = Conn(path)
+    expect_error(c, {"id": 1, "op": "usage", "tenant": tenant("u"), "key": "k", "policy": f"no-such-{RUN}"}, "unknown_policy")
+    expect_error(c, {"id": 2, "op": "usage", "tenant": tenant("u")}, "bad_request")
 
 
 # --- the response cache -----------------------------------------------------

@@ -171,7 +171,7 @@ def expect(what, got, want):
 
 status, h, body = call("/notes")
 expect("GET /notes", (status, h["x-cache"], body), (200, "miss", {"notes": []}))
-expect("RateLimit-Limit", h["ratelimit-limit"], "20")
+expect("RateLimit-Policy", h["ratelimit-policy"], '"burst";q=20;w=2')
 expect("GET /notes again", call("/notes")[1]["x-cache"], "hit")
 expect("POST /notes", call("/notes", "POST", {"text": "buy milk"})[::2], (201, {"id": 1, "invalidated": 1}))
 status, h, body = call("/notes")

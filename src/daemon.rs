@@ -223,7 +223,12 @@ async fn reload_from(current: &mut Config, router: &Router, path: &Path) {
             return;
         }
     };
-    if new.server != current.server
+    // `[server] shadow` is compiled into the policies: it reloads with them.
+    let server = crate::config::ServerConfig {
+        shadow: current.server.shadow,
+        ..new.server.clone()
+    };
+    if server != current.server
         || new.redis != current.redis
         || new.cache != current.cache
         || new.quota != current.quota
@@ -231,7 +236,7 @@ async fn reload_from(current: &mut Config, router: &Router, path: &Path) {
         || new.log != current.log
     {
         tracing::warn!(
-            "reload: changes to [server], [redis], [cache], [quota], [metrics] and [log] take effect only after a restart"
+            "reload: changes to [server] (but `shadow`), [redis], [cache], [quota], [metrics] and [log] take effect only after a restart"
         );
     }
     tracing::info!(
@@ -241,6 +246,7 @@ async fn reload_from(current: &mut Config, router: &Router, path: &Path) {
         "reloaded policies"
     );
     router.reload(&new).await;
+    current.server.shadow = new.server.shadow;
     current.plans = new.plans;
     current.tenants = new.tenants;
     current.admin = new.admin;

@@ -1,4 +1,5 @@
-//! The `quotad` command: `serve` runs the daemon, `check` asks it once,
+//! The `quotad` command: `serve` runs the daemon, `check` asks it once
+//! (`usage` reports every rule without charging),
 //! `tenant` manages tenants' plans through it, `stats` and `health` look
 //! inside it.
 
@@ -81,6 +82,21 @@ enum Command {
         /// The lease, as `check` printed it.
         #[arg(long)]
         lease: String,
+        #[command(flatten)]
+        at: Socket,
+    },
+    /// Print every rule of a policy as it stands for one key, one line per
+    /// rule, charging nothing. Exit status: 0, or 2 on error.
+    Usage {
+        /// The tenant the caller belongs to (its plan sets the limits).
+        #[arg(long)]
+        tenant: String,
+        /// Who is limited within the tenant.
+        #[arg(long)]
+        key: String,
+        /// The policy (default: the one named `default`).
+        #[arg(long)]
+        policy: Option<String>,
         #[command(flatten)]
         at: Socket,
     },
@@ -201,6 +217,12 @@ fn main() -> ExitCode {
             lease,
             at,
         } => one_shot(release(tenant, key, policy, lease, at)),
+        Command::Usage {
+            tenant,
+            key,
+            policy,
+            at,
+        } => one_shot(usage(tenant, key, policy, at)),
         Command::Tenant { command, at } => one_shot(tenant(command, at)),
         Command::Stats { json, at } => one_shot(stats(json, at)),
         Command::Health { live, at } => one_shot(health(live, at)),
@@ -347,6 +369,9 @@ async fn check(
         "allowed={} limit={} remaining={} reset_ms={} retry_after_ms={} rule={} degraded={}{lease}",
         d.allowed, d.limit, d.remaining, d.reset_ms, d.retry_after_ms, d.rule, d.degraded
     );
+    if let Some(shadow) = &d.shadow_rule {
+        println!("shadow_denied=true shadow_rule={shadow}");
+    }
     Ok(if d.degraded && !allow_degraded {
         eprintln!(
             "quotad: degraded: decided by the policy's failure mode, not by the backend \
@@ -384,6 +409,31 @@ async fn release(
     })
 }
 
+async fn usage(
+    tenant: String,
+    key: String,
+    policy: Option<String>,
+    at: Socket,
+) -> anyhow::Result<ExitCode> {
+    let client = connect(&at).await?;
+    let rules = client
+        .usage(&tenant, &key, policy.as_deref())
+        .await
+        .map_err(|e| match &e {
+            ClientError::Server { code, .. } if code == "unknown_policy" => {
+                anyhow::anyhow!("{e}; {}", known_policies(&at))
+            }
+            _ => e.into(),
+        })?;
+    for u in rules {
+        println!(
+            "rule={} kind={} limit={} used={} remaining={} reset_ms={} window_ms={}",
+            u.rule, u.kind, u.limit, u.used, u.remaining, u.reset_ms, u.window_ms
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// After an unknown policy: the policies the config file defines, or how
 /// to list them (the daemon's reply does not).
 fn known_policies(at: &Socket) -> String {
@@ -414,6 +464,7 @@ fn known_policies(at: &Socket) -> String {
 async fn stats(json: bool, at: Socket) -> anyhow::Result<ExitCode> {
     let reply = connect(&at).await?.stats().await?;
     let counters = reply.counters.unwrap_or_default();
+    let shadow = reply.shadow_denials.unwrap_or_default();
     if json {
         /// Fields in this order whatever serde_json's features.
         #[derive(serde::Serialize)]
@@ -422,12 +473,14 @@ async fn stats(json: bool, at: Socket) -> anyhow::Result<ExitCode> {
             backend: Option<&'a str>,
             shards: Option<u64>,
             counters: &'a std::collections::BTreeMap<String, u64>,
+            shadow_denials: &'a std::collections::BTreeMap<String, u64>,
         }
         let out = Out {
             uptime_ms: reply.uptime_ms,
             backend: reply.backend.as_deref(),
             shards: reply.shards,
             counters: &counters,
+            shadow_denials: &shadow,
         };
         println!("{}", serde_json::to_string(&out)?);
     } else {
@@ -437,8 +490,16 @@ async fn stats(json: bool, at: Socket) -> anyhow::Result<ExitCode> {
             reply.backend.as_deref().unwrap_or("?"),
             reply.shards.unwrap_or_default()
         );
-        let width = counters.keys().map(String::len).max().unwrap_or(0);
-        for (name, value) in &counters {
+        // Shadow denials by rule, as `shadow_denied.<policy>.<rule>`.
+        let shadow: Vec<(String, u64)> = (shadow.into_iter())
+            .map(|(rule, n)| (format!("shadow_denied.{rule}"), n))
+            .collect();
+        let all = counters.iter().map(|(k, v)| (k.as_str(), *v));
+        let all: Vec<(&str, u64)> = all
+            .chain(shadow.iter().map(|(k, v)| (k.as_str(), *v)))
+            .collect();
+        let width = all.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        for (name, value) in all {
             println!("{name:<width$}  {value:>12}");
         }
     }

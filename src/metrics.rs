@@ -12,7 +12,8 @@
 //! decision or an op is: those modules hold their handles and say what to
 //! count, so they import this one and it imports none of them.
 
-use std::sync::{Arc, LazyLock};
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
 use prometheus_client::collector::Collector;
@@ -38,6 +39,11 @@ pub struct Metrics {
     rejections: Counters,
     daily_hits: Counters,
     tokens: Counters,
+    shadow_denials: Counters,
+    /// The same counters by `<policy>.<rule>`, for `stats`: filled when a
+    /// policy compiles (a reload, a tenant's plan), read by `stats`; never
+    /// touched by a check.
+    shadow_by_rule: Mutex<BTreeMap<String, Counter>>,
     pub over_limit_local: Counter,
     /// Degraded check decisions by failure mode.
     degraded: Counters,
@@ -76,6 +82,12 @@ impl Metrics {
             "daily_quota_hits",
             "Checks denied by a daily quota rule",
             daily_hits.clone(),
+        );
+        let shadow_denials = Counters::default();
+        r.register(
+            "shadow_denials",
+            "Checks allowed that a shadow rule would have denied, by policy and that rule",
+            shadow_denials.clone(),
         );
         let tokens = Counters::default();
         r.register(
@@ -133,6 +145,8 @@ impl Metrics {
             rejections,
             daily_hits,
             tokens,
+            shadow_denials,
+            shadow_by_rule: Mutex::default(),
             over_limit_local,
             degraded,
             latency,
@@ -145,6 +159,18 @@ impl Metrics {
     pub fn request_duration(&self, op: &str) -> Histogram {
         self.latency
             .get_or_create_owned(&vec![("op", op.to_string())])
+    }
+
+    /// Shadow denials by `<policy>.<rule>`, those above 0 (`stats`).
+    pub fn shadow_denials(&self) -> Vec<(String, u64)> {
+        let by_rule = self
+            .shadow_by_rule
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        (by_rule.iter())
+            .map(|(name, c)| (name.clone(), c.get()))
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 
     /// The whole exposition: the registry, then the `stats` counters.
@@ -171,6 +197,8 @@ pub struct PolicyMetrics {
     outcomes: [Counter; 4],
     /// By rule, in the policy's rule order.
     rejections: Vec<Counter>,
+    /// Shadow denials by rule, in the policy's rule order.
+    shadow_denials: Vec<Counter>,
     daily_hits: Counter,
     tokens: Counter,
     /// Of the policy's failure mode.
@@ -188,8 +216,13 @@ impl PartialEq for PolicyMetrics {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counted {
     /// Allowed; `near_limit`: with at least 80% used; `tokens` taken from
-    /// token buckets.
-    Allowed { near_limit: bool, tokens: u64 },
+    /// token buckets; `shadow`: the index of the shadow rule that would
+    /// have denied.
+    Allowed {
+        near_limit: bool,
+        tokens: u64,
+        shadow: Option<usize>,
+    },
     /// Denied by the rule at index `rule` (`None`: no rule of the policy
     /// named it); `daily`: that rule is a daily quota.
     Denied { rule: Option<usize>, daily: bool },
@@ -211,16 +244,24 @@ impl PolicyMetrics {
             m.checks
                 .get_or_create_owned(&vec![p(), ("outcome", o.into())])
         });
-        let rejections = rules
-            .into_iter()
-            .map(|r| {
-                m.rejections
-                    .get_or_create_owned(&vec![p(), ("rule", r.to_string())])
-            })
-            .collect();
+        let rules: Vec<&str> = rules.into_iter().collect();
+        let by_rule = |family: &Counters| {
+            (rules.iter())
+                .map(|r| family.get_or_create_owned(&vec![p(), ("rule", r.to_string())]))
+                .collect()
+        };
+        let shadow_denials: Vec<Counter> = by_rule(&m.shadow_denials);
+        let mut index = m.shadow_by_rule.lock().unwrap_or_else(|e| e.into_inner());
+        for (r, c) in rules.iter().zip(&shadow_denials) {
+            index
+                .entry(format!("{policy}.{r}"))
+                .or_insert_with(|| c.clone());
+        }
+        drop(index);
         PolicyMetrics {
             outcomes,
-            rejections,
+            rejections: by_rule(&m.rejections),
+            shadow_denials,
             daily_hits: m.daily_hits.get_or_create_owned(&vec![p()]),
             tokens: m.tokens.get_or_create_owned(&vec![p()]),
             degraded_decisions: m
@@ -232,10 +273,17 @@ impl PolicyMetrics {
     /// Counts one check's answer.
     pub fn count(&self, answer: Counted) {
         match answer {
-            Counted::Allowed { near_limit, tokens } => {
+            Counted::Allowed {
+                near_limit,
+                tokens,
+                shadow,
+            } => {
                 self.outcomes[usize::from(near_limit)].inc();
                 if tokens > 0 {
                     self.tokens.inc_by(tokens);
+                }
+                if let Some(i) = shadow {
+                    self.shadow_denials[i].inc();
                 }
             }
             Counted::Denied { rule, daily } => {

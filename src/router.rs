@@ -134,6 +134,7 @@ impl Router {
                     backend: self.backend,
                     shards: self.shards.len() as u64,
                     counters: c.snapshot(),
+                    shadow_denials: crate::metrics::metrics().shadow_denials(),
                 })
             }
         }
@@ -149,6 +150,7 @@ impl Router {
             ShardOp::CacheSet(_) => &c.requests_cache_set,
             ShardOp::CacheDel(_) => &c.requests_cache_del,
             ShardOp::Release(_) => &c.requests_release,
+            ShardOp::Usage(_) => &c.requests_usage,
         };
         Stats::add(counter, 1);
     }

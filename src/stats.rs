@@ -35,6 +35,7 @@ counters! {
     requests_cache_set,
     requests_cache_del,
     requests_release,
+    requests_usage,
     requests_stats,
     /// Admin ops (`tenant_*`), allowed or not.
     requests_admin,
@@ -47,6 +48,8 @@ counters! {
     /// `check` answers that allowed / denied.
     allowed,
     denied,
+    /// `check` answers allowed although a shadow rule would have denied.
+    shadow_denied,
     /// Answers given by failure mode because Redis could not decide.
     degraded,
     /// Denials answered from a shard's over-limit cache, without Redis.

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use quotad::config::Config;
 use quotad::config::TenantRecord;
 use quotad::error::Error;
+use quotad::limiter::usage::RuleUsage;
 use quotad::limiter::{Decision, Lease};
 use quotad::protocol::{
     self, AdminOp, Body, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, Hello, LocalOp,
@@ -131,6 +132,14 @@ fn requests() -> Vec<(&'static str, Request)> {
                 }),
             ),
         ),
+        (
+            "usage_request",
+            req(16, ShardOp::Usage(check_args(Some("api"), 0))),
+        ),
+        (
+            "usage_request_default_policy",
+            req(17, ShardOp::Usage(check_args(None, 0))),
+        ),
     ]
 }
 
@@ -159,8 +168,34 @@ fn decision(allowed: bool, degraded: bool) -> Decision {
         retry_after_ms: if allowed { 0 } else { 200 },
         degraded,
         rule: "burst".into(),
+        kind: "token_bucket",
+        window_ms: 2000,
         lease: None,
+        shadow_rule: None,
     }
+}
+
+fn usage_lines() -> Vec<RuleUsage> {
+    vec![
+        RuleUsage {
+            rule: "burst".into(),
+            kind: "token_bucket",
+            limit: 10,
+            used: 3,
+            remaining: 7,
+            reset_ms: 600,
+            window_ms: 2000,
+        },
+        RuleUsage {
+            rule: "daily".into(),
+            kind: "daily_quota",
+            limit: 1000,
+            used: 412,
+            remaining: 588,
+            reset_ms: 40_000_000,
+            window_ms: 86_400_000,
+        },
+    ]
 }
 
 fn hit() -> Lookup {
@@ -191,6 +226,17 @@ fn replies() -> Vec<(&'static str, Reply)> {
             ok(u64::MAX, Body::Decision(decision(true, true))),
         ),
         (
+            "check_reply_shadow_denied",
+            ok(
+                2,
+                Body::Decision(Decision {
+                    shadow_rule: Some("daily".into()),
+                    ..decision(true, false)
+                }),
+            ),
+        ),
+        ("usage_reply", ok(16, Body::Usage(usage_lines()))),
+        (
             "stats_reply",
             ok(
                 4,
@@ -203,6 +249,7 @@ fn replies() -> Vec<(&'static str, Reply)> {
                         ("allowed", 69_999),
                         ("denied", 1),
                     ],
+                    shadow_denials: vec![("api.daily".into(), 3)],
                 }),
             ),
         ),
@@ -331,7 +378,27 @@ fn replies() -> Vec<(&'static str, Reply)> {
                     remaining: 19,
                     reset_ms: 30_000,
                     rule: "inflight".into(),
+                    kind: "concurrency",
+                    window_ms: 0,
                     lease: Some(lease()),
+                    ..decision(true, false)
+                }),
+            ),
+        ),
+        (
+            // Every field v1 appended to a check reply, in the contract's order.
+            "check_reply_allowed_lease_shadow_denied",
+            ok(
+                2,
+                Body::Decision(Decision {
+                    limit: 20,
+                    remaining: 19,
+                    reset_ms: 30_000,
+                    rule: "inflight".into(),
+                    kind: "concurrency",
+                    window_ms: 0,
+                    lease: Some(lease()),
+                    shadow_rule: Some("daily".into()),
                     ..decision(true, false)
                 }),
             ),
@@ -509,9 +576,13 @@ fn decoders_read_the_pinned_bytes_back() {
                     all.into_iter().map(|(t, r)| (t, r.plan)).collect();
                 assert_eq!(got, want);
             }
+            Ok(Body::Usage(rules)) => assert_eq!(fields.usage(), Some(rules), "{name}"),
             Ok(Body::Stats(s)) => {
                 assert_eq!(fields.uptime_ms, Some(s.uptime_ms));
                 assert_eq!(fields.counters.unwrap().len(), s.counters.len());
+                let shadow: Vec<(String, u64)> =
+                    fields.shadow_denials.unwrap().into_iter().collect();
+                assert_eq!(shadow, s.shadow_denials);
             }
             Err(e) => {
                 let w = fields.error.unwrap();

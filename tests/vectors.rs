@@ -63,6 +63,9 @@ struct Expect {
     reset_ms: u64,
     retry_after_ms: u64,
     rule: String,
+    /// Allowed, but this shadow rule would have denied.
+    #[serde(default)]
+    shadow_rule: Option<String>,
 }
 
 impl From<&Decision> for Expect {
@@ -73,6 +76,7 @@ impl From<&Decision> for Expect {
             reset_ms: d.reset_ms,
             retry_after_ms: d.retry_after_ms,
             rule: d.rule.to_string(),
+            shadow_rule: d.shadow_rule.as_deref().map(str::to_owned),
         }
     }
 }
@@ -95,7 +99,7 @@ fn tables() -> Vec<(String, Table, Arc<Policy>)> {
         })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    assert!(out.len() >= 5, "the vector tables are missing");
+    assert!(out.len() >= 8, "the vector tables are missing");
     out
 }
 

@@ -36,6 +36,8 @@ export interface QuotadOptions {
   cost?: number | ((req: Req) => number);
   cache?: CacheRule | null;
   skip?: (req: Req) => boolean;
+  /** Also send the legacy RateLimit-Limit, -Remaining, -Reset headers. Default false. */
+  legacyHeaders?: boolean;
 }
 
 export const DEFAULT_TENANT: string;

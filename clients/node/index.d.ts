@@ -63,22 +63,38 @@ export class Decision {
   readonly retryAfterMs: number;
   readonly degraded: boolean;
   readonly rule: string;
+  /** The deciding rule's kind: token_bucket, fixed_window, sliding_window, daily_quota, concurrency, ... ('' when unknown). */
+  readonly kind: string;
+  /** The deciding rule's quota window in ms (the IETF `w`; 0 when none, as for a concurrency rule). */
+  readonly windowMs: number;
   /**
    * The lease this check took (an allowed check of a policy with a
    * `concurrency` rule, cost >= 1), else null. Give it back with `release`.
    */
   readonly lease: string | null;
-  /** The deciding rule's kind, when the daemon reports it. */
-  readonly kind: string | null;
-  /** The deciding rule's quota window in ms, when the daemon reports it. */
-  readonly windowMs: number | null;
-  /** A shadow rule would have denied this allowed check. */
-  readonly shadowDenied: boolean;
+  /** Allowed, but this shadow rule would have denied (null: none). */
   readonly shadowRule: string | null;
+  readonly shadowDenied: boolean;
   /** Seconds to wait before retrying (0 when allowed). */
   readonly retryAfter: number;
-  /** RateLimit-Limit, -Remaining, -Reset and (on a denial) Retry-After. */
-  headers(): Record<string, string>;
+  /**
+   * RateLimit-Policy and RateLimit (draft-ietf-httpapi-ratelimit-headers-11),
+   * Retry-After on a denial; with `legacy`, RateLimit-Limit, -Remaining, -Reset too.
+   */
+  headers(options?: { legacy?: boolean }): Record<string, string>;
+}
+
+/** One rule of a `usage` answer. */
+export class RuleUsage {
+  readonly rule: string;
+  readonly kind: string;
+  readonly limit: number;
+  /** limit - remaining: units taken and not yet back. */
+  readonly used: number;
+  readonly remaining: number;
+  /** ms until full again (a fixed window: until it ends; a daily quota: until 00:00 UTC). */
+  readonly resetMs: number;
+  readonly windowMs: number;
 }
 
 export class Lookup {
@@ -111,6 +127,8 @@ export interface Stats {
   shards: number;
   /** Numbers; a counter past Number.MAX_SAFE_INTEGER is a bigint. */
   counters: Record<string, number | bigint>;
+  /** Checks a shadow rule would have denied, by `<policy>.<rule>` (those above 0). */
+  shadowDenials: Record<string, number | bigint>;
 }
 
 export class Client {
@@ -119,6 +137,8 @@ export class Client {
   readonly socketPath: string;
   hello(): Promise<Hello>;
   stats(): Promise<Stats>;
+  /** Every rule of the policy as it stands for `key`, charging nothing; rejects when quotad cannot answer. */
+  usage(tenant: string, key: string, options?: { policy?: string | null }): Promise<RuleUsage[]>;
   check(tenant: string, key: string, options?: CheckOptions): Promise<Decision>;
   cacheLookup(tenant: string, key: string, options?: CacheGetOptions): Promise<Lookup>;
   cacheGet(tenant: string, key: string, options?: CacheGetOptions): Promise<Buffer | null>;
@@ -164,7 +184,7 @@ export class TooLarge extends ServerError {}
 export class Overloaded extends ServerError {}
 export class Forbidden extends ServerError {}
 export class ShuttingDown extends ServerError {}
-/** `unavailable`: an admin op could not reach the tenants' source or Redis (an outage); retry later. */
+/** `unavailable`: an admin op could not reach the tenants' source or Redis, or a usage its Redis (an outage); retry later. */
 export class SourceUnavailable extends ServerError {}
 export class ServerInternalError extends ServerError {}
 export function serverError(error: unknown): ServerError;

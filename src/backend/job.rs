@@ -1,6 +1,6 @@
 //! What a shard asks a backend to do, and what comes back.
 
-use crate::limiter::{Check, Release, Verdict};
+use crate::limiter::{Check, Release, Verdict, usage};
 use crate::protocol::{Body, CacheDelArgs, CacheGetArgs, CacheSetArgs, Lookup};
 
 /// One operation for a backend.
@@ -20,6 +20,8 @@ pub enum Job {
     CheckGet(Check, CacheGetArgs),
     /// Gives a lease back (the policy has concurrency rules).
     Release(Release),
+    /// Every rule of the check's policy as it stands: charges nothing.
+    Usage(Check),
 }
 
 /// A backend's answer to one [`Job`].
@@ -33,6 +35,8 @@ pub enum Outcome {
     CheckLooked(Verdict, Option<Lookup>),
     /// Whether the lease was still outstanding.
     Released(bool),
+    /// Per rule, in order: `(remaining, reset_ms)`.
+    Usage(Vec<(u64, u64)>),
 }
 
 impl Outcome {
@@ -54,6 +58,7 @@ impl Outcome {
                 released,
                 degraded: false,
             },
+            (Job::Usage(c), Outcome::Usage(u)) => Body::Usage(usage::lines(&c.policy, &u)?),
             _ => return None,
         })
     }
@@ -62,7 +67,7 @@ impl Outcome {
 impl Job {
     pub fn tenant(&self) -> &str {
         match self {
-            Job::Check(c) | Job::CheckGet(c, _) => &c.tenant,
+            Job::Check(c) | Job::CheckGet(c, _) | Job::Usage(c) => &c.tenant,
             Job::Get { args, .. } => &args.tenant,
             Job::Set(s) => &s.tenant,
             Job::Del(d) => &d.tenant,

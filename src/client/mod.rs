@@ -17,6 +17,7 @@ use arc_swap::ArcSwapOption;
 use tokio::time::Instant;
 
 use crate::config::TenantRecord;
+use crate::limiter::usage::RuleUsage;
 use crate::limiter::{Decision, Lease};
 use crate::protocol::{
     AdminOp, CacheDelArgs, CacheGetArgs, CacheSetArgs, CheckArgs, LocalOp, Lookup, Op, ReleaseArgs,
@@ -157,6 +158,25 @@ impl Client {
             Ok(reply) => reply.decision().ok_or_else(|| missing("decision")),
             Err(e) => self.failed_check(e),
         }
+    }
+
+    /// Every rule of the policy as it stands for `key`, charging nothing.
+    /// Without quotad there is nothing to report: the error is returned,
+    /// whatever the failure mode.
+    pub async fn usage(
+        &self,
+        tenant: &str,
+        key: &str,
+        policy: Option<&str>,
+    ) -> Result<Vec<RuleUsage>, ClientError> {
+        let args = CheckArgs {
+            tenant: nonempty("tenant", tenant)?,
+            key: nonempty("key", key)?,
+            policy: policy.map(str::to_owned),
+            cost: 0,
+        };
+        let reply = self.call(ShardOp::Usage(args).into()).await?;
+        reply.usage().ok_or_else(|| missing("rules"))
     }
 
     /// Gives back the lease an allowed check took (`decision.lease`):
@@ -408,7 +428,10 @@ impl Client {
             },
             degraded: true,
             rule: "".into(),
+            kind: "",
+            window_ms: 0,
             lease: None,
+            shadow_rule: None,
         })
     }
 }

@@ -168,7 +168,7 @@ impl Config {
     /// Parses and validates; every default applies and every table is
     /// checked here, by that table's own validator.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let file: ConfigFile =
+        let mut file: ConfigFile =
             toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         file.server.validate()?;
         if let Some(r) = &file.redis {
@@ -189,6 +189,10 @@ impl Config {
                 "admin",
                 "with `[[access]]` tables, admin ops are granted by `admin = true` in a rule: remove `[admin]`",
             ));
+        }
+        if file.server.shadow {
+            // Before plans and tenants compile: their policies are shadow too.
+            file.policies.values_mut().for_each(|p| p.shadow = true);
         }
         let plans = Plans::compile(&file.policies, &file.plans)?;
         let tenants = tenant_records(&file.tenants, &plans)?;

@@ -31,6 +31,10 @@ pub struct PolicyConfig {
     /// `retry_after_ms` of a `closed` failure answer. Default 1000.
     #[serde(default = "default_closed_retry_ms")]
     pub closed_retry_after_ms: u64,
+    /// Every rule of the policy is shadow (see `RuleConfig::shadow`).
+    /// Default false.
+    #[serde(default)]
+    pub shadow: bool,
     /// Required, 1 to 16 rules.
     pub rules: Vec<RuleConfig>,
 }
@@ -59,6 +63,10 @@ pub struct RuleConfig {
     /// concurrency: how long a lease lives if its holder never releases it,
     /// in ms (1 to 86,400,000).
     pub lease_ms: Option<u64>,
+    /// Shadow: the rule counts what passes and what it would deny, but
+    /// denies nothing (a rule being rolled out). Default false.
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 pub(crate) fn compile_policy(name: &str, p: &PolicyConfig) -> Result<Policy, ConfigError> {
@@ -84,6 +92,7 @@ pub(crate) fn compile_policy(name: &str, p: &PolicyConfig) -> Result<Policy, Con
         rules.push(Rule {
             name: r.name.as_str().into(),
             kind: compile_rule(&at, r)?,
+            shadow: p.shadow || r.shadow,
         });
     }
     Ok(Policy::new(

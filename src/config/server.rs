@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub local_max_entries: usize,
     /// On SIGTERM, how long open connections may take to finish. Default 5000.
     pub shutdown_timeout_ms: u64,
+    /// Every rule of every policy is shadow: counts what it would deny,
+    /// denies nothing. Reloaded with the policies. Default false.
+    pub shadow: bool,
 }
 
 impl Default for ServerConfig {
@@ -73,6 +76,7 @@ impl Default for ServerConfig {
             max_key_bytes: 1024,
             local_max_entries: 1_000_000,
             shutdown_timeout_ms: 5000,
+            shadow: false,
         }
     }
 }

@@ -87,6 +87,19 @@ fn concurrency(limit: u64, lease_us: u64, state: Option<State>, now: u64, cost: 
     }
 }
 
+/// One rule's usage without charging: `(remaining, reset_us)`. A peek's
+/// numbers, except that a fixed window (a daily quota too) always resets
+/// at its window's end (the next 00:00 UTC for a daily quota), used or
+/// not. `lua/limiter.lua`'s `usage` mirrors it.
+pub fn usage(kind: RuleKind, state: Option<State>, now: u64) -> (u64, u64) {
+    let e = eval(kind, state, now, 0);
+    let reset_us = match kind {
+        RuleKind::FixedWindow { window_us, .. } => (now / window_us + 1) * window_us - now,
+        _ => e.reset_us,
+    };
+    (e.remaining, reset_us)
+}
+
 /// GCRA: the state's `tat` is when the bucket would be full again; one
 /// unit comes back every `t` µs.
 fn token_bucket(capacity: u64, t: u64, state: Option<State>, now: u64, cost: u64) -> Eval {

@@ -6,6 +6,7 @@
 
 pub mod algorithm;
 pub mod lease;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -35,6 +36,46 @@ pub enum RuleKind {
 }
 
 impl RuleKind {
+    /// The kind's name, as configured and as replies carry it (`kind`). A
+    /// fixed window of exactly one day is a daily quota: the same rule.
+    pub fn name(&self) -> &'static str {
+        match *self {
+            RuleKind::TokenBucket { .. } => "token_bucket",
+            RuleKind::FixedWindow {
+                window_us: DAY_US, ..
+            } => "daily_quota",
+            RuleKind::FixedWindow { .. } => "fixed_window",
+            RuleKind::SlidingWindow { .. } => "sliding_window",
+            RuleKind::Concurrency { .. } => "concurrency",
+        }
+    }
+
+    /// The rule's quota window in ms, as replies carry it (`window_ms`, the
+    /// IETF `w`): a window's length, or a token bucket's time to refill
+    /// from empty (capacity times its refill interval, rounded up); a
+    /// concurrency rule has none (0): it limits leases at once, not a rate.
+    pub fn window_ms(&self) -> u64 {
+        match *self {
+            RuleKind::TokenBucket {
+                capacity,
+                interval_us,
+            } => ceil_ms(capacity * interval_us),
+            RuleKind::FixedWindow { window_us, .. } | RuleKind::SlidingWindow { window_us, .. } => {
+                window_us / 1000
+            }
+            RuleKind::Concurrency { .. } => 0,
+        }
+    }
+
+    /// Every [`RuleKind::name`], for readers of replies.
+    pub const NAMES: [&'static str; 5] = [
+        "token_bucket",
+        "fixed_window",
+        "sliding_window",
+        "daily_quota",
+        "concurrency",
+    ];
+
     /// The most units this rule can ever allow at once.
     pub fn limit(&self) -> u64 {
         match *self {
@@ -57,6 +98,8 @@ impl RuleKind {
 pub struct Rule {
     pub name: Arc<str>,
     pub kind: RuleKind,
+    /// Shadow: counts what it would deny, denies nothing (see [`decide`]).
+    pub shadow: bool,
 }
 
 /// What to answer when Redis cannot decide.
@@ -98,6 +141,8 @@ pub struct Policy {
     takes_tokens: bool,
     /// It has a concurrency rule, so its allowed checks take a lease.
     leases: bool,
+    /// Some rule is shadow (found once, so other policies decide as before).
+    pub shadow: bool,
 }
 
 impl Policy {
@@ -111,6 +156,7 @@ impl Policy {
             metrics: PolicyMetrics::new(name, rules.iter().map(|r| &*r.name), failure_mode.name()),
             takes_tokens: (rules.iter()).any(|r| matches!(r.kind, RuleKind::TokenBucket { .. })),
             leases: (rules.iter()).any(|r| matches!(r.kind, RuleKind::Concurrency { .. })),
+            shadow: rules.iter().any(|r| r.shadow),
             name: name.into(),
             rules,
             failure_mode,
@@ -127,6 +173,7 @@ impl Policy {
                 limit: 1,
                 window_us: 1_000_000,
             },
+            shadow: false,
         }];
         Policy::new("p", rules, FailureMode::Open, 1000)
     }
@@ -149,9 +196,10 @@ impl Policy {
             return Counted::Allowed {
                 near_limit: d.remaining.saturating_mul(5) <= d.limit,
                 tokens: if self.takes_tokens { cost } else { 0 },
+                shadow: (d.shadow_rule.as_ref()).and_then(|s| self.rule_index(s)),
             };
         }
-        let rule = self.rules.iter().position(|r| r.name == d.rule);
+        let rule = self.rule_index(&d.rule);
         Counted::Denied {
             rule,
             // `daily_quota` compiles to a day-long fixed window.
@@ -165,6 +213,10 @@ impl Policy {
                 )
             }),
         }
+    }
+
+    fn rule_index(&self, name: &str) -> Option<usize> {
+        self.rules.iter().position(|r| *r.name == *name)
     }
 
     /// Refuses a cost that some rule could never allow.
@@ -191,6 +243,8 @@ pub struct Verdict {
     pub remaining: u64,
     pub reset_ms: u64,
     pub retry_after_ms: u64,
+    /// Allowed, but this shadow rule (index) would have denied.
+    pub shadow: Option<usize>,
 }
 
 /// The answer to a `check`, as it goes on the wire.
@@ -203,8 +257,14 @@ pub struct Decision {
     pub retry_after_ms: u64,
     pub degraded: bool,
     pub rule: Arc<str>,
+    /// The deciding rule's kind ([`RuleKind::name`]) and quota window
+    /// ([`RuleKind::window_ms`]).
+    pub kind: &'static str,
+    pub window_ms: u64,
     /// The lease an allowed check of a policy with concurrency rules took.
     pub lease: Option<Lease>,
+    /// Allowed, but this shadow rule would have denied (`shadow_denied`).
+    pub shadow_rule: Option<Arc<str>>,
 }
 
 impl Decision {
@@ -218,7 +278,10 @@ impl Decision {
             retry_after_ms: v.retry_after_ms,
             degraded,
             rule: rule.name.clone(),
+            kind: rule.kind.name(),
+            window_ms: rule.kind.window_ms(),
             lease: None,
+            shadow_rule: v.shadow.map(|s| policy.rules[s].name.clone()),
         }
     }
 
@@ -240,7 +303,10 @@ impl Decision {
             },
             degraded: true,
             rule: rule.name.clone(),
+            kind: rule.kind.name(),
+            window_ms: rule.kind.window_ms(),
             lease: None,
+            shadow_rule: None,
         }
     }
 
@@ -258,49 +324,105 @@ impl Decision {
 /// ever frees capacity). Ties go to the earlier rule.
 pub fn combine(evals: &[Eval]) -> Verdict {
     let allowed = evals.iter().all(|e| e.allowed);
-    let mut best = 0;
-    for (i, e) in evals.iter().enumerate().skip(1) {
-        let better = if allowed {
-            e.remaining < evals[best].remaining
-        } else {
-            !e.allowed && (evals[best].allowed || e.retry_us > evals[best].retry_us)
-        };
+    let best = pick(evals, 0..evals.len(), allowed).unwrap_or(0);
+    verdict(&evals[best], allowed, best, None)
+}
+
+/// The deciding rule among `among` (indices into `evals`), as [`combine`]
+/// chooses it; `None` if `among` is empty.
+fn pick(evals: &[Eval], among: impl Iterator<Item = usize>, allowed: bool) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for i in among {
+        let e = &evals[i];
+        let better = best.is_none_or(|b| {
+            let b = &evals[b];
+            if allowed {
+                e.remaining < b.remaining
+            } else {
+                !e.allowed && (b.allowed || e.retry_us > b.retry_us)
+            }
+        });
         if better {
-            best = i;
+            best = Some(i);
         }
     }
-    let e = &evals[best];
+    best
+}
+
+fn verdict(e: &Eval, allowed: bool, rule: usize, shadow: Option<usize>) -> Verdict {
     Verdict {
         allowed,
-        rule: best,
+        rule,
         remaining: e.remaining,
         reset_ms: ceil_ms(e.reset_us),
-        retry_after_ms: ceil_ms(e.retry_us),
+        retry_after_ms: if allowed { 0 } else { ceil_ms(e.retry_us) },
+        shadow,
     }
 }
 
-/// Decides a policy over its rules' states: the verdict, and the states to
-/// store (with their absolute expiry) when something must be charged.
+/// A rule's state to store and its absolute expiry (µs).
+pub type Write = (State, u64);
+
+/// Decides a policy over its rules' states: the verdict, and when something
+/// must be charged, per rule the state to store (with its absolute expiry),
+/// or `None` for a rule that is not charged (a shadow rule that would deny;
+/// for a concurrency rule, `Some` means: take the lease).
 pub fn decide(
     policy: &Policy,
     states: &[Option<State>],
     now_us: u64,
     cost: u64,
-) -> (Verdict, Option<Vec<(State, u64)>>) {
+) -> (Verdict, Option<Vec<Option<Write>>>) {
     let evals: Vec<Eval> = policy
         .rules
         .iter()
         .zip(states)
         .map(|(rule, state)| algorithm::eval(rule.kind, *state, now_us, cost))
         .collect();
-    let verdict = combine(&evals);
+    let verdict = if policy.shadow {
+        shadow_verdict(policy, &evals)
+    } else {
+        combine(&evals)
+    };
+    // Allowed, only a shadow rule can have denied: it is not charged.
     let writes = (verdict.allowed && cost > 0).then(|| {
-        evals
-            .iter()
-            .map(|e| (e.next, e.expires_us + algorithm::EXPIRY_MARGIN_US))
+        (evals.iter())
+            .map(|e| (e.allowed).then_some((e.next, e.expires_us + algorithm::EXPIRY_MARGIN_US)))
             .collect()
     });
     (verdict, writes)
+}
+
+/// A policy with shadow rules: only its enforcing rules can deny. When they
+/// allow, the shadow rule that would have denied (the longest wait, as in
+/// [`combine`]) is named, and the enforcing rules decide the numbers as if
+/// the shadow ones were absent; when every rule is shadow, the one that
+/// would have denied describes the answer.
+fn shadow_verdict(policy: &Policy, evals: &[Eval]) -> Verdict {
+    let rules = &policy.rules;
+    let enforcing = || (0..evals.len()).filter(|&i| !rules[i].shadow);
+    if !enforcing().all(|i| evals[i].allowed) {
+        let best = pick(evals, enforcing(), false).unwrap_or(0);
+        return verdict(&evals[best], false, best, None);
+    }
+    let denying = (0..evals.len()).filter(|&i| rules[i].shadow && !evals[i].allowed);
+    let shadow = pick(evals, denying, false);
+    let best = pick(evals, enforcing(), true)
+        .or(shadow)
+        .or_else(|| pick(evals, 0..evals.len(), true))
+        .unwrap_or(0);
+    verdict(&evals[best], true, best, shadow)
+}
+
+/// Every rule's `(remaining, reset_ms)` for a `usage` of `policy`, from
+/// its rules' states: charges nothing.
+pub fn usage(policy: &Policy, states: &[Option<State>], now_us: u64) -> Vec<(u64, u64)> {
+    (policy.rules.iter().zip(states))
+        .map(|(rule, state)| {
+            let (remaining, reset_us) = algorithm::usage(rule.kind, *state, now_us);
+            (remaining, ceil_ms(reset_us))
+        })
+        .collect()
 }
 
 /// One check, as a shard hands it to a backend.
@@ -352,10 +474,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_kind_names_itself_and_its_quota_window() {
+        let tb = |capacity, interval_us| RuleKind::TokenBucket {
+            capacity,
+            interval_us,
+        };
+        // 10 at 5/s refills in 2 s; 10 at 3/s (333333 µs each) in 3.33333 s.
+        assert_eq!(
+            (tb(10, 200_000).name(), tb(10, 200_000).window_ms()),
+            ("token_bucket", 2000)
+        );
+        assert_eq!(tb(10, 333_333).window_ms(), 3334);
+        let fw = RuleKind::FixedWindow {
+            limit: 5,
+            window_us: 60_000_000,
+        };
+        assert_eq!((fw.name(), fw.window_ms()), ("fixed_window", 60_000));
+        let day = RuleKind::FixedWindow {
+            limit: 5,
+            window_us: DAY_US,
+        };
+        assert_eq!((day.name(), day.window_ms()), ("daily_quota", 86_400_000));
+        let sw = RuleKind::SlidingWindow {
+            limit: 5,
+            window_us: 1_500_000,
+        };
+        assert_eq!((sw.name(), sw.window_ms()), ("sliding_window", 1500));
+        let cc = RuleKind::Concurrency {
+            limit: 5,
+            lease_us: 30_000_000,
+        };
+        assert_eq!((cc.name(), cc.window_ms()), ("concurrency", 0));
+        for k in [tb(1, 1), fw, day, sw, cc] {
+            assert!(RuleKind::NAMES.contains(&k.name()));
+        }
+    }
+
+    #[test]
     fn an_answer_counts_as_its_outcome_rule_and_tokens() {
         let rule = |name: &str, kind| Rule {
             name: name.into(),
             kind,
+            shadow: false,
         };
         let p = Policy::new(
             "counted",
@@ -386,11 +546,15 @@ mod tests {
             retry_after_ms: 0,
             degraded,
             rule: rule.into(),
+            kind: "token_bucket",
+            window_ms: 0,
             lease: None,
+            shadow_rule: None,
         };
         let allowed = |near_limit| Counted::Allowed {
             near_limit,
             tokens: 3,
+            shadow: None,
         };
         assert_eq!(
             p.counted(&answer(true, 3, "burst", false), 3),
@@ -423,7 +587,8 @@ mod tests {
             no_bucket.counted(&answer(true, 9, "r", false), 1),
             Counted::Allowed {
                 near_limit: false,
-                tokens: 0
+                tokens: 0,
+                shadow: None,
             }
         );
     }

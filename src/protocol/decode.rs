@@ -159,6 +159,7 @@ impl RawRequest {
             OpKind::Hello => LocalOp::Hello.into(),
             OpKind::Stats => LocalOp::Stats.into(),
             OpKind::Check => ShardOp::Check(self.check(l)?).into(),
+            OpKind::Usage => ShardOp::Usage(self.usage(l)?).into(),
             OpKind::CheckGet => {
                 let check = self.check(l)?;
                 let get = CacheGetArgs {
@@ -250,6 +251,13 @@ impl RawRequest {
     }
 
     fn check(&mut self, l: &Limits) -> Result<CheckArgs, Error> {
+        let mut check = self.usage(l)?;
+        check.cost = self.uint("cost", Some(1))?;
+        Ok(check)
+    }
+
+    /// A check's tenant, key and policy, at cost 0 (a `usage` has no cost).
+    fn usage(&mut self, l: &Limits) -> Result<CheckArgs, Error> {
         Ok(CheckArgs {
             tenant: self.string("tenant", l.max_tenant_bytes)?,
             key: self.string("key", l.max_key_bytes)?,
@@ -264,7 +272,7 @@ impl RawRequest {
                     )));
                 }
             },
-            cost: self.uint("cost", Some(1))?,
+            cost: 0,
         })
     }
 
@@ -544,7 +552,7 @@ mod tests {
         let k = (s("key"), s("k"));
         fields.extend(match kind {
             OpKind::Hello | OpKind::Stats | OpKind::TenantList => vec![],
-            OpKind::Check | OpKind::CacheGet => vec![t, k],
+            OpKind::Check | OpKind::CacheGet | OpKind::Usage => vec![t, k],
             OpKind::CheckGet => vec![t, k, (s("cache_key"), s("c"))],
             OpKind::CacheSet => vec![
                 t,

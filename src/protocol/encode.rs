@@ -15,6 +15,7 @@ use super::{
 use crate::config::TenantRecord;
 use crate::error::Error;
 use crate::limiter::Decision;
+use crate::limiter::usage::RuleUsage;
 
 /// One field's value.
 enum Val<'a> {
@@ -26,9 +27,12 @@ enum Val<'a> {
     Strs(&'a [String]),
     Ops,
     Counters(&'a [(&'static str, u64)]),
+    /// Names to counts.
+    Tally(&'a [(String, u64)]),
     /// Names to numbers (whole numbers as integers).
     Numbers(&'a BTreeMap<String, f64>),
     Tenants(&'a [(String, TenantRecord)]),
+    Usage(&'a [RuleUsage]),
     Error(&'a Error),
 }
 
@@ -43,6 +47,13 @@ impl Val<'_> {
             Val::Strs(v) => strs(out, v.iter().map(String::as_str), v.len()),
             Val::Ops => strs(out, OPS.iter().copied(), OPS.len()),
             Val::Counters(c) => {
+                map_len(out, c.len());
+                for (k, v) in c.iter() {
+                    string(out, k);
+                    uint(out, *v);
+                }
+            }
+            Val::Tally(c) => {
                 map_len(out, c.len());
                 for (k, v) in c.iter() {
                     string(out, k);
@@ -65,6 +76,23 @@ impl Val<'_> {
                             ("tenant", Val::Str(tenant)),
                             ("plan", Val::Str(&r.plan)),
                             ("limits", Val::Numbers(&r.limits)),
+                        ],
+                    );
+                }
+            }
+            Val::Usage(rules) => {
+                array_len(out, rules.len());
+                for u in rules.iter() {
+                    write_map(
+                        out,
+                        &[
+                            ("rule", Val::Str(&u.rule)),
+                            ("kind", Val::Str(u.kind)),
+                            ("limit", Val::U64(u.limit)),
+                            ("used", Val::U64(u.used)),
+                            ("remaining", Val::U64(u.remaining)),
+                            ("reset_ms", Val::U64(u.reset_ms)),
+                            ("window_ms", Val::U64(u.window_ms)),
                         ],
                     );
                 }
@@ -208,9 +236,17 @@ fn decision<'a>(f: &mut Fields<'a>, d: &'a Decision) {
         ("retry_after_ms", Val::U64(d.retry_after_ms)),
         ("degraded", Val::Bool(d.degraded)),
         ("rule", Val::Str(&d.rule)),
+        ("kind", Val::Str(d.kind)),
+        ("window_ms", Val::U64(d.window_ms)),
     ]);
     if let Some(lease) = d.lease {
         f.push(("lease", Val::String(lease.to_string())));
+    }
+    if let Some(s) = &d.shadow_rule {
+        f.extend([
+            ("shadow_denied", Val::Bool(true)),
+            ("shadow_rule", Val::Str(s)),
+        ]);
     }
 }
 
@@ -230,7 +266,7 @@ fn lookup<'a>(f: &mut Fields<'a>, l: &'a Lookup) {
 
 impl Reply {
     fn write(&self, out: &mut Vec<u8>) {
-        let mut f: Fields = Vec::with_capacity(16);
+        let mut f: Fields = Vec::with_capacity(20);
         f.push(("id", Val::U64(self.id)));
         f.push(("ok", Val::Bool(self.body.is_ok())));
         match &self.body {
@@ -266,6 +302,7 @@ impl Reply {
                 ("backend", Val::Str(st.backend)),
                 ("shards", Val::U64(st.shards)),
                 ("counters", Val::Counters(&st.counters)),
+                ("shadow_denials", Val::Tally(&st.shadow_denials)),
             ]),
             Ok(Body::Tenant { source, record }) => {
                 f.push(("source", Val::Str(source)));
@@ -280,6 +317,7 @@ impl Reply {
             Ok(Body::Done) => {}
             Ok(Body::Removed(existed)) => f.push(("deleted", Val::U64(u64::from(*existed)))),
             Ok(Body::Tenants(all)) => f.push(("tenants", Val::Tenants(all))),
+            Ok(Body::Usage(rules)) => f.push(("rules", Val::Usage(rules))),
         }
         write_map(out, &f)
     }
@@ -293,6 +331,12 @@ impl Request {
         match &self.op {
             Op::Local(_) => {}
             Op::Shard(ShardOp::Check(c)) => check_fields(&mut f, c),
+            Op::Shard(ShardOp::Usage(c)) => {
+                f.extend([("tenant", Val::Str(&c.tenant)), ("key", Val::Str(&c.key))]);
+                if let Some(p) = &c.policy {
+                    f.push(("policy", Val::Str(p)));
+                }
+            }
             Op::Shard(ShardOp::CheckGet(c, g)) => {
                 check_fields(&mut f, c);
                 f.push(("cache_key", Val::Str(&g.key)));

@@ -8,7 +8,8 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::Lookup;
-use crate::limiter::{Decision, Lease};
+use crate::limiter::usage::RuleUsage;
+use crate::limiter::{Decision, Lease, RuleKind};
 
 /// The `error` map of a failed reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,10 +39,16 @@ pub struct ReplyFields {
     pub retry_after_ms: Option<u64>,
     pub degraded: Option<bool>,
     pub rule: Option<String>,
+    pub kind: Option<String>,
+    pub window_ms: Option<u64>,
     /// An allowed check of a policy with concurrency rules.
     pub lease: Option<String>,
+    pub shadow_denied: Option<bool>,
+    pub shadow_rule: Option<String>,
     // release
     pub released: Option<bool>,
+    // usage
+    pub rules: Option<Vec<UsageFields>>,
     // cache
     pub hit: Option<bool>,
     pub value: Option<Bin>,
@@ -60,6 +67,8 @@ pub struct ReplyFields {
     pub uptime_ms: Option<u64>,
     pub shards: Option<u64>,
     pub counters: Option<BTreeMap<String, u64>>,
+    /// Shadow denials by `<policy>.<rule>`.
+    pub shadow_denials: Option<BTreeMap<String, u64>>,
 }
 
 impl ReplyFields {
@@ -77,8 +86,30 @@ impl ReplyFields {
             retry_after_ms: self.retry_after_ms?,
             degraded: self.degraded?,
             rule: self.rule.as_deref()?.into(),
+            // A kind this build does not know reads as "".
+            kind: (RuleKind::NAMES.iter())
+                .find(|k| Some(**k) == self.kind.as_deref())
+                .map_or("", |k| k),
+            window_ms: self.window_ms.unwrap_or(0),
             lease: self.lease.as_deref().and_then(Lease::parse),
+            shadow_rule: self.shadow_rule.as_deref().map(Into::into),
         })
+    }
+
+    /// The rules of a `usage` reply, if it is one.
+    pub fn usage(&self) -> Option<Vec<RuleUsage>> {
+        let rules = self.rules.as_ref()?.iter().map(|u| RuleUsage {
+            rule: u.rule.as_str().into(),
+            kind: (RuleKind::NAMES.iter())
+                .find(|k| **k == u.kind)
+                .map_or("", |k| k),
+            limit: u.limit,
+            used: u.used,
+            remaining: u.remaining,
+            reset_ms: u.reset_ms,
+            window_ms: u.window_ms,
+        });
+        Some(rules.collect())
     }
 
     /// The lookup of a `cache_get` or `check_get` reply, if it has one.
@@ -106,6 +137,19 @@ pub struct TenantFields {
     pub tenant: String,
     pub plan: String,
     pub limits: BTreeMap<String, f64>,
+}
+
+/// One rule of a `usage` reply.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct UsageFields {
+    pub rule: String,
+    pub kind: String,
+    pub limit: u64,
+    pub used: u64,
+    pub remaining: u64,
+    pub reset_ms: u64,
+    pub window_ms: u64,
 }
 
 /// A MessagePack `bin` value.

@@ -18,11 +18,12 @@ use bytes::Bytes;
 
 use crate::config::TenantRecord;
 use crate::error::Error;
+use crate::limiter::usage::RuleUsage;
 use crate::limiter::{Decision, Lease};
 
 pub use decode::{DecodeError, decode};
 pub use encode::{encode_reply, encode_request};
-pub use fields::{ReplyFields, TenantFields, WireError};
+pub use fields::{ReplyFields, TenantFields, UsageFields, WireError};
 pub use op::{AdminOp, Answerer, LocalOp, OPS, Op, OpKind, ShardOp};
 
 /// The protocol version this build speaks.
@@ -126,6 +127,8 @@ pub enum Body {
     Removed(bool),
     /// `tenant_list`.
     Tenants(Vec<(String, TenantRecord)>),
+    /// `usage`: every rule of the policy, in order.
+    Usage(Vec<RuleUsage>),
 }
 
 /// The answer to a cache read.
@@ -168,6 +171,8 @@ pub struct Stats {
     pub backend: &'static str,
     pub shards: u64,
     pub counters: Vec<(&'static str, u64)>,
+    /// Shadow denials by `<policy>.<rule>` (only those above 0).
+    pub shadow_denials: Vec<(String, u64)>,
 }
 
 impl Reply {

@@ -57,6 +57,7 @@ op_table! {
     TenantDelete => "tenant_delete", Admin;
     TenantList => "tenant_list", Admin;
     Release => "release", Shard;
+    Usage => "usage", Shard;
 }
 
 /// Who answers an op: the variants of [`Op`], without their ops.
@@ -115,6 +116,9 @@ pub enum ShardOp {
     CheckGet(CheckArgs, CacheGetArgs),
     /// Gives back a lease a check took.
     Release(ReleaseArgs),
+    /// Every rule of the policy as it stands for the key (cost 0: nothing
+    /// is charged).
+    Usage(CheckArgs),
 }
 
 /// Answered by the admin side, from the tenants' source of truth; only
@@ -163,13 +167,14 @@ impl ShardOp {
             ShardOp::CacheDel(_) => OpKind::CacheDel,
             ShardOp::CheckGet(..) => OpKind::CheckGet,
             ShardOp::Release(_) => OpKind::Release,
+            ShardOp::Usage(_) => OpKind::Usage,
         }
     }
 
     /// The tenant whose shard answers.
     pub fn tenant(&self) -> &str {
         match self {
-            ShardOp::Check(a) | ShardOp::CheckGet(a, _) => &a.tenant,
+            ShardOp::Check(a) | ShardOp::CheckGet(a, _) | ShardOp::Usage(a) => &a.tenant,
             ShardOp::CacheGet(a) => &a.tenant,
             ShardOp::CacheSet(a) => &a.tenant,
             ShardOp::CacheDel(a) => &a.tenant,

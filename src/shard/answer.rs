@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::Shard;
 use crate::backend::{Backend, Job, Outcome};
+use crate::error::Error;
 use crate::limiter::{Check, Decision, FailureMode, Release};
 use crate::protocol::{Body, Lookup};
 use crate::reply::ReplyTo;
@@ -29,6 +30,9 @@ impl Shard {
         if let Job::Get { args, poll: true } = &job {
             return self.polled(args, outcome);
         }
+        if let Job::Usage(_) = &job {
+            return self.report(&job, outcome, reply);
+        }
         let mut body = match outcome.and_then(|o| o.into_body(&job)) {
             Some(body) => body,
             None => self.fail(&job),
@@ -44,6 +48,19 @@ impl Shard {
         self.learn(&job, &body);
         if let Some(reply) = reply {
             self.answer(&job, body, reply, ctx);
+        }
+    }
+
+    /// Answers a `usage`: a report has no failure mode to fall back on (an
+    /// `open` answer would claim nothing used), so without its backend it
+    /// is `unavailable`.
+    fn report(&mut self, job: &Job, outcome: Option<Outcome>, reply: Option<ReplyTo>) {
+        let Some(reply) = reply else { return };
+        match outcome.and_then(|o| o.into_body(job)) {
+            Some(body) => reply.send(Ok(body)),
+            None => reply.send(Err(Error::Unavailable(
+                "the backend could not report usage (Redis unreachable or too slow)".into(),
+            ))),
         }
     }
 
@@ -68,6 +85,7 @@ impl Shard {
                 released: false,
                 degraded: true,
             },
+            Job::Usage(_) => unreachable!("a usage is answered by `report`"),
         }
     }
 

@@ -43,7 +43,7 @@ use fills::Fills;
 pub use fills::ReleaseWaiters;
 use overlimit::OverLimit;
 pub use quota::Forget;
-use quota::PendingCheck;
+use quota::{PendingCheck, Then};
 pub use set::Shards;
 use tenants::Tenants;
 
@@ -152,22 +152,30 @@ impl Message<JobMsg> for Shard {
 
     async fn handle(&mut self, JobMsg(op, reply): JobMsg, ctx: &mut Context<Self, ()>) {
         match op {
-            ShardOp::Check(args) => {
-                let op = PendingCheck {
+            ShardOp::Check(args) => self.resolve(
+                PendingCheck {
                     args,
-                    get: None,
-                    release: None,
-                };
-                self.resolve(op, reply, ctx)
-            }
-            ShardOp::CheckGet(args, get) => {
-                let op = PendingCheck {
+                    then: Then::Check,
+                },
+                reply,
+                ctx,
+            ),
+            ShardOp::CheckGet(args, get) => self.resolve(
+                PendingCheck {
                     args,
-                    get: Some(get),
-                    release: None,
-                };
-                self.resolve(op, reply, ctx)
-            }
+                    then: Then::Get(get),
+                },
+                reply,
+                ctx,
+            ),
+            ShardOp::Usage(args) => self.resolve(
+                PendingCheck {
+                    args,
+                    then: Then::Usage,
+                },
+                reply,
+                ctx,
+            ),
             ShardOp::Release(r) => {
                 let args = CheckArgs {
                     tenant: r.tenant,
@@ -177,8 +185,7 @@ impl Message<JobMsg> for Shard {
                 };
                 let op = PendingCheck {
                     args,
-                    get: None,
-                    release: Some(r.lease),
+                    then: Then::Release(r.lease),
                 };
                 self.resolve(op, reply, ctx)
             }
@@ -307,6 +314,9 @@ impl Shard {
         if let Some(d) = d {
             let c = &self.stats.counters;
             Stats::add(if d.allowed { &c.allowed } else { &c.denied }, 1);
+            if d.shadow_rule.is_some() {
+                Stats::add(&c.shadow_denied, 1);
+            }
         }
         reply.send(Ok(body));
     }

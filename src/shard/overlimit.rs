@@ -136,6 +136,9 @@ mod tests {
             retry_after_ms: 500,
             degraded: false,
             rule: "r".into(),
+            kind: "fixed_window",
+            window_ms: 1000,
+            shadow_rule: None,
             lease: None,
         }
     }

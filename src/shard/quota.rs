@@ -30,15 +30,24 @@ pub struct TenantLoaded {
     epoch: u64,
 }
 
-/// A `check` (or, with `get`, a `check_get`) that needs its tenant's
-/// policies before it becomes a job.
+/// A `check`, `check_get` or `usage` that needs its tenant's policies
+/// before it becomes a job.
 #[derive(Debug)]
 pub struct PendingCheck {
     pub args: CheckArgs,
-    pub get: Option<CacheGetArgs>,
+    pub then: Then,
+}
+
+/// What a [`PendingCheck`] becomes.
+#[derive(Debug)]
+pub enum Then {
+    Check,
+    /// A `check_get`: the cache read after it.
+    Get(CacheGetArgs),
+    Usage,
     /// A `release` of this lease, under the same tenant, key and policy
     /// (which it resolves the same way), rather than a check.
-    pub release: Option<Lease>,
+    Release(Lease),
 }
 
 /// A tenant's record changed: look it up again on its next request.
@@ -101,7 +110,7 @@ impl Message<Forget> for Shard {
 }
 
 impl Shard {
-    /// A `check` or `check_get`: resolves its tenant's policies, waiting
+    /// A `check`, `check_get`, `usage` or `release`: resolves its tenant's policies, waiting
     /// for a lookup if the local level does not have them.
     pub(super) fn resolve(&mut self, op: PendingCheck, reply: ReplyTo, ctx: &Context<Self, ()>) {
         let Some(directory) = self.directory.clone() else {
@@ -160,33 +169,19 @@ impl Shard {
         policies: &Policies,
         ctx: &Context<Self, ()>,
     ) {
-        if let Some(lease) = op.release {
-            return match policies.get(op.args.policy.as_deref()) {
-                // Nothing to give back: no rule of the policy takes a lease.
-                Ok(p) if !p.has_leases() => reply.send(Ok(Body::Released {
-                    released: false,
-                    degraded: false,
-                })),
-                Ok(p) => {
-                    let release = Release {
-                        policy: p.clone(),
-                        tenant: op.args.tenant,
-                        key: op.args.key,
-                        lease,
-                    };
-                    self.start(Job::Release(release), reply, ctx)
-                }
-                Err(e) => reply.send(Err(e)),
-            };
-        }
-        match check(op.args, policies) {
-            Ok(c) => {
-                let job = match op.get {
-                    None => Job::Check(c),
-                    Some(get) => Job::CheckGet(c, get),
-                };
-                self.start(job, reply, ctx)
-            }
+        let job = match op.then {
+            Then::Check => check(op.args, policies).map(|c| Some(Job::Check(c))),
+            Then::Get(get) => check(op.args, policies).map(|c| Some(Job::CheckGet(c, get))),
+            Then::Usage => check(op.args, policies).map(|c| Some(Job::Usage(c))),
+            Then::Release(lease) => release(op.args, lease, policies),
+        };
+        match job {
+            Ok(Some(job)) => self.start(job, reply, ctx),
+            // Nothing to give back: no rule of the policy takes a lease.
+            Ok(None) => reply.send(Ok(Body::Released {
+                released: false,
+                degraded: false,
+            })),
             Err(e) => reply.send(Err(e)),
         }
     }
@@ -205,6 +200,19 @@ fn check(args: CheckArgs, policies: &Policies) -> Result<Check, Error> {
     let policy = policies.get(args.policy.as_deref())?.clone();
     policy.check_cost(args.cost)?;
     Ok(Check::new(policy, args.tenant, args.key, args.cost))
+}
+
+/// Resolves the policy of a release: `None` when it takes no leases.
+fn release(args: CheckArgs, lease: Lease, policies: &Policies) -> Result<Option<Job>, Error> {
+    let policy = policies.get(args.policy.as_deref())?;
+    Ok(policy.has_leases().then(|| {
+        Job::Release(Release {
+            policy: policy.clone(),
+            tenant: args.tenant,
+            key: args.key,
+            lease,
+        })
+    }))
 }
 
 /// A tenant's policies: its plan with its own overrides, or the `default`

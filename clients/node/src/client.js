@@ -10,7 +10,7 @@ import {
   ConnectFailed, ConnectionLost, InvalidArgument, RequestTimedOut, connectionError, isTransient, serverError,
 } from './errors.js';
 import { DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_REPLY_BYTES, FrameReader, decodeBody, encodeFrame } from './codec.js';
-import { Decision, Lookup, UNAVAILABLE_MISS, parseCheckGet, parseHello, parseStats } from './models.js';
+import { Decision, Lookup, UNAVAILABLE_MISS, parseCheckGet, parseHello, parseStats, parseUsage } from './models.js';
 import { ReplyFields, checkGetOf, decisionOf, lookupOf, readReply, replyId } from './replies.js';
 import * as build from './requests.js';
 import { FrameWriter, writeCacheGet, writeCheck, writeCheckGet } from './templates.js';
@@ -380,6 +380,16 @@ export class Client {
 
   async stats() {
     return parseStats(await this.call(build.stats()));
+  }
+
+  /**
+   * Every rule of the policy as it stands for `key`, charging nothing.
+   * Rejects like stats() when quotad cannot answer (the failure mode does
+   * not apply: there is nothing to report), with SourceUnavailable when its
+   * Redis cannot.
+   */
+  async usage(tenant, key, opts = {}) {
+    return parseUsage(await this.call(build.usage(tenant, key, opts)));
   }
 
   /** May this request go ahead? `cost: 0` peeks without charging. */

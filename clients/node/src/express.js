@@ -1,9 +1,12 @@
-// Express middleware: rate limiting (429 with a JSON body and RateLimit-* /
-// Retry-After headers, RateLimit-* on allowed responses too), and an
-// optional response cache for GETs through checkGet/cacheSet. Under a
-// policy with a `concurrency` rule, the lease an allowed check took is
-// released when the response is over: on 'finish' (sent, streamed or not,
-// after an error handler too) or 'close' (the client went away), once.
+// Express middleware: rate limiting (429 with a JSON body and the
+// RateLimit-Policy, RateLimit and Retry-After headers; RateLimit-Policy and
+// RateLimit on allowed responses too; `legacyHeaders: true` adds the older
+// RateLimit-Limit/-Remaining/-Reset trio: ratelimit-headers.js), and an
+// optional response cache for GETs through checkGet/cacheSet. A response
+// served from the cache gets its own request's headers, never stored ones.
+// Under a policy with a `concurrency` rule, the lease an allowed check took
+// is released when the response is over: on 'finish' (sent, streamed or
+// not, after an error handler too) or 'close' (the client went away), once.
 //
 //   app.use(quotad({ client, tenant: header('x-tenant'), key: first(apiKey(), clientIp()), policy: 'api' }));
 //   app.get('/login', quotad({ client, policy: 'login' }), handler);   // per route
@@ -11,6 +14,7 @@
 
 import { decode, encode } from '@msgpack/msgpack';
 import * as identity from './identity.js';
+import { NAMES as RATELIMIT_HEADERS } from './ratelimit-headers.js';
 
 export * from './identity.js';
 
@@ -20,10 +24,12 @@ export const DEFAULT_TENANT = 'default';
 export const ANONYMOUS_KEY = 'anonymous';
 const DEFAULT_KEY = identity.clientIp();
 
-// Response headers never stored with a cached response.
+// Response headers never stored with a cached response, nor served from one
+// (an entry may come from elsewhere): per-connection, per-request, or
+// re-derived for each request, as the rate-limit headers are (the draft's
+// §7.3: a cached response's RateLimit fields are stale).
 const UNCACHED_HEADERS = new Set([
-  'connection', 'keep-alive', 'transfer-encoding', 'date', 'set-cookie',
-  'ratelimit-limit', 'ratelimit-remaining', 'ratelimit-reset', 'retry-after', 'x-cache',
+  'connection', 'keep-alive', 'transfer-encoding', 'date', 'set-cookie', 'x-cache', ...RATELIMIT_HEADERS,
 ]);
 
 // Cache keys and tags are built from the request as sent, in one canonical
@@ -132,7 +138,8 @@ export async function invalidate(req, { tags = [], paths = [], keys = [] } = {})
  * without them, the tenant and key an earlier quotad middleware found for
  * the request, else the default tenant and the client's IP); policy, cost
  * (values or functions of the request); cache ({ ttlMs, staleMs, fillMs,
- * tags, perUser, when, maxBodyBytes }); skip(req).
+ * tags, perUser, when, maxBodyBytes }); skip(req); legacyHeaders (also send
+ * RateLimit-Limit/-Remaining/-Reset; default false).
  */
 export function quotad(options) {
   const {
@@ -143,6 +150,7 @@ export function quotad(options) {
     cost = 1,
     cache = null,
     skip = () => false,
+    legacyHeaders = false,
   } = options ?? {};
   if (!client) throw new TypeError('quotad middleware: `client` is required');
   const cacheRule = cache ? {
@@ -171,7 +179,8 @@ export function quotad(options) {
       }
       const decision = ctx.decision;
       // A stricter limit (a per-route middleware after an app-wide one) gets the last word on headers.
-      for (const [name, value] of Object.entries(decision.headers())) res.setHeader(name, value);
+      for (const name of RATELIMIT_HEADERS) res.removeHeader(name);
+      for (const [name, value] of Object.entries(decision.headers({ legacy: legacyHeaders }))) res.setHeader(name, value);
       if (!decision.allowed) {
         res.status(429).json({ error: 'rate_limited', message: 'Too many requests; retry later.', retry_after: decision.retryAfter, limit: decision.limit, rule: decision.rule });
         return;
@@ -259,7 +268,8 @@ function sendCached(res, lookup) {
     return false; // written by something else: a miss
   }
   res.status(entry.s);
-  for (const [name, value] of headers) res.setHeader(name, value);
+  // Whatever wrote the entry, its rate-limit headers are not this request's (set already).
+  for (const [name, value] of headers) if (!UNCACHED_HEADERS.has(name.toLowerCase())) res.setHeader(name, value);
   res.setHeader('x-cache', lookup.stale ? 'stale' : 'hit');
   res.end(entry.b);
   return true;

@@ -1,5 +1,5 @@
 export { Client } from './client.js';
-export { Decision, Lookup } from './models.js';
+export { Decision, Lookup, RuleUsage } from './models.js';
 export { defaultSocketPath } from './path.js';
 export { encodeFrame, decodeBody, FrameReader } from './codec.js';
 export * from './errors.js';

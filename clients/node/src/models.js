@@ -1,8 +1,7 @@
 // Results of the ops, parsed from reply maps (unknown reply fields are ignored).
 
 import { ProtocolViolation } from './errors.js';
-
-const ceilSeconds = (ms) => Math.ceil(ms / 1000);
+import { ratelimitHeaders } from './ratelimit-headers.js';
 
 function need(reply, field, type) {
   const v = reply[field];
@@ -11,16 +10,11 @@ function need(reply, field, type) {
   return v;
 }
 
-/** A field that may be absent (null), or else must have `type`. */
-function optional(reply, field, type) {
-  return reply[field] === undefined ? null : need(reply, field, type);
-}
-
 /** The answer to `check`: may this request go ahead? */
 export class Decision {
   constructor({
     allowed, limit, remaining, resetMs, retryAfterMs, degraded, rule,
-    lease = null, kind = null, windowMs = null, shadowDenied = false, shadowRule = null,
+    kind = '', windowMs = 0, lease = null, shadowRule = null,
   }) {
     this.allowed = allowed;
     /** The deciding rule's limit. */
@@ -35,19 +29,22 @@ export class Decision {
     this.degraded = degraded;
     /** The deciding rule ('' when the client answered by itself). */
     this.rule = rule;
+    /** The deciding rule's kind (token_bucket, fixed_window, sliding_window, daily_quota, concurrency, ...; '' when unknown). */
+    this.kind = kind;
+    /** The deciding rule's quota window in ms (the IETF `w`; 0 when none, as for a concurrency rule). */
+    this.windowMs = windowMs;
     /**
      * The lease this check took (an allowed check of a policy with a
      * `concurrency` rule, cost >= 1), or null; give it back with `release`.
      */
     this.lease = lease;
-    /** The deciding rule's kind, when the daemon says (null otherwise). */
-    this.kind = kind;
-    /** The deciding rule's quota window in ms, when the daemon says (null otherwise). */
-    this.windowMs = windowMs;
-    /** A shadow rule would have denied this allowed check. */
-    this.shadowDenied = shadowDenied;
-    /** That shadow rule, or null. */
+    /** Allowed, but this shadow rule would have denied (null: no shadow denial). */
     this.shadowRule = shadowRule;
+  }
+
+  /** True when a shadow rule would have denied this allowed request. */
+  get shadowDenied() {
+    return this.shadowRule !== null;
   }
 
   /** Seconds to wait before retrying (0 when allowed). */
@@ -56,22 +53,13 @@ export class Decision {
   }
 
   /**
-   * The standard rate-limit headers: RateLimit-Limit, -Remaining, -Reset
-   * (seconds, rounded up) and, on a denial, Retry-After (seconds, rounded
-   * up). When the client answered by itself (daemon unavailable), no limit
-   * is known: only Retry-After, on a denial.
+   * The rate-limit response headers: RateLimit-Policy and RateLimit
+   * (draft-ietf-httpapi-ratelimit-headers-11), Retry-After on a denial, and
+   * with `legacy` the older RateLimit-Limit/-Remaining/-Reset trio; seconds
+   * rounded up. See ratelimit-headers.js.
    */
-  headers() {
-    if (this.degraded && !this.rule) {
-      return this.allowed ? {} : { 'Retry-After': String(ceilSeconds(this.retryAfterMs)) };
-    }
-    const h = {
-      'RateLimit-Limit': String(this.limit),
-      'RateLimit-Remaining': String(this.remaining),
-      'RateLimit-Reset': String(ceilSeconds(this.resetMs)),
-    };
-    if (!this.allowed) h['Retry-After'] = String(ceilSeconds(this.retryAfterMs));
-    return h;
+  headers({ legacy = false } = {}) {
+    return ratelimitHeaders(this, { legacy });
   }
 
   static fromReply(r) {
@@ -83,13 +71,47 @@ export class Decision {
       retryAfterMs: need(r, 'retry_after_ms', 'uint'),
       degraded: need(r, 'degraded', 'boolean'),
       rule: need(r, 'rule', 'string'),
-      lease: optional(r, 'lease', 'string'),
-      kind: optional(r, 'kind', 'string'),
-      windowMs: optional(r, 'window_ms', 'uint'),
-      shadowDenied: r.shadow_denied === true,
-      shadowRule: optional(r, 'shadow_rule', 'string'),
+      // Newer fields: an older quotad does not send them.
+      kind: r.kind === undefined ? '' : need(r, 'kind', 'string'),
+      windowMs: r.window_ms === undefined ? 0 : need(r, 'window_ms', 'uint'),
+      lease: r.lease === undefined ? null : need(r, 'lease', 'string'),
+      shadowRule: r.shadow_rule === undefined ? null : need(r, 'shadow_rule', 'string'),
     });
   }
+}
+
+/** One rule of a `usage` answer: how much of it is used for the key. */
+export class RuleUsage {
+  constructor({ rule, kind, limit, used, remaining, resetMs, windowMs }) {
+    this.rule = rule;
+    this.kind = kind;
+    this.limit = limit;
+    /** limit - remaining: units taken and not yet back. */
+    this.used = used;
+    /** Units one check could take now. */
+    this.remaining = remaining;
+    /** ms until the rule is full again (a fixed window: until it ends; a daily quota: until the next 00:00 UTC). */
+    this.resetMs = resetMs;
+    /** The rule's quota window in ms (0: none). */
+    this.windowMs = windowMs;
+  }
+}
+
+/** The rules of a `usage` reply, in the policy's order. */
+export function parseUsage(r) {
+  if (!Array.isArray(r.rules)) throw new ProtocolViolation('a usage reply without `rules`');
+  return r.rules.map((u) => {
+    if (typeof u !== 'object' || u === null) throw new ProtocolViolation('a usage reply with a rule that is not a map');
+    return new RuleUsage({
+      rule: need(u, 'rule', 'string'),
+      kind: need(u, 'kind', 'string'),
+      limit: need(u, 'limit', 'uint'),
+      used: need(u, 'used', 'uint'),
+      remaining: need(u, 'remaining', 'uint'),
+      resetMs: need(u, 'reset_ms', 'uint'),
+      windowMs: u.window_ms === undefined ? 0 : need(u, 'window_ms', 'uint'),
+    });
+  });
 }
 
 /** The answer to a cache read. */
@@ -141,5 +163,7 @@ export function parseHello(r) {
 
 export function parseStats(r) {
   if (typeof r.counters !== 'object' || r.counters === null) throw new ProtocolViolation('a stats reply without `counters`');
-  return { uptimeMs: need(r, 'uptime_ms', 'uint'), backend: need(r, 'backend', 'string'), shards: need(r, 'shards', 'uint'), counters: r.counters };
+  // shadowDenials: checks a shadow rule would have denied, by `<policy>.<rule>` (an older quotad has none).
+  const shadowDenials = typeof r.shadow_denials === 'object' && r.shadow_denials !== null ? r.shadow_denials : {};
+  return { uptimeMs: need(r, 'uptime_ms', 'uint'), backend: need(r, 'backend', 'string'), shards: need(r, 'shards', 'uint'), counters: r.counters, shadowDenials };
 }

@@ -1,7 +1,7 @@
 // The replies of the hot ops read straight from the frame's bytes: only the
 // fields a result needs, no general object first. Anything unusual (an error
 // reply, a missing or mistyped field, a value type these replies never
-// carry, non-ASCII rule names) makes `readReply` return false, and the
+// carry, non-ASCII rule or kind names) makes `readReply` return false, and the
 // caller decodes the frame in full instead (codec.js + models.js), which
 // gives the same result or the right error.
 
@@ -20,7 +20,8 @@ const [
 ] = KEYS.map((_, i) => i);
 const UINT_FIELDS = (1 << ID) | (1 << LIMIT) | (1 << REMAINING) | (1 << RESET_MS) | (1 << RETRY_AFTER_MS) | (1 << TTL_MS) | (1 << WINDOW_MS);
 const BOOL_FIELDS = (1 << OK) | (1 << ALLOWED) | (1 << DEGRADED) | (1 << HIT) | (1 << STALE) | (1 << REFRESH) | (1 << FILL) | (1 << SHADOW_DENIED);
-/** Fields holding a str: kept as text (`rule`, `kind`, `shadow_rule` are names, and repeat). */
+// The string fields, each read (ASCII only) into `r.strs[field]` (`rule`,
+// `kind`, `shadow_rule` are names, and repeat: see `ruleAt`).
 const STR_FIELDS = (1 << RULE) | (1 << KIND) | (1 << LEASE) | (1 << SHADOW_RULE);
 const DECISION_FIELDS = (1 << ALLOWED) | (1 << LIMIT) | (1 << REMAINING) | (1 << RESET_MS) | (1 << RETRY_AFTER_MS) | (1 << DEGRADED) | (1 << RULE);
 const UNKNOWN = -1;
@@ -51,7 +52,6 @@ export class ReplyFields {
     this.seen = 0; // bit per field present (with the expected type)
     this.ints = new Array(KEYS.length).fill(0);
     this.bools = new Array(KEYS.length).fill(false);
-    this.rule = '';
     this.strs = new Array(KEYS.length).fill('');
     this.valueStart = 0;
     this.valueEnd = 0;
@@ -62,7 +62,7 @@ export class ReplyFields {
   }
 }
 
-// Rule names repeat: the last few are kept with their bytes.
+// Rule names and kinds repeat: the last few are kept with their bytes.
 const RULES = [];
 const RULES_KEPT = 16;
 
@@ -158,21 +158,18 @@ export function readReply(buf, pos, end, r) {
         pos += 2;
       }
       if (pos + len > end) return false;
-      if (field === RULE) {
-        const rule = ruleAt(buf, pos, len);
-        if (rule === null) return false;
-        r.rule = rule;
-      } else if (field === LEASE) {
+      if (field === LEASE) {
+        // Unique to its reply: not kept with the names.
         const lease = asciiAt(buf, pos, len);
         if (lease === null) return false;
         r.strs[LEASE] = lease;
-      } else if (field === KIND || field === SHADOW_RULE) {
-        const name = ruleAt(buf, pos, len);
-        if (name === null) return false;
-        r.strs[field] = name;
       } else if (field === VALUE) {
         r.valueStart = pos;
         r.valueEnd = pos + len;
+      } else if (bit) {
+        const str = ruleAt(buf, pos, len);
+        if (str === null) return false;
+        r.strs[field] = str;
       }
       pos += len;
     } else if (vh === 0xc5 || vh === 0xc6) {
@@ -195,8 +192,10 @@ export function readReply(buf, pos, end, r) {
 
 /** The id of a reply map whose first field is `id` (as the daemon writes), or -1. */
 export function replyId(buf, pos, end) {
-  const head = buf[pos];
-  if ((head & 0xf0) !== 0x80 || end - pos < 13) return -1;
+  // A fixmap, or a map16 (a check_get hit, with 16 fields and more).
+  if (buf[pos] === 0xde) pos += 2;
+  else if ((buf[pos] & 0xf0) !== 0x80) return -1;
+  if (end - pos < 13) return -1;
   if (buf[pos + 1] !== 0xa2 || buf[pos + 2] !== 0x69 || buf[pos + 3] !== 0x64) return -1;
   const vh = buf[pos + 4];
   if (vh < 0x80) return vh;
@@ -220,11 +219,10 @@ export function decisionOf(r) {
     resetMs: r.ints[RESET_MS],
     retryAfterMs: r.ints[RETRY_AFTER_MS],
     degraded: r.bools[DEGRADED],
-    rule: r.rule,
+    rule: r.strs[RULE],
+    kind: r.has(KIND) ? r.strs[KIND] : '',
+    windowMs: r.has(WINDOW_MS) ? r.ints[WINDOW_MS] : 0,
     lease: r.has(LEASE) ? r.strs[LEASE] : null,
-    kind: r.has(KIND) ? r.strs[KIND] : null,
-    windowMs: r.has(WINDOW_MS) ? r.ints[WINDOW_MS] : null,
-    shadowDenied: r.has(SHADOW_DENIED) && r.bools[SHADOW_DENIED],
     shadowRule: r.has(SHADOW_RULE) ? r.strs[SHADOW_RULE] : null,
   });
 }

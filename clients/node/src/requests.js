@@ -71,6 +71,12 @@ export function check(tenant, key, opts = {}) {
   return req;
 }
 
+export function usage(tenant, key, opts = {}) {
+  const req = { id: 0, op: 'usage', tenant: text('tenant', tenant), key: text('key', key) };
+  if (opts.policy !== undefined && opts.policy !== null) req.policy = text('policy', opts.policy);
+  return req;
+}
+
 export function cacheGet(tenant, key, opts = {}) {
   const req = { id: 0, op: 'cache_get', tenant: text('tenant', tenant), key: text('key', key) };
   fillMs(req, opts.fillMs);

@@ -25,7 +25,7 @@ test('hello', async () => {
   assert.equal(h.protocol, 1);
   assert.equal(h.backend, 'redis');
   assert.match(h.server, /^quotad\//);
-  for (const op of ['check', 'check_get', 'cache_get', 'cache_set', 'cache_del']) assert.ok(h.ops.includes(op));
+  for (const op of ['check', 'check_get', 'cache_get', 'cache_set', 'cache_del', 'usage']) assert.ok(h.ops.includes(op));
 });
 
 test('allowed, then denied, with the standard headers', async () => {
@@ -35,17 +35,45 @@ test('allowed, then denied, with the standard headers', async () => {
   assert.equal(first.allowed, true);
   assert.equal(first.degraded, false);
   assert.deepEqual([first.limit, first.remaining, first.rule], [5, 4, 'burst']);
-  assert.deepEqual(first.headers(), { 'RateLimit-Limit': '5', 'RateLimit-Remaining': '4', 'RateLimit-Reset': '100' });
+  assert.deepEqual([first.kind, first.windowMs, first.shadowDenied], ['token_bucket', 500_000, false]);
+  // 500 s to refill from empty; 100 s until full again.
+  assert.deepEqual(first.headers(), { 'RateLimit-Policy': '"burst";q=5;w=500', RateLimit: '"burst";r=4;t=100' });
+  assert.deepEqual(first.headers({ legacy: true }), {
+    ...first.headers(), 'RateLimit-Limit': '5', 'RateLimit-Remaining': '4', 'RateLimit-Reset': '100',
+  });
   for (let i = 0; i < 4; i++) assert.equal((await client.check(tenant, 'user:1')).allowed, true);
   const denied = await client.check(tenant, 'user:1');
   assert.equal(denied.allowed, false);
   assert.ok(denied.retryAfterMs > 99_000 && denied.retryAfterMs <= 100_000, String(denied.retryAfterMs));
   assert.equal(denied.retryAfter, denied.retryAfterMs / 1000);
-  const h = denied.headers();
+  const h = denied.headers({ legacy: true });
   assert.equal(h['Retry-After'], '100');
+  assert.equal(h.RateLimit, '"burst";r=0;t=100');
   assert.equal(h['RateLimit-Remaining'], '0');
   assert.equal(h['RateLimit-Reset'], String(Math.ceil(denied.resetMs / 1000)));
   assert.equal((await client.check(tenant, 'user:2')).remaining, 4);
+});
+
+test('usage reports every rule without charging', async () => {
+  const tenant = freshTenant();
+  const before = await client.usage(tenant, 'u', { policy: 'api' });
+  assert.deepEqual(before.map((u) => [u.rule, u.kind, u.limit, u.used, u.windowMs]), [
+    ['burst', 'token_bucket', 10, 0, 2000],
+    ['daily', 'daily_quota', 1000, 0, 86_400_000],
+  ]);
+  assert.ok(before[1].resetMs > 0 && before[1].resetMs <= 86_400_000); // to the next 00:00 UTC
+  const d = await client.check(tenant, 'u', { policy: 'api', cost: 3 });
+  const after = await client.usage(tenant, 'u', { policy: 'api' });
+  assert.deepEqual([after[1].used, after[1].remaining], [3, 997]);
+  assert.equal(after[0].rule, d.rule);
+  assert.ok(after[0].remaining >= d.remaining && after[0].used <= 3); // it may refill a little
+  assert.equal((await client.usage(tenant, 'u', { policy: 'api' }))[1].used, 3); // usage charges nothing
+  const [tiny] = [await client.check(tenant, 'v', { policy: 'tiny', cost: 2 }), null];
+  const [u] = await client.usage(tenant, 'v', { policy: 'tiny' });
+  assert.deepEqual([u.kind, u.used, u.remaining, u.windowMs], ['fixed_window', 2, tiny.remaining, tiny.windowMs]);
+  assert.ok(tiny.resetMs - u.resetMs >= 0 && tiny.resetMs - u.resetMs < 1000);
+  assert.deepEqual((await client.usage(tenant, 'u')).map((x) => x.rule), ['burst']); // the default policy
+  await assert.rejects(client.usage(tenant, 'u', { policy: 'nope' }), (e) => e instanceof UnknownPolicy);
 });
 
 test('cost and peek', async () => {

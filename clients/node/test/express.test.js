@@ -42,6 +42,8 @@ function buildApp(c) {
   });
   app.get('/items-private', (req, res) => { calls.private++; res.set('cache-control', 'private').json({ call: calls.private }); });
   app.get('/items-never', () => {}); // never answers: the client gives up
+  // The app's own (stricter) RateLimit header: sent as it is, never stored.
+  app.get('/items-self-limited', (req, res) => { calls.selfLimited = (calls.selfLimited ?? 0) + 1; res.set('ratelimit', '"app";r=0;t=999').json({ call: calls.selfLimited }); });
   app.get('/login', quotad({ client: c, policy: 'tiny' }), (req, res) => { calls.login++; res.json({ ok: true }); });
   return app;
 }
@@ -70,10 +72,11 @@ test('allowed responses carry the RateLimit headers', async () => {
   const r = await get('/hello', { 'x-tenant': freshTenant(), 'x-policy': 'default' });
   assert.equal(r.status, 200);
   assert.deepEqual(await r.json(), { hello: 'world' });
-  assert.equal(r.headers.get('ratelimit-limit'), '5');
-  assert.equal(r.headers.get('ratelimit-remaining'), '4');
-  assert.equal(r.headers.get('ratelimit-reset'), '100');
+  // A bucket of 5 refilled at 0.01/s: 500 s from empty; full again in 100 s.
+  assert.equal(r.headers.get('ratelimit-policy'), '"burst";q=5;w=500');
+  assert.equal(r.headers.get('ratelimit'), '"burst";r=4;t=100');
   assert.equal(r.headers.get('retry-after'), null);
+  assert.equal(r.headers.get('ratelimit-limit'), null); // the legacy trio is an option
 });
 
 test('denied: 429, JSON body, Retry-After; the handler never runs', async () => {
@@ -87,7 +90,8 @@ test('denied: 429, JSON body, Retry-After; the handler never runs', async () => 
   assert.equal(body.error, 'rate_limited');
   assert.ok(body.retry_after > 99 && body.retry_after <= 100);
   assert.equal(r.headers.get('retry-after'), '100');
-  assert.equal(r.headers.get('ratelimit-remaining'), '0');
+  assert.equal(r.headers.get('ratelimit-policy'), '"burst";q=5;w=500');
+  assert.equal(r.headers.get('ratelimit'), '"burst";r=0;t=100'); // t: no quota until Retry-After
   assert.equal(calls.hello, before);
   assert.equal((await get('/hello', { ...h, 'x-api-key': 'other' })).status, 200);
 });
@@ -103,7 +107,10 @@ test('GETs are cached per sorted query and per user', async () => {
   assert.deepEqual(await b.json(), aBody);
   assert.match(b.headers.get('content-type'), /^application\/json/);
   assert.equal(calls.items, n);
-  assert.equal(Number(b.headers.get('ratelimit-remaining')), Number(a.headers.get('ratelimit-remaining')) - 1);
+  // Still rate limited (and counted) on a hit: this request's headers, computed afresh.
+  assert.match(a.headers.get('ratelimit'), /^"burst";r=49;/);
+  assert.match(b.headers.get('ratelimit'), /^"burst";r=48;/);
+  assert.equal(b.headers.get('ratelimit-policy'), '"burst";q=50;w=50000');
   const bob = await get('/items?a=1&b=2', { ...h, 'x-api-key': 'bob' });
   assert.equal(bob.headers.get('x-cache'), 'miss');
   assert.equal(calls.items, n + 1);
@@ -134,11 +141,76 @@ test('a per-route middleware applies its own policy', async () => {
   const h = { 'x-tenant': freshTenant() };
   const ok = [await get('/login', h), await get('/login', h)];
   assert.deepEqual(ok.map((r) => r.status), [200, 200]);
-  assert.equal(ok[0].headers.get('ratelimit-limit'), '2');
+  // The route's policy, not the app-wide one: 2 a minute.
+  assert.equal(ok[0].headers.get('ratelimit-policy'), '"per_minute";q=2;w=60');
+  assert.match(ok[1].headers.get('ratelimit'), /^"per_minute";r=0;/);
   const denied = await get('/login', h);
   assert.equal(denied.status, 429);
-  assert.ok(Number(denied.headers.get('retry-after')) > 0);
-  assert.equal(denied.headers.get('ratelimit-limit'), '2');
+  const retry = Number(denied.headers.get('retry-after'));
+  assert.ok(retry > 0);
+  assert.equal(denied.headers.get('ratelimit'), `"per_minute";r=0;t=${retry}`);
+  assert.equal(denied.headers.get('ratelimit-policy'), '"per_minute";q=2;w=60');
+});
+
+test('a cached response never replays stored rate-limit headers', async () => {
+  const tenant = freshTenant();
+  const h = { 'x-tenant': tenant, 'x-api-key': 'carol' };
+  const first = await get('/items-self-limited', h);
+  assert.equal(first.headers.get('x-cache'), 'miss');
+  assert.equal(first.headers.get('ratelimit'), '"app";r=0;t=999');
+  const second = await get('/items-self-limited', h);
+  assert.equal(second.headers.get('x-cache'), 'hit');
+  assert.match(second.headers.get('ratelimit'), /^"burst";r=48;/);
+  // An entry written by something else with rate-limit headers in it: dropped too.
+  const { encode } = await import('@msgpack/msgpack');
+  const stale = [['content-type', 'application/json'], ['RateLimit', '"burst";r=999;t=1'], ['RateLimit-Policy', '"x";q=1'],
+    ['RateLimit-Remaining', '999'], ['Retry-After', '5']];
+  const entry = encode({ s: 200, h: stale, b: Buffer.from('{"foreign":true}') });
+  assert.equal(await client.cacheSet(tenant, 'user=5:carol GET /items/foreign', entry, { ttlMs: 60_000 }), true);
+  const r = await get('/items/foreign', h);
+  assert.equal(r.headers.get('x-cache'), 'hit');
+  assert.deepEqual(await r.json(), { foreign: true });
+  assert.match(r.headers.get('ratelimit'), /^"burst";r=47;/);
+  assert.equal(r.headers.get('ratelimit-policy'), '"burst";q=50;w=50000');
+  assert.equal(r.headers.get('ratelimit-remaining'), null);
+  assert.equal(r.headers.get('retry-after'), null);
+});
+
+test('the legacy trio is an option', async () => {
+  const tenant = freshTenant();
+  const app = express();
+  app.use(quotad({ client, tenant: () => tenant, policy: 'default', legacyHeaders: true }));
+  app.get('/hello', (req, res) => res.json({ ok: true }));
+  const s = await listen(app);
+  const at = (p) => fetch(`http://127.0.0.1:${s.address().port}${p}`);
+  try {
+    const r = await at('/hello');
+    assert.equal(r.headers.get('ratelimit-policy'), '"burst";q=5;w=500');
+    assert.equal(r.headers.get('ratelimit'), '"burst";r=4;t=100');
+    assert.deepEqual(['limit', 'remaining', 'reset'].map((n) => r.headers.get(`ratelimit-${n}`)), ['5', '4', '100']);
+    for (let i = 0; i < 4; i++) await at('/hello');
+    const denied = await at('/hello');
+    assert.equal(denied.status, 429);
+    assert.equal(denied.headers.get('retry-after'), '100');
+    assert.equal(denied.headers.get('ratelimit-remaining'), '0');
+    assert.ok(Number(denied.headers.get('ratelimit-reset')) >= 400);
+  } finally {
+    await new Promise((res) => s.close(res));
+  }
+  // A per-route limit without the option replaces every rate-limit header: no stale trio.
+  const t2 = freshTenant();
+  const app2 = express();
+  app2.use(quotad({ client, tenant: () => t2, policy: 'fifty', legacyHeaders: true }));
+  app2.get('/login', quotad({ client, policy: 'tiny' }), (req, res) => res.json({ ok: true }));
+  const s2 = await listen(app2);
+  try {
+    const r = await fetch(`http://127.0.0.1:${s2.address().port}/login`);
+    assert.equal(r.status, 200);
+    assert.equal(r.headers.get('ratelimit-policy'), '"per_minute";q=2;w=60');
+    assert.equal(r.headers.get('ratelimit-limit'), null);
+  } finally {
+    await new Promise((res) => s2.close(res));
+  }
 });
 
 test('identity from a JWT claim, and the defaults', async () => {
@@ -156,6 +228,7 @@ test('sidecar unreachable: fails open (no headers), or closed with Retry-After',
     try {
       const r = await fetch(`http://127.0.0.1:${s.address().port}/hello`);
       assert.equal(r.status, status);
+      assert.equal(r.headers.get('ratelimit'), null);
       assert.equal(r.headers.get('ratelimit-limit'), null);
       if (mode === 'closed') assert.equal(r.headers.get('retry-after'), '1');
     } finally {

@@ -7,6 +7,7 @@ import { FrameReader, decodeBody, encodeFrame } from '../src/codec.js';
 import { ProtocolViolation } from '../src/errors.js';
 import { cacheDel, release } from '../src/requests.js';
 import { Decision } from '../src/models.js';
+import { ReplyFields, decisionOf, readReply } from '../src/replies.js';
 import { REPO } from './daemons.js';
 
 const { frames } = JSON.parse(fs.readFileSync(path.join(REPO, 'tests', 'fixtures', 'frames.json'), 'utf8'));
@@ -121,7 +122,16 @@ test('a release is sent as the daemon encodes it, and a lease reply read', () =>
   const reply = frames.find((f) => f.name === 'check_reply_allowed_lease');
   const d = Decision.fromReply(decodeBody(Buffer.from(reply.hex, 'hex').subarray(4)));
   assert.equal(d.lease, '0123456789abcdef0123456789abcdef');
-  assert.equal(d.rule, 'inflight');
+  assert.deepStrictEqual([d.rule, d.kind, d.windowMs, d.shadowDenied], ['inflight', 'concurrency', 0, false]);
+  // Every field v1 added, in the daemon's order, read by the in-place reader as by the general one.
+  const every = frames.find((f) => f.name === 'check_reply_allowed_lease_shadow_denied');
+  assert.deepStrictEqual(Object.keys(every.value).slice(9), ['kind', 'window_ms', 'lease', 'shadow_denied', 'shadow_rule']);
+  const raw = Buffer.from(every.hex, 'hex');
+  const fields = new ReplyFields();
+  assert.ok(readReply(raw, 4, raw.length, fields));
+  const fast = decisionOf(fields);
+  assert.deepStrictEqual(fast, Decision.fromReply(decodeBody(raw.subarray(4))));
+  assert.deepStrictEqual([fast.lease, fast.kind, fast.windowMs, fast.shadowDenied, fast.shadowRule], [d.lease, 'concurrency', 0, true, 'daily']);
 });
 
 test('every error code in the fixture has its own error class', async () => {

@@ -1,8 +1,9 @@
 // Concurrency leases: the client takes and releases them; the Express
 // middleware holds one per request and releases it exactly once, on a normal
 // response, a handler's error, a streamed body and a client that disconnects
-// mid-response. Outstanding leases are counted after each by a peek (cost 0
-// takes none); `requests_release` in stats counts the releases.
+// mid-response. Outstanding leases are counted after each by `usage` (which
+// takes none); `requests_release` in stats counts the releases. A concurrency
+// rule's RateLimit headers have qu="concurrent-requests" and no w.
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import { after, before, test } from 'node:test';
@@ -24,11 +25,11 @@ let server;
 let base;
 let gate = null; // resolves a held streaming response
 
+// The leases held, as `usage` counts them (it takes none).
 async function held(tenant) {
-  const d = await probe.check(tenant, 'u', { policy: 'inflight', cost: 0 });
-  assert.equal(d.lease, null, 'a peek takes no lease');
-  assert.equal(d.degraded, false);
-  return LIMIT - d.remaining;
+  const [u] = await probe.usage(tenant, 'u', { policy: 'inflight' });
+  assert.deepEqual([u.kind, u.limit, u.used + u.remaining, u.windowMs], ['concurrency', LIMIT, LIMIT, 0]);
+  return u.used;
 }
 
 async function releases() {
@@ -201,5 +202,27 @@ test('a cached response releases its lease too; a denial takes none', async () =
   assert.ok(Number(r.headers.get('retry-after')) > 0);
   await r.json();
   assert.equal(await releases(), mark, 'a denial has nothing to release');
+  for (const lease of taken) assert.equal(await probe.release(t, 'u', lease, { policy: 'inflight' }), true);
+});
+
+test('a concurrency rule sends its RateLimit headers: qu="concurrent-requests", no w', async () => {
+  const t = freshTenant('headers');
+  const policy = `"inflight";q=${LIMIT};qu="concurrent-requests"`;
+  let r = await get('/ok', t);
+  assert.equal(r.status, 200);
+  // The request's own lease: LIMIT - 1 left, until it would expire (lease_ms 60 s).
+  assert.deepEqual([r.headers.get('ratelimit-policy'), r.headers.get('ratelimit')], [policy, `"inflight";r=${LIMIT - 1};t=60`]);
+  await r.json();
+  await released(t);
+  const taken = [];
+  for (let i = 0; i < LIMIT; i++) taken.push((await probe.check(t, 'u', { policy: 'inflight' })).lease);
+  const peek = await probe.check(t, 'u', { policy: 'inflight', cost: 0 });
+  assert.deepEqual([peek.lease, peek.remaining, await held(t)], [null, 0, LIMIT], 'a peek takes no lease');
+  r = await get('/ok', t);
+  assert.equal(r.status, 429);
+  const retry = Number(r.headers.get('retry-after'));
+  assert.ok(retry > 0 && retry <= 60, `retry-after ${retry}`);
+  assert.deepEqual([r.headers.get('ratelimit-policy'), r.headers.get('ratelimit')], [policy, `"inflight";r=0;t=${retry}`]);
+  await r.json();
   for (const lease of taken) assert.equal(await probe.release(t, 'u', lease, { policy: 'inflight' }), true);
 });

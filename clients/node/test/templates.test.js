@@ -166,7 +166,7 @@ test('a check reply with a lease and the other v1 additions is read in place', (
   const plain = encodeFrame(REPLIES[0]);
   assert.ok(readReply(plain, 4, plain.length, fields));
   const p = decisionOf(fields);
-  assert.deepStrictEqual([p.lease, p.kind, p.windowMs, p.shadowDenied, p.shadowRule], [null, null, null, false, null]);
+  assert.deepStrictEqual([p.lease, p.kind, p.windowMs, p.shadowDenied, p.shadowRule], [null, '', 0, false, null]);
 });
 
 test('replies read in place give the results of the general decoder', () => {

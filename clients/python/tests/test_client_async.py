@@ -30,7 +30,8 @@ async def test_allowed_then_denied_with_headers(client: AsyncClient, tenant: str
     denied = decisions[-1]
     assert denied.headers()["Retry-After"] == str(-(-denied.retry_after_ms // 1000)) == "100"
     assert "Retry-After" not in decisions[0].headers()
-    assert decisions[0].headers()["RateLimit-Limit"] == "5"
+    assert decisions[0].headers()["RateLimit-Policy"] == '"burst";q=5;w=500'
+    assert decisions[0].headers(legacy=True)["RateLimit-Limit"] == "5"
 
 
 async def test_typed_errors(client: AsyncClient, tenant: str) -> None:
@@ -103,3 +104,11 @@ async def test_client_outlives_an_event_loop(socket_path: str, tenant: str) -> N
     assert await asyncio.get_running_loop().run_in_executor(None, in_another_loop)
     assert (await c.check(tenant, "k")).allowed  # and back
     await c.close()
+
+
+async def test_usage_matches_the_check(client: AsyncClient, tenant: str) -> None:
+    d = await client.check(tenant, "u", policy="tiny", cost=2)
+    (u,) = await client.usage(tenant, "u", policy="tiny")
+    assert (u.rule, u.kind, u.limit, u.used, u.remaining, u.window_ms) == ("per_minute", "fixed_window", 2, 2, 0, 60_000)
+    assert (u.remaining, u.kind, u.window_ms) == (d.remaining, d.kind, d.window_ms)
+    assert 0 <= d.reset_ms - u.reset_ms < 1000  # the same window's end, a moment later

@@ -25,7 +25,7 @@ def test_hello(client: Client) -> None:
     assert h.protocol == 1
     assert h.backend == "redis"
     assert h.server.startswith("quotad/")
-    assert {"check", "check_get", "cache_get", "cache_set", "cache_del"} <= set(h.ops)
+    assert {"check", "check_get", "cache_get", "cache_set", "cache_del", "usage"} <= set(h.ops)
 
 
 def test_allowed_then_denied_with_headers(client: Client, tenant: str) -> None:
@@ -33,12 +33,16 @@ def test_allowed_then_denied_with_headers(client: Client, tenant: str) -> None:
     first = client.check(tenant, "user:1")
     assert first.allowed and not first.degraded
     assert (first.limit, first.remaining, first.rule) == (5, 4, "burst")
-    assert first.headers() == {
+    assert (first.kind, first.window_ms, first.shadow_denied) == ("token_bucket", 500_000, False)
+    # 500 s to refill from empty; 100 s until full again.
+    assert first.headers() == {"RateLimit-Policy": '"burst";q=5;w=500', "RateLimit": '"burst";r=4;t=100'}
+    assert first.headers(legacy=True) == {
+        **first.headers(),
         "RateLimit-Limit": "5",
         "RateLimit-Remaining": "4",
         "RateLimit-Reset": str(-(-first.reset_ms // 1000)),
     }
-    assert first.headers()["RateLimit-Reset"] == "100"
+    assert first.headers(legacy=True)["RateLimit-Reset"] == "100"
     for _ in range(4):
         assert client.check(tenant, "user:1").allowed
     denied = client.check(tenant, "user:1")
@@ -46,8 +50,9 @@ def test_allowed_then_denied_with_headers(client: Client, tenant: str) -> None:
     assert denied.remaining == 0
     assert 99_000 < denied.retry_after_ms <= 100_000
     assert denied.retry_after == pytest.approx(denied.retry_after_ms / 1000)
-    h = denied.headers()
+    h = denied.headers(legacy=True)
     assert h["Retry-After"] == "100"  # ceil of 99.9xx s
+    assert h["RateLimit"] == '"burst";r=0;t=100'
     assert h["RateLimit-Remaining"] == "0"
     assert int(h["RateLimit-Reset"]) == -(-denied.reset_ms // 1000) >= 400
     # Another key is untouched.
@@ -150,3 +155,21 @@ def test_threads_pipeline_on_one_connection(client: Client, tenant: str) -> None
         results = list(pool.map(one, range(200)))
     assert sum(results) == 50
     assert client.stats().counters["connections_total"] == before  # no other connection was made
+
+
+def test_usage_reports_every_rule_without_charging(client: Client, tenant: str) -> None:
+    before = client.usage(tenant, "u", policy="api")
+    assert [(u.rule, u.kind, u.limit, u.used, u.window_ms) for u in before] == [
+        ("burst", "token_bucket", 10, 0, 2000),
+        ("daily", "daily_quota", 1000, 0, 86_400_000),
+    ]
+    assert 0 < before[1].reset_ms <= 86_400_000  # to the next 00:00 UTC, used or not
+    d = client.check(tenant, "u", policy="api", cost=3)
+    after = client.usage(tenant, "u", policy="api")
+    assert after[1].used == 3 and after[1].remaining == 997
+    burst = after[0]
+    assert burst.rule == d.rule and burst.remaining >= d.remaining and burst.used <= 3  # it may refill a little
+    assert client.usage(tenant, "u", policy="api")[1].used == 3  # a usage charges nothing
+    assert [u.rule for u in client.usage(tenant, "u")] == ["burst"]  # the default policy
+    with pytest.raises(UnknownPolicy):
+        client.usage(tenant, "u", policy="nope")

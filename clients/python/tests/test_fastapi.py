@@ -61,6 +61,13 @@ def build_app(client: AsyncClient, calls: Counter[str]) -> FastAPI:
         response.headers["cache-control"] = "private"
         return {"call": calls["private"]}
 
+    @app.get("/items-self-limited")
+    async def self_limited(response: Response) -> dict[str, int]:
+        # The app's own (stricter) RateLimit header: sent as it is, never stored.
+        calls["self-limited"] += 1
+        response.headers["ratelimit"] = '"app";r=0;t=999'
+        return {"call": calls["self-limited"]}
+
     @app.get("/items-missing", status_code=404)
     async def missing() -> dict[str, int]:
         calls["missing"] += 1
@@ -150,10 +157,11 @@ def h(tenant: str) -> dict[str, str]:
 def test_allowed_responses_carry_ratelimit_headers(http: httpx.Client, h: dict[str, str]) -> None:
     r = http.get("/hello", headers={**h, "x-policy": "default"})
     assert r.status_code == 200 and r.json() == {"hello": "world"}
-    assert r.headers["ratelimit-limit"] == "5"
-    assert r.headers["ratelimit-remaining"] == "4"
-    assert r.headers["ratelimit-reset"] == "100"
+    # A bucket of 5 refilled at 0.01/s: 500 s from empty; full again in 100 s.
+    assert r.headers["ratelimit-policy"] == '"burst";q=5;w=500'
+    assert r.headers["ratelimit"] == '"burst";r=4;t=100'
     assert "retry-after" not in r.headers
+    assert "ratelimit-limit" not in r.headers  # the legacy trio is an option
 
 
 def test_denied_is_429_json_with_headers(http: httpx.Client, h: dict[str, str], calls: Counter[str]) -> None:
@@ -166,7 +174,8 @@ def test_denied_is_429_json_with_headers(http: httpx.Client, h: dict[str, str], 
     body = r.json()
     assert body["error"] == "rate_limited" and 99 < body["retry_after"] <= 100 and body["rule"] == "burst"
     assert r.headers["retry-after"] == "100"
-    assert r.headers["ratelimit-limit"] == "5" and r.headers["ratelimit-remaining"] == "0"
+    assert r.headers["ratelimit-policy"] == '"burst";q=5;w=500'
+    assert r.headers["ratelimit"] == '"burst";r=0;t=100'  # t: no quota until Retry-After
     assert calls["hello"] == before  # the app never saw it
     # Keyed by API key when one is given: another key still passes.
     assert http.get("/hello", headers={**hdrs, "x-api-key": "k2"}).status_code == 200
@@ -174,7 +183,7 @@ def test_denied_is_429_json_with_headers(http: httpx.Client, h: dict[str, str], 
 
 def test_exempt_path_is_not_limited(http: httpx.Client, h: dict[str, str]) -> None:
     r = http.get("/health", headers=h)
-    assert r.status_code == 200 and "ratelimit-limit" not in r.headers
+    assert r.status_code == 200 and "ratelimit" not in r.headers and "ratelimit-policy" not in r.headers
 
 
 def test_get_is_cached_per_sorted_query_and_user(http: httpx.Client, h: dict[str, str], calls: Counter[str]) -> None:
@@ -186,11 +195,75 @@ def test_get_is_cached_per_sorted_query_and_user(http: httpx.Client, h: dict[str
     assert second.headers["x-cache"] == "hit"
     assert second.json() == first.json() and calls["items"] == n
     assert second.headers["content-type"] == "application/json"
-    # Still rate limited (and counted) on a hit: the remaining count went down.
-    assert int(second.headers["ratelimit-remaining"]) == int(first.headers["ratelimit-remaining"]) - 1
+    # Still rate limited (and counted) on a hit: the headers are this
+    # request's, computed afresh, not the stored response's.
+    assert first.headers["ratelimit"].startswith('"burst";r=49;') and second.headers["ratelimit"].startswith('"burst";r=48;')
+    assert second.headers["ratelimit-policy"] == first.headers["ratelimit-policy"] == '"burst";q=50;w=50000'
     # Per user: bob does not get alice's entry.
     bob = http.get("/items?a=1&b=2", headers={**h, "x-api-key": "bob"})
     assert bob.headers["x-cache"] == "miss" and calls["items"] == n + 1
+
+
+def test_a_cached_response_never_replays_stored_ratelimit_headers(
+    http: httpx.Client, daemon: Any, h: dict[str, str], calls: Counter[str]
+) -> None:
+    hdrs = {**h, "x-api-key": "carol"}
+    first = http.get("/items-self-limited", headers=hdrs)
+    assert first.headers["x-cache"] == "miss" and first.headers["ratelimit"] == '"app";r=0;t=999'
+    second = http.get("/items-self-limited", headers=hdrs)
+    assert second.headers["x-cache"] == "hit" and calls["self-limited"] == 1
+    assert second.headers["ratelimit"].startswith('"burst";r=48;'), second.headers
+    # An entry written by something else (another version, the other
+    # middleware) with rate-limit headers in it: they are dropped too.
+    import msgpack
+
+    from quotad import Client
+
+    stale = [["content-type", "application/json"], ["RateLimit", '"burst";r=999;t=1'], ["RateLimit-Policy", '"x";q=1'],
+             ["RateLimit-Remaining", "999"], ["Retry-After", "5"]]
+    entry = msgpack.packb({"s": 200, "h": stale, "b": b'{"foreign": true}'}, use_bin_type=True)
+    with Client(str(daemon.socket)) as c:
+        c.cache_set(h["x-tenant"], "user=5:carol GET /items/foreign", entry, ttl_ms=60_000)
+    r = http.get("/items/foreign", headers=hdrs)
+    assert r.headers["x-cache"] == "hit" and r.json() == {"foreign": True}
+    assert r.headers["ratelimit"].startswith('"burst";r=47;') and r.headers["ratelimit-policy"] == '"burst";q=50;w=50000'
+    assert "ratelimit-remaining" not in r.headers and "retry-after" not in r.headers
+
+
+def test_legacy_headers_are_an_option(daemon: Any, tenant: str) -> None:
+    client = AsyncClient(str(daemon.socket), timeout=2.0)
+    app = FastAPI()
+
+    @app.get("/hello")
+    async def hello() -> dict[str, bool]:
+        return {"ok": True}
+
+    route_limit = RateLimit(client, policy="tiny", tenant=identity.constant(tenant), legacy_headers=True)
+
+    @app.get("/login", dependencies=[Depends(route_limit)])
+    async def login() -> dict[str, bool]:
+        return {"ok": True}
+
+    app.add_middleware(
+        QuotadMiddleware, client=client, tenant=identity.constant(tenant), policy="default", exempt=["/login"], legacy_headers=True
+    )
+    server = Server(app)
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            r = c.get("/hello")
+            assert r.headers["ratelimit-policy"] == '"burst";q=5;w=500' and r.headers["ratelimit"] == '"burst";r=4;t=100'
+            assert (r.headers["ratelimit-limit"], r.headers["ratelimit-remaining"], r.headers["ratelimit-reset"]) == ("5", "4", "100")
+            for _ in range(4):
+                c.get("/hello")
+            denied = c.get("/hello")
+            assert denied.status_code == 429 and denied.headers["retry-after"] == "100"
+            assert denied.headers["ratelimit-remaining"] == "0" and int(denied.headers["ratelimit-reset"]) >= 400
+            login = [c.get("/login") for _ in range(3)]
+            assert [r.status_code for r in login] == [200, 200, 429]
+            assert login[0].headers["ratelimit-limit"] == "2" and login[2].headers["ratelimit-remaining"] == "0"
+            assert login[2].headers["ratelimit-policy"] == '"per_minute";q=2;w=60'
+    finally:
+        server.stop()
 
 
 def test_write_invalidates_by_tag(http: httpx.Client, h: dict[str, str]) -> None:
@@ -231,12 +304,15 @@ def test_a_route_using_cached_is_not_stored_so_its_invalidate_shows(
 def test_route_dependency_applies_its_own_policy(http: httpx.Client, h: dict[str, str], calls: Counter[str]) -> None:
     ok = [http.get("/login", headers=h) for _ in range(2)]
     assert [r.status_code for r in ok] == [200, 200]
-    assert ok[0].headers["ratelimit-limit"] == "2"  # the route's policy, not the middleware's
-    assert ok[1].headers["ratelimit-remaining"] == "0"
+    # The route's policy, not the middleware's: 2 a minute.
+    assert ok[0].headers["ratelimit-policy"] == '"per_minute";q=2;w=60'
+    assert ok[1].headers["ratelimit"].startswith('"per_minute";r=0;')
     denied = http.get("/login", headers=h)
     assert denied.status_code == 429
     assert denied.json()["detail"]["error"] == "rate_limited"
-    assert int(denied.headers["retry-after"]) > 0 and denied.headers["ratelimit-limit"] == "2"
+    retry = int(denied.headers["retry-after"])
+    assert retry > 0 and denied.headers["ratelimit"] == f'"per_minute";r=0;t={retry}'
+    assert denied.headers["ratelimit-policy"] == '"per_minute";q=2;w=60' and "ratelimit-limit" not in denied.headers
     assert calls["login"] >= 2
 
 
@@ -257,7 +333,7 @@ def test_sidecar_unreachable_fails_open_over_http(tmp_path: Any) -> None:
     try:
         with httpx.Client(base_url=server.url, timeout=10) as c:
             r = c.get("/hello")
-            assert r.status_code == 200 and "ratelimit-limit" not in r.headers
+            assert r.status_code == 200 and "ratelimit" not in r.headers and "ratelimit-limit" not in r.headers
             r = c.get("/items")
             assert r.status_code == 200 and r.headers["x-cache"] == "miss"
     finally:

@@ -90,13 +90,15 @@ def test_a_check_reply_with_a_lease_and_the_other_v1_additions_is_read(golden_fr
     golden = next(f for f in golden_frames if f["name"] == "check_reply_allowed_lease")
     d = Decision.from_reply(decode_body(FrameReader().feed(bytes.fromhex(golden["hex"]))[0]))
     assert d.allowed and d.lease == "0123456789abcdef0123456789abcdef" and d.rule == "inflight"
+    assert (d.kind, d.window_ms, d.shadow_denied) == ("concurrency", 0, False)
     plain = next(f for f in golden_frames if f["name"] == "check_reply_allowed")
     p = Decision.from_reply(decode_body(FrameReader().feed(bytes.fromhex(plain["hex"]))[0]))
-    assert (p.lease, p.kind, p.window_ms, p.shadow_denied, p.shadow_rule) == (None, None, None, False, None)
-    more = {**golden["value"], "kind": "concurrency", "window_ms": 0, "shadow_denied": True, "shadow_rule": "daily"}
-    m = Decision.from_reply(more)
-    assert (m.kind, m.window_ms, m.shadow_denied, m.shadow_rule) == ("concurrency", 0, True, "daily")
-    for bad in ({"lease": 7}, {"window_ms": -1}, {"shadow_denied": 1}, {"kind": b"x"}):
+    assert (p.lease, p.kind, p.window_ms, p.shadow_denied, p.shadow_rule) == (None, "token_bucket", 2000, False, None)
+    every = next(f for f in golden_frames if f["name"] == "check_reply_allowed_lease_shadow_denied")
+    m = Decision.from_reply(decode_body(FrameReader().feed(bytes.fromhex(every["hex"]))[0]))
+    assert (m.lease, m.kind, m.window_ms, m.shadow_denied, m.shadow_rule) == (d.lease, "concurrency", 0, True, "daily")
+    assert list(every["value"])[9:] == ["kind", "window_ms", "lease", "shadow_denied", "shadow_rule"]
+    for bad in ({"lease": 7}, {"window_ms": "0"}, {"shadow_rule": 1}, {"kind": b"x"}):
         with pytest.raises(ProtocolViolation):
             Decision.from_reply({**golden["value"], **bad})
 

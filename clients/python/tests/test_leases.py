@@ -1,6 +1,7 @@
 """Concurrency leases: the clients take and release them; the ASGI middleware and the FastAPI dependency hold one
 per request and give it back exactly once, on a normal response, a handler's exception, a streamed body and a client
-that disconnects mid-response. Outstanding leases are counted after each by a peek (cost 0 takes none)."""
+that disconnects mid-response. Outstanding leases are counted after each by `usage` (which takes none). A concurrency
+rule's RateLimit headers have qu="concurrent-requests" and no w."""
 
 from __future__ import annotations
 
@@ -45,9 +46,10 @@ def sync(leased: Quotad) -> Iterator[Client]:
 
 
 def outstanding(c: Client, tenant: str, key: str, policy: str = "inflight") -> int:
-    d = c.check(tenant, key, policy, cost=0)
-    assert d.lease is None and not d.degraded, d
-    return LIMIT - d.remaining
+    """The leases held, as `usage` counts them (it takes none)."""
+    (u,) = c.usage(tenant, key, policy)
+    assert (u.kind, u.limit, u.used + u.remaining, u.window_ms) == ("concurrency", LIMIT, LIMIT, 0), u
+    return u.used
 
 
 def releases(c: Client) -> int:
@@ -272,3 +274,27 @@ def test_a_full_route_is_429_and_takes_nothing(server: Server, sync: Client, ten
     assert releases(sync) == before, "a denial has nothing to release"
     for d in taken:
         assert d.lease is not None and sync.release(tenant, "u", d.lease, "inflight")
+
+
+def test_a_concurrency_rule_sends_its_ratelimit_headers(
+    server: Server, sync: Client, tenant: str, route: tuple[str, str]
+) -> None:
+    prefix, policy = route
+    rule = "inflight" if policy == "inflight" else "slots"
+    want_policy = f'"{rule}";q={LIMIT};qu="concurrent-requests"'
+    with httpx.Client(base_url=server.url, headers={"x-tenant": tenant, "x-user": "u"}) as h:
+        r = h.get(f"{prefix}/ok")
+        assert r.status_code == 200
+        # The request's own lease: LIMIT - 1 left, until it would expire (lease_ms 60 s).
+        assert (r.headers["ratelimit-policy"], r.headers["ratelimit"]) == (want_policy, f'"{rule}";r={LIMIT - 1};t=60')
+        released(sync, tenant, prefix, policy)
+        taken = [sync.check(tenant, "u", policy) for _ in range(LIMIT)]
+        r = h.get(f"{prefix}/ok")
+        assert r.status_code == 429
+        assert r.headers["ratelimit-policy"] == want_policy
+        assert r.headers["ratelimit"] == f'"{rule}";r=0;t={r.headers["retry-after"]}'
+        assert 0 < int(r.headers["retry-after"]) <= 60
+    peek = sync.check(tenant, "u", policy, cost=0)
+    assert peek.lease is None and peek.remaining == 0 and outstanding(sync, tenant, "u", policy) == LIMIT, peek
+    for d in taken:
+        assert d.lease is not None and sync.release(tenant, "u", d.lease, policy)

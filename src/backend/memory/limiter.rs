@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use crate::limiter::algorithm::State;
-use crate::limiter::{Lease, Policy, RuleKind, Verdict, decide};
+use crate::limiter::{Lease, Policy, RuleKind, Verdict, decide, usage};
 
 const SWEEP_EVERY_US: u64 = 1_000_000;
 
@@ -38,7 +38,8 @@ impl MemoryLimiter {
     }
 
     /// Decides one check; `keys` holds one state key per rule of `policy`.
-    /// Allowed, it takes `lease` (if any) in every concurrency rule.
+    /// Allowed, it takes `lease` (if any) in every concurrency rule that
+    /// allows (a shadow one that would deny takes nothing).
     pub fn check(
         &mut self,
         policy: &Policy,
@@ -47,18 +48,11 @@ impl MemoryLimiter {
         cost: u64,
         lease: Option<Lease>,
     ) -> Verdict {
-        let states: Vec<Option<State>> = (policy.rules.iter().zip(keys))
-            .map(|(rule, k)| match rule.kind {
-                RuleKind::Concurrency { .. } => self.outstanding(k, now_us),
-                _ => match self.states.get(k) {
-                    Some(&(s, exp)) if exp > now_us => Some(s),
-                    _ => None,
-                },
-            })
-            .collect();
+        let states = self.states(policy, keys, now_us);
         let (verdict, writes) = decide(policy, &states, now_us, cost);
         let rules = policy.rules.iter().zip(keys);
-        for ((rule, key), (state, exp)) in rules.zip(writes.into_iter().flatten()) {
+        for ((rule, key), write) in rules.zip(writes.into_iter().flatten()) {
+            let Some((state, exp)) = write else { continue };
             match (rule.kind, lease) {
                 (RuleKind::Concurrency { lease_us, .. }, Some(lease)) => {
                     self.take(key, lease, now_us + lease_us, now_us)
@@ -107,6 +101,26 @@ impl MemoryLimiter {
         }
         self.make_room(now_us);
         self.leases.insert(key.to_owned(), vec![(lease, exp)]);
+    }
+
+    /// Every rule's `(remaining, reset_ms)`, charging nothing (expired
+    /// leases are dropped, as a check drops them).
+    pub fn usage(&mut self, policy: &Policy, keys: &[String], now_us: u64) -> Vec<(u64, u64)> {
+        let states = self.states(policy, keys, now_us);
+        usage(policy, &states, now_us)
+    }
+
+    /// Each rule's state: a concurrency rule's from its live leases.
+    fn states(&mut self, policy: &Policy, keys: &[String], now_us: u64) -> Vec<Option<State>> {
+        (policy.rules.iter().zip(keys))
+            .map(|(rule, k)| match rule.kind {
+                RuleKind::Concurrency { .. } => self.outstanding(k, now_us),
+                _ => match self.states.get(k) {
+                    Some(&(s, exp)) if exp > now_us => Some(s),
+                    _ => None,
+                },
+            })
+            .collect()
     }
 
     /// Keys held: rule states and lease sets.

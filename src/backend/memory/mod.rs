@@ -51,6 +51,10 @@ impl MemoryBackend {
                 Outcome::CheckLooked(v, l)
             }
             Job::Release(r) => Outcome::Released(self.release(r)),
+            Job::Usage(c) => {
+                let keys = c.state_keys(&self.keys);
+                Outcome::Usage(self.limiter.usage(&c.policy, &keys, self.clock.now_us()))
+            }
         }
     }
 

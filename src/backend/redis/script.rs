@@ -81,6 +81,7 @@ pub mod op {
     pub const CACHE_SET: u64 = 3;
     pub const CACHE_DEL: u64 = 4;
     pub const CHECK_GET: u64 = 5;
+    pub const USAGE: u64 = 6;
     /// A check of a policy with concurrency rules (it takes a lease).
     pub const CHECK_LEASE: u64 = 10;
     pub const RELEASE: u64 = 11;
@@ -105,6 +106,22 @@ fn rule_args(rule: &RuleKind) -> [u64; 3] {
         RuleKind::SlidingWindow { limit, window_us } => [kind::SLIDING_WINDOW, limit, window_us],
         RuleKind::Concurrency { limit, lease_us } => [kind::CONCURRENCY, limit, lease_us],
     }
+}
+
+/// A policy as the script reads it: the rule count, each rule's
+/// [`rule_args`], then, only for a policy with shadow rules, a bit mask of
+/// them (bit i: rule i), so other policies' arguments stay as they were.
+fn policy_args(p: &Policy) -> Vec<u8> {
+    let rules = p.rules.iter().flat_map(|r| rule_args(&r.kind));
+    let mask = (p.rules.iter().enumerate())
+        .filter(|(_, r)| r.shadow)
+        .fold(0, |m, (i, _)| m | 1 << i);
+    let shadow = p.shadow.then_some(mask);
+    packed(
+        std::iter::once(p.rules.len() as u64)
+            .chain(rules)
+            .chain(shadow),
+    )
 }
 
 fn packed(values: impl IntoIterator<Item = u64>) -> Vec<u8> {
@@ -152,8 +169,7 @@ pub fn command<'a>(
     };
     cmd.arg(nstates).arg(call.policies.len());
     for p in &call.policies {
-        let rules = p.rules.iter().flat_map(|r| rule_args(&r.kind));
-        cmd.arg(packed(std::iter::once(p.rules.len() as u64).chain(rules)));
+        cmd.arg(policy_args(p));
     }
     cmd.arg(call.checks).arg(call.check_args).arg(call.args);
     cmd
@@ -245,6 +261,11 @@ impl<'a> Call<'a> {
                 self.names.extend(names);
                 self.args.push(r.lease.to_string().into_bytes());
             }
+            Job::Usage(c) => {
+                let first = self.state_keys(c);
+                let policy = self.policy(&c.policy);
+                self.args.push(packed([op::USAGE, policy, first]));
+            }
         }
     }
 
@@ -305,6 +326,7 @@ pub fn outcomes<'a>(reply: Value, jobs: impl Iterator<Item = &'a Job>) -> Option
         Job::Check(_) | Job::Get { .. } => 5,
         Job::Set(_) | Job::Del(_) | Job::Release(_) => 1,
         Job::CheckGet(..) => 10,
+        Job::Usage(c) => 2 * c.policy.rules.len(),
     };
     // Plain checks travel ahead of the other operations (see `Call::add`).
     let plain = |job: &Job| matches!(job, Job::Check(c) if !c.policy.has_leases());
@@ -350,20 +372,25 @@ pub fn outcomes<'a>(reply: Value, jobs: impl Iterator<Item = &'a Job>) -> Option
                 };
                 Outcome::CheckLooked(v, l)
             }
+            Job::Usage(_) => Outcome::Usage(n.chunks(2).map(|r| (r[0], r[1])).collect()),
         };
         out.push(o);
     }
     Some(out)
 }
 
+/// A check's five integers. The first is 0 (denied), 1 (allowed) or 2 + i:
+/// allowed, but shadow rule i would have denied.
 fn verdict(n: &[u64], rules: usize) -> Option<Verdict> {
     let rule = n[1] as usize;
-    (rule < rules).then_some(Verdict {
-        allowed: n[0] == 1,
+    let shadow = n[0].checked_sub(2).map(|i| i as usize);
+    (rule < rules && shadow.is_none_or(|s| s < rules)).then_some(Verdict {
+        allowed: n[0] >= 1,
         rule,
         remaining: n[2],
         reset_ms: n[3],
         retry_after_ms: n[4],
+        shadow,
     })
 }
 
@@ -411,6 +438,7 @@ mod tests {
                 ("CACHE_SET", op::CACHE_SET),
                 ("CACHE_DEL", op::CACHE_DEL),
                 ("CHECK_GET", op::CHECK_GET),
+                ("USAGE", op::USAGE),
                 ("CHECK_LEASE", op::CHECK_LEASE),
                 ("RELEASE", op::RELEASE),
             ])

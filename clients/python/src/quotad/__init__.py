@@ -32,7 +32,7 @@ from .errors import (
     UnknownOp,
     UnknownPolicy,
 )
-from .models import CheckGet, Decision, Hello, Lookup, Stats
+from .models import CheckGet, Decision, Hello, Lookup, RuleUsage, Stats
 
 __version__ = "0.1.0"
 
@@ -54,6 +54,7 @@ __all__ = [
     "QuotadError",
     "QuotadUnavailable",
     "RequestTimedOut",
+    "RuleUsage",
     "ServerError",
     "ServerInternalError",
     "ShuttingDown",

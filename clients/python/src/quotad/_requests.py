@@ -86,6 +86,13 @@ def check(tenant: str, key: str, policy: str | None, cost: int) -> Request:
     return req
 
 
+def usage(tenant: str, key: str, policy: str | None) -> Request:
+    req: Request = {"id": 0, "op": "usage", "tenant": _text("tenant", tenant), "key": _text("key", key)}
+    if policy is not None:
+        req["policy"] = _text("policy", policy)
+    return req
+
+
 def cache_get(tenant: str, key: str, fill_ms: int | None) -> Request:
     req: Request = {"id": 0, "op": "cache_get", "tenant": _text("tenant", tenant), "key": _text("key", key)}
     _fill_ms(req, fill_ms)

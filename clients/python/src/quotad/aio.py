@@ -29,7 +29,7 @@ from .errors import (
     connection_error,
     server_error,
 )
-from .models import UNAVAILABLE_MISS, CheckGet, Decision, Hello, Lookup, Stats
+from .models import UNAVAILABLE_MISS, CheckGet, Decision, Hello, Lookup, RuleUsage, Stats, usage_from_reply
 
 log = logging.getLogger("quotad")
 
@@ -271,6 +271,15 @@ class AsyncClient:
 
     async def stats(self) -> Stats:
         return Stats.from_reply(await self.call(_requests.stats()))
+
+    async def usage(self, tenant: str, key: str, policy: str | None = None) -> list[RuleUsage]:
+        """Every rule of the policy as it stands for ``key``, charging nothing.
+
+        Raises like :meth:`stats` when the daemon cannot answer (the failure
+        mode does not apply: there is nothing to report), and
+        :class:`SourceUnavailable` when its Redis cannot.
+        """
+        return usage_from_reply(await self.call(_requests.usage(tenant, key, policy)))
 
     async def check(self, tenant: str, key: str, policy: str | None = None, cost: int = 1) -> Decision:
         """May this request go ahead? ``cost=0`` peeks without charging."""

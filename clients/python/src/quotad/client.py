@@ -31,7 +31,7 @@ from .errors import (
     connection_error,
     server_error,
 )
-from .models import UNAVAILABLE_MISS, CheckGet, Decision, Hello, Lookup, Stats
+from .models import UNAVAILABLE_MISS, CheckGet, Decision, Hello, Lookup, RuleUsage, Stats, usage_from_reply
 
 log = logging.getLogger("quotad")
 
@@ -284,6 +284,15 @@ class Client:
 
     def stats(self) -> Stats:
         return Stats.from_reply(self.call(_requests.stats()))
+
+    def usage(self, tenant: str, key: str, policy: str | None = None) -> list[RuleUsage]:
+        """Every rule of the policy as it stands for ``key``, charging nothing.
+
+        Raises like :meth:`stats` when the daemon cannot answer (the failure
+        mode does not apply: there is nothing to report), and
+        :class:`SourceUnavailable` when its Redis cannot.
+        """
+        return usage_from_reply(self.call(_requests.usage(tenant, key, policy)))
 
     def check(self, tenant: str, key: str, policy: str | None = None, cost: int = 1) -> Decision:
         """May this request go ahead? ``cost=0`` peeks without charging."""

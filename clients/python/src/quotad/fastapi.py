@@ -10,14 +10,17 @@
     @app.post("/login", dependencies=[Depends(login_limit)])
     async def login(): ...
 
-A denial raises ``HTTPException(429)`` with the ``RateLimit-*`` and
-``Retry-After`` headers; an allowed request gets the ``RateLimit-*``
-headers on its response. Under a policy with a ``concurrency`` rule the
-dependency holds the check's lease for the request and releases it exactly
-once when the request is done: it is a dependency with ``yield``, closed
-after the response is sent (a streamed body too), the handler raised, or
-the client went away; except with FastAPI 0.106 to 0.117, which close it
-before the response is sent. Without explicit ``tenant``/``key``, the
+A denial raises ``HTTPException(429)`` with the ``RateLimit-Policy``,
+``RateLimit`` and ``Retry-After`` headers; an allowed request gets
+``RateLimit-Policy`` and ``RateLimit`` on its response (and with
+``legacy_headers=True`` the older ``RateLimit-Limit``/``-Remaining``/
+``-Reset`` trio too: :mod:`quotad.ratelimit_headers`). Under a policy with
+a ``concurrency`` rule the dependency holds the check's lease for the
+request and releases it exactly once when the request is done: it is a
+dependency with ``yield``, closed after the response is sent (a streamed
+body too), the handler raised, or the client went away; except with
+FastAPI 0.106 to 0.117, which close it before the response is sent.
+Without explicit ``tenant``/``key``, the
 dependency uses the ones :class:`~quotad.starlette.QuotadMiddleware`
 resolved for the request, if it is installed.
 """
@@ -48,12 +51,14 @@ class RateLimit:
         key: Extractor | None = None,
         cost: int | Callable[[Request], int] = 1,
         scope_to_route: bool = False,
+        legacy_headers: bool = False,
     ) -> None:
         self.client = client
         self.policy = policy
         self.tenant = tenant
         self.key = key
         self.cost = cost
+        self.legacy_headers = legacy_headers
         # Per-route buckets within one policy: the key gets the route template.
         self._route = identity.route() if scope_to_route else None
 
@@ -67,13 +72,14 @@ class RateLimit:
             key = f"{await identity.resolve(self._route, request)} {key}"
         cost = self.cost(request) if callable(self.cost) else self.cost
         decision = await self.client.check(tenant, key, self.policy, cost)
+        headers = decision.headers(legacy=self.legacy_headers)
         if not decision.allowed:
             raise HTTPException(
                 status_code=429,
                 detail={"error": "rate_limited", "retry_after": decision.retry_after, "rule": decision.rule},
-                headers=decision.headers(),
+                headers=headers,
             )
-        response.headers.update(decision.headers())
+        response.headers.update(headers)
         held = HeldLease(self.client, tenant, key, self.policy, decision.lease)
         try:
             yield decision

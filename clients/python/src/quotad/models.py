@@ -6,14 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ProtocolViolation
+from .ratelimit_headers import ratelimit_headers
 
 
 _new = object.__new__
 _setattr = object.__setattr__
-
-
-def _ceil_seconds(ms: int) -> int:
-    return -(-ms // 1000)
 
 
 @dataclass(frozen=True)
@@ -34,17 +31,22 @@ class Decision:
     degraded: bool
     #: The deciding rule's name ("" when the client answered by itself).
     rule: str
+    #: The deciding rule's kind (``token_bucket``, ``fixed_window``,
+    #: ``sliding_window``, ``daily_quota``, ``concurrency``, ...; "" when unknown).
+    kind: str = ""
+    #: The deciding rule's quota window in ms (the IETF ``w``; 0 when none,
+    #: as for a ``concurrency`` rule).
+    window_ms: int = 0
     #: The lease this check took (an allowed check of a policy with a
     #: ``concurrency`` rule, cost >= 1); give it back with ``release``.
     lease: str | None = None
-    #: The deciding rule's kind, when the daemon reports it.
-    kind: str | None = None
-    #: The deciding rule's quota window in ms, when the daemon reports it.
-    window_ms: int | None = None
-    #: A shadow rule would have denied this allowed check.
-    shadow_denied: bool = False
-    #: That shadow rule.
+    #: Allowed, but this shadow rule would have denied (None: no shadow denial).
     shadow_rule: str | None = None
+
+    @property
+    def shadow_denied(self) -> bool:
+        """True when a shadow rule would have denied this allowed request."""
+        return self.shadow_rule is not None
 
     @property
     def retry_after(self) -> float:
@@ -56,25 +58,15 @@ class Decision:
         """Seconds until the deciding rule is full again."""
         return self.reset_ms / 1000.0
 
-    def headers(self) -> dict[str, str]:
-        """The standard rate-limit response headers for this decision.
+    def headers(self, *, legacy: bool = False) -> dict[str, str]:
+        """The rate-limit response headers for this decision.
 
-        ``RateLimit-Reset`` and ``Retry-After`` are whole seconds rounded up,
-        so a client that waits that long is never early. ``Retry-After`` is
-        only present on a denial. When this client answered by itself (the
-        daemon unavailable: ``degraded`` with no rule), no limit is known, so
-        only ``Retry-After`` (on a denial) is given.
+        ``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-
+        headers-11), ``Retry-After`` on a denial, and with ``legacy`` the
+        older ``RateLimit-Limit``/``-Remaining``/``-Reset`` trio; seconds are
+        rounded up. See :mod:`quotad.ratelimit_headers`.
         """
-        if self.degraded and not self.rule:
-            return {} if self.allowed else {"Retry-After": str(_ceil_seconds(self.retry_after_ms))}
-        headers = {
-            "RateLimit-Limit": str(self.limit),
-            "RateLimit-Remaining": str(self.remaining),
-            "RateLimit-Reset": str(_ceil_seconds(self.reset_ms)),
-        }
-        if not self.allowed:
-            headers["Retry-After"] = str(_ceil_seconds(self.retry_after_ms))
-        return headers
+        return ratelimit_headers(self, legacy=legacy)
 
     @classmethod
     def from_reply(cls, r: dict[str, Any]) -> Decision:
@@ -86,6 +78,13 @@ class Decision:
             reset_ms, retry_after_ms, degraded, rule = r["reset_ms"], r["retry_after_ms"], r["degraded"], r["rule"]
         except KeyError as e:
             raise ProtocolViolation(f"a check reply without {e}") from None
+        try:
+            kind, window_ms = r["kind"], r["window_ms"]
+        except KeyError:  # an older quotad does not send them
+            kind, window_ms = r.get("kind", ""), r.get("window_ms", 0)
+        # Each only present on some replies: `in` costs less than a .get() call.
+        lease = r["lease"] if "lease" in r else None
+        shadow_rule = r["shadow_rule"] if "shadow_rule" in r else None
         if not (
             type(allowed) is bool
             and type(degraded) is bool
@@ -94,35 +93,18 @@ class Decision:
             and type(reset_ms) is int
             and type(retry_after_ms) is int
             and type(rule) is str
+            and type(kind) is str
+            and type(window_ms) is int
+            and (lease is None or type(lease) is str)
+            and (shadow_rule is None or type(shadow_rule) is str)
         ):
             raise ProtocolViolation(f"a check reply with mistyped fields: {r!r}")
-        # More than id, ok and the seven above: fields added within protocol
-        # v1 (or a check_get's lookup). Without them the instance keeps the
-        # class defaults (lease None, ...), so a plain reply pays nothing.
-        if len(r) <= 9:
-            fields = {
-                "allowed": allowed, "limit": limit, "remaining": remaining, "reset_ms": reset_ms,
-                "retry_after_ms": retry_after_ms, "degraded": degraded, "rule": rule,
-            }
-        else:
-            get = r.get
-            lease, kind, window_ms = get("lease"), get("kind"), get("window_ms")
-            shadow_denied, shadow_rule = get("shadow_denied", False), get("shadow_rule")
-            if not (
-                (lease is None or type(lease) is str)
-                and (kind is None or type(kind) is str)
-                and (window_ms is None or (type(window_ms) is int and window_ms >= 0))
-                and type(shadow_denied) is bool
-                and (shadow_rule is None or type(shadow_rule) is str)
-            ):
-                raise ProtocolViolation(f"a check reply with mistyped fields: {r!r}")
-            fields = {
-                "allowed": allowed, "limit": limit, "remaining": remaining, "reset_ms": reset_ms,
-                "retry_after_ms": retry_after_ms, "degraded": degraded, "rule": rule, "lease": lease,
-                "kind": kind, "window_ms": window_ms, "shadow_denied": shadow_denied, "shadow_rule": shadow_rule,
-            }
         d = _new(cls)
-        _setattr(d, "__dict__", fields)
+        _setattr(d, "__dict__", {
+            "allowed": allowed, "limit": limit, "remaining": remaining, "reset_ms": reset_ms,
+            "retry_after_ms": retry_after_ms, "degraded": degraded, "rule": rule,
+            "kind": kind, "window_ms": window_ms, "lease": lease, "shadow_rule": shadow_rule,
+        })
         return d
 
 
@@ -189,6 +171,49 @@ class CheckGet:
 
 
 @dataclass(frozen=True)
+class RuleUsage:
+    """One rule of a ``usage`` answer: how much of it is used for the key."""
+
+    rule: str
+    kind: str
+    limit: int
+    #: ``limit - remaining``: units taken and not yet back.
+    used: int
+    #: Units one check could take now.
+    remaining: int
+    #: ms until the rule is full again (a fixed window: until it ends; a
+    #: daily quota: until the next 00:00 UTC).
+    reset_ms: int
+    #: The rule's quota window in ms (0: none).
+    window_ms: int
+
+    @classmethod
+    def from_reply(cls, r: object) -> RuleUsage:
+        if not isinstance(r, dict):
+            raise TypeError("rule")
+        return cls(
+            rule=_str(r["rule"]),
+            kind=_str(r["kind"]),
+            limit=_uint(r["limit"]),
+            used=_uint(r["used"]),
+            remaining=_uint(r["remaining"]),
+            reset_ms=_uint(r["reset_ms"]),
+            window_ms=_uint(r.get("window_ms", 0)),
+        )
+
+
+def usage_from_reply(r: dict[str, Any]) -> list[RuleUsage]:
+    """The rules of a ``usage`` reply, in the policy's order."""
+    try:
+        rules = r["rules"]
+        if not isinstance(rules, list):
+            raise TypeError("rules")
+        return [RuleUsage.from_reply(u) for u in rules]
+    except (KeyError, TypeError) as e:
+        raise ProtocolViolation(f"a usage reply without a valid {e}") from e
+
+
+@dataclass(frozen=True)
 class Hello:
     protocol: int
     server: str
@@ -214,18 +239,22 @@ class Stats:
     backend: str
     shards: int
     counters: dict[str, int] = field(default_factory=dict)
+    #: Checks a shadow rule would have denied, by ``<policy>.<rule>`` (those above 0).
+    shadow_denials: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_reply(cls, r: dict[str, Any]) -> Stats:
         try:
             counters = r["counters"]
-            if not isinstance(counters, dict):
+            shadow = r.get("shadow_denials", {})  # an older quotad has none
+            if not isinstance(counters, dict) or not isinstance(shadow, dict):
                 raise TypeError("counters")
             return cls(
                 uptime_ms=_uint(r["uptime_ms"]),
                 backend=_str(r["backend"]),
                 shards=_uint(r["shards"]),
                 counters={_str(k): _uint(v) for k, v in counters.items()},
+                shadow_denials={_str(k): _uint(v) for k, v in shadow.items()},
             )
         except (KeyError, TypeError) as e:
             raise ProtocolViolation(f"a stats reply without a valid {e}") from e

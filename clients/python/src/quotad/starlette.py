@@ -18,8 +18,12 @@
 
 Every HTTP request is checked (a cached GET through ``check_get``, which
 also reads the cache in the same request). A denial is answered here with
-429, a JSON body and ``RateLimit-*`` / ``Retry-After`` headers; allowed
-responses get the ``RateLimit-*`` headers too. Handlers of writes call
+429, a JSON body and the ``RateLimit-Policy``, ``RateLimit`` and
+``Retry-After`` headers; allowed responses get ``RateLimit-Policy`` and
+``RateLimit`` too (``legacy_headers=True`` adds the older
+``RateLimit-Limit``/``-Remaining``/``-Reset`` trio; see
+:mod:`quotad.ratelimit_headers`). A response served from the cache gets the
+headers of its own request's check, never stored ones. Handlers of writes call
 :func:`invalidate` to drop cached entries by tag. Under a policy with a
 ``concurrency`` rule, the lease an allowed check took is released exactly
 once: as the response's last part goes out (the whole body, streamed or
@@ -44,6 +48,7 @@ from ._fill import CachedCalls, cached_calls, serve_or_fill
 from ._leases import HeldLease
 from .aio import AsyncClient
 from .identity import Extractor
+from . import ratelimit_headers
 from .models import Decision, Lookup
 
 #: The tenant of requests for which the tenant extractor finds nothing.
@@ -52,8 +57,10 @@ DEFAULT_TENANT = "default"
 #: leaving out an API key must not escape the limit.
 ANONYMOUS_KEY = "anonymous"
 
-# Response headers never stored with a cached response: per-connection,
-# per-request, or re-derived for each request.
+# Response headers never stored with a cached response, nor served from one
+# (an entry may come from elsewhere): per-connection, per-request, or
+# re-derived for each request, as the rate-limit headers are (the draft's
+# §7.3: a cached response's RateLimit fields are stale).
 _UNCACHED_HEADERS = frozenset(
     {
         b"connection",
@@ -62,12 +69,9 @@ _UNCACHED_HEADERS = frozenset(
         b"date",
         b"server",
         b"set-cookie",
-        b"ratelimit-limit",
-        b"ratelimit-remaining",
-        b"ratelimit-reset",
-        b"retry-after",
         b"x-cache",
     }
+    | {name.encode() for name in ratelimit_headers.NAMES}
 )
 
 Predicate = Callable[[HTTPConnection], bool]
@@ -232,6 +236,7 @@ class QuotadMiddleware:
         cache: ResponseCache | None = None,
         exempt: Predicate | Iterable[str] = (),
         deny: Callable[[HTTPConnection, Decision], Awaitable[tuple[int, dict[str, str], bytes]]] | None = None,
+        legacy_headers: bool = False,
     ) -> None:
         self.app = app
         self.client = client
@@ -246,6 +251,8 @@ class QuotadMiddleware:
             paths = frozenset(exempt)
             self.exempt = lambda conn: conn.url.path in paths
         self.deny = deny
+        #: Also send the older RateLimit-Limit/-Remaining/-Reset trio.
+        self.legacy_headers = legacy_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -299,17 +306,19 @@ class QuotadMiddleware:
         """An allowed request's response: from the app, or from (and into) the cache."""
         decision, lookup, cache = ctx.decision, ctx.lookup, self.cache
         assert decision is not None
+        # This request's own headers, computed once, whatever serves it.
+        limits = _ratelimit_headers(decision, self.legacy_headers)
         if cache is None or cache_key is None or lookup is None or lookup.degraded:
             extra = [(b"x-cache", b"miss")] if cache_key is not None else []
-            await self.app(scope, receive, _with_headers(send, decision, extra))
+            await self.app(scope, receive, _with_headers(send, limits, extra))
             return
         rule = cache
 
         async def serve(hit: Lookup) -> bool:
-            return await _send_cached(hit, decision, send)
+            return await _send_cached(hit, limits, send)
 
         async def compute() -> bytes | None:
-            recorder = _Recorder(send, decision, rule.max_body_bytes)
+            recorder = _Recorder(send, limits, rule.max_body_bytes)
             calls = CachedCalls()
             token = cached_calls.set(calls)
             try:
@@ -331,7 +340,7 @@ class QuotadMiddleware:
         else:
             status, headers, body = 429, {}, _denial_body(decision)
             headers["content-type"] = "application/json"
-        all_headers = {**decision.headers(), **headers}
+        all_headers = {**decision.headers(legacy=self.legacy_headers), **headers}
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in all_headers.items()]
         raw.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -350,28 +359,31 @@ def _denial_body(decision: Decision) -> bytes:
     ).encode()
 
 
-def _ratelimit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode(), v.encode()) for k, v in decision.headers().items()]
+Headers = list[tuple[bytes, bytes]]
 
 
-def _merge_headers(headers: Iterable[tuple[bytes, bytes]], decision: Decision) -> list[tuple[bytes, bytes]]:
-    """Adds the decision's headers unless the app set its own (e.g. a stricter per-route limit)."""
+def _ratelimit_headers(decision: Decision, legacy: bool) -> Headers:
+    return [(k.lower().encode(), v.encode()) for k, v in decision.headers(legacy=legacy).items()]
+
+
+def _merge_headers(headers: Iterable[tuple[bytes, bytes]], limits: Headers) -> Headers:
+    """Adds the request's rate-limit headers unless the app set its own (e.g. a stricter per-route limit)."""
     out = list(headers)
     present = {k.lower() for k, _ in out}
-    out.extend(h for h in _ratelimit_headers(decision) if h[0] not in present)
+    out.extend(h for h in limits if h[0] not in present)
     return out
 
 
-def _with_headers(send: Send, decision: Decision, extra: list[tuple[bytes, bytes]]) -> Send:
+def _with_headers(send: Send, limits: Headers, extra: Headers) -> Send:
     async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": _merge_headers(message.get("headers", ()), decision) + extra}
+            message = {**message, "headers": _merge_headers(message.get("headers", ()), limits) + extra}
         await send(message)
 
     return wrapped
 
 
-async def _send_cached(lookup: Lookup, decision: Decision, send: Send) -> bool:
+async def _send_cached(lookup: Lookup, limits: Headers, send: Send) -> bool:
     """Answers from a cached entry; False if the entry is not one of ours."""
     assert lookup.value is not None
     try:
@@ -382,8 +394,10 @@ async def _send_cached(lookup: Lookup, decision: Decision, send: Send) -> bool:
             return False
     except Exception:  # written by something else: treat as a miss
         return False
+    # Whatever wrote the entry, its rate-limit headers are not this request's.
+    headers = [(k, v) for k, v in headers if k not in _UNCACHED_HEADERS]
     headers.append((b"x-cache", b"stale" if lookup.stale else b"hit"))
-    await send({"type": "http.response.start", "status": status, "headers": _merge_headers(headers, decision)})
+    await send({"type": "http.response.start", "status": status, "headers": _merge_headers(headers, limits)})
     await send({"type": "http.response.body", "body": body})
     return True
 
@@ -391,9 +405,9 @@ async def _send_cached(lookup: Lookup, decision: Decision, send: Send) -> bool:
 class _Recorder:
     """Passes a response through while keeping a copy of it, if it may be cached."""
 
-    def __init__(self, send: Send, decision: Decision, max_body: int) -> None:
+    def __init__(self, send: Send, limits: Headers, max_body: int) -> None:
         self._send = send
-        self._decision = decision
+        self._limits = limits
         self._max = max_body
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
@@ -407,7 +421,7 @@ class _Recorder:
             headers = list(message.get("headers", ()))
             self._ok = self._status == 200 and _storable(headers)
             self._headers = [(k, v) for k, v in headers if k.lower() not in _UNCACHED_HEADERS]
-            message = {**message, "headers": _merge_headers(headers, self._decision) + [(b"x-cache", b"miss")]}
+            message = {**message, "headers": _merge_headers(headers, self._limits) + [(b"x-cache", b"miss")]}
         elif message["type"] == "http.response.body" and self._ok:
             self._body += message.get("body", b"")
             if len(self._body) > self._max:
