@@ -226,8 +226,9 @@ pub enum Counted {
     /// Denied by the rule at index `rule` (`None`: no rule of the policy
     /// named it); `daily`: that rule is a daily quota.
     Denied { rule: Option<usize>, daily: bool },
-    /// Answered by failure mode.
-    Degraded,
+    /// Answered by failure mode; `shadow` as for `Allowed` (the `local`
+    /// failure mode decides shadow rules too).
+    Degraded { shadow: Option<usize> },
 }
 
 impl PolicyMetrics {
@@ -295,8 +296,11 @@ impl PolicyMetrics {
                     self.daily_hits.inc();
                 }
             }
-            Counted::Degraded => {
+            Counted::Degraded { shadow } => {
                 self.outcomes[3].inc();
+                if let Some(i) = shadow {
+                    self.shadow_denials[i].inc();
+                }
             }
         }
     }

@@ -241,3 +241,36 @@ rules = [
         assert_eq!(used().await, [0, 0]);
     }
 }
+
+/// With Redis down, the `local` failure mode decides shadow rules too, and
+/// `stats` and Prometheus count its shadow denials alike: the total, the
+/// per-rule map and the metric agree.
+#[tokio::test]
+async fn local_shadow_denials_count_the_same_in_stats_and_metrics() {
+    let mut redis = Redis::start();
+    let table = redis_table(&redis);
+    redis.kill();
+    let port = free_port();
+    let config = config("rule", &table, port).replace(
+        "[policies.api]\n",
+        "[policies.api]\nfailure_mode = \"local\"\n",
+    );
+    let d = Daemon::start(&config);
+    let c = d.client().await;
+    let shadowed = checks(&c, "k", LIMIT + 3).await;
+    assert!(shadowed.iter().all(|(allowed, _)| *allowed), "{shadowed:?}");
+    let named = shadowed.iter().filter(|(_, s)| s.is_some()).count();
+    assert_eq!(named, 3, "the local limiter shadow-denies: {shadowed:?}");
+    let stats = c.stats().await.unwrap();
+    assert_eq!(stats.counters.unwrap_or_default()["shadow_denied"], 3);
+    let by_rule = stats.shadow_denials.unwrap_or_default();
+    assert_eq!(by_rule.get("api.daily"), Some(&3), "{by_rule:?}");
+    let denials = "quotad_shadow_denials_total{policy=\"api\",rule=\"daily\"}";
+    assert_eq!(metric(port, denials), 3.0);
+    let degraded = "quotad_checks_total{policy=\"api\",outcome=\"degraded\"}";
+    assert_eq!(
+        metric(port, degraded),
+        (LIMIT + 3) as f64,
+        "decided locally"
+    );
+}

@@ -189,14 +189,17 @@ impl Policy {
     }
 
     fn counted(&self, d: &Decision, cost: u64) -> Counted {
+        // A shadow rule's denial counts however the check was decided (the
+        // `local` failure mode decides shadow rules too), as `stats` does.
+        let shadow = (d.shadow_rule.as_ref()).and_then(|s| self.rule_index(s));
         if d.degraded {
-            return Counted::Degraded;
+            return Counted::Degraded { shadow };
         }
         if d.allowed {
             return Counted::Allowed {
                 near_limit: d.remaining.saturating_mul(5) <= d.limit,
                 tokens: if self.takes_tokens { cost } else { 0 },
-                shadow: (d.shadow_rule.as_ref()).and_then(|s| self.rule_index(s)),
+                shadow,
             };
         }
         let rule = self.rule_index(&d.rule);
@@ -580,7 +583,16 @@ mod tests {
         );
         assert_eq!(
             p.counted(&answer(false, 0, "day", true), 3),
-            Counted::Degraded
+            Counted::Degraded { shadow: None }
+        );
+        // A `local` decision of a shadow rule's denial counts it too.
+        let shadowed = Decision {
+            shadow_rule: Some("day".into()),
+            ..answer(true, 5, "burst", true)
+        };
+        assert_eq!(
+            p.counted(&shadowed, 3),
+            Counted::Degraded { shadow: Some(1) }
         );
         let no_bucket = Policy::one_per_second();
         assert_eq!(
