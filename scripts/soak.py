@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A long run of mixed load through a real quotad: fails if its memory, open
-fds or threads keep growing.
+fds, threads or tokio tasks keep growing.
 
 Usage: soak.py [--minutes M] [--warmup W] [--quotad BIN]   (default 10 and 2)
 
@@ -12,10 +12,11 @@ bodies, oversized length prefixes, frames cut short). Redis is killed and
 restarted once, midway; quotad gets a SIGHUP every minute (its config
 alternates between two limits, so each reload changes something).
 
-Every 5 s it samples quotad's RSS (VmRSS), open fds (/proc/PID/fd) and
-threads (/proc/PID/status; quotad has no task counter, and its tasks are
-per connection and per shard, so `connections_open` from `stats` is shown
-beside them). After the warm-up it fits a least-squares slope to each series
+Every 5 s it samples quotad's RSS (VmRSS), open fds (/proc/PID/fd), OS
+threads (/proc/PID/status: with `threads = 1` these only grow if blocking
+work leaks) and, from `stats`, its live tokio tasks (`tasks`: per connection,
+per shard, timers; the series a task leak shows in), with `connections_open`
+beside them. After the warm-up it fits a least-squares slope to each series
 and fails if one grows faster than its bound (BOUNDS, per minute), if quotad
 exits, or if a well-formed request gets an error reply other than
 `overloaded`.
@@ -40,7 +41,7 @@ from conformance import Conn
 
 # Growth per minute past the warm-up that fails the run. A leak of one object
 # per request, connection or reload would pass these within a minute.
-BOUNDS = {"rss_kib": 256.0, "fds": 0.5, "threads": 0.1}
+BOUNDS = {"rss_kib": 256.0, "fds": 0.5, "threads": 0.1, "tasks": 1.0}
 SAMPLE_S = 5
 KEYS = 2000
 
@@ -198,7 +199,8 @@ class Soak:
         stats = conn.ok({"id": 1, "op": "stats"})["counters"]
         conn.close()
         return {"rss_kib": float(field["VmRSS"].split()[0]), "fds": float(len(os.listdir(f"/proc/{pid}/fd"))),
-                "threads": float(field["Threads"]), "connections_open": float(stats["connections_open"])}
+                "threads": float(field["Threads"]), "tasks": float(stats["tasks"]),
+                "connections_open": float(stats["connections_open"])}
 
 
 def slope_per_min(points: list[tuple[float, float]]) -> float:
@@ -227,7 +229,7 @@ def main() -> int:
         start = time.monotonic()
         restarted, hups = False, 0
         try:
-            print(f"{'t s':>5} {'rss KiB':>8} {'fds':>4} {'threads':>7} {'conns':>5}  requests", flush=True)
+            print(f"{'t s':>5} {'rss KiB':>8} {'fds':>4} {'threads':>7} {'tasks':>5} {'conns':>5}  requests", flush=True)
             while (now := time.monotonic() - start) < total:
                 if s.server.poll() is not None:
                     print(f"soak: FAILED: quotad exited with {s.server.returncode}")
@@ -249,7 +251,7 @@ def main() -> int:
                 with s.lock:
                     done = sum(v for k, v in s.counts.items() if k not in ("degraded", "reconnects", "overloaded"))
                 print(f"{now:5.0f} {sample['rss_kib']:8.0f} {sample['fds']:4.0f} {sample['threads']:7.0f} "
-                      f"{sample['connections_open']:5.0f}  {done}", flush=True)
+                      f"{sample['tasks']:5.0f} {sample['connections_open']:5.0f}  {done}", flush=True)
                 time.sleep(SAMPLE_S - (time.monotonic() - start) % SAMPLE_S)
         finally:
             s.stop.set()
@@ -265,7 +267,7 @@ def main() -> int:
             failed = True
             print(f"unexpected replies: {len(s.bad)}, e.g. {s.bad[:3]}")
         fitted = [(t, v) for t, v in samples if t >= warmup]
-        for series in ("rss_kib", "fds", "threads", "connections_open"):
+        for series in ("rss_kib", "fds", "threads", "tasks", "connections_open"):
             points = [(t, v[series]) for t, v in fitted]
             slope = slope_per_min(points)
             bound = BOUNDS.get(series)

@@ -412,8 +412,14 @@ impl Collector for StatsCollector {
                 &c.connections_open,
             ),
         ];
-        for (name, help, v) in gauges {
-            let m = ConstGauge::new(v.load(Relaxed) as i64);
+        let tasks = (
+            "tasks",
+            "Tokio tasks alive now (connections, shards, timers)",
+            crate::stats::alive_tasks(),
+        );
+        let gauges = gauges.map(|(name, help, v)| (name, help, v.load(Relaxed)));
+        for (name, help, v) in gauges.into_iter().chain([tasks]) {
+            let m = ConstGauge::new(v as i64);
             m.encode(e.encode_descriptor(name, help, None, m.metric_type())?)?;
         }
         let levels = [

@@ -133,7 +133,7 @@ impl Router {
                     uptime_ms: self.stats.uptime_ms(),
                     backend: self.backend,
                     shards: self.shards.len() as u64,
-                    counters: c.snapshot(),
+                    counters: self.stats.snapshot(),
                     shadow_denials: crate::metrics::metrics().shadow_denials(),
                 })
             }

@@ -145,7 +145,24 @@ impl Stats {
         counter.fetch_add(1, Relaxed);
     }
 
+    /// The counters `stats` reports, with the gauges read at the moment:
+    /// `tasks`, the tokio tasks alive in the runtime (connections, shards,
+    /// timers), so a task leak shows as a count that keeps rising.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let mut counters = self.counters.snapshot();
+        counters.push(("tasks", alive_tasks()));
+        counters
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
+}
+
+/// Tokio tasks alive in the runtime this runs on; 0 outside one (a unit
+/// test), where there are none to count.
+pub fn alive_tasks() -> u64 {
+    tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_alive_tasks() as u64)
+        .unwrap_or(0)
 }

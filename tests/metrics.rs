@@ -353,6 +353,8 @@ async fn only_get_metrics_is_served() {
     assert_eq!(m[&checks("api", "within_limit")], 1.0);
     assert_eq!(m["quotad_batch_ops_count"], 0.0);
     assert_eq!(m["quotad_connections_open"], 1.0);
+    // At least the open connection's task.
+    assert!(m["quotad_tasks"] >= 1.0, "{}", m["quotad_tasks"]);
     assert_eq!(m["quotad_requests_in_flight"], 0.0);
     assert_eq!(m["quotad_shard_queue_depth"], 0.0);
     assert_eq!(http(port, "GET / HTTP/1.1\r\n\r\n").0, 404);
