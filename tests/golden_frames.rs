@@ -534,10 +534,10 @@ fn decoders_read_the_pinned_bytes_back() {
             "{name}"
         );
         match reply.body {
-            Ok(Body::Decision(d)) => assert_eq!(fields.decision(), Some(d), "{name}"),
+            Ok(Body::Decision(d)) => assert_eq!(fields.decision(), Some(Ok(d)), "{name}"),
             Ok(Body::Lookup(l)) => assert_eq!(fields.lookup(), Some(l), "{name}"),
             Ok(Body::CheckLookup(d, l)) => {
-                assert_eq!(fields.decision(), Some(d), "{name}");
+                assert_eq!(fields.decision(), Some(Ok(d)), "{name}");
                 assert_eq!(fields.lookup(), l, "{name}");
             }
             Ok(Body::Stored { degraded }) => assert_eq!(fields.degraded, Some(degraded)),

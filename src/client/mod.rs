@@ -155,7 +155,7 @@ impl Client {
             cost,
         };
         match self.call(ShardOp::Check(args).into()).await {
-            Ok(reply) => reply.decision().ok_or_else(|| missing("decision")),
+            Ok(reply) => decision(&reply),
             Err(e) => self.failed_check(e),
         }
     }
@@ -303,7 +303,7 @@ impl Client {
         };
         match self.call(ShardOp::CheckGet(check, get).into()).await {
             Ok(reply) => {
-                let decision = reply.decision().ok_or_else(|| missing("decision"))?;
+                let decision = decision(&reply)?;
                 Ok((decision, reply.lookup()))
             }
             Err(e) => {
@@ -441,6 +441,12 @@ fn nonempty(field: &str, value: &str) -> Result<String, ClientError> {
         return Err(ClientError::Invalid(format!("`{field}` must not be empty")));
     }
     Ok(value.to_owned())
+}
+
+/// The decision a check reply carries.
+fn decision(reply: &ReplyFields) -> Result<Decision, ClientError> {
+    let d = reply.decision().ok_or_else(|| missing("decision"))?;
+    d.map_err(ClientError::Protocol)
 }
 
 fn missing(what: &str) -> ClientError {

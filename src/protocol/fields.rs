@@ -76,9 +76,19 @@ impl ReplyFields {
         rmp_serde::from_slice(frame)
     }
 
-    /// The decision of a `check` or `check_get` reply, if it is one.
-    pub fn decision(&self) -> Option<Decision> {
-        Some(Decision {
+    /// The decision of a `check` or `check_get` reply: `None` if it is not
+    /// one, an error if its `lease` is not in the form quotad mints (32
+    /// lowercase hex digits, docs/protocol.md): a lease dropped here would
+    /// hold its slot until `lease_ms` with nobody told why.
+    pub fn decision(&self) -> Option<Result<Decision, String>> {
+        let lease = match self.lease.as_deref() {
+            None => None,
+            Some(s) => match Lease::parse(s) {
+                Some(lease) => Some(lease),
+                None => return Some(Err(format!("a lease not in a lease's form: {s:?}"))),
+            },
+        };
+        Some(Ok(Decision {
             allowed: self.allowed?,
             limit: self.limit?,
             remaining: self.remaining?,
@@ -91,9 +101,9 @@ impl ReplyFields {
                 .find(|k| Some(**k) == self.kind.as_deref())
                 .map_or("", |k| k),
             window_ms: self.window_ms.unwrap_or(0),
-            lease: self.lease.as_deref().and_then(Lease::parse),
+            lease,
             shadow_rule: self.shadow_rule.as_deref().map(Into::into),
-        })
+        }))
     }
 
     /// The rules of a `usage` reply, if it is one.
@@ -172,5 +182,36 @@ impl<'de> Deserialize<'de> for Bin {
             }
         }
         d.deserialize_bytes(BinVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_quotad_does_not_mint_is_an_error_not_dropped() {
+        let reply = |lease: Option<&str>| ReplyFields {
+            ok: true,
+            allowed: Some(true),
+            limit: Some(3),
+            remaining: Some(2),
+            reset_ms: Some(0),
+            retry_after_ms: Some(0),
+            degraded: Some(false),
+            rule: Some("inflight".into()),
+            lease: lease.map(Into::into),
+            ..ReplyFields::default()
+        };
+        let hex = "0123456789abcdef0123456789abcdef";
+        let d = reply(Some(hex)).decision().unwrap().unwrap();
+        assert_eq!(d.lease, Lease::parse(hex));
+        assert_eq!(reply(None).decision().unwrap().unwrap().lease, None);
+        for bad in ["", "lease-1", &hex.to_uppercase(), &hex[1..]] {
+            let e = reply(Some(bad)).decision().unwrap().unwrap_err();
+            assert!(e.contains("a lease not in a lease's form"), "{bad:?}: {e}");
+        }
+        let not_a_check = ReplyFields::default();
+        assert_eq!(not_a_check.decision(), None);
     }
 }
