@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks a running quotad (or any server claiming to speak it) against docs/protocol.md.
 
-Usage: conformance.py --socket PATH
+Usage: conformance.py --socket PATH [--require-leases]
 
 Needs only the standard library and `msgpack`. It assumes the server's
 default limits (`max_frame_bytes` 1 MiB, `[cache] max_value_bytes` 512 KiB)
@@ -28,6 +28,10 @@ import msgpack
 
 RUN = os.urandom(4).hex()
 CHECKS: list[Callable[[str], None]] = []
+# What a check could not exercise on this server, and why: printed at the end.
+SKIPPED: list[str] = []
+# Set by --require-leases: a server without the LEASED policy fails.
+REQUIRE_LEASES = False
 
 
 def check(fn: Callable[[str], None]) -> Callable[[str], None]:
@@ -263,7 +267,9 @@ def a_lease_is_taken_by_an_allowed_check_and_released_exactly_once(path: str) ->
     req = {"op": "check", "tenant": t, "key": "k", "policy": LEASED}
     first = c.ask({**req, "id": 1})
     if first.get("ok") is False and error_code(first) == "unknown_policy":
-        return  # the server has no such policy: nothing more to check
+        assert not REQUIRE_LEASES, f"--require-leases, but the server has no `{LEASED}` policy"
+        SKIPPED.append(f"leases: the server has no `{LEASED}` policy (a concurrency rule)")
+        return
     assert_decision(first)
     assert first["allowed"] and isinstance(first.get("lease"), str), f"no lease: {first}"
     limit = first["limit"]
@@ -610,8 +616,6 @@ def pipelined_requests_are_all_answered_by_id(path: str) -> None:
 
 # --- admin ops ---------------------------------------------------------------
 
-SKIPPED: list[str] = []
-
 
 @check
 def admin_ops_answer_or_are_forbidden(path: str) -> None:
@@ -644,7 +648,14 @@ def admin_ops_answer_or_are_forbidden(path: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--socket", required=True, help="the server's Unix socket")
+    parser.add_argument(
+        "--require-leases",
+        action="store_true",
+        help=f"fail, not skip, the lease checks if the server has no `{LEASED}` policy",
+    )
     args = parser.parse_args()
+    global REQUIRE_LEASES
+    REQUIRE_LEASES = args.require_leases
     passed = failed = 0
     for fn in CHECKS:
         try:

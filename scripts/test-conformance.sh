@@ -37,7 +37,8 @@ rules = [{ name = "burst", kind = "token_bucket", capacity = 20, refill_per_sec 
 [policies.conformance_concurrency]
 rules = [{ name = "inflight", kind = "concurrency", limit = 3, lease_ms = 60000 }]'
 # Tenant records from this file on the memory backend, from Redis on the
-# other: the admin ops are checked against both kinds of source.
+# other: the admin ops are checked against both kinds of source. The
+# concurrency policy is there so the lease checks run (--require-leases).
 for backend in memory redis; do
   backend_tables='[quota]
 source = "file"'
@@ -50,7 +51,7 @@ source = \"redis\""
   pids+=($!)
   wait_for "$dir/$backend.sock" $! "quotad ($backend)"
   echo "== conformance: $backend backend"
-  if ! "$python" scripts/conformance.py --socket "$dir/$backend.sock"; then
+  if ! "$python" scripts/conformance.py --socket "$dir/$backend.sock" --require-leases; then
     echo "-- quotad log:" && cat "$dir/$backend.log"
     exit 1
   fi
