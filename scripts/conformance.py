@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Checks a running quotad (or any server claiming to speak it) against docs/protocol.md.
 
-Usage: conformance.py --socket PATH [--require-leases]
+Usage: conformance.py --socket PATH [--require-leases] [--forbidden-tenant TENANT] [--admin-forbidden]
 
 Needs only the standard library and `msgpack`. It assumes the server's
 default limits (`max_frame_bytes` 1 MiB, `[cache] max_value_bytes` 512 KiB)
 and a `default` policy; it uses tenants named `conformance-<random>-…`, so it
 can run against a live server without touching anyone else's state. Admin
 ops are checked only if the socket's user may use them; otherwise the
-`forbidden` answer is. Not provoked: `overloaded`, `shutting_down`,
+`forbidden` answer is (`--admin-forbidden`: must be). With
+`--forbidden-tenant`, a tenant the server's `[[access]]` rules do not grant
+this user, every tenant op on it must get `forbidden` with its request's
+`id`, and the connection must stay open. Not provoked: `overloaded`, `shutting_down`,
 `unavailable` and `internal` (they need load, a stop, an outage or a bug).
 Prints one line per check and `N passed, M failed` last; exits 1 on failure.
 """
@@ -614,7 +617,40 @@ def pipelined_requests_are_all_answered_by_id(path: str) -> None:
         assert ("protocol" in r, "allowed" in r, "hit" in r) == (i % 3 == 0, i % 3 == 1, i % 3 == 2), r
 
 
+# --- access rules --------------------------------------------------------------
+
+#: `--forbidden-tenant`: a tenant this socket's user may not use (None: not checked).
+FORBIDDEN_TENANT: str | None = None
+#: `--admin-forbidden`: this socket's user may not use the admin ops.
+ADMIN_FORBIDDEN = False
+
+
+@check
+def a_tenant_the_peer_may_not_use_is_forbidden_per_request(path: str) -> None:
+    t = FORBIDDEN_TENANT
+    if t is None:
+        SKIPPED.append("a tenant this user may not use: none named (--forbidden-tenant)")
+        return
+    c = Conn(path)
+    requests: list[dict[str, Any]] = [
+        {"op": "check", "tenant": t, "key": "k"},
+        {"op": "check", "tenant": t, "key": "k", "cost": 0},
+        {"op": "check_get", "tenant": t, "key": "k", "cache_key": "c"},
+        {"op": "usage", "tenant": t, "key": "k"},
+        {"op": "cache_get", "tenant": t, "key": "k"},
+        {"op": "cache_set", "tenant": t, "key": "k", "value": b"v", "ttl_ms": 60000},
+        {"op": "cache_del", "tenant": t, "keys": ["k"]},
+    ]
+    for i, r in enumerate(requests, start=1):
+        got = c.ask({"id": i, **r})
+        assert error_code(got) == "forbidden", f"{r}: {got}"
+    ping(c)  # a refused tenant keeps the connection open
+    # Its own tenants are still served on the same connection.
+    assert_decision(c.ok({"id": 100, "op": "check", "tenant": tenant("access"), "key": "k"}))
+
+
 # --- admin ops ---------------------------------------------------------------
+
 
 
 @check
@@ -622,6 +658,8 @@ def admin_ops_answer_or_are_forbidden(path: str) -> None:
     c = Conn(path)
     t = tenant("admin")
     r = c.ask({"id": 1, "op": "tenant_get", "tenant": t})
+    if ADMIN_FORBIDDEN:
+        assert r.get("ok") is False and error_code(r) == "forbidden", f"--admin-forbidden, yet: {r}"
     if r.get("ok") is False:
         assert error_code(r) == "forbidden", r
         expect_error(c, {"id": 2, "op": "tenant_list"}, "forbidden")
@@ -653,9 +691,20 @@ def main() -> int:
         action="store_true",
         help=f"fail, not skip, the lease checks if the server has no `{LEASED}` policy",
     )
+    parser.add_argument(
+        "--forbidden-tenant",
+        metavar="TENANT",
+        help="a tenant the server's [[access]] rules do not grant this user: every op on it must get `forbidden`",
+    )
+    parser.add_argument(
+        "--admin-forbidden",
+        action="store_true",
+        help="this user has no admin grant: the admin ops must get `forbidden` (else either outcome passes)",
+    )
     args = parser.parse_args()
-    global REQUIRE_LEASES
+    global REQUIRE_LEASES, FORBIDDEN_TENANT, ADMIN_FORBIDDEN
     REQUIRE_LEASES = args.require_leases
+    FORBIDDEN_TENANT, ADMIN_FORBIDDEN = args.forbidden_tenant, args.admin_forbidden
     passed = failed = 0
     for fn in CHECKS:
         try:

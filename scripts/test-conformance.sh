@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs scripts/conformance.py against a real quotad on each backend: the
-# embedded memory one, and Redis (a redis-server on a temporary socket).
+# embedded memory one, and Redis (a redis-server on a temporary socket);
+# then on the memory backend with [[access]] rules that grant this user the
+# conformance tenants only, without the admin ops, so `forbidden` is checked.
 # Usage: test-conformance.sh [PYTHON]   (a python3 that can import msgpack;
 # default: clients/python/.venv/bin/python, made by scripts/test-clients.sh).
 # The daemon is $QUOTAD_BIN, else target/debug/quotad.
@@ -56,3 +58,15 @@ source = \"redis\""
     exit 1
   fi
 done
+
+# Access rules: this uid may use `conformance-*` only, and no admin op.
+printf '[server]\nsocket = "%s"\n[[access]]\nuids = [%s]\ntenants = ["conformance-*"]\n%s\n' \
+  "$dir/access.sock" "$(id -u)" "$policy" >"$dir/access.toml"
+"$quotad" serve --config "$dir/access.toml" >"$dir/access.log" 2>&1 &
+pids+=($!)
+wait_for "$dir/access.sock" $! "quotad (access rules)"
+echo "== conformance: memory backend, [[access]] rules"
+if ! "$python" scripts/conformance.py --socket "$dir/access.sock" --forbidden-tenant not-granted --admin-forbidden; then
+  echo "-- quotad log:" && cat "$dir/access.log"
+  exit 1
+fi

@@ -2,7 +2,8 @@
 //!
 //! A connection is admitted once, at connect, and keeps its [`PeerGrant`]:
 //! each request then costs one atomic load (has a reload changed the
-//! rules?) and a hash lookup or prefix test of its tenant. A SIGHUP that
+//! rules?) and a string compare with the last tenant it asked about (a
+//! hash lookup or prefix test only for another tenant). A SIGHUP that
 //! changes the rules bumps the generation, and each connection recomputes
 //! its grant at its next request; one no longer admitted is closed.
 //!
@@ -54,11 +55,40 @@ pub struct PeerGrant {
     grant: Grant,
     /// Decided by `[[access]]` tables (else by `admin.allowed_uids`).
     ruled: bool,
+    /// The last tenant asked about, and the answer: a connection mostly
+    /// sends one tenant's requests, so most cost one string compare instead
+    /// of a hash and a prefix scan. A refresh (new rules) replaces the
+    /// whole grant, this included.
+    last: Option<(String, bool)>,
+}
+
+impl Peer {
+    /// The credentials of the process at the other end of `stream`.
+    pub fn of(stream: &tokio::net::UnixStream) -> Peer {
+        let cred = stream.peer_cred().ok();
+        Peer {
+            uid: cred.map(|c| c.uid()),
+            gid: cred.map(|c| c.gid()),
+        }
+    }
 }
 
 impl PeerGrant {
-    pub fn covers(&self, tenant: &str) -> bool {
-        self.grant.tenants.covers(tenant)
+    pub fn covers(&mut self, tenant: &str) -> bool {
+        if self.grant.tenants.is_all() {
+            return true;
+        }
+        if let Some((last, covered)) = &self.last
+            && last == tenant
+        {
+            return *covered;
+        }
+        let covered = self.grant.tenants.covers(tenant);
+        let (last, answer) = self.last.get_or_insert_with(|| (String::new(), false));
+        last.clear();
+        last.push_str(tenant);
+        *answer = covered;
+        covered
     }
 
     pub fn admin(&self) -> bool {
@@ -182,6 +212,7 @@ impl Rules {
             generation: self.generation,
             grant,
             ruled,
+            last: None,
         })
     }
 }
@@ -190,5 +221,51 @@ fn who(peer: Peer) -> String {
     match (peer.uid, peer.gid) {
         (Some(uid), Some(gid)) => format!("uid {uid} (gid {gid})"),
         _ => "a peer whose credentials could not be read".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AccessConfig;
+
+    /// A connection's grant answers a repeated tenant from its last answer
+    /// (the slow lookup only for a different tenant), and the answers are
+    /// the rules' answers whatever the order.
+    #[test]
+    fn a_grant_remembers_its_last_tenant() {
+        let rules = AccessRules::compile(&[AccessConfig {
+            uids: vec![7],
+            gids: vec![],
+            tenants: vec!["acme".into(), "p-*".into()],
+            admin: false,
+        }])
+        .unwrap();
+        let mut g = PeerGrant {
+            peer: Peer {
+                uid: Some(7),
+                gid: Some(7),
+            },
+            generation: 0,
+            grant: rules.grant(7, 7).unwrap(),
+            ruled: true,
+            last: None,
+        };
+        for (tenant, want) in [
+            ("acme", true),
+            ("acme", true),
+            ("other", false),
+            ("other", false),
+            ("p-1", true),
+            ("acme", true),
+            ("acm", false),
+        ] {
+            assert_eq!(g.covers(tenant), want, "{tenant}");
+            assert_eq!(g.last, Some((tenant.to_owned(), want)), "remembered");
+        }
+        // Every tenant covered: nothing to remember.
+        g.grant.tenants = TenantSet::all();
+        g.last = None;
+        assert!(g.covers("x") && g.last.is_none());
     }
 }

@@ -9,9 +9,9 @@
 //! reply with `id` 0; then the connection's in-flight requests are answered
 //! and it is closed. Other connections never notice.
 //!
-//! A peer the `[[access]]` rules do not admit gets `forbidden` with `id` 0
-//! at connect, and is closed; so is one that a reload stops admitting, at
-//! its next request.
+//! The server admits a peer before its connection counts (see
+//! `server::run`); one that a reload stops admitting gets `forbidden` with
+//! `id` 0 at its next request, and is closed.
 
 use std::io;
 use std::sync::Arc;
@@ -27,7 +27,7 @@ use tokio_util::codec::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::access::{Peer, PeerGrant};
+use crate::access::PeerGrant;
 use crate::config::Limits;
 use crate::error::Error;
 use crate::protocol::{self, DecodeError, Reply};
@@ -92,27 +92,16 @@ impl Encoder<&Reply> for FrameCodec {
 
 type Sink = FramedWrite<tokio::net::unix::OwnedWriteHalf, FrameCodec>;
 
-/// Serves one connection until the peer leaves, a fatal frame arrives, or
-/// shutdown is signalled and every in-flight request is answered.
+/// Serves one connection, already admitted with `grant`, until the peer
+/// leaves, a fatal frame arrives, or shutdown is signalled and every
+/// in-flight request is answered.
 pub async fn serve(
     stream: UnixStream,
+    grant: PeerGrant,
     router: Arc<Router>,
     limits: ConnLimits,
     shutdown: CancellationToken,
 ) {
-    // Who is on the other end decides what it may use.
-    let cred = stream.peer_cred().ok();
-    let peer = Peer {
-        uid: cred.map(|c| c.uid()),
-        gid: cred.map(|c| c.gid()),
-    };
-    let grant = match router.access().admit(peer) {
-        Ok(grant) => grant,
-        Err(e) => {
-            router.stats().error(&e);
-            return refuse(stream, Reply::err(0, e)).await;
-        }
-    };
     let (rd, wr) = stream.into_split();
     let mut frames = FramedRead::new(rd, FrameCodec::new(limits.max_frame_bytes));
     let mut sink = FramedWrite::new(wr, FrameCodec::new(limits.max_frame_bytes));
@@ -217,7 +206,7 @@ impl Conn<'_> {
                     self.reading = false;
                     return Ok(Some(Reply::err(0, e)));
                 }
-                match self.router.route(req, &self.replies, &self.grant) {
+                match self.router.route(req, &self.replies, &mut self.grant) {
                     Routed::Ready(reply) => Some(reply),
                     Routed::Pending => {
                         self.in_flight += 1;
@@ -237,7 +226,7 @@ impl Conn<'_> {
 /// Turns a peer away with `reply`, then end of stream. What it sent
 /// meanwhile is read and dropped (for a second at most), so it reads the
 /// reply rather than a connection reset.
-async fn refuse(stream: UnixStream, reply: Reply) {
+pub async fn refuse(stream: UnixStream, reply: Reply) {
     let (mut rd, wr) = stream.into_split();
     let mut sink = FramedWrite::new(wr, FrameCodec::new(0));
     let _ = tokio::time::timeout(Duration::from_secs(1), async move {

@@ -239,13 +239,14 @@ async fn reload_from(current: &mut Config, router: &Router, path: &Path) {
             "reload: changes to [server] (but `shadow`), [redis], [cache], [quota], [metrics] and [log] take effect only after a restart"
         );
     }
+    router.reload(&new).await;
+    // Logged once the new rules are in force: tests and operators wait on it.
     tracing::info!(
         policies = ?new.plans.default_plan().names(),
         plans = ?new.plans.names(),
         tenants = new.tenants.len(),
         "reloaded policies"
     );
-    router.reload(&new).await;
     current.server.shadow = new.server.shadow;
     current.plans = new.plans;
     current.tenants = new.tenants;

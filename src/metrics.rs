@@ -5,7 +5,7 @@
 //! latency histograms, so a handle is an `Arc` to an atomic looked up once
 //! per config load, never per request, and a SIGHUP reload that recompiles
 //! a policy gets the same counters back. The `stats` counters ([`Stats`])
-//! are read at scrape time. Labels are policy, rule, op, level and failure
+//! are read at scrape time. Labels are policy, rule, op, level, reason and failure
 //! mode: all bounded by the config or the code, never a tenant or a key.
 //!
 //! This module knows label values and counters, not what a policy, a
@@ -445,6 +445,21 @@ impl Collector for StatsCollector {
                 let m = ConstCounter::new(v.load(Relaxed));
                 m.encode(f.encode_family(&[("level", level)])?)?;
             }
+        }
+        let mut f = e.encode_descriptor(
+            "forbidden",
+            "Requests and connections answered forbidden by the [[access]] rules (or admin.allowed_uids), by reason: connect (no rule admits the peer), tenant (a tenant its rules do not grant), admin (an admin op without the admin grant)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        let reasons = [
+            ("connect", &c.forbidden_connect),
+            ("tenant", &c.forbidden_tenant),
+            ("admin", &c.forbidden_admin),
+        ];
+        for (reason, v) in reasons {
+            let m = ConstCounter::new(v.load(Relaxed));
+            m.encode(f.encode_family(&[("reason", reason)])?)?;
         }
         Ok(())
     }

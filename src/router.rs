@@ -88,7 +88,7 @@ impl Router {
     }
 
     /// Routes one request of a connection that `grant` describes.
-    pub fn route(&self, req: Request, replies: &Replies, grant: &PeerGrant) -> Routed {
+    pub fn route(&self, req: Request, replies: &Replies, grant: &mut PeerGrant) -> Routed {
         let id = req.id;
         let sent = match req.op {
             Op::Local(op) => return Routed::Ready(Reply::ok(id, self.local(op))),

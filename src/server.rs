@@ -9,14 +9,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::SinkExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
-use tokio_util::codec::FramedWrite;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::access::Peer;
 use crate::connection::{self, ConnLimits};
 use crate::error::Error;
 use crate::protocol::Reply;
@@ -113,6 +112,10 @@ impl Drop for Listener {
     }
 }
 
+/// Peers being told why they are refused (`forbidden`, `overloaded`) at
+/// once, each for a second at most; more are closed without a word.
+const MAX_REFUSING: usize = 16;
+
 /// Server-wide bounds.
 #[derive(Debug, Clone, Copy)]
 pub struct ServerLimits {
@@ -132,6 +135,7 @@ pub async fn run(
 ) {
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSING));
     let stats = router.stats().clone();
     let mut next_id: u64 = 0;
     loop {
@@ -149,9 +153,20 @@ pub async fn run(
             }
         };
         next_id += 1;
+        // Admission comes first, so a peer the `[[access]]` rules refuse
+        // never holds a connection slot an admitted one could use.
+        let grant = match router.access().admit(Peer::of(&stream)) {
+            Ok(grant) => grant,
+            Err(e) => {
+                stats.error(&e);
+                turn_away(&tracker, &refusals, stream, Reply::err(0, e));
+                continue;
+            }
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             Stats::add(&stats.counters.connections_refused, 1);
-            tracker.spawn(refuse(stream));
+            let reply = Reply::err(0, Error::Overloaded("too many connections"));
+            turn_away(&tracker, &refusals, stream, reply);
             continue;
         };
         Stats::add(&stats.counters.connections_total, 1);
@@ -161,7 +176,7 @@ pub async fn run(
         tracker.spawn(
             async move {
                 tracing::debug!("accepted");
-                connection::serve(stream, router, limits.conn, shutdown).await;
+                connection::serve(stream, grant, router, limits.conn, shutdown).await;
                 stats
                     .counters
                     .connections_open
@@ -182,9 +197,14 @@ pub async fn run(
     }
 }
 
-/// Tells a client over the connection limit why it is being turned away.
-async fn refuse(stream: UnixStream) {
-    let mut sink = FramedWrite::new(stream, connection::FrameCodec::new(0));
-    let reply = Reply::err(0, Error::Overloaded("too many connections"));
-    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(&reply)).await;
+/// Tells a peer why it is turned away (`reply`), unless [`MAX_REFUSING`]
+/// others are being told already: then it is closed at once. A flood of
+/// refused connects thus costs a few tasks, never a connection slot.
+fn turn_away(tracker: &TaskTracker, refusals: &Arc<Semaphore>, stream: UnixStream, reply: Reply) {
+    if let Ok(permit) = refusals.clone().try_acquire_owned() {
+        tracker.spawn(async move {
+            connection::refuse(stream, reply).await;
+            drop(permit);
+        });
+    }
 }

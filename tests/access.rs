@@ -104,6 +104,54 @@ fn a_peer_no_rule_matches_is_refused_at_connect() {
     assert_eq!(log_count(&d, "uid 0 "), 1);
 }
 
+/// Refused peers never take connection slots: with `max_connections = 2`,
+/// `nobody` (no rule admits it) holds 20 connections open without reading
+/// or closing, and root still gets both slots; the refusals are counted.
+#[test]
+fn refused_peers_do_not_take_connection_slots() {
+    let d = start("max_connections = 2\n[[access]]\nuids = [0]\ntenants = [\"*\"]");
+    let hold = format!(
+        "import socket, sys, time\n\
+         ss = []\n\
+         for _ in range(20):\n    s = socket.socket(socket.AF_UNIX)\n    s.connect({:?})\n    ss.append(s)\n\
+         print('connected', flush=True)\n\
+         time.sleep(30)\n",
+        d.socket().display().to_string()
+    );
+    let mut holder = Command::new("setpriv")
+        .args([
+            format!("--reuid={NOBODY}"),
+            format!("--regid={NOBODY}"),
+            "--clear-groups".into(),
+            "/usr/bin/python3".into(),
+            "-c".into(),
+            hold,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("running setpriv (util-linux) and /usr/bin/python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "connected\n");
+    // Connected in the listen queue before root's, so accepted before them.
+    let mut roots = [Raw::connect(&d.socket()), Raw::connect(&d.socket())];
+    for (id, c) in roots.iter_mut().enumerate() {
+        c.send(json!({"id": id + 1, "op": "hello"}));
+        let reply = c.recv().expect("a reply");
+        assert_eq!(reply["ok"], true, "{reply}");
+    }
+    let counters = roots[0].counters();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(counters["forbidden_connect"], 20, "{counters:?}");
+    assert_eq!(counters["connections_refused"], 0, "{counters:?}");
+    assert_eq!(counters["connections_total"], 2, "{counters:?}");
+}
+
 /// A uid pinned to `acme-*` is served on `acme-1` and refused `other`;
 /// on one connection, a refused tenant gets `forbidden` with the request's
 /// `id` and the connection stays open; `hello` and `stats` stay allowed;

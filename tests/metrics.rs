@@ -8,10 +8,14 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 
 use bytes::Bytes;
-use common::{Daemon, Postgres, Redis, SOON, free_port, redis_table, wait_until};
+use common::{
+    Daemon, Postgres, Raw, Redis, SOON, code, free_port, redis_table, wait_until,
+    wait_until_blocking,
+};
 use quotad::client::Client;
 use quotad::limiter::Decision;
 use quotad::protocol::CacheSetArgs;
+use serde_json::json;
 
 /// One policy per failure mode: `api` and `daily` open, `shut` closed,
 /// `inproc` local.
@@ -359,6 +363,53 @@ async fn only_get_metrics_is_served() {
     assert_eq!(m["quotad_shard_queue_depth"], 0.0);
     assert_eq!(http(port, "GET / HTTP/1.1\r\n\r\n").0, 404);
     assert_eq!(http(port, "POST /metrics HTTP/1.1\r\n\r\n").0, 405);
+}
+
+/// `forbidden` answers are exported by reason, as `stats` counts them: a
+/// tenant the peer's `[[access]]` rules do not grant, an admin op without
+/// `admin = true`, and a peer no rule admits any more (after a SIGHUP, at
+/// connect).
+#[test]
+fn forbidden_answers_count_by_reason() {
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "[metrics]\nlisten = \"127.0.0.1:{port}\"\n[[access]]\nuids = [0]\ntenants = [\"acme\"]\n{POLICIES}"
+    ));
+    let forbidden =
+        |m: &Samples, reason: &str| m[&format!("quotad_forbidden_total{{reason=\"{reason}\"}}")];
+    let m0 = scrape(port);
+    for reason in ["connect", "tenant", "admin"] {
+        assert_eq!(forbidden(&m0, reason), 0.0, "{reason}");
+    }
+    let mut c = Raw::connect(&d.socket());
+    for (id, tenant) in [(1, "other"), (2, "acme"), (3, "acme-1")] {
+        c.send(json!({"id": id, "op": "check", "tenant": tenant, "key": "k", "policy": "api"}));
+        let reply = c.recv().expect("a reply");
+        assert_eq!(
+            code(&reply),
+            (tenant != "acme").then_some("forbidden"),
+            "{reply}"
+        );
+    }
+    c.send(json!({"id": 4, "op": "tenant_list"}));
+    assert_eq!(code(&c.recv().unwrap()), Some("forbidden"));
+    let config = std::fs::read_to_string(d.config_path()).unwrap();
+    std::fs::write(
+        d.config_path(),
+        config.replace("uids = [0]", "uids = [4242]"),
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    wait_until_blocking("the reload", SOON, || d.log_contains("reloaded policies"));
+    let reply = Raw::connect(&d.socket()).recv().expect("the refusal");
+    assert_eq!(
+        (reply["id"].clone(), code(&reply)),
+        (json!(0), Some("forbidden"))
+    );
+    let m1 = scrape(port);
+    for (reason, n) in [("connect", 1.0), ("tenant", 2.0), ("admin", 1.0)] {
+        assert_eq!(forbidden(&m1, reason), n, "{reason}");
+    }
 }
 
 /// Redis frozen: requests wait in flight, and past the round trips a shard

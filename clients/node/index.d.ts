@@ -182,6 +182,7 @@ export class UnknownOp extends ServerError {}
 export class UnknownPolicy extends ServerError {}
 export class TooLarge extends ServerError {}
 export class Overloaded extends ServerError {}
+/** `forbidden`: the daemon's `[[access]]` rules refuse this process the tenant or op, or (at connect, id 0) refuse it outright; never answered by the failure mode. */
 export class Forbidden extends ServerError {}
 export class ShuttingDown extends ServerError {}
 /** `unavailable`: an admin op could not reach the tenants' source or Redis, or a usage its Redis (an outage); retry later. */

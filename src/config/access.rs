@@ -1,7 +1,8 @@
 //! `[[access]]`: which Unix users (and groups) may use which tenants, and
 //! the admin ops. The patterns are compiled here, at load; a connection
-//! then asks [`AccessRules::grant`] once for its peer, and each request is
-//! one hash lookup or a few prefix tests against that grant.
+//! then asks [`AccessRules::grant`] once for its peer, and each request for
+//! a new tenant is one hash lookup or a few prefix tests against that grant
+//! (`access::PeerGrant` remembers the last answer).
 
 use std::collections::HashSet;
 
@@ -40,6 +41,11 @@ impl TenantSet {
             all: true,
             ..TenantSet::default()
         }
+    }
+
+    /// True if every tenant is covered (`"*"`): nothing to look up.
+    pub fn is_all(&self) -> bool {
+        self.all
     }
 
     pub fn covers(&self, tenant: &str) -> bool {

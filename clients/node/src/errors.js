@@ -4,6 +4,8 @@
 // - QuotadUnavailable and subclasses: not reachable, connection lost, too slow.
 //   Checks and cache calls turn these into degraded answers unless the
 //   client's failureMode is 'raise'.
+// A refusal at connect by the daemon's [[access]] rules (an id-0 `forbidden`,
+// then close) rejects with Forbidden, whatever the failure mode.
 
 export class QuotadError extends Error {
   constructor(message, options) {
@@ -39,6 +41,12 @@ export class UnknownPolicy extends ServerError {}
 export class TooLarge extends ServerError {}
 /** A bounded queue in the daemon is full: back off and retry. */
 export class Overloaded extends ServerError {}
+/**
+ * The daemon's `[[access]]` rules do not let this process (by uid and gid) use
+ * the tenant or the op, or do not admit it at all: then it answers at connect
+ * (id 0) and closes, and every call rejects with this. Never answered by the
+ * failure mode: it is configuration, not an outage.
+ */
 export class Forbidden extends ServerError {}
 export class ShuttingDown extends ServerError {}
 /** An admin op could not reach the tenants' source or Redis: an outage; retry later. */
@@ -65,9 +73,14 @@ export function serverError(error) {
   return new Cls(message, code);
 }
 
-/** The error for every call in flight when the daemon sends an id-0 error and closes. */
+/**
+ * The error for every call in flight when the daemon sends an id-0 error and
+ * closes. A refusal by the access rules is Forbidden itself, so the caller
+ * sees it rather than a lost connection the failure mode would paper over.
+ */
 export function connectionError(error) {
   const cause = serverError(error);
+  if (cause instanceof Forbidden) return cause;
   return new ConnectionLost(`quotad closed the connection: ${cause.message}`, cause);
 }
 

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { Client, ConnectionLost, FrameReader, InvalidArgument, QuotadUnavailable, RequestTimedOut, decodeBody, encodeFrame } from '../src/index.js';
+import { Client, ConnectionLost, Forbidden, FrameReader, InvalidArgument, QuotadUnavailable, RequestTimedOut, decodeBody, encodeFrame } from '../src/index.js';
 import { Quotad, environment, freshTenant, tempDir } from './daemons.js';
 
 const TIMEOUT = 300;
@@ -190,6 +190,31 @@ test('connection-level errors (id 0) fail the connection, which is then remade',
     second.close();
   } finally {
     c.close();
+    await q.close();
+  }
+});
+
+test('a refusal at connect by the access rules rejects with Forbidden, whatever the failure mode', async () => {
+  const tenant = freshTenant();
+  const uid = process.getuid();
+  const other = uid === 4242 ? 4243 : 4242;
+  const q = await Quotad.start(tempDir('refusing'), null, {
+    tables: `[[access]]\nuids = [${other}]\ntenants = ["*"]\n`,
+  });
+  try {
+    for (const failureMode of ['open', 'closed', 'raise']) {
+      const c = new Client(q.socket, { failureMode, ...quiet });
+      try {
+        for (let i = 0; i < 2; i++) { // the next call reconnects, and is refused again
+          await assert.rejects(c.check(tenant, 'k'), (e) => e instanceof Forbidden && e.code === 'forbidden'
+            && e.serverMessage.includes(`no \`[[access]]\` rule admits uid ${uid}`));
+        }
+        await assert.rejects(c.cacheGet(tenant, 'k'), Forbidden);
+      } finally {
+        c.close();
+      }
+    }
+  } finally {
     await q.close();
   }
 });

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,15 @@ import pytest
 
 from daemons import Quotad, Redis
 from fake_server import Recorder
-from quotad import AsyncClient, Client, ConnectionLost, InvalidArgument, QuotadUnavailable, RequestTimedOut
+from quotad import (
+    AsyncClient,
+    Client,
+    ConnectionLost,
+    Forbidden,
+    InvalidArgument,
+    QuotadUnavailable,
+    RequestTimedOut,
+)
 
 TIMEOUT = 0.3
 SLACK = 0.25  # scheduling on a busy 2-CPU machine
@@ -251,6 +260,41 @@ async def test_connection_level_error_async(strict_daemon: Quotad, tenant: str) 
     assert e.value.server_error is not None and e.value.server_error.code == "too_large"
     assert not (await c.check(tenant, "k", policy="api")).degraded
     await c.close()
+
+
+@pytest.fixture
+def refusing_daemon(tmp_path: Path) -> Iterator[Quotad]:
+    """A daemon whose ``[[access]]`` rules admit one uid, not this test's."""
+    other = 4242 if os.getuid() != 4242 else 4243
+    q = Quotad(tmp_path, None, tables=f'[[access]]\nuids = [{other}]\ntenants = ["*"]\n')
+    yield q
+    q.close()
+
+
+@pytest.mark.parametrize("mode", ["open", "closed", "raise"])
+def test_a_refusal_at_connect_raises_forbidden_sync(refusing_daemon: Quotad, tenant: str, mode: Any) -> None:
+    with Client(str(refusing_daemon.socket), failure_mode=mode) as c:
+        for _ in range(2):  # the next call reconnects, and is refused again
+            with pytest.raises(Forbidden) as e:
+                c.check(tenant, "k")
+            assert e.value.code == "forbidden"
+            assert f"no `[[access]]` rule admits uid {os.getuid()}" in e.value.message
+        with pytest.raises(Forbidden):
+            c.cache_get(tenant, "k")
+
+
+@pytest.mark.parametrize("mode", ["open", "closed", "raise"])
+async def test_a_refusal_at_connect_raises_forbidden_async(refusing_daemon: Quotad, tenant: str, mode: Any) -> None:
+    c = AsyncClient(str(refusing_daemon.socket), failure_mode=mode)
+    try:
+        for _ in range(2):
+            with pytest.raises(Forbidden) as e:
+                await c.check(tenant, "k")
+            assert f"no `[[access]]` rule admits uid {os.getuid()}" in e.value.message
+        with pytest.raises(Forbidden):
+            await c.cache_get(tenant, "k")
+    finally:
+        await c.close()
 
 
 async def test_max_pending_bounds_calls_in_flight(socket_path: str, tenant: str) -> None:

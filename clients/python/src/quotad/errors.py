@@ -7,6 +7,10 @@
   reached, the connection broke, or the reply did not come in time. Checks
   and cache calls turn these into degraded answers unless the client's
   ``failure_mode`` is ``"raise"``.
+
+A refusal at connect by the daemon's ``[[access]]`` rules (an id-0
+``forbidden`` reply, then close) is raised as :class:`Forbidden`, whatever
+the failure mode.
 """
 
 from __future__ import annotations
@@ -86,6 +90,11 @@ class Overloaded(ServerError):
 
 
 class Forbidden(ServerError):
+    """The daemon's ``[[access]]`` rules do not let this process (by its uid
+    and gid) use the tenant or the op, or do not admit it at all: then it
+    answers at connect (id 0) and closes, and every call gets this error.
+    Never answered by the failure mode: it is configuration, not an outage."""
+
     code = "forbidden"
 
 
@@ -126,9 +135,15 @@ _BY_CODE: dict[str, type[ServerError]] = {
 TRANSIENT: tuple[type[QuotadError], ...] = (QuotadUnavailable, Overloaded, ShuttingDown)
 
 
-def connection_error(error: object) -> ConnectionLost:
-    """The error for every call in flight when the daemon sends an id-0 error and closes."""
+def connection_error(error: object) -> QuotadError:
+    """The error for every call in flight when the daemon sends an id-0 error and closes.
+
+    A refusal by the access rules is :class:`Forbidden` itself, so the caller
+    sees it rather than a lost connection the failure mode would paper over.
+    """
     cause = server_error(error)
+    if isinstance(cause, Forbidden):
+        return cause
     return ConnectionLost(f"quotad closed the connection: {cause}", cause)
 
 
