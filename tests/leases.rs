@@ -8,10 +8,10 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, QUOTAD, Raw, Redis, SOON, code, counters, redis_table, wait_until};
+use common::{Daemon, Raw, Redis, SOON, code, counters, redis_table, wait_until};
 use futures::future::join_all;
 use quotad::client::Client;
 use quotad::limiter::{Decision, Lease};
@@ -82,6 +82,19 @@ async fn holds_exactly_the_limit(daemons: &[&Daemon]) {
     let key = "holders";
     let now = Arc::new(AtomicUsize::new(0));
     let most = Arc::new(AtomicUsize::new(0));
+    // quotad's own count, sampled by peeks while the holders run: never
+    // over the limit, and at the limit while holders wait for a slot.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (c, stop) = (cs[3].clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut counts = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                counts.push(outstanding(&c, key).await);
+            }
+            counts
+        })
+    };
     let tasks = (0..200).map(|i| {
         let (c, now, most) = (cs[i % cs.len()].clone(), now.clone(), most.clone());
         tokio::spawn(async move {
@@ -103,6 +116,14 @@ async fn holds_exactly_the_limit(daemons: &[&Daemon]) {
     for t in join_all(tasks).await {
         t.unwrap();
     }
+    stop.store(true, Ordering::SeqCst);
+    let counts = sampler.await.unwrap();
+    assert!(counts.iter().all(|&n| n <= LIMIT), "{counts:?}");
+    let full = counts.iter().filter(|&&n| n == LIMIT).count();
+    assert!(
+        full > 0,
+        "never all {LIMIT} held while holders waited: {counts:?}"
+    );
     let most = most.load(Ordering::SeqCst) as u64;
     assert!(most <= LIMIT, "{most} holders at once");
     assert!(most >= 2, "holders did overlap ({most})");
@@ -130,27 +151,63 @@ async fn two_daemons_on_one_redis_hold_exactly_the_limit() {
     holds_exactly_the_limit(&[&a, &b]).await;
 }
 
+/// Run as its own process by [`a_dead_holders_lease_expires`] (with
+/// `HOLDER_SOCKET` set): takes the lease, says so on stdout, and holds it
+/// (connection open, lease in hand) until it is killed. Without the
+/// variable (a plain `cargo test -- --ignored`) it does nothing.
+#[tokio::test]
+#[ignore = "a helper process, started by the dead-holder tests"]
+async fn lease_holder_process() {
+    let Some(socket) = std::env::var_os("HOLDER_SOCKET") else {
+        return;
+    };
+    let c = Client::connect(&socket)
+        .await
+        .expect("connecting to quotad");
+    let d = c.check("acme", "k", None, 1).await.expect("answered");
+    assert!(d.allowed && !d.degraded, "{d:?}");
+    println!("HOLDING {}", d.lease.expect("a lease"));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    c.release("acme", "k", None, d.lease.unwrap())
+        .await
+        .unwrap();
+}
+
 /// A holder process that takes the only slot and is killed (SIGKILL)
 /// while it holds it: the slot frees itself `lease_ms` after it was taken,
 /// not before.
 async fn a_dead_holders_lease_expires(d: &Daemon) {
+    use std::io::BufRead;
     let lease_ms = 1500;
-    // `quotad check` takes the lease; the shell then holds on until killed.
-    let script = format!(
-        "{QUOTAD} check --tenant acme --key k --socket '{}' && exec sleep 60",
-        d.socket().display()
-    );
-    let mut holder = std::process::Command::new("sh")
-        .args(["-c", &script])
-        .stdout(std::process::Stdio::null())
+    // This test binary again, running only `lease_holder_process`.
+    let mut holder = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "lease_holder_process",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("HOLDER_SOCKET", d.socket())
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let c = d.client().await;
-    wait_until("the holder's lease", SOON, async || {
-        c.check("acme", "k", None, 0).await.unwrap().remaining == 0
-    })
-    .await;
+    let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("HOLDING ") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the holder ended");
+    }
+    // Told after the lease was taken: measuring from here is on the strict side.
     let taken = Instant::now();
+    let c = d.client().await;
+    let peek = c.check("acme", "k", None, 0).await.unwrap();
+    assert_eq!(
+        peek.remaining, 0,
+        "the holder holds the only slot: {peek:?}"
+    );
+    let lease = Lease::parse(line["HOLDING ".len()..].trim()).expect("a lease");
+    // Holding: the holder is alive, and its lease is still outstanding.
+    assert!(holder.try_wait().unwrap().is_none(), "the holder is alive");
     holder.kill().unwrap();
     holder.wait().unwrap();
     let denied = c.check("acme", "k", None, 1).await.unwrap();
@@ -165,6 +222,10 @@ async fn a_dead_holders_lease_expires(d: &Daemon) {
     .await;
     let after = taken.elapsed();
     assert!(after >= Duration::from_millis(lease_ms - 100), "{after:?}");
+    assert!(
+        !c.release("acme", "k", None, lease).await.unwrap(),
+        "the dead holder's lease expired"
+    );
 }
 
 #[tokio::test]

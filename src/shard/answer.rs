@@ -33,6 +33,11 @@ impl Shard {
         if let Job::Usage(_) = &job {
             return self.report(&job, outcome, reply);
         }
+        let (job, reply) = match (job, reply) {
+            // Only the shard's own releases of orphaned leases have no reply.
+            (Job::Release(r), None) => return self.orphan_released(r, outcome, ctx),
+            other => other,
+        };
         let mut body = match outcome.and_then(|o| o.into_body(&job)) {
             Some(body) => body,
             None => self.fail(&job),

@@ -15,6 +15,7 @@
 mod answer;
 pub mod batch;
 mod fills;
+mod orphans;
 mod overlimit;
 mod quota;
 mod set;
@@ -41,6 +42,7 @@ use crate::stats::Stats;
 use batch::{Batcher, Weighted};
 use fills::Fills;
 pub use fills::ReleaseWaiters;
+use orphans::Orphans;
 use overlimit::OverLimit;
 pub use quota::Forget;
 use quota::{PendingCheck, Then};
@@ -92,6 +94,8 @@ pub struct Shard {
     tenants: Tenants,
     overlimit: OverLimit,
     fills: Fills,
+    /// Leases of checks whose outcome Redis never told: released here.
+    orphans: Orphans,
     fill_poll: Duration,
     /// A [`fills::PollFills`] is scheduled.
     polling: bool,
@@ -127,6 +131,7 @@ impl Actor for Shard {
             tenants: a.tenants,
             overlimit: a.overlimit,
             fills: Fills::default(),
+            orphans: Orphans::default(),
             fill_poll: a.fill_poll,
             polling: false,
             polls_out: 0,
@@ -201,6 +206,10 @@ impl Message<BatchDone> for Shard {
 
     async fn handle(&mut self, done: BatchDone, ctx: &mut Context<Self, ()>) {
         for ((job, reply), outcome) in done.jobs.into_iter().zip(done.replies).zip(done.outcomes) {
+            // Sent, and no outcome: the script may have taken the lease.
+            if let (Job::Check(c) | Job::CheckGet(c, _), None) = (&job, &outcome) {
+                self.orphan(c, ctx);
+            }
             self.finish(job, outcome, reply, ctx);
         }
         if let Some(batch) = self.batcher.complete() {

@@ -23,6 +23,8 @@ const WRITE_BUFFER_BYTES = 4 << 20;
 const QUEUE_COMPACT_MIN = 1024;
 /** Bytes of a connection's read buffer (reused by every read). */
 const READ_BUFFER_BYTES = 64 << 10;
+/** Timed-out checks per connection whose late reply is still watched for (a lease to release). */
+const MAX_LATE = 4096;
 
 // What a call resolves to: the reply map, or the result of a hot op.
 const REPLY = 0;
@@ -78,11 +80,15 @@ class Backoff {
 
 /** One request in flight. */
 class Call {
-  constructor(id, kind, timeoutMs, deadline) {
+  constructor(id, kind, timeoutMs, deadline, tenant, key, opts) {
     this.id = id;
     this.kind = kind;
     this.timeoutMs = timeoutMs;
     this.deadline = deadline; // performance.now() ms, for calls in the shared deadline queue
+    // A check's tenant, key and options: a lease its late reply carries is released with them.
+    this.tenant = tenant;
+    this.key = key;
+    this.opts = opts;
     this.resolve = null;
     this.reject = null;
     this.timer = null; // a call's own timer, when it is not in the queue
@@ -102,12 +108,14 @@ const FIELDS = new ReplyFields(); // JS is single-threaded: one reader for every
 
 /** One connected socket and its calls in flight. */
 class Connection {
-  constructor(socket, readBuffer, options, releaseSlot) {
+  constructor(socket, readBuffer, options, releaseSlot, lateLease) {
     this.socket = socket;
     this.readBuffer = readBuffer; // every read lands here: see onRead
     this.options = options;
     this.releaseSlot = releaseSlot;
+    this.lateLease = lateLease; // (call, lease): releases a lease a timed-out check's reply carried
     this.pending = new Map(); // id -> Call
+    this.late = new Map(); // id -> Call: checks that timed out, whose reply may still bring a lease
     this.error = null;
     this.frames = new FrameReader(options.maxReplyBytes);
     this.out = new FrameWriter(); // frames not yet handed to the socket
@@ -148,7 +156,7 @@ class Connection {
     let call;
     if (id > 0) {
       call = this.pending.get(id);
-      if (call === undefined) return; // the caller gave up (timed out) already
+      if (call === undefined) return this.lateFrame(id, buf, start, end); // the caller gave up (timed out)
     }
     if (buf === this.readBuffer && call?.kind !== CHECK) {
       // What the result keeps (a cached value, the general decoder's bin views) must outlive the next read.
@@ -189,9 +197,21 @@ class Connection {
     call.resolve(value);
   }
 
-  /** Registers call `id`, whose frame is already in `out`; resolves to its result. */
-  register(id, kind, timeoutMs, ordered) {
-    const call = new Call(id, kind, timeoutMs, ordered ? performance.now() + timeoutMs : 0);
+  /** The reply of a check that timed out: a lease it carries is released. */
+  lateFrame(id, buf, start, end) {
+    const call = this.late.get(id);
+    if (call === undefined) return;
+    this.late.delete(id);
+    const reply = decodeBody(buf.subarray(start, end));
+    if (typeof reply.lease === 'string') this.lateLease(call, reply.lease);
+  }
+
+  /**
+   * Registers call `id`, whose frame is already in `out`; resolves to its
+   * result. A check passes its `tenant`, `key` and `opts` (see `lateFrame`).
+   */
+  register(id, kind, timeoutMs, ordered, tenant = null, key = null, opts = null) {
+    const call = new Call(id, kind, timeoutMs, ordered ? performance.now() + timeoutMs : 0, tenant, key, opts);
     const promise = new Promise(capture);
     call.resolve = capturedResolve;
     call.reject = capturedReject;
@@ -210,13 +230,13 @@ class Connection {
   }
 
   /** Sends a frame encoded elsewhere; the call's slot is released when it settles. */
-  send(id, frame, kind, timeoutMs) {
+  send(id, frame, kind, timeoutMs, tenant = null, key = null, opts = null) {
     if (this.error !== null) { // nothing would ever answer
       this.releaseSlot();
       return Promise.reject(this.error);
     }
     this.out.append(frame);
-    return this.register(id, kind, timeoutMs, false);
+    return this.register(id, kind, timeoutMs, false, tenant, key, opts);
   }
 
   flush() {
@@ -315,6 +335,7 @@ class Connection {
     this.sweeper = null;
     this.queue = [];
     this.head = 0;
+    this.late.clear();
     const pending = this.pending;
     this.pending = new Map();
     for (const call of pending.values()) {
@@ -327,6 +348,7 @@ class Connection {
 
 function expire(conn, call) {
   conn.settled(call);
+  if (call.tenant !== null && conn.late.size < MAX_LATE) conn.late.set(call.id, call);
   conn.failCall(call, new RequestTimedOut(`no reply from quotad within ${call.timeoutMs} ms`));
 }
 
@@ -395,7 +417,7 @@ export class Client {
   /** May this request go ahead? `cost: 0` peeks without charging. */
   check(tenant, key, opts = {}) {
     const conn = this.#writable();
-    if (conn === null) return this.#slow(CHECK, () => build.check(tenant, key, opts), this.options.timeoutMs);
+    if (conn === null) return this.#slow(CHECK, () => build.check(tenant, key, opts), this.options.timeoutMs, tenant, key, opts);
     const id = this.#id();
     try {
       writeCheck(conn.out, id, tenant, key, opts, this.options.maxFrameBytes);
@@ -403,7 +425,7 @@ export class Client {
       return Promise.reject(e);
     }
     this.inFlight++;
-    return conn.register(id, CHECK, this.options.timeoutMs, true);
+    return conn.register(id, CHECK, this.options.timeoutMs, true, tenant, key, opts);
   }
 
   /** A cache read with everything the daemon said (stale, refresh, fill, ...). */
@@ -475,7 +497,9 @@ export class Client {
   checkGet(tenant, key, cacheKey, opts = {}) {
     const timeoutMs = this.#timeout(opts.fillMs);
     const conn = this.#writable();
-    if (conn === null) return this.#slow(CHECK_GET, () => build.checkGet(tenant, key, cacheKey, opts), timeoutMs);
+    if (conn === null) {
+      return this.#slow(CHECK_GET, () => build.checkGet(tenant, key, cacheKey, opts), timeoutMs, tenant, key, opts);
+    }
     const id = this.#id();
     try {
       writeCheckGet(conn.out, id, tenant, key, cacheKey, opts, this.options.maxFrameBytes);
@@ -483,7 +507,7 @@ export class Client {
       return Promise.reject(e);
     }
     this.inFlight++;
-    return conn.register(id, CHECK_GET, timeoutMs, timeoutMs === this.options.timeoutMs);
+    return conn.register(id, CHECK_GET, timeoutMs, timeoutMs === this.options.timeoutMs, tenant, key, opts);
   }
 
   // -- plumbing --------------------------------------------------------------
@@ -515,15 +539,15 @@ export class Client {
   }
 
   /** A hot op on the general path (connecting, waiting for a slot or the write buffer). */
-  async #slow(kind, request, timeoutMs) {
+  async #slow(kind, request, timeoutMs, tenant = null, key = null, opts = null) {
     try {
-      return await this.#general(request(), kind, timeoutMs);
+      return await this.#general(request(), kind, timeoutMs, tenant, key, opts);
     } catch (e) {
       return failedAnswer(kind, e, this.options);
     }
   }
 
-  async #general(request, kind, timeoutMs) {
+  async #general(request, kind, timeoutMs, tenant = null, key = null, opts = null) {
     const id = this.#id();
     request.id = id;
     const frame = encodeFrame(request);
@@ -550,7 +574,8 @@ export class Client {
       this.#releaseSlot();
       throw e;
     }
-    return conn.send(id, frame, kind, Math.max(1, deadline - Date.now())); // releases the slot when settled
+    // Releases the slot when settled.
+    return conn.send(id, frame, kind, Math.max(1, deadline - Date.now()), tenant, key, opts);
   }
 
   /** Closes the connection; later calls fail as unavailable. */
@@ -559,6 +584,13 @@ export class Client {
     const conn = this.conn;
     this.conn = null;
     conn?.fail(new ConnectionLost('the client was closed'), true);
+  }
+
+  /** Releases a lease that came in the reply of a check that had timed out (nobody waits: failures are logged). */
+  #releaseLate(call, lease) {
+    this.release(call.tenant, call.key, lease, { policy: call.opts.policy }).catch((e) => {
+      this.options.onWarn(`releasing the lease of a timed-out check failed: ${e.message}`);
+    });
   }
 
   #timeout(fillMs) {
@@ -631,7 +663,7 @@ export class Client {
           this.down = false;
           this.options.onWarn(`reconnected to quotad at ${this.socketPath}`);
         }
-        conn = new Connection(socket, readBuffer, this.options, () => this.#releaseSlot());
+        conn = new Connection(socket, readBuffer, this.options, () => this.#releaseSlot(), (call, lease) => this.#releaseLate(call, lease));
         if (this.closed) conn.fail(new ConnectionLost('the client was closed'), true);
         else this.conn = conn;
         resolve(conn);

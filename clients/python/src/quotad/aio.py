@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _requests, _templates
@@ -37,6 +37,8 @@ Reply = dict[str, Any]
 
 #: Bytes a connection buffers for writing before new calls wait for quotad to read.
 WRITE_BUFFER_BYTES = 4 << 20
+# Timed-out calls per connection whose late reply is still watched for (a lease to release).
+MAX_LATE = 4096
 
 
 class _Protocol(asyncio.Protocol):
@@ -45,6 +47,8 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, max_reply_bytes: int, loop: asyncio.AbstractEventLoop) -> None:
         self.transport: asyncio.Transport | None = None
         self.pending: dict[int, asyncio.Future[Reply]] = {}
+        # Calls their callers gave up on (timed out): what to do with a late reply.
+        self.late: dict[int, Callable[[Reply], None]] = {}
         self.error: QuotadError | None = None
         self._frames = FrameReader(max_reply_bytes)
         self._loop = loop
@@ -138,6 +142,8 @@ class _Protocol(asyncio.Protocol):
                 fut = self.pending.pop(req_id, None) if isinstance(req_id, int) else None
                 if fut is not None and not fut.done():
                     fut.set_result(reply)
+                elif fut is None and isinstance(req_id, int) and (late := self.late.pop(req_id, None)):
+                    late(reply)
         except QuotadError as e:
             self.fail(e)
 
@@ -152,6 +158,7 @@ class _Protocol(asyncio.Protocol):
             if not quiet:
                 log.warning("quotad connection lost: %s", err)
         pending, self.pending = self.pending, {}
+        self.late.clear()
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(err)
@@ -257,6 +264,7 @@ class AsyncClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._slots = _Slots(max_pending)
+        self._late_releases: set[asyncio.Future[None]] = set()
         self._closed = False
         self._down = False
 
@@ -286,7 +294,7 @@ class AsyncClient:
         req_id = next(self._ids)
         frame = _templates.check(req_id, tenant, key, policy, cost, self._opts.max_frame_bytes)
         try:
-            return Decision.from_reply(await self._send(req_id, frame, None))
+            return Decision.from_reply(await self._send(req_id, frame, None, self._late_lease(tenant, key, policy)))
         except TRANSIENT as e:
             return self._opts.unavailable_decision(e)
 
@@ -376,7 +384,8 @@ class AsyncClient:
         req_id = next(self._ids)
         frame = _templates.check_get(req_id, tenant, key, cache_key, policy, cost, fill_ms, self._opts.max_frame_bytes)
         try:
-            reply = await self._send(req_id, frame, _requests.timeout(self._opts.timeout, fill_ms))
+            timeout = _requests.timeout(self._opts.timeout, fill_ms)
+            reply = await self._send(req_id, frame, timeout, self._late_lease(tenant, key, policy))
             return CheckGet.from_reply(reply)
         except TRANSIENT as e:
             decision = self._opts.unavailable_decision(e)
@@ -393,10 +402,32 @@ class AsyncClient:
         req_id = next(self._ids)
         return await self._send(req_id, request_frame(request, req_id, self._opts.max_frame_bytes), timeout)
 
-    async def _send(self, req_id: int, frame: bytes, timeout: float | None) -> Reply:
+    def _late_lease(self, tenant: str, key: str, policy: str | None) -> Callable[[Reply], None]:
+        """For a check the caller gave up on: a late reply's lease is released
+        (a task nobody awaits; errors logged)."""
+
+        def late(reply: Reply) -> None:
+            lease = reply.get("lease")
+            if isinstance(lease, str):
+                task = asyncio.ensure_future(self._release_late(tenant, key, lease, policy))
+                self._late_releases.add(task)  # held until done: the loop keeps only weak references
+                task.add_done_callback(self._late_releases.discard)
+
+        return late
+
+    async def _release_late(self, tenant: str, key: str, lease: str, policy: str | None) -> None:
+        try:
+            await self.call(_requests.release(tenant, key, lease, policy))
+        except Exception as e:  # nobody waits for it: its slot frees after lease_ms
+            log.warning("releasing the lease of a timed-out check failed: %s", e)
+
+    async def _send(
+        self, req_id: int, frame: bytes, timeout: float | None, late: Callable[[Reply], None] | None = None
+    ) -> Reply:
         """Sends call ``req_id``'s frame and returns the reply map (as :meth:`call` does).
 
         ``timeout`` None is the client's default: such calls share one timer.
+        ``late`` gets the reply if it comes after the call timed out.
         """
         ordered = timeout is None
         if timeout is None:
@@ -426,6 +457,10 @@ class AsyncClient:
             fut = proto.send(req_id, frame, timeout if ordered else deadline - loop.time(), ordered)
             try:
                 reply = await fut
+            except RequestTimedOut:
+                if late is not None and proto.pending.pop(req_id, None) is not None and len(proto.late) < MAX_LATE:
+                    proto.late[req_id] = late
+                raise
             finally:
                 proto.pending.pop(req_id, None)
         finally:

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from _thread import allocate_lock as _allocate_lock
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _requests, _templates
@@ -42,13 +42,15 @@ class _Waiter:
     """One call's reply slot. A plain lock, held from the start, is the signal:
     the reader releases it once (threading.Event costs a Condition and more)."""
 
-    __slots__ = ("done", "reply", "error")
+    __slots__ = ("done", "reply", "error", "late")
 
     def __init__(self) -> None:
         self.done = _allocate_lock()
         self.done.acquire()
         self.reply: dict[str, Any] | None = None
         self.error: QuotadError | None = None
+        # Set when the caller gave up: what to do with the reply if it still comes.
+        self.late: Callable[[dict[str, Any]], None] | None = None
 
     def answer(self) -> None:
         self.done.release()
@@ -78,7 +80,11 @@ class _Connection:
     def alive(self) -> bool:
         return self._error is None
 
-    def request(self, req_id: int, frame: bytes, deadline: float) -> dict[str, Any]:
+    def request(
+        self, req_id: int, frame: bytes, deadline: float, late: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        """Sends the frame and waits for its reply until ``deadline``; a reply
+        that arrives after that is handed to ``late`` (on the reader thread)."""
         if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise RequestTimedOut(f"{self._opts.max_pending} calls already in flight")
         try:
@@ -95,7 +101,10 @@ class _Connection:
                 raise
             if not waiter.done.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 with self._lock:
-                    self._pending.pop(req_id, None)
+                    if late is not None and req_id in self._pending:
+                        waiter.late = late  # kept: the reader hands it the reply, if one comes
+                    else:
+                        self._pending.pop(req_id, None)
                 if waiter.reply is None and waiter.error is None:
                     if self._error is not None:  # the write failed and the daemon never closed
                         self.close(self._error)
@@ -224,9 +233,13 @@ class _Connection:
             raise connection_error(reply.get("error"))
         with self._lock:
             waiter = self._pending.pop(req_id, None) if isinstance(req_id, int) else None
-        if waiter is not None:  # else the caller gave up (timed out) already
-            waiter.reply = reply
-            waiter.answer()
+        if waiter is None:  # the caller gave up (timed out) already
+            return
+        if waiter.late is not None:
+            waiter.late(reply)
+            return
+        waiter.reply = reply
+        waiter.answer()
 
 
 class Client:
@@ -299,7 +312,7 @@ class Client:
         req_id = next(self._ids)
         frame = _templates.check(req_id, tenant, key, policy, cost, self._opts.max_frame_bytes)
         try:
-            return Decision.from_reply(self._send(req_id, frame, None))
+            return Decision.from_reply(self._send(req_id, frame, None, self._late_lease(tenant, key, policy)))
         except TRANSIENT as e:
             return self._opts.unavailable_decision(e)
 
@@ -389,7 +402,9 @@ class Client:
         req_id = next(self._ids)
         frame = _templates.check_get(req_id, tenant, key, cache_key, policy, cost, fill_ms, self._opts.max_frame_bytes)
         try:
-            return CheckGet.from_reply(self._send(req_id, frame, _requests.timeout(self._opts.timeout, fill_ms)))
+            timeout = _requests.timeout(self._opts.timeout, fill_ms)
+            late = self._late_lease(tenant, key, policy)
+            return CheckGet.from_reply(self._send(req_id, frame, timeout, late))
         except TRANSIENT as e:
             decision = self._opts.unavailable_decision(e)
             return CheckGet(decision, UNAVAILABLE_MISS if decision.allowed else None)
@@ -405,12 +420,35 @@ class Client:
         req_id = next(self._ids)
         return self._send(req_id, request_frame(request, req_id, self._opts.max_frame_bytes), timeout)
 
-    def _send(self, req_id: int, frame: bytes, timeout: float | None) -> dict[str, Any]:
+    def _late_lease(self, tenant: str, key: str, policy: str | None) -> Callable[[dict[str, Any]], None]:
+        """For a check the caller gave up on: a late reply's lease is released
+        (in a thread of its own, not to hold up the reader; errors logged)."""
+
+        def late(reply: dict[str, Any]) -> None:
+            lease = reply.get("lease")
+            if isinstance(lease, str):
+                threading.Thread(target=self._release_late, args=(tenant, key, lease, policy), daemon=True).start()
+
+        return late
+
+    def _release_late(self, tenant: str, key: str, lease: str, policy: str | None) -> None:
+        try:
+            self.call(_requests.release(tenant, key, lease, policy))
+        except Exception as e:  # nobody waits for it: its slot frees after lease_ms
+            log.warning("releasing the lease of a timed-out check failed: %s", e)
+
+    def _send(
+        self,
+        req_id: int,
+        frame: bytes,
+        timeout: float | None,
+        late: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Sends call ``req_id``'s frame and returns the reply map (as :meth:`call` does)."""
         # One deadline for the whole call: connecting, waiting for a slot, writing, the reply.
         deadline = time.monotonic() + (self._opts.timeout if timeout is None else timeout)
         conn = self._connection(deadline)
-        reply = conn.request(req_id, frame, deadline)
+        reply = conn.request(req_id, frame, deadline, late)
         if reply.get("ok") is not True:
             raise server_error(reply.get("error"))
         return reply
