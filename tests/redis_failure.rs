@@ -72,10 +72,12 @@ fn assert_degraded_within_the_deadline(tally: &Tally) {
     assert!(tally.errors.is_empty(), "errors reached clients: {first:?}");
     assert!(tally.answered > 1000, "too little load to prove anything");
     assert!(tally.degraded > 0, "no answer was marked degraded");
-    // The deadline is 100 ms; the margin covers a loaded 2-core machine.
+    // The deadline is 100 ms; the margin covers a loaded 2-core machine
+    // (350 ms was exceeded once at load average 6). Still half the fault's
+    // 1 s, so a check that waited for Redis instead of the deadline fails.
     let slowest = tally.slowest;
     assert!(
-        slowest < Duration::from_millis(350),
+        slowest < Duration::from_millis(500),
         "slowest answer {slowest:?}"
     );
 }
@@ -110,8 +112,8 @@ async fn redis_killed_under_load_fails_open_within_the_deadline_then_recovers() 
     let (tally, ()) = tokio::join!(load(&d, stop.clone()), async {
         until_under_load(&probe).await;
         redis.kill();
-        // The outage under test: 700 ms of load with Redis gone.
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // The outage under test: 1 s of load with Redis gone.
+        tokio::time::sleep(Duration::from_secs(1)).await;
         stop.store(true, Ordering::Relaxed);
     });
     assert_degraded_within_the_deadline(&tally);
@@ -147,8 +149,8 @@ async fn a_hung_redis_costs_each_request_at_most_the_deadline() {
     let (tally, took) = tokio::join!(load(&d, stop.clone()), async {
         until_under_load(&probe).await;
         redis.pause();
-        // The hang under test: 600 ms, six deadlines.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        // The hang under test: 1 s, ten deadlines.
+        tokio::time::sleep(Duration::from_secs(1)).await;
         redis.resume();
         // The load goes on through the recovery.
         let took = until_redis_decides(&probe).await;
