@@ -183,6 +183,7 @@ async fn function_flush_mid_run_reaches_no_client() {
             // Each flush is met, and mended, while the load runs.
             wait_until("the batch code to be reloaded", SOON, async || {
                 counters(&probe).await["script_reloads"] > reloads
+                    && redis.cli(&["FUNCTION", "LIST"]).contains("quotad_")
             })
             .await;
         }

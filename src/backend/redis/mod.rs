@@ -213,10 +213,17 @@ impl RedisBackend {
         }
         Stats::add(&inner.stats.counters.script_calls, groups.len() as u64);
         let mut results = inner.conn.run(cmds).await;
-        let missing: Vec<usize> = (0..groups.len())
+        let mut missing: Vec<usize> = (0..groups.len())
             .filter(|&i| matches!(&results[i], Err(e) if not_loaded(e, via)))
             .collect();
-        if !missing.is_empty() {
+        // Load and resend, again if the code vanished once more in between
+        // (another flush or failover): Redis is answering, so these calls
+        // must not fail for it (nor count towards the breaker).
+        let mut via = via;
+        for _ in 0..RELOAD_ATTEMPTS {
+            if missing.is_empty() {
+                break;
+            }
             Stats::add(&inner.stats.counters.script_reloads, 1);
             tracing::info!(
                 calls = missing.len(),
@@ -226,12 +233,13 @@ impl RedisBackend {
                 Via::Function => self.load().await.ok(),
                 _ => Some(Via::Source),
             };
-            if let Some(again) = again {
-                let cmds = missing.iter().map(|&i| call(&groups[i], again)).collect();
-                for (i, r) in missing.into_iter().zip(inner.conn.run(cmds).await) {
-                    results[i] = r;
-                }
+            let Some(again) = again else { break };
+            via = again;
+            let cmds = missing.iter().map(|&i| call(&groups[i], again)).collect();
+            for (&i, r) in missing.iter().zip(inner.conn.run(cmds).await) {
+                results[i] = r;
             }
+            missing.retain(|&i| matches!(&results[i], Err(e) if not_loaded(e, again)));
         }
         let mut results = results.into_iter();
         let mut done = Vec::with_capacity(round.scripts.len() + round.reads.len());
@@ -414,6 +422,10 @@ impl RedisBackend {
         &self.inner.target
     }
 }
+
+/// How many times one round loads the batch code and resends the calls
+/// refused for want of it.
+const RELOAD_ATTEMPTS: usize = 3;
 
 /// Whether a call made `via` did not run for want of the batch code in
 /// Redis (first use, a restart, failover or flush), so that it may be sent
