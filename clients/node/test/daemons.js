@@ -2,6 +2,7 @@
 
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -33,13 +34,28 @@ export function tempDir(name) {
   return fs.mkdtempSync(path.join(os.tmpdir(), `quotad-node-${name}-`));
 }
 
+// Until `what` accepts connections on the Unix socket `file`: not just until
+// the file exists, since it appears at bind, a moment before listen, and a
+// connect in between is refused.
 async function waitFor(file, proc, what, timeoutMs = 10_000) {
   const deadline = Date.now() + timeoutMs;
-  while (!fs.existsSync(file)) {
-    if (proc.exitCode !== null) throw new Error(`${what} exited with ${proc.exitCode} before creating ${file}`);
-    if (Date.now() > deadline) throw new Error(`${what} did not create ${file} in time`);
+  for (;;) {
+    if (fs.existsSync(file) && (await accepts(file))) return;
+    if (proc.exitCode !== null) throw new Error(`${what} exited with ${proc.exitCode} before listening on ${file}`);
+    if (Date.now() > deadline) throw new Error(`${what} did not listen on ${file} in time`);
     await new Promise((r) => setTimeout(r, 10));
   }
+}
+
+function accepts(file) {
+  return new Promise((resolve) => {
+    const s = net.connect(file);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
 }
 
 function stop(proc, signal = 'SIGTERM') {

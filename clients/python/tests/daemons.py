@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -36,12 +37,25 @@ def quotad_bin() -> Path:
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: float = 10.0) -> None:
+    """Waits until ``what`` accepts connections on the Unix socket ``path``.
+
+    Not just until the file exists: it appears at ``bind``, a moment before
+    ``listen``, and a connect in between is refused (a first call failed so
+    under load, answered by the client's failure mode).
+    """
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while True:
+        if path.exists():
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(path))
+                return
+            except OSError:
+                pass
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} before creating {path}")
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {path}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not create {path} within {timeout}s")
+            raise RuntimeError(f"{what} did not listen on {path} within {timeout}s")
         time.sleep(0.01)
 
 
