@@ -32,13 +32,7 @@ impl Keys {
 
     /// `<prefix>:{<tenant>}:l:<policy>:<rule>:<key>`: one rule's state.
     pub fn rule(&self, tenant: &str, policy: &str, rule: &str, key: &str) -> String {
-        let mut out = self.start(tenant, "l", policy.len() + rule.len() + key.len() + 2);
-        out.push_str(policy);
-        out.push(':');
-        out.push_str(rule);
-        out.push(':');
-        encode_into(&mut out, key);
-        out
+        self.per_rule(tenant, "l", policy, rule, key)
     }
 
     /// `<prefix>:{<tenant>}:n:<policy>:<rule>:<key>`: the leases of one
@@ -46,7 +40,12 @@ impl Keys {
     /// its own letter, so a rule that changes kind on a reload never meets
     /// a key of the wrong type).
     pub fn leases(&self, tenant: &str, policy: &str, rule: &str, key: &str) -> String {
-        let mut out = self.start(tenant, "n", policy.len() + rule.len() + key.len() + 2);
+        self.per_rule(tenant, "n", policy, rule, key)
+    }
+
+    /// `<prefix>:{<tenant>}:<letter>:<policy>:<rule>:<key>`.
+    fn per_rule(&self, tenant: &str, letter: &str, policy: &str, rule: &str, key: &str) -> String {
+        let mut out = self.start(tenant, letter, policy.len() + rule.len() + key.len() + 2);
         out.push_str(policy);
         out.push(':');
         out.push_str(rule);
