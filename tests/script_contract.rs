@@ -104,7 +104,8 @@ async fn a_call_never_sees_the_state_of_the_call_before() {
         let redis::Value::Array(items) = v else {
             panic!("{v:?}")
         };
-        let redis::Value::Int(remaining) = items[2] else {
+        // An allowed check by its first rule: 1, remaining, reset_ms.
+        let [redis::Value::Int(1), redis::Value::Int(remaining), _] = items[..] else {
             panic!("{items:?}")
         };
         remaining

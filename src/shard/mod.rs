@@ -57,7 +57,6 @@ pub struct JobMsg(pub ShardOp, pub ReplyTo);
 /// The reply senders travel with the batch: if the shard is gone when it
 /// returns, dropping them tells each caller so.
 pub struct BatchDone {
-    redis: RedisBackend,
     jobs: Vec<Job>,
     replies: Vec<Option<ReplyTo>>,
     outcomes: Vec<Option<Outcome>>,
@@ -65,6 +64,10 @@ pub struct BatchDone {
 
 /// Policies were reloaded: forget cached denials, they may no longer hold.
 pub struct Reload;
+
+/// Sends what the batcher holds (see [`batch`]): a message the shard sends
+/// itself, so that it runs after the requests already in its mailbox.
+struct Flush;
 
 /// A job waiting for Redis. `reply` is `None` for the shard's own polls.
 struct Waiter {
@@ -212,9 +215,17 @@ impl Message<BatchDone> for Shard {
             }
             self.finish(job, outcome, reply, ctx);
         }
-        if let Some(batch) = self.batcher.complete() {
-            self.send(&done.redis, batch, ctx);
+        if self.batcher.complete() {
+            self.schedule_flush(ctx);
         }
+    }
+}
+
+impl Message<Flush> for Shard {
+    type Reply = ();
+
+    async fn handle(&mut self, _: Flush, ctx: &mut Context<Self, ()>) {
+        self.flush(ctx);
     }
 }
 
@@ -271,12 +282,30 @@ impl Shard {
             deadline: Instant::now() + redis.timeout(),
         };
         match self.batcher.push(waiter) {
-            Ok(Some(batch)) => self.send(&redis, batch, ctx),
-            Ok(None) => {}
+            Ok(true) => self.schedule_flush(ctx),
+            Ok(false) => {}
             Err(w) => match w.reply {
                 Some(reply) => reply.send(Err(Error::Overloaded("shard queue full"))),
                 None => self.finish(w.job, None, None, ctx), // a poll: counted back
             },
+        }
+    }
+
+    /// Has [`Flush`] run once the mailbox holds nothing older; with a full
+    /// mailbox (it cannot wait behind it) the batch goes out now.
+    fn schedule_flush(&mut self, ctx: &Context<Self, ()>) {
+        if ctx.actor_ref().tell(Flush).try_send().is_err() {
+            self.flush(ctx);
+        }
+    }
+
+    fn flush(&mut self, ctx: &Context<Self, ()>) {
+        let Backend::Redis(redis) = &self.backend else {
+            return;
+        };
+        let redis = redis.clone();
+        while let Some(batch) = self.batcher.flush() {
+            self.send(&redis, batch, ctx);
         }
     }
 
@@ -298,8 +327,8 @@ impl Shard {
             }
         }
         let Some(deadline) = deadline else {
-            if let Some(next) = self.batcher.complete() {
-                self.send(redis, next, ctx);
+            if self.batcher.complete() {
+                self.schedule_flush(ctx);
             }
             return;
         };
@@ -307,7 +336,6 @@ impl Shard {
         ctx.pipe(async move {
             let outcomes = redis.run(&jobs, deadline).await;
             BatchDone {
-                redis,
                 jobs,
                 replies,
                 outcomes,

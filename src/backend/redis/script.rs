@@ -318,48 +318,67 @@ impl<'a> Call<'a> {
 /// Reads the script's reply for `jobs`; `None` if it is not the shape the
 /// script returns (then the caller answers by failure mode).
 pub fn outcomes<'a>(reply: Value, jobs: impl Iterator<Item = &'a Job>) -> Option<Vec<Outcome>> {
-    let Value::Array(mut items) = reply else {
+    let Value::Array(items) = reply else {
         return None;
     };
     let jobs: Vec<&Job> = jobs.collect();
-    let width = |job: &Job| match job {
-        Job::Check(_) | Job::Get { .. } => 5,
-        Job::Set(_) | Job::Del(_) | Job::Release(_) => 1,
-        Job::CheckGet(..) => 10,
-        Job::Usage(c) => 2 * c.policy.rules.len(),
+    let mut items = items.into_iter();
+    let mut int = || match items.next()? {
+        Value::Int(i) => Some(i),
+        _ => None,
     };
-    // Plain checks travel ahead of the other operations (see `Call::add`).
+    // Plain checks travel ahead of the other operations (see `Call::add`),
+    // and so do their results: 3 or 5 integers each (see lua/batch.lua).
     let plain = |job: &Job| matches!(job, Job::Check(c) if !c.policy.has_leases());
-    let ints: usize = jobs.iter().map(|j| width(j)).sum();
-    if items.len() < ints {
-        return None;
+    let mut verdicts = Vec::with_capacity(jobs.len());
+    for job in jobs.iter().filter(|j| plain(j)) {
+        let Job::Check(c) = job else { unreachable!() };
+        let head = int()?;
+        let n = if head == 1 {
+            [
+                1,
+                0,
+                u64::try_from(int()?).ok()?,
+                u64::try_from(int()?).ok()?,
+                0,
+            ]
+        } else {
+            let code = u64::try_from(-1 - head).ok()?;
+            let mut n = [code, 0, 0, 0, 0];
+            for v in &mut n[1..] {
+                *v = u64::try_from(int()?).ok()?;
+            }
+            n
+        };
+        verdicts.push(verdict(&n, c.policy.rules.len())?);
     }
-    let mut values = items.split_off(ints).into_iter().map(|v| match v {
+    let mut verdicts = verdicts.into_iter();
+    let mut nums = |width: usize| -> Option<Vec<u64>> {
+        (0..width).map(|_| u64::try_from(int()?).ok()).collect()
+    };
+    // Then the other operations' integers, in order; the values of hits
+    // come last, so lookups are read after every integer.
+    let mut pending = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        let n = match job {
+            _ if plain(job) => Vec::new(),
+            Job::Check(_) | Job::Get { .. } => nums(5)?,
+            Job::Set(_) | Job::Del(_) | Job::Release(_) => nums(1)?,
+            Job::CheckGet(..) => nums(10)?,
+            Job::Usage(c) => nums(2 * c.policy.rules.len())?,
+        };
+        pending.push(n);
+    }
+    let mut values = items.map(|v| match v {
         Value::BulkString(b) => Some(Bytes::from(b)),
         _ => None,
     });
-    let nums = items
-        .into_iter()
-        .map(|v| match v {
-            Value::Int(i) => u64::try_from(i).ok(),
-            _ => None,
-        })
-        .collect::<Option<Vec<u64>>>()?;
-    // The plain checks' results come first, then the other operations'.
-    let checks = jobs.iter().filter(|j| plain(j)).count();
-    let (mut check_at, mut other_at) = (0, 5 * checks);
     let mut out = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let at = if plain(job) {
-            &mut check_at
-        } else {
-            &mut other_at
-        };
-        let n = &nums[*at..*at + width(job)];
-        *at += width(job);
+    for (job, n) in jobs.into_iter().zip(pending) {
         let o = match job {
-            Job::Check(c) => Outcome::Decided(verdict(n, c.policy.rules.len())?),
-            Job::Get { .. } => Outcome::Looked(lookup(n, &mut values)?),
+            _ if plain(job) => Outcome::Decided(verdicts.next()?),
+            Job::Check(c) => Outcome::Decided(verdict(&n, c.policy.rules.len())?),
+            Job::Get { .. } => Outcome::Looked(lookup(&n, &mut values)?),
             Job::Set(_) => Outcome::Stored,
             Job::Del(_) => Outcome::Deleted(n[0]),
             Job::Release(_) => Outcome::Released(n[0] == 1),
