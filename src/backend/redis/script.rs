@@ -183,8 +183,9 @@ struct Call<'a> {
     /// The distinct rule state keys (the first KEYS), each once: checks
     /// of the same tenant, policy and key refer to the same ones.
     states: Vec<String>,
-    /// A check's first state key -> its 1-based index in KEYS.
-    state_index: HashMap<String, usize>,
+    /// A check's tenant, policy name and key -> the 1-based KEYS index of
+    /// its first state key (borrowed: no key name is built twice).
+    state_index: HashMap<(&'a str, &'a str, &'a str), usize>,
     /// The cache operations' keys, after the state keys.
     names: Vec<String>,
     /// The plain checks: how many, and their arguments in one string.
@@ -278,12 +279,12 @@ impl<'a> Call<'a> {
     /// The KEYS index of the check's first state key, adding its keys if
     /// no earlier check of the call has them. The same policy name means
     /// the same rules, hence the same keys, whatever a plan changed.
-    fn state_keys(&mut self, c: &Check) -> u64 {
-        let names = c.state_keys(self.keys);
+    fn state_keys(&mut self, c: &'a Check) -> u64 {
         let next = self.states.len() + 1;
-        let first = *self.state_index.entry(names[0].clone()).or_insert(next);
+        let id = (c.tenant.as_str(), &*c.policy.name, c.key.as_str());
+        let first = *self.state_index.entry(id).or_insert(next);
         if first == next {
-            self.states.extend(names);
+            self.states.extend(c.state_keys(self.keys));
         }
         first as u64
     }
