@@ -42,6 +42,23 @@ pub enum DecodeError {
 
 /// Decodes one request frame (without its length prefix).
 pub fn decode(frame: &[u8], limits: &Limits) -> Result<Request, DecodeError> {
+    match super::flat::fields(frame) {
+        Some(fields) => into_request(
+            RawRequest {
+                fields,
+                problem: None,
+            },
+            limits,
+        ),
+        None => decode_general(frame, limits),
+    }
+}
+
+/// [`decode`] without its fast path for flat maps ([`super::flat`]), which
+/// must give the same answer for every frame it reads (the fuzz target and
+/// the tests compare them).
+#[doc(hidden)]
+pub fn decode_general(frame: &[u8], limits: &Limits) -> Result<Request, DecodeError> {
     // Read in place: strings are borrowed from the frame rather than
     // copied into the deserializer's own buffer first. The borrowing
     // reader cannot say where it stopped, so trailing bytes are found by
@@ -49,7 +66,7 @@ pub fn decode(frame: &[u8], limits: &Limits) -> Result<Request, DecodeError> {
     let whole = first_value_len(frame).is_none_or(|n| n == frame.len());
     let mut de = rmp_serde::Deserializer::from_read_ref(frame);
     de.set_max_depth(MAX_DEPTH);
-    let mut raw = RawRequest::deserialize(&mut de).map_err(|e| {
+    let raw = RawRequest::deserialize(&mut de).map_err(|e| {
         DecodeError::Fatal(Error::bad_request(format!(
             "a frame must hold one MessagePack map with string keys: {e}"
         )))
@@ -59,6 +76,11 @@ pub fn decode(frame: &[u8], limits: &Limits) -> Result<Request, DecodeError> {
             "trailing bytes after the request map",
         )));
     }
+    into_request(raw, limits)
+}
+
+/// A read map's request, or the error that names its first bad field.
+fn into_request(mut raw: RawRequest, limits: &Limits) -> Result<Request, DecodeError> {
     let id = match raw.fields[0].take() {
         Some(Field::Uint(id)) => id,
         other => {
@@ -576,6 +598,89 @@ mod tests {
             let req = decode(&sample(kind), &LIMITS).unwrap_or_else(|e| panic!("{kind:?}: {e:?}"));
             assert_eq!(req.op.kind(), kind);
             assert_eq!(req.op.answerer(), kind.answerer(), "{kind:?}");
+        }
+    }
+
+    /// The fast path and the general reader agree on `frame`; true if the
+    /// fast path read it (rather than leaving it to the general one).
+    fn agree(frame: &[u8]) -> bool {
+        let (fast, general) = (decode(frame, &LIMITS), decode_general(frame, &LIMITS));
+        assert_eq!(format!("{fast:?}"), format!("{general:?}"), "{frame:x?}");
+        super::super::flat::fields(frame).is_some()
+    }
+
+    #[test]
+    fn the_fast_path_reads_flat_maps_as_the_general_reader_does() {
+        use rmpv::Value;
+        let s = |v: &str| Value::from(v);
+        // Every scalar marker the fast path reads, and some it leaves.
+        let values = [
+            Value::Nil,
+            Value::from(true),
+            Value::from(false),
+            Value::from(0),
+            Value::from(127),
+            Value::from(128),
+            Value::from(65_536),
+            Value::from(u64::MAX),
+            Value::from(-1),
+            Value::from(-33),
+            Value::from(-40_000),
+            Value::from(i64::MIN),
+            Value::F32(1.5),
+            Value::F64(f64::NAN),
+            s(""),
+            s("t"),
+            s("check"),
+            s(&"x".repeat(40)),
+            s(&"é".repeat(200)),
+            s("a\0b"),
+            Value::Binary(b"v".to_vec()),
+            Value::Binary(vec![7; 300]),
+            Value::Array(vec![s("a")]),
+            Value::Map(vec![]),
+            Value::Ext(1, vec![1]),
+        ];
+        let mut fast = 0;
+        for kind in OpKind::ALL {
+            // Lists and maps (tags, keys, limits) go to the general reader.
+            let nested = kind == OpKind::CacheDel;
+            assert_eq!(agree(&sample(kind)), !nested, "{kind:?}");
+        }
+        for name in NAMES.iter().chain(&["unknown"]) {
+            for v in &values {
+                let base = vec![
+                    (s("id"), Value::from(9)),
+                    (s("op"), s("check")),
+                    (s("tenant"), s("t")),
+                    (s("key"), s("k")),
+                ];
+                for at in [0, 2, 4] {
+                    let mut fields = base.clone();
+                    fields.insert(at, (s(name), v.clone()));
+                    let mut frame = Vec::new();
+                    rmpv::encode::write_value(&mut frame, &Value::Map(fields)).unwrap();
+                    fast += usize::from(agree(&frame));
+                    // Truncated anywhere, or with a byte more.
+                    for cut in 0..frame.len() {
+                        agree(&frame[..cut]);
+                    }
+                    frame.push(0);
+                    assert!(!agree(&frame), "trailing bytes go to the general reader");
+                }
+            }
+        }
+        assert!(fast > 500, "the fast path read {fast} frames");
+        // Keys that are not strings, or that come twice, go to the general reader.
+        let dup = Value::Map(vec![(s("id"), Value::from(1)), (s("id"), Value::from(2))]);
+        let num_key = Value::Map(vec![
+            (Value::from(1), Value::from(1)),
+            (s("id"), Value::from(2)),
+        ]);
+        for v in [dup, num_key] {
+            let mut frame = Vec::new();
+            rmpv::encode::write_value(&mut frame, &v).unwrap();
+            assert!(!agree(&frame));
         }
     }
 

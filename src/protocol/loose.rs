@@ -64,6 +64,15 @@ impl Field {
     }
 }
 
+/// A string value. Field names and op names come over and over: they are
+/// borrowed, not allocated.
+pub(super) fn string(v: &str) -> Field {
+    Field::Str(match NAMES.iter().chain(&OPS).find(|k| **k == v) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(v.to_owned()),
+    })
+}
+
 /// The value as a number, if it is one.
 pub fn number(f: &Field) -> Option<f64> {
     match *f {
@@ -107,13 +116,7 @@ impl<'de> Visitor<'de> for FieldVisitor {
         Ok(Field::Float(v))
     }
     fn visit_str<E>(self, v: &str) -> Result<Field, E> {
-        // Field names and op names come over and over: no allocation.
-        Ok(Field::Str(
-            match NAMES.iter().chain(&OPS).find(|k| **k == v) {
-                Some(k) => Cow::Borrowed(k),
-                None => Cow::Owned(v.to_owned()),
-            },
-        ))
+        Ok(string(v))
     }
     fn visit_bytes<E>(self, v: &[u8]) -> Result<Field, E> {
         Ok(Field::Bin(Bytes::copy_from_slice(v)))

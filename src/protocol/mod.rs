@@ -11,6 +11,7 @@
 mod decode;
 mod encode;
 mod fields;
+mod flat;
 mod loose;
 mod op;
 
@@ -21,7 +22,7 @@ use crate::error::Error;
 use crate::limiter::usage::RuleUsage;
 use crate::limiter::{Decision, Lease};
 
-pub use decode::{DecodeError, decode};
+pub use decode::{DecodeError, decode, decode_general};
 pub use encode::{encode_reply, encode_request};
 pub use fields::{ReplyFields, TenantFields, UsageFields, WireError};
 pub use op::{AdminOp, Answerer, LocalOp, OPS, Op, OpKind, ShardOp};
