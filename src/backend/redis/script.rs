@@ -138,14 +138,17 @@ pub fn command<'a>(
     now_us: Option<u64>,
     via: Via,
 ) -> Cmd {
+    // Sized for one state key and one plain check per job: no regrowth
+    // (and rehashing) while the call is built.
+    let n = jobs.size_hint().0;
     let mut call = Call {
         keys,
         policies: Vec::new(),
-        states: Vec::new(),
-        state_index: HashMap::new(),
+        states: Vec::with_capacity(n),
+        state_index: HashMap::with_capacity(n),
         names: Vec::new(),
         checks: 0,
-        check_args: Vec::new(),
+        check_args: Vec::with_capacity(24 * n),
         args: Vec::new(),
     };
     for job in jobs {
