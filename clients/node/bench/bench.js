@@ -22,8 +22,10 @@
 // are measured under the same machine load; the summary gives each ratio's
 // median and range over the repeats. Client CPU is process.cpuUsage() of
 // this process per check over the measured seconds, the loop's own cost
-// included (the `loop` system measures that alone); reads and writes per check are this process's
-// read and write syscalls (/proc/self/io) over the same seconds.
+// included (the `loop` system measures that alone); reads, writes and
+// wake-ups per check are this process's read and write syscalls
+// (/proc/self/io) and its main thread's voluntary context switches, over the
+// same seconds.
 
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -82,14 +84,19 @@ async function waitFor(pred, what, ms = 10_000) {
   }
 }
 
-/** This process's read and write syscalls so far (/proc/self/io; zeros where the kernel does not count them). */
+/**
+ * This process's read and write syscalls so far (/proc/self/io) and its main
+ * thread's voluntary context switches (/proc/self/status: each one a wait in
+ * epoll for something to read, then a wake-up); zeros where not counted.
+ */
 function syscalls() {
   try {
     const io = fs.readFileSync('/proc/self/io', 'utf8');
-    const get = (k) => Number(io.match(new RegExp(`${k}: (\\d+)`))[1]);
-    return { reads: get('syscr'), writes: get('syscw') };
+    const status = fs.readFileSync('/proc/self/status', 'utf8');
+    const get = (text, k) => Number(text.match(new RegExp(`${k}:\\s+(\\d+)`))[1]);
+    return { reads: get(io, 'syscr'), writes: get(io, 'syscw'), wakeups: get(status, 'voluntary_ctxt_switches') };
   } catch {
-    return { reads: 0, writes: 0 };
+    return { reads: 0, writes: 0, wakeups: 0 };
   }
 }
 
@@ -150,6 +157,7 @@ async function run(system, concurrency, seconds, warmup) {
   return {
     done, wall, p50: pct(lat, 50), p99: pct(lat, 99),
     cpu: (c1.user + c1.system) / done, reads: (s1.reads - s0.reads) / done, writes: (s1.writes - s0.writes) / done,
+    wakeups: (s1.wakeups - s0.wakeups) / done,
   };
 }
 
@@ -209,7 +217,7 @@ async function main() {
 
     const redisVersion = (await admin.info('server')).match(/redis_version:(\S+)/)[1];
     console.log(`# ${new Date().toISOString().slice(0, 16)}, ${os.cpus().length} CPUs, Node ${process.version}, redis-server ${redisVersion}, ${seconds} s per run`);
-    console.log('| system | in flight | checks/s | p50 µs | p99 µs | Redis CPU µs/check | client CPU µs/check | quotad CPU µs/check | reads / writes per check |');
+    console.log('| system | in flight | checks/s | p50 µs | p99 µs | Redis CPU µs/check | client CPU µs/check | quotad CPU µs/check | reads / writes / wake-ups per check |');
     console.log('|---|---|---|---|---|---|---|---|---|');
     const repeats = Number(arg('repeat', '1'));
     const results = {}; // `${name}/${c}` -> [{ rate, cpu }] one per repeat
@@ -218,13 +226,13 @@ async function main() {
       for (const name of only) {
         const r0 = await redisCpuSeconds(admin);
         const q0 = procCpuSeconds(quotadProc.pid);
-        const { done, wall, p50, p99, cpu, reads, writes } = await run(systems[name], c, seconds, warmup);
+        const { done, wall, p50, p99, cpu, reads, writes, wakeups } = await run(systems[name], c, seconds, warmup);
         const r1 = await redisCpuSeconds(admin);
         const q1 = procCpuSeconds(quotadProc.pid);
         const total = (done * (seconds + warmup)) / seconds; // Redis's and quotad's CPU deltas include the warm-up
         (results[`${name}/${c}`] ??= []).push({ rate: done / wall, cpu });
         const qcpu = name.startsWith('quotad') ? (((q1 - q0) / total) * 1e6).toFixed(1) : '—';
-        console.log(`| ${name} | ${c} | ${(done / wall).toFixed(0)} | ${p50.toFixed(0)} | ${p99.toFixed(0)} | ${(((r1 - r0) / total) * 1e6).toFixed(1)} | ${cpu.toFixed(2)} | ${qcpu} | ${reads.toFixed(3)} / ${writes.toFixed(3)} |`);
+        console.log(`| ${name} | ${c} | ${(done / wall).toFixed(0)} | ${p50.toFixed(0)} | ${p99.toFixed(0)} | ${(((r1 - r0) / total) * 1e6).toFixed(1)} | ${cpu.toFixed(2)} | ${qcpu} | ${reads.toFixed(3)} / ${writes.toFixed(3)} / ${wakeups.toFixed(3)} |`);
       }
     }
     }
