@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from daemons import Quotad
@@ -99,5 +100,49 @@ def test_connections_found_closed_leave_no_descriptor_behind(tmp_path: Path) -> 
         unclosed = [w for w in caught if issubclass(w.category, ResourceWarning) and "oneshot.sock" in str(w.message)]
         assert unclosed == []
         assert server.connections == 31
+    finally:
+        server.close()
+
+
+class SequentialServer:
+    """Reads one request at a time and answers it with a 600 KB reply before reading on
+    (so it stops reading while nobody reads its replies), like a simple server would."""
+
+    def __init__(self, path: Path) -> None:
+        self.answered = 0
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(4)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        with conn:
+            frames = FrameReader(8 << 20)
+            while data := conn.recv(64 << 10):
+                for body in frames.feed(data):
+                    req_id = decode_body(body)["id"]
+                    conn.sendall(encode_frame({"id": req_id, "ok": True, "degraded": False, "pad": b"p" * (600 << 10)}))
+                    self.answered += 1
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_writer_holding_the_reading_role_reads_while_its_write_waits(tmp_path: Path) -> None:
+    """Large requests and large replies both ways: the thread writing never waits on quotad without reading too."""
+    server = SequentialServer(tmp_path / "seq.sock")
+    try:
+        with Client(str(tmp_path / "seq.sock"), timeout=5.0, failure_mode="raise") as c:
+
+            def store(t: int) -> int:
+                return sum(c.cache_set("t", f"k{t}:{n}", b"v" * (600 << 10), ttl_ms=1000) for n in range(4))
+
+            t0 = time.monotonic()
+            with ThreadPoolExecutor(4) as pool:
+                assert sum(pool.map(store, range(4))) == 16
+            assert time.monotonic() - t0 < 4, "a call waited for its timeout"
+        assert server.answered == 16
     finally:
         server.close()

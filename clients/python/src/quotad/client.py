@@ -104,8 +104,10 @@ class _Connection:
         self._queued: list[bytes] = []
         self._writable = select.poll()  # used by the writing thread
         self._writable.register(sock, select.POLLOUT)
-        self._readable = select.poll()  # used by the reading thread, without waiting
+        self._readable = select.poll()  # used by the reading thread
         self._readable.register(sock, select.POLLIN)
+        self._either = select.poll()  # used by the writing thread while it also holds the reading role
+        self._either.register(sock, select.POLLIN | select.POLLOUT)
         self._frames = FrameReader(opts.max_reply_bytes)  # used by the reading thread
         self._reading = False
         # Calls in flight, at most max_pending: counted under _lock, which a
@@ -150,7 +152,7 @@ class _Connection:
             if leading:
                 self._read_idle()
             try:
-                self._write(frame, deadline)
+                self._write(frame, deadline, waiter, leading)
             except RequestTimedOut:
                 with self._lock:
                     self._pending.pop(req_id, None)
@@ -270,7 +272,7 @@ class _Connection:
             return _REFUSED
         return _READ
 
-    def _write(self, frame: bytes, deadline: float) -> None:
+    def _write(self, frame: bytes, deadline: float, waiter: _Waiter, leading: bool) -> None:
         """Writes the frame, or queues it for the thread writing now; RequestTimedOut at ``deadline``.
 
         The writing thread sends what was queued while it wrote, in one
@@ -290,7 +292,7 @@ class _Connection:
         data = frame
         try:
             while True:
-                self._send_all(data, deadline)
+                self._send_all(data, deadline, waiter, leading)
                 with self._lock:
                     if not self._queued:
                         self._writing = False
@@ -303,7 +305,7 @@ class _Connection:
                 self._queued = []
             raise
 
-    def _send_all(self, data: bytes, deadline: float) -> None:
+    def _send_all(self, data: bytes, deadline: float, waiter: _Waiter, leading: bool) -> None:
         view = memoryview(data)
         try:
             while view:
@@ -313,7 +315,17 @@ class _Connection:
                 except BlockingIOError:  # the socket's buffer is full: wait until quotad reads
                     pass
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._writable.poll(remaining * 1000):
+                if leading or waiter.lead:
+                    # This thread holds the reading role: it reads while it waits (quotad,
+                    # blocked writing replies nobody reads, might stop reading too).
+                    ready = self._either.poll(remaining * 1000) if remaining > 0 else []
+                    if ready and ready[0][1] & ~select.POLLOUT:
+                        if self._read_once(0) >= _CLOSED:
+                            return  # the calls in flight, this one included, have failed
+                        continue
+                elif remaining > 0:
+                    ready = self._writable.poll(remaining * 1000)
+                if remaining <= 0 or not ready:
                     if len(view) < len(data):
                         self._write_failed(ConnectionLost("a request was cut short: quotad is not reading"))
                     raise RequestTimedOut("quotad is not reading its socket")
@@ -606,7 +618,7 @@ class Client:
             if self._closed:
                 raise ConnectFailed("the client is closed")
             if self._pid != os.getpid():
-                # Forked: the socket belongs to the parent, and the reader thread did not survive.
+                # Forked: the socket belongs to the parent, and a thread reading it did not survive.
                 self._pid, self._conn = os.getpid(), None
             conn = self._conn
             if conn is not None and conn.alive:
