@@ -187,7 +187,10 @@ class _Connection:
             assert waiter.reply is not None
             return waiter.reply
         finally:
-            if leading:
+            with self._lock:
+                # Handed the role while writing (and answered before it waited): it holds it too.
+                handed, waiter.lead = waiter.lead, False
+            if leading or handed:
                 self._pass_role()
             with self._lock:
                 self._in_flight -= 1
@@ -315,20 +318,19 @@ class _Connection:
                 except BlockingIOError:  # the socket's buffer is full: wait until quotad reads
                     pass
                 remaining = deadline - time.monotonic()
-                if leading or waiter.lead:
-                    # This thread holds the reading role: it reads while it waits (quotad,
-                    # blocked writing replies nobody reads, might stop reading too).
-                    ready = self._either.poll(remaining * 1000) if remaining > 0 else []
-                    if ready and ready[0][1] & ~select.POLLOUT:
-                        if self._read_once(0) >= _CLOSED:
-                            return  # the calls in flight, this one included, have failed
-                        continue
-                elif remaining > 0:
-                    ready = self._writable.poll(remaining * 1000)
-                if remaining <= 0 or not ready:
+                if remaining <= 0:
                     if len(view) < len(data):
                         self._write_failed(ConnectionLost("a request was cut short: quotad is not reading"))
                     raise RequestTimedOut("quotad is not reading its socket")
+                if leading or waiter.lead:
+                    # This thread holds the reading role: it reads as it waits (quotad,
+                    # blocked writing replies nobody reads, might stop reading too).
+                    ready = self._either.poll(remaining * 1000)
+                    if ready and ready[0][1] & ~select.POLLOUT and self._read_once(0) >= _CLOSED:
+                        return  # the calls in flight, this one included, have failed
+                else:
+                    # Woken now and then, in case the reading role is handed to this thread meanwhile.
+                    self._writable.poll(min(remaining, 0.01) * 1000)
         except OSError as e:
             self._write_failed(ConnectionLost(f"writing to quotad failed: {e}"))
 
