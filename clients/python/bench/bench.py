@@ -13,6 +13,9 @@ Against one redis-server on TCP loopback, started here, with a quotad
   quotad-sync   the thread-safe sync Client, one thread per call in flight
   evalsha-sync  sync redis-py (hiredis), the same EVALSHA, one thread per call
                 in flight (a pooled connection each)
+  quotad-before, quotad-sync-before  with --before DIR: the same through
+                another copy of the client (DIR/quotad is its package), against
+                the same daemon
 
 Run from the repo root after `cargo build --release`:
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import random
 import shutil
@@ -43,6 +47,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 from statistics import quantiles
 
 import redis
@@ -158,6 +163,7 @@ async def main() -> None:
     ap.add_argument("--only", default="quotad,evalsha,limits")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--quotad-bin", default=str(REPO / "target" / "release" / "quotad"))
+    ap.add_argument("--before", default=None, help="a directory holding another copy of the quotad package")
     args = ap.parse_args()
     if not Path(args.quotad_bin).is_file():
         sys.exit(f"{args.quotad_bin} not found: run `cargo build --release`")
@@ -210,6 +216,19 @@ async def main() -> None:
 
         systems: dict[str, Check] = {"quotad": quotad_check, "evalsha": evalsha_check}
         sync_systems: dict[str, SyncCheck] = {"quotad-sync": quotad_sync_check, "evalsha-sync": evalsha_sync_check}
+        if args.before is not None:
+            before = _load_before(Path(args.before))
+            qb = before.AsyncClient(str(sock), timeout=5.0)
+            qbs = before.Client(str(sock), timeout=5.0)
+
+            async def before_check(tenant: str, key: str) -> bool:
+                return bool((await qb.check(tenant, key, "bench")).allowed)
+
+            def before_sync_check(tenant: str, key: str) -> bool:
+                return bool(qbs.check(tenant, key, "bench").allowed)
+
+            systems["quotad-before"] = before_check
+            sync_systems["quotad-sync-before"] = before_sync_check
         if "limits" in args.only:
             from limits import RateLimitItemPerSecond
             from limits.aio.storage import RedisStorage
@@ -250,7 +269,8 @@ async def main() -> None:
                           f"{(r1 - r0) / total * 1e6:.1f} | {(p1 - p0) / total * 1e6:.2f} | {qcpu} |", flush=True)
         for c in levels:
             for ours, base in (("quotad", "evalsha"), ("quotad", "limits"), ("quotad-sync", "evalsha-sync"),
-                               ("quotad-sync", "evalsha")):
+                               ("quotad-sync", "evalsha"), ("quotad", "quotad-before"),
+                               ("quotad-sync", "quotad-sync-before")):
                 if (ours, c) in results and (base, c) in results:
                     pairs = list(zip(results[(ours, c)], results[(base, c)]))
                     rate = _spread([o[0] / b[0] for o, b in pairs])
@@ -260,6 +280,9 @@ async def main() -> None:
         await q.close()
         await ar.aclose()
         qs.close()
+        if args.before is not None:
+            await qb.close()
+            qbs.close()
         sr.close()
     finally:
         if quotad_proc is not None:
@@ -268,6 +291,19 @@ async def main() -> None:
         redis_proc.terminate()
         redis_proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_before(root: Path) -> Any:
+    """The quotad package in ``root/quotad``, imported as ``quotad_before`` (its relative imports stay within it)."""
+    pkg = root / "quotad"
+    spec = importlib.util.spec_from_file_location("quotad_before", pkg / "__init__.py",
+                                                  submodule_search_locations=[str(pkg)])
+    if spec is None or spec.loader is None:
+        sys.exit(f"no quotad package in {root}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quotad_before"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _pings(r: redis.Redis) -> bool:

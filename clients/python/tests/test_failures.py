@@ -386,19 +386,26 @@ async def test_a_failed_write_fails_the_calls_at_once(socket_path: str, tenant: 
 
 
 def test_reader_ends_cleanly_when_closed_between_reads(
-    socket_path: str, tenant: str, monkeypatch: pytest.MonkeyPatch
+    own_daemon: Quotad, tenant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     errors: list[BaseException | None] = []
     monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
-    with Client(socket_path, timeout=0.1) as c:
+    with Client(str(own_daemon.socket), timeout=0.1) as c:
         assert c.check(tenant, "k").allowed
         conn = c._conn
         assert conn is not None
-        # Closed without the shutdown that wakes the reader (it raced with a recv timeout,
-        # or the shutdown failed): the reader notices at its next timeout and ends.
-        conn._closed = True
-        conn._reader.join(2)
-        assert not conn._reader.is_alive()
+        assert not [t for t in threading.enumerate() if t.name == "quotad-reader"], "a reader while nothing is in flight"
+        own_daemon.pause()
+        try:
+            assert c.check(tenant, "k").degraded  # timed out: a reader thread waits for its late reply
+            (reader,) = [t for t in threading.enumerate() if t.name == "quotad-reader"]
+            # Closed without the shutdown that wakes the reader (it raced with a recv timeout,
+            # or the shutdown failed): the reader notices at its next timeout and ends.
+            conn._closed = True
+            reader.join(2)
+            assert not reader.is_alive()
+        finally:
+            own_daemon.resume()
     assert errors == []
 
 

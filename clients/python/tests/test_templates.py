@@ -21,6 +21,8 @@ HOSTILE = [
     "y" * 255,
     "y" * 256,  # str16
     "z" * 70_000,  # str32
+    "ü" * 40_000,  # str32 from 40,000 code points
+    "mixed ascii then ü",
     "nul\0inside",
     "\0",
     "日本語のキー",

@@ -1,0 +1,151 @@
+"""Who reads the sync Client's socket: a lone caller reads its own reply
+(no thread hand-off, no reader thread); a connection quotad closed while
+nothing was in flight is found closed before the next call is written, and
+that call goes on a new connection; found-closed connections leave no
+file descriptor behind."""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from daemons import Quotad
+from quotad import Client
+from quotad._codec import FrameReader, decode_body, encode_frame
+
+
+def readers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "quotad-reader"]
+
+
+def test_a_lone_caller_reads_its_own_replies(socket_path: str, tenant: str) -> None:
+    with Client(socket_path, failure_mode="raise") as c:
+        decisions = [c.check(tenant, f"k{i % 3}") for i in range(200)]
+        assert all(d.rule for d in decisions)
+        assert readers() == []
+
+
+def test_a_connection_closed_while_idle_is_replaced_before_the_next_call(own_daemon: Quotad, tenant: str) -> None:
+    with Client(str(own_daemon.socket), failure_mode="raise") as c:
+        assert not c.check(tenant, "k").degraded
+        first = c._conn
+        own_daemon.kill()
+        own_daemon.start()  # same socket path; the old connection was closed by the kill
+        time.sleep(0.05)
+        assert not c.check(tenant, "k").degraded  # raised (failure_mode="raise") had it gone on the old one
+        assert c._conn is not first
+
+
+class OneShotServer:
+    """Answers one check per connection, then closes it."""
+
+    def __init__(self, path: Path) -> None:
+        self.connections = 0
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(8)
+        self._listener.settimeout(0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            self.connections += 1
+            with conn:
+                frames = FrameReader()
+                bodies: list[memoryview] = []
+                while not bodies:
+                    data = conn.recv(1 << 16)
+                    if not data:
+                        break
+                    bodies = frames.feed(data)
+                for body in bodies[:1]:
+                    conn.sendall(encode_frame({
+                        "id": decode_body(body)["id"], "ok": True, "allowed": True, "limit": 10, "remaining": 9,
+                        "reset_ms": 0, "retry_after_ms": 0, "degraded": False, "rule": "burst",
+                    }))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._listener.close()
+
+
+def test_connections_found_closed_leave_no_descriptor_behind(tmp_path: Path) -> None:
+    server = OneShotServer(tmp_path / "oneshot.sock")
+    try:
+        gc.collect()  # other tests' garbage first
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)  # a socket left to the garbage collector to close
+            with Client(str(tmp_path / "oneshot.sock"), failure_mode="raise", backoff_initial=0.001) as c:
+                assert c.check("t", "k").rule == "burst"
+                time.sleep(0.02)
+                fds = len(os.listdir("/proc/self/fd"))
+                for _ in range(30):
+                    assert c.check("t", "k").rule == "burst"  # each on a new connection, the last one found closed
+                    time.sleep(0.02)  # quotad's close arrives before the next call
+                assert len(os.listdir("/proc/self/fd")) <= fds
+            gc.collect()
+        unclosed = [w for w in caught if issubclass(w.category, ResourceWarning) and "oneshot.sock" in str(w.message)]
+        assert unclosed == []
+        assert server.connections == 31
+    finally:
+        server.close()
+
+
+class SequentialServer:
+    """Reads one request at a time and answers it with a 600 KB reply before reading on
+    (so it stops reading while nobody reads its replies), like a simple server would."""
+
+    def __init__(self, path: Path) -> None:
+        self.answered = 0
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(4)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        with conn:
+            frames = FrameReader(8 << 20)
+            while data := conn.recv(64 << 10):
+                for body in frames.feed(data):
+                    req_id = decode_body(body)["id"]
+                    conn.sendall(encode_frame({"id": req_id, "ok": True, "degraded": False, "pad": b"p" * (600 << 10)}))
+                    self.answered += 1
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_writer_holding_the_reading_role_reads_while_its_write_waits(tmp_path: Path) -> None:
+    """Large requests and large replies both ways: the thread writing never waits on quotad without reading too."""
+    server = SequentialServer(tmp_path / "seq.sock")
+    try:
+        with Client(str(tmp_path / "seq.sock"), timeout=5.0, failure_mode="raise") as c:
+
+            def store(t: int) -> int:
+                return sum(c.cache_set("t", f"k{t}:{n}", b"v" * (600 << 10), ttl_ms=1000) for n in range(4))
+
+            t0 = time.monotonic()
+            with ThreadPoolExecutor(4) as pool:
+                assert sum(pool.map(store, range(4))) == 16
+            assert time.monotonic() - t0 < 4, "a call waited for its timeout"
+        deadline = time.monotonic() + 2  # the server counts a reply once its sendall returns, maybe after we read it
+        while server.answered < 16 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.answered == 16
+    finally:
+        server.close()
