@@ -1,0 +1,247 @@
+//! The near cache's tracking connection: one RESP3 connection to the Redis
+//! master with `CLIENT TRACKING ON BCAST PREFIX <prefix>:c:{`, so Redis
+//! tells it of every change to any cache entry (and nothing else, see
+//! [`Keys::entry_prefix`]): writes and deletes by any client or script,
+//! expiry, eviction, and `FLUSHALL`/`FLUSHDB` (a null message).
+//!
+//! Push messages are applied to the [`NearCache`] inside redis-rs's reader,
+//! before any later reply on this connection is delivered. So a `PING`
+//! answered here means every invalidation Redis sent before it has been
+//! applied: [`Tracker::sync`], which a round trip that wrote cache entries
+//! awaits before answering, so that this quotad's own `cache_set`,
+//! `cache_del` and tag deletes are never followed by a near hit of the old
+//! value.
+//!
+//! Until tracking is on, and from the moment the connection is lost (a
+//! disconnect, a failed `PING`, a Sentinel failover to another master), the
+//! near cache is empty and keeps nothing; it is set up again every
+//! `probe_interval_ms`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{Conn, tracking_client};
+use crate::config::RedisConfig;
+use crate::keys::Keys;
+use crate::near::NearCache;
+
+/// How often the connection is checked (a `PING`; on Sentinel, whether the
+/// round trips still go to the master it tracks).
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// The name the connection gives itself (`CLIENT LIST`), with the pid.
+pub fn client_name() -> String {
+    format!("quotad-near-{}", std::process::id())
+}
+
+/// A handle on the tracking connection, for [`Tracker::sync`].
+pub struct Tracker {
+    near: Arc<NearCache>,
+    conn: Arc<ArcSwapOption<MultiplexedConnection>>,
+    timeout: Duration,
+}
+
+impl Tracker {
+    /// Starts tracking for `near` in the background, until `stop`.
+    pub fn spawn(
+        cfg: &RedisConfig,
+        near: Arc<NearCache>,
+        data: Arc<Conn>,
+        stop: CancellationToken,
+    ) -> Tracker {
+        let conn = Arc::new(ArcSwapOption::empty());
+        let timeout = Duration::from_millis(cfg.timeout_ms);
+        let task = Task {
+            cfg: cfg.clone(),
+            prefix: Keys::new(&cfg.prefix).entry_prefix(),
+            near: near.clone(),
+            conn: conn.clone(),
+            data,
+            timeout,
+            retry: Duration::from_millis(cfg.probe_interval_ms),
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = task.run() => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+        Tracker {
+            near,
+            conn,
+            timeout,
+        }
+    }
+
+    /// Returns once every invalidation Redis sent before now has been
+    /// applied. If that cannot be known (tracking down or not answering),
+    /// the near cache is empty or flushed: either way nothing old is
+    /// served.
+    pub async fn sync(&self) {
+        if !self.near.is_up() {
+            return;
+        }
+        let Some(conn) = self.conn.load_full() else {
+            self.near.flush();
+            return;
+        };
+        if !ping(&mut (*conn).clone(), self.timeout).await {
+            self.near.flush();
+        }
+    }
+}
+
+struct Task {
+    cfg: RedisConfig,
+    prefix: String,
+    near: Arc<NearCache>,
+    conn: Arc<ArcSwapOption<MultiplexedConnection>>,
+    data: Arc<Conn>,
+    timeout: Duration,
+    retry: Duration,
+}
+
+impl Task {
+    async fn run(self) {
+        let mut said: Option<String> = None;
+        loop {
+            match self.connect().await {
+                Ok(Some((conn, addr, mut lost))) => {
+                    if said.take().is_some() {
+                        tracing::info!(redis = %addr, "near cache tracking on again");
+                    } else {
+                        tracing::debug!(redis = %addr, "near cache tracking on");
+                    }
+                    self.conn.store(Some(Arc::new(conn.clone())));
+                    self.near.tracking_up();
+                    let why = self.watch(conn, &addr, &mut lost).await;
+                    self.conn.store(None);
+                    self.near.tracking_down();
+                    tracing::info!(redis = %addr, reason = why, "near cache tracking lost: near cache flushed, off until it is back");
+                    said = Some(why.into());
+                }
+                Ok(None) => {
+                    tracing::info!(
+                        "near cache off: a Redis Cluster, or a Redis reached with tls_server_name, is not tracked (see docs/config.md, near_max_bytes)"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    if said.as_deref() != Some(&e) {
+                        tracing::warn!(error = %e, "near cache tracking could not be set up: near cache off until it can");
+                        said = Some(e);
+                    }
+                }
+            }
+            tokio::time::sleep(self.retry).await;
+        }
+    }
+
+    /// Connects and turns tracking on. The receiver hears of the
+    /// connection's end.
+    async fn connect(
+        &self,
+    ) -> redis::RedisResult<
+        Option<(
+            MultiplexedConnection,
+            String,
+            tokio::sync::mpsc::UnboundedReceiver<()>,
+        )>,
+    > {
+        let Some((client, addr)) = tracking_client(&self.cfg).await? else {
+            return Ok(None);
+        };
+        let (lost_tx, lost) = tokio::sync::mpsc::unbounded_channel();
+        let near = self.near.clone();
+        let on_push = move |info: PushInfo| -> Result<(), ()> {
+            match info.kind {
+                PushKind::Invalidate => invalidate(&near, &info.data),
+                PushKind::Disconnection => {
+                    // Before anything else can be read from this connection.
+                    near.tracking_down();
+                    let _ = lost_tx.send(());
+                }
+                _ => {}
+            }
+            Ok(())
+        };
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_push_sender(on_push);
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(client_name())
+            .query_async::<()>(&mut conn)
+            .await?;
+        redis::cmd("CLIENT")
+            .arg("TRACKING")
+            .arg("ON")
+            .arg("BCAST")
+            .arg("PREFIX")
+            .arg(&self.prefix)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(Some((conn, addr, lost)))
+    }
+
+    /// Watches the connection until it is lost; why.
+    async fn watch(
+        &self,
+        mut conn: MultiplexedConnection,
+        addr: &str,
+        lost: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+    ) -> &'static str {
+        let mut tick = tokio::time::interval(CHECK_EVERY);
+        loop {
+            tokio::select! {
+                _ = lost.recv() => return "disconnected",
+                _ = tick.tick() => {
+                    if let Some(master) = self.data.sentinel_master()
+                        && master != addr
+                    {
+                        return "Sentinel names another master";
+                    }
+                    if !ping(&mut conn, self.timeout).await {
+                        return "no answer to PING";
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether `conn` answers a PING within `limit`.
+async fn ping(conn: &mut MultiplexedConnection, limit: Duration) -> bool {
+    let cmd = redis::cmd("PING");
+    matches!(
+        tokio::time::timeout(limit, cmd.query_async::<Value>(conn)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Applies one invalidation message: key names, or null for a flush.
+fn invalidate(near: &NearCache, data: &[Value]) {
+    for v in data {
+        match v {
+            Value::Array(keys) => {
+                for k in keys {
+                    if let Value::BulkString(name) = k {
+                        near.invalidate(name);
+                    }
+                }
+            }
+            Value::Nil => near.flush(),
+            _ => {}
+        }
+    }
+}
