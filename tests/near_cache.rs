@@ -3,15 +3,18 @@
 //! A (a set, a delete by key, a delete by tag), or a FLUSHALL, is seen by
 //! B's next read; B's tracking connection killed never lets it serve an old
 //! value, and it recovers; its bytes stay within `near_max_bytes` under
-//! 100k distinct keys.
+//! 100k distinct keys; a near hit never bypasses the `[[access]]` rules.
 
 mod common;
 
 use bytes::Bytes;
-use common::{Daemon, Redis, SOON, counters, redis_table, wait_until};
+use common::{
+    Daemon, Raw, Redis, SOON, code, counters, redis_table, wait_until, wait_until_blocking,
+};
 use futures::future::join_all;
 use quotad::client::Client;
 use quotad::protocol::CacheSetArgs;
+use serde_json::json;
 
 const POLICY: &str = r#"
 [policies.default]
@@ -42,10 +45,16 @@ async fn near_hits(c: &Client) -> u64 {
 /// Reads `key` on `c` until one read is a near hit (tracking may still be
 /// coming up); the value that hit.
 async fn near_hit(c: &Client, key: &str) -> Option<String> {
+    near_hit_in(c, "acme", key).await
+}
+
+/// [`near_hit`] of `key` of `tenant`.
+async fn near_hit_in(c: &Client, tenant: &str, key: &str) -> Option<String> {
     let mut seen = None;
     wait_until("a near hit", SOON, async || {
         let before = near_hits(c).await;
-        seen = get(c, key).await;
+        let l = c.cache_get(tenant, key, 0).await.unwrap();
+        seen = l.value.map(|v| String::from_utf8(v.to_vec()).unwrap());
         near_hits(c).await > before
     })
     .await;
@@ -143,7 +152,12 @@ async fn bytes_stay_within_near_max_bytes_under_100k_distinct_keys() {
     let keys: Vec<String> = (0..100_000).map(|i| format!("key-{i}")).collect();
     for chunk in keys.chunks(2000) {
         let sets = chunk.iter().map(|k| ca.cache_set(set(k, &value, &[])));
-        assert!(join_all(sets).await.into_iter().all(|r| matches!(r, Ok(false))));
+        assert!(
+            join_all(sets)
+                .await
+                .into_iter()
+                .all(|r| matches!(r, Ok(false)))
+        );
     }
     let mut most = 0;
     for chunk in keys.chunks(2000) {
@@ -177,4 +191,40 @@ async fn near_max_bytes_0_turns_it_off() {
     let stats = counters(&c).await;
     assert_eq!((stats["near_hits"], stats["near_misses"]), (0, 0));
     assert_eq!(tracking_id(&redis, &a), None);
+}
+
+/// A peer whose rules no longer grant a tenant is refused its entries
+/// even while they are held near (the access check comes first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_hit_never_bypasses_the_access_rules() {
+    let redis = Redis::start();
+    let rules = "[[access]]\nuids = [0]\ntenants = [\"*\"]\n";
+    let d = Daemon::start(&format!("{rules}{}{POLICY}", redis_table(&redis)));
+    let c = d.client().await;
+    let mut other = set("k", "secret", &[]);
+    other.tenant = "other".into();
+    c.cache_set(other).await.unwrap();
+    assert_eq!(
+        near_hit_in(&c, "other", "k").await.as_deref(),
+        Some("secret")
+    );
+
+    let config = std::fs::read_to_string(d.config_path()).unwrap();
+    let narrowed = config.replace("tenants = [\"*\"]", "tenants = [\"acme\"]");
+    assert_ne!(config, narrowed);
+    std::fs::write(d.config_path(), narrowed).unwrap();
+    d.signal(libc::SIGHUP);
+    wait_until_blocking("the reload", SOON, || d.log_contains("reloaded policies"));
+    let hits = near_hits(&c).await;
+    let e = c.cache_get("other", "k", 0).await.unwrap_err();
+    assert!(e.to_string().contains("forbidden"), "{e}");
+    assert_eq!(near_hits(&c).await, hits, "not looked up at all");
+    // On the wire: `forbidden`, with the request's id.
+    let mut raw = Raw::connect(&d.socket());
+    raw.send(json!({"id": 2, "op": "cache_get", "tenant": "other", "key": "k"}));
+    let reply = raw.recv().unwrap();
+    assert_eq!(
+        (reply["id"].clone(), code(&reply)),
+        (json!(2), Some("forbidden"))
+    );
 }
