@@ -171,18 +171,7 @@ impl RedisBackend {
         Stats::add(&inner.stats.counters.batches, 1);
         Stats::add(&inner.stats.counters.batched_checks, jobs.len() as u64);
         let started = std::time::Instant::now();
-        let rounds = async {
-            let ok = self.rounds(jobs, &mut out).await;
-            // This quotad's own writes are not followed by its near hits of
-            // the old values: their invalidations are applied first.
-            if let Some((_, tracker)) = &inner.near
-                && jobs.iter().any(|j| matches!(j, Job::Set(_) | Job::Del(_)))
-            {
-                tracker.sync().await;
-            }
-            ok
-        };
-        match tokio::time::timeout_at(deadline, rounds).await {
+        match tokio::time::timeout_at(deadline, self.rounds(jobs, &mut out)).await {
             Ok(true) => inner.breaker.record_success(),
             Ok(false) => self.failed(),
             Err(_) => {
@@ -190,6 +179,15 @@ impl RedisBackend {
                 Stats::add(&inner.stats.counters.redis_timeouts, 1);
                 self.failed();
             }
+        }
+        // This quotad's own writes are not followed by its near hits of the
+        // old values: their invalidations are applied before the answers.
+        // Within the same deadline, but apart: the writes are done, and a
+        // sync that does not finish in time flushes the near cache instead.
+        if let Some((_, tracker)) = &inner.near
+            && jobs.iter().any(|j| matches!(j, Job::Set(_) | Job::Del(_)))
+        {
+            tracker.sync(deadline).await;
         }
         let took = started.elapsed();
         Stats::add(&inner.stats.counters.round_trip_us, took.as_micros() as u64);

@@ -79,10 +79,9 @@ impl Tracker {
     }
 
     /// Returns once every invalidation Redis sent before now has been
-    /// applied. If that cannot be known (tracking down or not answering),
-    /// the near cache is empty or flushed: either way nothing old is
-    /// served.
-    pub async fn sync(&self) {
+    /// applied. If that cannot be known by `deadline` (tracking down or
+    /// slow), the near cache is flushed: either way nothing old is served.
+    pub async fn sync(&self, deadline: tokio::time::Instant) {
         if !self.near.is_up() {
             return;
         }
@@ -90,7 +89,8 @@ impl Tracker {
             self.near.flush();
             return;
         };
-        if !ping(&mut (*conn).clone(), self.timeout).await {
+        let limit = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !ping(&mut (*conn).clone(), limit.min(self.timeout)).await {
             self.near.flush();
         }
     }
