@@ -18,6 +18,7 @@
 //! `probe_interval_ms`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -96,6 +97,17 @@ impl Tracker {
     }
 }
 
+/// One tracking connection, set up.
+struct Tracking {
+    conn: MultiplexedConnection,
+    /// Where it goes, as Sentinel names the master (or the configured URL).
+    addr: String,
+    /// Hears of the connection's end.
+    lost: tokio::sync::mpsc::UnboundedReceiver<()>,
+    /// False once given up: its end, reported late, is then ignored.
+    live: Arc<AtomicBool>,
+}
+
 struct Task {
     cfg: RedisConfig,
     prefix: String,
@@ -111,7 +123,12 @@ impl Task {
         let mut said: Option<String> = None;
         loop {
             match self.connect().await {
-                Ok(Some((conn, addr, mut lost))) => {
+                Ok(Some(Tracking {
+                    conn,
+                    addr,
+                    mut lost,
+                    live,
+                })) => {
                     if said.take().is_some() {
                         tracing::info!(redis = %addr, "near cache tracking on again");
                     } else {
@@ -120,6 +137,8 @@ impl Task {
                     self.conn.store(Some(Arc::new(conn.clone())));
                     self.near.tracking_up();
                     let why = self.watch(conn, &addr, &mut lost).await;
+                    // Its own end, reported later, must not stop the next one.
+                    live.store(false, Ordering::SeqCst);
                     self.conn.store(None);
                     self.near.tracking_down();
                     tracing::info!(redis = %addr, reason = why, "near cache tracking lost: near cache flushed, off until it is back");
@@ -143,26 +162,19 @@ impl Task {
         }
     }
 
-    /// Connects and turns tracking on. The receiver hears of the
-    /// connection's end.
-    async fn connect(
-        &self,
-    ) -> redis::RedisResult<
-        Option<(
-            MultiplexedConnection,
-            String,
-            tokio::sync::mpsc::UnboundedReceiver<()>,
-        )>,
-    > {
+    /// Connects and turns tracking on.
+    async fn connect(&self) -> redis::RedisResult<Option<Tracking>> {
         let Some((client, addr)) = tracking_client(&self.cfg).await? else {
             return Ok(None);
         };
         let (lost_tx, lost) = tokio::sync::mpsc::unbounded_channel();
+        let live = Arc::new(AtomicBool::new(true));
         let near = self.near.clone();
+        let alive = live.clone();
         let on_push = move |info: PushInfo| -> Result<(), ()> {
             match info.kind {
                 PushKind::Invalidate => invalidate(&near, &info.data),
-                PushKind::Disconnection => {
+                PushKind::Disconnection if alive.load(Ordering::SeqCst) => {
                     // Before anything else can be read from this connection.
                     near.tracking_down();
                     let _ = lost_tx.send(());
@@ -178,20 +190,34 @@ impl Task {
         let mut conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        redis::cmd("CLIENT")
+        let name = redis::cmd("CLIENT")
             .arg("SETNAME")
             .arg(client_name())
             .query_async::<()>(&mut conn)
-            .await?;
-        redis::cmd("CLIENT")
-            .arg("TRACKING")
-            .arg("ON")
-            .arg("BCAST")
-            .arg("PREFIX")
-            .arg(&self.prefix)
-            .query_async::<()>(&mut conn)
-            .await?;
-        Ok(Some((conn, addr, lost)))
+            .await;
+        let on = match name {
+            Ok(()) => {
+                redis::cmd("CLIENT")
+                    .arg("TRACKING")
+                    .arg("ON")
+                    .arg("BCAST")
+                    .arg("PREFIX")
+                    .arg(&self.prefix)
+                    .query_async::<()>(&mut conn)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = on {
+            live.store(false, Ordering::SeqCst);
+            return Err(e);
+        }
+        Ok(Some(Tracking {
+            conn,
+            addr,
+            lost,
+            live,
+        }))
     }
 
     /// Watches the connection until it is lost; why.
