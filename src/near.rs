@@ -31,9 +31,18 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 
 use crate::stats::Stats;
+
+/// Whether the tracking connection has applied every message Redis sent
+/// it so far (see `backend::redis::heard`). A near hit is served only then,
+/// so a request that follows a change's answer to another quotad never
+/// sees the old value here.
+pub trait CaughtUp: Send + Sync {
+    fn caught_up(&self) -> bool;
+}
 
 /// Shards (independent locks and byte budgets).
 const SHARDS: usize = 16;
@@ -56,6 +65,8 @@ pub struct NearCache {
     largest: usize,
     stats: Arc<Stats>,
     hasher: BuildHasherDefault<DefaultHasher>,
+    /// The current tracking connection's [`CaughtUp`], while it is up.
+    heard: ArcSwapOption<Box<dyn CaughtUp>>,
 }
 
 /// Taken before a read is sent; see [`NearCache::insert`].
@@ -103,6 +114,7 @@ impl NearCache {
             largest: shard_budget / LARGEST_SHARE,
             stats,
             hasher: BuildHasherDefault::default(),
+            heard: ArcSwapOption::empty(),
         }
     }
 
@@ -110,7 +122,8 @@ impl NearCache {
     /// time in ms, if held. Counts a near hit or miss.
     pub fn get(&self, name: &str) -> Option<(Bytes, u64)> {
         let c = &self.stats.counters;
-        if self.state.load(SeqCst) & 1 == 0 {
+        let heard = self.heard.load();
+        if self.state.load(SeqCst) & 1 == 0 || heard.as_ref().is_some_and(|h| !h.caught_up()) {
             Stats::add(&c.near_misses, 1);
             return None;
         }
@@ -214,8 +227,10 @@ impl NearCache {
     }
 
     /// Tracking listens (again): entries may be kept from reads sent from
-    /// now on.
-    pub fn tracking_up(&self) {
+    /// now on, and served while `heard` says it is caught up (`None`: a
+    /// connection that cannot tell, served without that check).
+    pub fn tracking_up(&self, heard: Option<Box<dyn CaughtUp>>) {
+        self.heard.store(heard.map(Arc::new));
         self.set_state(true);
     }
 
@@ -314,11 +329,33 @@ impl NearCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
 
     fn up(max: usize) -> NearCache {
         let n = NearCache::new(max, Arc::new(Stats::default()));
-        n.tracking_up();
+        n.tracking_up(None);
         n
+    }
+
+    struct Flag(Arc<AtomicBool>);
+
+    impl CaughtUp for Flag {
+        fn caught_up(&self) -> bool {
+            self.0.load(SeqCst)
+        }
+    }
+
+    #[test]
+    fn nothing_is_served_while_tracking_has_unapplied_messages() {
+        let n = NearCache::new(1 << 20, Arc::new(Stats::default()));
+        let caught_up = Arc::new(AtomicBool::new(true));
+        n.tracking_up(Some(Box::new(Flag(caught_up.clone()))));
+        put(&n, "k", b"v");
+        assert!(n.get("k").is_some());
+        caught_up.store(false, SeqCst);
+        assert_eq!(n.get("k"), None);
+        caught_up.store(true, SeqCst);
+        assert!(n.get("k").is_some(), "held meanwhile, served again");
     }
 
     fn put(n: &NearCache, name: &str, v: &'static [u8]) {
@@ -352,7 +389,7 @@ mod tests {
             n.ticket("b").is_none(),
             "nothing is read for keeping while down"
         );
-        n.tracking_up();
+        n.tracking_up(None);
         n.insert(before, "b", Bytes::from_static(b"2"), 60_000);
         assert_eq!(n.get("b"), None, "a reply from before the loss is dropped");
         put(&n, "b", b"2");

@@ -11,6 +11,7 @@
 
 mod breaker;
 mod conn;
+mod heard;
 mod named;
 mod read;
 pub mod script;

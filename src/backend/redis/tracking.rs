@@ -23,13 +23,17 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
+use std::os::fd::AsFd;
+
+use redis::{AsyncConnectionConfig, ConnectionAddr, PushInfo, PushKind, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{Conn, tracking_client};
+use super::heard;
 use crate::config::RedisConfig;
 use crate::keys::Keys;
-use crate::near::NearCache;
+use crate::near::{CaughtUp, NearCache};
 
 /// How often the connection is checked (a `PING`; on Sentinel, whether the
 /// round trips still go to the master it tracks).
@@ -106,6 +110,23 @@ struct Tracking {
     lost: tokio::sync::mpsc::UnboundedReceiver<()>,
     /// False once given up: its end, reported late, is then ignored.
     live: Arc<AtomicBool>,
+    heard: Option<Box<dyn CaughtUp>>,
+}
+
+/// A multiplexed connection over `stream`, its reads watched; its driver
+/// runs until the connection ends.
+async fn attach<S>(
+    settings: &redis::RedisConnectionInfo,
+    stream: S,
+    config: AsyncConnectionConfig,
+) -> redis::RedisResult<(MultiplexedConnection, Option<Box<dyn CaughtUp>>)>
+where
+    S: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static,
+{
+    let (stream, heard) = heard::watch(stream)?;
+    let (conn, driver) = MultiplexedConnection::new_with_config(settings, stream, config).await?;
+    tokio::spawn(driver);
+    Ok((conn, Some(Box::new(heard))))
 }
 
 struct Task {
@@ -128,6 +149,7 @@ impl Task {
                     addr,
                     mut lost,
                     live,
+                    heard,
                 })) => {
                     if said.take().is_some() {
                         tracing::info!(redis = %addr, "near cache tracking on again");
@@ -135,7 +157,7 @@ impl Task {
                         tracing::debug!(redis = %addr, "near cache tracking on");
                     }
                     self.conn.store(Some(Arc::new(conn.clone())));
-                    self.near.tracking_up();
+                    self.near.tracking_up(heard);
                     let why = self.watch(conn, &addr, &mut lost).await;
                     // Its own end, reported later, must not stop the next one.
                     live.store(false, Ordering::SeqCst);
@@ -187,9 +209,9 @@ impl Task {
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
             .set_push_sender(on_push);
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let (mut conn, heard) = tokio::time::timeout(self.timeout, self.open(&client, config))
+            .await
+            .map_err(timed_out)??;
         let name = redis::cmd("CLIENT")
             .arg("SETNAME")
             .arg(client_name())
@@ -217,7 +239,40 @@ impl Task {
             addr,
             lost,
             live,
+            heard,
         }))
+    }
+
+    /// The connection, over a socket of our own where we can watch it (TCP
+    /// or a Unix socket: see [`heard`](super::heard)); over TLS, redis-rs's
+    /// own, which cannot tell whether it is caught up.
+    async fn open(
+        &self,
+        client: &redis::Client,
+        config: AsyncConnectionConfig,
+    ) -> redis::RedisResult<(MultiplexedConnection, Option<Box<dyn CaughtUp>>)> {
+        let info = client.get_connection_info();
+        let (conn, heard) = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => {
+                let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                stream.set_nodelay(true)?;
+                attach(info.redis_settings(), stream, config).await?
+            }
+            ConnectionAddr::Unix(path) => {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                attach(info.redis_settings(), stream, config).await?
+            }
+            _ => {
+                tracing::info!(
+                    "near cache over TLS: a change through another quotad is seen here once its invalidation is read, not checked before each near hit (see docs/config.md)"
+                );
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                (conn, None)
+            }
+        };
+        Ok((conn, heard))
     }
 
     /// Watches the connection until it is lost; why.
@@ -244,6 +299,10 @@ impl Task {
             }
         }
     }
+}
+
+fn timed_out(e: tokio::time::error::Elapsed) -> redis::RedisError {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, e).into()
 }
 
 /// Whether `conn` answers a PING within `limit`.
