@@ -3,13 +3,15 @@
 //! A (a set, a delete by key, a delete by tag), or a FLUSHALL, is seen by
 //! B's next read; B's tracking connection killed never lets it serve an old
 //! value, and it recovers; its bytes stay within `near_max_bytes` under
-//! 100k distinct keys; a near hit never bypasses the `[[access]]` rules.
+//! 100k distinct keys; a near hit never bypasses the `[[access]]` rules;
+//! on Sentinel, tracking moves to the promoted master after a failover.
 
 mod common;
 
 use bytes::Bytes;
 use common::{
-    Daemon, Raw, Redis, SOON, code, counters, redis_table, wait_until, wait_until_blocking,
+    Daemon, MASTER_NAME, Raw, Redis, SOON, SentinelSet, code, counters, redis_table, wait_until,
+    wait_until_blocking,
 };
 use futures::future::join_all;
 use quotad::client::Client;
@@ -230,4 +232,40 @@ async fn a_near_hit_never_bypasses_the_access_rules() {
         (reply["id"].clone(), code(&reply)),
         (json!(2), Some("forbidden"))
     );
+}
+
+/// After a failover, tracking is set up again on the master Sentinel
+/// promotes: a write there by any client is seen, not the value held
+/// from before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sentinel_tracking_follows_a_failover() {
+    let mut set = SentinelSet::start();
+    let d = Daemon::start(&format!(
+        "[redis]\nsentinels = {:?}\nmaster_name = {MASTER_NAME:?}\ntimeout_ms = 200\nprobe_interval_ms = 100\n{POLICY}",
+        set.urls()
+    ));
+    let c = d.client().await;
+    c.cache_set(set("k", "before", &[])).await.unwrap();
+    assert_eq!(near_hit(&c, "k").await.as_deref(), Some("before"));
+    wait_until("replication", SOON, async || {
+        set.replica.cli(&["EXISTS", "qd:c:{acme}:k"]) == "1"
+    })
+    .await;
+    set.master.kill();
+    set.wait_for_master(&set.replica.port.to_string());
+    // Near hits again, from the promoted master.
+    wait_until(
+        "tracking on the new master",
+        std::time::Duration::from_secs(30),
+        async || {
+            let before = near_hits(&c).await;
+            let l = c.cache_get("acme", "k", 0).await.unwrap();
+            l.value.is_some() && near_hits(&c).await > before
+        },
+    )
+    .await;
+    // Any client's write on the new master reaches this quotad.
+    set.replica.cli(&["HSET", "qd:c:{acme}:k", "v", "after"]);
+    assert_eq!(get(&c, "k").await.as_deref(), Some("after"));
+    assert!(d.log_contains("near cache tracking lost"));
 }
