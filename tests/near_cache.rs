@@ -239,20 +239,20 @@ async fn a_near_hit_never_bypasses_the_access_rules() {
 /// from before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_sentinel_tracking_follows_a_failover() {
-    let mut set = SentinelSet::start();
+    let mut sentinels = SentinelSet::start();
     let d = Daemon::start(&format!(
         "[redis]\nsentinels = {:?}\nmaster_name = {MASTER_NAME:?}\ntimeout_ms = 200\nprobe_interval_ms = 100\n{POLICY}",
-        set.urls()
+        sentinels.urls()
     ));
     let c = d.client().await;
     c.cache_set(set("k", "before", &[])).await.unwrap();
     assert_eq!(near_hit(&c, "k").await.as_deref(), Some("before"));
     wait_until("replication", SOON, async || {
-        set.replica.cli(&["EXISTS", "qd:c:{acme}:k"]) == "1"
+        sentinels.replica.cli(&["EXISTS", "qd:c:{acme}:k"]) == "1"
     })
     .await;
-    set.master.kill();
-    set.wait_for_master(&set.replica.port.to_string());
+    sentinels.master.kill();
+    sentinels.wait_for_master(&sentinels.replica.port.to_string());
     // Near hits again, from the promoted master.
     wait_until(
         "tracking on the new master",
@@ -265,7 +265,9 @@ async fn on_sentinel_tracking_follows_a_failover() {
     )
     .await;
     // Any client's write on the new master reaches this quotad.
-    set.replica.cli(&["HSET", "qd:c:{acme}:k", "v", "after"]);
+    sentinels
+        .replica
+        .cli(&["HSET", "qd:c:{acme}:k", "v", "after"]);
     assert_eq!(get(&c, "k").await.as_deref(), Some("after"));
     assert!(d.log_contains("near cache tracking lost"));
 }
