@@ -4,7 +4,10 @@
 //!     cargo bench --bench loadgen -- [--workload check,hot_key,cold_key,check_get,cache_get,tenants]
 //!         [--seconds 5] [--concurrency 1,16,64,256] [--connections 4]
 //!         [--value-bytes 1024] [--shards 0] [--batches 2] [--threads 1]
-//!         [--quotad PATH]
+//!         [--near-max-bytes N] [--quotad PATH]
+//!
+//! `--near-max-bytes` sets `[cache] near_max_bytes` (0: the near cache off;
+//! without it, quotad's default).
 //!
 //! `--quotad` runs another quotad binary (say, a build of an older commit)
 //! instead of this one's, to compare two builds on the same machine.
@@ -165,6 +168,7 @@ fn main() {
     let mut threads = 1usize;
     let mut value_bytes = 1024usize;
     let mut binary = std::path::PathBuf::from(env!("CARGO_BIN_EXE_quotad"));
+    let mut near = String::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().expect("a value");
@@ -178,6 +182,12 @@ fn main() {
             "--threads" => threads = value().parse().unwrap(),
             "--value-bytes" => value_bytes = value().parse().unwrap(),
             "--quotad" => binary = value().into(),
+            "--near-max-bytes" => {
+                near = format!(
+                    "[cache]\nnear_max_bytes = {}\n",
+                    value().parse::<u64>().unwrap()
+                )
+            }
             _ => {} // cargo passes --bench
         }
     }
@@ -204,7 +214,7 @@ fn main() {
     let url = format!("redis://127.0.0.1:{port}");
     let socket = dir.path().join("quotad.sock");
     let config = format!(
-        "[server]\nsocket = {:?}\nshards = {shards}\nmax_batches_in_flight = {batches}\nthreads = {threads}\n[redis]\nurl = {url:?}\ntimeout_ms = 1000\n[quota]\nsource = \"redis\"\n{POLICY}",
+        "[server]\nsocket = {:?}\nshards = {shards}\nmax_batches_in_flight = {batches}\nthreads = {threads}\n[redis]\nurl = {url:?}\ntimeout_ms = 1000\n[quota]\nsource = \"redis\"\n{near}{POLICY}",
         socket.display().to_string()
     );
     std::fs::write(dir.path().join("quotad.toml"), &config).unwrap();

@@ -1,11 +1,11 @@
 -- cache.lua: the response cache, as functions for batch.lua (see
 -- limiter.lua for how the three files in lua/ reach Redis).
 --
--- An entry is a hash <prefix>:{<tenant>}:c:<key> with fields v (the value),
+-- An entry is a hash <prefix>:c:{<tenant>}:<key> with fields v (the value),
 -- s (its stale_ms) and g (its tags, encoded, space-separated). It expires
 -- ttl_ms + stale_ms after it was set: fresh while its PTTL is above s, then
--- stale until it expires. Beside it, <prefix>:{<tenant>}:f:<key> is the
--- single-flight fill lock (SET NX PX fill_ms) and <prefix>:{<tenant>}:r:<key>
+-- stale until it expires. Beside it, <prefix>:f:{<tenant>}:<key> is the
+-- single-flight fill lock (SET NX PX fill_ms) and <prefix>:r:{<tenant>}:<key>
 -- the refresh lock, taken by the one caller told to refresh a stale entry
 -- (SET NX PX until the entry expires).
 --
@@ -65,8 +65,11 @@ end
 
 -- The name of an entry's lock: the entry's name with the `from` marker
 -- swapped for `to` (src/keys.rs names every key; it sends the markers).
+-- An entry named without the marker (by an older quotad's key layout) has
+-- no lock of this layout: its own name is returned, already deleted.
 local function lock_of(entry, from, to)
   local i, j = string.find(entry, from, 1, true)
+  if not i then return entry end
   return string.sub(entry, 1, i - 1) .. to .. string.sub(entry, j + 1)
 end
 

@@ -21,6 +21,7 @@ use bytes::{BufMut, BytesMut};
 use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
+use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::mpsc;
 use tokio_util::codec::{
     Decoder, Encoder, FramedRead, FramedWrite, LengthDelimitedCodec, LengthDelimitedCodecError,
@@ -90,6 +91,10 @@ impl Encoder<&Reply> for FrameCodec {
     }
 }
 
+/// Frames handled from one read before replies are flushed and other
+/// work (shards' answers, shutdown) gets a turn.
+const MAX_FRAMES_PER_WAKE: usize = 256;
+
 type Sink = FramedWrite<tokio::net::unix::OwnedWriteHalf, FrameCodec>;
 
 /// Serves one connection, already admitted with `grant`, until the peer
@@ -139,13 +144,25 @@ pub async fn serve(
                 r
             }
             frame = frames.next(), if conn.reading && conn.in_flight < limits.max_inflight => {
-                match conn.on_frame(frame) {
-                    Ok(Some(reply)) => {
-                        dirty = true;
-                        write(&mut sink, stats, reply).await
+                // Frames already read are handled before the flush, so the
+                // replies given on the spot (near-cache hits) share a write.
+                let mut next = Some(frame);
+                let mut result = Ok(());
+                for _ in 0..MAX_FRAMES_PER_WAKE {
+                    let Some(frame) = next.take() else { break };
+                    result = match conn.on_frame(frame) {
+                        Ok(Some(reply)) => {
+                            dirty = true;
+                            write(&mut sink, stats, reply).await
+                        }
+                        other => other.map(drop),
+                    };
+                    if result.is_err() || !conn.reading || conn.in_flight >= limits.max_inflight {
+                        break;
                     }
-                    other => other.map(drop),
+                    next = buffered_frame(&mut frames);
                 }
+                result
             }
             _ = shutdown.cancelled(), if !conn.draining => {
                 conn.draining = true;
@@ -238,6 +255,16 @@ pub async fn refuse(stream: UnixStream, reply: Reply) {
     })
     .await;
 }
+
+/// The next frame already in `frames`' read buffer, without reading more.
+fn buffered_frame(frames: &mut FramedRead<OwnedReadHalf, FrameCodec>) -> Option<Frame> {
+    let mut buf = std::mem::take(frames.read_buffer_mut());
+    let next = frames.decoder_mut().decode(&mut buf).transpose();
+    *frames.read_buffer_mut() = buf;
+    next.map(Some)
+}
+
+type Frame = Option<io::Result<BytesMut>>;
 
 /// Buffers one reply (`feed` flushes only past a high-water mark).
 async fn write(sink: &mut Sink, stats: &Stats, reply: Reply) -> io::Result<()> {

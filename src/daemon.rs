@@ -60,12 +60,10 @@ impl Daemon {
         let stats = Arc::new(Stats::default());
         let background = CancellationToken::new();
         let redis = match &config.redis {
-            Some(r) => Some(RedisBackend::new(
-                r,
-                clock.clone(),
-                stats.clone(),
-                background.clone(),
-            )?),
+            Some(r) => Some(
+                RedisBackend::new(r, clock.clone(), stats.clone(), background.clone())?
+                    .with_near_cache(r, config.cache.near_max_bytes),
+            ),
             None => None,
         };
         let listener = match inherited {

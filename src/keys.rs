@@ -1,9 +1,14 @@
 //! Every Redis key name (and the one pub/sub channel) quotad uses, built
 //! here and nowhere else: the Lua scripts receive theirs as KEYS.
 //!
-//! Every key a tenant's request can touch lives under `<prefix>:{<tenant>}:`,
-//! so one tenant's keys share one Cluster slot and no tenant or key string
-//! can reach outside its own namespace. Tenants' records (the `redis`
+//! Every key a tenant's request can touch carries `{<tenant>}` as its hash
+//! tag, so one tenant's keys share one Cluster slot and no tenant or key
+//! string can reach outside its own namespace. Rule state and tags live
+//! under `<prefix>:{<tenant>}:`; cache entries and their locks under
+//! `<prefix>:<c|f|r>:{<tenant>}:`, so that every entry, and nothing else,
+//! starts with [`Keys::entry_prefix`]: the near cache's tracking connection
+//! hears of changes to entries by that prefix (`CLIENT TRACKING BCAST`), and
+//! a prefix that also matched rule state would bring it a message per check. Tenants' records (the `redis`
 //! quota source) and the quota cache live under `<prefix>:tenant:{<tenant>}`
 //! and `<prefix>:tenant_quota_cache:{<tenant>}`, their own slot per tenant.
 //!
@@ -54,19 +59,39 @@ impl Keys {
         out
     }
 
-    /// `<prefix>:{<tenant>}:c:<key>`: a cache entry.
+    /// `<prefix>:c:{<tenant>}:<key>`: a cache entry.
     pub fn entry(&self, tenant: &str, key: &str) -> String {
-        self.named(tenant, "c", key)
+        self.cache_named("c", tenant, key)
     }
 
-    /// `<prefix>:{<tenant>}:f:<key>`: the fill lock of a cache entry.
+    /// `<prefix>:c:{`: what every cache entry's name, and no other key's,
+    /// starts with (a prefix is an identifier: no `:` or braces in it).
+    pub fn entry_prefix(&self) -> String {
+        format!("{}:c:{{", self.prefix)
+    }
+
+    /// `<prefix>:f:{<tenant>}:<key>`: the fill lock of a cache entry.
     pub fn fill_lock(&self, tenant: &str, key: &str) -> String {
-        self.named(tenant, "f", key)
+        self.cache_named("f", tenant, key)
     }
 
-    /// `<prefix>:{<tenant>}:r:<key>`: the refresh lock of a cache entry.
+    /// `<prefix>:r:{<tenant>}:<key>`: the refresh lock of a cache entry.
     pub fn refresh_lock(&self, tenant: &str, key: &str) -> String {
-        self.named(tenant, "r", key)
+        self.cache_named("r", tenant, key)
+    }
+
+    /// `<prefix>:<kind>:{<tenant>}:<name>`.
+    fn cache_named(&self, kind: &str, tenant: &str, name: &str) -> String {
+        let mut out =
+            String::with_capacity(self.prefix.len() + kind.len() + tenant.len() + name.len() + 6);
+        out.push_str(&self.prefix);
+        out.push(':');
+        out.push_str(kind);
+        out.push_str(":{");
+        encode_into(&mut out, tenant);
+        out.push_str("}:");
+        encode_into(&mut out, name);
+        out
     }
 
     /// `<prefix>:{<tenant>}:t:<tag>`: the entries carrying a tag.
@@ -97,12 +122,13 @@ impl Keys {
 
     /// The parts of a cache entry's name that name its fill and refresh
     /// locks instead: the script, which finds entries through a tag at run
-    /// time, swaps `entry` for `fill` or `refresh` to reach their locks.
+    /// time, swaps the first `entry` for `fill` or `refresh` to reach their
+    /// locks (the first `{` of a name is its hash tag's: a prefix has none).
     pub fn lock_markers() -> LockMarkers {
         LockMarkers {
-            entry: "}:c:",
-            fill: "}:f:",
-            refresh: "}:r:",
+            entry: ":c:{",
+            fill: ":f:{",
+            refresh: ":r:{",
         }
     }
 
@@ -217,17 +243,20 @@ mod tests {
 
     #[test]
     fn lock_markers_turn_an_entry_name_into_its_locks_names() {
+        for prefix in ["qd", "c", "a-c"] {
+            let k = Keys::new(prefix);
+            let m = Keys::lock_markers();
+            let entry = k.entry("a}:c:{b", "x:c:{y");
+            assert_eq!(
+                entry.replacen(m.entry, m.fill, 1),
+                k.fill_lock("a}:c:{b", "x:c:{y")
+            );
+            assert_eq!(
+                entry.replacen(m.entry, m.refresh, 1),
+                k.refresh_lock("a}:c:{b", "x:c:{y")
+            );
+        }
         let k = Keys::new("qd");
-        let m = Keys::lock_markers();
-        let entry = k.entry("a}:c:b", "x}:c:y");
-        assert_eq!(
-            entry.replacen(m.entry, m.fill, 1),
-            k.fill_lock("a}:c:b", "x}:c:y")
-        );
-        assert_eq!(
-            entry.replacen(m.entry, m.refresh, 1),
-            k.refresh_lock("a}:c:b", "x}:c:y")
-        );
         assert_eq!(k.tenant_record("a:b"), "qd:tenant:{a%3Ab}");
     }
 
@@ -246,5 +275,28 @@ mod tests {
         // Different tuples, different keys (a `%` is itself encoded).
         assert_ne!(k.rule("a%3A", "p", "r", "k"), k.rule("a:", "p", "r", "k"));
         assert_ne!(k.rule("é", "p", "r", "k"), k.rule("%C3%A9", "p", "r", "k"));
+    }
+
+    #[test]
+    fn only_entries_start_with_the_entry_prefix() {
+        for prefix in ["qd", "c", "t"] {
+            let k = Keys::new(prefix);
+            let p = k.entry_prefix();
+            assert!(k.entry("t", "k").starts_with(&p));
+            assert!(k.entry("{c:", "}:c:{").starts_with(&p));
+            for other in [
+                k.rule("c", "c", "c", "c"),
+                k.leases("t", "p", "r", "k"),
+                k.fill_lock("t", "k"),
+                k.refresh_lock("t", "k"),
+                k.tag("t", "k"),
+                k.tenant_record("t"),
+                k.tenant_quota_cache("t"),
+                k.tenant_index(),
+                k.tenant_changes(),
+            ] {
+                assert!(!other.starts_with(&p), "{other} starts with {p}");
+            }
+        }
     }
 }

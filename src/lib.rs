@@ -10,7 +10,8 @@
 //! - [`protocol`]: protocol version 1, requests and replies in MessagePack;
 //!   a decoded op already says who answers it.
 //! - [`router`]: answers `hello`/`stats`, sends a tenant's op to its shard
-//!   and an admin op to [`admin`].
+//!   and an admin op to [`admin`]; a `cache_get` of an entry the [`near`]
+//!   cache holds fresh is answered there.
 //! - [`shard`]: the actor that owns a tenant shard's local state (over-limit
 //!   memory, quota entries, fill waiters) and batches its backend's work.
 //! - [`backend`]: where jobs run: [`backend::memory`] in process, or
@@ -39,6 +40,7 @@ pub mod error;
 pub mod keys;
 pub mod limiter;
 pub mod metrics;
+pub mod near;
 pub mod protocol;
 pub mod quota;
 pub mod reply;

@@ -384,6 +384,26 @@ impl Collector for StatsCollector {
                 "Cache entries deleted by cache_del (by key or tag)",
                 &c.cache_deleted,
             ),
+            (
+                "near_cache_hits",
+                "cache_get reads answered from the near cache, without Redis",
+                &c.near_hits,
+            ),
+            (
+                "near_cache_misses",
+                "cache_get reads the near cache could not answer",
+                &c.near_misses,
+            ),
+            (
+                "near_cache_invalidations",
+                "Entry changes Redis announced to the near cache's tracking connection",
+                &c.near_invalidations,
+            ),
+            (
+                "near_cache_flushes",
+                "Times the near cache was emptied whole (tracking lost, Redis flushed)",
+                &c.near_flushes,
+            ),
             ("connections", "Connections accepted", &c.connections_total),
             (
                 "redis_errors",
@@ -410,6 +430,16 @@ impl Collector for StatsCollector {
                 "connections_open",
                 "Connections open now",
                 &c.connections_open,
+            ),
+            (
+                "near_cache_bytes",
+                "Bytes the near cache holds now (keys, values, overhead)",
+                &c.near_bytes,
+            ),
+            (
+                "near_cache_entries",
+                "Entries the near cache holds now",
+                &c.near_entries,
             ),
         ];
         let tasks = (

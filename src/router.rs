@@ -14,9 +14,12 @@ use crate::clock::Clock;
 use crate::config::{Config, Plans};
 use prometheus_client::metrics::histogram::Histogram;
 
+use crate::keys::Keys;
 use crate::metrics::{Timer, metrics};
+use crate::near::NearCache;
 use crate::protocol::{
-    Answerer, Body, Hello, LocalOp, Op, OpKind, Reply, Request, ShardOp, Stats as StatsBody,
+    Answerer, Body, CacheGetArgs, Hello, LocalOp, Lookup, Op, OpKind, Reply, Request, ShardOp,
+    Stats as StatsBody,
 };
 use crate::quota::Directory;
 use crate::reply::{Replies, ReplyTo};
@@ -33,6 +36,8 @@ pub struct Router {
     backend: &'static str,
     /// Latency histograms by [`OpKind::index`], for the ops shards answer.
     latency: [Option<Histogram>; OpKind::ALL.len()],
+    /// The Redis backend's near cache, if on, and its key names.
+    near: Option<(Arc<NearCache>, Keys)>,
 }
 
 /// What a request becomes: an answer now, or one sent later to the
@@ -52,6 +57,7 @@ impl Router {
         stats: Arc<Stats>,
     ) -> Self {
         let backend = if redis.is_some() { "redis" } else { "memory" };
+        let near = (redis.as_ref()).and_then(|r| Some((r.near()?.clone(), r.keys().clone())));
         let plans = Arc::new(ArcSwap::new(cfg.plans.clone()));
         let shards = Arc::new(Shards::spawn(
             cfg,
@@ -72,6 +78,7 @@ impl Router {
             latency: OpKind::ALL.map(|k| {
                 (k.answerer() == Answerer::Shard).then(|| metrics().request_duration(k.name()))
             }),
+            near,
         }
     }
 
@@ -98,6 +105,15 @@ impl Router {
                 if !grant.covers(op.tenant()) {
                     let e = self.access.refuse_tenant(grant, op.tenant());
                     return Routed::Ready(Reply::err(id, e));
+                }
+                // After the access check: a near hit never bypasses it.
+                if let ShardOp::CacheGet(g) = &op
+                    && let Some(lookup) = self.near_hit(g)
+                {
+                    if let Some(t) = timer {
+                        t.observe();
+                    }
+                    return Routed::Ready(Reply::ok(id, Body::Lookup(lookup)));
                 }
                 self.shards
                     .send(op, ReplyTo::new(id, replies.clone()).timed(timer))
@@ -138,6 +154,18 @@ impl Router {
                 })
             }
         }
+    }
+
+    /// A fresh hit from the near cache, counted as a fresh hit.
+    fn near_hit(&self, g: &CacheGetArgs) -> Option<Lookup> {
+        let (near, keys) = self.near.as_ref()?;
+        let (value, ttl_ms) = near.get(&keys.entry(&g.tenant, &g.key))?;
+        Stats::add(&self.stats.counters.cache_hits, 1);
+        Some(Lookup {
+            value: Some(value),
+            ttl_ms,
+            ..Lookup::default()
+        })
     }
 
     /// Counts a request in `stats`.

@@ -65,6 +65,17 @@ counters! {
     cache_fill_waits,
     cache_fill_timeouts,
     cache_fill_abandoned,
+    /// The near cache (`[cache] near_max_bytes`): `cache_get`s answered
+    /// from it / not; entries Redis said changed (key names heard on the
+    /// tracking connection); times it was emptied whole (tracking lost,
+    /// Redis flushed, a sync with tracking failed). Gauges: bytes and
+    /// entries held now.
+    near_hits,
+    near_misses,
+    near_invalidations,
+    near_flushes,
+    near_bytes,
+    near_entries,
     /// Entries stored, and entries deleted by `cache_del`.
     cache_sets,
     cache_deleted,

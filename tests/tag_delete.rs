@@ -27,7 +27,7 @@ async fn a_tag_delete_takes_the_entries_locks_with_them() {
         tags: vec!["t".into()],
     };
     c.cache_set(set.clone()).await.unwrap();
-    let refresh_lock = "qd:{a%7D%3Ac%3Ab}:r:k%7D%3Ac%3A1";
+    let refresh_lock = "qd:r:{a%7D%3Ac%3Ab}:k%7D%3Ac%3A1";
     // Past its ttl: the first reader takes the refresh lock.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let l = c.cache_get(&set.tenant, &set.key, 0).await.unwrap();

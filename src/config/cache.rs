@@ -24,6 +24,10 @@ pub struct CacheConfig {
     /// The memory backend's cache size (keys and values) per process, in
     /// bytes. Default 64 MiB.
     pub memory_max_bytes: usize,
+    /// The Redis backend's near cache (fresh entries kept in process, kept
+    /// exact by Redis's invalidation messages), in bytes; 0: off. Default
+    /// 64 MiB.
+    pub near_max_bytes: usize,
 }
 
 impl Default for CacheConfig {
@@ -36,9 +40,14 @@ impl Default for CacheConfig {
             max_fill_ms: 30_000,
             fill_poll_ms: 10,
             memory_max_bytes: 64 << 20,
+            near_max_bytes: 64 << 20,
         }
     }
 }
+
+/// The smallest near cache: below it, its 16 shards could keep next to
+/// nothing.
+const NEAR_MIN_BYTES: usize = 64 << 10;
 
 impl CacheConfig {
     /// Refuses values outside their bounds; a value must fit in a frame.
@@ -47,6 +56,12 @@ impl CacheConfig {
             return Err(invalid(
                 "cache.max_value_bytes",
                 "must be below `server.max_frame_bytes`, which bounds the whole request",
+            ));
+        }
+        if self.near_max_bytes != 0 && self.near_max_bytes < NEAR_MIN_BYTES {
+            return Err(invalid(
+                "cache.near_max_bytes",
+                "must be 0 (off) or at least 65536",
             ));
         }
         in_range(&[
@@ -64,6 +79,12 @@ impl CacheConfig {
                 "cache.memory_max_bytes",
                 self.memory_max_bytes as u64,
                 1 << 10,
+                1 << 40,
+            ),
+            (
+                "cache.near_max_bytes",
+                self.near_max_bytes as u64,
+                0,
                 1 << 40,
             ),
         ])

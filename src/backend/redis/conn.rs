@@ -412,6 +412,54 @@ pub async fn pubsub(cfg: &RedisConfig) -> RedisResult<redis::aio::PubSub> {
     client.get_async_pubsub().await
 }
 
+/// Where the near cache's tracking connection goes, if this topology has
+/// one: the configured Redis, or the master Sentinel names now. Its client
+/// speaks RESP3 (invalidations arrive as push messages on the same
+/// connection). `Ok(None)`: the topology has no single master to track
+/// (a Cluster; a Redis reached with `tls_server_name`).
+pub(super) async fn tracking_client(cfg: &RedisConfig) -> RedisResult<Option<(Client, String)>> {
+    let setup = |e: SetupError| match e {
+        SetupError::Redis(e) => e,
+        SetupError::Config(e) => RedisError::from((
+            ErrorKind::InvalidClientConfig,
+            "Redis settings",
+            e.to_string(),
+        )),
+    };
+    let (password, sentinel_password) = read_secrets(cfg).map_err(|e| setup(e.into()))?;
+    let found = match (&cfg.url, &cfg.tls_server_name) {
+        (Some(_), Some(_)) => return Ok(None),
+        (Some(url), None) => client(cfg, url, password.as_ref()).map_err(setup)?,
+        (None, _) if cfg.sentinels.is_empty() => return Ok(None),
+        (None, _) => {
+            sentinel_client(cfg, password.as_ref(), sentinel_password.as_ref())
+                .map_err(setup)?
+                .async_get_client()
+                .await?
+        }
+    };
+    let info = found.get_connection_info().clone();
+    let addr = info.addr().to_string();
+    let redis = (info.redis_settings().clone()).set_protocol(redis::ProtocolVersion::RESP3);
+    let info = info.set_redis_settings(redis);
+    let client = match certificates(cfg).map_err(|e| setup(e.into()))? {
+        Some(certs) => Client::build_with_tls(info, certs)?,
+        None => Client::open(info)?,
+    };
+    Ok(Some((client, addr)))
+}
+
+impl Conn {
+    /// The master the round trips go to now, on Sentinel (`None`
+    /// elsewhere, or while it is being looked up).
+    pub fn sentinel_master(&self) -> Option<String> {
+        match &**self.topology.load() {
+            Topology::Sentinel(s) => s.master.load().as_ref().map(|m| m.addr.clone()),
+            _ => None,
+        }
+    }
+}
+
 impl Sentinel {
     /// The current master, asking Sentinel if it is not known.
     async fn master(&self) -> RedisResult<ConnectionManager> {

@@ -11,9 +11,11 @@
 
 mod breaker;
 mod conn;
+mod heard;
 mod named;
 mod read;
 pub mod script;
+pub mod tracking;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,12 +30,14 @@ use conn::Conn;
 pub use conn::{SetupError, pubsub, trust_anchors};
 use read::Read;
 use script::Via;
+use tracking::Tracker;
 
 use crate::backend::job::{Job, Outcome};
 use crate::clock::Clock;
 use crate::config::RedisConfig;
 use crate::keys::{self, Keys};
 use crate::metrics::metrics;
+use crate::near::NearCache;
 use crate::protocol::CacheGetArgs;
 use crate::stats::Stats;
 
@@ -64,7 +68,7 @@ pub struct RedisBackend {
 }
 
 struct Inner {
-    conn: Conn,
+    conn: Arc<Conn>,
     /// Where Redis is, for log lines.
     target: String,
     keys: Keys,
@@ -77,6 +81,8 @@ struct Inner {
     stop: CancellationToken,
     /// Redis keeps function libraries (7.0+); false once it said it does not.
     functions: AtomicBool,
+    /// The near cache and its tracking connection, if on.
+    near: Option<(Arc<NearCache>, Tracker)>,
 }
 
 impl RedisBackend {
@@ -89,7 +95,7 @@ impl RedisBackend {
     ) -> Result<Self, SetupError> {
         Ok(RedisBackend {
             inner: Arc::new(Inner {
-                conn: Conn::new(cfg)?,
+                conn: Arc::new(Conn::new(cfg)?),
                 target: cfg.addresses(),
                 keys: Keys::new(&cfg.prefix),
                 breaker: Arc::new(Breaker::new(cfg.breaker_failures, stats.clone())),
@@ -99,8 +105,40 @@ impl RedisBackend {
                 stats,
                 stop,
                 functions: AtomicBool::new(true),
+                near: None,
             }),
         })
+    }
+
+    /// Turns the near cache on, at most `max_bytes` (0: off), and starts
+    /// its tracking connection. Before the backend is cloned.
+    pub fn with_near_cache(mut self, cfg: &RedisConfig, max_bytes: usize) -> Self {
+        let Some(inner) = Arc::get_mut(&mut self.inner) else {
+            return self;
+        };
+        if max_bytes == 0 {
+            return self;
+        }
+        if inner.conn.is_cluster() || (cfg.url.is_some() && cfg.tls_server_name.is_some()) {
+            tracing::info!(
+                "near cache off: a Redis Cluster, or a Redis reached with tls_server_name, is not tracked (see docs/config.md, near_max_bytes)"
+            );
+            return self;
+        }
+        let near = Arc::new(NearCache::new(max_bytes, inner.stats.clone()));
+        let tracker = Tracker::spawn(cfg, near.clone(), inner.conn.clone(), inner.stop.clone());
+        inner.near = Some((near, tracker));
+        self
+    }
+
+    /// The near cache, if on.
+    pub fn near(&self) -> Option<&Arc<NearCache>> {
+        self.inner.near.as_ref().map(|(n, _)| n)
+    }
+
+    /// The key names, as the backend builds them.
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
     }
 
     /// Reads the password files again (SIGHUP); true if one changed, and
@@ -142,6 +180,15 @@ impl RedisBackend {
                 Stats::add(&inner.stats.counters.redis_timeouts, 1);
                 self.failed();
             }
+        }
+        // This quotad's own writes are not followed by its near hits of the
+        // old values: their invalidations are applied before the answers.
+        // Within the same deadline, but apart: the writes are done, and a
+        // sync that does not finish in time flushes the near cache instead.
+        if let Some((_, tracker)) = &inner.near
+            && jobs.iter().any(|j| matches!(j, Job::Set(_) | Job::Del(_)))
+        {
+            tracker.sync(deadline).await;
         }
         let took = started.elapsed();
         Stats::add(&inner.stats.counters.round_trip_us, took.as_micros() as u64);
@@ -208,8 +255,13 @@ impl RedisBackend {
             Via::Sha
         };
         let mut cmds: Vec<redis::Cmd> = groups.iter().map(|g| call(g, via)).collect();
+        // Taken before the reads are sent: see `near`'s race rule.
+        let mut tickets = Vec::with_capacity(round.reads.len());
         for (_, args, poll) in &round.reads {
-            cmds.extend(read::commands(&inner.keys, args, *poll));
+            let (name, read) = read::commands(&inner.keys, args, *poll);
+            cmds.extend(read);
+            let near = inner.near.as_ref().map(|(n, _)| n);
+            tickets.push(near.and_then(|n| Some((n.ticket(&name)?, name))));
         }
         Stats::add(&inner.stats.counters.script_calls, groups.len() as u64);
         let mut results = inner.conn.run(cmds).await;
@@ -261,7 +313,7 @@ impl RedisBackend {
                 None => done.extend(group.iter().map(|&g| (round.scripts[g].0, None))),
             }
         }
-        for (i, _, poll) in &round.reads {
+        for ((i, _, poll), ticket) in round.reads.iter().zip(tickets) {
             let exists = poll.then(|| results.next());
             let read = match (exists, results.next(), results.next()) {
                 (None, Some(Ok(hmget)), Some(Ok(pttl))) => read::parse(None, hmget, pttl),
@@ -270,6 +322,11 @@ impl RedisBackend {
                 }
                 _ => None,
             };
+            if let (Some((near, _)), Some((ticket, name)), Some(r)) = (&inner.near, ticket, &read)
+                && let Some((value, fresh_ms)) = r.fresh()
+            {
+                near.insert(ticket, &name, value, fresh_ms);
+            }
             done.push((*i, read.map(Done::Read)));
         }
         done

@@ -27,8 +27,9 @@ pub struct Read {
 }
 
 /// The commands of one read: for a poll `EXISTS fill lock` first (so a
-/// value set after it is still seen by the `HMGET`), then `HMGET`, `PTTL`.
-pub fn commands(keys: &Keys, g: &CacheGetArgs, poll: bool) -> Vec<Cmd> {
+/// value set after it is still seen by the `HMGET`), then `HMGET`, `PTTL`;
+/// with the entry's name.
+pub fn commands(keys: &Keys, g: &CacheGetArgs, poll: bool) -> (String, Vec<Cmd>) {
     let entry = keys.entry(&g.tenant, &g.key);
     let mut cmds = Vec::with_capacity(3);
     if poll {
@@ -39,9 +40,9 @@ pub fn commands(keys: &Keys, g: &CacheGetArgs, poll: bool) -> Vec<Cmd> {
     let mut hmget = redis::cmd("HMGET");
     hmget.arg(&entry).arg("v").arg("s");
     let mut pttl = redis::cmd("PTTL");
-    pttl.arg(entry);
+    pttl.arg(&entry);
     cmds.extend([hmget, pttl]);
-    cmds
+    (entry, cmds)
 }
 
 /// Reads the replies of [`commands`] (`exists` for a poll only); `None`
@@ -78,6 +79,13 @@ impl Read {
     /// poll never takes one).
     pub fn needs_lock(&self, g: &CacheGetArgs) -> bool {
         self.filling.is_none() && (self.is_stale() || (self.value.is_none() && g.fill_ms > 0))
+    }
+
+    /// A fresh value and how long it stays fresh, for the near cache; not
+    /// for an entry without expiry (quotad never writes one).
+    pub fn fresh(&self) -> Option<(Bytes, u64)> {
+        let value = self.value.as_ref()?;
+        (self.pttl_ms > 0 && self.fresh_ms() > 0).then(|| (value.clone(), self.fresh_ms() as u64))
     }
 
     fn fresh_ms(&self) -> i64 {
