@@ -425,12 +425,22 @@ async fn gauges_show_requests_waiting_for_redis() {
     let c = std::sync::Arc::new(d.client().await);
     check(&c, "api", "warm").await;
     redis.pause();
-    let tasks: Vec<_> = (0..10)
-        .map(|i| {
-            let c = c.clone();
-            tokio::spawn(async move { check(&c, "api", &format!("k{i}")).await })
-        })
-        .collect();
+    // One check takes each of the shard's two round-trip slots (both stuck
+    // on the paused Redis); the next eight queue behind them.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            check(&c, "api", &format!("k{i}")).await
+        }));
+        if i < 2 {
+            wait_until("a batch out", SOON, async || {
+                scrape(port)["quotad_requests_in_flight"] == (i + 1) as f64
+                    && scrape(port)["quotad_shard_queue_depth"] == 0.0
+            })
+            .await;
+        }
+    }
     wait_until("10 in flight, 8 queued", SOON, async || {
         let m = scrape(port);
         m["quotad_requests_in_flight"] == 10.0 && m["quotad_shard_queue_depth"] == 8.0
