@@ -4,7 +4,8 @@
 //! B's next read; B's tracking connection killed never lets it serve an old
 //! value, and it recovers; its bytes stay within `near_max_bytes` under
 //! 100k distinct keys; a near hit never bypasses the `[[access]]` rules;
-//! on Sentinel, tracking moves to the promoted master after a failover.
+//! on Sentinel, tracking moves to the promoted master after a failover; a
+//! `check_get` takes its value from the near cache.
 
 mod common;
 
@@ -270,4 +271,55 @@ async fn on_sentinel_tracking_follows_a_failover() {
         .cli(&["HSET", "qd:c:{acme}:k", "v", "after"]);
     assert_eq!(get(&c, "k").await.as_deref(), Some("after"));
     assert!(d.log_contains("near cache tracking lost"));
+}
+
+/// A `check_get` whose entry B holds near runs its check in Redis and takes
+/// the value from the near cache: B's near hits count it, the check is
+/// charged (the limit still denies, and a denied one gets no value), and a
+/// change through A is seen by B's next `check_get`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_get_takes_its_value_from_the_near_cache() {
+    use quotad::protocol::CheckArgs;
+    let redis = Redis::start();
+    let policy = r#"
+[policies.default]
+rules = [{ name = "r", kind = "fixed_window", limit = 3, window_ms = 600000 }]
+"#;
+    let config = format!("{}{policy}", redis_table(&redis));
+    let (a, b) = (Daemon::start(&config), Daemon::start(&config));
+    let (ca, cb) = (a.client().await, b.client().await);
+    let check_get = async |cb: &Client| {
+        let args = CheckArgs {
+            tenant: "acme".into(),
+            key: "user".into(),
+            policy: None,
+            cost: 1,
+        };
+        let (d, l) = cb.check_get(args, "k", 0).await.unwrap();
+        assert!(!d.degraded, "{d:?}");
+        let value = l
+            .and_then(|l| l.value)
+            .map(|v| String::from_utf8(v.to_vec()).unwrap());
+        (d.allowed, d.remaining, value)
+    };
+
+    ca.cache_set(set("k", "v1", &[])).await.unwrap();
+    assert_eq!(near_hit(&cb, "k").await.as_deref(), Some("v1"));
+    let before = near_hits(&cb).await;
+    assert_eq!(check_get(&cb).await, (true, 2, Some("v1".into())));
+    assert_eq!(
+        near_hits(&cb).await,
+        before + 1,
+        "the value came from the near cache"
+    );
+
+    ca.cache_set(set("k", "v2", &[])).await.unwrap();
+    assert_eq!(
+        check_get(&cb).await,
+        (true, 1, Some("v2".into())),
+        "a set on A"
+    );
+    assert_eq!(near_hit(&cb, "k").await.as_deref(), Some("v2"));
+    assert_eq!(check_get(&cb).await, (true, 0, Some("v2".into())));
+    assert_eq!(check_get(&cb).await, (false, 0, None), "denied: no value");
 }

@@ -38,7 +38,7 @@ use crate::config::RedisConfig;
 use crate::keys::{self, Keys};
 use crate::metrics::metrics;
 use crate::near::NearCache;
-use crate::protocol::CacheGetArgs;
+use crate::protocol::{CacheGetArgs, Lookup};
 use crate::stats::Stats;
 
 /// The jobs of one round trip, by their index in the batch.
@@ -202,16 +202,30 @@ impl RedisBackend {
     async fn rounds(&self, jobs: &[Job], out: &mut [Option<Outcome>]) -> bool {
         let now = self.inner.clock.fixed_us();
         let mut ok = true;
+        let near = self.near_gets(jobs);
         let mut first = Round::default();
+        let mut near_at = near.iter().peekable();
         for (i, job) in jobs.iter().enumerate() {
             match job {
                 Job::Get { args, poll } => first.reads.push((i, args, *poll)),
-                _ => first.scripts.push((i, job)),
+                _ => match near_at.next_if(|(at, ..)| *at == i) {
+                    Some((_, check, _)) => first.scripts.push((i, check)),
+                    None => first.scripts.push((i, job)),
+                },
             }
         }
         let mut locking = Round::default();
         for (i, done) in self.round(first, now).await {
             match (&jobs[i], done) {
+                // A check_get that ran as its check alone: its value is near.
+                (Job::CheckGet(..), Some(Done::Script(Outcome::Decided(v)))) => {
+                    let Ok(at) = near.binary_search_by_key(&i, |(at, ..)| *at) else {
+                        ok = false;
+                        continue;
+                    };
+                    let hit = v.allowed.then(|| near[at].2.clone());
+                    out[i] = Some(Outcome::CheckLooked(v, hit));
+                }
                 (Job::Get { args, .. }, Some(Done::Read(r))) if r.needs_lock(args) => {
                     locking.scripts.push((i, &jobs[i]));
                 }
@@ -232,6 +246,32 @@ impl RedisBackend {
             }
         }
         ok
+    }
+
+    /// The `check_get`s whose entries the near cache holds fresh, by job
+    /// index: each runs as its check alone (with the same lease), and an
+    /// allowed one is answered with the near value, which never goes
+    /// through Lua (that costs Redis ~5 µs per KiB). The hit stands for the
+    /// moment the batch was built, as a `cache_get` near hit would.
+    fn near_gets(&self, jobs: &[Job]) -> Vec<(usize, Job, Lookup)> {
+        let Some((near, _)) = &self.inner.near else {
+            return Vec::new();
+        };
+        let keys = &self.inner.keys;
+        (jobs.iter().enumerate())
+            .filter_map(|(i, job)| {
+                let Job::CheckGet(c, g) = job else {
+                    return None;
+                };
+                let (value, ttl_ms) = near.get(&keys.entry(&g.tenant, &g.key))?;
+                let hit = Lookup {
+                    value: Some(value),
+                    ttl_ms,
+                    ..Lookup::default()
+                };
+                Some((i, Job::Check(c.clone()), hit))
+            })
+            .collect()
     }
 
     /// One pipelined round trip: one call of the batch code per slot group
