@@ -276,7 +276,8 @@ async fn on_sentinel_tracking_follows_a_failover() {
 /// A `check_get` whose entry B holds near runs its check in Redis and takes
 /// the value from the near cache: B's near hits count it, the check is
 /// charged (the limit still denies, and a denied one gets no value), and a
-/// change through A is seen by B's next `check_get`.
+/// change through A is seen by B's next `check_get`. A `check_get`'s own
+/// fresh hit is kept near as a `cache_get`'s is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_get_takes_its_value_from_the_near_cache() {
     use quotad::protocol::CheckArgs;
@@ -288,14 +289,14 @@ rules = [{ name = "r", kind = "fixed_window", limit = 3, window_ms = 600000 }]
     let config = format!("{}{policy}", redis_table(&redis));
     let (a, b) = (Daemon::start(&config), Daemon::start(&config));
     let (ca, cb) = (a.client().await, b.client().await);
-    let check_get = async |cb: &Client| {
+    let check_get = async |cb: &Client, user: &str, entry: &str| {
         let args = CheckArgs {
             tenant: "acme".into(),
-            key: "user".into(),
+            key: user.into(),
             policy: None,
             cost: 1,
         };
-        let (d, l) = cb.check_get(args, "k", 0).await.unwrap();
+        let (d, l) = cb.check_get(args, entry, 0).await.unwrap();
         assert!(!d.degraded, "{d:?}");
         let value = l
             .and_then(|l| l.value)
@@ -306,7 +307,10 @@ rules = [{ name = "r", kind = "fixed_window", limit = 3, window_ms = 600000 }]
     ca.cache_set(set("k", "v1", &[])).await.unwrap();
     assert_eq!(near_hit(&cb, "k").await.as_deref(), Some("v1"));
     let before = near_hits(&cb).await;
-    assert_eq!(check_get(&cb).await, (true, 2, Some("v1".into())));
+    assert_eq!(
+        check_get(&cb, "user", "k").await,
+        (true, 2, Some("v1".into()))
+    );
     assert_eq!(
         near_hits(&cb).await,
         before + 1,
@@ -315,11 +319,31 @@ rules = [{ name = "r", kind = "fixed_window", limit = 3, window_ms = 600000 }]
 
     ca.cache_set(set("k", "v2", &[])).await.unwrap();
     assert_eq!(
-        check_get(&cb).await,
+        check_get(&cb, "user", "k").await,
         (true, 1, Some("v2".into())),
         "a set on A"
     );
     assert_eq!(near_hit(&cb, "k").await.as_deref(), Some("v2"));
-    assert_eq!(check_get(&cb).await, (true, 0, Some("v2".into())));
-    assert_eq!(check_get(&cb).await, (false, 0, None), "denied: no value");
+    assert_eq!(
+        check_get(&cb, "user", "k").await,
+        (true, 0, Some("v2".into()))
+    );
+    assert_eq!(
+        check_get(&cb, "user", "k").await,
+        (false, 0, None),
+        "denied: no value"
+    );
+
+    // An entry only check_gets read: the first read keeps it near.
+    ca.cache_set(set("j", "w", &[])).await.unwrap();
+    let mut user = 0;
+    wait_until("a check_get near hit", SOON, async || {
+        let before = near_hits(&cb).await;
+        user += 1;
+        let got = check_get(&cb, &format!("u{user}"), "j").await;
+        assert_eq!(got.2.as_deref(), Some("w"));
+        near_hits(&cb).await > before
+    })
+    .await;
+    assert!(user >= 2, "the first check_get of j found nothing near");
 }

@@ -303,6 +303,17 @@ impl RedisBackend {
             let near = inner.near.as_ref().map(|(n, _)| n);
             tickets.push(near.and_then(|n| Some((n.ticket(&name)?, name))));
         }
+        // A check_get's fresh hit is kept near too, on the same rule.
+        let near = inner.near.as_ref().map(|(n, _)| n);
+        let script_tickets: Vec<_> = (round.scripts.iter())
+            .map(|(_, job)| match (near, job) {
+                (Some(n), Job::CheckGet(_, g)) => {
+                    let name = inner.keys.entry(&g.tenant, &g.key);
+                    Some((n.ticket(&name)?, name))
+                }
+                _ => None,
+            })
+            .collect();
         Stats::add(&inner.stats.counters.script_calls, groups.len() as u64);
         let mut results = inner.conn.run(cmds).await;
         let mut missing: Vec<usize> = (0..groups.len())
@@ -347,6 +358,13 @@ impl RedisBackend {
             match parsed {
                 Some(outcomes) => {
                     for (&g, o) in group.iter().zip(outcomes) {
+                        if let (Some(near), Some((ticket, name))) = (near, &script_tickets[g])
+                            && let Outcome::CheckLooked(_, Some(l)) = &o
+                            && let (Some(v), false, false, false) =
+                                (&l.value, l.stale, l.refresh, l.fill)
+                        {
+                            near.insert(*ticket, name, v.clone(), l.ttl_ms);
+                        }
                         done.push((round.scripts[g].0, Some(Done::Script(o))));
                     }
                 }
