@@ -279,8 +279,11 @@ fn a_full_shard_queue_answers_overloaded_instead_of_growing() {
     }
     println!("{decided} decided, {overloaded} overloaded");
     assert!(overloaded > 0, "the bounded queues must refuse some");
+    // At least a full queue's worth: the 8 that queued before the first
+    // flush went out together (the batch in flight), and whatever queued
+    // behind them is decided too.
     assert!(
-        decided >= 9,
+        decided >= 8,
         "the batch in flight and the queue are answered"
     );
     // The shard is fine afterwards.
