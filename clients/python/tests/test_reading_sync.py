@@ -149,3 +149,90 @@ def test_a_writer_holding_the_reading_role_reads_while_its_write_waits(tmp_path:
         assert server.answered == 16
     finally:
         server.close()
+
+
+class SlowServer:
+    """Answers every request `delay` seconds after it came, each on its own timer."""
+
+    def __init__(self, path: Path, delay: float) -> None:
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(4)
+        self._delay = delay
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        lock = threading.Lock()
+
+        def answer(req_id: int) -> None:
+            with lock:
+                conn.sendall(encode_frame({"id": req_id, "ok": True, "backend": "memory", "version": 1}))
+
+        frames = FrameReader(1 << 20)
+        while data := conn.recv(64 << 10):
+            for body in frames.feed(data):
+                threading.Timer(self._delay, answer, (decode_body(body)["id"],)).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_call_interrupted_by_an_exception_leaves_the_connection_working(tmp_path: Path) -> None:
+    """A call left by an exception (here from a signal handler, as a Ctrl-C or a
+    signal-based timeout would) while it reads, or while another caller reads for
+    it: the calls after it are answered, not left waiting for their timeout."""
+    import signal
+
+    server = SlowServer(tmp_path / "slow.sock", delay=0.2)
+    previous = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(Interrupted()))
+    try:
+        with Client(str(tmp_path / "slow.sock"), timeout=2.0, failure_mode="raise") as c:
+            # The lone caller, holding the reading role, is interrupted.
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            try:
+                c.call({"op": "hello"})
+                raise AssertionError("the call was not interrupted")
+            except Interrupted:
+                pass
+            t0 = time.monotonic()
+            assert c.call({"op": "hello"})["ok"] is True
+            assert time.monotonic() - t0 < 1.0, "the next call waited for its timeout"
+
+            # A caller waiting on another's read is interrupted (the main thread,
+            # where signals land), while a second thread holds the role.
+            reader = threading.Thread(target=lambda: c.call({"op": "hello"}))
+            reader.start()
+            time.sleep(0.05)
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            try:
+                c.call({"op": "hello"})
+                raise AssertionError("the call was not interrupted")
+            except Interrupted:
+                pass
+            reader.join()
+            t0 = time.monotonic()
+            with ThreadPoolExecutor(4) as pool:
+                assert all(r["ok"] for r in pool.map(lambda _: c.call({"op": "hello"}), range(8)))
+            assert time.monotonic() - t0 < 1.0, "later calls waited for their timeout"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        server.close()
+
+
+def test_a_forked_child_closing_its_client_leaves_the_parents_connection(socket_path: str, tenant: str) -> None:
+    with Client(socket_path, failure_mode="raise") as c:
+        assert c.check(tenant, "k").allowed
+        conn = c._conn
+        pid = os.fork()
+        if pid == 0:  # the child closes the client it inherited, and leaves
+            c.close()
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert c.check(tenant, "k").allowed
+        assert c._conn is conn and conn.alive, "the parent's connection survived"

@@ -188,6 +188,14 @@ class _Connection:
             return waiter.reply
         finally:
             with self._lock:
+                if self._pending.get(req_id) is waiter and waiter.late is None and not waiter.answered():
+                    # Left by an exception (an interrupt, a signal handler's): nobody waits
+                    # on it any more, so it must not be handed the reading role; a late
+                    # reply still goes to ``late`` (a lease to release).
+                    if late is not None:
+                        waiter.late = late
+                    else:
+                        del self._pending[req_id]
                 # Handed the role while writing (and answered before it waited): it holds it too.
                 handed, waiter.lead = waiter.lead, False
             if leading or handed:
@@ -353,6 +361,11 @@ class _Connection:
         if not self._closed:
             log.warning("quotad connection lost: %s", err)
         self.close(err)
+
+    def drop(self) -> None:
+        """In a forked child: closes this process's descriptor only. The socket is
+        the parent's too, and a shutdown would end the parent's connection."""
+        self._sock.close()
 
     def close(self, err: QuotadError) -> None:
         """Fails every call in flight (and later ones) with ``err``; idempotent."""
@@ -658,7 +671,10 @@ class Client:
         with self._connect_lock:
             self._closed = True
             conn, self._conn = self._conn, None
-        if conn is not None:
+            inherited = self._pid != os.getpid()
+        if conn is not None and inherited:
+            conn.drop()
+        elif conn is not None:
             conn.close(ConnectionLost("the client was closed"))
 
     def __enter__(self) -> Client:
