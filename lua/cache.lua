@@ -9,7 +9,7 @@
 -- the refresh lock, taken by the one caller told to refresh a stale entry
 -- (SET NX PX until the entry expires).
 --
--- A tag is a sorted set <prefix>:{<tenant>}:t:<tag> of entry key names
+-- A tag is a sorted set <prefix>:g:{<tenant>}:<tag> of entry key names
 -- scored by their expiry (ms, Redis clock). Every write to a tag prunes its
 -- expired members and the set expires with its longest-lived member, so a
 -- tag holds no more than the live entries carrying it and vanishes with the

@@ -3,9 +3,9 @@
 //!
 //! Every key a tenant's request can touch carries `{<tenant>}` as its hash
 //! tag, so one tenant's keys share one Cluster slot and no tenant or key
-//! string can reach outside its own namespace. Rule state and tags live
-//! under `<prefix>:{<tenant>}:`; cache entries and their locks under
-//! `<prefix>:<c|f|r>:{<tenant>}:`, so that every entry, and nothing else,
+//! string can reach outside its own namespace. Rule state lives under
+//! `<prefix>:{<tenant>}:`; cache entries, their locks and their tags under
+//! `<prefix>:<c|f|r|g>:{<tenant>}:`, so that every entry, and nothing else,
 //! starts with [`Keys::entry_prefix`]: the near cache's tracking connection
 //! hears of changes to entries by that prefix (`CLIENT TRACKING BCAST`), and
 //! a prefix that also matched rule state would bring it a message per check. Tenants' records (the `redis`
@@ -94,9 +94,13 @@ impl Keys {
         out
     }
 
-    /// `<prefix>:{<tenant>}:t:<tag>`: the entries carrying a tag.
+    /// `<prefix>:g:{<tenant>}:<tag>`: the entries carrying a tag. With the
+    /// entries, not under `<prefix>:{<tenant>}:t:` where quotad kept them
+    /// before the near cache: a tag set then held entry names of the
+    /// older layout only, which older quotads still read during a rolling
+    /// upgrade (and their scripts fail on a name of another layout).
     pub fn tag(&self, tenant: &str, tag: &str) -> String {
-        self.named(tenant, "t", tag)
+        self.cache_named("g", tenant, tag)
     }
 
     /// `<prefix>:tenant:{<tenant>}`: a tenant's record (`redis` source).
@@ -140,12 +144,6 @@ impl Keys {
         out.push_str(":{");
         encode_into(&mut out, tenant);
         out.push('}');
-        out
-    }
-
-    fn named(&self, tenant: &str, kind: &str, name: &str) -> String {
-        let mut out = self.start(tenant, kind, name.len());
-        encode_into(&mut out, name);
         out
     }
 

@@ -122,12 +122,19 @@ impl NearCache {
     /// time in ms, if held. Counts a near hit or miss.
     pub fn get(&self, name: &str) -> Option<(Bytes, u64)> {
         let c = &self.stats.counters;
+        let slot = self.slot(name);
+        // Not held: a miss, without asking the kernel (below) first.
+        if !self.shard(slot).index.contains_key(name) {
+            Stats::add(&c.near_misses, 1);
+            return None;
+        }
+        // Then caught up, then the lookup proper, in that order: an
+        // invalidation applied after the check is seen by the lookup.
         let heard = self.heard.load();
         if self.state.load(SeqCst) & 1 == 0 || heard.as_ref().is_some_and(|h| !h.caught_up()) {
             Stats::add(&c.near_misses, 1);
             return None;
         }
-        let slot = self.slot(name);
         let mut shard = self.shard(slot);
         let found = shard.index.get(name).copied();
         let answer = found.and_then(|i| {

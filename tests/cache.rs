@@ -162,9 +162,9 @@ async fn tenants_never_see_each_others_entries_whatever_the_strings() {
         );
         if let Some(r) = redis {
             for key in r.cli(&["KEYS", "*"]).lines() {
-                // Tags under `qd:{a}:`, entries under `qd:c:{a}:`.
+                // Entries under `qd:c:{a}:`, tags under `qd:g:{a}:`.
                 assert!(
-                    ["qd:{a}:", "qd:c:{a}:"].iter().any(|p| key.starts_with(p)),
+                    ["qd:c:{a}:", "qd:g:{a}:"].iter().any(|p| key.starts_with(p)),
                     "{key}: outside tenant a's namespace"
                 );
             }
@@ -424,7 +424,7 @@ async fn the_tag_index_stays_bounded_under_100k_short_lived_sets() {
         });
         join_all(sets).await;
         if chunk % 10 == 9 {
-            let size: u64 = redis.cli(&["ZCARD", "qd:{acme}:t:all"]).parse().unwrap();
+            let size: u64 = redis.cli(&["ZCARD", "qd:g:{acme}:all"]).parse().unwrap();
             peak = peak.max(size);
         }
     }
