@@ -219,6 +219,8 @@ async function main() {
     console.log(`# ${new Date().toISOString().slice(0, 16)}, ${os.cpus().length} CPUs, Node ${process.version}, redis-server ${redisVersion}, ${seconds} s per run`);
     console.log('| system | in flight | checks/s | p50 µs | p99 µs | Redis CPU µs/check | client CPU µs/check | quotad CPU µs/check | reads / writes / wake-ups per check |');
     console.log('|---|---|---|---|---|---|---|---|---|');
+    const unknown = only.filter((name) => !(name in systems));
+    if (unknown.length) throw new Error(`--only: no system ${unknown.join(', ')} (there are ${Object.keys(systems).join(', ')})`);
     const repeats = Number(arg('repeat', '1'));
     const results = {}; // `${name}/${c}` -> [{ rate, cpu }] one per repeat
     for (let rep = 0; rep < repeats; rep++) {
