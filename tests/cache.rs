@@ -164,7 +164,9 @@ async fn tenants_never_see_each_others_entries_whatever_the_strings() {
             for key in r.cli(&["KEYS", "*"]).lines() {
                 // Entries under `qd:c:{a}:`, tags under `qd:g:{a}:`.
                 assert!(
-                    ["qd:c:{a}:", "qd:g:{a}:"].iter().any(|p| key.starts_with(p)),
+                    ["qd:c:{a}:", "qd:g:{a}:"]
+                        .iter()
+                        .any(|p| key.starts_with(p)),
                     "{key}: outside tenant a's namespace"
                 );
             }

@@ -182,6 +182,18 @@ class Interrupted(Exception):
     pass
 
 
+def interrupted_call(c: Client) -> None:
+    """A call that SIGALRM's handler interrupts 50 ms in."""
+    import signal
+
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
+    try:
+        c.call({"op": "hello"})
+        raise AssertionError("the call was not interrupted")
+    except Interrupted:
+        pass
+
+
 def test_a_call_interrupted_by_an_exception_leaves_the_connection_working(tmp_path: Path) -> None:
     """A call left by an exception (here from a signal handler, as a Ctrl-C or a
     signal-based timeout would) while it reads, or while another caller reads for
@@ -193,12 +205,7 @@ def test_a_call_interrupted_by_an_exception_leaves_the_connection_working(tmp_pa
     try:
         with Client(str(tmp_path / "slow.sock"), timeout=2.0, failure_mode="raise") as c:
             # The lone caller, holding the reading role, is interrupted.
-            signal.setitimer(signal.ITIMER_REAL, 0.05)
-            try:
-                c.call({"op": "hello"})
-                raise AssertionError("the call was not interrupted")
-            except Interrupted:
-                pass
+            interrupted_call(c)
             t0 = time.monotonic()
             assert c.call({"op": "hello"})["ok"] is True
             assert time.monotonic() - t0 < 1.0, "the next call waited for its timeout"
@@ -208,12 +215,7 @@ def test_a_call_interrupted_by_an_exception_leaves_the_connection_working(tmp_pa
             reader = threading.Thread(target=lambda: c.call({"op": "hello"}))
             reader.start()
             time.sleep(0.05)
-            signal.setitimer(signal.ITIMER_REAL, 0.05)
-            try:
-                c.call({"op": "hello"})
-                raise AssertionError("the call was not interrupted")
-            except Interrupted:
-                pass
+            interrupted_call(c)
             reader.join()
             t0 = time.monotonic()
             with ThreadPoolExecutor(4) as pool:

@@ -385,17 +385,21 @@ fn sentinel_client(
     Ok(b.build()?)
 }
 
-/// A pub/sub connection to the configured Redis (in a Cluster, the first
-/// seed node: PUBLISH reaches every node).
-pub async fn pubsub(cfg: &RedisConfig) -> RedisResult<redis::aio::PubSub> {
-    let setup = |e: SetupError| match e {
+/// A set-up failure as the redis error the side connections report.
+fn setup(e: SetupError) -> RedisError {
+    match e {
         SetupError::Redis(e) => e,
         SetupError::Config(e) => RedisError::from((
             ErrorKind::InvalidClientConfig,
             "Redis settings",
             e.to_string(),
         )),
-    };
+    }
+}
+
+/// A pub/sub connection to the configured Redis (in a Cluster, the first
+/// seed node: PUBLISH reaches every node).
+pub async fn pubsub(cfg: &RedisConfig) -> RedisResult<redis::aio::PubSub> {
     let (password, sentinel_password) = read_secrets(cfg).map_err(|e| setup(e.into()))?;
     if let (Some(url), Some(name)) = (&cfg.url, &cfg.tls_server_name) {
         return named_pubsub(cfg, name, url, password.as_ref()).await;
@@ -418,14 +422,6 @@ pub async fn pubsub(cfg: &RedisConfig) -> RedisResult<redis::aio::PubSub> {
 /// connection). `Ok(None)`: the topology has no single master to track
 /// (a Cluster; a Redis reached with `tls_server_name`).
 pub(super) async fn tracking_client(cfg: &RedisConfig) -> RedisResult<Option<(Client, String)>> {
-    let setup = |e: SetupError| match e {
-        SetupError::Redis(e) => e,
-        SetupError::Config(e) => RedisError::from((
-            ErrorKind::InvalidClientConfig,
-            "Redis settings",
-            e.to_string(),
-        )),
-    };
     let (password, sentinel_password) = read_secrets(cfg).map_err(|e| setup(e.into()))?;
     let found = match (&cfg.url, &cfg.tls_server_name) {
         (Some(_), Some(_)) => return Ok(None),
