@@ -48,15 +48,8 @@ enum Command {
     /// Ask a running quotad for one decision. Exit status: 0 allowed, 1 denied,
     /// 2 error, 3 degraded (decided by the failure mode, not by Redis).
     Check {
-        /// The tenant the caller belongs to (its plan sets the limits).
-        #[arg(long)]
-        tenant: String,
-        /// Who is limited within the tenant (a user, an API key, an IP).
-        #[arg(long)]
-        key: String,
-        /// The policy (default: the one named `default`).
-        #[arg(long)]
-        policy: Option<String>,
+        #[command(flatten)]
+        what: Target,
         /// Units to charge; 0 peeks without charging.
         #[arg(long, default_value_t = 1)]
         cost: u64,
@@ -70,15 +63,9 @@ enum Command {
     /// a concurrency rule). Exit status: 0 released, 1 it was not held
     /// (released already, expired, unknown), 2 error.
     Release {
-        /// The check's tenant.
-        #[arg(long)]
-        tenant: String,
-        /// The check's key.
-        #[arg(long)]
-        key: String,
-        /// The check's policy (default: the one named `default`).
-        #[arg(long)]
-        policy: Option<String>,
+        /// The check's tenant, key and policy.
+        #[command(flatten)]
+        what: Target,
         /// The lease, as `check` printed it.
         #[arg(long)]
         lease: String,
@@ -88,15 +75,8 @@ enum Command {
     /// Print every rule of a policy as it stands for one key, one line per
     /// rule, charging nothing. Exit status: 0, or 2 on error.
     Usage {
-        /// The tenant the caller belongs to (its plan sets the limits).
-        #[arg(long)]
-        tenant: String,
-        /// Who is limited within the tenant.
-        #[arg(long)]
-        key: String,
-        /// The policy (default: the one named `default`).
-        #[arg(long)]
-        policy: Option<String>,
+        #[command(flatten)]
+        what: Target,
         #[command(flatten)]
         at: Socket,
     },
@@ -129,6 +109,20 @@ enum Command {
         #[command(flatten)]
         at: Socket,
     },
+}
+
+/// What a `check`, `release` or `usage` is about.
+#[derive(clap::Args)]
+struct Target {
+    /// The tenant the caller belongs to (its plan sets the limits).
+    #[arg(long)]
+    tenant: String,
+    /// Who is limited within the tenant (a user, an API key, an IP).
+    #[arg(long)]
+    key: String,
+    /// The policy (default: the one named `default`).
+    #[arg(long)]
+    policy: Option<String>,
 }
 
 /// Where the running daemon is.
@@ -203,26 +197,13 @@ fn main() -> ExitCode {
             log_format,
         } => serve(config, socket, log_format).map(|()| ExitCode::SUCCESS),
         Command::Check {
-            tenant,
-            key,
-            policy,
+            what,
             cost,
             allow_degraded,
             at,
-        } => one_shot(check(tenant, key, policy, cost, allow_degraded, at)),
-        Command::Release {
-            tenant,
-            key,
-            policy,
-            lease,
-            at,
-        } => one_shot(release(tenant, key, policy, lease, at)),
-        Command::Usage {
-            tenant,
-            key,
-            policy,
-            at,
-        } => one_shot(usage(tenant, key, policy, at)),
+        } => one_shot(check(what, cost, allow_degraded, at)),
+        Command::Release { what, lease, at } => one_shot(release(what, lease, at)),
+        Command::Usage { what, at } => one_shot(usage(what, at)),
         Command::Tenant { command, at } => one_shot(tenant(command, at)),
         Command::Stats { json, at } => one_shot(stats(json, at)),
         Command::Health { live, at } => one_shot(health(live, at)),
@@ -345,23 +326,16 @@ async fn connect(at: &Socket) -> anyhow::Result<Client> {
 }
 
 async fn check(
-    tenant: String,
-    key: String,
-    policy: Option<String>,
+    what: Target,
     cost: u64,
     allow_degraded: bool,
     at: Socket,
 ) -> anyhow::Result<ExitCode> {
     let client = connect(&at).await?;
     let d = client
-        .check(&tenant, &key, policy.as_deref(), cost)
+        .check(&what.tenant, &what.key, what.policy.as_deref(), cost)
         .await
-        .map_err(|e| match &e {
-            ClientError::Server { code, .. } if code == "unknown_policy" => {
-                anyhow::anyhow!("{e}; {}", known_policies(&at))
-            }
-            _ => e.into(),
-        })?;
+        .map_err(|e| explained(e, &at))?;
     // A lease (policies with concurrency rules) goes last, so scripts that
     // read the other fields by position keep working.
     let lease = d.lease.map(|l| format!(" lease={l}")).unwrap_or_default();
@@ -385,13 +359,7 @@ async fn check(
     })
 }
 
-async fn release(
-    tenant: String,
-    key: String,
-    policy: Option<String>,
-    lease: String,
-    at: Socket,
-) -> anyhow::Result<ExitCode> {
+async fn release(what: Target, lease: String, at: Socket) -> anyhow::Result<ExitCode> {
     let Some(lease) = Lease::parse(&lease) else {
         anyhow::bail!(
             "`{lease}` is not a lease: give the 32 hex digits `quotad check` printed after lease="
@@ -399,7 +367,7 @@ async fn release(
     };
     let client = connect(&at).await?;
     let released = client
-        .release(&tenant, &key, policy.as_deref(), lease)
+        .release(&what.tenant, &what.key, what.policy.as_deref(), lease)
         .await?;
     println!("released={released}");
     Ok(if released {
@@ -409,22 +377,12 @@ async fn release(
     })
 }
 
-async fn usage(
-    tenant: String,
-    key: String,
-    policy: Option<String>,
-    at: Socket,
-) -> anyhow::Result<ExitCode> {
+async fn usage(what: Target, at: Socket) -> anyhow::Result<ExitCode> {
     let client = connect(&at).await?;
     let rules = client
-        .usage(&tenant, &key, policy.as_deref())
+        .usage(&what.tenant, &what.key, what.policy.as_deref())
         .await
-        .map_err(|e| match &e {
-            ClientError::Server { code, .. } if code == "unknown_policy" => {
-                anyhow::anyhow!("{e}; {}", known_policies(&at))
-            }
-            _ => e.into(),
-        })?;
+        .map_err(|e| explained(e, &at))?;
     for u in rules {
         println!(
             "rule={} kind={} limit={} used={} remaining={} reset_ms={} window_ms={}",
@@ -432,6 +390,16 @@ async fn usage(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A request's error; an unknown policy's with the policies there are.
+fn explained(e: ClientError, at: &Socket) -> anyhow::Error {
+    match &e {
+        ClientError::Server { code, .. } if code == "unknown_policy" => {
+            anyhow::anyhow!("{e}; {}", known_policies(at))
+        }
+        _ => e.into(),
+    }
 }
 
 /// After an unknown policy: the policies the config file defines, or how
