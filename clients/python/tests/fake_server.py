@@ -1,4 +1,6 @@
-"""A Unix socket listener that records what clients send (to prove nothing was sent)."""
+"""Fake daemons for the sync client's tests: a listener that records what
+clients send (to prove nothing was sent), and the base of the servers that
+answer in their own ways."""
 
 from __future__ import annotations
 
@@ -42,3 +44,28 @@ class Recorder:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class ThreadedServer:
+    """A Unix socket listener served by ``_serve`` on a daemon thread; ``close``
+    stops it (``_serve`` loops until ``_stop`` is set, or until its listener closes)."""
+
+    def __init__(self, path: Path, backlog: int = 4) -> None:
+        self.path = path
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(backlog)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _serve(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(5)
+        self._listener.close()

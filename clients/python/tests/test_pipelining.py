@@ -5,29 +5,24 @@ from __future__ import annotations
 
 import random
 import socket
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from fake_server import ThreadedServer
 from quotad import Client
 from quotad._codec import FrameReader, decode_body, encode_frame
 
 THREADS, CHECKS = 32, 300
 
 
-class ShufflingServer:
+class ShufflingServer(ThreadedServer):
     """Answers each check with its key as the rule, holding replies until 64 are in (or 5 ms pass), then shuffled."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        super().__init__(path)
         self.requests = 0
         self.out_of_order = 0
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen(4)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        self.start()
 
     def _serve(self) -> None:
         conn, _ = self._listener.accept()
@@ -59,11 +54,6 @@ class ShufflingServer:
                     ))
                     held = []
                 data = b""
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._listener.close()
 
 
 def test_threads_sharing_a_client_each_get_their_own_replies(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from daemons import Quotad
+from fake_server import ThreadedServer
 from quotad import Client
 from quotad._codec import FrameReader, decode_body, encode_frame
 
@@ -42,18 +43,14 @@ def test_a_connection_closed_while_idle_is_replaced_before_the_next_call(own_dae
         assert c._conn is not first
 
 
-class OneShotServer:
+class OneShotServer(ThreadedServer):
     """Answers one check per connection, then closes it."""
 
     def __init__(self, path: Path) -> None:
+        super().__init__(path, backlog=8)
         self.connections = 0
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen(8)
         self._listener.settimeout(0.05)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        self.start()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -75,11 +72,6 @@ class OneShotServer:
                         "id": decode_body(body)["id"], "ok": True, "allowed": True, "limit": 10, "remaining": 9,
                         "reset_ms": 0, "retry_after_ms": 0, "degraded": False, "rule": "burst",
                     }))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._listener.close()
 
 
 def test_connections_found_closed_leave_no_descriptor_behind(tmp_path: Path) -> None:
@@ -104,17 +96,14 @@ def test_connections_found_closed_leave_no_descriptor_behind(tmp_path: Path) -> 
         server.close()
 
 
-class SequentialServer:
+class SequentialServer(ThreadedServer):
     """Reads one request at a time and answers it with a 600 KB reply before reading on
     (so it stops reading while nobody reads its replies), like a simple server would."""
 
     def __init__(self, path: Path) -> None:
+        super().__init__(path)
         self.answered = 0
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen(4)
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        self.start()
 
     def _serve(self) -> None:
         conn, _ = self._listener.accept()
@@ -125,9 +114,6 @@ class SequentialServer:
                     req_id = decode_body(body)["id"]
                     conn.sendall(encode_frame({"id": req_id, "ok": True, "degraded": False, "pad": b"p" * (600 << 10)}))
                     self.answered += 1
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 def test_a_writer_holding_the_reading_role_reads_while_its_write_waits(tmp_path: Path) -> None:
@@ -151,15 +137,13 @@ def test_a_writer_holding_the_reading_role_reads_while_its_write_waits(tmp_path:
         server.close()
 
 
-class SlowServer:
+class SlowServer(ThreadedServer):
     """Answers every request `delay` seconds after it came, each on its own timer."""
 
     def __init__(self, path: Path, delay: float) -> None:
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen(4)
+        super().__init__(path)
         self._delay = delay
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.start()
 
     def _serve(self) -> None:
         conn, _ = self._listener.accept()
@@ -173,9 +157,6 @@ class SlowServer:
         while data := conn.recv(64 << 10):
             for body in frames.feed(data):
                 threading.Timer(self._delay, answer, (decode_body(body)["id"],)).start()
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 class Interrupted(Exception):

@@ -11,24 +11,20 @@ from pathlib import Path
 
 import pytest
 
+from fake_server import ThreadedServer
 from quotad import Client, ConnectionLost, RequestTimedOut
 from quotad._codec import FrameReader, decode_body, encode_frame
 
 
-class HoldingServer:
+class HoldingServer(ThreadedServer):
     """Answers checks only while ``answering`` is set; counts the most requests it held unanswered at once."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        super().__init__(path)
         self.answering = threading.Event()
         self.requests = 0
         self.most_held = 0
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen(4)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        self.start()
 
     def _serve(self) -> None:
         conn, _ = self._listener.accept()
@@ -56,11 +52,6 @@ class HoldingServer:
                         for i in held
                     ))
                     held = []
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._listener.close()
 
 
 @pytest.fixture
