@@ -13,14 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quotad::backend::memory::MemoryLimiter;
-use quotad::backend::redis::RedisBackend;
 use quotad::backend::{Job, Outcome};
 use quotad::clock::Clock;
 use quotad::config::Config;
 use quotad::keys::Keys;
 use quotad::limiter::{Check, Lease, Policy, Release};
-use quotad::stats::Stats;
-use tokio_util::sync::CancellationToken;
 
 const LIMIT: u64 = 4;
 const LEASE_MS: u64 = 300;
@@ -181,13 +178,7 @@ async fn the_redis_backend_keeps_to_the_model_in_batches() {
     let redis = common::Redis::start();
     let config = Config::from_toml(&common::redis_table(&redis)).unwrap();
     let clock = Clock::manual(0);
-    let backend = RedisBackend::new(
-        config.redis.as_ref().unwrap(),
-        clock.clone(),
-        Arc::new(Stats::default()),
-        CancellationToken::new(),
-    )
-    .unwrap();
+    let backend = common::redis_backend(&config, clock.clone());
     for (at, steps) in run() {
         clock.set_us((T0_MS + at) * 1000);
         let (jobs, expects): (Vec<Job>, Vec<Expect>) = steps.into_iter().unzip();

@@ -120,14 +120,10 @@ async fn a_call_never_sees_the_state_of_the_call_before() {
 /// the script reads its state keys in chunks.
 #[tokio::test]
 async fn a_batch_of_nine_thousand_state_keys_decides() {
-    use std::sync::Arc;
-
-    use quotad::backend::{Job, Outcome, RedisBackend};
+    use quotad::backend::{Job, Outcome};
     use quotad::clock::Clock;
     use quotad::config::Config;
     use quotad::limiter::Check;
-    use quotad::stats::Stats;
-    use tokio_util::sync::CancellationToken;
 
     let redis = Redis::start();
     let config = Config::from_toml(&format!(
@@ -142,13 +138,7 @@ async fn a_batch_of_nine_thousand_state_keys_decides() {
         .get(Some("three"))
         .unwrap()
         .clone();
-    let backend = RedisBackend::new(
-        config.redis.as_ref().unwrap(),
-        Clock::default(),
-        Arc::new(Stats::default()),
-        CancellationToken::new(),
-    )
-    .unwrap();
+    let backend = common::redis_backend(&config, Clock::default());
     let jobs: Vec<Job> = (0..3000)
         .map(|i| {
             Job::Check(Check::new(

@@ -16,8 +16,6 @@ use quotad::config::Config;
 use quotad::keys::Keys;
 use quotad::limiter::usage::{RuleUsage, lines};
 use quotad::limiter::{Check, DAY_US, Decision, Policy};
-use quotad::stats::Stats;
-use tokio_util::sync::CancellationToken;
 
 use common::{Daemon, Redis, counters, redis_table};
 
@@ -218,13 +216,7 @@ async fn memory_usage_matches_checks_across_midnight() {
 async fn a_usage_in_a_batch_sees_its_checks() {
     let redis = Redis::start();
     let config = Config::from_toml(&format!("{}{POLICIES}", redis_table(&redis))).unwrap();
-    let backend = RedisBackend::new(
-        config.redis.as_ref().unwrap(),
-        Clock::manual(START_US),
-        Arc::new(Stats::default()),
-        CancellationToken::new(),
-    )
-    .unwrap();
+    let backend = common::redis_backend(&config, Clock::manual(START_US));
     let all = policy(&config, "all");
     let jobs = vec![
         Job::Usage(check(&all, 0)),
@@ -244,13 +236,7 @@ async fn redis_usage_matches_checks_across_midnight() {
     let redis = Redis::start();
     let config = Config::from_toml(&common::redis_table(&redis)).unwrap();
     let clock = Clock::manual(START_US);
-    let backend = RedisBackend::new(
-        config.redis.as_ref().unwrap(),
-        clock.clone(),
-        Arc::new(Stats::default()),
-        CancellationToken::new(),
-    )
-    .unwrap();
+    let backend = common::redis_backend(&config, clock.clone());
     usage_matches_checks(Backend::Redis(backend), &clock, "redis").await;
 }
 

@@ -11,15 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quotad::backend::memory::MemoryLimiter;
-use quotad::backend::redis::RedisBackend;
 use quotad::backend::{Job, Outcome};
 use quotad::clock::Clock;
 use quotad::config::Config;
 use quotad::keys::Keys;
 use quotad::limiter::{Check, Decision, Lease, Policy, Release};
-use quotad::stats::Stats;
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Deserialize)]
 struct Table {
@@ -182,13 +179,7 @@ async fn redis_backend_matches_every_table_in_batches() {
     let redis = common::Redis::start();
     let config = Config::from_toml(&common::redis_table(&redis)).unwrap();
     let clock = Clock::manual(0);
-    let backend = RedisBackend::new(
-        config.redis.as_ref().unwrap(),
-        clock.clone(),
-        Arc::new(Stats::default()),
-        CancellationToken::new(),
-    )
-    .unwrap();
+    let backend = common::redis_backend(&config, clock.clone());
     for (name, table, policy) in tables() {
         redis.cli(&["FLUSHALL"]);
         let all = jobs(&policy, &table);

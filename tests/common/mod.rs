@@ -25,7 +25,7 @@ pub use self::{
     daemon::{Daemon, QUOTAD, counters},
     postgres::Postgres,
     raw::{Raw, code},
-    redis::{Redis, redis_table},
+    redis::{Redis, redis_backend, redis_table},
     sentinel::{MASTER_NAME, SentinelSet},
     tls::Certs,
     wait::{SOON, wait_until, wait_until_blocking},

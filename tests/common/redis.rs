@@ -168,3 +168,17 @@ pub fn redis_table(redis: &Redis) -> String {
         redis.url()
     )
 }
+
+/// A Redis backend on `config`'s `[redis]` table, its clock `clock`.
+pub fn redis_backend(
+    config: &quotad::config::Config,
+    clock: quotad::clock::Clock,
+) -> quotad::backend::redis::RedisBackend {
+    quotad::backend::redis::RedisBackend::new(
+        config.redis.as_ref().expect("a [redis] table"),
+        clock,
+        std::sync::Arc::new(quotad::stats::Stats::default()),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .unwrap()
+}
