@@ -335,8 +335,10 @@ pub fn outcomes<'a>(reply: Value, jobs: impl Iterator<Item = &'a Job>) -> Option
     // and so do their results: 3 or 5 integers each (see lua/batch.lua).
     let plain = |job: &Job| matches!(job, Job::Check(c) if !c.policy.has_leases());
     let mut verdicts = Vec::with_capacity(jobs.len());
-    for job in jobs.iter().filter(|j| plain(j)) {
-        let Job::Check(c) = job else { unreachable!() };
+    for c in jobs.iter().filter_map(|j| match j {
+        Job::Check(c) if plain(j) => Some(c),
+        _ => None,
+    }) {
         let head = int()?;
         let n = if head == 1 {
             [
