@@ -333,14 +333,16 @@ impl Shard {
             return;
         };
         let redis = redis.clone();
-        ctx.pipe(async move {
+        // Boxed: a round trip's future is several KiB, and a task moves its
+        // future whole more than once (measured: ~3% of quotad's CPU).
+        ctx.pipe(Box::pin(async move {
             let outcomes = redis.run(&jobs, deadline).await;
             BatchDone {
                 jobs,
                 replies,
                 outcomes,
             }
-        });
+        }));
     }
 
     fn reply(&self, reply: ReplyTo, body: Body) {
