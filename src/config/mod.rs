@@ -31,6 +31,11 @@ pub use metrics::MetricsConfig;
 use plans::tenant_records;
 pub use plans::{DEFAULT_PLAN, PlanConfig, Plans, TenantConfig, TenantRecord, flatten};
 pub use policy::{Overrides, Policies, PolicyConfig, RuleConfig};
+
+/// A map keyed by configured names (policies, plans), looked up on every
+/// check: foldhash, since SipHash's resistance to chosen keys buys nothing
+/// where no request can add a key.
+pub type NameMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
 pub use quota::{PgSslMode, PostgresConfig, QuotaConfig, SourceKind};
 pub use redis::RedisConfig;
 pub use secret::{Secret, SecretSource, mask_url};

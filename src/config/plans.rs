@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::NameMap;
 use super::policy::{compile_policy, compile_with};
 use super::{ConfigError, IDENT_RULE, Overrides, Policies, PolicyConfig, invalid, is_ident};
 use crate::limiter::Policy;
@@ -111,8 +112,8 @@ impl TenantConfig {
 #[derive(Debug, Clone)]
 pub struct Plans {
     raw: BTreeMap<String, PolicyConfig>,
-    base: HashMap<String, Arc<Policy>>,
-    plans: HashMap<String, (Arc<Policies>, Overrides)>,
+    base: NameMap<Arc<Policy>>,
+    plans: NameMap<(Arc<Policies>, Overrides)>,
 }
 
 impl Plans {
@@ -120,14 +121,14 @@ impl Plans {
         policies: &BTreeMap<String, PolicyConfig>,
         plans: &BTreeMap<String, PlanConfig>,
     ) -> Result<Plans, ConfigError> {
-        let mut base = HashMap::new();
+        let mut base = NameMap::default();
         for (name, p) in policies {
             base.insert(name.clone(), Arc::new(compile_policy(name, p)?));
         }
         let mut out = Plans {
             raw: policies.clone(),
             base,
-            plans: HashMap::new(),
+            plans: NameMap::default(),
         };
         let implicit = (
             DEFAULT_PLAN.to_owned(),

@@ -1,12 +1,12 @@
 //! `[policies.<name>]`: rules composed into policies, and their compilation
 //! into [`Policy`]s that nothing past configuration can get wrong.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::{ConfigError, IDENT_RULE, invalid, is_ident};
+use super::{ConfigError, IDENT_RULE, NameMap, invalid, is_ident};
 use crate::error::Error;
 use crate::limiter::{DAY_US, FailureMode, Policy, Rule, RuleKind};
 
@@ -258,10 +258,10 @@ pub type Overrides = BTreeMap<String, f64>;
 /// under `at`.
 pub(crate) fn compile_with(
     raw: &BTreeMap<String, PolicyConfig>,
-    base: &HashMap<String, Arc<Policy>>,
+    base: &NameMap<Arc<Policy>>,
     overrides: &Overrides,
     at: &str,
-) -> Result<HashMap<String, Arc<Policy>>, ConfigError> {
+) -> Result<NameMap<Arc<Policy>>, ConfigError> {
     let mut changed: BTreeMap<&str, PolicyConfig> = BTreeMap::new();
     for (path, value) in overrides {
         let field_at = format!("{at}.{path}");
@@ -300,11 +300,11 @@ pub struct Policies {
     plan: Arc<str>,
     /// The policy of a request that names none.
     default_policy: String,
-    map: HashMap<String, Arc<Policy>>,
+    map: NameMap<Arc<Policy>>,
 }
 
 impl Policies {
-    pub fn new(plan: &str, default_policy: &str, map: HashMap<String, Arc<Policy>>) -> Self {
+    pub fn new(plan: &str, default_policy: &str, map: NameMap<Arc<Policy>>) -> Self {
         Policies {
             plan: plan.into(),
             default_policy: default_policy.to_owned(),

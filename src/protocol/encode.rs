@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 
+use smallvec::SmallVec;
+
 use super::{
     AdminOp, Body, CheckArgs, Lookup, OPS, Op, PROTOCOL_VERSION, Reply, Request, ShardOp,
     server_name,
@@ -225,7 +227,9 @@ fn write_map(out: &mut Vec<u8>, fields: &[(&str, Val)]) {
     }
 }
 
-type Fields<'a> = Vec<(&'static str, Val<'a>)>;
+/// A message's fields, on the stack: a reply is written for every request,
+/// and a heap list per reply cost more than writing it.
+type Fields<'a> = SmallVec<[(&'static str, Val<'a>); 20]>;
 
 fn decision<'a>(f: &mut Fields<'a>, d: &'a Decision) {
     f.extend([
@@ -266,7 +270,7 @@ fn lookup<'a>(f: &mut Fields<'a>, l: &'a Lookup) {
 
 impl Reply {
     fn write(&self, out: &mut Vec<u8>) {
-        let mut f: Fields = Vec::with_capacity(20);
+        let mut f = Fields::new();
         f.push(("id", Val::U64(self.id)));
         f.push(("ok", Val::Bool(self.body.is_ok())));
         match &self.body {
@@ -325,7 +329,7 @@ impl Reply {
 
 impl Request {
     fn write(&self, out: &mut Vec<u8>) {
-        let mut f: Fields = Vec::with_capacity(10);
+        let mut f = Fields::new();
         f.push(("id", Val::U64(self.id)));
         f.push(("op", Val::Str(self.op.name())));
         match &self.op {

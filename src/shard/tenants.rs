@@ -220,9 +220,10 @@ impl Tenants {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::NameMap;
 
     fn policies() -> Arc<Policies> {
-        Arc::new(Policies::new("default", "default", HashMap::new()))
+        Arc::new(Policies::new("default", "default", NameMap::default()))
     }
 
     #[test]

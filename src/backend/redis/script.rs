@@ -145,7 +145,7 @@ pub fn command<'a>(
         keys,
         policies: Vec::new(),
         states: Vec::with_capacity(n),
-        state_index: HashMap::with_capacity(n),
+        state_index: HashMap::with_capacity_and_hasher(n, Default::default()),
         names: Vec::new(),
         checks: 0,
         check_args: Vec::with_capacity(24 * n),
@@ -187,8 +187,9 @@ struct Call<'a> {
     /// of the same tenant, policy and key refer to the same ones.
     states: Vec<String>,
     /// A check's tenant, policy name and key -> the 1-based KEYS index of
-    /// its first state key (borrowed: no key name is built twice).
-    state_index: HashMap<(&'a str, &'a str, &'a str), usize>,
+    /// its first state key (borrowed: no key name is built twice). foldhash:
+    /// at most `batch_max` entries, so chosen keys could not cost much.
+    state_index: HashMap<(&'a str, &'a str, &'a str), usize, foldhash::fast::RandomState>,
     /// The cache operations' keys, after the state keys.
     names: Vec<String>,
     /// The plain checks: how many, and their arguments in one string.
