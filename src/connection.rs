@@ -21,7 +21,6 @@ use bytes::{BufMut, BytesMut};
 use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
-use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::mpsc;
 use tokio_util::codec::{
     Decoder, Encoder, FramedRead, FramedWrite, LengthDelimitedCodec, LengthDelimitedCodecError,
@@ -34,6 +33,7 @@ use crate::error::Error;
 use crate::protocol::{self, DecodeError, Reply};
 use crate::reply::Replies;
 use crate::router::{Routed, Router};
+use crate::socket::{self, ReadHalf, WriteHalf};
 use crate::stats::Stats;
 
 /// The per-connection bounds.
@@ -95,7 +95,7 @@ impl Encoder<&Reply> for FrameCodec {
 /// work (shards' answers, shutdown) gets a turn.
 const MAX_FRAMES_PER_WAKE: usize = 256;
 
-type Sink = FramedWrite<tokio::net::unix::OwnedWriteHalf, FrameCodec>;
+type Sink = FramedWrite<WriteHalf, FrameCodec>;
 
 /// Serves one connection, already admitted with `grant`, until the peer
 /// leaves, a fatal frame arrives, or shutdown is signalled and every
@@ -107,7 +107,13 @@ pub async fn serve(
     limits: ConnLimits,
     shutdown: CancellationToken,
 ) {
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = match socket::split(stream) {
+        Ok(halves) => halves,
+        Err(e) => {
+            tracing::debug!(error = %e, "connection not served");
+            return;
+        }
+    };
     let mut frames = FramedRead::new(rd, FrameCodec::new(limits.max_frame_bytes));
     let mut sink = FramedWrite::new(wr, FrameCodec::new(limits.max_frame_bytes));
     let (replies, mut answers) = mpsc::unbounded_channel();
@@ -244,7 +250,9 @@ impl Conn<'_> {
 /// meanwhile is read and dropped (for a second at most), so it reads the
 /// reply rather than a connection reset.
 pub async fn refuse(stream: UnixStream, reply: Reply) {
-    let (mut rd, wr) = stream.into_split();
+    let Ok((mut rd, wr)) = socket::split(stream) else {
+        return;
+    };
     let mut sink = FramedWrite::new(wr, FrameCodec::new(0));
     let _ = tokio::time::timeout(Duration::from_secs(1), async move {
         sink.send(&reply).await?;
@@ -257,7 +265,7 @@ pub async fn refuse(stream: UnixStream, reply: Reply) {
 }
 
 /// The next frame already in `frames`' read buffer, without reading more.
-fn buffered_frame(frames: &mut FramedRead<OwnedReadHalf, FrameCodec>) -> Option<Frame> {
+fn buffered_frame(frames: &mut FramedRead<ReadHalf, FrameCodec>) -> Option<Frame> {
     let mut buf = std::mem::take(frames.read_buffer_mut());
     let next = frames.decoder_mut().decode(&mut buf).transpose();
     *frames.read_buffer_mut() = buf;

@@ -6,6 +6,7 @@
 //! The data path, in order:
 //!
 //! - [`server`]: the socket file's life cycle and the accept loop.
+//! - [`socket`]: a client's stream, registered to wake quotad for reads only.
 //! - [`connection`]: one client; frames in, replies out by `id`.
 //! - [`protocol`]: protocol version 1, requests and replies in MessagePack;
 //!   a decoded op already says who answers it.
@@ -48,6 +49,7 @@ pub mod router;
 pub mod server;
 pub mod shard;
 pub mod shutdown;
+pub mod socket;
 pub mod stats;
 pub mod systemd;
 pub mod tls;

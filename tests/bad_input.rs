@@ -535,3 +535,56 @@ fn connections_over_the_limit_are_told_overloaded() {
         n.recv().is_some_and(|r| r["ok"] == true)
     });
 }
+
+/// A client that pipelines far more replies than its socket holds, and
+/// reads none for a while, stalls only itself: quotad waits for room (the
+/// one time its end of a connection asks to hear of writability, see
+/// src/socket.rs), other connections are served meanwhile, and every reply
+/// arrives once the client reads.
+#[test]
+fn a_client_that_stops_reading_stalls_only_itself() {
+    use std::collections::BTreeSet;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    const N: u64 = 20_000; // ~2.6 MB of replies: many socket buffers' worth
+    let d = Daemon::start(CONFIG);
+    let mut slow = UnixStream::connect(d.socket()).unwrap();
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = slow.try_clone().unwrap();
+    // Its writes block too once quotad, blocked on its replies, stops reading.
+    let sender = std::thread::spawn(move || {
+        for id in 1..=N {
+            let body =
+                rmp_serde::to_vec_named(&check(id, "acme", &format!("k{}", id % 50))).unwrap();
+            writer
+                .write_all(&(body.len() as u32).to_be_bytes())
+                .unwrap();
+            writer.write_all(&body).unwrap();
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut good = Raw::connect(&d.socket());
+    good.send(check(1, "other", "k"));
+    assert_eq!(good.recv().unwrap()["allowed"], true);
+
+    let mut ids = BTreeSet::new();
+    while (ids.len() as u64) < N {
+        let mut len = [0u8; 4];
+        slow.read_exact(&mut len)
+            .expect("every reply, once the client reads");
+        let mut body = vec![0; u32::from_be_bytes(len) as usize];
+        slow.read_exact(&mut body).unwrap();
+        let reply: serde_json::Value = rmp_serde::from_slice(&body).unwrap();
+        assert_eq!(reply["ok"], true, "{reply}");
+        assert!(
+            ids.insert(reply["id"].as_u64().unwrap()),
+            "one reply per id"
+        );
+    }
+    sender.join().unwrap();
+    assert_eq!(ids, (1..=N).collect());
+    good.send(check(2, "other", "k"));
+    assert_eq!(good.recv().unwrap()["allowed"], true);
+}
