@@ -112,22 +112,25 @@ fn rule_args(rule: &RuleKind) -> [u64; 3] {
 /// [`rule_args`], then, only for a policy with shadow rules, a bit mask of
 /// them (bit i: rule i), so other policies' arguments stay as they were.
 fn policy_args(p: &Policy) -> Vec<u8> {
-    let rules = p.rules.iter().flat_map(|r| rule_args(&r.kind));
     let mask = (p.rules.iter().enumerate())
         .filter(|(_, r)| r.shadow)
         .fold(0, |m, (i, _)| m | 1 << i);
     let shadow = p.shadow.then_some(mask);
-    packed(
-        std::iter::once(p.rules.len() as u64)
-            .chain(rules)
-            .chain(shadow),
-    )
+    let mut out = Vec::with_capacity(8 * (2 + 3 * p.rules.len()));
+    let rules = p.rules.iter().flat_map(|r| rule_args(&r.kind));
+    for v in std::iter::once(p.rules.len() as u64)
+        .chain(rules)
+        .chain(shadow)
+    {
+        out.extend((v as f64).to_le_bytes());
+    }
+    out
 }
 
-fn packed(values: impl IntoIterator<Item = u64>) -> Vec<u8> {
+fn packed<const N: usize>(values: [u64; N]) -> Vec<u8> {
     values
-        .into_iter()
-        .flat_map(|v| (v as f64).to_le_bytes())
+        .iter()
+        .flat_map(|&v| (v as f64).to_le_bytes())
         .collect()
 }
 
@@ -160,8 +163,23 @@ pub fn command<'a>(
         Via::Sha => ("EVALSHA", &lua.sha),
         Via::Source => ("EVAL", &lua.script),
     };
-    let mut cmd = redis::cmd(name);
-    cmd.arg(code);
+    // Sized up front: grown arg by arg, its two buffers were reallocated
+    // several times per call (~3k instructions of a lone check's 57k).
+    let lengths = |v: &[String]| v.iter().map(String::len).sum::<usize>();
+    let args = 8 + call.states.len() + call.names.len() + call.policies.len() + call.args.len();
+    let data = 128
+        + code.len()
+        + lengths(&call.states)
+        + lengths(&call.names)
+        + call
+            .policies
+            .iter()
+            .map(|p| 8 * (2 + 3 * p.rules.len()))
+            .sum::<usize>()
+        + call.check_args.len()
+        + call.args.iter().map(Vec::len).sum::<usize>();
+    let mut cmd = redis::Cmd::with_capacity(args, data);
+    cmd.arg(name).arg(code);
     let nstates = call.states.len();
     cmd.arg(nstates + call.names.len())
         .arg(call.states)
@@ -252,12 +270,13 @@ impl<'a> Call<'a> {
                 let first = self.state_keys(c);
                 self.entry(&g.tenant, &g.key);
                 let policy = self.policy(&c.policy);
-                let header = [op::CHECK_GET, policy, c.cost, g.fill_ms, first];
+                let mut header = packed([op::CHECK_GET, policy, c.cost, g.fill_ms, first]);
                 if c.policy.has_leases() {
-                    self.args.push(packed(header.into_iter().chain([1])));
+                    header.extend(1f64.to_le_bytes()); // its lease follows
+                    self.args.push(header);
                     self.lease(c);
                 } else {
-                    self.args.push(packed(header));
+                    self.args.push(header);
                 }
             }
             Job::Release(r) => {
