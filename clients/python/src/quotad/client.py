@@ -71,6 +71,12 @@ class _Stale(Exception):
     """The connection was found closed by quotad before the call was written: it may go on a new one."""
 
 
+# A frame queued for the thread writing: its bytes, its caller's deadline and request id.
+_Queued = tuple[bytes, float, int]
+# A batch being sent: what is left of it, the latest deadline of its frames, whether none of it
+# is sent yet (dropping it then leaves the stream well-framed), and its frames.
+_Batch = tuple[memoryview, float, bool, list[_Queued]]
+
 # What one read of the socket came to.
 _READ, _NOTHING, _CLOSED, _REFUSED = 0, 1, 2, 3  # _REFUSED: quotad said why it closed (an id-0 error)
 
@@ -98,10 +104,10 @@ class _Connection:
         self._opts = opts
         # Guards _pending, _error, _closed, _queued, _writing, _reading and the slot count.
         self._lock = threading.Lock()
-        # One thread writes at a time; frames of calls made meanwhile are
-        # queued, and it sends them all in its next write (one send, not one each).
+        # One thread writes at a time; frames of calls made meanwhile are queued (with their
+        # callers' deadlines), and it sends them all in its next write (one send, not one each).
         self._writing = False
-        self._queued: list[bytes] = []
+        self._queued: list[_Queued] = []
         self._writable = select.poll()  # used by the writing thread
         self._writable.register(sock, select.POLLOUT)
         self._readable = select.poll()  # used by the reading thread
@@ -152,7 +158,7 @@ class _Connection:
             if leading:
                 self._read_idle()
             try:
-                self._write(frame, deadline, waiter, leading)
+                self._write(req_id, frame, deadline, waiter, leading)
             except RequestTimedOut:
                 with self._lock:
                     self._pending.pop(req_id, None)
@@ -283,41 +289,131 @@ class _Connection:
             return _REFUSED
         return _READ
 
-    def _write(self, frame: bytes, deadline: float, waiter: _Waiter, leading: bool) -> None:
+    def _write(self, req_id: int, frame: bytes, deadline: float, waiter: _Waiter, leading: bool) -> None:
         """Writes the frame, or queues it for the thread writing now; RequestTimedOut at ``deadline``.
 
         The writing thread sends what was queued while it wrote, in one
-        send, until nothing is left (each batch within its own deadline:
-        frames it could not send by then are dropped, and their calls time
-        out waiting for the reply). ``send`` may take only part of a batch:
-        the rest goes out as quotad reads. A batch cut short (at the
-        deadline, or by an error) leaves the stream unusable; after an error
-        the reader still delivers what quotad says before it closes (see
-        :meth:`_write_failed`).
+        send, until nothing is left. A queued frame keeps its caller's
+        deadline, and each batch goes out within the latest of its frames'
+        (frames whose callers gave up before it was formed are left out; a
+        batch not sent at all by then is dropped). The writer's call is
+        neither failed nor kept past its own deadline for the others' frames:
+        at that deadline it hands what is left to a writer thread, and once
+        its own frame is out it only waits for its reply. ``send`` may take
+        only part of a batch: the rest goes out as quotad reads. A batch cut
+        short (at its deadline, or by an error) leaves the stream unusable;
+        after an error the reader still delivers what quotad says before it
+        closes (see :meth:`_write_failed`).
         """
         with self._lock:
             if self._writing:
-                self._queued.append(frame)
+                self._queued.append((frame, deadline, req_id))
                 return
             self._writing = True
-        data = frame
+        try:
+            left = self._send_all(memoryview(frame), deadline, waiter, leading)
+        except BaseException:
+            self._stop_writing()
+            raise
+        if left is None:  # the connection failed: so do the calls in flight
+            self._stop_writing()
+        elif not left:
+            with self._lock:
+                if not self._queued:
+                    self._writing = False
+                    return
+            self._write_queued(None, deadline, waiter, leading)
+        elif len(left) < len(frame):
+            self._write_failed(ConnectionLost("a request was cut short: quotad is not reading"))
+            self._stop_writing()
+            raise RequestTimedOut("quotad is not reading its socket")
+        else:  # not sent at all: the stream is intact, and the frames queued behind it have deadlines of their own
+            self._write_queued(None, deadline, waiter, leading)
+            raise RequestTimedOut("quotad is not reading its socket")
+
+    def _write_queued(self, batch: _Batch | None, until: float, waiter: _Waiter | None, leading: bool) -> None:
+        """Sends the rest of ``batch`` (one begun already, if any), then what is queued, a batch at a time,
+        until nothing is left; at ``until`` (the writing call's deadline) what is left goes to a writer thread."""
         try:
             while True:
-                self._send_all(data, deadline, waiter, leading)
-                with self._lock:
-                    if not self._queued:
-                        self._writing = False
+                if batch is None:
+                    with self._lock:
+                        if not self._queued:
+                            self._writing = False
+                            return
+                        queued, self._queued = self._queued, []
+                    now = time.monotonic()
+                    batch = self._batch(queued, now)
+                    if batch is None:
+                        continue
+                    if now >= until:  # the writing call's own deadline passed
+                        self._hand_off(batch)
                         return
-                    queued, self._queued = self._queued, []
-                data = queued[0] if len(queued) == 1 else b"".join(queued)
+                view, deadline, fresh, entries = batch
+                left = self._send_all(view, min(deadline, until), waiter, leading)
+                if left is None:
+                    self._stop_writing()
+                    return
+                if not left:
+                    batch = None
+                    continue
+                fresh = fresh and len(left) == len(view)
+                if time.monotonic() < deadline:  # the writing call's own deadline passed
+                    self._hand_off((left, deadline, fresh, entries))
+                    return
+                if not fresh:
+                    self._write_failed(ConnectionLost("a request was cut short: quotad is not reading"))
+                    self._stop_writing()
+                    return
+                self._forget(entries)  # none of it sent, and every caller in it gave up
+                batch = None
         except BaseException:
-            with self._lock:
-                self._writing = False
-                self._queued = []
+            self._stop_writing()
             raise
 
-    def _send_all(self, data: bytes, deadline: float, waiter: _Waiter, leading: bool) -> None:
-        view = memoryview(data)
+    def _hand_off(self, batch: _Batch) -> None:
+        threading.Thread(target=self._write_rest, args=(batch,), name="quotad-writer", daemon=True).start()
+
+    def _write_rest(self, batch: _Batch) -> None:
+        """The writer thread: sends what a writing call left at its deadline, and what is queued after it."""
+        try:
+            self._write_queued(batch, float("inf"), None, False)
+        except Exception as e:  # a bug: report it, but do not leave the calls to time out
+            self.close(ConnectionLost(f"writing to quotad failed: {e!r}"))
+            raise
+
+    def _batch(self, queued: list[_Queued], now: float) -> _Batch | None:
+        """The frames of callers still waiting, joined, with the latest of their deadlines (None: all gave up)."""
+        if len(queued) == 1:
+            frame, deadline, _ = queued[0]
+            if deadline > now:
+                return memoryview(frame), deadline, True, queued
+            self._forget(queued)
+            return None
+        deadlines = [q[1] for q in queued]
+        if min(deadlines) <= now:
+            self._forget([q for q in queued if q[1] <= now])
+            queued = [q for q in queued if q[1] > now]
+            if not queued:
+                return None
+            deadlines = [q[1] for q in queued]
+        return memoryview(b"".join([q[0] for q in queued])), max(deadlines), True, queued
+
+    def _forget(self, unsent: list[_Queued]) -> None:
+        """Calls whose frames were dropped unsent will get no reply: their waiters go (one kept for a late
+        reply, a lease to release, would else keep a reader thread reading for it)."""
+        with self._lock:
+            for _, _, req_id in unsent:
+                self._pending.pop(req_id, None)
+
+    def _stop_writing(self) -> None:
+        with self._lock:
+            self._writing = False
+            self._queued = []
+
+    def _send_all(self, view: memoryview, until: float, waiter: _Waiter | None, leading: bool) -> memoryview | None:
+        """Sends ``view`` until ``until``; returns what is left of it then (empty: all sent), or None when
+        the connection failed (an error sending, or the thread reading found it closed)."""
         try:
             while view:
                 try:
@@ -325,22 +421,24 @@ class _Connection:
                     continue
                 except BlockingIOError:  # the socket's buffer is full: wait until quotad reads
                     pass
-                remaining = deadline - time.monotonic()
+                remaining = until - time.monotonic()
                 if remaining <= 0:
-                    if len(view) < len(data):
-                        self._write_failed(ConnectionLost("a request was cut short: quotad is not reading"))
-                    raise RequestTimedOut("quotad is not reading its socket")
-                if leading or waiter.lead:
+                    return view
+                if leading or (waiter is not None and waiter.lead):
                     # This thread holds the reading role: it reads as it waits (quotad,
                     # blocked writing replies nobody reads, might stop reading too).
                     ready = self._either.poll(remaining * 1000)
                     if ready and ready[0][1] & ~select.POLLOUT and self._read_once(0) >= _CLOSED:
-                        return  # the calls in flight, this one included, have failed
-                else:
+                        return None  # the calls in flight, this one included, have failed
+                elif waiter is not None:
                     # Woken now and then, in case the reading role is handed to this thread meanwhile.
                     self._writable.poll(min(remaining, 0.01) * 1000)
+                else:  # the writer thread: never handed the reading role
+                    self._writable.poll(remaining * 1000)
         except OSError as e:
             self._write_failed(ConnectionLost(f"writing to quotad failed: {e}"))
+            return None
+        return view
 
     def _write_failed(self, err: QuotadError) -> None:
         """A failed (maybe partial) write leaves the stream unusable for requests.
