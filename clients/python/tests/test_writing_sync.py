@@ -1,0 +1,189 @@
+"""Who the sync Client's writes are for: frames queued behind the thread
+writing go out within their own callers' deadlines, not the writer's; a
+writer whose frame is out is not failed for the others' frames; a batch
+cut short at its deadline still ends the connection."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fake_server import ThreadedServer
+from quotad import Client, ConnectionLost, RequestTimedOut
+from quotad._codec import Body, FrameReader, decode_body, encode_frame
+from quotad.client import _Connection
+
+BIG = b"p" * (900 << 10)  # several times the socket's buffer: a write of it waits for the daemon to read
+
+
+class PausingServer(ThreadedServer):
+    """Reads nothing for ``first_at`` s after the connection, then exactly the
+    first request, then nothing again until ``rest_at`` s (the client's socket
+    buffer fills meanwhile); then reads on until EOF. Answers every request it
+    reads, but the first one only if ``answer_first``; records their ops."""
+
+    def __init__(self, path: Path, first_at: float, rest_at: float, answer_first: bool) -> None:
+        super().__init__(path)
+        self._first_at, self._rest_at, self._answer_first = first_at, rest_at, answer_first
+        self.ops: list[str] = []
+        self.start()
+
+    def _recv_exactly(self, conn: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def _answer(self, conn: socket.socket, body: Body) -> None:
+        request = decode_body(body)
+        self.ops.append(request["op"])
+        if len(self.ops) > 1 or self._answer_first:
+            conn.sendall(encode_frame({"id": request["id"], "ok": True}))
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        t0 = time.monotonic()
+        with conn:
+            if self._stop.wait(self._first_at):
+                return
+            header = self._recv_exactly(conn, 4)
+            self._answer(conn, self._recv_exactly(conn, int.from_bytes(header, "big")))
+            if self._stop.wait(max(0.0, t0 + self._rest_at - time.monotonic())):
+                return
+            frames = FrameReader(8 << 20)
+            while data := conn.recv(1 << 16):
+                for body in frames.feed(data):
+                    self._answer(conn, body)
+
+
+def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Runs ``call`` on a thread; the dict gets its result or exception and how long it took."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        t0 = time.monotonic()
+        try:
+            out["result"] = call()
+        except Exception as e:
+            out["error"] = e
+        out["took"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def wait_writing(c: Client) -> None:
+    """Until the first call is connected and stuck writing its frame."""
+    deadline = time.monotonic() + 2
+    while not (c._conn is not None and c._conn._writing):
+        assert time.monotonic() < deadline, "the first call never started writing"
+        time.sleep(0.002)
+    time.sleep(0.02)  # its send has filled the socket's buffer
+
+
+def test_a_writer_past_its_deadline_leaves_the_frames_queued_behind_it_their_own(tmp_path: Path) -> None:
+    """The writer (0.5 s) gets its frame out, then its deadline passes while the
+    frame of a caller queued behind it (3 s) waits for the daemon to read on:
+    that caller is answered once it does; the writer times out for its own
+    reply only (the daemon never answers it), at its own deadline."""
+    server = PausingServer(tmp_path / "pause.sock", first_at=0.2, rest_at=1.0, answer_first=False)
+    try:
+        with Client(str(server.path), failure_mode="raise") as c:
+            writer, w = in_thread(lambda: c.call({"op": "w", "pad": BIG}, timeout=0.5))
+            wait_writing(c)
+            t0 = time.monotonic()
+            assert c.call({"op": "l", "pad": BIG}, timeout=3.0)["ok"] is True
+            assert time.monotonic() - t0 < 2.0
+            writer.join(3)
+            assert isinstance(w.get("error"), RequestTimedOut), w
+            assert "no reply" in str(w["error"]), w["error"]
+            assert w["took"] < 0.8, "the writer's call outlasted its own timeout, writing for another"
+        assert server.ops == ["w", "l"]
+    finally:
+        server.close()
+
+
+def test_frames_whose_callers_gave_up_before_their_batch_are_not_sent(tmp_path: Path) -> None:
+    """A writer with a long deadline (3 s) does not send a queued frame whose
+    caller (0.2 s) gave up meanwhile; the stream stays well-framed."""
+    server = PausingServer(tmp_path / "pause.sock", first_at=0.6, rest_at=0.6, answer_first=True)
+    try:
+        with Client(str(server.path), failure_mode="raise") as c:
+            writer, w = in_thread(lambda: c.call({"op": "w", "pad": BIG}, timeout=3.0))
+            wait_writing(c)
+            conn = c._conn
+            with pytest.raises(RequestTimedOut, match="no reply"):
+                c.call({"op": "s"}, timeout=0.2)
+            writer.join(3)
+            assert w.get("result") == {"id": 1, "ok": True}, w
+            assert c.call({"op": "after"}, timeout=1.0)["ok"] is True
+            assert c._conn is conn
+        assert server.ops == ["w", "after"]
+    finally:
+        server.close()
+
+
+def test_a_batch_cut_short_at_its_deadline_ends_the_connection(tmp_path: Path) -> None:
+    """The writer (3 s) gets its frame out; the frame queued behind it (0.5 s)
+    is cut short at that caller's deadline: the writer's call fails with
+    ConnectionLost (the stream is unusable) instead of waiting out its timeout."""
+    server = PausingServer(tmp_path / "pause.sock", first_at=0.2, rest_at=1.2, answer_first=False)
+    try:
+        with Client(str(server.path), failure_mode="raise") as c:
+            writer, w = in_thread(lambda: c.call({"op": "w", "pad": BIG}, timeout=3.0))
+            wait_writing(c)
+            with pytest.raises(RequestTimedOut):
+                c.call({"op": "s", "pad": BIG}, timeout=0.5)
+            writer.join(4)
+            assert isinstance(w.get("error"), ConnectionLost), w
+            assert w["took"] < 2.0
+        assert server.ops == ["w"]
+    finally:
+        server.close()
+
+
+def test_frames_queued_behind_a_writer_that_sent_nothing_still_go_out(tmp_path: Path) -> None:
+    """The socket's buffer is full before the writer (0.3 s) writes: its frame
+    is never sent and it times out as before, but the frame queued behind it
+    (3 s) goes out once the daemon reads, and is answered."""
+    ours, daemon = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, daemon:
+        conn = _Connection(ours, Client(str(tmp_path / "unused.sock"))._opts)
+        filler = encode_frame({"id": 1 << 40, "op": "fill"})  # whole frames: the stream stays well-framed
+        while True:
+            try:
+                ours.send(filler, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+        writer, w = in_thread(lambda: conn.request(1, encode_frame({"id": 1, "op": "w"}), time.monotonic() + 0.3))
+        time.sleep(0.05)
+        queued, q = in_thread(lambda: conn.request(2, encode_frame({"id": 2, "op": "q"}), time.monotonic() + 3.0))
+        time.sleep(0.5)  # past the writer's deadline
+        frames = FrameReader()
+        ops: list[str] = []
+        daemon.settimeout(0.5)
+        while not ops:
+            try:
+                data = daemon.recv(1 << 16)
+            except socket.timeout:
+                pytest.fail("the frame queued behind the writer was never sent")
+            for body in frames.feed(data):
+                request = decode_body(body)
+                if request["op"] != "fill":
+                    ops.append(request["op"])
+                    daemon.sendall(encode_frame({"id": request["id"], "ok": True}))
+        writer.join(2)
+        queued.join(2)
+        assert isinstance(w.get("error"), RequestTimedOut) and "not reading" in str(w["error"]), w
+        assert q.get("result") == {"id": 2, "ok": True}, q
+        assert ops == ["q"]
