@@ -4,8 +4,9 @@
 //! Linux wakes a Unix socket's writer every time its peer reads from it
 //! (`unix_write_space` does not ask whether the writer ever found the
 //! socket full). So every read of replies by a client woke quotad once
-//! more for nothing: at 1 request in flight, 1 of its 3 wake-ups per
-//! request. Here the descriptor is registered for reads; a write goes
+//! more for nothing (at 1 request in flight, 1 of its 3 wake-ups per
+//! request), and every read of requests by quotad woke a tokio client
+//! (the Rust client uses this module too). Here the descriptor is registered for reads; a write goes
 //! straight to the socket, and only one that finds the socket full
 //! registers a duplicate descriptor for writability, until a write goes
 //! through whole.

@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, oneshot};
 
 use super::ClientError;
 use crate::protocol::{self, ReplyFields, Request};
+use crate::socket::{self, ReadHalf, WriteHalf};
 
 type Waiter = oneshot::Sender<Result<ReplyFields, ClientError>>;
 
@@ -48,7 +48,7 @@ struct State {
 
 impl Connection {
     pub async fn open(path: &Path) -> io::Result<Connection> {
-        let (rd, wr) = UnixStream::connect(path).await?.into_split();
+        let (rd, wr) = socket::split(UnixStream::connect(path).await?)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             closed: AtomicBool::new(false),
@@ -118,7 +118,7 @@ impl Shared {
 }
 
 /// Writes whatever callers have buffered, one write per wake-up.
-async fn write_loop(mut wr: OwnedWriteHalf, shared: Arc<Shared>) {
+async fn write_loop(mut wr: WriteHalf, shared: Arc<Shared>) {
     let mut buf = Vec::new();
     loop {
         shared.wake_writer.notified().await;
@@ -138,7 +138,7 @@ async fn write_loop(mut wr: OwnedWriteHalf, shared: Arc<Shared>) {
 }
 
 /// Reads reply frames and hands each to its caller.
-async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>) {
+async fn read_loop(mut rd: ReadHalf, shared: Arc<Shared>) {
     let mut buf = BytesMut::with_capacity(64 << 10);
     let err = loop {
         match rd.read_buf(&mut buf).await {
