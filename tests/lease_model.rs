@@ -160,7 +160,13 @@ fn the_memory_backend_keeps_to_the_model() {
         for (i, (job, expect)) in steps.iter().enumerate() {
             let o = match job {
                 Job::Check(c) => {
-                    let v = limiter.check(&c.policy, &c.state_keys(&keys), now, c.cost, c.lease);
+                    let v = limiter.check(
+                        &c.policy,
+                        &c.state_keys(&keys).collect::<Vec<_>>(),
+                        now,
+                        c.cost,
+                        c.lease,
+                    );
                     Outcome::Decided(v)
                 }
                 Job::Release(r) => {

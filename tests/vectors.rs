@@ -157,7 +157,7 @@ fn memory_backend_matches_every_table() {
             let outcome = match &job {
                 Job::Check(c) => Outcome::Decided(limiter.check(
                     &policy,
-                    &c.state_keys(&keys),
+                    &c.state_keys(&keys).collect::<Vec<_>>(),
                     now,
                     c.cost,
                     c.lease,

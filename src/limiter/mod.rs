@@ -461,14 +461,15 @@ impl Check {
     }
 
     /// The state key of each rule of the policy, in rule order.
-    pub fn state_keys(&self, keys: &crate::keys::Keys) -> Vec<String> {
+    pub fn state_keys<'a>(
+        &'a self,
+        keys: &'a crate::keys::Keys,
+    ) -> impl ExactSizeIterator<Item = String> + 'a {
         let (t, p, k) = (&self.tenant, &self.policy.name, &self.key);
-        (self.policy.rules.iter())
-            .map(|r| match r.kind {
-                RuleKind::Concurrency { .. } => keys.leases(t, p, &r.name, k),
-                _ => keys.rule(t, p, &r.name, k),
-            })
-            .collect()
+        (self.policy.rules.iter()).map(move |r| match r.kind {
+            RuleKind::Concurrency { .. } => keys.leases(t, p, &r.name, k),
+            _ => keys.rule(t, p, &r.name, k),
+        })
     }
 }
 

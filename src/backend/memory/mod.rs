@@ -52,7 +52,7 @@ impl MemoryBackend {
             }
             Job::Release(r) => Outcome::Released(self.release(r)),
             Job::Usage(c) => {
-                let keys = c.state_keys(&self.keys);
+                let keys: Vec<String> = c.state_keys(&self.keys).collect();
                 Outcome::Usage(self.limiter.usage(&c.policy, &keys, self.clock.now_us()))
             }
         }
@@ -60,7 +60,7 @@ impl MemoryBackend {
 
     /// Decides one check.
     pub fn limit(&mut self, c: &Check) -> Verdict {
-        let keys = c.state_keys(&self.keys);
+        let keys: Vec<String> = c.state_keys(&self.keys).collect();
         self.limiter
             .check(&c.policy, &keys, self.clock.now_us(), c.cost, c.lease)
     }
