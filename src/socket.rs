@@ -6,10 +6,10 @@
 //! socket full). So every read of replies by a client woke quotad once
 //! more for nothing (at 1 request in flight, 1 of its 3 wake-ups per
 //! request), and every read of requests by quotad woke a tokio client
-//! (the Rust client uses this module too). Here the descriptor is registered for reads; a write goes
-//! straight to the socket, and only one that finds the socket full
-//! registers a duplicate descriptor for writability, until a write goes
-//! through whole.
+//! (the Rust client uses this module too). Here the descriptor is
+//! registered for reads; a write goes straight to the socket, and only one
+//! that finds the socket full registers a duplicate descriptor for
+//! writability, until a write goes through whole.
 
 use std::io::{self, Write};
 use std::mem::MaybeUninit;

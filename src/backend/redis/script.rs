@@ -116,7 +116,7 @@ fn policy_args(p: &Policy) -> Vec<u8> {
         .filter(|(_, r)| r.shadow)
         .fold(0, |m, (i, _)| m | 1 << i);
     let shadow = p.shadow.then_some(mask);
-    let mut out = Vec::with_capacity(8 * (2 + 3 * p.rules.len()));
+    let mut out = Vec::with_capacity(policy_args_len(p));
     let rules = p.rules.iter().flat_map(|r| rule_args(&r.kind));
     for v in std::iter::once(p.rules.len() as u64)
         .chain(rules)
@@ -125,6 +125,11 @@ fn policy_args(p: &Policy) -> Vec<u8> {
         out.extend((v as f64).to_le_bytes());
     }
     out
+}
+
+/// At most the length of [`policy_args`] (with or without its mask).
+fn policy_args_len(p: &Policy) -> usize {
+    8 * (2 + 3 * p.rules.len())
 }
 
 fn packed<const N: usize>(values: [u64; N]) -> Vec<u8> {
@@ -174,7 +179,7 @@ pub fn command<'a>(
         + call
             .policies
             .iter()
-            .map(|p| 8 * (2 + 3 * p.rules.len()))
+            .map(|p| policy_args_len(p))
             .sum::<usize>()
         + call.check_args.len()
         + call.args.iter().map(Vec::len).sum::<usize>();
