@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from daemons import Quotad
 from fake_server import ThreadedServer
 from quotad import Client, ConnectionLost, RequestTimedOut
 from quotad._codec import Body, FrameReader, decode_body, encode_frame
@@ -80,6 +81,14 @@ def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]
     t = threading.Thread(target=run)
     t.start()
     return t, out
+
+
+def wait_queued(conn: _Connection, n: int) -> None:
+    """Until ``n`` frames are queued behind the thread writing."""
+    deadline = time.monotonic() + 2
+    while len(conn._queued) < n:
+        assert time.monotonic() < deadline, f"{n} calls were not queued behind the writer"
+        time.sleep(0.002)
 
 
 def wait_writing(c: Client) -> None:
@@ -187,3 +196,137 @@ def test_frames_queued_behind_a_writer_that_sent_nothing_still_go_out(tmp_path: 
         assert isinstance(w.get("error"), RequestTimedOut) and "not reading" in str(w["error"]), w
         assert q.get("result") == {"id": 2, "ok": True}, q
         assert ops == ["q"]
+
+
+class SendOnce:
+    """A connection's socket whose first ``send`` is ``first`` (a socket's own methods cannot be patched)."""
+
+    def __init__(self, sock: socket.socket, first: Callable[[socket.socket, memoryview, int], int]) -> None:
+        self._sock, self._first = sock, first
+        self._used = False
+
+    def send(self, data: memoryview, flags: int) -> int:
+        if self._used:
+            return self._sock.send(data, flags)
+        self._used = True
+        return self._first(self._sock, data, flags)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def run_catching(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """As in_thread, but a KeyboardInterrupt is caught as the call's outcome too."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = call()
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def test_a_write_interrupted_part_way_ends_the_connection(socket_path: str, tenant: str) -> None:
+    """Ctrl-C (or a signal handler's exception) lands as half a frame is out: the
+    caller sees it, and the next call is answered on a new connection (on the old
+    one quotad would read the next frame's bytes as the rest of the cut one)."""
+
+    def half_then_interrupt(sock: socket.socket, data: memoryview, flags: int) -> int:
+        sock.send(data[: len(data) // 2], flags)
+        raise KeyboardInterrupt
+
+    with Client(socket_path, failure_mode="raise") as c:
+        assert c.check(tenant, "k").allowed
+        conn = c._conn
+        assert conn is not None
+        conn._sock = SendOnce(conn._sock, half_then_interrupt)  # type: ignore[assignment]
+        with pytest.raises(KeyboardInterrupt):
+            c.check(tenant, "k")
+        decision = c.check(tenant, "k")  # raises (failure_mode="raise") if the stream was corrupted
+        assert decision.allowed and decision.remaining == 3, decision  # capacity 5: the cut check was not charged
+        assert c._conn is not conn and conn._closed
+
+
+class InterruptedPoll:
+    """Stands for a connection's poll object: the first wait is interrupted (once ``interrupt`` is set)."""
+
+    def __init__(self, poll: Any, entered: threading.Event, interrupt: threading.Event) -> None:
+        self._poll, self._entered, self._interrupt = poll, entered, interrupt
+        self._used = False
+
+    def poll(self, timeout: float) -> Any:
+        if self._used:
+            return self._poll.poll(timeout)
+        self._used = True
+        self._entered.set()
+        self._interrupt.wait(2)
+        raise KeyboardInterrupt
+
+
+def test_a_write_interrupted_before_its_first_byte_leaves_the_connection_and_the_frames_behind_it(
+    socket_path: str,
+) -> None:
+    """Ctrl-C lands while the writer waits for room in the socket's buffer, none of
+    its frame sent, with another caller's frame queued behind it: that frame still
+    goes out and is answered, and the connection goes on (the stream is well-framed)."""
+
+    def full(sock: socket.socket, data: memoryview, flags: int) -> int:
+        raise BlockingIOError
+
+    entered, interrupt = threading.Event(), threading.Event()
+    with Client(socket_path, failure_mode="raise", timeout=1.0) as c:
+        assert c.hello().protocol
+        conn = c._conn
+        assert conn is not None
+        conn._sock = SendOnce(conn._sock, full)  # type: ignore[assignment]
+        conn._either = InterruptedPoll(conn._either, entered, interrupt)  # type: ignore[assignment]
+        first, f = run_catching(lambda: c.call({"op": "hello"}))  # reads (nobody else does): waits in _either
+        assert entered.wait(2)
+        queued, q = in_thread(lambda: c.call({"op": "stats"}))
+        wait_queued(conn, 1)
+        interrupt.set()
+        first.join(3)
+        queued.join(3)
+        assert isinstance(f.get("error"), KeyboardInterrupt), f
+        assert q.get("result", {}).get("ok") is True, q
+        assert q["took"] < 0.5, "the queued call waited for its timeout"
+        assert c.hello().protocol
+        assert c._conn is conn and conn.alive
+        assert conn._pending == {}, "the interrupted call's unsent frame still awaits a reply"
+
+
+def test_a_signal_handler_interrupting_a_blocked_write_ends_the_connection(own_daemon: Quotad) -> None:
+    """The realistic case: quotad is stopped, a large frame fills the socket's buffer,
+    and a signal handler's exception interrupts the wait for it to drain."""
+    import signal
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(*_: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        with Client(str(own_daemon.socket), failure_mode="raise", timeout=2.0) as c:
+            assert c.hello().protocol
+            conn = c._conn
+            own_daemon.pause()
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0.2)
+                with pytest.raises(Interrupted):
+                    c.call({"op": "hello", "pad": BIG})
+            finally:
+                own_daemon.resume()
+            t0 = time.monotonic()
+            assert c.hello().protocol
+            assert time.monotonic() - t0 < 1.0
+            assert c._conn is not conn
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from _thread import allocate_lock as _allocate_lock
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from . import _requests, _templates
@@ -108,6 +108,9 @@ class _Connection:
         # callers' deadlines), and it sends them all in its next write (one send, not one each).
         self._writing = False
         self._queued: list[_Queued] = []
+        # Set by _send_all as an exception (an interrupt) leaves it: the frames it was sending if
+        # none of them went out, else None; taken by _interrupted.
+        self._unsent: Sequence[_Queued] | None = None
         self._writable = select.poll()  # used by the writing thread
         self._writable.register(sock, select.POLLOUT)
         self._readable = select.poll()  # used by the reading thread
@@ -303,7 +306,8 @@ class _Connection:
         only part of a batch: the rest goes out as quotad reads. A batch cut
         short (at its deadline, or by an error) leaves the stream unusable;
         after an error the reader still delivers what quotad says before it
-        closes (see :meth:`_write_failed`).
+        closes (see :meth:`_write_failed`). An interrupt is handled by
+        :meth:`_interrupted`.
         """
         with self._lock:
             if self._writing:
@@ -311,75 +315,75 @@ class _Connection:
                 return
             self._writing = True
         try:
-            left = self._send_all(memoryview(frame), deadline, waiter, leading)
+            left = self._send_all(memoryview(frame), deadline, waiter, leading, ())
+            if left is None:  # the connection failed: so do the calls in flight
+                self._stop_writing()
+                return
+            if not left:
+                with self._lock:
+                    if not self._queued:
+                        self._writing = False
+                        return
+                self._write_queued(None, deadline, waiter, leading)
+                return
+            if len(left) < len(frame):
+                self._write_failed(ConnectionLost("a request was cut short: quotad is not reading"))
+                self._stop_writing()
+            else:  # not sent at all: the stream is intact, and the frames queued behind it have deadlines of their own
+                self._write_queued(None, deadline, waiter, leading)
         except BaseException:
-            self._stop_writing()
+            self._interrupted(req_id)
             raise
-        if left is None:  # the connection failed: so do the calls in flight
-            self._stop_writing()
-        elif not left:
-            with self._lock:
-                if not self._queued:
-                    self._writing = False
-                    return
-            self._write_queued(None, deadline, waiter, leading)
-        elif len(left) < len(frame):
-            self._write_failed(ConnectionLost("a request was cut short: quotad is not reading"))
-            self._stop_writing()
-            raise RequestTimedOut("quotad is not reading its socket")
-        else:  # not sent at all: the stream is intact, and the frames queued behind it have deadlines of their own
-            self._write_queued(None, deadline, waiter, leading)
-            raise RequestTimedOut("quotad is not reading its socket")
+        raise RequestTimedOut("quotad is not reading its socket")
 
     def _write_queued(self, batch: _Batch | None, until: float, waiter: _Waiter | None, leading: bool) -> None:
         """Sends the rest of ``batch`` (one begun already, if any), then what is queued, a batch at a time,
-        until nothing is left; at ``until`` (the writing call's deadline) what is left goes to a writer thread."""
-        try:
-            while True:
-                if batch is None:
-                    with self._lock:
-                        if not self._queued:
-                            self._writing = False
-                            return
-                        queued, self._queued = self._queued, []
-                    now = time.monotonic()
-                    batch = self._batch(queued, now)
-                    if batch is None:
-                        continue
-                    if now >= until:  # the writing call's own deadline passed
-                        self._hand_off(batch)
+        until nothing is left; at ``until`` (the writing call's deadline) what is left goes to a writer thread.
+        An exception leaving it is handled by its caller (:meth:`_write`, :meth:`_write_rest`)."""
+        while True:
+            if batch is None:
+                with self._lock:
+                    if not self._queued:
+                        self._writing = False
                         return
-                view, deadline, fresh, entries = batch
-                left = self._send_all(view, min(deadline, until), waiter, leading)
-                if left is None:
-                    self._stop_writing()
-                    return
-                if not left:
-                    batch = None
+                    queued, self._queued = self._queued, []
+                now = time.monotonic()
+                batch = self._batch(queued, now)
+                if batch is None:
                     continue
-                fresh = fresh and len(left) == len(view)
-                if time.monotonic() < deadline:  # the writing call's own deadline passed
-                    self._hand_off((left, deadline, fresh, entries))
+                if now >= until:  # the writing call's own deadline passed
+                    self._hand_off(batch)
                     return
-                if not fresh:
-                    self._write_failed(ConnectionLost("a request was cut short: quotad is not reading"))
-                    self._stop_writing()
-                    return
-                self._forget(entries)  # none of it sent, and every caller in it gave up
+            view, deadline, fresh, entries = batch
+            left = self._send_all(view, min(deadline, until), waiter, leading, entries if fresh else None)
+            if left is None:
+                self._stop_writing()
+                return
+            if not left:
                 batch = None
-        except BaseException:
-            self._stop_writing()
-            raise
+                continue
+            fresh = fresh and len(left) == len(view)
+            if time.monotonic() < deadline:  # the writing call's own deadline passed
+                self._hand_off((left, deadline, fresh, entries))
+                return
+            if not fresh:
+                self._write_failed(ConnectionLost("a request was cut short: quotad is not reading"))
+                self._stop_writing()
+                return
+            self._forget(entries)  # none of it sent, and every caller in it gave up
+            batch = None
 
-    def _hand_off(self, batch: _Batch) -> None:
+    def _hand_off(self, batch: _Batch | None) -> None:
         threading.Thread(target=self._write_rest, args=(batch,), name="quotad-writer", daemon=True).start()
 
-    def _write_rest(self, batch: _Batch) -> None:
+    def _write_rest(self, batch: _Batch | None) -> None:
         """The writer thread: sends what a writing call left at its deadline, and what is queued after it."""
         try:
             self._write_queued(batch, float("inf"), None, False)
-        except Exception as e:  # a bug: report it, but do not leave the calls to time out
+        except BaseException as e:  # a bug: report it, but do not leave the calls to time out
+            self._unsent = None
             self.close(ConnectionLost(f"writing to quotad failed: {e!r}"))
+            self._stop_writing()
             raise
 
     def _batch(self, queued: list[_Queued], now: float) -> _Batch | None:
@@ -411,16 +415,48 @@ class _Connection:
             self._writing = False
             self._queued = []
 
-    def _send_all(self, view: memoryview, until: float, waiter: _Waiter | None, leading: bool) -> memoryview | None:
+    def _interrupted(self, own: int) -> None:
+        """The thread writing was left by an exception not the socket's (an interrupt, a signal
+        handler's), which its caller gets; the stream must stay well-framed for the other calls."""
+        unsent, self._unsent = self._unsent, None
+        if unsent is None:
+            # Part of a frame may be out (or what went out is not known) and the rest will not
+            # follow: quotad would read the next frame's bytes as its end. The connection goes now (quotad drops a stream ending
+            # mid-frame unanswered anyway), failing the calls on it; the next call reconnects.
+            self.close(ConnectionLost("a request was cut short: the thread writing it was interrupted"))
+            self._stop_writing()
+            return
+        # The stream is well-framed: the other callers' frames go out, within their own deadlines,
+        # on a writer thread. The interrupted caller's own frame, if unsent, is dropped: no reply will come.
+        with self._lock:
+            if not unsent:  # its own frame (``()`` from _write), none of it out
+                self._pending.pop(own, None)
+            self._queued[:0] = unsent
+            if not self._queued:
+                self._writing = False
+                return
+        self._hand_off(None)
+
+    def _send_all(
+        self, view: memoryview, until: float, waiter: _Waiter | None, leading: bool, frames: Sequence[_Queued] | None
+    ) -> memoryview | None:
         """Sends ``view`` until ``until``; returns what is left of it then (empty: all sent), or None when
-        the connection failed (an error sending, or the thread reading found it closed)."""
+        the connection failed (an error sending, or the thread reading found it closed).
+
+        ``frames`` are those ``view`` holds, whole and unsent (None: it is the rest of a batch begun); an
+        interrupt leaving while none of them is out sets ``_unsent`` to them (see :meth:`_interrupted`).
+        """
+        size = len(view)
+        sending = False
         try:
             while view:
+                sending = True  # until its count is in: an interrupt meanwhile leaves unknown what went out
                 try:
                     view = view[self._sock.send(view, socket.MSG_DONTWAIT) :]
+                    sending = False
                     continue
                 except BlockingIOError:  # the socket's buffer is full: wait until quotad reads
-                    pass
+                    sending = False
                 remaining = until - time.monotonic()
                 if remaining <= 0:
                     return view
@@ -438,6 +474,9 @@ class _Connection:
         except OSError as e:
             self._write_failed(ConnectionLost(f"writing to quotad failed: {e}"))
             return None
+        except BaseException:
+            self._unsent = None if sending or len(view) < size else frames
+            raise
         return view
 
     def _write_failed(self, err: QuotadError) -> None:
