@@ -330,3 +330,47 @@ def test_a_signal_handler_interrupting_a_blocked_write_ends_the_connection(own_d
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
+
+class BigRepliesServer(PausingServer):
+    """As PausingServer, but answers op "x" with a 600 KB reply (sent before it reads on)."""
+
+    def _answer(self, conn: socket.socket, body: Body) -> None:
+        request = decode_body(body)
+        self.ops.append(request["op"])
+        if len(self.ops) > 1 or self._answer_first:
+            pad = b"r" * (600 << 10) if request["op"] == "x" else b""
+            conn.sendall(encode_frame({"id": request["id"], "ok": True, "pad": pad}))
+
+
+def test_the_writer_thread_reads_while_nobody_else_does(tmp_path: Path) -> None:
+    """The writer (0.5 s) hands the batch [y (5 s), x, x (0.8 s, large, large
+    replies)] to a writer thread at its deadline. y is answered and leaves; the
+    x callers gave up: nobody reads. quotad, blocked writing the first x's reply,
+    stops reading; the writer thread reads it (as a caller holding the reading
+    role would), so the second x goes out now, not at the batch's deadline (5 s,
+    then cut short, ending the connection)."""
+    server = BigRepliesServer(tmp_path / "pause.sock", first_at=0.3, rest_at=1.2, answer_first=False)
+    try:
+        with Client(str(server.path), failure_mode="raise") as c:
+            t0 = time.monotonic()
+            writer, w = in_thread(lambda: c.call({"op": "a", "pad": BIG}, timeout=0.5))
+            wait_writing(c)
+            conn = c._conn
+            assert conn is not None
+            calls = [in_thread(lambda: c.call({"op": "y"}, timeout=5.0))]
+            for n in (1, 2):  # queued in this order
+                wait_queued(conn, n)
+                calls.append(in_thread(lambda: c.call({"op": "x", "pad": BIG}, timeout=0.8)))
+            while server.ops != ["a", "y", "x", "x"]:
+                assert time.monotonic() - t0 < 3.0, f"the writer thread stalled: quotad read only {server.ops}"
+                time.sleep(0.01)
+            for t, _ in [(writer, w), *calls]:
+                t.join(5)
+            assert isinstance(w.get("error"), RequestTimedOut), w
+            assert calls[0][1].get("result", {}).get("ok") is True, calls[0][1]
+            assert all(isinstance(out.get("error"), RequestTimedOut) for _, out in calls[1:])
+            assert c.call({"op": "after"}, timeout=2.0)["ok"] is True
+            assert c._conn is conn and conn.alive
+        assert server.ops == ["a", "y", "x", "x", "after"]
+    finally:
+        server.close()

@@ -437,17 +437,29 @@ class _Connection:
                 return
         self._hand_off(None)
 
+    def _take_role(self) -> bool:
+        """For the writer thread: takes the reading role if no other thread holds it."""
+        with self._lock:
+            if self._reading or self._closed:
+                return False
+            self._reading = True
+            return True
+
     def _send_all(
         self, view: memoryview, until: float, waiter: _Waiter | None, leading: bool, frames: Sequence[_Queued] | None
     ) -> memoryview | None:
         """Sends ``view`` until ``until``; returns what is left of it then (empty: all sent), or None when
         the connection failed (an error sending, or the thread reading found it closed).
 
+        While it waits for room, the thread holding the reading role reads too; the writer thread
+        takes the role if nobody holds it (else replies nobody reads could stall quotad, and this
+        write with it, until the batch's deadline), and gives it up on return.
+
         ``frames`` are those ``view`` holds, whole and unsent (None: it is the rest of a batch begun); an
         interrupt leaving while none of them is out sets ``_unsent`` to them (see :meth:`_interrupted`).
         """
         size = len(view)
-        sending = False
+        sending = reads = False  # reads: the writer thread took the reading role (given up on return)
         try:
             while view:
                 sending = True  # until its count is in: an interrupt meanwhile leaves unknown what went out
@@ -460,23 +472,30 @@ class _Connection:
                 remaining = until - time.monotonic()
                 if remaining <= 0:
                     return view
-                if leading or (waiter is not None and waiter.lead):
+                if not leading:
+                    if waiter is not None:
+                        leading = waiter.lead
+                    elif not self._reading:  # the writer thread, and nobody reads: it does
+                        leading = reads = self._take_role()
+                if leading:
                     # This thread holds the reading role: it reads as it waits (quotad,
                     # blocked writing replies nobody reads, might stop reading too).
                     ready = self._either.poll(remaining * 1000)
                     if ready and ready[0][1] & ~select.POLLOUT and self._read_once(0) >= _CLOSED:
                         return None  # the calls in flight, this one included, have failed
-                elif waiter is not None:
-                    # Woken now and then, in case the reading role is handed to this thread meanwhile.
+                else:
+                    # Woken now and then, in case the reading role is handed to this thread
+                    # (or, for the writer thread, is let go) meanwhile.
                     self._writable.poll(min(remaining, 0.01) * 1000)
-                else:  # the writer thread: never handed the reading role
-                    self._writable.poll(remaining * 1000)
         except OSError as e:
             self._write_failed(ConnectionLost(f"writing to quotad failed: {e}"))
             return None
         except BaseException:
             self._unsent = None if sending or len(view) < size else frames
             raise
+        finally:
+            if reads:
+                self._pass_role()
         return view
 
     def _write_failed(self, err: QuotadError) -> None:
