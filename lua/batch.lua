@@ -49,19 +49,24 @@
 --                then ARGV: the lease ("" for a peek)
 --  11 release    header 11, n                          keys: the policy's n concurrency
 --                then ARGV: the lease                      rules' state keys
--- Returns an array: first the integers of every result, the plain checks'
--- in order, then the other operations' in order. A plain check: 1,
--- remaining, reset_ms when it is allowed by its first rule with no shadow
--- rule denying (most checks: two integers fewer to build and to parse),
--- else -1 - allowed, rule, remaining, reset_ms, retry_after_ms. Others
--- (check: allowed, rule, remaining, reset_ms, retry_after_ms; usage: remaining, reset_ms per
--- rule of its policy, charging nothing; cache_get: hit, ttl_ms, stale,
--- refresh, fill; cache_set: 1; cache_del: deleted; check_get: the check's
--- 5, then the cache_get's 5, zeros when denied: a denied check_get reads
--- nothing; leased check: the check's 5; release: 1 if the lease was still
--- outstanding, else 0), then the value of every hit, in order. Integers, not packed
--- doubles: Redis turns a Lua number into a reply integer for less than
--- struct.pack costs.
+-- Returns an array: first one string of packed little-endian doubles, the
+-- numbers of every result, the plain checks' in order, then the other
+-- operations' in order; then the value of every hit, in order. A plain
+-- check: remaining, reset_ms when it is allowed by its first rule with no
+-- shadow rule denying (most checks: three numbers fewer to build and to
+-- read; remaining is never below 0), else -1 - allowed (below 0), rule,
+-- remaining, reset_ms, retry_after_ms.
+-- Others (check: allowed, rule, remaining, reset_ms, retry_after_ms; usage:
+-- remaining, reset_ms per rule of its policy, charging nothing; cache_get:
+-- hit, ttl_ms, stale, refresh, fill; cache_set: 1; cache_del: deleted;
+-- check_get: the check's 5, then the cache_get's 5, zeros when denied: a
+-- denied check_get reads nothing; leased check: the check's 5; release: 1
+-- if the lease was still outstanding, else 0). One string, not a reply
+-- integer each: packing costs Redis no more than making the integers, and
+-- quotad reads a string in one step where it parses every reply element
+-- (see docs/benchmarks.md, 2026-12-07 second session). quotad truncates
+-- each number towards zero, as Redis does a Lua number it turns into an
+-- integer.
 --
 -- A plain cache_get reads a fresh entry with HMGET and PTTL instead (much
 -- cheaper for Redis than through Lua); it comes here only when a lock is at
@@ -77,6 +82,26 @@ local OP_CHECK_GET = 5
 local OP_USAGE = 6
 local OP_CHECK_LEASE = 10
 local OP_RELEASE = 11
+
+-- out[1 .. n] as one string of little-endian doubles, packed at most
+-- PACK_CHUNK at a time (struct.pack takes them as arguments, and Lua's
+-- unpack has a stack limit). A format is made once per count.
+local PACK_CHUNK = 100
+local FORMATS = {}
+local function format(count)
+  local f = '<' .. string.rep('d', count)
+  FORMATS[count] = f
+  return f
+end
+local function packed(out, n)
+  if n <= PACK_CHUNK then return pack(FORMATS[n] or format(n), list_unpack(out, 1, n)) end
+  local parts = {}
+  for from = 1, n, PACK_CHUNK do
+    local to = min(from + PACK_CHUNK - 1, n)
+    parts[#parts + 1] = pack(FORMATS[to - from + 1] or format(to - from + 1), list_unpack(out, from, to))
+  end
+  return table.concat(parts)
+end
 
 local function batch(KEYS, ARGV)
   bind()
@@ -102,14 +127,15 @@ local function batch(KEYS, ARGV)
   local policies = {}
   for p = 1, npolicies do policies[p] = policy(ARGV[3 + p]) end
 
-  local out, no, values = {}, 0, {}
+  -- the reply: the numbers (packed at the end), then the values of hits
+  local out, no, values = {}, 0, {''}
   local nchecks, checks = tonumber(ARGV[4 + npolicies]), ARGV[5 + npolicies]
   for at = 1, nchecks * 24, 24 do
     local pi, cost, first = unpack('<ddd', checks, at)
     local allowed, rule, remaining, reset, retry = check(policies[pi + 1], first, cost, now)
-    if allowed == 1 and rule == 0 then -- the common answer, in 3 integers
-      out[no + 1], out[no + 2], out[no + 3] = 1, remaining, reset
-      no = no + 3
+    if allowed == 1 and rule == 0 and remaining >= 0 then -- the common answer, in 2 numbers
+      out[no + 1], out[no + 2] = remaining, reset
+      no = no + 2
     else
       out[no + 1], out[no + 2], out[no + 3], out[no + 4], out[no + 5] =
         -1 - allowed, rule, remaining, reset, retry
@@ -217,6 +243,6 @@ local function batch(KEYS, ARGV)
 
   store_states(KEYS, nstates, now)
 
-  for i = 1, #values do out[no + i] = values[i] end
-  return out
+  values[1] = packed(out, no)
+  return values
 end

@@ -104,16 +104,24 @@ async fn a_call_never_sees_the_state_of_the_call_before() {
         let redis::Value::Array(items) = v else {
             panic!("{v:?}")
         };
-        // An allowed check by its first rule: 1, remaining, reset_ms.
-        let [redis::Value::Int(1), redis::Value::Int(remaining), _] = items[..] else {
+        // The numbers, as packed doubles; an allowed check by its first
+        // rule: remaining, reset_ms.
+        let [redis::Value::BulkString(numbers)] = &items[..] else {
             panic!("{items:?}")
+        };
+        let n: Vec<f64> = numbers
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let [remaining, _] = n[..] else {
+            panic!("{n:?}")
         };
         remaining
     };
     let first = eval(&redis, &["qd:{t}:l:p:r:a"], args(5.0), true).await;
-    assert_eq!(remaining(first.unwrap()), 0);
+    assert_eq!(remaining(first.unwrap()), 0.0);
     let second = eval(&redis, &["qd:{t}:l:p:r:b"], args(1.0), true).await;
-    assert_eq!(remaining(second.unwrap()), 4, "a fresh bucket");
+    assert_eq!(remaining(second.unwrap()), 4.0, "a fresh bucket");
 }
 
 /// A batch larger than Lua's unpack limit (~8,000 values) still decides:

@@ -352,81 +352,93 @@ pub fn outcomes<'a>(reply: Value, jobs: impl Iterator<Item = &'a Job>) -> Option
     };
     let jobs: Vec<&Job> = jobs.collect();
     let mut items = items.into_iter();
-    let mut int = || match items.next()? {
-        Value::Int(i) => Some(i),
-        _ => None,
+    let Value::BulkString(numbers) = items.next()? else {
+        return None;
     };
+    let mut n = Numbers::new(&numbers)?;
     // Plain checks travel ahead of the other operations (see `Call::add`),
-    // and so do their results: 3 or 5 integers each (see lua/batch.lua).
+    // and so do their results: 2 or 5 numbers each (see lua/batch.lua).
     let plain = |job: &Job| matches!(job, Job::Check(c) if !c.policy.has_leases());
     let mut verdicts = Vec::with_capacity(jobs.len());
     for c in jobs.iter().filter_map(|j| match j {
         Job::Check(c) if plain(j) => Some(c),
         _ => None,
     }) {
-        let head = int()?;
-        let n = if head == 1 {
-            [
-                1,
-                0,
-                u64::try_from(int()?).ok()?,
-                u64::try_from(int()?).ok()?,
-                0,
-            ]
+        let head = n.int()?;
+        let v = if let Ok(remaining) = u64::try_from(head) {
+            [1, 0, remaining, n.uint()?, 0]
         } else {
             let code = u64::try_from(-1 - head).ok()?;
-            let mut n = [code, 0, 0, 0, 0];
-            for v in &mut n[1..] {
-                *v = u64::try_from(int()?).ok()?;
-            }
-            n
+            [code, n.uint()?, n.uint()?, n.uint()?, n.uint()?]
         };
-        verdicts.push(verdict(&n, c.policy.rules.len())?);
+        verdicts.push(verdict(&v, c.policy.rules.len())?);
     }
     let mut verdicts = verdicts.into_iter();
-    let mut nums = |width: usize| -> Option<Vec<u64>> {
-        (0..width).map(|_| u64::try_from(int()?).ok()).collect()
-    };
-    // Then the other operations' integers, in order; the values of hits
-    // come last, so lookups are read after every integer.
-    let mut pending = Vec::with_capacity(jobs.len());
-    for job in &jobs {
-        let n = match job {
-            _ if plain(job) => Vec::new(),
-            Job::Check(_) | Job::Get { .. } => nums(5)?,
-            Job::Set(_) | Job::Del(_) | Job::Release(_) => nums(1)?,
-            Job::CheckGet(..) => nums(10)?,
-            Job::Usage(c) => nums(2 * c.policy.rules.len())?,
-        };
-        pending.push(n);
-    }
     let mut values = items.map(|v| match v {
         Value::BulkString(b) => Some(Bytes::from(b)),
         _ => None,
     });
+    // Then the other operations' numbers, in order.
     let mut out = Vec::with_capacity(jobs.len());
-    for (job, n) in jobs.into_iter().zip(pending) {
+    for job in jobs {
         let o = match job {
             _ if plain(job) => Outcome::Decided(verdicts.next()?),
-            Job::Check(c) => Outcome::Decided(verdict(&n, c.policy.rules.len())?),
-            Job::Get { .. } => Outcome::Looked(lookup(&n, &mut values)?),
-            Job::Set(_) => Outcome::Stored,
-            Job::Del(_) => Outcome::Deleted(n[0]),
-            Job::Release(_) => Outcome::Released(n[0] == 1),
+            Job::Check(c) => Outcome::Decided(verdict(&n.take::<5>()?, c.policy.rules.len())?),
+            Job::Get { .. } => Outcome::Looked(lookup(&n.take::<5>()?, &mut values)?),
+            Job::Set(_) => {
+                n.uint()?;
+                Outcome::Stored
+            }
+            Job::Del(_) => Outcome::Deleted(n.uint()?),
+            Job::Release(_) => Outcome::Released(n.uint()? == 1),
             Job::CheckGet(c, _) => {
-                let v = verdict(&n[..5], c.policy.rules.len())?;
+                let check = n.take::<5>()?;
+                let look = n.take::<5>()?;
+                let v = verdict(&check, c.policy.rules.len())?;
                 let l = if v.allowed {
-                    Some(lookup(&n[5..], &mut values)?)
+                    Some(lookup(&look, &mut values)?)
                 } else {
                     None
                 };
                 Outcome::CheckLooked(v, l)
             }
-            Job::Usage(_) => Outcome::Usage(n.chunks(2).map(|r| (r[0], r[1])).collect()),
+            Job::Usage(c) => Outcome::Usage(
+                (0..c.policy.rules.len())
+                    .map(|_| Some((n.uint()?, n.uint()?)))
+                    .collect::<Option<_>>()?,
+            ),
         };
         out.push(o);
     }
     Some(out)
+}
+
+/// The reply's numbers: one string of little-endian doubles.
+struct Numbers<'a>(std::slice::ChunksExact<'a, u8>);
+
+impl<'a> Numbers<'a> {
+    fn new(packed: &'a [u8]) -> Option<Self> {
+        (packed.len() % 8 == 0).then(|| Numbers(packed.chunks_exact(8)))
+    }
+
+    /// The next number, truncated towards zero as Redis truncates a Lua
+    /// number it turns into an integer.
+    fn int(&mut self) -> Option<i64> {
+        let b = self.0.next()?;
+        Some(f64::from_le_bytes(b.try_into().expect("8 bytes")) as i64)
+    }
+
+    fn uint(&mut self) -> Option<u64> {
+        u64::try_from(self.int()?).ok()
+    }
+
+    fn take<const N: usize>(&mut self) -> Option<[u64; N]> {
+        let mut n = [0; N];
+        for v in &mut n {
+            *v = self.uint()?;
+        }
+        Some(n)
+    }
 }
 
 /// A check's five integers. The first is 0 (denied), 1 (allowed) or 2 + i:
