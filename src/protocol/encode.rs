@@ -219,9 +219,13 @@ fn strs<'s>(out: &mut Vec<u8>, all: impl Iterator<Item = &'s str>, n: usize) {
     }
 }
 
-fn write_map(out: &mut Vec<u8>, fields: &[(&str, Val)]) {
-    map_len(out, fields.len());
-    for (k, v) in fields {
+fn write_map(out: &mut Vec<u8>, f: &[(&str, Val)]) {
+    map_len(out, f.len());
+    fields(out, f);
+}
+
+fn fields(out: &mut Vec<u8>, f: &[(&str, Val)]) {
+    for (k, v) in f {
         string(out, k);
         v.write(out);
     }
@@ -231,26 +235,43 @@ fn write_map(out: &mut Vec<u8>, fields: &[(&str, Val)]) {
 /// and a heap list per reply cost more than writing it.
 type Fields<'a> = SmallVec<[(&'static str, Val<'a>); 20]>;
 
-fn decision<'a>(f: &mut Fields<'a>, d: &'a Decision) {
-    f.extend([
-        ("allowed", Val::Bool(d.allowed)),
-        ("limit", Val::U64(d.limit)),
-        ("remaining", Val::U64(d.remaining)),
-        ("reset_ms", Val::U64(d.reset_ms)),
-        ("retry_after_ms", Val::U64(d.retry_after_ms)),
-        ("degraded", Val::Bool(d.degraded)),
-        ("rule", Val::Str(&d.rule)),
-        ("kind", Val::Str(d.kind)),
-        ("window_ms", Val::U64(d.window_ms)),
-    ]);
+/// How many fields [`decision`] writes.
+fn decision_len(d: &Decision) -> usize {
+    9 + usize::from(d.lease.is_some()) + 2 * usize::from(d.shadow_rule.is_some())
+}
+
+/// A decision's fields, written straight out: a check's reply is the most
+/// common message by far, and listing its fields first cost more than
+/// writing them.
+fn decision(out: &mut Vec<u8>, d: &Decision) {
+    let boolean = |out: &mut Vec<u8>, b: bool| out.push(if b { 0xc3 } else { 0xc2 });
+    string(out, "allowed");
+    boolean(out, d.allowed);
+    string(out, "limit");
+    uint(out, d.limit);
+    string(out, "remaining");
+    uint(out, d.remaining);
+    string(out, "reset_ms");
+    uint(out, d.reset_ms);
+    string(out, "retry_after_ms");
+    uint(out, d.retry_after_ms);
+    string(out, "degraded");
+    boolean(out, d.degraded);
+    string(out, "rule");
+    string(out, &d.rule);
+    string(out, "kind");
+    string(out, d.kind);
+    string(out, "window_ms");
+    uint(out, d.window_ms);
     if let Some(lease) = d.lease {
-        f.push(("lease", Val::String(lease.to_string())));
+        string(out, "lease");
+        string(out, &lease.to_string());
     }
     if let Some(s) = &d.shadow_rule {
-        f.extend([
-            ("shadow_denied", Val::Bool(true)),
-            ("shadow_rule", Val::Str(s)),
-        ]);
+        string(out, "shadow_denied");
+        boolean(out, true);
+        string(out, "shadow_rule");
+        string(out, s);
     }
 }
 
@@ -270,9 +291,9 @@ fn lookup<'a>(f: &mut Fields<'a>, l: &'a Lookup) {
 
 impl Reply {
     fn write(&self, out: &mut Vec<u8>) {
+        // A decision's fields are written straight out, ahead of the list.
+        let mut decided = None;
         let mut f = Fields::new();
-        f.push(("id", Val::U64(self.id)));
-        f.push(("ok", Val::Bool(self.body.is_ok())));
         match &self.body {
             Err(e) => f.push(("error", Val::Error(e))),
             Ok(Body::Hello(h)) => f.extend([
@@ -281,7 +302,13 @@ impl Reply {
                 ("backend", Val::Str(h.backend)),
                 ("ops", Val::Ops),
             ]),
-            Ok(Body::Decision(d)) => decision(&mut f, d),
+            Ok(Body::Decision(d)) => decided = Some(d),
+            Ok(Body::CheckLookup(d, l)) => {
+                decided = Some(d);
+                if let Some(l) = l {
+                    lookup(&mut f, l);
+                }
+            }
             Ok(Body::Lookup(l)) => {
                 lookup(&mut f, l);
                 f.push(("degraded", Val::Bool(l.degraded)));
@@ -291,12 +318,6 @@ impl Reply {
                 ("deleted", Val::U64(*deleted)),
                 ("degraded", Val::Bool(*degraded)),
             ]),
-            Ok(Body::CheckLookup(d, l)) => {
-                decision(&mut f, d);
-                if let Some(l) = l {
-                    lookup(&mut f, l);
-                }
-            }
             Ok(Body::Released { released, degraded }) => f.extend([
                 ("released", Val::Bool(*released)),
                 ("degraded", Val::Bool(*degraded)),
@@ -323,7 +344,15 @@ impl Reply {
             Ok(Body::Tenants(all)) => f.push(("tenants", Val::Tenants(all))),
             Ok(Body::Usage(rules)) => f.push(("rules", Val::Usage(rules))),
         }
-        write_map(out, &f)
+        map_len(out, 2 + decided.map_or(0, decision_len) + f.len());
+        string(out, "id");
+        uint(out, self.id);
+        string(out, "ok");
+        Val::Bool(self.body.is_ok()).write(out);
+        if let Some(d) = decided {
+            decision(out, d);
+        }
+        fields(out, &f);
     }
 }
 
