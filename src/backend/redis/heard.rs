@@ -105,3 +105,60 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         self.inner.is_write_vectored()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::task::Poll;
+
+    use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+
+    use tokio::net::UnixStream;
+
+    use super::*;
+
+    /// One read of `w` into `buf`, waiting for the socket to be readable.
+    async fn read(w: &mut Watched<UnixStream>, buf: &mut [u8]) -> usize {
+        let mut rb = ReadBuf::new(buf);
+        std::future::poll_fn(|cx| Pin::new(&mut *w).poll_read(cx, &mut rb))
+            .await
+            .unwrap();
+        rb.filled().len()
+    }
+
+    /// Polls one read of `w` once, without waiting.
+    fn poll_once(w: &mut Watched<UnixStream>) -> Poll<()> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut buf = [0u8; 64];
+        let mut rb = ReadBuf::new(&mut buf);
+        Pin::new(w).poll_read(&mut cx, &mut rb).map(|r| r.unwrap())
+    }
+
+    /// Caught up only with nothing unread in the socket and no read still
+    /// being decoded: bytes sent by Redis and not yet read, or read and not
+    /// yet applied, keep a near hit from being served.
+    #[tokio::test]
+    async fn caught_up_only_once_everything_sent_was_read_and_decoded() {
+        let (ours, mut redis) = UnixStream::pair().unwrap();
+        let (mut watched, heard) = watch(ours).unwrap();
+        assert!(heard.caught_up(), "nothing sent yet");
+
+        redis.write_all(b"an invalidation").await.unwrap();
+        redis.flush().await.unwrap();
+        assert!(!heard.caught_up(), "unread bytes in the socket");
+
+        // Read part of it: still unread bytes.
+        let mut buf = [0u8; 3];
+        assert_eq!(read(&mut watched, &mut buf).await, 3);
+        assert!(!heard.caught_up(), "12 bytes still unread");
+
+        // Read the rest: the socket is empty, but the reader has not yet
+        // come back for more, so it may still be applying what it read.
+        let mut buf = [0u8; 64];
+        assert_eq!(read(&mut watched, &mut buf).await, 12);
+        assert!(!heard.caught_up(), "a read is still being decoded");
+
+        // The reader finds nothing more: caught up.
+        assert_eq!(poll_once(&mut watched), Poll::Pending);
+        assert!(heard.caught_up());
+    }
+}
