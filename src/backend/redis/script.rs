@@ -418,7 +418,10 @@ struct Numbers<'a>(std::slice::ChunksExact<'a, u8>);
 
 impl<'a> Numbers<'a> {
     fn new(packed: &'a [u8]) -> Option<Self> {
-        (packed.len() % 8 == 0).then(|| Numbers(packed.chunks_exact(8)))
+        packed
+            .len()
+            .is_multiple_of(8)
+            .then(|| Numbers(packed.chunks_exact(8)))
     }
 
     /// The next number, truncated towards zero as Redis truncates a Lua
