@@ -118,7 +118,7 @@ fn stats_prints_the_counters_as_a_table_or_json() {
     let mut lines = out.lines();
     let head = lines.next().unwrap();
     assert!(
-        head.starts_with("uptime_ms=") && head.ends_with(" backend=memory shards=2"),
+        head.starts_with("uptime_ms=") && head.ends_with(" backend=memory shards=1"),
         "{head}"
     );
     let table: Vec<(&str, u64)> = lines
@@ -140,7 +140,7 @@ fn stats_prints_the_counters_as_a_table_or_json() {
     assert_eq!(code, 0, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
     assert_eq!(v["backend"], "memory");
-    assert_eq!(v["shards"], 2);
+    assert_eq!(v["shards"], 1);
     assert!(v["uptime_ms"].is_u64(), "{v}");
     assert_eq!(v["counters"]["requests_check"], 3);
     assert_eq!(v["counters"]["allowed"], 3);

@@ -25,12 +25,12 @@ pub struct ServerConfig {
     /// quotad a few µs); raise it for Redis Cluster or a busy memory
     /// backend. Default 1.
     pub threads: usize,
-    /// Shard actors; 0 = two per worker thread. Default 0.
+    /// Shard actors; 0 = one per worker thread. Default 0.
     pub shards: usize,
-    /// Messages a shard's mailbox holds; past it, `overloaded`. Default 4096.
+    /// Messages a shard's mailbox holds; past it, `overloaded`. Default 8192.
     pub mailbox_capacity: usize,
     /// Checks a shard queues for its next Redis round trip; past it,
-    /// `overloaded`. Default 16384.
+    /// `overloaded`. Default 32768.
     pub max_queued_per_shard: usize,
     /// Operations in one Redis round trip at most. Default 256.
     pub batch_max: usize,
@@ -67,8 +67,8 @@ impl Default for ServerConfig {
             max_inflight_per_connection: 1024,
             threads: 1,
             shards: 0,
-            mailbox_capacity: 4096,
-            max_queued_per_shard: 16384,
+            mailbox_capacity: 8192,
+            max_queued_per_shard: 32768,
             batch_max: 256,
             batch_max_bytes: 4 << 20,
             max_batches_in_flight: 2,
@@ -85,7 +85,7 @@ impl ServerConfig {
     /// The shard count after resolving `0` (auto).
     pub fn shard_count(&self) -> usize {
         match self.shards {
-            0 => 2 * self.threads,
+            0 => self.threads,
             n => n,
         }
     }
