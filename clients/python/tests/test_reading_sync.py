@@ -9,15 +9,20 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from daemons import Quotad
 from fake_server import ThreadedServer
-from quotad import Client
+from quotad import Client, ConnectionLost
 from quotad._codec import FrameReader, decode_body, encode_frame
 
 
@@ -219,3 +224,235 @@ def test_a_forked_child_closing_its_client_leaves_the_parents_connection(socket_
         assert os.waitpid(pid, 0)[1] == 0
         assert c.check(tenant, "k").allowed
         assert c._conn is conn and conn.alive, "the parent's connection survived"
+
+
+class BatchServer(ThreadedServer):
+    """Serves connection after connection, each on a thread of its own. Holds requests until
+    ``batch`` of them are in, then sends their replies (each echoing its request's op) in one
+    send, ordered as ``order`` lists their ops (else as they came); with ``cut``, that send
+    stops halfway through its last reply, and the rest follows once ``rest`` is set."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, backlog=8)
+        self.batch, self.order, self.cut = 1, [], False
+        self.sent = threading.Event()  # set after each batch's (first) send
+        self.rest = threading.Event()
+        self._listener.settimeout(0.05)
+        self.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        frames = FrameReader()
+        held: list[dict[str, object]] = []
+        with conn:
+            try:
+                while data := conn.recv(1 << 16):
+                    held += [decode_body(body) for body in frames.feed(data)]
+                    if len(held) < self.batch:
+                        continue
+                    held.sort(key=lambda r: self.order.index(r["op"]) if r["op"] in self.order else 0)
+                    replies = [encode_frame({"id": r["id"], "ok": True, "op": r["op"]}) for r in held]
+                    out = b"".join(replies)
+                    held = []
+                    split = len(out) - len(replies[-1]) // 2 if self.cut else len(out)
+                    conn.sendall(out[:split])
+                    self.sent.set()
+                    if split < len(out):
+                        self.rest.wait(3)
+                        conn.sendall(out[split:])
+            except OSError:  # the client closed the connection
+                pass
+
+
+@pytest.fixture
+def batching(tmp_path: Path) -> Iterator[BatchServer]:
+    server = BatchServer(tmp_path / "batch.sock")
+    yield server
+    server.rest.set()
+    server.close()
+
+
+class RecvInterrupted:
+    """Stands for a connection's socket: its next recv, once ``armed`` is set, waits for ``ready``,
+    reads, and is interrupted (KeyboardInterrupt) as it returns, what it read lost with it."""
+
+    def __init__(self, sock: socket.socket, ready: threading.Event) -> None:
+        self._sock, self._ready = sock, ready
+        self.armed = threading.Event()
+
+    def recv(self, size: int, flags: int) -> bytes:
+        if not self.armed.is_set():
+            return self._sock.recv(size, flags)
+        self.armed.clear()
+        self._ready.wait(2)
+        self._sock.recv(size, flags)
+        raise KeyboardInterrupt
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def run_catching(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Runs ``call`` on a thread; the dict gets its result or exception (a KeyboardInterrupt
+    too) and how long it took."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        t0 = time.monotonic()
+        try:
+            out["result"] = call()
+        except BaseException as e:
+            out["error"] = e
+        out["took"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 2
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.002)
+
+
+def promptly_answered_or_lost(out: dict[str, Any], op: str) -> None:
+    """A call on the connection an interrupted reader left: its own reply, or ConnectionLost
+    (the connection closed for the interrupt), well within its 2 s timeout."""
+    assert out.get("result", {}).get("op") == op or (
+        isinstance(out.get("error"), ConnectionLost) and "interrupted" in str(out["error"])
+    ), out
+    assert out["took"] < 1.0, f"a call waited {out['took']:.2f} s (its timeout) for the interrupted reader"
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["whole-replies", "cut-mid-reply"])
+def test_a_read_interrupted_as_its_recv_returns_ends_the_connection(batching: BatchServer, cut: bool) -> None:
+    """The caller reading is interrupted (Ctrl-C) right after a recv that returned both callers'
+    replies (or one and half the other's): it gets the KeyboardInterrupt; the other caller is not
+    left waiting for its timeout (nor does it read the rest of a reply as a new frame), and the
+    next call is answered, on a new connection."""
+    with Client(str(batching.path), timeout=2.0, failure_mode="raise") as c:
+        assert c.call({"op": "warm"})["op"] == "warm"
+        conn = c._conn
+        assert conn is not None
+        sock = RecvInterrupted(conn._sock, batching.sent)
+        conn._sock = sock  # type: ignore[assignment]
+        batching.batch, batching.cut = 2, cut
+        sock.armed.set()
+        reader, r = run_catching(lambda: c.call({"op": "a"}))
+        wait_until(lambda: len(conn._pending) == 1, "the first call did not start")  # it reads: nobody else does
+        other, o = run_catching(lambda: c.call({"op": "b"}))
+        reader.join(3)
+        batching.rest.set()  # the rest of a cut reply
+        other.join(3)
+        assert isinstance(r.get("error"), KeyboardInterrupt), r
+        promptly_answered_or_lost(o, "b")
+        batching.batch, batching.cut = 1, False
+        assert c.call({"op": "after"})["op"] == "after"
+        assert c._conn is not conn and conn._closed
+
+
+def test_an_interrupt_while_a_read_is_handed_out_leaves_no_caller_waiting(
+    batching: BatchServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One read brings three callers' replies; the reader is interrupted as it decodes the second:
+    the first was handed to its caller, and the caller of the one not handed out is not left
+    waiting for its timeout."""
+    import quotad.client
+
+    decoded, armed = [], threading.Event()
+
+    def decode(body: Any) -> dict[str, Any]:
+        if armed.is_set():
+            decoded.append(body)
+            if len(decoded) == 2:
+                raise KeyboardInterrupt
+        return decode_body(body)
+
+    monkeypatch.setattr(quotad.client, "decode_body", decode)
+    with Client(str(batching.path), timeout=2.0, failure_mode="raise") as c:
+        assert c.call({"op": "warm"})["op"] == "warm"
+        conn = c._conn
+        assert conn is not None
+        batching.batch, batching.order = 3, ["b", "c", "a"]
+        armed.set()
+        reader, r = run_catching(lambda: c.call({"op": "a"}))
+        wait_until(lambda: len(conn._pending) == 1, "the first call did not start")
+        calls = [run_catching(lambda op=op: c.call({"op": op})) for op in ("b", "c")]  # type: ignore[misc]
+        for t, _ in [(reader, r), *calls]:
+            t.join(3)
+        assert isinstance(r.get("error"), KeyboardInterrupt), r
+        assert calls[0][1].get("result", {}).get("op") == "b", calls[0][1]
+        promptly_answered_or_lost(calls[1][1], "c")
+        batching.batch = 1
+        assert c.call({"op": "after"})["op"] == "after"
+
+
+def test_an_interrupt_as_a_reply_is_handed_to_its_caller_leaves_it_not_waiting(
+    batching: BatchServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader is interrupted as it wakes the caller whose reply it read (the call into
+    _Waiter.answer): that caller is not left waiting for its timeout."""
+    from quotad.client import _Waiter
+
+    answer, armed = _Waiter.answer, threading.Event()
+
+    def interrupted_answer(w: _Waiter) -> None:
+        if armed.is_set() and sys._getframe(1).f_code.co_name == "_deliver":
+            armed.clear()
+            raise KeyboardInterrupt
+        answer(w)
+
+    monkeypatch.setattr(_Waiter, "answer", interrupted_answer)
+    with Client(str(batching.path), timeout=2.0, failure_mode="raise") as c:
+        assert c.call({"op": "warm"})["op"] == "warm"
+        conn = c._conn
+        assert conn is not None
+        batching.batch, batching.order = 2, ["b", "a"]
+        armed.set()
+        reader, r = run_catching(lambda: c.call({"op": "a"}))
+        wait_until(lambda: len(conn._pending) == 1, "the first call did not start")
+        other, o = run_catching(lambda: c.call({"op": "b"}))
+        reader.join(3)
+        other.join(3)
+        assert isinstance(r.get("error"), KeyboardInterrupt), r
+        promptly_answered_or_lost(o, "b")
+        batching.batch = 1
+        assert c.call({"op": "after"})["op"] == "after"
+
+
+class Interrupting(Exception):
+    """What a signal handler raises (an Exception, unlike KeyboardInterrupt)."""
+
+
+def test_a_signal_handlers_exception_as_a_reply_is_decoded_is_raised_as_itself(
+    batching: BatchServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal handler's exception landing as msgpack returns a reply is the caller's to see,
+    not a broken frame (ProtocolViolation); the next call is answered."""
+    import quotad._codec
+
+    unpackb, armed = quotad._codec.msgpack.unpackb, threading.Event()
+
+    def interrupted_unpackb(body: Any) -> Any:
+        value = unpackb(body)
+        if armed.is_set() and threading.current_thread() is threading.main_thread():  # not the server's
+            armed.clear()
+            raise Interrupting
+        return value
+
+    monkeypatch.setattr(quotad._codec.msgpack, "unpackb", interrupted_unpackb)
+    with Client(str(batching.path), timeout=2.0, failure_mode="raise") as c:
+        assert c.call({"op": "warm"})["op"] == "warm"
+        armed.set()
+        with pytest.raises(Interrupting):
+            c.call({"op": "a"})
+        assert c.call({"op": "after"})["op"] == "after"

@@ -53,7 +53,8 @@ def decode_body(body: Body) -> dict[str, Any]:
     """One frame body as a dict; anything but a single map with str keys is a violation."""
     try:
         value = msgpack.unpackb(body)
-    except Exception as e:  # msgpack raises several unrelated types
+    except (ValueError, TypeError, msgpack.UnpackException) as e:  # msgpack's (not all UnpackException)
+        # Not Exception: a signal handler's exception raised as unpackb returns is the caller's.
         raise ProtocolViolation(f"undecodable frame: {e}") from e
     # strict_map_key admits only str (and bin) keys.
     if type(value) is not dict:

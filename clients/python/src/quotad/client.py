@@ -272,24 +272,33 @@ class _Connection:
         timeout set per read (an ioctl) and no poll inside the socket module on
         top of this one.
         """
+        receiving = False  # set as recv is called: an interrupt from then on may lose what it read
         try:
             if not self._readable.poll(timeout * 1000):
                 return _NOTHING
+            receiving = True
             data = self._sock.recv(_RECV_BYTES, socket.MSG_DONTWAIT)
+            if not data:
+                self._lost(ConnectionLost("quotad closed the connection"))
+                return _CLOSED
+            for body in self._frames.feed(data):
+                self._deliver(decode_body(body))
         except BlockingIOError:
             return _NOTHING
         except OSError as e:
             self._lost(ConnectionLost(f"reading from quotad failed: {e}"))
             return _CLOSED
-        if not data:
-            self._lost(ConnectionLost("quotad closed the connection"))
-            return _CLOSED
-        try:
-            for body in self._frames.feed(data):
-                self._deliver(decode_body(body))
         except QuotadError as e:
             self._lost(e)
             return _REFUSED
+        except BaseException:
+            if receiving:
+                # An interrupt (Ctrl-C, a signal handler's exception) between the recv and the last
+                # reply handed out: bytes read may be lost (the stream's framing with them), and so
+                # may replies read. The calls in flight fail now, not at their timeouts; the next
+                # call reconnects. Interrupted in the poll, nothing was read: the connection goes on.
+                self.close(ConnectionLost("a reply was cut short: the thread reading it was interrupted"))
+            raise
         return _READ
 
     def _write(self, req_id: int, frame: bytes, deadline: float, waiter: _Waiter, leading: bool) -> None:
@@ -550,15 +559,21 @@ class _Connection:
             # A connection-level error (frame too large, too many connections):
             # the daemon closes the connection; every call in flight fails with it.
             raise connection_error(reply.get("error"))
+        if not isinstance(req_id, int):
+            return
         with self._lock:
-            waiter = self._pending.pop(req_id, None) if isinstance(req_id, int) else None
-        if waiter is None:  # the caller gave up (timed out) already
-            return
-        if waiter.late is not None:
-            waiter.late(reply)
-            return
-        waiter.reply = reply
-        waiter.answer()
+            waiter = self._pending.get(req_id)
+            if waiter is None:  # the caller gave up (timed out) already
+                return
+            late = waiter.late
+            if late is None:
+                # Answered before it leaves _pending: an interrupt between the two would leave
+                # its caller waiting for its timeout, out of reach of close().
+                waiter.reply = reply
+                waiter.answer()
+            del self._pending[req_id]
+        if late is not None:
+            late(reply)
 
 
 class Client:
