@@ -456,3 +456,117 @@ def test_a_signal_handlers_exception_as_a_reply_is_decoded_is_raised_as_itself(
         with pytest.raises(Interrupting):
             c.call({"op": "a"})
         assert c.call({"op": "after"})["op"] == "after"
+
+
+class LetGoInterrupted:
+    """Stands for a connection's lock: once ``armed``, as a block of ``function`` next lets it go,
+    KeyboardInterrupt is raised there (the lock let go first), as a signal's handler would."""
+
+    def __init__(self, lock: Any, function: str) -> None:
+        self._lock, self._function = lock, function
+        self.armed = False
+
+    def __enter__(self) -> bool:
+        return bool(self._lock.acquire())
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+        if self.armed and sys._getframe(1).f_code.co_name == self._function:
+            self.armed = False
+            raise KeyboardInterrupt
+
+
+def test_an_interrupt_as_a_call_takes_the_reading_role_does_not_keep_it(batching: BatchServer) -> None:
+    """Ctrl-C lands as a call lets go of the lock it took the reading role (and its slot) under:
+    the role and the slot are given up, not kept for good (every later call, believing someone
+    reads, would wait for its timeout)."""
+    with Client(str(batching.path), timeout=2.0, failure_mode="raise") as c:
+        assert c.call({"op": "warm"})["op"] == "warm"
+        conn = c._conn
+        assert conn is not None
+        lock = LetGoInterrupted(conn._lock, "request")
+        conn._lock = lock  # type: ignore[assignment]
+        lock.armed = True
+        with pytest.raises(KeyboardInterrupt):
+            c.call({"op": "a"})
+        t0 = time.monotonic()
+        assert c.call({"op": "after"})["op"] == "after"
+        assert time.monotonic() - t0 < 1.0
+        assert c._conn is conn and not conn._reading and conn._in_flight == 0 and conn._pending == {}
+
+
+def test_an_interrupt_as_the_reading_role_is_passed_on_still_passes_it(
+    batching: BatchServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader has its reply, and half the other caller's; Ctrl-C lands as it hands the
+    reading role on (the call into _pass_role): the other caller still gets the role, and reads
+    the rest of its reply (the half read is kept: the connection goes on)."""
+    from quotad.client import _Connection
+
+    pass_role, armed = _Connection._pass_role, threading.Event()
+
+    def interrupted(conn: _Connection, *args: Any) -> None:
+        if armed.is_set():
+            armed.clear()
+            raise KeyboardInterrupt
+        pass_role(conn, *args)
+
+    monkeypatch.setattr(_Connection, "_pass_role", interrupted)
+    with Client(str(batching.path), timeout=2.0, failure_mode="raise") as c:
+        assert c.call({"op": "warm"})["op"] == "warm"
+        conn = c._conn
+        assert conn is not None
+        batching.batch, batching.order, batching.cut = 2, ["a", "b"], True
+        armed.set()
+        reader, r = run_catching(lambda: c.call({"op": "a"}))
+        wait_until(lambda: len(conn._pending) == 1, "the first call did not start")
+        other, o = run_catching(lambda: c.call({"op": "b"}))
+        reader.join(3)
+        batching.rest.set()
+        other.join(3)
+        assert isinstance(r.get("error"), KeyboardInterrupt), r
+        assert o.get("result", {}).get("op") == "b", o
+        assert o["took"] < 1.0
+        batching.batch, batching.cut = 1, False
+        assert c.call({"op": "after"})["op"] == "after"
+        assert c._conn is conn and not conn._reading and conn._in_flight == 0
+
+
+class PollInterrupted:
+    """Stands for a connection's poll object: once ``armed``, its next wait (a timeout not 0)
+    is interrupted once ``go`` is set, before anything is read."""
+
+    def __init__(self, poll: Any, go: Callable[[], bool]) -> None:
+        self._poll, self._go = poll, go
+        self.armed = False
+
+    def poll(self, timeout: float) -> Any:
+        if self.armed and timeout:
+            self.armed = False
+            wait_until(self._go, "the second call did not start")
+            raise KeyboardInterrupt
+        return self._poll.poll(timeout)
+
+
+def test_an_interrupt_while_the_reader_waits_passes_the_role_and_keeps_the_connection(batching: BatchServer) -> None:
+    """Ctrl-C lands while the reader waits for replies, before any came: nothing was read, so
+    the connection goes on; the other caller takes the role and gets its reply."""
+    with Client(str(batching.path), timeout=2.0, failure_mode="raise") as c:
+        assert c.call({"op": "warm"})["op"] == "warm"
+        conn = c._conn
+        assert conn is not None
+        poll = PollInterrupted(conn._readable, lambda: len(conn._pending) == 2)
+        conn._readable = poll  # type: ignore[assignment]
+        batching.batch = 2
+        poll.armed = True
+        reader, r = run_catching(lambda: c.call({"op": "a"}))
+        wait_until(lambda: len(conn._pending) == 1, "the first call did not start")
+        other, o = run_catching(lambda: c.call({"op": "b"}))
+        reader.join(3)
+        other.join(3)
+        assert isinstance(r.get("error"), KeyboardInterrupt), r
+        assert o.get("result", {}).get("op") == "b", o
+        assert o["took"] < 1.0
+        batching.batch = 1
+        assert c.call({"op": "after"})["op"] == "after"
+        assert c._conn is conn and conn.alive

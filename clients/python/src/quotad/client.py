@@ -45,7 +45,7 @@ class _Waiter:
     it is released once when the reply (or an error) is in, or when the
     reading role is handed to this caller (threading.Event costs a Condition and more)."""
 
-    __slots__ = ("done", "reply", "error", "late", "lead")
+    __slots__ = ("done", "reply", "error", "late", "lead", "counted")
 
     def __init__(self) -> None:
         self.done = _allocate_lock()
@@ -54,8 +54,11 @@ class _Waiter:
         self.error: QuotadError | None = None
         # Set when the caller gave up: what to do with the reply if it still comes.
         self.late: Callable[[dict[str, Any]], None] | None = None
-        # Set (under the connection's lock, with ``done`` released) when this caller is to read next.
+        # Set (under the connection's lock) while this caller holds the reading role: as it takes
+        # it, or when it is handed it (``done`` released to wake it).
         self.lead = False
+        # Set while the call is counted in flight (in _pending, holding a slot): until _leave.
+        self.counted = False
 
     def answered(self) -> bool:
         return self.reply is not None or self.error is not None
@@ -139,55 +142,48 @@ class _Connection:
         that arrives after that is handed to ``late`` (on whichever thread reads).
         Raises _Stale when quotad had closed the connection before the frame was written."""
         waiter = _Waiter()
-        with self._lock:
-            while self._in_flight >= self._opts.max_pending and self._error is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RequestTimedOut(f"{self._opts.max_pending} calls already in flight")
-                self._slot_waiters += 1
-                try:
-                    self._slot_free.wait(remaining)
-                finally:
-                    self._slot_waiters -= 1
-            if self._error is not None:
-                raise self._error
-            # Nobody reading: this call reads, from before its write.
-            leading = not self._reading
-            if leading:
-                self._reading = True
-            self._in_flight += 1
-            self._pending[req_id] = waiter
         try:
-            if leading:
+            with self._lock:
+                while self._in_flight >= self._opts.max_pending and self._error is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise RequestTimedOut(f"{self._opts.max_pending} calls already in flight")
+                    self._slot_waiters += 1
+                    try:
+                        self._slot_free.wait(remaining)
+                    finally:
+                        self._slot_waiters -= 1
+                if self._error is not None:
+                    raise self._error
+                # Nobody reading: this call reads, from before its write.
+                if not self._reading:
+                    self._reading = waiter.lead = True
+                self._in_flight += 1
+                self._pending[req_id] = waiter
+                # Inside the try (an interrupt as the lock is let go would else leave the role
+                # and the slot taken for good), with no call since the first change.
+                waiter.counted = True
+            if waiter.lead:
                 self._read_idle()
             try:
-                self._write(req_id, frame, deadline, waiter, leading)
+                self._write(req_id, frame, deadline, waiter, waiter.lead)
             except RequestTimedOut:
                 with self._lock:
                     self._pending.pop(req_id, None)
                 raise
             while not waiter.answered():
-                if leading:
+                if waiter.lead:  # it took the reading role, or was handed it
                     self._lead(waiter, deadline)
                     break
                 if not waiter.done.acquire(timeout=max(0.0, deadline - time.monotonic())):
                     break
-                if waiter.lead:  # handed the reading role
-                    waiter.lead = False
-                    leading = True
             if not waiter.answered():
                 with self._lock:
                     if late is not None and req_id in self._pending:
                         waiter.late = late  # kept: whoever reads hands it the reply, if one comes
                     else:
                         self._pending.pop(req_id, None)
-                    if waiter.lead:  # handed the role as it timed out: pass it on below
-                        waiter.lead = False
-                        leading = True
                 if not waiter.answered():
-                    if leading:
-                        leading = False
-                        self._pass_role()
                     if self._error is not None:  # the write failed and the daemon never closed
                         self.close(self._error)
                     raise RequestTimedOut("no reply from quotad within the call's timeout")
@@ -196,8 +192,22 @@ class _Connection:
             assert waiter.reply is not None
             return waiter.reply
         finally:
-            with self._lock:
-                if self._pending.get(req_id) is waiter and waiter.late is None and not waiter.answered():
+            if waiter.counted:
+                try:
+                    self._leave(req_id, waiter, late)
+                except BaseException:
+                    # Cut short by an interrupt (which its caller gets): once more, or the reading
+                    # role (every later call would wait for its timeout) or the slot is lost.
+                    self._leave(req_id, waiter, late)
+                    raise
+
+    def _leave(self, req_id: int, waiter: _Waiter, late: Callable[[dict[str, Any]], None] | None) -> None:
+        """A call's end: its waiter goes (or stays for ``late``), its slot frees, and the reading role
+        passes on if it holds it. Called again after an interrupt, it does only what is left."""
+        with self._lock:
+            if waiter.counted:
+                # Attribute tests, no call: no interrupt lands between them and what they decide.
+                if waiter.reply is None and waiter.error is None and waiter.late is None and req_id in self._pending:
                     # Left by an exception (an interrupt, a signal handler's): nobody waits
                     # on it any more, so it must not be handed the reading role; a late
                     # reply still goes to ``late`` (a lease to release).
@@ -205,14 +215,12 @@ class _Connection:
                         waiter.late = late
                     else:
                         del self._pending[req_id]
-                # Handed the role while writing (and answered before it waited): it holds it too.
-                handed, waiter.lead = waiter.lead, False
-            if leading or handed:
-                self._pass_role()
-            with self._lock:
+                waiter.counted = False
                 self._in_flight -= 1
-                if self._slot_waiters:
-                    self._slot_free.notify()
+            if self._slot_waiters:
+                self._slot_free.notify()
+        if waiter.lead:  # took the role, or was handed it (maybe while writing, or as it timed out)
+            self._pass_role(waiter)
 
     def _read_idle(self) -> None:
         """Before the call that took the reading role is written: reads what came
@@ -234,24 +242,42 @@ class _Connection:
             if remaining <= 0 or self._read_once(remaining) >= _CLOSED:
                 return
 
-    def _pass_role(self) -> None:
-        """The reading role goes to a caller still waiting, else to a reader thread while calls remain, else to nobody."""
+    def _pass_role(self, holder: _Waiter | None = None) -> None:
+        """The reading role goes to a caller still waiting, else to a reader thread while calls remain, else to nobody.
+
+        ``holder``: the waiter of the caller holding it (None: a reader or writer thread does). Called
+        again after an interrupt (see :meth:`_leave`), it does nothing if the role was passed already.
+        """
         with self._lock:
+            if holder is not None and not holder.lead:
+                return
+            to = None
             if not self._closed:
                 for w in self._pending.values():
-                    if w.late is None and not w.lead and not w.answered():
-                        w.lead = True
-                        w.answer()
-                        return
-                if self._pending:
-                    threading.Thread(target=self._read_rest, name="quotad-reader", daemon=True).start()
-                    return
+                    if w.late is None and not w.lead and w.reply is None and w.error is None:
+                        to = w
+                        break
+            # No call from here until the role has changed hands: an interrupt could land in it.
+            if holder is not None:
+                holder.lead = False
+            if to is not None:
+                to.lead = True
+                to.done.release()  # held: its caller waits on it, unanswered
+                return
             self._reading = False
             if self._closed:
                 self._sock.close()
+                return
+            if not self._pending:
+                return
+        # Calls that timed out remain: a reader thread reads their late replies (leases to release).
+        # It takes the role if nobody did meanwhile; an interrupt before it starts leaves them to the next call.
+        threading.Thread(target=self._read_rest, name="quotad-reader", daemon=True).start()
 
     def _read_rest(self) -> None:
         """The reader thread: reads until nothing is in flight (or the connection closes)."""
+        if not self._take_role():
+            return
         try:
             while True:
                 with self._lock:
@@ -447,7 +473,7 @@ class _Connection:
         self._hand_off(None)
 
     def _take_role(self) -> bool:
-        """For the writer thread: takes the reading role if no other thread holds it."""
+        """For the writer and reader threads: takes the reading role if no other thread holds it."""
         with self._lock:
             if self._reading or self._closed:
                 return False
