@@ -6,6 +6,7 @@ cut short at its deadline still ends the connection."""
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -374,3 +375,38 @@ def test_the_writer_thread_reads_while_nobody_else_does(tmp_path: Path) -> None:
         assert server.ops == ["a", "y", "x", "x", "after"]
     finally:
         server.close()
+
+
+def test_an_interrupt_as_a_call_takes_the_writing_role_does_not_keep_it(socket_path: str) -> None:
+    """Ctrl-C lands as a call lets go of the lock it took the writing role under, before it
+    sends: the role is given up (the connection closed: what was out is not known), not kept
+    for good with every later frame queued behind nobody."""
+
+    class LetGoInterrupted:
+        """Stands for the connection's lock: once armed, the next block of _write to let it go raises there."""
+
+        def __init__(self, lock: Any) -> None:
+            self._lock, self.armed = lock, False
+
+        def __enter__(self) -> bool:
+            return bool(self._lock.acquire())
+
+        def __exit__(self, *exc: object) -> None:
+            self._lock.release()
+            if self.armed and sys._getframe(1).f_code.co_name == "_write":
+                self.armed = False
+                raise KeyboardInterrupt
+
+    with Client(socket_path, failure_mode="raise", timeout=2.0) as c:
+        assert c.hello().protocol
+        conn = c._conn
+        assert conn is not None
+        lock = LetGoInterrupted(conn._lock)
+        conn._lock = lock  # type: ignore[assignment]
+        lock.armed = True
+        with pytest.raises(KeyboardInterrupt):
+            c.hello()
+        t0 = time.monotonic()
+        assert c.hello().protocol
+        assert time.monotonic() - t0 < 1.0
+        assert not conn._writing

@@ -344,12 +344,15 @@ class _Connection:
         closes (see :meth:`_write_failed`). An interrupt is handled by
         :meth:`_interrupted`.
         """
-        with self._lock:
-            if self._writing:
-                self._queued.append((frame, deadline, req_id))
-                return
-            self._writing = True
+        writing = False
         try:
+            with self._lock:
+                if self._writing:
+                    self._queued.append((frame, deadline, req_id))
+                    return
+                # Inside the try: an interrupt as the lock is let go would else keep the writing
+                # role for good (every later frame queued behind nobody).
+                self._writing = writing = True
             left = self._send_all(memoryview(frame), deadline, waiter, leading, ())
             if left is None:  # the connection failed: so do the calls in flight
                 self._stop_writing()
@@ -367,7 +370,8 @@ class _Connection:
             else:  # not sent at all: the stream is intact, and the frames queued behind it have deadlines of their own
                 self._write_queued(None, deadline, waiter, leading)
         except BaseException:
-            self._interrupted(req_id)
+            if writing:
+                self._interrupted(req_id)
             raise
         raise RequestTimedOut("quotad is not reading its socket")
 
