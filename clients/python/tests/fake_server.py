@@ -5,8 +5,11 @@ answer in their own ways."""
 from __future__ import annotations
 
 import socket
+import time
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 class Recorder:
@@ -69,3 +72,21 @@ class ThreadedServer:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(5)
         self._listener.close()
+
+
+def run_catching(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Runs ``call`` on a thread; the dict gets its result or exception (a KeyboardInterrupt
+    too) and how long it took."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        t0 = time.monotonic()
+        try:
+            out["result"] = call()
+        except BaseException as e:
+            out["error"] = e
+        out["took"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from daemons import Quotad
-from fake_server import ThreadedServer
+from fake_server import ThreadedServer, run_catching
 from quotad import Client, ConnectionLost
 from quotad._codec import FrameReader, decode_body, encode_frame
 
@@ -297,24 +297,6 @@ class RecvInterrupted:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
-
-
-def run_catching(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    """Runs ``call`` on a thread; the dict gets its result or exception (a KeyboardInterrupt
-    too) and how long it took."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        t0 = time.monotonic()
-        try:
-            out["result"] = call()
-        except BaseException as e:
-            out["error"] = e
-        out["took"] = time.monotonic() - t0
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from daemons import Quotad
-from fake_server import ThreadedServer
+from fake_server import ThreadedServer, run_catching
 from quotad import Client, ConnectionLost, RequestTimedOut
 from quotad._codec import Body, FrameReader, decode_body, encode_frame
 from quotad.client import _Connection
@@ -67,23 +67,6 @@ class PausingServer(ThreadedServer):
                     self._answer(conn, body)
 
 
-def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    """Runs ``call`` on a thread; the dict gets its result or exception and how long it took."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        t0 = time.monotonic()
-        try:
-            out["result"] = call()
-        except Exception as e:
-            out["error"] = e
-        out["took"] = time.monotonic() - t0
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
-
-
 def wait_queued(conn: _Connection, n: int) -> None:
     """Until ``n`` frames are queued behind the thread writing."""
     deadline = time.monotonic() + 2
@@ -109,7 +92,7 @@ def test_a_writer_past_its_deadline_leaves_the_frames_queued_behind_it_their_own
     server = PausingServer(tmp_path / "pause.sock", first_at=0.2, rest_at=1.0, answer_first=False)
     try:
         with Client(str(server.path), failure_mode="raise") as c:
-            writer, w = in_thread(lambda: c.call({"op": "w", "pad": BIG}, timeout=0.5))
+            writer, w = run_catching(lambda: c.call({"op": "w", "pad": BIG}, timeout=0.5))
             wait_writing(c)
             t0 = time.monotonic()
             assert c.call({"op": "l", "pad": BIG}, timeout=3.0)["ok"] is True
@@ -129,7 +112,7 @@ def test_frames_whose_callers_gave_up_before_their_batch_are_not_sent(tmp_path: 
     server = PausingServer(tmp_path / "pause.sock", first_at=0.6, rest_at=0.6, answer_first=True)
     try:
         with Client(str(server.path), failure_mode="raise") as c:
-            writer, w = in_thread(lambda: c.call({"op": "w", "pad": BIG}, timeout=3.0))
+            writer, w = run_catching(lambda: c.call({"op": "w", "pad": BIG}, timeout=3.0))
             wait_writing(c)
             conn = c._conn
             with pytest.raises(RequestTimedOut, match="no reply"):
@@ -150,7 +133,7 @@ def test_a_batch_cut_short_at_its_deadline_ends_the_connection(tmp_path: Path) -
     server = PausingServer(tmp_path / "pause.sock", first_at=0.2, rest_at=1.2, answer_first=False)
     try:
         with Client(str(server.path), failure_mode="raise") as c:
-            writer, w = in_thread(lambda: c.call({"op": "w", "pad": BIG}, timeout=3.0))
+            writer, w = run_catching(lambda: c.call({"op": "w", "pad": BIG}, timeout=3.0))
             wait_writing(c)
             with pytest.raises(RequestTimedOut):
                 c.call({"op": "s", "pad": BIG}, timeout=0.5)
@@ -175,9 +158,9 @@ def test_frames_queued_behind_a_writer_that_sent_nothing_still_go_out(tmp_path: 
                 ours.send(filler, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
-        writer, w = in_thread(lambda: conn.request(1, encode_frame({"id": 1, "op": "w"}), time.monotonic() + 0.3))
+        writer, w = run_catching(lambda: conn.request(1, encode_frame({"id": 1, "op": "w"}), time.monotonic() + 0.3))
         time.sleep(0.05)
-        queued, q = in_thread(lambda: conn.request(2, encode_frame({"id": 2, "op": "q"}), time.monotonic() + 3.0))
+        queued, q = run_catching(lambda: conn.request(2, encode_frame({"id": 2, "op": "q"}), time.monotonic() + 3.0))
         time.sleep(0.5)  # past the writer's deadline
         frames = FrameReader()
         ops: list[str] = []
@@ -214,21 +197,6 @@ class SendOnce:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
-
-
-def run_catching(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    """As in_thread, but a KeyboardInterrupt is caught as the call's outcome too."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["result"] = call()
-        except BaseException as e:
-            out["error"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
 
 
 def test_a_write_interrupted_part_way_ends_the_connection(socket_path: str, tenant: str) -> None:
@@ -287,7 +255,7 @@ def test_a_write_interrupted_before_its_first_byte_leaves_the_connection_and_the
         conn._either = InterruptedPoll(conn._either, entered, interrupt)  # type: ignore[assignment]
         first, f = run_catching(lambda: c.call({"op": "hello"}))  # reads (nobody else does): waits in _either
         assert entered.wait(2)
-        queued, q = in_thread(lambda: c.call({"op": "stats"}))
+        queued, q = run_catching(lambda: c.call({"op": "stats"}))
         wait_queued(conn, 1)
         interrupt.set()
         first.join(3)
@@ -354,14 +322,14 @@ def test_the_writer_thread_reads_while_nobody_else_does(tmp_path: Path) -> None:
     try:
         with Client(str(server.path), failure_mode="raise") as c:
             t0 = time.monotonic()
-            writer, w = in_thread(lambda: c.call({"op": "a", "pad": BIG}, timeout=0.5))
+            writer, w = run_catching(lambda: c.call({"op": "a", "pad": BIG}, timeout=0.5))
             wait_writing(c)
             conn = c._conn
             assert conn is not None
-            calls = [in_thread(lambda: c.call({"op": "y"}, timeout=5.0))]
+            calls = [run_catching(lambda: c.call({"op": "y"}, timeout=5.0))]
             for n in (1, 2):  # queued in this order
                 wait_queued(conn, n)
-                calls.append(in_thread(lambda: c.call({"op": "x", "pad": BIG}, timeout=0.8)))
+                calls.append(run_catching(lambda: c.call({"op": "x", "pad": BIG}, timeout=0.8)))
             while server.ops != ["a", "y", "x", "x"]:
                 assert time.monotonic() - t0 < 3.0, f"the writer thread stalled: quotad read only {server.ops}"
                 time.sleep(0.01)
