@@ -5,9 +5,9 @@ answer in their own ways."""
 from __future__ import annotations
 
 import socket
-import time
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,16 @@ class ThreadedServer:
 
     def _serve(self) -> None:
         raise NotImplementedError
+
+    def _connections(self) -> Iterator[socket.socket]:
+        """Connection after connection, until ``close``."""
+        self._listener.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            yield conn
 
     def close(self) -> None:
         self._stop.set()

@@ -54,15 +54,10 @@ class OneShotServer(ThreadedServer):
     def __init__(self, path: Path) -> None:
         super().__init__(path, backlog=8)
         self.connections = 0
-        self._listener.settimeout(0.05)
         self.start()
 
     def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except socket.timeout:
-                continue
+        for conn in self._connections():
             self.connections += 1
             with conn:
                 frames = FrameReader()
@@ -237,15 +232,10 @@ class BatchServer(ThreadedServer):
         self.batch, self.order, self.cut = 1, [], False
         self.sent = threading.Event()  # set after each batch's (first) send
         self.rest = threading.Event()
-        self._listener.settimeout(0.05)
         self.start()
 
     def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except socket.timeout:
-                continue
+        for conn in self._connections():
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
     def _answer(self, conn: socket.socket) -> None:
@@ -306,6 +296,20 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.002)
 
 
+def reader_then_other(
+    c: Client, conn: Any, between: Callable[[], object] = lambda: None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Call "a", which takes the reading role (nobody else reads), then call "b"; waits for
+    "a", runs ``between``, waits for "b"; their outcomes, as ``run_catching`` records them."""
+    reader, r = run_catching(lambda: c.call({"op": "a"}))
+    wait_until(lambda: len(conn._pending) == 1, "the first call did not start")
+    other, o = run_catching(lambda: c.call({"op": "b"}))
+    reader.join(3)
+    between()
+    other.join(3)
+    return r, o
+
+
 def promptly_answered_or_lost(out: dict[str, Any], op: str) -> None:
     """A call on the connection an interrupted reader left: its own reply, or ConnectionLost
     (the connection closed for the interrupt), well within its 2 s timeout."""
@@ -329,12 +333,7 @@ def test_a_read_interrupted_as_its_recv_returns_ends_the_connection(batching: Ba
         conn._sock = sock  # type: ignore[assignment]
         batching.batch, batching.cut = 2, cut
         sock.armed.set()
-        reader, r = run_catching(lambda: c.call({"op": "a"}))
-        wait_until(lambda: len(conn._pending) == 1, "the first call did not start")  # it reads: nobody else does
-        other, o = run_catching(lambda: c.call({"op": "b"}))
-        reader.join(3)
-        batching.rest.set()  # the rest of a cut reply
-        other.join(3)
+        r, o = reader_then_other(c, conn, between=batching.rest.set)  # the rest of a cut reply
         assert isinstance(r.get("error"), KeyboardInterrupt), r
         promptly_answered_or_lost(o, "b")
         batching.batch, batching.cut = 1, False
@@ -400,11 +399,7 @@ def test_an_interrupt_as_a_reply_is_handed_to_its_caller_leaves_it_not_waiting(
         assert conn is not None
         batching.batch, batching.order = 2, ["b", "a"]
         armed.set()
-        reader, r = run_catching(lambda: c.call({"op": "a"}))
-        wait_until(lambda: len(conn._pending) == 1, "the first call did not start")
-        other, o = run_catching(lambda: c.call({"op": "b"}))
-        reader.join(3)
-        other.join(3)
+        r, o = reader_then_other(c, conn)
         assert isinstance(r.get("error"), KeyboardInterrupt), r
         promptly_answered_or_lost(o, "b")
         batching.batch = 1
@@ -500,12 +495,7 @@ def test_an_interrupt_as_the_reading_role_is_passed_on_still_passes_it(
         assert conn is not None
         batching.batch, batching.order, batching.cut = 2, ["a", "b"], True
         armed.set()
-        reader, r = run_catching(lambda: c.call({"op": "a"}))
-        wait_until(lambda: len(conn._pending) == 1, "the first call did not start")
-        other, o = run_catching(lambda: c.call({"op": "b"}))
-        reader.join(3)
-        batching.rest.set()
-        other.join(3)
+        r, o = reader_then_other(c, conn, between=batching.rest.set)
         assert isinstance(r.get("error"), KeyboardInterrupt), r
         assert o.get("result", {}).get("op") == "b", o
         assert o["took"] < 1.0
@@ -541,11 +531,7 @@ def test_an_interrupt_while_the_reader_waits_passes_the_role_and_keeps_the_conne
         conn._readable = poll  # type: ignore[assignment]
         batching.batch = 2
         poll.armed = True
-        reader, r = run_catching(lambda: c.call({"op": "a"}))
-        wait_until(lambda: len(conn._pending) == 1, "the first call did not start")
-        other, o = run_catching(lambda: c.call({"op": "b"}))
-        reader.join(3)
-        other.join(3)
+        r, o = reader_then_other(c, conn)
         assert isinstance(r.get("error"), KeyboardInterrupt), r
         assert o.get("result", {}).get("op") == "b", o
         assert o["took"] < 1.0

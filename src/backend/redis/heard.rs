@@ -111,7 +111,6 @@ mod tests {
     use std::task::Poll;
 
     use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
-
     use tokio::net::UnixStream;
 
     use super::*;
