@@ -4,6 +4,7 @@
 //! Reading never waits for a reply: a client may pipeline thousands of
 //! requests. Once `max_inflight` are unanswered, quotad stops reading from
 //! that connection until some are answered (back-pressure, not an error).
+//! The requests of one wake-up reach each shard as one message.
 //! Replies that complete together are written with one flush. A frame over
 //! the size limit, or one that is not a MessagePack map, gets an error
 //! reply with `id` 0; then the connection's in-flight requests are answered
@@ -31,8 +32,8 @@ use crate::access::PeerGrant;
 use crate::config::Limits;
 use crate::error::Error;
 use crate::protocol::{self, DecodeError, Reply};
-use crate::reply::Replies;
 use crate::router::{Routed, Router};
+use crate::shard::Outbox;
 use crate::socket::{self, ReadHalf, WriteHalf};
 use crate::stats::Stats;
 
@@ -121,7 +122,7 @@ pub async fn serve(
         router: &router,
         grant,
         limits,
-        replies,
+        outbox: router.shards().outbox(replies),
         in_flight: 0,
         reading: true,
         draining: false,
@@ -168,6 +169,7 @@ pub async fn serve(
                     }
                     next = buffered_frame(&mut frames);
                 }
+                router.shards().deliver(&mut conn.outbox);
                 result
             }
             _ = shutdown.cancelled(), if !conn.draining => {
@@ -192,8 +194,8 @@ struct Conn<'a> {
     /// What the peer may use; refreshed after a reload.
     grant: PeerGrant,
     limits: ConnLimits,
-    /// Where shards send this connection's answers.
-    replies: Replies,
+    /// Requests for the shards, handed on once per wake-up.
+    outbox: Outbox,
     /// Requests handed to shards and not answered yet.
     in_flight: usize,
     /// False once the peer closed its side or sent a fatal frame.
@@ -229,7 +231,7 @@ impl Conn<'_> {
                     self.reading = false;
                     return Ok(Some(Reply::err(0, e)));
                 }
-                match self.router.route(req, &self.replies, &mut self.grant) {
+                match self.router.route(req, &mut self.outbox, &mut self.grant) {
                     Routed::Ready(reply) => Some(reply),
                     Routed::Pending => {
                         self.in_flight += 1;

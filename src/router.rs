@@ -22,8 +22,7 @@ use crate::protocol::{
     Stats as StatsBody,
 };
 use crate::quota::Directory;
-use crate::reply::{Replies, ReplyTo};
-use crate::shard::Shards;
+use crate::shard::{Outbox, Shards};
 use crate::stats::Stats;
 
 pub struct Router {
@@ -94,10 +93,11 @@ impl Router {
         &self.access
     }
 
-    /// Routes one request of a connection that `grant` describes.
-    pub fn route(&self, req: Request, replies: &Replies, grant: &mut PeerGrant) -> Routed {
+    /// Routes one request of a connection that `grant` describes. A
+    /// shard's op waits in `outbox` for [`Shards::deliver`].
+    pub fn route(&self, req: Request, outbox: &mut Outbox, grant: &mut PeerGrant) -> Routed {
         let id = req.id;
-        let sent = match req.op {
+        match req.op {
             Op::Local(op) => return Routed::Ready(Reply::ok(id, self.local(op))),
             Op::Shard(op) => {
                 self.count(&op);
@@ -115,8 +115,7 @@ impl Router {
                     }
                     return Routed::Ready(Reply::ok(id, Body::Lookup(lookup)));
                 }
-                self.shards
-                    .send(op, ReplyTo::new(id, replies.clone()).timed(timer))
+                outbox.push(op, outbox.reply_to(id).timed(timer));
             }
             Op::Admin(op) => {
                 Stats::add(&self.stats.counters.requests_admin, 1);
@@ -124,14 +123,12 @@ impl Router {
                     let e = self.access.refuse_admin(grant, op.kind().name());
                     return Routed::Ready(Reply::err(id, e));
                 }
-                self.admin.run(op, ReplyTo::new(id, replies.clone()));
-                Ok(())
+                // What came before it reaches the shards first.
+                self.shards.deliver(outbox);
+                self.admin.run(op, outbox.reply_to(id));
             }
-        };
-        match sent {
-            Ok(()) => Routed::Pending,
-            Err(e) => Routed::Ready(Reply::err(id, e)),
         }
+        Routed::Pending
     }
 
     fn local(&self, op: LocalOp) -> Body {

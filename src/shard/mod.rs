@@ -46,12 +46,14 @@ use orphans::Orphans;
 use overlimit::OverLimit;
 pub use quota::Forget;
 use quota::{PendingCheck, Then};
-pub use set::Shards;
+pub use set::{Outbox, Shards};
 use tenants::Tenants;
 
-/// Run one request's op (already validated by the connection) and answer it.
+/// Run these requests' ops (already validated by the connection) and answer
+/// them: what one connection read for this shard in one wake-up, so that
+/// the mailbox, not each request, pays for a message.
 #[derive(Debug)]
-pub struct JobMsg(pub ShardOp, pub ReplyTo);
+pub struct Jobs(pub Vec<(ShardOp, ReplyTo)>);
 
 /// A Redis round trip came back: one outcome (or `None`) per job sent.
 /// The reply senders travel with the batch: if the shard is gone when it
@@ -155,51 +157,12 @@ impl Actor for Shard {
     }
 }
 
-impl Message<JobMsg> for Shard {
+impl Message<Jobs> for Shard {
     type Reply = ();
 
-    async fn handle(&mut self, JobMsg(op, reply): JobMsg, ctx: &mut Context<Self, ()>) {
-        match op {
-            ShardOp::Check(args) => self.resolve(
-                PendingCheck {
-                    args,
-                    then: Then::Check,
-                },
-                reply,
-                ctx,
-            ),
-            ShardOp::CheckGet(args, get) => self.resolve(
-                PendingCheck {
-                    args,
-                    then: Then::Get(get),
-                },
-                reply,
-                ctx,
-            ),
-            ShardOp::Usage(args) => self.resolve(
-                PendingCheck {
-                    args,
-                    then: Then::Usage,
-                },
-                reply,
-                ctx,
-            ),
-            ShardOp::Release(r) => {
-                let args = CheckArgs {
-                    tenant: r.tenant,
-                    key: r.key,
-                    policy: r.policy,
-                    cost: 0,
-                };
-                let op = PendingCheck {
-                    args,
-                    then: Then::Release(r.lease),
-                };
-                self.resolve(op, reply, ctx)
-            }
-            ShardOp::CacheGet(args) => self.start(Job::Get { args, poll: false }, reply, ctx),
-            ShardOp::CacheSet(args) => self.start(Job::Set(args), reply, ctx),
-            ShardOp::CacheDel(args) => self.start(Job::Del(args), reply, ctx),
+    async fn handle(&mut self, Jobs(jobs): Jobs, ctx: &mut Context<Self, ()>) {
+        for (op, reply) in jobs {
+            self.run(op, reply, ctx);
         }
     }
 }
@@ -247,6 +210,52 @@ impl Message<Reload> for Shard {
 }
 
 impl Shard {
+    /// Runs one request's op.
+    fn run(&mut self, op: ShardOp, reply: ReplyTo, ctx: &Context<Self, ()>) {
+        match op {
+            ShardOp::Check(args) => self.resolve(
+                PendingCheck {
+                    args,
+                    then: Then::Check,
+                },
+                reply,
+                ctx,
+            ),
+            ShardOp::CheckGet(args, get) => self.resolve(
+                PendingCheck {
+                    args,
+                    then: Then::Get(get),
+                },
+                reply,
+                ctx,
+            ),
+            ShardOp::Usage(args) => self.resolve(
+                PendingCheck {
+                    args,
+                    then: Then::Usage,
+                },
+                reply,
+                ctx,
+            ),
+            ShardOp::Release(r) => {
+                let args = CheckArgs {
+                    tenant: r.tenant,
+                    key: r.key,
+                    policy: r.policy,
+                    cost: 0,
+                };
+                let op = PendingCheck {
+                    args,
+                    then: Then::Release(r.lease),
+                };
+                self.resolve(op, reply, ctx)
+            }
+            ShardOp::CacheGet(args) => self.start(Job::Get { args, poll: false }, reply, ctx),
+            ShardOp::CacheSet(args) => self.start(Job::Set(args), reply, ctx),
+            ShardOp::CacheDel(args) => self.start(Job::Del(args), reply, ctx),
+        }
+    }
+
     /// Runs a request's job: a denial remembered from Redis answers at
     /// once; anything else goes to the backend.
     fn start(&mut self, job: Job, reply: ReplyTo, ctx: &Context<Self, ()>) {

@@ -16,7 +16,7 @@ use kameo::mailbox;
 use super::batch::Batcher;
 use super::overlimit::OverLimit;
 use super::tenants::Tenants;
-use super::{Forget, JobMsg, ReleaseWaiters, Reload, Shard, ShardArgs};
+use super::{Forget, Jobs, ReleaseWaiters, Reload, Shard, ShardArgs};
 use crate::backend::{Backend, MemoryBackend, RedisBackend};
 use crate::clock::Clock;
 use crate::config::{Config, Plans};
@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::keys::{self, Keys};
 use crate::protocol::ShardOp;
 use crate::quota::Directory;
-use crate::reply::ReplyTo;
+use crate::reply::{Replies, ReplyTo};
 use crate::stats::Stats;
 
 /// Largest over-limit memory per shard.
@@ -99,28 +99,39 @@ impl Shards {
     }
 
     fn of(&self, tenant: &str) -> &ActorRef<Shard> {
-        &self.shards[keys::slot(tenant) as usize % self.shards.len()]
+        &self.shards[index(tenant, self.shards.len())]
     }
 
-    /// Hands an op to its tenant's shard; a full mailbox is `overloaded`.
-    pub fn send(&self, op: ShardOp, reply: ReplyTo) -> Result<(), Error> {
-        let shard = self.of(op.tenant());
-        shard
-            .tell(JobMsg(op, reply))
-            .try_send()
-            .map_err(|e| match e {
-                // The message comes back with its reply sender: the caller
-                // answers, so the sender must not answer by itself.
-                SendError::MailboxFull(JobMsg(_, reply)) => {
-                    reply.cancel();
-                    Error::Overloaded("shard mailbox full")
+    /// An empty outbox for a connection whose answers go to `replies`.
+    pub fn outbox(&self, replies: Replies) -> Outbox {
+        Outbox {
+            replies,
+            shards: (0..self.shards.len()).map(|_| Pending::default()).collect(),
+        }
+    }
+
+    /// Hands on what `outbox` holds: one message per shard. A full mailbox
+    /// answers each of its requests `overloaded`.
+    pub fn deliver(&self, outbox: &mut Outbox) {
+        for (shard, pending) in self.shards.iter().zip(&mut outbox.shards) {
+            if pending.jobs.is_empty() {
+                continue;
+            }
+            pending.last = pending.jobs.len();
+            let jobs = std::mem::take(&mut pending.jobs);
+            // A refused message comes back with its reply senders.
+            let (jobs, error) = match shard.tell(Jobs(jobs)).try_send() {
+                Ok(()) => continue,
+                Err(SendError::MailboxFull(Jobs(jobs))) => {
+                    (jobs, Error::Overloaded("shard mailbox full"))
                 }
-                SendError::ActorNotRunning(JobMsg(_, reply)) => {
-                    reply.cancel();
-                    Error::ShuttingDown
-                }
-                _ => Error::ShuttingDown,
-            })
+                Err(SendError::ActorNotRunning(Jobs(jobs))) => (jobs, Error::ShuttingDown),
+                Err(_) => continue,
+            };
+            for (_, reply) in jobs {
+                reply.send(Err(error.clone()));
+            }
+        }
     }
 
     /// Makes the tenant's shard look its record up again.
@@ -152,5 +163,41 @@ impl Shards {
         for shard in &self.shards {
             shard.wait_for_shutdown().await;
         }
+    }
+}
+
+/// The shard a tenant belongs to, of `n`.
+fn index(tenant: &str, n: usize) -> usize {
+    keys::slot(tenant) as usize % n
+}
+
+/// A connection's requests for the shards, gathered over one wake-up and
+/// sent by [`Shards::deliver`]: one message per shard, not per request.
+pub struct Outbox {
+    replies: Replies,
+    shards: Vec<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    jobs: Vec<(ShardOp, ReplyTo)>,
+    /// How many the last delivery held: the next list's first capacity.
+    last: usize,
+}
+
+impl Outbox {
+    /// A reply sender for request `id`.
+    pub fn reply_to(&self, id: u64) -> ReplyTo {
+        ReplyTo::new(id, self.replies.clone())
+    }
+
+    /// Queues `op` for its tenant's shard.
+    pub fn push(&mut self, op: ShardOp, reply: ReplyTo) {
+        let n = self.shards.len();
+        let pending = &mut self.shards[index(op.tenant(), n)];
+        if pending.jobs.capacity() == 0 {
+            pending.jobs.reserve(pending.last.max(1));
+        }
+        pending.jobs.push((op, reply));
     }
 }
