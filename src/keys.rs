@@ -50,13 +50,40 @@ impl Keys {
 
     /// `<prefix>:{<tenant>}:<letter>:<policy>:<rule>:<key>`.
     fn per_rule(&self, tenant: &str, letter: &str, policy: &str, rule: &str, key: &str) -> String {
-        let mut out = self.start(tenant, letter, policy.len() + rule.len() + key.len() + 2);
+        let mut out = String::with_capacity(
+            self.prefix.len() + tenant.len() + policy.len() + rule.len() + key.len() + 12,
+        );
+        self.write_per_rule(&mut out, tenant, letter, policy, rule, key);
+        out
+    }
+
+    /// Appends [`Keys::rule`]'s name to `out` (`concurrency`:
+    /// [`Keys::leases`]'), for a caller that packs many names in one buffer.
+    pub fn write_state(
+        &self,
+        out: &mut String,
+        concurrency: bool,
+        [tenant, policy, rule, key]: [&str; 4],
+    ) {
+        let letter = if concurrency { "n" } else { "l" };
+        self.write_per_rule(out, tenant, letter, policy, rule, key);
+    }
+
+    fn write_per_rule(
+        &self,
+        out: &mut String,
+        tenant: &str,
+        letter: &str,
+        policy: &str,
+        rule: &str,
+        key: &str,
+    ) {
+        self.write_start(out, tenant, letter);
         out.push_str(policy);
         out.push(':');
         out.push_str(rule);
         out.push(':');
-        encode_into(&mut out, key);
-        out
+        encode_into(out, key);
     }
 
     /// `<prefix>:c:{<tenant>}:<key>`: a cache entry.
@@ -147,17 +174,14 @@ impl Keys {
         out
     }
 
-    /// `<prefix>:{<tenant>}:<kind>:`, with room for `more` bytes.
-    fn start(&self, tenant: &str, kind: &str, more: usize) -> String {
-        let mut out =
-            String::with_capacity(self.prefix.len() + tenant.len() + kind.len() + more + 8);
+    /// Appends `<prefix>:{<tenant>}:<kind>:`.
+    fn write_start(&self, out: &mut String, tenant: &str, kind: &str) {
         out.push_str(&self.prefix);
         out.push_str(":{");
-        encode_into(&mut out, tenant);
+        encode_into(out, tenant);
         out.push_str("}:");
         out.push_str(kind);
         out.push(':');
-        out
     }
 }
 
@@ -202,6 +226,10 @@ fn is_safe(b: u8) -> bool {
 }
 
 fn encode_into(out: &mut String, s: &str) {
+    // The common case, a string with nothing to encode, in one copy.
+    if s.bytes().all(is_safe) {
+        return out.push_str(s);
+    }
     for &b in s.as_bytes() {
         if is_safe(b) {
             out.push(b as char);

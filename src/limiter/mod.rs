@@ -471,6 +471,22 @@ impl Check {
             _ => keys.rule(t, p, &r.name, k),
         })
     }
+
+    /// [`Check::state_keys`] appended to `out`, one after another, and
+    /// where each ends to `ends`: for a caller that packs them in one buffer.
+    pub fn write_state_keys(
+        &self,
+        keys: &crate::keys::Keys,
+        out: &mut String,
+        ends: &mut Vec<usize>,
+    ) {
+        let (t, p, k) = (&self.tenant, &*self.policy.name, &self.key);
+        for r in &self.policy.rules {
+            let concurrency = matches!(r.kind, RuleKind::Concurrency { .. });
+            keys.write_state(out, concurrency, [t, p, &r.name, k]);
+            ends.push(out.len());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -152,7 +152,8 @@ pub fn command<'a>(
     let mut call = Call {
         keys,
         policies: Vec::new(),
-        states: Vec::with_capacity(n),
+        state_names: String::with_capacity(64 * n),
+        state_ends: Vec::with_capacity(n),
         state_index: HashMap::with_capacity_and_hasher(n, Default::default()),
         names: Vec::new(),
         checks: 0,
@@ -171,10 +172,11 @@ pub fn command<'a>(
     // Sized up front: grown arg by arg, its two buffers were reallocated
     // several times per call (~3k instructions of a lone check's 57k).
     let lengths = |v: &[String]| v.iter().map(String::len).sum::<usize>();
-    let args = 8 + call.states.len() + call.names.len() + call.policies.len() + call.args.len();
+    let nstates = call.state_ends.len();
+    let args = 8 + nstates + call.names.len() + call.policies.len() + call.args.len();
     let data = 128
         + code.len()
-        + lengths(&call.states)
+        + call.state_names.len()
         + lengths(&call.names)
         + call
             .policies
@@ -185,10 +187,13 @@ pub fn command<'a>(
         + call.args.iter().map(Vec::len).sum::<usize>();
     let mut cmd = redis::Cmd::with_capacity(args, data);
     cmd.arg(name).arg(code);
-    let nstates = call.states.len();
-    cmd.arg(nstates + call.names.len())
-        .arg(call.states)
-        .arg(call.names);
+    cmd.arg(nstates + call.names.len());
+    let mut start = 0;
+    for &end in &call.state_ends {
+        cmd.arg(&call.state_names[start..end]);
+        start = end;
+    }
+    cmd.arg(call.names);
     match now_us {
         Some(t) => cmd.arg(t),
         None => cmd.arg(""),
@@ -207,8 +212,10 @@ struct Call<'a> {
     /// Each distinct policy goes once; checks refer to it by index.
     policies: Vec<&'a Arc<Policy>>,
     /// The distinct rule state keys (the first KEYS), each once: checks
-    /// of the same tenant, policy and key refer to the same ones.
-    states: Vec<String>,
+    /// of the same tenant, policy and key refer to the same ones. Their
+    /// names one after another, and where each ends: no `String` apiece.
+    state_names: String,
+    state_ends: Vec<usize>,
     /// A check's tenant, policy name and key -> the 1-based KEYS index of
     /// its first state key (borrowed: no key name is built twice). foldhash:
     /// at most `batch_max` entries, so chosen keys could not cost much.
@@ -308,11 +315,11 @@ impl<'a> Call<'a> {
     /// no earlier check of the call has them. The same policy name means
     /// the same rules, hence the same keys, whatever a plan changed.
     fn state_keys(&mut self, c: &'a Check) -> u64 {
-        let next = self.states.len() + 1;
+        let next = self.state_ends.len() + 1;
         let id = (c.tenant.as_str(), &*c.policy.name, c.key.as_str());
         let first = *self.state_index.entry(id).or_insert(next);
         if first == next {
-            self.states.extend(c.state_keys(self.keys));
+            c.write_state_keys(self.keys, &mut self.state_names, &mut self.state_ends);
         }
         first as u64
     }
