@@ -16,6 +16,10 @@ use quotad::daemon::Daemon;
 use quotad::limiter::Lease;
 use tokio_util::sync::CancellationToken;
 
+/// See Cargo.toml: a request's strings are allocated and freed in bulk.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "quotad",
