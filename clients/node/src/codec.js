@@ -4,6 +4,7 @@
 // what the daemon writes (the golden-frame test checks this).
 
 import { Decoder, Encoder } from '@msgpack/msgpack';
+import { readU32 } from './bytes.js';
 import { ProtocolViolation } from './errors.js';
 
 /** The daemon's default max_frame_bytes. */
@@ -98,7 +99,7 @@ export class FrameReader {
       onFrame(frame, 4, frame.length);
     }
     while (end - pos >= 4) {
-      const n = this.#length(chunk.readUInt32BE(pos));
+      const n = this.#length(readU32(chunk, pos));
       if (end - pos - 4 < n) break;
       onFrame(chunk, pos + 4, pos + 4 + n);
       pos += 4 + n;

@@ -5,6 +5,7 @@
 // caller decodes the frame in full instead (codec.js + models.js), which
 // gives the same result or the right error.
 
+import { readU32 } from './bytes.js';
 import { Decision, Lookup } from './models.js';
 
 // The check reply's fields added within protocol v1 (`kind`, `window_ms`,
@@ -134,13 +135,13 @@ export function readReply(buf, pos, end, r) {
         pos += 3;
       } else if (vh === 0xce) {
         if (end - pos < 5) return false;
-        v = buf.readUInt32BE(pos + 1);
+        v = readU32(buf, pos + 1);
         pos += 5;
       } else {
         if (end - pos < 9) return false;
-        const hi = buf.readUInt32BE(pos + 1);
+        const hi = readU32(buf, pos + 1);
         if (hi > 0x1fffff) return false; // beyond 2^53 - 1: a BigInt, left to the general decoder
-        v = hi * 0x100000000 + buf.readUInt32BE(pos + 5);
+        v = hi * 0x100000000 + readU32(buf, pos + 5);
         pos += 9;
       }
       if (bit) r.ints[field] = v;
@@ -176,7 +177,7 @@ export function readReply(buf, pos, end, r) {
       if (bit & ~(1 << VALUE)) return false;
       const long = vh === 0xc6;
       if (end - pos < (long ? 5 : 3)) return false;
-      const len = long ? buf.readUInt32BE(pos + 1) : (buf[pos + 1] << 8) | buf[pos + 2];
+      const len = long ? readU32(buf, pos + 1) : (buf[pos + 1] << 8) | buf[pos + 2];
       pos += long ? 5 : 3;
       if (pos + len > end) return false;
       r.valueStart = pos;
@@ -201,10 +202,10 @@ export function replyId(buf, pos, end) {
   if (vh < 0x80) return vh;
   if (vh === 0xcc) return buf[pos + 5];
   if (vh === 0xcd) return (buf[pos + 5] << 8) | buf[pos + 6];
-  if (vh === 0xce) return buf.readUInt32BE(pos + 5);
+  if (vh === 0xce) return readU32(buf, pos + 5);
   if (vh === 0xcf) {
-    const hi = buf.readUInt32BE(pos + 5);
-    return hi > 0x1fffff ? -1 : hi * 0x100000000 + buf.readUInt32BE(pos + 9);
+    const hi = readU32(buf, pos + 5);
+    return hi > 0x1fffff ? -1 : hi * 0x100000000 + readU32(buf, pos + 9);
   }
   return -1;
 }

@@ -3,6 +3,7 @@
 // cost (and cache_key, fill_ms) are encoded per call. The bytes are exactly
 // the general encoder's (codec.js), which the template test checks.
 
+import { writeU32 } from './bytes.js';
 import { InvalidArgument } from './errors.js';
 import { costValue, fillMsValue, text } from './requests.js';
 
@@ -81,12 +82,12 @@ export class FrameWriter {
       this.pos = pos + 3;
     } else if (n <= 0xffffffff) {
       buf[pos] = 0xce;
-      buf.writeUInt32BE(n, pos + 1);
+      writeU32(buf, pos + 1, n);
       this.pos = pos + 5;
     } else {
       buf[pos] = 0xcf;
-      buf.writeUInt32BE(Math.floor(n / 0x100000000), pos + 1);
-      buf.writeUInt32BE(n >>> 0, pos + 5);
+      writeU32(buf, pos + 1, Math.floor(n / 0x100000000));
+      writeU32(buf, pos + 5, n >>> 0);
       this.pos = pos + 9;
     }
   }
@@ -156,7 +157,7 @@ export class FrameWriter {
       this.pos = mark;
       throw new InvalidArgument(`a ${n}-byte request is over maxFrameBytes (${maxFrameBytes})`);
     }
-    this.buf.writeUInt32BE(n, mark);
+    writeU32(this.buf, mark, n);
   }
 }
 
