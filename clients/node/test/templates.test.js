@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import { decodeBody, encodeFrame } from '../src/codec.js';
 import { InvalidArgument } from '../src/errors.js';
 import { Decision, Lookup } from '../src/models.js';
-import { ReplyFields, checkGetOf, decisionOf, lookupOf, readReply } from '../src/replies.js';
+import { ReplyFields, checkGetOf, decisionOf, lookupOf, readReply, replyId } from '../src/replies.js';
 import * as build from '../src/requests.js';
 import { FrameWriter, writeCacheGet, writeCheck, writeCheckGet } from '../src/templates.js';
 import { parseCheckGet } from '../src/models.js';
@@ -151,6 +151,8 @@ const REPLIES = [
     kind: 'concurrency', window_ms: 0, lease: 'fedcba9876543210fedcba9876543210', shadow_denied: true, shadow_rule: 'daily',
   },
   { id: 9, ok: true, allowed: true, limit: 10, remaining: 9, reset_ms: 200, retry_after_ms: 0, degraded: false, rule: 'burst', kind: 'token_bucket', window_ms: 2000, hit: false, fill: false },
+  // uint32s with their top bit set and a uint64 just under 2^53 (read byte by byte: bytes.js).
+  { id: 2 ** 32 - 1, ok: true, allowed: false, limit: 2 ** 32 - 1, remaining: 2 ** 31 + 5, reset_ms: 2 ** 53 - 1, retry_after_ms: 0x80000000, degraded: false, rule: 'burst' },
 ];
 
 test('a check reply with a lease and the other v1 additions is read in place', () => {
@@ -182,6 +184,13 @@ test('replies read in place give the results of the general decoder', () => {
     } else {
       assert.deepStrictEqual(lookupOf(fields, frame), Lookup.fromReply(decoded));
     }
+  }
+});
+
+test('a reply\'s id is read in place for every size of id', () => {
+  for (const id of IDS) {
+    const frame = encodeFrame({ id, ok: true, allowed: true, limit: 1, remaining: 0, reset_ms: 0, retry_after_ms: 0, degraded: false, rule: 'r' });
+    assert.equal(replyId(frame, 4, frame.length), id);
   }
 });
 
