@@ -66,14 +66,14 @@ fn requests() -> Vec<(&'static str, Request)> {
             "cache_set_request",
             req(
                 7,
-                ShardOp::CacheSet(CacheSetArgs {
+                ShardOp::CacheSet(Box::new(CacheSetArgs {
                     tenant: "acme".into(),
                     key: "GET /items?page=2".into(),
                     value: Bytes::from_static(b"{\"items\":[]}\x00\xff"),
                     ttl_ms: 30_000,
                     stale_ms: 5_000,
                     tags: vec!["items".into(), "user:42".into()],
-                }),
+                })),
             ),
         ),
         (
@@ -104,7 +104,7 @@ fn requests() -> Vec<(&'static str, Request)> {
             "check_get_request",
             req(
                 9,
-                ShardOp::CheckGet(check_args(Some("api"), 1), get_args(2000)),
+                ShardOp::CheckGet(check_args(Some("api"), 1), Box::new(get_args(2000))),
             ),
         ),
         (

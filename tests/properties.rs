@@ -113,14 +113,14 @@ fn valid_request() -> impl Strategy<Value = Request> {
         Just(Op::Local(LocalOp::Stats)),
         check_args(&l).prop_map(|c| Op::Shard(ShardOp::Check(c))),
         get.clone().prop_map(|g| Op::Shard(ShardOp::CacheGet(g))),
-        set.prop_map(|s| Op::Shard(ShardOp::CacheSet(s))),
+        set.prop_map(|s| Op::Shard(ShardOp::CacheSet(Box::new(s)))),
         del.prop_map(|d| Op::Shard(ShardOp::CacheDel(d))),
         (check_args(&l), get).prop_map(|(c, g)| {
             let g = CacheGetArgs {
                 tenant: c.tenant.clone(),
                 ..g
             };
-            Op::Shard(ShardOp::CheckGet(c, g))
+            Op::Shard(ShardOp::CheckGet(c, Box::new(g)))
         }),
         tenant
             .clone()

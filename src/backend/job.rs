@@ -14,10 +14,11 @@ pub enum Job {
         args: CacheGetArgs,
         poll: bool,
     },
-    Set(CacheSetArgs),
+    /// Boxed as in [`crate::protocol::ShardOp`].
+    Set(Box<CacheSetArgs>),
     Del(CacheDelArgs),
     /// A check, then (only if it allows) a cache read.
-    CheckGet(Check, CacheGetArgs),
+    CheckGet(Check, Box<CacheGetArgs>),
     /// Gives a lease back (the policy has concurrency rules).
     Release(Release),
     /// Every rule of the check's policy as it stands: charges nothing.

@@ -231,7 +231,7 @@ impl Client {
         if set.ttl_ms == 0 {
             return Err(ClientError::Invalid("ttl_ms must be greater than 0".into()));
         }
-        match self.call(ShardOp::CacheSet(set).into()).await {
+        match self.call(ShardOp::CacheSet(Box::new(set)).into()).await {
             Ok(reply) => reply.degraded.ok_or_else(|| missing("degraded")),
             Err(e) if e.is_unreachable() => Ok(true),
             Err(e) => Err(e),
@@ -301,7 +301,7 @@ impl Client {
             key: nonempty("cache_key", cache_key)?,
             fill_ms,
         };
-        match self.call(ShardOp::CheckGet(check, get).into()).await {
+        match self.call(ShardOp::CheckGet(check, Box::new(get)).into()).await {
             Ok(reply) => {
                 let decision = decision(&reply)?;
                 Ok((decision, reply.lookup()))

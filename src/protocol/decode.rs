@@ -42,15 +42,14 @@ pub enum DecodeError {
 
 /// Decodes one request frame (without its length prefix).
 pub fn decode(frame: &[u8], limits: &Limits) -> Result<Request, DecodeError> {
-    match super::flat::fields(frame) {
-        Some(fields) => into_request(
-            RawRequest {
-                fields,
-                problem: None,
-            },
-            limits,
-        ),
-        None => decode_general(frame, limits),
+    let mut raw = RawRequest {
+        fields: Default::default(),
+        problem: None,
+    };
+    if super::flat::fields(frame, &mut raw.fields) {
+        into_request(&mut raw, limits)
+    } else {
+        decode_general(frame, limits)
     }
 }
 
@@ -66,7 +65,7 @@ pub fn decode_general(frame: &[u8], limits: &Limits) -> Result<Request, DecodeEr
     let whole = first_value_len(frame).is_none_or(|n| n == frame.len());
     let mut de = rmp_serde::Deserializer::from_read_ref(frame);
     de.set_max_depth(MAX_DEPTH);
-    let raw = RawRequest::deserialize(&mut de).map_err(|e| {
+    let mut raw = RawRequest::deserialize(&mut de).map_err(|e| {
         DecodeError::Fatal(Error::bad_request(format!(
             "a frame must hold one MessagePack map with string keys: {e}"
         )))
@@ -76,11 +75,11 @@ pub fn decode_general(frame: &[u8], limits: &Limits) -> Result<Request, DecodeEr
             "trailing bytes after the request map",
         )));
     }
-    into_request(raw, limits)
+    into_request(&mut raw, limits)
 }
 
 /// A read map's request, or the error that names its first bad field.
-fn into_request(mut raw: RawRequest, limits: &Limits) -> Result<Request, DecodeError> {
+fn into_request(raw: &mut RawRequest, limits: &Limits) -> Result<Request, DecodeError> {
     let id = match raw.fields[0].take() {
         Some(Field::Uint(id)) => id,
         other => {
@@ -161,7 +160,7 @@ fn index(name: &str) -> usize {
 }
 
 impl RawRequest {
-    fn into_request(mut self, id: u64, limits: &Limits) -> Result<Request, Error> {
+    fn into_request(&mut self, id: u64, limits: &Limits) -> Result<Request, Error> {
         if let Some(p) = self.problem.take() {
             return Err(Error::BadRequest(p));
         }
@@ -189,7 +188,7 @@ impl RawRequest {
                     key: self.string("cache_key", l.max_key_bytes)?,
                     fill_ms: self.fill_ms(l)?,
                 };
-                ShardOp::CheckGet(check, get).into()
+                ShardOp::CheckGet(check, Box::new(get)).into()
             }
             OpKind::CacheGet => ShardOp::CacheGet(CacheGetArgs {
                 tenant: self.string("tenant", l.max_tenant_bytes)?,
@@ -197,7 +196,7 @@ impl RawRequest {
                 fill_ms: self.fill_ms(l)?,
             })
             .into(),
-            OpKind::CacheSet => ShardOp::CacheSet(self.cache_set(l)?).into(),
+            OpKind::CacheSet => ShardOp::CacheSet(Box::new(self.cache_set(l)?)).into(),
             OpKind::Release => ShardOp::Release(self.release(l)?).into(),
             OpKind::CacheDel => ShardOp::CacheDel(self.cache_del(l)?).into(),
             OpKind::TenantGet => {
@@ -606,7 +605,7 @@ mod tests {
     fn agree(frame: &[u8]) -> bool {
         let (fast, general) = (decode(frame, &LIMITS), decode_general(frame, &LIMITS));
         assert_eq!(format!("{fast:?}"), format!("{general:?}"), "{frame:x?}");
-        super::super::flat::fields(frame).is_some()
+        super::super::flat::fields(frame, &mut Default::default())
     }
 
     #[test]

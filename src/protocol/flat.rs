@@ -14,15 +14,21 @@ use super::loose::{Field, NAMES, string};
 /// The position of `op` in [`NAMES`].
 const OP: usize = 1;
 
-/// The fields by position in [`NAMES`], or `None` (see the module).
-pub(super) fn fields(frame: &[u8]) -> Option<[Option<Field>; NAMES.len()]> {
+/// Reads the fields into `fields` (empty), by position in [`NAMES`]:
+/// false if the general reader must decide (see the module), which
+/// ignores what was read. Filled in place: the array is ~700 bytes, and
+/// returning it cost a `memcpy` per request.
+pub(super) fn fields(frame: &[u8], fields: &mut [Option<Field>; NAMES.len()]) -> bool {
+    read(frame, fields).is_some()
+}
+
+fn read(frame: &[u8], fields: &mut [Option<Field>; NAMES.len()]) -> Option<()> {
     let mut r = Reader { b: frame, at: 0 };
     let n = match r.byte()? {
         m @ 0x80..=0x8f => (m & 0x0f) as usize,
         0xde => r.be(2)? as usize,
         _ => return None,
     };
-    let mut fields: [Option<Field>; NAMES.len()] = Default::default();
     for _ in 0..n {
         let name = r.key()?;
         let i = NAMES.iter().position(|k| k.as_bytes() == name);
@@ -36,7 +42,7 @@ pub(super) fn fields(frame: &[u8]) -> Option<[Option<Field>; NAMES.len()]> {
             return None;
         }
     }
-    (r.at == frame.len()).then_some(fields)
+    (r.at == frame.len()).then_some(())
 }
 
 struct Reader<'a> {

@@ -110,10 +110,13 @@ pub enum LocalOp {
 pub enum ShardOp {
     Check(CheckArgs),
     CacheGet(CacheGetArgs),
-    CacheSet(CacheSetArgs),
+    /// Boxed, as the next one's cache read: rare or large, they would make
+    /// every op as big as they are (each move of one over 128 bytes is a
+    /// `memcpy` call).
+    CacheSet(Box<CacheSetArgs>),
     CacheDel(CacheDelArgs),
     /// A check, then (only if allowed) a cache read, in one round trip.
-    CheckGet(CheckArgs, CacheGetArgs),
+    CheckGet(CheckArgs, Box<CacheGetArgs>),
     /// Gives back a lease a check took.
     Release(ReleaseArgs),
     /// Every rule of the policy as it stands for the key (cost 0: nothing

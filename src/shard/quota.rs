@@ -43,7 +43,7 @@ pub struct PendingCheck {
 pub enum Then {
     Check,
     /// A `check_get`: the cache read after it.
-    Get(CacheGetArgs),
+    Get(Box<CacheGetArgs>),
     Usage,
     /// A `release` of this lease, under the same tenant, key and policy
     /// (which it resolves the same way), rather than a check.
