@@ -65,6 +65,9 @@ class _Protocol(asyncio.Protocol):
         # Set while the transport's write buffer is over its high-water mark
         # (quotad reads slower than we write): new calls wait for it to drain.
         self.drained: asyncio.Future[None] | None = None
+        # The transport's write buffer as of our last write: it only shrinks until the next,
+        # so a call need not ask the transport (a method call) while far below the limit.
+        self.buffered = 0
 
     def pause_writing(self) -> None:
         if self.drained is None:
@@ -75,11 +78,13 @@ class _Protocol(asyncio.Protocol):
         if drained is not None and not drained.done():
             drained.set_result(None)
 
-    def send(self, req_id: int, frame: bytes, timeout: float, ordered: bool) -> asyncio.Future[Reply]:
-        """Queues a frame; the future gets the reply, or RequestTimedOut after ``timeout``.
+    def send(self, req_id: int, frame: bytes, deadline: float, timeout: float, ordered: bool) -> asyncio.Future[Reply]:
+        """Queues a frame; the future gets the reply, or RequestTimedOut at ``deadline``
+        (``timeout``: the seconds the error message says).
 
-        ``ordered``: ``timeout`` is the same for every such call (deadlines
-        then arrive in order and share the sweeper).
+        ``ordered``: ``timeout`` is the same for every such call, and its
+        deadline is ``timeout`` from now (deadlines then arrive in order and
+        share the sweeper).
         """
         loop = self._loop
         fut: asyncio.Future[Reply] = loop.create_future()
@@ -91,7 +96,6 @@ class _Protocol(asyncio.Protocol):
             loop.call_soon(self._flush)
         self._out.append(frame)
         self._out_bytes += len(frame)
-        deadline = loop.time() + timeout
         if ordered:
             self._deadlines.append((deadline, req_id, timeout))
             if self._sweeper is None:
@@ -115,6 +119,7 @@ class _Protocol(asyncio.Protocol):
         if self.error is None and self.transport is not None and out:
             try:
                 self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                self.buffered = self.transport.get_write_buffer_size()
             except Exception as e:  # else the calls just written would wait for their timeout
                 self.fail(ConnectionLost(f"writing to quotad failed: {e!r}"))
 
@@ -305,7 +310,7 @@ class AsyncClient:
         req_id = next(self._ids)
         frame = _templates.check(req_id, tenant, key, policy, cost, self._opts.max_frame_bytes)
         try:
-            return Decision.from_reply(await self._send(req_id, frame, None, self._late_lease(tenant, key, policy)))
+            return Decision.from_reply(await self._send(req_id, frame, None, (tenant, key, policy)))
         except TRANSIENT as e:
             return self._opts.unavailable_decision(e)
 
@@ -396,7 +401,7 @@ class AsyncClient:
         frame = _templates.check_get(req_id, tenant, key, cache_key, policy, cost, fill_ms, self._opts.max_frame_bytes)
         try:
             timeout = _requests.timeout(self._opts.timeout, fill_ms)
-            reply = await self._send(req_id, frame, timeout, self._late_lease(tenant, key, policy))
+            reply = await self._send(req_id, frame, timeout, (tenant, key, policy))
             return CheckGet.from_reply(reply)
         except TRANSIENT as e:
             decision = self._opts.unavailable_decision(e)
@@ -433,12 +438,14 @@ class AsyncClient:
             log.warning("releasing the lease of a timed-out check failed: %s", e)
 
     async def _send(
-        self, req_id: int, frame: bytes, timeout: float | None, late: Callable[[Reply], None] | None = None
+        self, req_id: int, frame: bytes, timeout: float | None, lease_of: tuple[str, str, str | None] | None = None
     ) -> Reply:
         """Sends call ``req_id``'s frame and returns the reply map (as :meth:`call` does).
 
         ``timeout`` None is the client's default: such calls share one timer.
-        ``late`` gets the reply if it comes after the call timed out.
+        ``lease_of``: a check's (tenant, key, policy), whose lease is released
+        if its reply comes after the call timed out (the closure doing it is
+        made only then: made per call, it and its cells were garbage per check).
         """
         ordered = timeout is None
         if timeout is None:
@@ -447,30 +454,35 @@ class AsyncClient:
         if self._loop is not loop:
             self._bind(loop)
         deadline = loop.time() + timeout
+        sent_by = deadline  # an ordered call's deadline counts from its send
         slots = self._slots  # released to the same loop's slots even if the client moves meanwhile
         if slots.in_flight < slots.limit:
             slots.in_flight += 1  # the common case of slots.take, without a coroutine
         else:
             await slots.take(loop, deadline)
+            sent_by = loop.time() + timeout
         try:
             proto = self._proto
             if proto is None or proto.error is not None:
                 proto = await self._connect(deadline)
                 ordered = False  # the connect used part of the timeout
-            backlog = proto.backlog()
-            if backlog is not None:
+            # proto.buffered: an upper bound of the transport's buffer (see _Protocol).
+            if proto._out_bytes + proto.buffered > WRITE_BUFFER_BYTES and (backlog := proto.backlog()) is not None:
                 # Bounded write buffer: wait until quotad has read some of it.
                 try:
                     await asyncio.wait_for(asyncio.shield(backlog), deadline - loop.time())
                 except asyncio.TimeoutError:
                     raise RequestTimedOut("quotad is not reading its socket") from None
                 ordered = False
-            fut = proto.send(req_id, frame, timeout if ordered else deadline - loop.time(), ordered)
+            if ordered:
+                fut = proto.send(req_id, frame, sent_by, timeout, True)
+            else:
+                fut = proto.send(req_id, frame, deadline, deadline - loop.time(), False)
             try:
                 reply = await fut
             except RequestTimedOut:
-                if late is not None and proto.pending.pop(req_id, None) is not None and len(proto.late) < MAX_LATE:
-                    proto.late[req_id] = late
+                if lease_of is not None and proto.pending.pop(req_id, None) is not None and len(proto.late) < MAX_LATE:
+                    proto.late[req_id] = self._late_lease(*lease_of)
                 raise
             finally:
                 proto.pending.pop(req_id, None)
