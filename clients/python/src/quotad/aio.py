@@ -442,25 +442,31 @@ class AsyncClient:
     ) -> Reply:
         """Sends call ``req_id``'s frame and returns the reply map (as :meth:`call` does).
 
-        ``timeout`` None is the client's default: such calls share one timer.
+        ``timeout`` None is the client's default: such calls, and those whose
+        ``timeout`` equals it (cache reads without ``fill_ms``), share one timer
+        (a timer per call cost a TimerHandle, a closure and a done callback).
         ``lease_of``: a check's (tenant, key, policy), whose lease is released
         if its reply comes after the call timed out (the closure doing it is
         made only then: made per call, it and its cells were garbage per check).
         """
-        ordered = timeout is None
+        restart = timeout is None  # a default call's deadline restarts after a wait for a slot (as it always did)
+        ordered = restart or timeout == self._opts.timeout
         if timeout is None:
             timeout = self._opts.timeout
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._bind(loop)
         deadline = loop.time() + timeout
-        sent_by = deadline  # an ordered call's deadline counts from its send
+        sent_by = deadline  # an ordered call's deadline
         slots = self._slots  # released to the same loop's slots even if the client moves meanwhile
         if slots.in_flight < slots.limit:
             slots.in_flight += 1  # the common case of slots.take, without a coroutine
         else:
             await slots.take(loop, deadline)
-            sent_by = loop.time() + timeout
+            if restart:
+                sent_by = loop.time() + timeout
+            else:  # an explicit timeout still ends at its deadline
+                ordered = False
         try:
             proto = self._proto
             if proto is None or proto.error is not None:
