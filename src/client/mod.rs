@@ -301,7 +301,10 @@ impl Client {
             key: nonempty("cache_key", cache_key)?,
             fill_ms,
         };
-        match self.call(ShardOp::CheckGet(check, Box::new(get)).into()).await {
+        match self
+            .call(ShardOp::CheckGet(check, Box::new(get)).into())
+            .await
+        {
             Ok(reply) => {
                 let decision = decision(&reply)?;
                 Ok((decision, reply.lookup()))
