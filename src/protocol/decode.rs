@@ -87,7 +87,7 @@ fn into_request(raw: &mut RawRequest, limits: &Limits) -> Result<Request, Decode
             return Err(DecodeError::Request { id: 0, error });
         }
     };
-    raw.into_request(id, limits)
+    raw.request(id, limits)
         .map_err(|error| DecodeError::Request { id, error })
 }
 
@@ -160,7 +160,8 @@ fn index(name: &str) -> usize {
 }
 
 impl RawRequest {
-    fn into_request(&mut self, id: u64, limits: &Limits) -> Result<Request, Error> {
+    /// The request its fields make (taking them out).
+    fn request(&mut self, id: u64, limits: &Limits) -> Result<Request, Error> {
         if let Some(p) = self.problem.take() {
             return Err(Error::BadRequest(p));
         }
