@@ -57,16 +57,22 @@ impl Keys {
         out
     }
 
-    /// Appends [`Keys::rule`]'s name to `out` (`concurrency`:
-    /// [`Keys::leases`]'), for a caller that packs many names in one buffer.
-    pub fn write_state(
+    /// Appends [`Keys::rule`]'s name to `out`, for a caller that packs
+    /// many names in one buffer.
+    pub fn write_rule(&self, out: &mut String, tenant: &str, policy: &str, rule: &str, key: &str) {
+        self.write_per_rule(out, tenant, "l", policy, rule, key);
+    }
+
+    /// Appends [`Keys::leases`]' name to `out`.
+    pub fn write_leases(
         &self,
         out: &mut String,
-        concurrency: bool,
-        [tenant, policy, rule, key]: [&str; 4],
+        tenant: &str,
+        policy: &str,
+        rule: &str,
+        key: &str,
     ) {
-        let letter = if concurrency { "n" } else { "l" };
-        self.write_per_rule(out, tenant, letter, policy, rule, key);
+        self.write_per_rule(out, tenant, "n", policy, rule, key);
     }
 
     fn write_per_rule(

@@ -28,10 +28,10 @@ impl Lease {
         // The OS source only fails where quotad cannot run at all (no
         // getrandom(2) and no /dev/urandom); a lease must never be predictable.
         getrandom::getrandom(&mut b).expect("the OS random source");
-        Lease::from(u128::from_le_bytes(b))
+        Lease::from_u128(u128::from_le_bytes(b))
     }
 
-    fn from(v: u128) -> Lease {
+    fn from_u128(v: u128) -> Lease {
         Lease([(v >> 64) as u64, v as u64])
     }
 
@@ -41,7 +41,7 @@ impl Lease {
         if s.len() != 32 || !s.as_bytes().iter().all(lower) {
             return None;
         }
-        u128::from_str_radix(s, 16).ok().map(Lease::from)
+        u128::from_str_radix(s, 16).ok().map(Lease::from_u128)
     }
 }
 

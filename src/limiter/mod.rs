@@ -465,10 +465,10 @@ impl Check {
         &'a self,
         keys: &'a crate::keys::Keys,
     ) -> impl ExactSizeIterator<Item = String> + 'a {
-        let (t, p, k) = (&self.tenant, &self.policy.name, &self.key);
-        (self.policy.rules.iter()).map(move |r| match r.kind {
-            RuleKind::Concurrency { .. } => keys.leases(t, p, &r.name, k),
-            _ => keys.rule(t, p, &r.name, k),
+        (self.policy.rules.iter()).map(move |r| {
+            let mut name = String::with_capacity(64);
+            self.write_state_key(keys, r, &mut name);
+            name
         })
     }
 
@@ -480,11 +480,18 @@ impl Check {
         out: &mut String,
         ends: &mut Vec<usize>,
     ) {
-        let (t, p, k) = (&self.tenant, &*self.policy.name, &self.key);
         for r in &self.policy.rules {
-            let concurrency = matches!(r.kind, RuleKind::Concurrency { .. });
-            keys.write_state(out, concurrency, [t, p, &r.name, k]);
+            self.write_state_key(keys, r, out);
             ends.push(out.len());
+        }
+    }
+
+    /// A concurrency rule keeps its leases (a sorted set), others a string.
+    fn write_state_key(&self, keys: &crate::keys::Keys, r: &Rule, out: &mut String) {
+        let (t, p, k) = (&self.tenant, &self.policy.name, &self.key);
+        match r.kind {
+            RuleKind::Concurrency { .. } => keys.write_leases(out, t, p, &r.name, k),
+            _ => keys.write_rule(out, t, p, &r.name, k),
         }
     }
 }
