@@ -38,11 +38,6 @@ impl ReplyTo {
         self
     }
 
-    /// Gives up on answering through this sender (the caller answers).
-    pub fn cancel(mut self) {
-        self.tx = None;
-    }
-
     pub fn send(mut self, body: Result<Body, Error>) {
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(Reply { id: self.id, body });

@@ -126,6 +126,7 @@ impl Shards {
                     (jobs, Error::Overloaded("shard mailbox full"))
                 }
                 Err(SendError::ActorNotRunning(Jobs(jobs))) => (jobs, Error::ShuttingDown),
+                // Not a `try_send` outcome; dropped senders answer anyway.
                 Err(_) => continue,
             };
             for (_, reply) in jobs {
